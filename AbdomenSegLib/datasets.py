@@ -1,0 +1,83 @@
+"""Labelled datasets on disk and their compact model-space cache.
+
+Layouts understood: `images/` + `labels/` with matching file names (BTCV, CHAOS as shipped in
+../shared/data) and nnU-Net/MSD `imagesTr/` + `labelsTr/` (`case_0000.nii.gz` -> `case.nii.gz`).
+The cache stores each case resampled to the model's grid as uint8 (image scaled from [0, 1],
+labels in our organ table) in one .npz, small enough to carry to a GPU machine.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import preprocess as pp
+from .errors import AbdomenSegError
+from .io import IMAGE_SUFFIXES, case_name, read_image
+from .organs import convert_labels
+from .pipeline import to_model_space
+
+
+def find_cases(root) -> list:
+    """[(case name, image path, label path)] for a dataset folder."""
+    root = Path(root)
+    for images, labels in (("images", "labels"), ("imagesTr", "labelsTr")):
+        if (root / images).is_dir() and (root / labels).is_dir():
+            break
+    else:
+        raise AbdomenSegError(f"dataset '{root}' has neither images/+labels/ nor imagesTr/+labelsTr/",
+                              "lay the dataset out as images/ and labels/ folders with matching file names")
+    cases = []
+    for image in sorted((root / images).iterdir()):
+        if not image.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        name = case_name(image)
+        label_name = name[:-5] if name.endswith("_0000") else name
+        candidates = [p for p in (root / labels).glob(label_name + ".*") if case_name(p) == label_name]
+        if not candidates:
+            raise AbdomenSegError(f"image '{image.name}' has no label in '{root / labels}'",
+                                  "give every image a label file with the same name")
+        cases.append((label_name, image, candidates[0]))
+    if not cases:
+        raise AbdomenSegError(f"dataset '{root}' holds no images", "check the dataset path")
+    return cases
+
+
+def split_cases(names: list, val_count: int, seed: int) -> tuple:
+    """Deterministic train/validation split (the validation cases are never trained on)."""
+    names = sorted(names)
+    rng = random.Random(seed)
+    shuffled = names[:]
+    rng.shuffle(shuffled)
+    val = sorted(shuffled[:val_count])
+    return [n for n in names if n not in val], val
+
+
+def cache_case(image_path, label_path, *, spacing, intensity, convention, input_intensity="native"):
+    image = read_image(image_path)
+    label = sitk.ReadImage(str(label_path))
+    space = to_model_space(image, spacing, intensity, input_intensity=input_intensity)
+    label = pp.resample_to_reference(label, space.image, is_label=True)
+    organs = convert_labels(sitk.GetArrayFromImage(label), convention)
+    return np.round(space.array * 255).astype(np.uint8), organs
+
+
+def build_cache(root, cache_file, *, spacing, intensity, convention, input_intensity="native", log=print) -> dict:
+    """Cache every case of a dataset; reuse the file when it was built with the same settings."""
+    cache_file = Path(cache_file)
+    settings = repr((str(Path(root).resolve()), list(spacing), intensity, convention, input_intensity))
+    if cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as cached:
+            if str(cached["settings"]) == settings:
+                return {k: cached[k] for k in cached.files}
+    arrays = {"settings": np.array(settings)}
+    for name, image_path, label_path in find_cases(root):
+        image, labels = cache_case(image_path, label_path, spacing=spacing, intensity=intensity,
+                                   convention=convention, input_intensity=input_intensity)
+        arrays[f"image/{name}"], arrays[f"label/{name}"] = image, labels
+        log(f"cached {name}: {image.shape}")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache_file, **arrays)
+    return arrays

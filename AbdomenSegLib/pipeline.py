@@ -1,0 +1,79 @@
+"""From a user's image to the network's input grid and intensities, and input sanity checks.
+
+Inference and the training cache both go through `to_model_space`, so a model sees at inference
+exactly the preprocessing it was trained with (the card holds every parameter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import preprocess as pp
+from .errors import AbdomenSegError
+
+# Some inputs are not stored in the unit the model expects; these convert them first.
+INPUT_INTENSITIES = {
+    "native": None,  # HU for CT, raw signal for MR
+    # BTCV distribution: HU window [-125, 275] stored as uint8 0..255 (see shared data README).
+    "btcv_uint8": lambda a: a.astype(np.float32) * (400.0 / 255.0) - 125.0,
+}
+
+
+@dataclass
+class ModelSpace:
+    image: sitk.Image  # resampled raw intensities, carries the model-space geometry
+    array: np.ndarray  # (z, y, x) float32 network input in [0, 1]
+    box: tuple  # body bounding box (slices) in model space
+
+
+def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "native", name: str = "input"):
+    """Refuse inputs a model cannot meaningfully segment, naming the fix."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0 or min(image.GetSize()) < 2:
+        raise AbdomenSegError(f"{name} is empty or too thin (size {image.GetSize()})", "give a 3D volume with at least 2 voxels along each axis")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise AbdomenSegError(f"{name} contains NaN or infinite values",
+                              "fix the image (e.g. replace NaN with the background value) and try again")
+    sample = np.asarray(array[::4, ::4, ::4])
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise AbdomenSegError(f"{name} is constant (every voxel is {low:g})", "give the real scan, not a blank volume")
+    if np.issubdtype(array.dtype, np.integer) and low >= 0 and len(np.unique(sample)) <= 32:
+        raise AbdomenSegError(f"{name} looks like a label map ({len(np.unique(sample))} distinct values), not a scan",
+                              "give the CT/MR image as input; label maps go to `evaluate` as the reference")
+    if modality == "CT" and input_intensity == "native":
+        p1 = float(np.percentile(sample, 1))
+        if p1 > -300:
+            raise AbdomenSegError(
+                f"{name} does not look like CT in Hounsfield units (1st percentile {p1:g}, max {high:g}; "
+                "air should be near -1000)",
+                "for BTCV's 0-255 windowed files pass --input-intensity btcv_uint8; for MR use an MR model",
+            )
+
+
+def to_model_space(image: sitk.Image, spacing, intensity: dict, *, orientation: str = pp.CANONICAL_ORIENTATION,
+                   input_intensity: str = "native") -> ModelSpace:
+    if input_intensity not in INPUT_INTENSITIES:
+        raise AbdomenSegError(f"unknown input intensity '{input_intensity}'", f"use one of {', '.join(INPUT_INTENSITIES)}")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    convert = INPUT_INTENSITIES[input_intensity]
+    if convert is not None:
+        converted = sitk.GetImageFromArray(convert(sitk.GetArrayViewFromImage(image)))
+        converted.CopyInformation(image)
+        image = converted
+    resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)
+    raw = sitk.GetArrayFromImage(resampled)
+    mode = intensity["mode"]
+    if mode == "ct_window":
+        low, high = intensity["window"]
+        array = pp.ct_window(raw, low, high)
+        body = pp.body_mask(raw, intensity.get("body_threshold", -500.0))
+    elif mode == "mr_percentile":
+        body = pp.body_mask(raw, np.percentile(raw, 99) * intensity.get("body_fraction", 0.05))
+        array = pp.mr_normalize(raw, intensity.get("percentiles", (0.5, 99.5)), body)
+    else:
+        raise AbdomenSegError(f"unknown intensity mode '{mode}' in model card", "use ct_window or mr_percentile")
+    array = pp.enhance(array, intensity.get("enhancement", "none"))
+    return ModelSpace(resampled, np.ascontiguousarray(array, dtype=np.float32), pp.bounding_box(body, margin=4))

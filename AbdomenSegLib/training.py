@@ -1,0 +1,335 @@
+"""Training 3D MONAI networks from a JSON config; exports a model package with its metrics.
+
+One run = one output folder: `config.json` (resolved), `checkpoint.pt` (latest, for resume),
+`best.safetensors`, TensorBoard logs in `tb/`, and the exported package in `package/`.
+Checkpoints hold only tensors and plain values and are read back with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AbdomenSegError
+from .organs import BY_NAME
+
+DEFAULT_CONFIG = {
+    "name": "my-model",
+    "title": "",
+    "data": {"root": None, "convention": "btcv", "input_intensity": "native", "val_count": 4, "seed": 0,
+             "cache": ".cache/{name}.npz"},
+    "model": {
+        "dimensions": 3,
+        "modality": "CT",
+        "architecture": {"class": "UNet", "args": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
+                                                   "num_res_units": 2}},
+        "spacing": [2.0, 2.0, 3.0],
+        "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "none"},
+        "organs": ["liver", "spleen", "kidney_right", "kidney_left", "pancreas"],
+    },
+    "train": {"steps": 2000, "batch_size": 2, "patch": [64, 96, 96], "lr": 2e-3, "optimizer": "adamw",
+              "scheduler": "poly", "step_decay": {"every": 1000, "gamma": 0.5}, "weight_decay": 1e-5,
+              "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
+              "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
+                          "intensity_prob": 0.5}},
+}
+CHOICES = {
+    ("train", "optimizer"): ("adam", "adamw", "rmsprop", "sgd"),
+    ("train", "scheduler"): ("poly", "step", "none"),
+    ("train", "loss"): ("dice_ce", "dice", "ce", "weighted_ce_dice"),
+    ("model", "modality"): ("CT", "MR"),
+}
+
+
+def _merge(base: dict, override: dict, path="") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise AbdomenSegError(f"unknown config key '{path}{key}'", f"known keys here: {', '.join(base)}")
+        if isinstance(base[key], dict) and key not in ("args", "intensity", "architecture") and isinstance(value, dict) and base[key]:
+            out[key] = _merge(base[key], value, f"{path}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(source) -> dict:
+    """Config from a JSON file or dict, merged over defaults and validated (clear errors)."""
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
+        try:
+            source = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise AbdomenSegError(f"config '{path}' is not valid JSON ({exc})", "fix the JSON syntax") from None
+    config = _merge(DEFAULT_CONFIG, source)
+    for (section, key), allowed in CHOICES.items():
+        if config[section][key] not in allowed:
+            raise AbdomenSegError(f"config {section}.{key} = '{config[section][key]}' is not supported",
+                                  f"use one of: {', '.join(allowed)}")
+    if not config["data"]["root"] or not Path(config["data"]["root"]).is_dir():
+        raise AbdomenSegError(f"config data.root '{config['data']['root']}' is not a folder",
+                              "set data.root to a dataset with images/ and labels/")
+    if config["model"]["dimensions"] != 3:
+        raise AbdomenSegError("only 3D training is available in this version (model.dimensions = 3)",
+                              "set model.dimensions to 3")
+    unknown = [o for o in config["model"]["organs"] if o not in BY_NAME]
+    if unknown:
+        raise AbdomenSegError(f"config model.organs names unknown organs {unknown}", f"use: {', '.join(BY_NAME)}")
+    patch = config["train"]["patch"]
+    if len(patch) != 3 or any(p % 16 for p in patch):
+        raise AbdomenSegError(f"config train.patch {patch} must be 3 sizes, each a multiple of 16",
+                              "e.g. [64, 96, 96] (z, y, x voxels)")
+    return config
+
+
+def _channel_lut(organs: list) -> np.ndarray:
+    """Our organ label -> network channel (organs not trained map to background)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for channel, name in enumerate(organs, start=1):
+        lut[BY_NAME[name].label] = channel
+    return lut
+
+
+def dice_per_channel(pred: np.ndarray, ref: np.ndarray, channels: int) -> list:
+    out = []
+    for c in range(1, channels):
+        p, r = pred == c, ref == c
+        denom = p.sum() + r.sum()
+        out.append(float(2 * (p & r).sum() / denom) if denom else float("nan"))
+    return out
+
+
+class Trainer:
+    def __init__(self, config: dict, out_dir, device: str = "cpu", log=print):
+        import torch
+        from monai.utils import set_determinism
+
+        self.config, self.out_dir, self.log = config, Path(out_dir), log
+        self.device = torch.device(device)
+        t = config["train"]
+        torch.set_num_threads(int(t["threads"]))
+        set_determinism(seed=t["seed"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.organs = config["model"]["organs"]
+        self.channels = len(self.organs) + 1
+        self._load_data()
+        self._build()
+
+    def _load_data(self):
+        from .datasets import build_cache, split_cases
+        d, m = self.config["data"], self.config["model"]
+        cache_path = Path(d["cache"].format(name=self.config["name"]))
+        arrays = build_cache(d["root"], cache_path, spacing=m["spacing"], intensity=m["intensity"],
+                             convention=d["convention"], input_intensity=d["input_intensity"], log=self.log)
+        names = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("image/"))
+        self.train_names, self.val_names = split_cases(names, d["val_count"], d["seed"])
+        lut = _channel_lut(self.organs)
+        self.cases = {n: (arrays[f"image/{n}"], lut[arrays[f"label/{n}"]]) for n in names}
+        self.log(f"train {len(self.train_names)} cases, validation {self.val_names}")
+
+    def _build(self):
+        import torch
+        from monai.losses import DiceCELoss, DiceLoss
+        from .networks import build_network
+
+        t, m = self.config["train"], self.config["model"]
+        self.network = build_network(m["architecture"], 1, self.channels).to(self.device)
+        params = self.network.parameters()
+        opt = t["optimizer"]
+        if opt == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        elif opt == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        elif opt == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=t["lr"], momentum=0.99, nesterov=True,
+                                             weight_decay=t["weight_decay"])
+        steps = t["steps"]
+        if t["scheduler"] == "poly":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: (1 - min(s, steps) / steps) ** 0.9)
+        elif t["scheduler"] == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, t["step_decay"]["every"], t["step_decay"]["gamma"])
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        if t["loss"] == "dice_ce":
+            self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        elif t["loss"] == "dice":
+            self.loss = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        elif t["loss"] == "ce":
+            self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0)
+        else:  # weighted CE + Dice: organs up-weighted by inverse frequency over the training set
+            counts = np.bincount(np.concatenate([self.cases[n][1].ravel()[::97] for n in self.train_names]),
+                                 minlength=self.channels).astype(np.float64) + 1
+            weights = torch.tensor((counts.sum() / counts) ** 0.5, dtype=torch.float32)
+            self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                                   weight=(weights / weights.mean()).to(self.device))
+        self.transform = self._transforms()
+        self.step, self.best = 0, -1.0
+        self.history = []
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def _transforms(self):
+        from monai import transforms as T
+        t = self.config["train"]
+        a = t["augment"]
+        ratios = [t["background_ratio"]] + [1.0] * (self.channels - 1)
+        keys = ["image", "label"]
+        chain = [
+            T.SpatialPadd(keys, spatial_size=t["patch"]),
+            T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=t["patch"], ratios=ratios,
+                                      num_classes=self.channels, num_samples=t["batch_size"],
+                                      indices_key="label_cls_indices", allow_smaller=True),
+        ]
+        if a["affine_prob"] > 0:
+            r, s = a["rotate"], a["scale"]
+            chain.append(T.RandAffined(keys, prob=a["affine_prob"], rotate_range=(r, 0.05, 0.05),
+                                       scale_range=(s, s, s), shear_range=a["shear"] or None,
+                                       mode=("bilinear", "nearest"), padding_mode="zeros"))
+        if a["elastic_prob"] > 0:
+            chain.append(T.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=a["elastic_prob"],
+                                          mode=("bilinear", "nearest")))
+        if a["intensity_prob"] > 0:
+            chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
+                      T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]
+        return T.Compose(chain)
+
+    def _indices(self, name):
+        if not hasattr(self, "_index_cache"):
+            self._index_cache = {}
+        if name not in self._index_cache:
+            from monai.transforms import map_classes_to_indices
+            label = self.cases[name][1]
+            self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
+        return self._index_cache[name]
+
+    def _batch(self, rng):
+        import torch
+        name = self.train_names[rng.integers(len(self.train_names))]
+        image, label = self.cases[name]
+        item = {"image": image[None].astype(np.float32) / 255.0, "label": label[None].astype(np.int64),
+                "label_cls_indices": self._indices(name)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples = self.transform(item)
+        x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
+        y = torch.stack([torch.as_tensor(s["label"]).long() for s in samples])
+        return x.to(self.device), y.to(self.device)
+
+    def validate(self) -> dict:
+        import torch
+        from monai.inferers import sliding_window_inference
+        self.network.eval()
+        scores = []
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.use_amp):
+            for name in self.val_names:
+                image, label = self.cases[name]
+                x = torch.as_tensor(image[None, None].astype(np.float32) / 255.0, device=self.device)
+                logits = sliding_window_inference(x, self.config["train"]["patch"], 2, self.network,
+                                                  overlap=0.25, mode="gaussian")
+                pred = logits.argmax(1)[0].cpu().numpy()
+                scores.append(dice_per_channel(pred, label, self.channels))
+        self.network.train()
+        mean = np.nanmean(np.array(scores, dtype=np.float64), axis=0)
+        return {organ: float(v) for organ, v in zip(self.organs, mean)}
+
+    def save_checkpoint(self):
+        import torch
+        state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best,
+                 "history": json.dumps(self.history), "rng": self.rng_state}
+        tmp = self.out_dir / "checkpoint.pt.part"
+        torch.save(state, tmp)
+        tmp.replace(self.out_dir / "checkpoint.pt")
+
+    def load_checkpoint(self):
+        import torch
+        state = torch.load(self.out_dir / "checkpoint.pt", map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best = int(state["step"]), float(state["best"])
+        self.history = json.loads(state["history"])
+        self.rng_state = state["rng"]
+        self.log(f"resumed at step {self.step} (best mean Dice {self.best:.3f})")
+
+    def run(self, resume: bool = False, progress=None):
+        import torch
+        from safetensors.torch import save_file
+        from torch.utils.tensorboard import SummaryWriter
+
+        t = self.config["train"]
+        self.rng_state = int(t["seed"])
+        if resume and (self.out_dir / "checkpoint.pt").is_file():
+            self.load_checkpoint()
+        writer = SummaryWriter(str(self.out_dir / "tb"))
+        self.network.train()
+        start = time.time()
+        while self.step < t["steps"]:
+            # A fresh generator per step, seeded by (seed, step): a resumed run draws the same
+            # cases as an uninterrupted one.
+            rng = np.random.default_rng([self.rng_state, self.step])
+            from monai.utils import set_determinism
+            set_determinism(seed=int(t["seed"]) * 100003 + self.step)
+            x, y = self._batch(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                loss = self.loss(self.network(x), y)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            writer.add_scalar("loss/train", float(loss), self.step)
+            if progress:
+                progress(self.step, t["steps"], float(loss))
+            if self.step % t["val_every"] == 0 or self.step == t["steps"]:
+                dice = self.validate()
+                mean = float(np.nanmean(list(dice.values())))
+                for organ, v in dice.items():
+                    writer.add_scalar(f"val_dice/{organ}", v, self.step)
+                writer.add_scalar("val_dice/mean", mean, self.step)
+                self.history.append({"step": self.step, "loss": float(loss), "seconds": round(time.time() - start, 1),
+                                     "dice": dice})
+                self.log(f"step {self.step}: loss {float(loss):.4f}, val Dice mean {mean:.3f} "
+                         + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+                if mean > self.best:
+                    self.best = mean
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
+                              str(self.out_dir / "best.safetensors"))
+                self.save_checkpoint()
+        writer.close()
+        return self.history
+
+    def card(self, extra: dict | None = None) -> dict:
+        c, m = self.config, self.config["model"]
+        best = max(self.history, key=lambda h: np.nanmean(list(h["dice"].values()))) if self.history else {}
+        card = {
+            "name": c["name"], "title": c["title"] or c["name"], "version": "1.0.0",
+            "dimensions": m["dimensions"], "framework": "monai", "architecture": m["architecture"],
+            "in_channels": 1, "modality": m["modality"],
+            "labels": {str(i): organ for i, organ in enumerate(self.organs, start=1)},
+            "spacing": m["spacing"], "orientation": "LPS", "intensity": m["intensity"],
+            "inference": {"roi_size": c["train"]["patch"], "overlap": 0.25, "mode": "gaussian"},
+            "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
+                         "train_cases": self.train_names, "validation_cases": self.val_names,
+                         "config": c, "best_step": best.get("step"), "steps": self.step},
+            "validation_model_space": best.get("dice", {}),
+        }
+        card.update(extra or {})
+        return card
+
+    def best_network(self):
+        from safetensors.torch import load_file
+        if (self.out_dir / "best.safetensors").is_file():
+            self.network.load_state_dict(load_file(str(self.out_dir / "best.safetensors")))
+        return self.network.eval()
