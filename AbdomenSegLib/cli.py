@@ -1,53 +1,232 @@
-"""Command line: `python -m AbdomenSegLib {segment,evaluate,models,phantom,train}`."""
+"""Command line: `python -m AbdomenSegLib {segment,evaluate,models,phantom,train}`.
+
+Errors a user can fix print one line (`error: <problem>. <fix>`) and exit with status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from .errors import AbdomenSegError, Cancelled
 
 
-def _train(args) -> int:
-    from .training import Trainer, load_config
-    config = load_config(args.config)
-    out = args.out or f"runs/{config['name']}"
-    trainer = Trainer(config, out, device=_pick_device(args.device), log=lambda m: print(m, flush=True))
-    start = time.time()
+def _log(message: str):
+    print(message, file=sys.stderr, flush=True)
 
-    def progress(step, total, loss):
-        if step % 20 == 0 or step == total:
-            print(f"step {step}/{total} loss {loss:.4f} ({time.time() - start:.0f} s)", flush=True)
-    trainer.run(resume=args.resume, progress=progress)
-    print(f"finished; run folder {out}")
+
+class _Bar:
+    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback."""
+
+    def __init__(self, desc):
+        from tqdm import tqdm
+        self.bar = tqdm(total=100, desc=desc, file=sys.stderr, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {postfix}")
+
+    def __call__(self, fraction, message):
+        self.bar.n = int(round(fraction * 100))
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+# -- segment ------------------------------------------------------------------------------------
+def _segment(args) -> int:
+    from .batch import expand_inputs
+    from .inference import Options, get_segmenter
+    from .io import read_image, write_labels
+
+    cases, batch = expand_inputs(args.input)
+    output = Path(args.output)
+    if batch:
+        if output.exists() and not output.is_dir():
+            raise AbdomenSegError(f"output '{output}' is a file but the input is a set of cases",
+                                  "give an output folder")
+        targets = [(name, src, output / f"{name}{args.format}") for name, src in cases]
+    else:
+        targets = [(cases[0][0], cases[0][1], output)]
+        if output.is_dir():
+            raise AbdomenSegError(f"output '{output}' is a folder", "give an output file name such as organs.nii.gz")
+    for _, src, dst in targets:
+        if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+            raise AbdomenSegError(f"output '{dst}' would overwrite the input", "choose another output path")
+    options = Options(input_intensity=args.input_intensity,
+                      organs=[o.strip() for o in args.organs.split(",")] if args.organs else None,
+                      largest_component=args.largest_component, fill_holes=args.fill_holes)
+    segmenter = get_segmenter(args.model, args.device, log=_log)
+    _log(f"model {segmenter.card.name} on {segmenter.device}")
+    failures, written, skipped = [], 0, 0
+    for index, (name, src, dst) in enumerate(targets, start=1):
+        if dst.exists() and not args.overwrite:
+            if not batch:
+                raise AbdomenSegError(f"output '{dst}' exists", "pass --overwrite to replace it, or choose another name")
+            skipped += 1
+            _log(f"[{index}/{len(targets)}] {name}: {dst} exists, skipped (--overwrite replaces it)")
+            continue
+        start = time.time()
+        bar = _Bar(f"[{index}/{len(targets)}] {name}")
+        try:
+            image = read_image(src)
+            labels = segmenter.segment(image, options, progress=bar)
+            write_labels(labels, dst, protect=[src])
+            written += 1
+        except AbdomenSegError as exc:
+            if not batch:
+                raise
+            failures.append(name)
+            _log(f"[{index}/{len(targets)}] {name}: error: {exc}")
+            continue
+        finally:
+            bar.close()
+        _log(f"[{index}/{len(targets)}] {name} -> {dst} ({time.time() - start:.1f} s)")
+    if batch:
+        _log(f"{written} written, {skipped} skipped, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def _evaluate(args) -> int:
+    from .batch import expand_inputs, find_reference
+    from .io import read_image
+    from .metrics import evaluate, format_table, summarize, write_csv
+
+    predictions, batch = expand_inputs(args.prediction)
+    ref = Path(args.reference)
+    if batch and not ref.is_dir():
+        raise AbdomenSegError("the prediction is a set of cases but the reference is not a folder",
+                              "give a reference folder with label maps named like the predictions")
+    if args.csv and Path(args.csv).exists() and not args.overwrite:
+        raise AbdomenSegError(f"metrics file '{args.csv}' exists", "pass --overwrite to replace it, or choose another name")
+    rows = []
+    organs = [o.strip() for o in args.organs.split(",")] if args.organs else None
+    for index, (name, path) in enumerate(predictions, start=1):
+        ref_path = find_reference(ref, name) if batch else ref
+        if ref_path is None:
+            _log(f"[{index}/{len(predictions)}] {name}: no reference in {ref}, skipped")
+            continue
+        case_rows = evaluate(read_image(path), read_image(ref_path), reference_convention=args.reference_labels,
+                             prediction_convention=args.prediction_labels, organs=organs,
+                             tolerance_mm=args.tolerance, case=name, model=args.model_name)
+        rows += case_rows
+        _log(f"[{index}/{len(predictions)}] {name} evaluated")
+        if not batch:
+            print(format_table(case_rows))
+    if not rows:
+        raise AbdomenSegError("no prediction had a matching reference", "name references like the predictions")
+    summary = summarize(rows)
+    if batch:
+        print("organ                   cases  Dice mean±std    HD95 mm   NSD")
+        for s in summary:
+            print(f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
+                  f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}")
+    if args.csv:
+        path = write_csv(rows, args.csv)
+        summary_path = path.with_name(path.stem + "_summary.csv")
+        write_csv(summary, summary_path)
+        _log(f"metrics: {path}, summary: {summary_path}")
     return 0
 
 
-def _pick_device(name: str) -> str:
-    import torch
-    if name == "cuda" and not torch.cuda.is_available():
-        print("warning: CUDA is not available here; running on the CPU instead", file=sys.stderr)
-        return "cpu"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+# -- models / phantom / train -------------------------------------------------------------------
+def _models(args) -> int:
+    from .models import catalog, default_model_name
+    cards = catalog()
+    if args.json:
+        print(json.dumps({name: card.data for name, card in cards.items()}, indent=2))
+        return 0
+    if not cards:
+        print("no models installed")
+        return 1
+    default = default_model_name()
+    for name, card in cards.items():
+        print(card.summary() + ("\n  (default)" if name == default else ""))
+    return 0
+
+
+def _phantom(args) -> int:
+    from .io import write_image
+    from .phantom import make_phantom
+    for path in filter(None, (args.output, args.labels)):
+        if Path(path).exists() and not args.overwrite:
+            raise AbdomenSegError(f"'{path}' exists", "pass --overwrite to replace it")
+    ct, labels = make_phantom(size=tuple(args.size), spacing=tuple(args.spacing), seed=args.seed)
+    write_image(ct, args.output)
+    if args.labels:
+        write_image(labels, args.labels)
+    _log(f"wrote SYNTHETIC phantom CT {args.output}" + (f" and its labels {args.labels}" if args.labels else ""))
+    return 0
+
+
+def _train(args) -> int:
+    from .training import train_and_export
+    train_and_export(args.config, out=args.out, device=args.device, resume=args.resume,
+                     export_only=args.export_only, export_to=args.export, make_default=args.make_default, log=lambda m: print(m, flush=True))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m AbdomenSegLib", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m AbdomenSegLib", description="AbdomenSeg: abdominal organ segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment a volume (file, DICOM folder), a folder of volumes or a glob")
+    p.add_argument("input", help="image file, DICOM series folder, folder of images, or quoted glob")
+    p.add_argument("output", help="output label map (.nii.gz, .nrrd, .seg.nrrd), or a folder for several inputs")
+    p.add_argument("--model", help="installed model name or model package folder (default: the catalog's default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"),
+                   help="how input values are stored: native (HU/MR signal) or BTCV's 0-255 window")
+    p.add_argument("--organs", help="comma-separated organ names to keep (default: all)")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest connected piece per organ")
+    p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
+    p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd"),
+                   help="output type for folder/glob inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("evaluate", help="per-organ Dice, IoU, volumes, HD95, ASSD, surface Dice")
+    p.add_argument("prediction", help="predicted label map, or folder/glob of them")
+    p.add_argument("reference", help="reference label map, or folder of them (matched by case name)")
+    p.add_argument("--reference-labels", default="abdomenseg",
+                   help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr")
+    p.add_argument("--prediction-labels", default="abdomenseg", help="label convention of the prediction")
+    p.add_argument("--organs", help="comma-separated organs to report (default: all the reference can hold)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    p.add_argument("--csv", help="write one row per case and organ here (+ <name>_summary.csv)")
+    p.add_argument("--model-name", default="", help="value of the CSV's model column")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("models", help="list installed models with their metadata")
+    p.add_argument("--json", action="store_true", help="print the full model cards as JSON")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("phantom", help="write a SYNTHETIC abdominal CT phantom with known organ labels")
+    p.add_argument("output", help="phantom CT file, e.g. synthetic_phantom_ct.nii.gz")
+    p.add_argument("--labels", help="also write its organ label map here")
+    p.add_argument("--size", type=int, nargs=3, default=(128, 104, 80), metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 4.0), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_phantom)
+
     p = sub.add_parser("train", help="train a model from a JSON config and export a model package")
     p.add_argument("config", help="training config (JSON), e.g. Resources/configs/btcv_ct_3d.json")
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--export", help="models folder to export the package into (default: the run folder)")
+    p.add_argument("--export-only", action="store_true",
+                   help="export (and validate) the run folder's best weights without training further")
+    p.add_argument("--make-default", action="store_true", help="make the exported model the catalog default")
     p.set_defaults(func=_train)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AbdomenSegError as exc:

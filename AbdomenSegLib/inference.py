@@ -1,0 +1,251 @@
+"""Segment a volume with a model package: device choice, sliding window, back to the input grid.
+
+`Segmenter.segment(image)` returns a uint8 label map (our organ table) in the input's exact grid.
+Long work reports through `progress(fraction, message)` and stops when `cancel()` returns True
+(raising `Cancelled`), which is what the Slicer module's Cancel button uses.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import postprocess
+from .errors import AbdomenSegError, Cancelled
+from .models import ModelCard, find_model, load_network
+from .pipeline import check_input, to_model_space
+from .preprocess import bounding_box, pad_to_multiple
+
+
+def resolve_device(device: str = "auto", log=print) -> str:
+    import torch
+    if device not in ("auto", "cpu", "cuda"):
+        raise AbdomenSegError(f"unknown device '{device}'", "use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        log("CUDA is not available on this machine; running on the CPU instead (slower).")
+        return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class Options:
+    input_intensity: str = "native"
+    organs: list | None = None  # organ names to keep; None = all the model has
+    largest_component: bool = False
+    fill_holes: bool = False
+    smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
+    overlap: float | None = None  # sliding-window overlap; None = the card's
+
+
+@dataclass
+class Timings:
+    stages: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    def add(self, stage, seconds):
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+
+_CACHE: dict = {}
+
+
+def get_segmenter(model=None, device="auto", log=print) -> "Segmenter":
+    """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
+    card = model if isinstance(model, ModelCard) else find_model(model)
+    resolved = resolve_device(device, log)
+    key = (str(card.path), resolved)
+    if key not in _CACHE:
+        _CACHE[key] = Segmenter(card, resolved, log=log)
+    return _CACHE[key]
+
+
+class Segmenter:
+    def __init__(self, card: ModelCard, device: str = "cpu", log=print):
+        if card["dimensions"] != 3:
+            raise AbdomenSegError(f"model '{card.name}' is a {card['dimensions']}D model",
+                                  "this version runs 3D models; choose a 3D model from `python -m AbdomenSegLib models`")
+        self.card, self.device, self.log = card, device, log
+        self.network = load_network(card, device)
+        self.timings = Timings(device=device)
+
+    # -- public -------------------------------------------------------------------------------
+    def segment(self, image: sitk.Image, options: Options | None = None, progress=None, cancel=None) -> sitk.Image:
+        options = options or Options()
+        progress = progress or (lambda fraction, message: None)
+        self.timings = Timings(device=self.device)
+        card = self.card
+        t = time.perf_counter()
+        check_input(image, card["modality"], input_intensity=options.input_intensity)
+        progress(0.02, "preprocessing")
+        space = to_model_space(image, card["spacing"], card["intensity"], orientation=card.get("orientation", "LPS"),
+                               input_intensity=options.input_intensity)
+        self.timings.add("preprocess", time.perf_counter() - t)
+        _check_cancel(cancel)
+
+        t = time.perf_counter()
+        probabilities = self._infer(space.array[space.box], options, progress, cancel)
+        self.timings.add("infer", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        progress(0.9, "resampling to the input grid")
+        labels = self._to_input_grid(probabilities, space, image, options.smooth_resample)
+        labels = self._finish_labels(labels, options)
+        self.timings.add("resample_back", time.perf_counter() - t)
+        out = sitk.GetImageFromArray(labels)
+        out.CopyInformation(image)
+        progress(1.0, "done")
+        return out
+
+    # -- steps --------------------------------------------------------------------------------
+    def _infer(self, array, options, progress, cancel):
+        """Softmax probabilities (C, z, y, x) for the cropped model-space array."""
+        import torch
+        try:
+            return self._sliding_window(array, options, progress, cancel, self.device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self.log("The GPU ran out of memory for this volume; finishing on the CPU instead "
+                     "(slower). Close other GPU programs or use a smaller model to stay on the GPU.")
+            self.network = self.network.to("cpu")
+            self.device = self.timings.device = "cpu"
+            return self._sliding_window(array, options, progress, cancel, "cpu")
+
+    def _sliding_window(self, array, options, progress, cancel, device):
+        import torch
+        from monai.inferers import sliding_window_inference
+        from .networks import divisor
+
+        inf = self.card.get("inference", {})
+        roi = list(inf.get("roi_size", [64, 96, 96]))
+        overlap = options.overlap if options.overlap is not None else inf.get("overlap", 0.25)
+        padded, unpad = pad_to_multiple(array, [divisor(self.card["architecture"])] * 3, minimum=roi)
+        windows = _window_count(padded.shape, roi, overlap)
+        sw_batch = 2
+        calls = math.ceil(windows / sw_batch)
+        done = [0]
+
+        def predictor(x):
+            _check_cancel(cancel)
+            out = self.network(x)
+            done[0] += 1
+            progress(0.05 + 0.85 * done[0] / calls, f"segmenting ({done[0]}/{calls})")
+            return out
+
+        x = torch.as_tensor(padded[None, None], device=device)
+        use_amp = device == "cuda"
+        with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu", enabled=use_amp):
+            logits = sliding_window_inference(x, roi, sw_batch, predictor, overlap=overlap,
+                                              mode=inf.get("mode", "gaussian"))
+            probabilities = torch.softmax(logits.float(), dim=1)[0]
+        return probabilities.cpu().numpy()[(slice(None),) + unpad[-3:]]
+
+    def _to_input_grid(self, probabilities, space, reference, smooth):
+        """Organ labels in `reference`'s grid from model-space probabilities of the cropped box."""
+        channels = probabilities.shape[0]
+        full = np.zeros((channels,) + space.array.shape, dtype=np.float32)
+        full[0] = 1.0  # outside the body box: background
+        full[(slice(None),) + space.box] = probabilities
+        argmax = full.argmax(0).astype(np.uint8)
+        if not smooth:
+            labels = sitk.GetImageFromArray(argmax)
+            labels.CopyInformation(space.image)
+            from .preprocess import resample_to_reference
+            ch = sitk.GetArrayFromImage(resample_to_reference(labels, reference, is_label=True))
+            return self._channels_to_organs(ch)
+        return self._smooth_back(full, argmax, space.image, reference)
+
+    def _smooth_back(self, full, argmax, model_image, reference):
+        """Linear resampling of each channel's probability, only inside that organ's box.
+
+        Resampling all channels over the whole input grid would cost C full-size float volumes;
+        organs occupy small boxes, so each is resampled where it can win the argmax.
+        """
+        size = reference.GetSize()[::-1]
+        labels = np.zeros(size, dtype=np.uint8)
+        present = [c for c in range(1, full.shape[0]) if (argmax == c).any()]
+        if not present:
+            return labels
+        boxes = {c: bounding_box(argmax == c, margin=2) for c in present}
+        union = bounding_box(argmax > 0, margin=2)
+        best = np.ones(size, dtype=np.float32)
+        box, region = self._resample_box(full[0], union, model_image, reference, default=1.0)
+        if region is not None:
+            best[region] = box
+        for c in present:
+            box, region = self._resample_box(full[c], boxes[c], model_image, reference, default=0.0)
+            if region is None:
+                continue
+            wins = box > best[region]
+            best[region][wins] = box[wins]
+            labels[region][wins] = c
+        return self._channels_to_organs(labels)
+
+    @staticmethod
+    def _resample_box(channel, box, model_image, reference, default):
+        """Resample channel[box] onto the part of `reference` that box covers."""
+        start = [s.start for s in box][::-1]  # x, y, z
+        stop = [s.stop - 1 for s in box][::-1]
+        sub = sitk.GetImageFromArray(np.ascontiguousarray(channel[box]))
+        sub.SetSpacing(model_image.GetSpacing())
+        sub.SetDirection(model_image.GetDirection())
+        sub.SetOrigin(model_image.TransformIndexToPhysicalPoint([int(v) for v in start]))
+        # The box's corners in the reference's continuous index space give the region to fill.
+        corners = []
+        for cx in (start[0] - 0.5, stop[0] + 0.5):
+            for cy in (start[1] - 0.5, stop[1] + 0.5):
+                for cz in (start[2] - 0.5, stop[2] + 0.5):
+                    point = model_image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
+                    corners.append(reference.TransformPhysicalPointToContinuousIndex(point))
+        corners = np.array(corners)
+        size = reference.GetSize()
+        low = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+        high = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, size)
+        if np.any(high <= low):
+            return None, None
+        target = sitk.Image([int(v) for v in high - low], sitk.sitkFloat32)
+        target.SetSpacing(reference.GetSpacing())
+        target.SetDirection(reference.GetDirection())
+        target.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in low]))
+        out = sitk.Resample(sub, target, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
+        region = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low[::-1], high[::-1]))
+        return sitk.GetArrayFromImage(out), region
+
+    def _channels_to_organs(self, channels: np.ndarray) -> np.ndarray:
+        lut = np.zeros(256, dtype=np.uint8)
+        for channel, organ in self.card.channel_organs.items():
+            lut[channel] = organ
+        return lut[channels]
+
+    def _finish_labels(self, labels, options):
+        if options.organs:
+            from .organs import BY_NAME
+            unknown = [o for o in options.organs if o not in BY_NAME]
+            if unknown:
+                raise AbdomenSegError(f"unknown organ(s) {unknown}", f"use names from: {', '.join(BY_NAME)}")
+            keep = np.zeros(256, dtype=bool)
+            keep[[BY_NAME[o].label for o in options.organs]] = True
+            labels[~keep[labels]] = 0
+        if options.largest_component:
+            postprocess.keep_largest_component(labels)
+        if options.fill_holes:
+            postprocess.fill_holes(labels)
+        return labels
+
+
+def _check_cancel(cancel):
+    if cancel is not None and cancel():
+        raise Cancelled()
+
+
+def _window_count(shape, roi, overlap) -> int:
+    """Number of windows MONAI's sliding_window_inference visits (same scan-interval rule)."""
+    count = 1
+    for size, r in zip(shape, roi):
+        interval = max(int(r * (1 - overlap)), 1) if r < size else r
+        count *= 1 if size <= r else math.ceil((size - r) / interval) + 1
+    return count

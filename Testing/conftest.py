@@ -1,0 +1,52 @@
+"""Shared fixtures. Real data from ../shared/data when present; tests needing it skip otherwise."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared(*parts) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{'/'.join(parts)} (real data is not part of the repository)")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    import torch
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    """An untrained, tiny 3D model exported as a real package (for geometry/plumbing, not accuracy)."""
+    import torch
+    from AbdomenSegLib.models import export_package
+    from AbdomenSegLib.networks import build_network
+
+    torch.manual_seed(0)
+    arch = {"class": "UNet", "args": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}}
+    organs = ["liver", "spleen", "kidney_right", "kidney_left", "pancreas"]
+    net = build_network(arch, 1, len(organs) + 1)
+    card = {
+        "name": "tiny-test", "title": "untrained test model", "dimensions": 3, "architecture": arch,
+        "modality": "CT", "labels": {str(i): o for i, o in enumerate(organs, 1)}, "spacing": [4.0, 4.0, 5.0],
+        "orientation": "LPS", "intensity": {"mode": "ct_window", "window": [-125, 275]},
+        "inference": {"roi_size": [32, 32, 32], "overlap": 0.25, "mode": "gaussian"},
+        "training": {"data": "none (random init)"},
+    }
+    models = tmp_path_factory.mktemp("models")
+    return export_package(net, card, models / "tiny-test", register_in=models, make_default=True)
+
+
+@pytest.fixture(scope="session")
+def default_card():
+    from AbdomenSegLib.models import find_model
+    return find_model()
