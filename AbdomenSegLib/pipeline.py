@@ -44,10 +44,11 @@ def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "nat
         raise AbdomenSegError(f"{name} looks like a label map ({len(np.unique(sample))} distinct values), not a scan",
                               "give the CT/MR image as input; label maps go to `evaluate` as the reference")
     if modality == "CT" and input_intensity == "native":
-        p1 = float(np.percentile(sample, 1))
-        if p1 > -300:
+        # Air, lung, bowel gas or out-of-field padding put every abdominal CT in HU below -200;
+        # 0-255 windowed exports and unrescaled DICOM (0..4095) never go there.
+        if low > -200:
             raise AbdomenSegError(
-                f"{name} does not look like CT in Hounsfield units (1st percentile {p1:g}, max {high:g}; "
+                f"{name} does not look like CT in Hounsfield units (values {low:g} to {high:g}; "
                 "air should be near -1000)",
                 "for BTCV's 0-255 windowed files pass --input-intensity btcv_uint8; for MR use an MR model",
             )
