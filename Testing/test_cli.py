@@ -1,0 +1,129 @@
+"""The command line: main job, folders, skip/overwrite, evaluate CSVs, and every bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AbdomenSegLib.cli import main
+from AbdomenSegLib.phantom import make_phantom
+
+from conftest import ROOT, shared
+
+
+@pytest.fixture()
+def phantom_files(tmp_path):
+    ct, labels = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "ref.nii.gz"))
+    return tmp_path
+
+
+def test_module_entry_point_runs_from_the_repository_root(tmp_path):
+    out = tmp_path / "phantom.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "AbdomenSegLib", "phantom", str(out), "--size", "40", "40", "20"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "SYNTHETIC" in result.stderr and sitk.ReadImage(str(out)).GetSize() == (40, 40, 20)
+
+
+def test_segment_then_evaluate(phantom_files, tiny_package, capsys):
+    d = phantom_files
+    assert main(["segment", str(d / "ct.nii.gz"), str(d / "organs.seg.nrrd"), "--model", str(tiny_package.path)]) == 0
+    out = sitk.ReadImage(str(d / "organs.seg.nrrd"))
+    assert out.GetSize() == (64, 56, 24)
+    assert main(["evaluate", str(d / "organs.seg.nrrd"), str(d / "ref.nii.gz"), "--csv", str(d / "m.csv")]) == 0
+    lines = (d / "m.csv").read_text().splitlines()
+    assert len(lines) == 1 + 14 and (d / "m_summary.csv").is_file()
+    # Existing outputs are not replaced without --overwrite.
+    before = (d / "m.csv").read_bytes()
+    assert main(["evaluate", str(d / "organs.seg.nrrd"), str(d / "ref.nii.gz"), "--csv", str(d / "m.csv")]) == 2
+    assert (d / "m.csv").read_bytes() == before
+    assert "exists" in capsys.readouterr().err
+
+
+def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys):
+    images, refs, outs = tmp_path / "images", tmp_path / "refs", tmp_path / "out"
+    images.mkdir(), refs.mkdir()
+    for i in range(2):
+        ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 12.0), seed=i)
+        sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
+        sitk.WriteImage(labels, str(refs / f"case{i}.nrrd"))
+    args = ["segment", str(images), str(outs), "--model", str(tiny_package.path)]
+    assert main(args) == 0
+    assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    stamp = (outs / "case0.nii.gz").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "skipped" in capsys.readouterr().err and (outs / "case0.nii.gz").stat().st_mtime_ns == stamp
+    assert main(args + ["--overwrite"]) == 0 and (outs / "case0.nii.gz").stat().st_mtime_ns != stamp
+    assert main(["evaluate", str(outs / "*.nii.gz"), str(refs), "--csv", str(tmp_path / "all.csv")]) == 0
+    rows = (tmp_path / "all.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[0] for r in rows} == {"case0", "case1"} and len(rows) == 28
+
+
+def _bad(tmp_path, kind):
+    if kind == "2d":
+        path = tmp_path / "slice.nii.gz"
+        sitk.WriteImage(sitk.Image([32, 32], sitk.sitkInt16), str(path))
+    elif kind == "4d":
+        path = tmp_path / "dyn.nii.gz"
+        sitk.WriteImage(sitk.JoinSeries([sitk.Image([16, 16, 16], sitk.sitkInt16)] * 2), str(path))
+    elif kind == "constant":
+        path = tmp_path / "blank.nii.gz"
+        sitk.WriteImage(sitk.Image([32, 32, 32], sitk.sitkInt16) - 1000, str(path))
+    elif kind == "nan":
+        path = tmp_path / "nan.nrrd"  # ITK's NIfTI reader turns NaN into 0; NRRD keeps it
+        array = sitk.GetArrayFromImage(make_phantom(size=(32, 32, 16))[0]).astype(np.float32)
+        array[5, 5, 5] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    elif kind == "labelmap":
+        path = tmp_path / "labels.nii.gz"
+        sitk.WriteImage(make_phantom(size=(32, 32, 16))[1], str(path))
+    elif kind == "missing":
+        path = tmp_path / "nothing_here.nii.gz"
+    elif kind == "not-image":
+        path = tmp_path / "report.nii.gz"
+        path.write_text("this is a text file")
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("2d", "2D image"), ("4d", "4D image"), ("constant", "constant"), ("nan", "NaN"),
+    ("labelmap", "label map"), ("missing", "does not exist"), ("not-image", "could not be read"),
+])
+def test_bad_input_one_clear_error_nothing_written(tmp_path, tiny_package, capsys, kind, message):
+    src = _bad(tmp_path, kind)
+    out = tmp_path / "out" / "organs.nii.gz"
+    assert main(["segment", str(src), str(out), "--model", str(tiny_package.path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists() and not list(tmp_path.rglob(".part-*"))
+
+
+def test_unknown_model_and_overwriting_the_input(phantom_files, tiny_package, capsys):
+    d = phantom_files
+    assert main(["segment", str(d / "ct.nii.gz"), str(d / "o.nii.gz"), "--model", "no-such-model"]) == 2
+    assert "not installed" in capsys.readouterr().err and not (d / "o.nii.gz").exists()
+    before = (d / "ct.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        code = main(["segment", str(d / "ct.nii.gz"), str(d / "ct.nii.gz"), "--model", str(tiny_package.path)] + extra)
+        assert code == 2 and "overwrite the input" in capsys.readouterr().err
+    assert (d / "ct.nii.gz").read_bytes() == before
+
+
+def test_dicom_series_folder_as_input(tmp_path, tiny_package):
+    folder = shared("dcmqi_ct3slice", "ct-3slice")
+    # 3 slices are thinner than any network window: the runner pads, the output keeps the input grid.
+    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) == 0
+    out, ref = sitk.ReadImage(str(tmp_path / "seg.nrrd")), sitk.ReadImage(str(folder / "01.dcm"))
+    assert out.GetSize() == (512, 512, 3)
+    assert np.allclose(out.GetOrigin()[:2], ref.GetOrigin()[:2], atol=1e-3)
+
+
+def test_models_lists_metadata(capsys):
+    if main(["models"]) != 0:
+        pytest.skip("no model catalog installed")
+    text = capsys.readouterr().out
+    assert "(default)" in text and "validation Dice" in text
