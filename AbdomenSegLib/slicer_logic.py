@@ -25,6 +25,12 @@ def _slicer():
 
 
 # -- geometry ---------------------------------------------------------------------------------
+def scalar_volume_node_from_image(scene, image: sitk.Image, name):
+    node = labelmap_node_from_image(scene, image, name, "vtkMRMLScalarVolumeNode")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
 def volume_node_to_image(node) -> sitk.Image:
     """A scalar or labelmap volume node as a SimpleITK image with the node's exact geometry."""
     slicer = _slicer()
@@ -57,9 +63,11 @@ def _ijk_to_ras(image: sitk.Image) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def labelmap_node_from_image(scene, image: sitk.Image, name="AbdomenSeg labels"):
+def labelmap_node_from_image(scene, image: sitk.Image, name="AbdomenSeg labels",
+                             node_class="vtkMRMLLabelMapVolumeNode"):
+    """A volume node (labelmap by default, or `node_class`) holding `image` with its exact geometry."""
     slicer = _slicer()
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    node = scene.AddNewNodeByClass(node_class, name)
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
     node.SetIJKToRASMatrix(_ijk_to_ras(image))
     return node

@@ -182,3 +182,33 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetPlotType() == series.PlotTypeBar and series.GetYColumnName() in {"tiny-test", "tiny-b"}
+
+
+def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
+    from AbdomenSegLib.slicer_batch import run
+    images, refs, out = tmp_path / "images", tmp_path / "refs", tmp_path / "out"
+    images.mkdir(), refs.mkdir()
+    for i in range(2):
+        ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0), seed=i)
+        sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
+        sitk.WriteImage(labels, str(refs / f"case{i}.nii.gz"))
+    (images / "broken.nii.gz").write_text("not an image")
+    code = run(["--input", str(images), "--output", str(out), "--reference", str(refs),
+                "--model", str(tiny_package.path), "--device", "cpu"], scene, log=lambda m: None)
+    assert code == 1  # the broken file fails; the others are still written
+    assert sorted(p.name for p in out.glob("*.seg.nrrd")) == ["case0.seg.nrrd", "case1.seg.nrrd"]
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("case,model,organ") and len(lines) == 1 + 2 * 8
+    written = sitk.ReadImage(str(out / "case0.seg.nrrd"))
+    assert written.GetSize() == (48, 40, 16)
+    # The CSV's values equal the engine's own segment + evaluate on the same files.
+    import csv
+    from AbdomenSegLib.inference import Segmenter
+    from AbdomenSegLib.io import read_image
+    prediction = Segmenter(tiny_package, "cpu").segment(read_image(images / "case0.nii.gz"))
+    expected = {r["organ"]: r for r in evaluate(prediction, read_image(refs / "case0.nii.gz"))}
+    got = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["case"] == "case0"]
+    assert len(got) == 8
+    for row in got:
+        assert float(row["dice"]) == pytest.approx(expected[row["organ"]]["dice"], abs=1e-5)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nodes cleaned up per case

@@ -1,0 +1,99 @@
+"""Batch segmentation inside Slicer: a folder of volumes -> .seg.nrrd files (+ one metrics CSV).
+
+Run as `Slicer --no-main-window --python-script AbdomenSeg/AbdomenSegBatch.py --input DIR --output DIR
+[--reference DIR --reference-labels btcv]`. The work is done on the MRML scene through the same logic
+the module uses; returns a process exit code (non-zero when any case failed).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .batch import expand_inputs, find_reference
+from .errors import AbdomenSegError
+from .io import read_image
+from .metrics import FIELDS, write_csv
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="AbdomenSegBatch.py", description=__doc__)
+    parser.add_argument("--input", required=True, help="folder (or quoted glob) of volumes or DICOM series folders")
+    parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and metrics.csv")
+    parser.add_argument("--reference", help="folder of reference label maps named like the inputs")
+    parser.add_argument("--reference-labels", default="abdomenseg", help="label convention of the references")
+    parser.add_argument("--model", help="installed model name (default: the catalog default)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return parser.parse_args(argv)
+
+
+def run(argv, scene, log=print) -> int:
+    import slicer
+    from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image, table_column
+    args = parse(argv)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    core = AbdomenSegCore(scene, log=log)
+    cases, _ = expand_inputs(args.input)
+    rows, failures = [], []
+    for index, (name, path) in enumerate(cases, start=1):
+        target = out_dir / f"{name}.seg.nrrd"
+        if target.exists() and not args.overwrite:
+            log(f"[{index}/{len(cases)}] {name}: {target} exists, skipped")
+            continue
+        start = time.time()
+        nodes = []
+        try:
+            volume = scalar_volume_node_from_image(scene, read_image(path), name)
+            nodes.append(volume)
+            seg = core.segment(volume, model=args.model, device=args.device)
+            nodes.append(seg)
+            _write_segmentation(scene, seg, target)
+            if args.reference:
+                ref_path = find_reference(Path(args.reference), name)
+                if ref_path is None:
+                    log(f"[{index}/{len(cases)}] {name}: no reference found, metrics skipped")
+                else:
+                    reference = labelmap_node_from_image(scene, read_image(ref_path), f"{name} reference")
+                    nodes.append(reference)
+                    table = core.compare_with_reference(seg, reference, volume_node=volume,
+                                                        reference_convention=args.reference_labels)
+                    nodes.append(table)
+                    rows += _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
+            log(f"[{index}/{len(cases)}] {name} -> {target} ({time.time() - start:.1f} s)")
+        except AbdomenSegError as exc:
+            failures.append(name)
+            log(f"[{index}/{len(cases)}] {name}: error: {exc}")
+        finally:
+            for node in nodes:  # keep memory flat over long batches
+                scene.RemoveNode(node)
+    if rows:
+        write_csv(rows, out_dir / "metrics.csv")
+        log(f"metrics: {out_dir / 'metrics.csv'}")
+    if failures:
+        log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
+    return 1 if failures else 0
+
+
+def _write_segmentation(scene, segmentation_node, path):
+    import os
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    tmp = path.with_name(".part-" + path.name)  # atomic: never leave a half-written .seg.nrrd
+    storage.SetFileName(str(tmp))
+    try:
+        if not storage.WriteData(segmentation_node):
+            raise AbdomenSegError(f"could not write '{path}'", "check that the output folder is writable")
+        os.replace(tmp, path)
+    finally:
+        scene.RemoveNode(storage)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _table_rows(table, case, model):
+    from .slicer_logic import COLUMN_TITLES, table_column
+    columns = {key: table_column(table, title) for key, title in COLUMN_TITLES.items()}
+    count = len(columns["organ"])
+    return [{"case": case, "model": model or "", **{k: v[i] for k, v in columns.items() if v is not None and k != "model"}}
+            for i in range(count)]
