@@ -50,3 +50,16 @@ def tiny_package(tmp_path_factory):
 def default_card():
     from AbdomenSegLib.models import find_model
     return find_model()
+
+
+def write_phantom_dataset(root: Path, cases: int = 2, ref_suffix: str = ".nii.gz"):
+    """images/ and refs/ folders of small phantom cases (CT in HU + organ labels); returns both folders."""
+    import SimpleITK as sitk
+    from AbdomenSegLib.phantom import make_phantom
+    images, refs = root / "images", root / "refs"
+    images.mkdir(), refs.mkdir()
+    for i in range(cases):
+        ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0), seed=i)
+        sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
+        sitk.WriteImage(labels, str(refs / f"case{i}{ref_suffix}"))
+    return images, refs

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from AbdomenSegLib.cli import main
 from AbdomenSegLib.phantom import make_phantom
 
-from conftest import ROOT, shared
+from conftest import ROOT, shared, write_phantom_dataset
 
 
 @pytest.fixture()
@@ -44,12 +44,8 @@ def test_segment_then_evaluate(phantom_files, tiny_package, capsys):
 
 
 def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys):
-    images, refs, outs = tmp_path / "images", tmp_path / "refs", tmp_path / "out"
-    images.mkdir(), refs.mkdir()
-    for i in range(2):
-        ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 12.0), seed=i)
-        sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
-        sitk.WriteImage(labels, str(refs / f"case{i}.nrrd"))
+    images, refs = write_phantom_dataset(tmp_path, ref_suffix=".nrrd")
+    outs = tmp_path / "out"
     args = ["segment", str(images), str(outs), "--model", str(tiny_package.path)]
     assert main(args) == 0
     assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]

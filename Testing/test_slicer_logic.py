@@ -10,7 +10,7 @@ from AbdomenSegLib.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.organs import BY_LABEL, BY_NAME  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom, rotation  # noqa: E402
 
-from conftest import shared  # noqa: E402
+from conftest import shared, write_phantom_dataset  # noqa: E402
 
 
 @pytest.fixture()
@@ -186,12 +186,8 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
 
 def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
-    images, refs, out = tmp_path / "images", tmp_path / "refs", tmp_path / "out"
-    images.mkdir(), refs.mkdir()
-    for i in range(2):
-        ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0), seed=i)
-        sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
-        sitk.WriteImage(labels, str(refs / f"case{i}.nii.gz"))
+    images, refs = write_phantom_dataset(tmp_path)
+    out = tmp_path / "out"
     (images / "broken.nii.gz").write_text("not an image")
     code = run(["--input", str(images), "--output", str(out), "--reference", str(refs),
                 "--model", str(tiny_package.path), "--device", "cpu"], scene, log=lambda m: None)
