@@ -262,9 +262,11 @@ class Trainer:
         self.rng_state = state["rng"]
         self.log(f"resumed at step {self.step} (best mean Dice {self.best:.3f})")
 
-    def run(self, resume: bool = False, progress=None):
+    def run(self, resume: bool = False, progress=None, stop_at: int | None = None):
+        """Train to config steps (or stop early at `stop_at`, as an interruption would; resume continues)."""
         import torch
         from safetensors.torch import save_file
+        from monai.utils import set_determinism
         from torch.utils.tensorboard import SummaryWriter
 
         t = self.config["train"]
@@ -274,12 +276,13 @@ class Trainer:
         writer = SummaryWriter(str(self.out_dir / "tb"))
         self.network.train()
         start = time.time()
-        while self.step < t["steps"]:
+        while self.step < min(t["steps"], stop_at or t["steps"]):
             # A fresh generator per step, seeded by (seed, step): a resumed run draws the same
             # cases as an uninterrupted one.
             rng = np.random.default_rng([self.rng_state, self.step])
-            from monai.utils import set_determinism
-            set_determinism(seed=int(t["seed"]) * 100003 + self.step)
+            step_seed = (int(t["seed"]) * 100003 + self.step) % (2 ** 31)
+            set_determinism(seed=step_seed)
+            self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
             x, y = self._batch(rng)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
@@ -307,6 +310,8 @@ class Trainer:
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
                               str(self.out_dir / "best.safetensors"))
                 self.save_checkpoint()
+        if self.step % t["val_every"]:
+            self.save_checkpoint()
         writer.close()
         return self.history
 

@@ -57,7 +57,7 @@ def write_phantom_dataset(root: Path, cases: int = 2, ref_suffix: str = ".nii.gz
     import SimpleITK as sitk
     from AbdomenSegLib.phantom import make_phantom
     images, refs = root / "images", root / "refs"
-    images.mkdir(), refs.mkdir()
+    images.mkdir(parents=True), refs.mkdir(parents=True)
     for i in range(cases):
         ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0), seed=i)
         sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
