@@ -6,7 +6,7 @@ import or in setup(), so Slicer's generic module tests pass without PyTorch inst
 """
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import slicer
 import vtk
@@ -44,7 +44,7 @@ class AbdomenSeg(ScriptedLoadableModule):
 class AbdomenSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
-    referenceNode: Optional[slicer.vtkMRMLNode] = None
+    referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
     model: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     largestComponent: bool = False
@@ -289,14 +289,12 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
             self.delayDisplay("PyTorch is not installed: skipping the segmentation self-test")
             return
         from AbdomenSegLib.phantom import make_phantom
-        from AbdomenSegLib.slicer_logic import labelmap_node_from_image, volume_node_to_image
+        from AbdomenSegLib.slicer_logic import scalar_volume_node_from_image, segmentation_to_labels
         ct, _labels = make_phantom()
-        tmp = labelmap_node_from_image(slicer.mrmlScene, ct, "phantom")
-        volume = slicer.modules.volumes.logic().CloneVolumeGeneric(slicer.mrmlScene, tmp, "synthetic phantom CT",
-                                                                   "vtkMRMLScalarVolumeNode")
-        slicer.mrmlScene.RemoveNode(tmp)
+        volume = scalar_volume_node_from_image(slicer.mrmlScene, ct, "synthetic phantom CT")
         seg = AbdomenSegLogic().segment(volume, device="cpu")
         self.assertIsNotNone(seg)
-        geometry = volume_node_to_image(volume)
-        self.assertEqual(geometry.GetSize(), ct.GetSize())
+        labels = segmentation_to_labels(slicer.mrmlScene, seg, volume)
+        self.assertEqual(labels.GetSize(), ct.GetSize())
+        self.assertEqual(labels.GetDirection(), ct.GetDirection())
         self.delayDisplay("AbdomenSeg self-test passed")
