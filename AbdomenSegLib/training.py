@@ -35,6 +35,7 @@ DEFAULT_CONFIG = {
     "train": {"steps": 2000, "batch_size": 2, "patch": [64, 96, 96], "lr": 2e-3, "optimizer": "adamw",
               "scheduler": "poly", "step_decay": {"every": 1000, "gamma": 0.5}, "weight_decay": 1e-5,
               "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
+              "init_from": None,
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
                           "intensity_prob": 0.5}},
 }
@@ -142,6 +143,8 @@ class Trainer:
 
         t, m = self.config["train"], self.config["model"]
         self.network = build_network(m["architecture"], 1, self.channels).to(self.device)
+        if t.get("init_from"):
+            self._init_from(t["init_from"])
         params = self.network.parameters()
         opt = t["optimizer"]
         if opt == "adam":
@@ -177,6 +180,16 @@ class Trainer:
         self.history = []
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def _init_from(self, package_dir):
+        """Start from an exported package's weights (same architecture and organs), sha256-checked."""
+        from .models import load_network, read_card
+        card = read_card(package_dir)
+        if card["architecture"] != self.config["model"]["architecture"] or list(card["labels"].values()) != self.organs:
+            raise AbdomenSegError(f"train.init_from '{package_dir}' has another architecture or organ list",
+                                  "initialise only from a package trained with the same model settings")
+        self.network.load_state_dict(load_network(card, "cpu").state_dict())
+        self.log(f"initialised from {card.name}")
 
     def _transforms(self):
         from monai import transforms as T

@@ -62,6 +62,20 @@ def test_export_gives_a_package_that_segments(tmp_path):
     assert out.GetSize() == image.GetSize()
 
 
+def test_init_from_a_package_starts_from_its_weights(tmp_path):
+    import torch
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=10)
+    card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
+    config["train"]["init_from"] = str(card.path)
+    trainer = Trainer(config, tmp_path / "run2", log=lambda m: None)
+    from AbdomenSegLib.models import load_network
+    for key, value in load_network(card).state_dict().items():
+        assert torch.equal(value, trainer.network.state_dict()[key])
+    config["model"]["organs"] = ["liver"]
+    with pytest.raises(AbdomenSegError, match="another architecture or organ list"):
+        Trainer(config, tmp_path / "run3", log=lambda m: None)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"train": {"optimizer": "lion"}}, "train.optimizer"),
     ({"train": {"patch": [20, 32, 32]}}, "multiple of 16"),
