@@ -66,9 +66,8 @@ def get_segmenter(model=None, device="auto", log=print) -> "Segmenter":
 
 class Segmenter:
     def __init__(self, card: ModelCard, device: str = "cpu", log=print):
-        if card["dimensions"] != 3:
-            raise AbdomenSegError(f"model '{card.name}' is a {card['dimensions']}D model",
-                                  "this version runs 3D models; choose a 3D model from `python -m AbdomenSegLib models`")
+        if card["dimensions"] not in (2, 3):
+            raise AbdomenSegError(f"model '{card.name}' has dimensions {card['dimensions']}", "use a 2D or 3D model package")
         self.card, self.device, self.log = card, device, log
         self.network = load_network(card, device)
         self.timings = Timings(device=device)
@@ -105,15 +104,22 @@ class Segmenter:
     def _infer(self, array, options, progress, cancel):
         """Softmax probabilities (C, z, y, x) for the cropped model-space array."""
         import torch
+        run = self._sliding_window if self.card["dimensions"] == 3 else self._slice_wise
         try:
-            return self._sliding_window(array, options, progress, cancel, self.device)
+            return run(array, options, progress, cancel, self.device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             self.log("The GPU ran out of memory for this volume; finishing on the CPU instead "
                      "(slower). Close other GPU programs or use a smaller model to stay on the GPU.")
             self.network = self.network.to("cpu")
             self.device = self.timings.device = "cpu"
-            return self._sliding_window(array, options, progress, cancel, "cpu")
+            return run(array, options, progress, cancel, "cpu")
+
+    def _slice_wise(self, array, options, progress, cancel, device):
+        from .networks import divisor
+        batch = int(self.card.get("inference", {}).get("batch_size", 8))
+        return slice_probabilities(self.network, array, self.card.in_channels, divisor(self.card["architecture"]),
+                                   batch, device, progress, cancel)
 
     def _sliding_window(self, array, options, progress, cancel, device):
         import torch
@@ -235,6 +241,34 @@ class Segmenter:
         if options.fill_holes:
             postprocess.fill_holes(labels)
         return labels
+
+
+def slice_probabilities(network, array, in_channels, multiple, batch, device, progress=None, cancel=None):
+    """2D models: softmax (C, z, y, x) over axial slices in batches; 2.5D models see `in_channels`
+    neighbouring slices (edges replicated). channels_last on CPU is ~1.4x faster for 2D convolutions."""
+    import torch
+    context = in_channels // 2
+    padded, unpad = pad_to_multiple(array, [multiple] * 2)
+    stack = np.pad(padded, ((context, context), (0, 0), (0, 0)), mode="edge")
+    channels_last = device == "cpu"
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    slices, out = padded.shape[0], None
+    use_amp = device == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu", enabled=use_amp):
+        for start in range(0, slices, batch):
+            _check_cancel(cancel)
+            stop = min(start + batch, slices)
+            x = torch.as_tensor(np.stack([stack[z:z + 2 * context + 1] for z in range(start, stop)]), device=device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            probabilities = torch.softmax(network(x).float(), dim=1)
+            if out is None:
+                out = np.empty((probabilities.shape[1],) + padded.shape, dtype=np.float32)
+            out[:, start:stop] = probabilities.permute(1, 0, 2, 3).cpu().numpy()
+            if progress:
+                progress(0.05 + 0.85 * stop / slices, f"segmenting slices {stop}/{slices}")
+    return out[(slice(None),) + unpad]
 
 
 def _check_cancel(cancel):

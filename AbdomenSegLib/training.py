@@ -77,16 +77,21 @@ def load_config(source) -> dict:
     if not config["data"]["root"] or not Path(config["data"]["root"]).is_dir():
         raise AbdomenSegError(f"config data.root '{config['data']['root']}' is not a folder",
                               "set data.root to a dataset with images/ and labels/")
-    if config["model"]["dimensions"] != 3:
-        raise AbdomenSegError("only 3D training is available in this version (model.dimensions = 3)",
-                              "set model.dimensions to 3")
+    dims, arch = config["model"]["dimensions"], config["model"]["architecture"]["class"]
+    from .networks import MONAI_3D, SMP_2D
+    if dims not in (2, 3) or arch not in (MONAI_3D if dims == 3 else SMP_2D):
+        raise AbdomenSegError(f"model.dimensions {dims} does not fit architecture '{arch}'",
+                              f"3D: {', '.join(MONAI_3D)} (MONAI); 2D: {', '.join(SMP_2D)} (segmentation-models-pytorch)")
     unknown = [o for o in config["model"]["organs"] if o not in BY_NAME]
     if unknown:
         raise AbdomenSegError(f"config model.organs names unknown organs {unknown}", f"use: {', '.join(BY_NAME)}")
     patch = config["train"]["patch"]
-    if len(patch) != 3 or any(p % 16 for p in patch):
+    if dims == 3 and (len(patch) != 3 or any(p % 16 for p in patch)):
         raise AbdomenSegError(f"config train.patch {patch} must be 3 sizes, each a multiple of 16",
                               "e.g. [64, 96, 96] (z, y, x voxels)")
+    if dims == 2 and (len(patch) != 3 or patch[0] % 2 == 0 or any(p % 32 for p in patch[1:])):
+        raise AbdomenSegError(f"config train.patch {patch} for a 2D model must be [slices, height, width]",
+                              "slices odd (1 = 2D, 3 or 5 = 2.5D input channels), height and width multiples of 32")
     return config
 
 
@@ -142,7 +147,9 @@ class Trainer:
         from .networks import build_network
 
         t, m = self.config["train"], self.config["model"]
-        self.network = build_network(m["architecture"], 1, self.channels).to(self.device)
+        self.dimensions = m["dimensions"]
+        self.in_channels = t["patch"][0] if self.dimensions == 2 else 1
+        self.network = build_network(m["architecture"], self.in_channels, self.channels).to(self.device)
         if t.get("init_from"):
             self._init_from(t["init_from"])
         params = self.network.parameters()
@@ -236,6 +243,9 @@ class Trainer:
             samples = self.transform(item)
         x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
         y = torch.stack([torch.as_tensor(s["label"]).long() for s in samples])
+        if self.dimensions == 2:  # (B, 1, slices, H, W): slices become channels, the centre slice the target
+            centre = self.in_channels // 2
+            x, y = x[:, 0], y[:, :, centre]
         return x.to(self.device), y.to(self.device)
 
     def validate(self) -> dict:
@@ -246,10 +256,18 @@ class Trainer:
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.use_amp):
             for name in self.val_names:
                 image, label = self.cases[name]
-                x = torch.as_tensor(image[None, None].astype(np.float32) / 255.0, device=self.device)
-                logits = sliding_window_inference(x, self.config["train"]["patch"], 2, self.network,
-                                                  overlap=0.25, mode="gaussian")
-                pred = logits.argmax(1)[0].cpu().numpy()
+                if self.dimensions == 2:
+                    from .inference import slice_probabilities
+                    from .networks import divisor
+                    pred = slice_probabilities(self.network, image.astype(np.float32) / 255.0, self.in_channels,
+                                               divisor(self.config["model"]["architecture"]), 16,
+                                               self.device.type).argmax(0)
+                    self.network = self.network.to(memory_format=torch.contiguous_format)
+                else:
+                    x = torch.as_tensor(image[None, None].astype(np.float32) / 255.0, device=self.device)
+                    logits = sliding_window_inference(x, self.config["train"]["patch"], 2, self.network,
+                                                      overlap=0.25, mode="gaussian")
+                    pred = logits.argmax(1)[0].cpu().numpy()
                 scores.append(dice_per_channel(pred, label, self.channels))
         self.network.train()
         mean = np.nanmean(np.array(scores, dtype=np.float64), axis=0)
@@ -333,11 +351,12 @@ class Trainer:
         best = max(self.history, key=lambda h: np.nanmean(list(h["dice"].values()))) if self.history else {}
         card = {
             "name": c["name"], "title": c["title"] or c["name"], "version": "1.0.0",
-            "dimensions": m["dimensions"], "framework": "monai", "architecture": m["architecture"],
-            "in_channels": 1, "modality": m["modality"],
+            "dimensions": m["dimensions"], "framework": "monai" if m["dimensions"] == 3 else "segmentation-models-pytorch",
+            "architecture": m["architecture"], "in_channels": self.in_channels, "modality": m["modality"],
             "labels": {str(i): organ for i, organ in enumerate(self.organs, start=1)},
             "spacing": m["spacing"], "orientation": "LPS", "intensity": m["intensity"],
-            "inference": {"roi_size": c["train"]["patch"], "overlap": 0.25, "mode": "gaussian"},
+            "inference": ({"roi_size": c["train"]["patch"], "overlap": 0.25, "mode": "gaussian"} if m["dimensions"] == 3
+                          else {"batch_size": 8}),
             "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
                          "train_cases": self.train_names, "validation_cases": self.val_names,
                          "config": c, "best_step": best.get("step"), "steps": self.step},

@@ -10,14 +10,14 @@ from AbdomenSegLib.training import Trainer, load_config, train_and_export
 from conftest import write_phantom_dataset
 
 
-def _config(root, cache, steps, **train):
+def _config(root, cache, steps, model=None, **train):
     images, refs = write_phantom_dataset(root, cases=3) if not (root / "images").exists() else (root / "images", root / "refs")
     if not (root / "labels").exists():
         refs.rename(root / "labels")
     return load_config({
         "name": "tiny-train", "data": {"root": str(root), "convention": "abdomenseg", "val_count": 1, "cache": str(cache)},
         "model": {"architecture": {"class": "UNet", "args": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
-                  "spacing": [8.0, 8.0, 14.0], "organs": ["liver", "spleen", "kidney_right", "kidney_left"]},
+                  "spacing": [8.0, 8.0, 14.0], "organs": ["liver", "spleen", "kidney_right", "kidney_left"], **(model or {})},
         "train": {"steps": steps, "patch": [16, 32, 32], "lr": 0.01, "val_every": 10, "threads": 2,
                   "augment": {"affine_prob": 0.0}, **train},
     })
@@ -32,6 +32,22 @@ def test_tiny_model_learns(tmp_path):
     first, last = history[0]["dice"], history[-1]["dice"]
     assert last["liver"] > 0.7 and last["liver"] > first["liver"] + 0.2  # chance-level Dice is far lower
     assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_tiny_2d_model_learns_and_exports(tmp_path):
+    from AbdomenSegLib.inference import Segmenter
+    from AbdomenSegLib.io import read_image
+    model = {"dimensions": 2, "architecture": {"class": "Unet", "args": {
+        "encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
+        "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "clahe"}}
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=40, model=model, patch=[3, 32, 32],
+                     batch_size=8, lr=0.005)
+    card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
+    history = card["training"]["history"]
+    assert history[-1]["dice"]["liver"] > 0.6 and history[-1]["dice"]["liver"] > history[0]["dice"]["liver"]
+    assert card["dimensions"] == 2 and card["in_channels"] == 3
+    image = read_image(tmp_path / "data" / "images" / "case0.nii.gz")
+    assert Segmenter(card, "cpu").segment(image).GetSize() == image.GetSize()
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -79,6 +95,8 @@ def test_init_from_a_package_starts_from_its_weights(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"train": {"optimizer": "lion"}}, "train.optimizer"),
     ({"train": {"patch": [20, 32, 32]}}, "multiple of 16"),
+    ({"model": {"dimensions": 2}}, "does not fit architecture"),
+    ({"model": {"dimensions": 2, "architecture": {"class": "Unet"}}, "train": {"patch": [2, 64, 64]}}, "slices odd"),
     ({"model": {"organs": ["liver", "appendix"]}}, "unknown organs"),
     ({"data": {"root": "/nonexistent"}}, "is not a folder"),
     ({"trian": {}}, "unknown config key 'trian'"),
