@@ -160,6 +160,18 @@ def _phantom(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import run_comparison
+    summary = run_comparison([m.strip() for m in args.models.split(",")], args.data, args.labels, args.out,
+                             cases=args.cases.split(",") if args.cases else None, cases_from=args.cases_from,
+                             input_intensity=args.input_intensity, device=args.device, overwrite=args.overwrite,
+                             log=_log)
+    from .compare import markdown_table
+    print(markdown_table(summary))
+    _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
+    return 0
+
+
 def _train(args) -> int:
     from .training import train_and_export
     train_and_export(args.config, out=args.out, device=args.device, resume=args.resume,
@@ -198,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="", help="value of the CSV's model column")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
+    p.add_argument("--models", required=True, help="comma-separated model names or package folders")
+    p.add_argument("--data", required=True, help="dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
+    p.add_argument("--labels", required=True, help="label convention of the dataset: abdomenseg, btcv, chaos, totalseg")
+    p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--cases-from", help="use this model's validation split (recorded in its card)")
+    p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("models", help="list installed models with their metadata")
     p.add_argument("--json", action="store_true", help="print the full model cards as JSON")

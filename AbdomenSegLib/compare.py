@@ -1,0 +1,101 @@
+"""Compare models on the same cases: one metrics CSV, a model x organ table (CSV + Markdown), a box plot."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .datasets import find_cases
+from .errors import AbdomenSegError
+from .inference import Options, get_segmenter
+from .io import read_image
+from .metrics import evaluate, summarize, write_csv
+from .models import find_model
+
+OUTPUTS = ("metrics.csv", "comparison.csv", "comparison.md", "dice_boxplot.png")
+
+
+def select_cases(data_root, cases=None, cases_from=None) -> list:
+    """Dataset cases to use: all, a named list, or a model card's validation split."""
+    available = find_cases(data_root)
+    wanted = list(cases or [])
+    if cases_from:
+        wanted += find_model(cases_from)["training"]["validation_cases"]
+    if not wanted:
+        return available
+    by_name = {c[0]: c for c in available}
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise AbdomenSegError(f"cases {missing} are not in '{data_root}'", "check --cases / --cases-from")
+    return [by_name[w] for w in sorted(set(wanted))]
+
+
+def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_from=None,
+                   input_intensity="native", device="auto", overwrite=False, log=print) -> list:
+    out_dir = Path(out_dir)
+    existing = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise AbdomenSegError(f"{', '.join(existing)} already exist in '{out_dir}'", "pass --overwrite or choose another --out")
+    selected = select_cases(data_root, cases, cases_from)
+    rows = []
+    for model in models:
+        segmenter = get_segmenter(model, device, log=log)
+        organs = list(segmenter.card["labels"].values())
+        for index, (name, image_path, label_path) in enumerate(selected, start=1):
+            prediction = segmenter.segment(read_image(image_path), Options(input_intensity=input_intensity))
+            rows += evaluate(prediction, read_image(label_path), reference_convention=convention, organs=organs,
+                             case=name, model=segmenter.card.name)
+            log(f"{segmenter.card.name}: [{index}/{len(selected)}] {name}")
+    summary = summarize(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "metrics.csv")
+    write_csv(summary, out_dir / "comparison.csv")
+    _atomic_text(out_dir / "comparison.md", markdown_table(summary))
+    box_plot(rows, out_dir / "dice_boxplot.png")
+    return summary
+
+
+def markdown_table(summary) -> str:
+    lines = ["| model | organ | cases | Dice | IoU | HD95 (mm) | surface Dice |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['model']} | {s['organ']} | {s['cases']} | {s['dice_mean']:.3f} ± {s['dice_std']:.3f} | "
+                     f"{s['iou_mean']:.3f} ± {s['iou_std']:.3f} | {s['hd95_mm_mean']:.1f} ± {s['hd95_mm_std']:.1f} | "
+                     f"{s['surface_dice_mean']:.3f} ± {s['surface_dice_std']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def box_plot(rows, path):
+    """Dice per organ, one box per model (organs absent from both maps left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["status"] != "absent_both"]
+    models = sorted({r["model"] for r in rows})
+    organs = list(dict.fromkeys(r["organ"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(organs) * len(models) * 0.45), 4.5))
+    width = 0.8 / len(models)
+    for m, model in enumerate(models):
+        data = [[r["dice"] for r in rows if r["model"] == model and r["organ"] == o] or [float("nan")] for o in organs]
+        positions = [i + (m - (len(models) - 1) / 2) * width for i in range(len(organs))]
+        boxes = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, manage_ticks=False)
+        for box in boxes["boxes"]:
+            box.set_facecolor(f"C{m}")
+        ax.plot([], [], color=f"C{m}", linewidth=8, label=model)
+    ax.set_xticks(range(len(organs)), organs, rotation=45, ha="right")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
