@@ -117,8 +117,10 @@ class Trainer:
         import torch
         from monai.utils import set_determinism
 
-        self.config, self.out_dir, self.log = config, Path(out_dir), log
+        self.config, self.out_dir = config, Path(out_dir)
         self.device = torch.device(device)
+        self._init_distributed()
+        self.log = log if self.rank == 0 else (lambda message: None)
         t = config["train"]
         torch.set_num_threads(int(t["threads"]))
         set_determinism(seed=t["seed"])
@@ -129,12 +131,35 @@ class Trainer:
         self._load_data()
         self._build()
 
+    def _init_distributed(self):
+        """Under torchrun (WORLD_SIZE > 1): one process per device, gradients averaged by DDP."""
+        import os
+        import torch
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+
+    def _barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
     def _load_data(self):
         from .datasets import build_cache, split_cases
         d, m = self.config["data"], self.config["model"]
         cache_path = Path(d["cache"].format(name=self.config["name"]))
+        if self.rank != 0:
+            self._barrier()  # rank 0 builds the cache file first; the others then read it
         arrays = build_cache(d["root"], cache_path, spacing=m["spacing"], intensity=m["intensity"],
                              convention=d["convention"], input_intensity=d["input_intensity"], log=self.log)
+        if self.rank == 0:
+            self._barrier()
         names = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("image/"))
         self.train_names, self.val_names = split_cases(names, d["val_count"], d["seed"])
         lut = _channel_lut(self.organs)
@@ -152,6 +177,11 @@ class Trainer:
         self.network = build_network(m["architecture"], self.in_channels, self.channels).to(self.device)
         if t.get("init_from"):
             self._init_from(t["init_from"])
+        self.trainable = self.network
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.trainable = DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = self.network.parameters()
         opt = t["optimizer"]
         if opt == "adam":
@@ -304,25 +334,27 @@ class Trainer:
         self.rng_state = int(t["seed"])
         if resume and (self.out_dir / "checkpoint.pt").is_file():
             self.load_checkpoint()
-        writer = SummaryWriter(str(self.out_dir / "tb"))
+        writer = SummaryWriter(str(self.out_dir / "tb")) if self.rank == 0 else None
         self.network.train()
         start = time.time()
         while self.step < min(t["steps"], stop_at or t["steps"]):
             # A fresh generator per step, seeded by (seed, step): a resumed run draws the same
             # cases as an uninterrupted one.
-            rng = np.random.default_rng([self.rng_state, self.step])
-            step_seed = (int(t["seed"]) * 100003 + self.step) % (2 ** 31)
+            rng = np.random.default_rng([self.rng_state, self.step, self.rank])  # each rank its own samples
+            step_seed = (int(t["seed"]) * 100003 + self.step * 97 + self.rank) % (2 ** 31)
             set_determinism(seed=step_seed)
             self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
             x, y = self._batch(rng)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                loss = self.loss(self.network(x), y)
+                loss = self.loss(self.trainable(x), y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
+            if self.rank != 0:
+                continue  # validation, logs and checkpoints are rank 0's
             writer.add_scalar("loss/train", float(loss), self.step)
             if progress:
                 progress(self.step, t["steps"], float(loss))
@@ -341,9 +373,11 @@ class Trainer:
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
                               str(self.out_dir / "best.safetensors"))
                 self.save_checkpoint()
-        if self.step % t["val_every"]:
-            self.save_checkpoint()
-        writer.close()
+        if self.rank == 0:
+            if self.step % t["val_every"]:
+                self.save_checkpoint()
+            writer.close()
+        self._barrier()
         return self.history
 
     def card(self, extra: dict | None = None) -> dict:
@@ -423,6 +457,11 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     else:
         trainer.run(resume=resume, progress=lambda s, n, l: (s % 20 == 0 or s == n) and log(
             f"step {s}/{n} loss {l:.4f} ({time.time() - start:.0f} s)"))
+    if trainer.world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+        if trainer.rank != 0:
+            return None  # rank 0 exports and validates
     network = trainer.best_network()
     history = trainer.history
     hardware = (torch.cuda.get_device_name(0) if device == "cuda"

@@ -107,3 +107,20 @@ def test_config_errors_are_clear(tmp_path, change, message):
         base[key] = {**base.get(key, {}), **value}
     with pytest.raises(AbdomenSegError, match=message):
         load_config(base)
+
+
+def test_torchrun_ddp_without_code_changes(tmp_path):
+    """Two processes under PyTorch's own launcher (gloo on CPU; NCCL on GPUs): trains, exports once."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=6, val_every=3)
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "AbdomenSegLib", "train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
+                             "--device", "cpu", "--export", str(tmp_path / "models")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((tmp_path / "models" / "tiny-train" / "card.json").read_text())
+    assert [h["step"] for h in card["training"]["history"]] == [3, 6]
+    assert result.stdout.count("exported") == 1  # only rank 0 exports
