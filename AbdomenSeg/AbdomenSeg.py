@@ -9,7 +9,6 @@ import sys
 from typing import Annotated, Optional, Union
 
 import slicer
-import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import AbdomenSegError
-from .organs import BY_LABEL, BY_NAME, CONVENTIONS, convert_labels
+from .organs import BY_NAME, CONVENTIONS, convert_labels
 from .preprocess import bounding_box, resample_to_reference
 
 FIELDS = ("case", "model", "organ", "label", "status", "dice", "iou", "hd95_mm", "assd_mm", "surface_dice",

@@ -13,7 +13,7 @@ from pathlib import Path
 from .batch import expand_inputs, find_reference
 from .errors import AbdomenSegError
 from .io import read_image
-from .metrics import FIELDS, write_csv
+from .metrics import write_csv
 
 
 def parse(argv):
@@ -29,8 +29,7 @@ def parse(argv):
 
 
 def run(argv, scene, log=print) -> int:
-    import slicer
-    from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image, table_column
+    from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image
     args = parse(argv)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import vtk
 
 from .errors import AbdomenSegError
-from .metrics import FIELDS, METRIC_UNITS, evaluate
+from .metrics import METRIC_UNITS, evaluate
 from .organs import BY_LABEL, BY_NAME, organ_from_name
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -478,7 +477,7 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     log(f"exported {target}; validating on {card['training']['validation_cases']}")
     card.data["validation"] = validate_package(card, config, log=log)
     card.data["timing"] = {"cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
-                           "cpu_note": "per validation case (~150x150x150 model-space voxels), 2-core CPU",
+                           "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
                            "gpu_seconds": None}
     (target / "card.json").write_text(json.dumps(card.data, indent=2) + "\n")
     log("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.data["validation"]["dice"].items()))

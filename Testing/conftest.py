@@ -1,4 +1,5 @@
 """Shared fixtures. Real data from ../shared/data when present; tests needing it skip otherwise."""
+import functools
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,26 @@ def tiny_package(tmp_path_factory):
     }
     models = tmp_path_factory.mktemp("models")
     return export_package(net, card, models / "tiny-test", register_in=models, make_default=True)
+
+
+@functools.lru_cache(maxsize=None)
+def validation_rows(name: str) -> tuple:
+    """A shipped model's card protocol re-run: full pipeline on its untouched validation files (cached per session)."""
+    from AbdomenSegLib.inference import Options, get_segmenter
+    from AbdomenSegLib.io import read_image
+    from AbdomenSegLib.metrics import evaluate
+    from AbdomenSegLib.models import find_model
+    card = find_model(name)
+    data = card["training"]["config"]["data"]
+    root = shared(data["root"].split("/")[-1])
+    segmenter = get_segmenter(card, "cpu", log=lambda m: None)
+    rows = []
+    for case in card["training"]["validation_cases"]:
+        image = read_image(next((root / "images").glob(f"{case}.*")))
+        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"]))
+        rows += evaluate(prediction, read_image(next((root / "labels").glob(f"{case}.*"))),
+                         reference_convention=data["convention"], organs=list(card["labels"].values()), case=case)
+    return tuple(rows)
 
 
 @pytest.fixture(scope="session")

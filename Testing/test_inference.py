@@ -105,7 +105,6 @@ def test_cuda_requested_without_gpu_runs_on_cpu():
 
 def test_back_resampling_reconstructs_fine_organs(segmenter):
     """Known coarse probabilities -> fine input grid: smooth (linear, per organ box) beats nearest."""
-    from scipy import ndimage
     from AbdomenSegLib.pipeline import to_model_space
     from AbdomenSegLib.preprocess import resample_to_reference
     ct, labels = make_phantom(size=(120, 100, 40), spacing=(3.2, 3.2, 8.0), direction=rotation("z", 10))

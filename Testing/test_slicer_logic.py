@@ -7,7 +7,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt
 
 from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.metrics import evaluate  # noqa: E402
-from AbdomenSegLib.organs import BY_LABEL, BY_NAME  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom, rotation  # noqa: E402
 
 from conftest import shared, write_phantom_dataset  # noqa: E402

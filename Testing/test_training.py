@@ -52,7 +52,6 @@ def test_tiny_2d_model_learns_and_exports(tmp_path):
 
 def test_resume_continues_the_same_run(tmp_path):
     import torch
-    from safetensors.torch import load_file
     data, cache = tmp_path / "data", tmp_path / "cache.npz"
     straight = Trainer(_config(data, cache, steps=20), tmp_path / "a", log=lambda m: None)
     straight.run()

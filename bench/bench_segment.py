@@ -8,7 +8,6 @@ so its peak RSS belongs to that run alone.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
