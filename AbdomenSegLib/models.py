@@ -63,7 +63,11 @@ class ModelCard:
                 f"spacing {self.data['spacing']} mm\n"
                 f"  organs: {', '.join(self.data['labels'].values())}\n"
                 f"  validation Dice: {dice}\n"
-                f"  expected time: CPU {t.get('cpu_seconds', '?')} s, GPU {t.get('gpu_seconds', '?')} s")
+                f"  expected time: CPU {_seconds(t.get('cpu_seconds'))}, GPU {_seconds(t.get('gpu_seconds'))}")
+
+
+def _seconds(value) -> str:
+    return "not measured" if value is None else f"{value} s"
 
 
 def read_card(package_dir) -> ModelCard:
