@@ -405,30 +405,40 @@ class Trainer:
         return self.network.eval()
 
 
-def validate_package(card, config: dict, log=print) -> dict:
-    """Full-pipeline validation: segment each validation case from its original file, in its own grid."""
+def validation_rows(card, root=None, log=print) -> tuple[list, list]:
+    """The card's validation protocol: segment each validation case from its original file, in its own grid,
+    and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder."""
     from .datasets import find_cases
     from .inference import Options, Segmenter
     from .io import read_image
-    from .metrics import evaluate, summarize
+    from .metrics import evaluate
 
+    data = card["training"]["config"]["data"]
     val_names = set(card["training"]["validation_cases"])
     segmenter = Segmenter(card, "cpu", log=log)
     rows, seconds = [], []
-    for name, image_path, label_path in find_cases(config["data"]["root"]):
+    for name, image_path, label_path in find_cases(root or data["root"]):
         if name not in val_names:
             continue
         start = time.time()
-        prediction = segmenter.segment(read_image(image_path), Options(input_intensity=config["data"]["input_intensity"]))
+        prediction = segmenter.segment(read_image(image_path), Options(input_intensity=data["input_intensity"]))
         seconds.append(time.time() - start)
-        rows += evaluate(prediction, read_image(label_path), reference_convention=config["data"]["convention"],
+        rows += evaluate(prediction, read_image(label_path), reference_convention=data["convention"],
                          organs=list(card["labels"].values()), case=name, model=card.name)
         log(f"validated {name} ({seconds[-1]:.1f} s)")
+    return rows, seconds
+
+
+def validate_package(card, log=print) -> dict:
+    """Full-pipeline validation summary for the card (per-organ means over the validation cases)."""
+    from .metrics import summarize
+
+    rows, seconds = validation_rows(card, log=log)
     summary = {s["organ"]: s for s in summarize(rows)}
     return {
         "protocol": "full pipeline on the original validation files (input grid), never trained on; "
                     "mean over cases where the organ is present in prediction or reference",
-        "cases": sorted(val_names),
+        "cases": sorted(card["training"]["validation_cases"]),
         **{metric: {o: round(s[f"{metric}_mean"], 4) for o, s in summary.items()}
            for metric in ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice")},
         "dice_std": {o: round(s["dice_std"], 4) for o, s in summary.items()},
@@ -475,7 +485,7 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     target = Path(export_to) / config["name"] if export_to else out / "package"
     card = export_package(network, card_data, target, register_in=export_to, make_default=make_default)
     log(f"exported {target}; validating on {card['training']['validation_cases']}")
-    card.data["validation"] = validate_package(card, config, log=log)
+    card.data["validation"] = validate_package(card, log=log)
     card.data["timing"] = {"cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
                            "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
                            "gpu_seconds": None}

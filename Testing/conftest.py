@@ -49,22 +49,12 @@ def tiny_package(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def validation_rows(name: str) -> tuple:
-    """A shipped model's card protocol re-run: full pipeline on its untouched validation files (cached per session)."""
-    from AbdomenSegLib.inference import Options, get_segmenter
-    from AbdomenSegLib.io import read_image
-    from AbdomenSegLib.metrics import evaluate
+    """A shipped model's card protocol re-run on the untouched validation files (once per session and model)."""
     from AbdomenSegLib.models import find_model
+    from AbdomenSegLib.training import validation_rows as run_protocol
     card = find_model(name)
-    data = card["training"]["config"]["data"]
-    root = shared(data["root"].split("/")[-1])
-    segmenter = get_segmenter(card, "cpu", log=lambda m: None)
-    rows = []
-    for case in card["training"]["validation_cases"]:
-        image = read_image(next((root / "images").glob(f"{case}.*")))
-        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"]))
-        rows += evaluate(prediction, read_image(next((root / "labels").glob(f"{case}.*"))),
-                         reference_convention=data["convention"], organs=list(card["labels"].values()), case=case)
-    return tuple(rows)
+    root = shared(card["training"]["config"]["data"]["root"].split("/")[-1])
+    return tuple(run_protocol(card, root, log=lambda m: None)[0])
 
 
 @pytest.fixture(scope="session")
