@@ -129,8 +129,13 @@ class Segmenter:
         inf = self.card.get("inference", {})
         roi = list(inf.get("roi_size", [64, 96, 96]))
         overlap = options.overlap if options.overlap is not None else inf.get("overlap", 0.25)
-        padded, unpad = pad_to_multiple(array, [divisor(self.card["architecture"])] * 3, minimum=roi)
-        windows = _window_count(padded.shape, roi, overlap)
+        # No padding up to a multiple of the network's stride: every window is roi-sized already, and a slab
+        # of padding inside the last windows is context the network never saw in training (it cost MR liver
+        # Dice 0.82 -> 0.45 on a 36-slice volume padded to 48). A volume smaller than roi is padded by MONAI.
+        if any(r % divisor(self.card["architecture"]) for r in roi):
+            raise AbdomenSegError(f"model card roi_size {roi} is not a multiple of the network's stride "
+                                  f"{divisor(self.card['architecture'])}", "fix the card's inference.roi_size")
+        windows = _window_count([max(n, r) for n, r in zip(array.shape, roi)], roi, overlap)
         sw_batch = 2
         calls = math.ceil(windows / sw_batch)
         done = [0]
@@ -142,13 +147,13 @@ class Segmenter:
             progress(0.05 + 0.85 * done[0] / calls, f"segmenting ({done[0]}/{calls})")
             return out
 
-        x = torch.as_tensor(padded[None, None], device=device)
+        x = torch.as_tensor(np.ascontiguousarray(array)[None, None], device=device)
         use_amp = device == "cuda"
         with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu", enabled=use_amp):
             logits = sliding_window_inference(x, roi, sw_batch, predictor, overlap=overlap,
                                               mode=inf.get("mode", "gaussian"))
             probabilities = torch.softmax(logits.float(), dim=1)[0]
-        return probabilities.cpu().numpy()[(slice(None),) + unpad[-3:]]
+        return probabilities.cpu().numpy()
 
     def _to_input_grid(self, probabilities, space, reference, smooth):
         """Organ labels in `reference`'s grid from model-space probabilities of the cropped box."""

@@ -36,7 +36,7 @@ DEFAULT_CONFIG = {
               "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
               "init_from": None,
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
-                          "intensity_prob": 0.5}},
+                          "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0}},
 }
 CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "rmsprop", "sgd"),
@@ -225,6 +225,10 @@ class Trainer:
             raise AbdomenSegError(f"train.init_from '{package_dir}' has another architecture or organ list",
                                   "initialise only from a package trained with the same model settings")
         self.network.load_state_dict(load_network(card, "cpu").state_dict())
+        # The package directory may later be overwritten by this run's export: the card keeps the lineage.
+        self.initialised_from = {"name": card["name"], "sha256": card["sha256"],
+                                 "steps": card.get("training", {}).get("steps"),
+                                 "initialised_from": card.get("training", {}).get("initialised_from")}
         self.log(f"initialised from {card.name}")
 
     def _transforms(self):
@@ -250,6 +254,15 @@ class Trainer:
         if a["intensity_prob"] > 0:
             chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
                       T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]
+        # Scanner variety the 20 training scans do not show: coarser reconstructions (blur), other contrast
+        # phases and kernels (gamma), quantum noise. Off by default; the shipped CT configs turn them on.
+        if a["blur_prob"] > 0:
+            chain.append(T.RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0),
+                                               sigma_z=(0.25, 1.0), prob=a["blur_prob"]))
+        if a["contrast_prob"] > 0:
+            chain.append(T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=a["contrast_prob"]))
+        if a["noise_prob"] > 0:
+            chain.append(T.RandGaussianNoised("image", std=0.03, prob=a["noise_prob"]))
         return T.Compose(chain)
 
     def _indices(self, name):
@@ -348,6 +361,7 @@ class Trainer:
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 loss = self.loss(self.trainable(x), y)
             self.scaler.scale(loss).backward()
+            loss = loss.detach()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -392,7 +406,8 @@ class Trainer:
                           else {"batch_size": 8}),
             "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
                          "train_cases": self.train_names, "validation_cases": self.val_names,
-                         "config": c, "best_step": best.get("step"), "steps": self.step},
+                         "config": c, "best_step": best.get("step"), "steps": self.step,
+                         "initialised_from": getattr(self, "initialised_from", None)},
             "validation_model_space": best.get("dice", {}),
         }
         card.update(extra or {})

@@ -86,9 +86,36 @@ def test_init_from_a_package_starts_from_its_weights(tmp_path):
     from AbdomenSegLib.models import load_network
     for key, value in load_network(card).state_dict().items():
         assert torch.equal(value, trainer.network.state_dict()[key])
+    # The export may overwrite the package it started from: the new card keeps the lineage.
+    lineage = trainer.card()["training"]["initialised_from"]
+    assert lineage["sha256"] == card["sha256"] and lineage["steps"] == 10
     config["model"]["organs"] = ["liver"]
     with pytest.raises(AbdomenSegError, match="another architecture or organ list"):
         Trainer(config, tmp_path / "run3", log=lambda m: None)
+
+
+@pytest.mark.parametrize("option", ["blur_prob", "contrast_prob", "noise_prob"])
+def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option):
+    import torch
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1)
+    config["train"]["augment"]["intensity_prob"] = 0.0
+    plain = Trainer(config, tmp_path / "a", log=lambda m: None)
+    config["train"]["augment"][option] = 1.0
+    varied = Trainer(config, tmp_path / "b", log=lambda m: None)
+    for trainer in (plain, varied):
+        trainer.transform.set_random_state(seed=3)
+    x0, y0 = plain._batch(np.random.default_rng(0))
+    x1, y1 = varied._batch(np.random.default_rng(0))
+    assert torch.equal(y0, y1)  # same crops, labels untouched
+    assert torch.isfinite(x1).all() and (x1 - x0).abs().mean() > 0.005
+    roughness = lambda x: x.diff(dim=-1).abs().mean()
+    if option == "blur_prob":  # coarser reconstruction: neighbouring voxels differ less
+        assert roughness(x1) < 0.9 * roughness(x0)
+    elif option == "noise_prob":  # zero-mean noise of the configured strength
+        assert abs(float((x1 - x0).mean())) < 0.005 and 0.005 < float((x1 - x0).std()) <= 0.035  # std drawn in (0, 0.03]
+    else:  # gamma keeps the order of intensities (a monotone remap), so organ contrast keeps its sign
+        for a, b in zip(x0, x1):  # per sample: each crop draws its own gamma
+            assert torch.all(b.flatten()[a.flatten().argsort()].diff() >= -1e-5)
 
 
 @pytest.mark.parametrize("change,message", [
