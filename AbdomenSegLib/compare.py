@@ -1,14 +1,12 @@
 """Compare models on the same cases: one metrics CSV, a model x organ table (CSV + Markdown), a box plot."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .datasets import find_cases
 from .errors import AbdomenSegError
 from .inference import Options, get_segmenter
-from .io import read_image
+from .io import atomic_output, read_image
 from .metrics import evaluate, summarize, write_csv
 from .models import find_model
 
@@ -87,15 +85,11 @@ def box_plot(rows, path):
     ax.legend(loc="lower left", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _atomic_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)

@@ -6,6 +6,7 @@ never leaves a half-written file that a later `--overwrite`-less run would skip.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -83,6 +84,28 @@ def _squeeze_to_3d(image: sitk.Image, path) -> sitk.Image:
     return image
 
 
+@contextlib.contextmanager
+def atomic_output(path, suffix=""):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, else it is removed.
+
+    mkstemp creates files readable by their owner only; outputs get the permissions any new file would
+    (0666 minus the umask) so colleagues sharing a results folder can read them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_image(image: sitk.Image, path, *, protect=()) -> Path:
     """Write atomically; refuse to write over any path in `protect` (e.g. the input)."""
     path = Path(path)
@@ -93,16 +116,8 @@ def write_image(image: sitk.Image, path, *, protect=()) -> Path:
     if suffix not in (".seg.nrrd", *IMAGE_SUFFIXES):
         raise AbdomenSegError(f"unsupported output type '{path.name}'",
                               "use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=suffix if suffix != ".seg.nrrd" else ".nrrd",
-                               dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix if suffix != ".seg.nrrd" else ".nrrd") as tmp:
         sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

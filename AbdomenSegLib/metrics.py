@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -144,16 +142,14 @@ def summarize(rows: list) -> list:
 
 def write_csv(rows: list, path, fields=None) -> Path:
     """Atomic CSV write (temp file + rename)."""
+    from .io import atomic_output
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields = fields or (list(FIELDS) if rows and set(FIELDS) <= set(rows[0]) else list(rows[0]) if rows else list(FIELDS))
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".csv", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as handle:
+    with atomic_output(path, ".csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
-    os.replace(tmp, path)
     return path
 
 

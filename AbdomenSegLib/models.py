@@ -156,19 +156,27 @@ def load_network(card: ModelCard, device: str = "cpu"):
 def export_package(network, card_data: dict, out_dir, *, register_in=None, make_default=False) -> ModelCard:
     """Write weights (safetensors) + card with sha256; optionally list it in a catalog."""
     from safetensors.torch import save_file
+    from .io import atomic_output
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(state, str(weights))
+    # Re-exporting over an installed package: each file is swapped whole, never left half-written.
+    with atomic_output(weights, ".safetensors") as tmp:
+        save_file(state, tmp)
     card_data = dict(card_data, weights=weights.name, sha256=sha256_of(weights))
-    (out_dir / "card.json").write_text(json.dumps(card_data, indent=2) + "\n")
+    with atomic_output(out_dir / "card.json", ".json") as tmp:
+        Path(tmp).write_text(json.dumps(card_data, indent=2) + "\n")
     if register_in is not None:
         index = Path(register_in) / "catalog.json"
         entries = json.loads(index.read_text()) if index.is_file() else {"default": card_data["name"], "models": []}
-        entries["models"] = [e for e in entries["models"] if e["name"] != card_data["name"]]
-        entries["models"].append({"name": card_data["name"], "path": os.path.relpath(out_dir, register_in)})
+        entry = {"name": card_data["name"], "path": os.path.relpath(out_dir, register_in)}
+        names = [e["name"] for e in entries["models"]]
+        if entry["name"] in names:  # re-export keeps the model's place in the list
+            entries["models"][names.index(entry["name"])] = entry
+        else:
+            entries["models"].append(entry)
         if make_default:
             entries["default"] = card_data["name"]
         index.write_text(json.dumps(entries, indent=2) + "\n")

@@ -57,6 +57,26 @@ def test_bad_files_name_the_problem(tmp_path, case, message):
     assert info.value.fix  # every error says what to do
 
 
+def test_outputs_get_ordinary_file_permissions_and_failures_leave_nothing(tmp_path):
+    import os
+    from AbdomenSegLib.io import atomic_output
+    from AbdomenSegLib.metrics import write_csv
+    old = os.umask(0o022)
+    try:
+        image = write_image(make_phantom(size=(10, 10, 6))[0], tmp_path / "ct.nii.gz")
+        table = write_csv([{"case": "a", "organ": "liver", "dice": 0.5}], tmp_path / "m.csv")
+    finally:
+        os.umask(old)
+    for path in (image, table):  # not mkstemp's owner-only 0600: a shared results folder stays readable
+        assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "keep.txt") as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("interrupted")
+    assert (tmp_path / "keep.txt").read_text() == "user data" and not list(tmp_path.glob(".part-*"))
+
+
 def test_write_refuses_to_replace_the_input(tmp_path):
     ct, _ = make_phantom(size=(10, 10, 6))
     src = write_image(ct, tmp_path / "ct.nii.gz")
