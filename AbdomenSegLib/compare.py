@@ -36,14 +36,19 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
         raise AbdomenSegError(f"{', '.join(existing)} already exist in '{out_dir}'", "pass --overwrite or choose another --out")
     selected = select_cases(data_root, cases, cases_from)
     rows = []
-    for model in models:
-        segmenter = get_segmenter(model, device, log=log)
+    cards = [find_model(model) for model in models]
+    names = [card.name for card in cards]
+    # Two versions of one model (e.g. a package and its continuation) share a name: tell them apart by hash.
+    labels = [f"{n} ({c['sha256'][:8]})" if names.count(n) > 1 else n for n, c in zip(names, cards)]
+    labels = [f"{label} {model}" if labels.count(label) > 1 else label for label, model in zip(labels, models)]
+    for card, label in zip(cards, labels):
+        segmenter = get_segmenter(card, device, log=log)
         organs = list(segmenter.card["labels"].values())
         for index, (name, image_path, label_path) in enumerate(selected, start=1):
             prediction = segmenter.segment(read_image(image_path), Options(input_intensity=input_intensity))
             rows += evaluate(prediction, read_image(label_path), reference_convention=convention, organs=organs,
-                             case=name, model=segmenter.card.name)
-            log(f"{segmenter.card.name}: [{index}/{len(selected)}] {name}")
+                             case=name, model=label)
+            log(f"{label}: [{index}/{len(selected)}] {name}")
     summary = summarize(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "metrics.csv")
