@@ -28,8 +28,9 @@ def test_default_is_the_btcv_ct_3d_model(default_card):
 def test_large_organs_are_found_on_every_validation_case(default_card):
     # Floors under the measured per-case values (README: validation table); a regression fails here.
     # (test_shipped_models checks that the card's mean Dice reproduces.)
-    # Measured per case: liver 0.67-0.94, spleen 0.24 (btcv_img0009) / 0.88-0.92, kidneys 0.75-0.90, aorta 0.73-0.89.
-    floors = {"liver": 0.65, "spleen": 0.20, "kidney_right": 0.70, "kidney_left": 0.70, "aorta": 0.70}
+    # Measured per case: liver 0.68-0.96, spleen 0.31 (btcv_img0009) / 0.88-0.97, kidneys 0.78-0.93, aorta 0.79-0.93,
+    # pancreas 0.53-0.78.
+    floors = {"liver": 0.65, "spleen": 0.28, "kidney_right": 0.75, "kidney_left": 0.75, "aorta": 0.75, "pancreas": 0.50}
     for row in validation_rows(default_card.name):
         if row["organ"] in floors:
             assert row["dice"] >= floors[row["organ"]], (row["case"], row["organ"], row["dice"])
@@ -49,14 +50,14 @@ def real_hu(default_card):
 def test_real_hu_ct_gets_the_liver_in_the_right_place(real_hu):
     """TotalSegmentator's example CT is in real HU (not BTCV's window): the window path must hold."""
     prediction, rows = real_hu
-    assert rows["liver"]["dice"] >= 0.8, rows["liver"]["dice"]  # measured 0.855
+    assert rows["liver"]["dice"] >= 0.8, rows["liver"]["dice"]  # measured 0.889
     labels = sitk.GetArrayViewFromImage(prediction)
     idx = np.argwhere(labels == BY_NAME["liver"].label).mean(0)[::-1]
     assert prediction.TransformContinuousIndexToPhysicalPoint(idx.tolist())[0] < 0  # LPS x < 0: patient's right
 
 
 @pytest.mark.xfail(strict=True, reason="known defect of the shipped CPU-trained model: on this small-FOV 3 mm "
-                   "real-HU CT it misses spleen and kidneys (Dice 0.04); strict, so a model that fixes it turns this red")
+                   "real-HU CT it misses spleen and kidneys (Dice 0.15 / 0.00 / 0.19); strict, so a model that fixes it turns this red")
 def test_real_hu_ct_gets_spleen_and_kidneys(real_hu):
     _, rows = real_hu
     for organ in ("spleen", "kidney_right", "kidney_left"):
