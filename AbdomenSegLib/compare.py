@@ -53,7 +53,8 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "metrics.csv")
     write_csv(summary, out_dir / "comparison.csv")
-    _atomic_text(out_dir / "comparison.md", markdown_table(summary))
+    with atomic_output(out_dir / "comparison.md") as tmp:
+        Path(tmp).write_text(markdown_table(summary))
     box_plot(rows, out_dir / "dice_boxplot.png")
     return summary
 
@@ -93,8 +94,3 @@ def box_plot(rows, path):
     with atomic_output(path, ".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-
-
-def _atomic_text(path, text):
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(text)

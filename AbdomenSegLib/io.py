@@ -17,6 +17,11 @@ import SimpleITK as sitk
 from .errors import AbdomenSegError
 from .organs import BY_LABEL
 
+# The umask can only be read by setting it; do that once at import, not during writes that may run on a
+# worker thread (Slicer) while other threads create files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -97,9 +102,7 @@ def atomic_output(path, suffix=""):
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import AbdomenSegError
+from .io import atomic_output
 from .organs import BY_NAME, CONVENTIONS, convert_labels
 from .preprocess import bounding_box, resample_to_reference
 
@@ -142,7 +143,6 @@ def summarize(rows: list) -> list:
 
 def write_csv(rows: list, path, fields=None) -> Path:
     """Atomic CSV write (temp file + rename)."""
-    from .io import atomic_output
     path = Path(path)
     fields = fields or (list(FIELDS) if rows and set(FIELDS) <= set(rows[0]) else list(rows[0]) if rows else list(FIELDS))
     with atomic_output(path, ".csv") as tmp, open(tmp, "w", newline="") as handle:

@@ -174,6 +174,7 @@ class Trainer:
         self.dimensions = m["dimensions"]
         self.in_channels = t["patch"][0] if self.dimensions == 2 else 1
         self.network = build_network(m["architecture"], self.in_channels, self.channels).to(self.device)
+        self.initialised_from = None
         if t.get("init_from"):
             self._init_from(t["init_from"])
         self.trainable = self.network
@@ -407,7 +408,7 @@ class Trainer:
             "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
                          "train_cases": self.train_names, "validation_cases": self.val_names,
                          "config": c, "best_step": best.get("step"), "steps": self.step,
-                         "initialised_from": getattr(self, "initialised_from", None)},
+                         "initialised_from": self.initialised_from},
             "validation_model_space": best.get("dice", {}),
         }
         card.update(extra or {})
