@@ -36,7 +36,8 @@ DEFAULT_CONFIG = {
               "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
               "init_from": None,
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
-                          "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0}},
+                          "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0,
+                          "unenhanced_prob": 0.0}},
 }
 CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "rmsprop", "sgd"),
@@ -252,6 +253,13 @@ class Trainer:
         if a["elastic_prob"] > 0:
             chain.append(T.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=a["elastic_prob"],
                                           mode=("bilinear", "nearest")))
+        if a["unenhanced_prob"] > 0:
+            intensity = self.config["model"]["intensity"]
+            if intensity["mode"] != "ct_window":
+                raise AbdomenSegError("augment.unenhanced_prob needs a CT model with intensity mode ct_window",
+                                      "set augment.unenhanced_prob to 0 for this model")
+            from .augment import RandUnenhancedd
+            chain.append(RandUnenhancedd(organs=self.organs, window=intensity["window"], prob=a["unenhanced_prob"]))
         if a["intensity_prob"] > 0:
             chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
                       T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]

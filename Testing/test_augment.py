@@ -1,0 +1,119 @@
+"""The unenhanced-CT augmentation moves enhanced organs to their unenhanced attenuation and nothing else."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from AbdomenSegLib.augment import UNENHANCED_HU, RandUnenhancedd
+from AbdomenSegLib.errors import AbdomenSegError
+from AbdomenSegLib.training import Trainer
+
+from test_training import _config
+
+WINDOW = (-125.0, 275.0)
+ORGANS = ["liver", "spleen", "kidney_right", "gallbladder"]
+
+
+def to_unit(hu):
+    return (np.asarray(hu, dtype=np.float32) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+
+
+def to_hu(unit):
+    return np.asarray(unit) * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+
+
+def enhanced_patch(seed=0):
+    """Portal-venous-like patch: fat, muscle, enhanced liver/spleen, a kidney with bright cortex, dark bile."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((1, 32, 64, 64), dtype=np.int64)
+    hu = np.full(label.shape, -100.0, dtype=np.float32)  # fat
+    hu[:, :, 52:, :] = 50.0  # muscle, unlabelled: must stay as it is
+    boxes = {1: (slice(4, 28), slice(4, 30), slice(4, 30)), 2: (slice(4, 28), slice(4, 30), slice(36, 60)),
+             3: (slice(8, 24), slice(34, 48), slice(8, 24)), 4: (slice(8, 24), slice(34, 48), slice(40, 56))}
+    for channel, box in boxes.items():
+        label[(0,) + box] = channel
+    hu[label == 1], hu[label == 2], hu[label == 4] = 130.0, 120.0, 5.0
+    kidney = label[0] == 3
+    hu[0][kidney] = 200.0  # bright cortex around a darker medulla: a wide spread inside the organ
+    hu[0][ndimage.binary_erosion(kidney, iterations=3)] = 110.0
+    hu += rng.normal(0, 8, hu.shape).astype(np.float32)
+    return np.clip(to_unit(hu), 0.0, 1.0), label  # windowed data, as the cache holds it
+
+
+def transformed(image, label, **kwargs):
+    t = RandUnenhancedd(organs=ORGANS, window=WINDOW, **kwargs)
+    t.set_random_state(seed=1)
+    return t({"image": image.copy(), "label": label.copy()})
+
+
+def interior(label, channel):
+    return ndimage.binary_erosion(label[0] == channel, iterations=3)[None]
+
+
+def grown(mask, iterations):
+    return ndimage.binary_dilation(mask[0], iterations=iterations)[None]
+
+
+def test_fully_unenhanced_organs_reach_their_unenhanced_attenuation():
+    image, label = enhanced_patch()
+    out = transformed(image, label, prob=1.0, strength=(1.0, 1.0), spread=(0.4, 0.4), jitter_hu=0.0)
+    assert np.array_equal(out["label"], label)  # labels are never touched
+    for channel, organ in enumerate(ORGANS[:2], start=1):
+        after = np.median(to_hu(out["image"][interior(label, channel)]))
+        assert abs(after - UNENHANCED_HU[organ]) < 10, (organ, after)
+    kidney_hu = to_hu(out["image"][label == 3])  # 200 HU cortex, 110 HU medulla before
+    assert abs(np.median(kidney_hu) - UNENHANCED_HU["kidney_right"]) < 40 and np.percentile(kidney_hu, 75) < 90
+    # The kidney's cortex/medulla contrast is compressed, as on an unenhanced scan ...
+    kidney = label[0] == 3
+    cortex = (ndimage.binary_erosion(kidney, iterations=1) & ~ndimage.binary_erosion(kidney, iterations=2))[None]
+    medulla = ndimage.binary_erosion(kidney, iterations=5)[None]
+    contrast = lambda a: np.mean(to_hu(a[cortex])) - np.mean(to_hu(a[medulla]))
+    assert contrast(out["image"]) < 0.6 * contrast(image)
+    # ... but not the voxel-scale noise (that is the scanner's, not the contrast agent's).
+    core = interior(label, 1)
+    noise = lambda a: np.std(to_hu(ndimage.laplace(a[0]))[core[0]])
+    assert 0.8 < noise(out["image"]) / noise(image) < 1.2
+    # Bile is not enhanced (5 HU, under its 10 HU target: nothing to wash out): unchanged; so are fat and
+    # muscle away from the organs.
+    assert np.allclose(out["image"][interior(label, 4)], image[interior(label, 4)], atol=1e-6)
+    far = ~grown(label > 0, 6)  # beyond the blur kernel (truncated at 4 sigma)
+    assert np.allclose(out["image"][far], image[far], atol=1e-4)  # 0.04 HU: the blur's tails
+
+
+def test_change_is_blurred_across_label_edges():
+    """No step exactly on the label edge: the voxel just outside an organ moves a little too."""
+    image, label = enhanced_patch()
+    out = transformed(image, label, prob=1.0, strength=(1.0, 1.0), jitter_hu=0.0)
+    ring = grown(label == 1, 1) & (label == 0)
+    assert np.all(out["image"][ring] <= image[ring] + 1e-6)
+    assert np.mean(image[ring] - out["image"][ring]) > 0.01
+
+
+def test_probability_zero_is_identity_and_partial_strength_is_in_between():
+    image, label = enhanced_patch()
+    assert np.array_equal(transformed(image, label, prob=0.0)["image"], image)
+    half = transformed(image, label, prob=1.0, strength=(0.5, 0.5), jitter_hu=0.0)["image"]
+    liver = np.median(to_hu(half[interior(label, 1)]))
+    assert UNENHANCED_HU["liver"] + 20 < liver < 130 - 20
+
+
+def test_trainer_applies_it_and_rejects_it_for_mr(tmp_path):
+    import torch
+    # The phantom's organs are at unenhanced attenuation except its aorta (180 HU), which must darken.
+    organs = ["liver", "spleen", "kidney_right", "kidney_left", "aorta"]
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1, model={"organs": organs})
+    config["train"]["augment"]["intensity_prob"] = 0.0
+    plain = Trainer(config, tmp_path / "a", log=lambda m: None)
+    config["train"]["augment"]["unenhanced_prob"] = 1.0
+    varied = Trainer(config, tmp_path / "b", log=lambda m: None)
+    for trainer in (plain, varied):
+        trainer.transform.set_random_state(seed=3)
+    x0, y0 = plain._batch(np.random.default_rng(0))
+    x1, y1 = varied._batch(np.random.default_rng(0))
+    assert torch.equal(y0, y1)
+    aorta = y0 == organs.index("aorta") + 1
+    assert aorta.sum() > 100  # the crops hold the aorta (its class is sampled as often as the others)
+    # 180 HU -> about 42 HU at half to full strength (0.17-0.35), diluted by the blur on a 2-voxel-wide vessel
+    assert float((x0 - x1)[aorta].mean()) > 0.05
+    config["model"].update(modality="MR", intensity={"mode": "mr_percentile"})
+    with pytest.raises(AbdomenSegError, match="unenhanced_prob"):
+        Trainer(config, tmp_path / "c", log=lambda m: None)
