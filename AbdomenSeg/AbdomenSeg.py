@@ -46,7 +46,7 @@ class AbdomenSegParameterNode:
     referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
     model: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    largestComponent: bool = False
+    largestComponent: Annotated[str, Choice(["model", "all", "none"])] = "model"
     fillHoles: bool = False
     reviewSegments: bool = False
     tolerance: float = 2.0
@@ -238,7 +238,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         return ensure_dependencies(confirm=confirm)
 
     def segment(self, volumeNode, model=None, device="auto", organs=None, segmentationNode=None,
-                replaceExisting=False, largestComponent=False, fillHoles=False, progress=None, cancel=None,
+                replaceExisting=False, largestComponent="model", fillHoles=False, progress=None, cancel=None,
                 confirmCpu=None):
         """Segment a volume; returns the segmentation node (None if the user declined a CPU run)."""
         from AbdomenSegLib.errors import Cancelled

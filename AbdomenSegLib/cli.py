@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"),
                    help="how input values are stored: native (HU/MR signal) or BTCV's 0-255 window")
     p.add_argument("--organs", help="comma-separated organ names to keep (default: all)")
-    p.add_argument("--largest-component", action="store_true", help="keep the largest connected piece per organ")
+    p.add_argument("--largest-component", default="model", choices=("model", "all", "none"),
+                   help="keep only the largest connected piece of: the organs the model's card names (model, the "
+                        "default: organs that are one piece by anatomy), every organ (all), or none (raw output)")
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
     p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd"),
                    help="output type for folder/glob inputs")

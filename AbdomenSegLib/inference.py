@@ -36,7 +36,8 @@ def resolve_device(device: str = "auto", log=print) -> str:
 class Options:
     input_intensity: str = "native"
     organs: list | None = None  # organ names to keep; None = all the model has
-    largest_component: bool = False
+    # "model": the organs the model's card names (anatomically single pieces); "all"; "none".
+    largest_component: str = "model"
     fill_holes: bool = False
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
@@ -236,6 +237,19 @@ class Segmenter:
             lut[channel] = organ
         return lut[channels]
 
+    def largest_component_organs(self, choice) -> list:
+        """Organ labels that keep only their largest piece under `choice` (model, all, none; or a bool)."""
+        from .organs import BY_NAME
+        choice = {True: "all", False: "none"}.get(choice, choice)
+        if choice not in ("model", "all", "none"):
+            raise AbdomenSegError(f"unknown largest-component choice '{choice}'", "use model, all or none")
+        if choice == "none":
+            return []
+        names = list(self.card["labels"].values())
+        if choice == "model":
+            names = self.card.get("postprocess", {}).get("largest_component", [])
+        return [BY_NAME[n].label for n in names]
+
     def _finish_labels(self, labels, options):
         if options.organs:
             from .organs import BY_NAME
@@ -245,8 +259,9 @@ class Segmenter:
             keep = np.zeros(256, dtype=bool)
             keep[[BY_NAME[o].label for o in options.organs]] = True
             labels[~keep[labels]] = 0
-        if options.largest_component:
-            postprocess.keep_largest_component(labels)
+        organs = self.largest_component_organs(options.largest_component)
+        if organs:
+            postprocess.keep_largest_component(labels, organs)
         if options.fill_holes:
             postprocess.fill_holes(labels)
         return labels

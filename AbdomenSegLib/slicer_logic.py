@@ -272,7 +272,7 @@ class AbdomenSegCore:
         self.scene, self.log = scene, log
 
     def segment(self, volume_node, model=None, device="auto", organs=None, segmentation_node=None,
-                replace_existing=False, largest_component=False, fill_holes=False, progress=None, cancel=None):
+                replace_existing=False, largest_component="model", fill_holes=False, progress=None, cancel=None):
         """Segment `volume_node`; returns the segmentation node (a new one unless one is given).
 
         An existing segmentation's segments are never replaced unless `replace_existing` is True.

@@ -30,6 +30,9 @@ DEFAULT_CONFIG = {
         "spacing": [2.0, 2.0, 3.0],
         "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "none"},
         "organs": ["liver", "spleen", "kidney_right", "kidney_left", "pancreas"],
+        # Organs whose output keeps only its largest connected piece by default (the card carries it, as
+        # nnU-Net's models carry their post-processing); users can still choose all organs or none.
+        "postprocess": {"largest_component": []},
     },
     "train": {"steps": 2000, "batch_size": 2, "patch": [64, 96, 96], "lr": 2e-3, "optimizer": "adamw",
               "scheduler": "poly", "step_decay": {"every": 1000, "gamma": 0.5}, "weight_decay": 1e-5,
@@ -85,6 +88,10 @@ def load_config(source) -> dict:
     unknown = [o for o in config["model"]["organs"] if o not in BY_NAME]
     if unknown:
         raise AbdomenSegError(f"config model.organs names unknown organs {unknown}", f"use: {', '.join(BY_NAME)}")
+    stray = [o for o in config["model"]["postprocess"]["largest_component"] if o not in config["model"]["organs"]]
+    if stray:
+        raise AbdomenSegError(f"config model.postprocess.largest_component names {stray}, not in model.organs",
+                              "list only organs the model segments")
     patch = config["train"]["patch"]
     if dims == 3 and (len(patch) != 3 or any(p % 16 for p in patch)):
         raise AbdomenSegError(f"config train.patch {patch} must be 3 sizes, each a multiple of 16",
@@ -417,6 +424,7 @@ class Trainer:
                          "train_cases": self.train_names, "validation_cases": self.val_names,
                          "config": c, "best_step": best.get("step"), "steps": self.step,
                          "initialised_from": self.initialised_from},
+            "postprocess": m["postprocess"],
             "validation_model_space": best.get("dice", {}),
         }
         card.update(extra or {})

@@ -139,6 +139,24 @@ def test_organ_subset_and_postprocessing(segmenter):
         segmenter.segment(ct, Options(organs=["appendix"]))
 
 
+def test_largest_component_follows_the_card_unless_told_otherwise(tiny_package):
+    """The card names the organs that are one piece by anatomy; 'all' and 'none' override it."""
+    from dataclasses import replace
+    from scipy import ndimage
+    card = replace(tiny_package, data={**tiny_package.data, "postprocess": {"largest_component": ["liver"]}})
+    segmenter = Segmenter(card, "cpu", log=lambda m: None)
+    labels = np.zeros((24, 24, 24), np.uint8)
+    labels[12:20, 12:20, 12:20], labels[2:4, 2:4, 2:4] = 1, 1  # a liver and a far island of "liver"
+    labels[2:10, 14:22, 2:10], labels[20:22, 2:4, 20:22] = 2, 2  # the same for the spleen
+    pieces = lambda out, organ: ndimage.label(out == organ)[1]
+    for choice, liver, spleen in [("model", 1, 2), ("all", 1, 1), (True, 1, 1), ("none", 2, 2), (False, 2, 2)]:
+        out = segmenter._finish_labels(labels.copy(), Options(largest_component=choice))
+        assert (pieces(out, 1), pieces(out, 2)) == (liver, spleen), choice
+        assert (out[12:20, 12:20, 12:20] == 1).all() and (out[2:10, 14:22, 2:10] == 2).all()  # main pieces kept
+    with pytest.raises(AbdomenSegError, match="largest-component"):
+        segmenter._finish_labels(labels.copy(), Options(largest_component="some"))
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda: sitk.Image([32, 32, 32], sitk.sitkInt16) + 40, "constant"),
     (lambda: sitk.GetImageFromArray(np.full((20, 20, 20), np.nan, np.float32)), "NaN"),
