@@ -179,5 +179,6 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
             entries["models"].append(entry)
         if make_default:
             entries["default"] = card_data["name"]
-        index.write_text(json.dumps(entries, indent=2) + "\n")
+        with atomic_output(index, ".json") as tmp:
+            Path(tmp).write_text(json.dumps(entries, indent=2) + "\n")
     return read_card(out_dir)

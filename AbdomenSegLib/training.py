@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AbdomenSegError
+from .io import atomic_output
 from .organs import BY_NAME
 
 DEFAULT_CONFIG = {
@@ -521,6 +522,7 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     card.data["timing"] = {"cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
                            "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
                            "gpu_seconds": None}
-    (target / "card.json").write_text(json.dumps(card.data, indent=2) + "\n")
+    with atomic_output(target / "card.json", ".json") as tmp:  # a catalog entry's card is never half-written
+        Path(tmp).write_text(json.dumps(card.data, indent=2) + "\n")
     log("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.data["validation"]["dice"].items()))
     return card
