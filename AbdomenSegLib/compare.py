@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datasets import find_cases
+from .datasets import find_cases, read_case
 from .errors import AbdomenSegError
 from .inference import Options, get_segmenter
-from .io import atomic_output, read_image
+from .io import atomic_output
 from .metrics import evaluate, summarize, write_csv
 from .models import find_model
 
@@ -29,12 +29,18 @@ def select_cases(data_root, cases=None, cases_from=None) -> list:
 
 
 def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_from=None,
-                   input_intensity="native", device="auto", overwrite=False, log=print) -> list:
+                   input_intensity="native", direction=None, device="auto", overwrite=False, log=print) -> list:
+    """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the
+    `cases_from` model's training config gives when that model was trained on a dataset of the same name."""
     out_dir = Path(out_dir)
     existing = [name for name in OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
         raise AbdomenSegError(f"{', '.join(existing)} already exist in '{out_dir}'", "pass --overwrite or choose another --out")
     selected = select_cases(data_root, cases, cases_from)
+    if direction is None and cases_from:
+        data = find_model(cases_from)["training"]["config"]["data"]
+        if Path(data["root"]).name == Path(data_root).name:
+            direction = data.get("direction")
     rows = []
     cards = [find_model(model) for model in models]
     names = [card.name for card in cards]
@@ -45,8 +51,9 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
         segmenter = get_segmenter(card, device, log=log)
         organs = list(segmenter.card["labels"].values())
         for index, (name, image_path, label_path) in enumerate(selected, start=1):
-            prediction = segmenter.segment(read_image(image_path), Options(input_intensity=input_intensity))
-            rows += evaluate(prediction, read_image(label_path), reference_convention=convention, organs=organs,
+            image, reference = read_case(image_path, label_path, direction)
+            prediction = segmenter.segment(image, Options(input_intensity=input_intensity))
+            rows += evaluate(prediction, reference, reference_convention=convention, organs=organs,
                              case=name, model=label)
             log(f"{label}: [{index}/{len(selected)}] {name}")
     summary = summarize(rows)

@@ -55,19 +55,40 @@ def split_cases(names: list, val_count: int, seed: int) -> tuple:
     return [n for n in names if n not in val], val
 
 
-def cache_case(image_path, label_path, *, spacing, intensity, convention, input_intensity="native"):
-    image = read_image(image_path)
-    label = sitk.ReadImage(str(label_path))
-    space = to_model_space(image, spacing, intensity, input_intensity=input_intensity)
+def read_case(image_path, label_path, direction=None) -> tuple:
+    """(image, label) of a dataset case. `direction` (9 numbers, row-major) replaces both files' direction
+    matrix where a dataset's headers are known to be wrong: the shared BTCV copy says identity (LPS), but its
+    anterior-posterior axis runs the other way (the spine lies anterior of the organs in world space), so its
+    configs give [1, 0, 0, 0, -1, 0, 0, 0, 1]. Left-right and up-down are right, so this is a mirror that no
+    reorientation can undo: a model trained on the raw headers learns mirrored anatomy and misses organs on
+    correctly oriented scans."""
+    image, label = read_image(image_path), sitk.ReadImage(str(label_path))
+    if direction is not None:
+        matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+        if not np.allclose(np.abs(np.linalg.det(matrix)), 1.0) or not np.allclose(matrix @ matrix.T, np.eye(3)):
+            raise AbdomenSegError(f"data.direction {list(direction)} is not a rotation or reflection matrix",
+                                  "give 9 numbers of an orthonormal direction matrix, row-major")
+        for im in (image, label):
+            im.SetDirection([float(v) for v in matrix.ravel()])
+    return image, label
+
+
+def cache_case(image_path, label_path, *, spacing, intensity, convention, input_intensity="native",
+               orientation=pp.CANONICAL_ORIENTATION, direction=None):
+    image, label = read_case(image_path, label_path, direction)
+    space = to_model_space(image, spacing, intensity, orientation=orientation, input_intensity=input_intensity)
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)
     return np.round(space.array * 255).astype(np.uint8), organs
 
 
-def build_cache(root, cache_file, *, spacing, intensity, convention, input_intensity="native", log=print) -> dict:
+def build_cache(root, cache_file, *, spacing, intensity, convention, input_intensity="native",
+                orientation=pp.CANONICAL_ORIENTATION, direction=None, log=print) -> dict:
     """Cache every case of a dataset; reuse the file when it was built with the same settings."""
     cache_file = Path(cache_file)
     settings = repr((str(Path(root).resolve()), list(spacing), intensity, convention, input_intensity))
+    if orientation != pp.CANONICAL_ORIENTATION or direction is not None:  # older caches stay valid
+        settings = repr((settings, orientation, list(direction) if direction is not None else None))
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as cached:
             if str(cached["settings"]) == settings:
@@ -75,7 +96,8 @@ def build_cache(root, cache_file, *, spacing, intensity, convention, input_inten
     arrays = {"settings": np.array(settings)}
     for name, image_path, label_path in find_cases(root):
         image, labels = cache_case(image_path, label_path, spacing=spacing, intensity=intensity,
-                                   convention=convention, input_intensity=input_intensity)
+                                   convention=convention, input_intensity=input_intensity,
+                                   orientation=orientation, direction=direction)
         arrays[f"image/{name}"], arrays[f"label/{name}"] = image, labels
         log(f"cached {name}: {image.shape}")
     cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,17 @@ DEFAULT_CONFIG = {
     "name": "my-model",
     "title": "",
     "data": {"root": None, "convention": "btcv", "input_intensity": "native", "val_count": 4, "seed": 0,
-             "cache": ".cache/{name}.npz"},
+             "cache": ".cache/{name}.npz",
+             # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
+             "direction": None},
     "model": {
         "dimensions": 3,
         "modality": "CT",
         "architecture": {"class": "UNet", "args": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
                                                    "num_res_units": 2}},
         "spacing": [2.0, 2.0, 3.0],
+        # Axis order of the network's input grid (the card carries it; inference reorients to it).
+        "orientation": "LPS",
         "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "none"},
         "organs": ["liver", "spleen", "kidney_right", "kidney_left", "pancreas"],
         # Organs whose output keeps only its largest connected piece by default (the card carries it, as
@@ -89,6 +93,10 @@ def load_config(source) -> dict:
     unknown = [o for o in config["model"]["organs"] if o not in BY_NAME]
     if unknown:
         raise AbdomenSegError(f"config model.organs names unknown organs {unknown}", f"use: {', '.join(BY_NAME)}")
+    orientation = str(config["model"]["orientation"]).upper()
+    if len(orientation) != 3 or not all(sum(c in pair for c in orientation) == 1 for pair in ("LR", "PA", "IS")):
+        raise AbdomenSegError(f"config model.orientation '{config['model']['orientation']}' is not an axis code",
+                              "use three letters, one of L/R, P/A, I/S each, e.g. LPS")
     stray = [o for o in config["model"]["postprocess"]["largest_component"] if o not in config["model"]["organs"]]
     if stray:
         raise AbdomenSegError(f"config model.postprocess.largest_component names {stray}, not in model.organs",
@@ -165,7 +173,8 @@ class Trainer:
         if self.rank != 0:
             self._barrier()  # rank 0 builds the cache file first; the others then read it
         arrays = build_cache(d["root"], cache_path, spacing=m["spacing"], intensity=m["intensity"],
-                             convention=d["convention"], input_intensity=d["input_intensity"], log=self.log)
+                             convention=d["convention"], input_intensity=d["input_intensity"],
+                             orientation=m["orientation"], direction=d["direction"], log=self.log)
         if self.rank == 0:
             self._barrier()
         names = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("image/"))
@@ -418,7 +427,7 @@ class Trainer:
             "dimensions": m["dimensions"], "framework": "monai" if m["dimensions"] == 3 else "segmentation-models-pytorch",
             "architecture": m["architecture"], "in_channels": self.in_channels, "modality": m["modality"],
             "labels": {str(i): organ for i, organ in enumerate(self.organs, start=1)},
-            "spacing": m["spacing"], "orientation": "LPS", "intensity": m["intensity"],
+            "spacing": m["spacing"], "orientation": m["orientation"], "intensity": m["intensity"],
             "inference": ({"roi_size": c["train"]["patch"], "overlap": 0.25, "mode": "gaussian"} if m["dimensions"] == 3
                           else {"batch_size": 8}),
             "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
@@ -441,9 +450,8 @@ class Trainer:
 def validation_rows(card, root=None, log=print) -> tuple[list, list]:
     """The card's validation protocol: segment each validation case from its original file, in its own grid,
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder."""
-    from .datasets import find_cases
+    from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
-    from .io import read_image
     from .metrics import evaluate
 
     data = card["training"]["config"]["data"]
@@ -453,10 +461,11 @@ def validation_rows(card, root=None, log=print) -> tuple[list, list]:
     for name, image_path, label_path in find_cases(root or data["root"]):
         if name not in val_names:
             continue
+        image, label = read_case(image_path, label_path, data.get("direction"))
         start = time.time()
-        prediction = segmenter.segment(read_image(image_path), Options(input_intensity=data["input_intensity"]))
+        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"]))
         seconds.append(time.time() - start)
-        rows += evaluate(prediction, read_image(label_path), reference_convention=data["convention"],
+        rows += evaluate(prediction, label, reference_convention=data["convention"],
                          organs=list(card["labels"].values()), case=name, model=card.name)
         log(f"validated {name} ({seconds[-1]:.1f} s)")
     return rows, seconds

@@ -125,6 +125,7 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
     ({"model": {"dimensions": 2, "architecture": {"class": "Unet"}}, "train": {"patch": [2, 64, 64]}}, "slices odd"),
     ({"model": {"organs": ["liver", "appendix"]}}, "unknown organs"),
     ({"model": {"postprocess": {"largest_component": ["stomach"]}}}, "not in model.organs"),
+    ({"model": {"orientation": "LLS"}}, "not an axis code"),
     ({"data": {"root": "/nonexistent"}}, "is not a folder"),
     ({"trian": {}}, "unknown config key 'trian'"),
 ])

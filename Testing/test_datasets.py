@@ -1,0 +1,74 @@
+"""Dataset reading: header corrections, and the anatomical check that justifies the BTCV one."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AbdomenSegLib.datasets import cache_case, read_case
+from AbdomenSegLib.errors import AbdomenSegError
+from AbdomenSegLib.models import RESOURCES
+from AbdomenSegLib.organs import BY_NAME, convert_labels
+from AbdomenSegLib.phantom import make_phantom
+
+from conftest import shared
+
+FLIP_AP = [1, 0, 0, 0, -1, 0, 0, 0, 1]
+
+
+def posterior_of(label: sitk.Image, convention: str, back: str, front: str) -> float:
+    """How far (mm) organ `back` lies posterior of organ `front` in LPS world space (y grows posteriorly)."""
+    ours = convert_labels(sitk.GetArrayFromImage(label), convention)
+    def centre(organ):
+        index = np.argwhere(ours == BY_NAME[organ].label).mean(0)[::-1]
+        return np.array(label.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+    return float(centre(back)[1] - centre(front)[1])
+
+
+def test_btcv_copy_is_anterior_posterior_mirrored_and_its_configs_correct_it():
+    """The kidneys are retroperitoneal: posterior of the stomach and of the liver's centre in every patient.
+
+    In the shared BTCV copy, read as its headers say, they come out anterior: the anterior-posterior axis is
+    reversed (left-right and head-foot are right: the liver is on the patient's right, the pelvis below).
+    Every BTCV config gives the correcting direction; CHAOS and TotalSegmentator's files need none.
+    """
+    image_path = shared("btcv_ct", "images", "btcv_img0001.nii.gz")
+    label_path = shared("btcv_ct", "labels", "btcv_img0001.nii.gz")
+    for organ in ("kidney_right", "kidney_left"):
+        assert posterior_of(read_case(image_path, label_path)[1], "btcv", organ, "stomach") < -30
+        assert posterior_of(read_case(image_path, label_path, FLIP_AP)[1], "btcv", organ, "stomach") > 30
+    chaos = shared("chaos_mr_t2", "labels", "chaosT2_01.nii.gz")
+    assert posterior_of(sitk.ReadImage(str(chaos)), "chaos", "kidney_left", "liver") > 20
+    totalseg = shared("totalseg_example", "example_seg_fast_force_split.nii.gz")
+    assert posterior_of(sitk.ReadImage(str(totalseg)), "totalseg", "kidney_left", "stomach") > 30
+    for config in (RESOURCES / "configs").glob("btcv_*.json"):
+        data = json.loads(config.read_text())
+        assert data["data"]["direction"] == FLIP_AP and data["model"]["orientation"] == "LAS", config.name
+
+
+def test_direction_override_applies_to_image_and_label_and_is_checked(tmp_path):
+    image, labels = make_phantom(size=(40, 36, 20))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    plain = read_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz")
+    fixed = read_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", FLIP_AP)
+    for im in fixed:
+        assert im.GetDirection() == tuple(float(v) for v in FLIP_AP)
+        assert im.GetOrigin() == plain[0].GetOrigin() and im.GetSpacing() == plain[0].GetSpacing()
+    assert np.array_equal(sitk.GetArrayFromImage(fixed[1]), sitk.GetArrayFromImage(plain[1]))  # voxels untouched
+    with pytest.raises(AbdomenSegError, match="not a rotation or reflection"):
+        read_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", [2, 0, 0, 0, 1, 0, 0, 0, 1])
+
+
+def test_cache_in_las_of_an_ap_corrected_file_equals_lps_of_the_raw_file(tmp_path):
+    """Why the shipped BTCV weights stay valid: correcting the header and declaring the model's grid LAS gives
+    the very arrays the model was trained on (built from the raw headers in LPS)."""
+    image, labels = make_phantom(size=(40, 36, 20))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    settings = dict(spacing=[8.0, 8.0, 14.0], intensity={"mode": "ct_window", "window": [-125, 275]},
+                    convention="abdomenseg")
+    raw = cache_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", **settings)
+    fixed = cache_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", orientation="LAS", direction=FLIP_AP,
+                       **settings)
+    assert np.array_equal(raw[0], fixed[0]) and np.array_equal(raw[1], fixed[1])
