@@ -45,7 +45,7 @@ DEFAULT_CONFIG = {
               "init_from": None,
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
                           "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0,
-                          "unenhanced_prob": 0.0}},
+                          "unenhanced_prob": 0.0, "enlarge_spleen_prob": 0.0}},
 }
 CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "rmsprop", "sgd"),
@@ -277,6 +277,14 @@ class Trainer:
                                       "set augment.unenhanced_prob to 0 for this model")
             from .augment import RandUnenhancedd
             chain.append(RandUnenhancedd(organs=self.organs, window=intensity["window"], prob=a["unenhanced_prob"]))
+        if a["enlarge_spleen_prob"] > 0:
+            if "spleen" not in self.organs:
+                raise AbdomenSegError("augment.enlarge_spleen_prob needs a model that segments the spleen",
+                                      "set augment.enlarge_spleen_prob to 0 or add spleen to model.organs")
+            from .augment import RandOrganEnlarged
+            spacing = self.config["model"]["spacing"][::-1]  # (z, y, x) like the arrays
+            chain.append(RandOrganEnlarged(channel=self.organs.index("spleen") + 1, spacing=spacing,
+                                           prob=a["enlarge_spleen_prob"]))
         if a["intensity_prob"] > 0:
             chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
                       T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]

@@ -117,3 +117,32 @@ def test_trainer_applies_it_and_rejects_it_for_mr(tmp_path):
     config["model"].update(modality="MR", intensity={"mode": "mr_percentile"})
     with pytest.raises(AbdomenSegError, match="unenhanced_prob"):
         Trainer(config, tmp_path / "c", log=lambda m: None)
+
+
+def test_organ_enlargement_scales_the_organ_and_leaves_the_far_field():
+    from AbdomenSegLib.augment import RandOrganEnlarged
+    label = np.zeros((1, 32, 64, 64), dtype=np.int64)
+    z, y, x = np.indices(label.shape[1:])
+    spleen = ((z - 16) * 3.0) ** 2 + ((y - 32) * 2.0) ** 2 + ((x - 40) * 2.0) ** 2 <= 12.0 ** 2  # 12 mm ball
+    label[0][spleen] = 2
+    label[0, :, :, :6] = 1  # a far-away "liver" slab
+    image = np.where(label > 0, 0.6, 0.2).astype(np.float32)
+    t = RandOrganEnlarged(channel=2, spacing=(3.0, 2.0, 2.0), prob=1.0, scale=(1.5, 1.5))
+    t.set_random_state(seed=0)
+    out = t({"image": image.copy(), "label": label.copy()})
+    grown_spleen = out["label"][0] == 2
+    assert 2.8 < grown_spleen.sum() / spleen.sum() < 4.0  # 1.5 ** 3 = 3.4, within voxel rounding
+    assert ndimage.label(grown_spleen)[1] == 1  # no folding or tearing
+    assert np.array_equal(out["label"][0, :, :, :6], label[0, :, :, :6])  # beyond the warp's reach: untouched
+    inside = ndimage.binary_erosion(grown_spleen, iterations=2)  # the image moves with its labels (edges blend)
+    assert inside.sum() > 0.3 * grown_spleen.sum() and np.allclose(out["image"][0][inside], 0.6)
+    # An organ absent from the patch: nothing happens.
+    none = t({"image": image.copy(), "label": np.where(label == 2, 0, label)})
+    assert np.array_equal(none["image"], image)
+
+
+def test_trainer_refuses_spleen_enlargement_without_a_spleen(tmp_path):
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1, model={"organs": ["liver", "kidney_left"]})
+    config["train"]["augment"]["enlarge_spleen_prob"] = 0.5
+    with pytest.raises(AbdomenSegError, match="enlarge_spleen_prob"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
