@@ -27,7 +27,26 @@ UNENHANCED_HU = {
 }
 
 
-class RandUnenhancedd(RandomizableTransform, MapTransform):
+class _ImageLabelTransform(RandomizableTransform, MapTransform):
+    """A random transform of an (image, label) pair, drawn once per call with probability `prob`."""
+
+    def __init__(self, image_key, label_key, prob):
+        MapTransform.__init__(self, [image_key])
+        RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        return self.apply(d, np.asarray(d[self.image_key], dtype=np.float32), np.asarray(d[self.label_key]))
+
+    def apply(self, d: dict, image: np.ndarray, label: np.ndarray) -> dict:
+        raise NotImplementedError
+
+
+class RandUnenhancedd(_ImageLabelTransform):
     """With probability `prob`, wash the contrast out of labelled organs (image in window units [0, 1]).
 
     organs: the organ name of each label channel 1..C-1 (channel 0 is background).
@@ -37,22 +56,14 @@ class RandUnenhancedd(RandomizableTransform, MapTransform):
 
     def __init__(self, image_key="image", label_key="label", *, organs, window, prob=0.3, strength=(0.6, 1.0),
                  spread=(0.4, 1.0), jitter_hu=20.0, sigma=1.0):
-        MapTransform.__init__(self, [image_key])
-        RandomizableTransform.__init__(self, prob)
-        self.image_key, self.label_key = image_key, label_key
+        super().__init__(image_key, label_key, prob)
         low, high = float(window[0]), float(window[1])
         self.targets = [(c + 1, (UNENHANCED_HU[o] - low) / (high - low)) for c, o in enumerate(organs)
                         if o in UNENHANCED_HU]
         self.hu_unit = 1.0 / (high - low)
         self.strength, self.spread, self.jitter, self.sigma = strength, spread, jitter_hu * self.hu_unit, sigma
 
-    def __call__(self, data):
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        image = np.asarray(d[self.image_key], dtype=np.float32)
-        label = np.asarray(d[self.label_key])
+    def apply(self, d, image, label):
         alpha = self.R.uniform(*self.strength)
         delta = np.zeros(image.shape, dtype=np.float32)
         for channel, target in self.targets:
@@ -76,7 +87,7 @@ class RandUnenhancedd(RandomizableTransform, MapTransform):
         return d
 
 
-class RandOrganEnlarged(RandomizableTransform, MapTransform):
+class RandOrganEnlarged(_ImageLabelTransform):
     """With probability `prob`, enlarge one organ (e.g. the spleen: splenomegaly) inside the patch.
 
     The 20 BTCV training spleens hold 60-420 mL; a validation case's holds 3 L and the model calls it liver.
@@ -88,19 +99,12 @@ class RandOrganEnlarged(RandomizableTransform, MapTransform):
 
     def __init__(self, image_key="image", label_key="label", *, channel, spacing, prob=0.2, scale=(1.2, 1.9),
                  reach=1.6):
-        MapTransform.__init__(self, [image_key])
-        RandomizableTransform.__init__(self, prob)
-        self.image_key, self.label_key, self.channel = image_key, label_key, channel
+        super().__init__(image_key, label_key, prob)
+        self.channel = channel
         self.spacing = np.asarray(spacing, dtype=np.float32)
         self.scale, self.reach = scale, reach
 
-    def __call__(self, data):
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        image = np.asarray(d[self.image_key], dtype=np.float32)
-        label = np.asarray(d[self.label_key])
+    def apply(self, d, image, label):
         organ = np.argwhere(label[0] == self.channel)
         if len(organ) < 50:
             return d  # organ (almost) absent from this patch
