@@ -60,8 +60,7 @@ class RandUnenhancedd(_ImageLabelTransform):
         low, high = float(window[0]), float(window[1])
         self.targets = [(c + 1, (UNENHANCED_HU[o] - low) / (high - low)) for c, o in enumerate(organs)
                         if o in UNENHANCED_HU]
-        self.hu_unit = 1.0 / (high - low)
-        self.strength, self.spread, self.jitter, self.sigma = strength, spread, jitter_hu * self.hu_unit, sigma
+        self.strength, self.spread, self.jitter, self.sigma = strength, spread, jitter_hu / (high - low), sigma
 
     def apply(self, d, image, label):
         alpha = self.R.uniform(*self.strength)

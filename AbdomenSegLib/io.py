@@ -7,6 +7,7 @@ never leaves a half-written file that a later `--overwrite`-less run would skip.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -107,6 +108,13 @@ def atomic_output(path, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(data, path) -> Path:
+    """A JSON file (cards, catalogs) written whole or not at all."""
+    with atomic_output(path, ".json") as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)
 
 
 def write_image(image: sitk.Image, path, *, protect=()) -> Path:

@@ -156,7 +156,7 @@ def load_network(card: ModelCard, device: str = "cpu"):
 def export_package(network, card_data: dict, out_dir, *, register_in=None, make_default=False) -> ModelCard:
     """Write weights (safetensors) + card with sha256; optionally list it in a catalog."""
     from safetensors.torch import save_file
-    from .io import atomic_output
+    from .io import atomic_output, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +166,7 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
     with atomic_output(weights, ".safetensors") as tmp:
         save_file(state, tmp)
     card_data = dict(card_data, weights=weights.name, sha256=sha256_of(weights))
-    with atomic_output(out_dir / "card.json", ".json") as tmp:
-        Path(tmp).write_text(json.dumps(card_data, indent=2) + "\n")
+    write_json(card_data, out_dir / "card.json")
     if register_in is not None:
         index = Path(register_in) / "catalog.json"
         entries = json.loads(index.read_text()) if index.is_file() else {"default": card_data["name"], "models": []}
@@ -179,6 +178,5 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
             entries["models"].append(entry)
         if make_default:
             entries["default"] = card_data["name"]
-        with atomic_output(index, ".json") as tmp:
-            Path(tmp).write_text(json.dumps(entries, indent=2) + "\n")
+        write_json(entries, index)
     return read_card(out_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AbdomenSegError
-from .io import atomic_output
+from .io import write_json
 from .organs import BY_NAME
 
 DEFAULT_CONFIG = {
@@ -141,7 +141,7 @@ class Trainer:
         torch.set_num_threads(int(t["threads"]))
         set_determinism(seed=t["seed"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(config, self.out_dir / "config.json")
         self.organs = config["model"]["organs"]
         self.channels = len(self.organs) + 1
         self._load_data()
@@ -539,7 +539,6 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     card.data["timing"] = {"cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
                            "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
                            "gpu_seconds": None}
-    with atomic_output(target / "card.json", ".json") as tmp:  # a catalog entry's card is never half-written
-        Path(tmp).write_text(json.dumps(card.data, indent=2) + "\n")
+    write_json(card.data, target / "card.json")
     log("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.data["validation"]["dice"].items()))
     return card

@@ -25,7 +25,8 @@ def make_input(path: Path, slices: int) -> str:
     source = ROOT.parent / "shared" / "data" / "btcv_ct" / "images" / "btcv_img0001.nii.gz"
     if source.is_file():
         image = sitk.ReadImage(str(source))
-        image.SetDirection([1, 0, 0, 0, -1, 0, 0, 0, 1])  # the BTCV copy's header fix (datasets.read_case)
+        from AbdomenSegLib.models import find_model  # the BTCV copy's header fix, as the default model's config gives it
+        image.SetDirection([float(v) for v in find_model()["training"]["config"]["data"]["direction"]])
         hu = sitk.GetArrayFromImage(image).astype(np.float32) * (400.0 / 255.0) - 125.0
         # Outside the window BTCV stores -125 HU; put air back outside the body as a real scan has it.
         hu[hu <= -124.9] = -1000.0
