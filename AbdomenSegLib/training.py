@@ -45,7 +45,7 @@ DEFAULT_CONFIG = {
               "init_from": None,
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
                           "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0,
-                          "unenhanced_prob": 0.0, "enlarge_spleen_prob": 0.0}},
+                          "unenhanced_prob": 0.0, "enlarge_spleen_prob": 0.0, "renal_cyst_prob": 0.0}},
 }
 CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "rmsprop", "sgd"),
@@ -285,6 +285,15 @@ class Trainer:
             spacing = self.config["model"]["spacing"][::-1]  # (z, y, x) like the arrays
             chain.append(RandOrganEnlarged(channel=self.organs.index("spleen") + 1, spacing=spacing,
                                            prob=a["enlarge_spleen_prob"]))
+        if a["renal_cyst_prob"] > 0:
+            intensity = self.config["model"]["intensity"]
+            kidneys = [self.organs.index(o) + 1 for o in ("kidney_right", "kidney_left") if o in self.organs]
+            if intensity["mode"] != "ct_window" or not kidneys:
+                raise AbdomenSegError("augment.renal_cyst_prob needs a CT model (intensity mode ct_window) that "
+                                      "segments a kidney", "set augment.renal_cyst_prob to 0 for this model")
+            from .augment import RandRenalCystd
+            chain.append(RandRenalCystd(channels=kidneys, window=intensity["window"],
+                                        spacing=self.config["model"]["spacing"][::-1], prob=a["renal_cyst_prob"]))
         if a["intensity_prob"] > 0:
             chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
                       T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]

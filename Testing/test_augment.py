@@ -1,4 +1,4 @@
-"""The unenhanced-CT augmentation moves enhanced organs to their unenhanced attenuation and nothing else."""
+"""Training augmentations: unenhanced CT, organ enlargement, renal cysts — each changes what it should and nothing else."""
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -145,4 +145,38 @@ def test_trainer_refuses_spleen_enlargement_without_a_spleen(tmp_path):
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1, model={"organs": ["liver", "kidney_left"]})
     config["train"]["augment"]["enlarge_spleen_prob"] = 0.5
     with pytest.raises(AbdomenSegError, match="enlarge_spleen_prob"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+
+
+def test_renal_cyst_is_fluid_labelled_kidney_and_spares_other_organs():
+    from AbdomenSegLib.augment import RandRenalCystd
+    image, label = enhanced_patch()
+    t = RandRenalCystd(channels=[3], window=WINDOW, spacing=(3.0, 2.0, 2.0), prob=1.0, radius_mm=(10.0, 14.0),
+                       hu=(5.0, 15.0), noise_hu=4.0)
+    t.set_random_state(seed=2)
+    out = t({"image": image.copy(), "label": label.copy()})
+    new_kidney = (out["label"] == 3) & (label != 3)
+    # The phantom kidney is 110-200 HU, so its voxels below 40 HU are the cyst's (its partial-volume rim aside).
+    fluid = (out["label"] == 3) & (to_hu(out["image"]) < 40)
+    # Some voxels changed: the cyst has fluid attenuation (drawn 5-15 HU, noise 4 HU) ...
+    assert fluid.sum() > 50
+    assert 0.0 < np.median(to_hu(out["image"][fluid])) < 20.0
+    # ... background the cyst bulges into became kidney, never another organ's voxels ...
+    assert new_kidney.any() and np.all(label[new_kidney] == 0)
+    for channel in (1, 2, 4):
+        assert np.array_equal(out["label"] == channel, label == channel)
+    # ... the image changed only within a few voxels of the cyst (partial-volume rim), not elsewhere.
+    cyst = fluid | new_kidney
+    far = ~ndimage.binary_dilation(cyst[0], np.ones((3, 3, 3)), iterations=5)[None]  # blur reaches 4 voxels
+    assert np.allclose(out["image"][far], image[far], atol=1e-3)
+    # No kidney in the patch: nothing happens.
+    no_kidney = np.where(label == 3, 0, label)
+    same = t({"image": image.copy(), "label": no_kidney})
+    assert np.array_equal(same["image"], image) and np.array_equal(same["label"], no_kidney)
+
+
+def test_trainer_refuses_renal_cysts_without_a_kidney(tmp_path):
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1, model={"organs": ["liver", "spleen"]})
+    config["train"]["augment"]["renal_cyst_prob"] = 0.5
+    with pytest.raises(AbdomenSegError, match="renal_cyst_prob"):
         Trainer(config, tmp_path / "run", log=lambda m: None)
