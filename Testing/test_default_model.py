@@ -29,9 +29,9 @@ def test_default_is_the_btcv_ct_3d_model(default_card):
 def test_large_organs_are_found_on_every_validation_case(default_card):
     # Floors under the measured per-case values (README: validation table); a regression fails here.
     # (test_shipped_models checks that the card's mean Dice reproduces.)
-    # Measured per case (card post-processing): liver 0.90-0.96, spleen 0.79 (btcv_img0009, a 3-litre spleen) /
-    # 0.91-0.97, kidneys 0.79-0.96, aorta 0.79-0.93, pancreas 0.53-0.82.
-    floors = {"liver": 0.85, "spleen": 0.74, "kidney_right": 0.75, "kidney_left": 0.85, "aorta": 0.75, "pancreas": 0.50}
+    # Measured per case (card post-processing): liver 0.91-0.96, spleen 0.89 (btcv_img0009, a 3-litre spleen) -
+    # 0.96, kidney_right 0.83-0.92, kidney_left 0.89-0.95, aorta 0.78-0.93, pancreas 0.50-0.81.
+    floors = {"liver": 0.85, "spleen": 0.85, "kidney_right": 0.78, "kidney_left": 0.85, "aorta": 0.75, "pancreas": 0.45}
     for row in validation_rows(default_card.name):
         if row["organ"] in floors:
             assert row["dice"] >= floors[row["organ"]], (row["case"], row["organ"], row["dice"])
@@ -51,11 +51,11 @@ def real_hu(default_card):
 def test_real_hu_ct_gets_liver_spleen_and_kidneys_in_the_right_places(real_hu):
     """TotalSegmentator's example CT: real HU (not BTCV's window), unenhanced, RAS-stored, correct headers.
 
-    Measured Dice: liver 0.96, spleen 0.96, kidneys 0.80 / 0.95. (Before the BTCV header correction, with the
+    Measured Dice: liver 0.96, spleen 0.96, kidneys 0.87 / 0.96. (Before the BTCV header correction, with the
     model's grid declared LPS, the model saw this scan mirrored front-to-back: spleen 0.15, kidneys 0.00 / 0.19.)
     """
     prediction, rows = real_hu
-    floors = {"liver": 0.9, "spleen": 0.85, "kidney_right": 0.75, "kidney_left": 0.85}
+    floors = {"liver": 0.9, "spleen": 0.85, "kidney_right": 0.8, "kidney_left": 0.85}
     for organ, floor in floors.items():
         assert rows[organ]["dice"] >= floor, (organ, rows[organ]["dice"])
     labels = sitk.GetArrayViewFromImage(prediction)
