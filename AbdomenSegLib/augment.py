@@ -30,6 +30,18 @@ UNENHANCED_HU = {
 }
 
 
+def window_scale(window) -> tuple:
+    """(low, width) of a CT window in HU: a value maps to image units as (hu - low) / width, a difference as
+    hu / width (the cached image is [0, 1] over the window)."""
+    low, high = float(window[0]), float(window[1])
+    return low, high - low
+
+
+def mm_grid(shape, spacing) -> np.ndarray:
+    """Voxel centres in mm, (3, z, y, x), for `spacing` given (z, y, x)."""
+    return np.indices(shape, dtype=np.float32) * np.asarray(spacing, dtype=np.float32)[:, None, None, None]
+
+
 class _ImageLabelTransform(RandomizableTransform, MapTransform):
     """A random transform of an (image, label) pair, drawn once per call with probability `prob`."""
 
@@ -60,10 +72,9 @@ class RandUnenhancedd(_ImageLabelTransform):
     def __init__(self, image_key="image", label_key="label", *, organs, window, prob=0.3, strength=(0.6, 1.0),
                  spread=(0.4, 1.0), jitter_hu=20.0, sigma=1.0):
         super().__init__(image_key, label_key, prob)
-        low, high = float(window[0]), float(window[1])
-        self.targets = [(c + 1, (UNENHANCED_HU[o] - low) / (high - low)) for c, o in enumerate(organs)
-                        if o in UNENHANCED_HU]
-        self.strength, self.spread, self.jitter, self.sigma = strength, spread, jitter_hu / (high - low), sigma
+        low, width = window_scale(window)
+        self.targets = [(c + 1, (UNENHANCED_HU[o] - low) / width) for c, o in enumerate(organs) if o in UNENHANCED_HU]
+        self.strength, self.spread, self.jitter, self.sigma = strength, spread, jitter_hu / width, sigma
 
     def apply(self, d, image, label):
         alpha = self.R.uniform(*self.strength)
@@ -114,8 +125,7 @@ class RandOrganEnlarged(_ImageLabelTransform):
         centre = organ.mean(0) * self.spacing
         radius = float(np.percentile(np.linalg.norm(organ * self.spacing - centre, axis=1), 95))
         inner, outer = radius * s, radius * s * self.reach
-        grid = np.indices(label.shape[1:], dtype=np.float32)
-        offset = grid * self.spacing[:, None, None, None] - centre[:, None, None, None]
+        offset = mm_grid(label.shape[1:], self.spacing) - centre[:, None, None, None]
         distance = np.sqrt((offset ** 2).sum(0)) + 1e-6
         # Radial source distance: d / s inside the enlarged organ, then linear up to no displacement at `outer`
         # (monotonic, so the warp never folds).
@@ -144,9 +154,8 @@ class RandRenalCystd(_ImageLabelTransform):
                  radius_mm=(8.0, 25.0), hu=(0.0, 20.0), noise_hu=8.0):
         super().__init__(image_key, label_key, prob)
         self.channels = list(channels)
-        low, high = float(window[0]), float(window[1])
-        self.fluid = ((hu[0] - low) / (high - low), (hu[1] - low) / (high - low))
-        self.noise = noise_hu / (high - low)
+        low, width = window_scale(window)
+        self.fluid, self.noise = ((hu[0] - low) / width, (hu[1] - low) / width), noise_hu / width
         self.spacing = np.asarray(spacing, dtype=np.float32)
         self.radius = radius_mm
 
@@ -158,8 +167,8 @@ class RandRenalCystd(_ImageLabelTransform):
         kidney = np.argwhere(label[0] == channel)
         centre = kidney[self.R.randint(len(kidney))] * self.spacing
         radii = self.R.uniform(*self.radius, size=3)
-        grid = np.indices(label.shape[1:], dtype=np.float32) * self.spacing[:, None, None, None]
-        inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
+        offset = mm_grid(label.shape[1:], self.spacing) - centre[:, None, None, None]
+        inside = ((offset / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
         cyst = inside & ((label[0] == channel) | (label[0] == 0))
         if not cyst.any():
             return d

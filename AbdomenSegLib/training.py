@@ -55,28 +55,43 @@ CHOICES = {
 }
 
 
-def _merge(base: dict, override: dict, path="") -> dict:
+def _merge(base: dict, override: dict, path="", strict=True) -> dict:
+    """`override` over `base`, section by section; the architecture, its args and the intensity block are
+    replaced whole. strict: every key must exist in `base` (defaults); otherwise new keys are added (extends)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key not in base:
+        if strict and key not in base:
             raise AbdomenSegError(f"unknown config key '{path}{key}'", f"known keys here: {', '.join(base)}")
-        if isinstance(base[key], dict) and key not in ("args", "intensity", "architecture") and isinstance(value, dict) and base[key]:
-            out[key] = _merge(base[key], value, f"{path}{key}.")
+        below = base.get(key)
+        if isinstance(below, dict) and key not in ("args", "intensity", "architecture") and isinstance(value, dict) and below:
+            out[key] = _merge(below, value, f"{path}{key}.", strict)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
+
+
+def read_config(path: Path, seen=()) -> dict:
+    """A JSON config file; `"extends": "other.json"` (relative to this file) starts from that config, so a
+    continuation stage only states what it changes."""
+    if not path.is_file():
+        raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
+    if path.resolve() in seen:
+        raise AbdomenSegError(f"config '{path}' extends itself (through {', '.join(p.name for p in seen)})",
+                              "remove the circular 'extends'")
+    try:
+        source = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AbdomenSegError(f"config '{path}' is not valid JSON ({exc})", "fix the JSON syntax") from None
+    parent = source.pop("extends", None)
+    if parent is None:
+        return source
+    return _merge(read_config(path.parent / parent, seen + (path.resolve(),)), source, strict=False)
 
 
 def load_config(source) -> dict:
     """Config from a JSON file or dict, merged over defaults and validated (clear errors)."""
     if not isinstance(source, dict):
-        path = Path(source)
-        if not path.is_file():
-            raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
-        try:
-            source = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise AbdomenSegError(f"config '{path}' is not valid JSON ({exc})", "fix the JSON syntax") from None
+        source = read_config(Path(source))
     config = _merge(DEFAULT_CONFIG, source)
     for (section, key), allowed in CHOICES.items():
         if config[section][key] not in allowed:
@@ -270,30 +285,30 @@ class Trainer:
         if a["elastic_prob"] > 0:
             chain.append(T.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=a["elastic_prob"],
                                           mode=("bilinear", "nearest")))
+        # Project-made augmentations (augment.py); they work on the windowed CT image and the model-space grid.
+        intensity = self.config["model"]["intensity"]
+        window = intensity["window"] if intensity["mode"] == "ct_window" else None
+        spacing = self.config["model"]["spacing"][::-1]  # (z, y, x) like the arrays
         if a["unenhanced_prob"] > 0:
-            intensity = self.config["model"]["intensity"]
-            if intensity["mode"] != "ct_window":
+            if window is None:
                 raise AbdomenSegError("augment.unenhanced_prob needs a CT model with intensity mode ct_window",
                                       "set augment.unenhanced_prob to 0 for this model")
             from .augment import RandUnenhancedd
-            chain.append(RandUnenhancedd(organs=self.organs, window=intensity["window"], prob=a["unenhanced_prob"]))
+            chain.append(RandUnenhancedd(organs=self.organs, window=window, prob=a["unenhanced_prob"]))
         if a["enlarge_spleen_prob"] > 0:
             if "spleen" not in self.organs:
                 raise AbdomenSegError("augment.enlarge_spleen_prob needs a model that segments the spleen",
                                       "set augment.enlarge_spleen_prob to 0 or add spleen to model.organs")
             from .augment import RandOrganEnlarged
-            spacing = self.config["model"]["spacing"][::-1]  # (z, y, x) like the arrays
             chain.append(RandOrganEnlarged(channel=self.organs.index("spleen") + 1, spacing=spacing,
                                            prob=a["enlarge_spleen_prob"]))
         if a["renal_cyst_prob"] > 0:
-            intensity = self.config["model"]["intensity"]
             kidneys = [self.organs.index(o) + 1 for o in ("kidney_right", "kidney_left") if o in self.organs]
-            if intensity["mode"] != "ct_window" or not kidneys:
+            if window is None or not kidneys:
                 raise AbdomenSegError("augment.renal_cyst_prob needs a CT model (intensity mode ct_window) that "
                                       "segments a kidney", "set augment.renal_cyst_prob to 0 for this model")
             from .augment import RandRenalCystd
-            chain.append(RandRenalCystd(channels=kidneys, window=intensity["window"],
-                                        spacing=self.config["model"]["spacing"][::-1], prob=a["renal_cyst_prob"]))
+            chain.append(RandRenalCystd(channels=kidneys, window=window, spacing=spacing, prob=a["renal_cyst_prob"]))
         if a["intensity_prob"] > 0:
             chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
                       T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]

@@ -1,5 +1,4 @@
 """Dataset reading: header corrections, and the anatomical check that justifies the BTCV one."""
-import json
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.models import RESOURCES
 from AbdomenSegLib.organs import BY_NAME, convert_labels
 from AbdomenSegLib.phantom import make_phantom
+from AbdomenSegLib.training import read_config
 
 from conftest import shared
 
@@ -42,7 +42,7 @@ def test_btcv_copy_is_anterior_posterior_mirrored_and_its_configs_correct_it():
     totalseg = shared("totalseg_example", "example_seg_fast_force_split.nii.gz")
     assert posterior_of(sitk.ReadImage(str(totalseg)), "totalseg", "kidney_left", "stomach") > 30
     for config in (RESOURCES / "configs").glob("btcv_*.json"):
-        data = json.loads(config.read_text())
+        data = read_config(config)  # with what it extends
         assert data["data"]["direction"] == FLIP_AP and data["model"]["orientation"] == "LAS", config.name
 
 

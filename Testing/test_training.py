@@ -137,6 +137,28 @@ def test_config_errors_are_clear(tmp_path, change, message):
         load_config(base)
 
 
+def test_a_config_extends_another_and_states_only_its_changes(tmp_path):
+    write = lambda name, data: (tmp_path / name).write_text(json.dumps(data))  # noqa: E731
+    write("base.json", {"name": "x", "data": {"root": str(tmp_path)},
+                        "model": {"spacing": [2.0, 2.0, 3.0], "intensity": {"mode": "ct_window", "window": [-100, 200]}},
+                        "train": {"steps": 100, "lr": 0.002, "augment": {"blur_prob": 0.2}}})
+    write("stage.json", {"extends": "base.json", "model": {"intensity": {"mode": "mr_percentile"}},
+                         "train": {"lr": 0.0003, "init_from": "runs/x", "augment": {"noise_prob": 0.1}}})
+    config = load_config(tmp_path / "stage.json")
+    assert config["train"]["steps"] == 100 and config["model"]["spacing"] == [2.0, 2.0, 3.0]  # from the base
+    assert config["train"]["lr"] == 0.0003 and config["train"]["init_from"] == "runs/x"  # the stage's own
+    assert config["train"]["augment"]["blur_prob"] == 0.2 and config["train"]["augment"]["noise_prob"] == 0.1
+    assert config["model"]["intensity"] == {"mode": "mr_percentile"}  # replaced whole, as in a single file
+    assert "extends" not in config
+    write("loop.json", {"extends": "stage2.json"})
+    write("stage2.json", {"extends": "loop.json"})
+    with pytest.raises(AbdomenSegError, match="extends itself"):
+        load_config(tmp_path / "loop.json")
+    write("orphan.json", {"extends": "missing.json"})
+    with pytest.raises(AbdomenSegError, match="missing.json' does not exist"):
+        load_config(tmp_path / "orphan.json")
+
+
 def test_torchrun_ddp_without_code_changes(tmp_path):
     """Two processes under PyTorch's own launcher (gloo on CPU; NCCL on GPUs): trains, exports once."""
     import subprocess
