@@ -92,7 +92,10 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.summary(), 3)  # tooltip
             self.ui.modelsListWidget.addItem(name)
         if self._cards:
-            self.ui.modelComboBox.setCurrentIndex(max(0, list(self._cards).index(default_model_name())))
+            # A broken default package is left out of the catalog; then the first working model is shown.
+            names = list(self._cards)
+            default = default_model_name()
+            self.ui.modelComboBox.setCurrentIndex(names.index(default) if default in names else 0)
 
     def _onModelChanged(self, index):
         name = self.ui.modelComboBox.itemData(index)

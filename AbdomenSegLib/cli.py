@@ -33,117 +33,205 @@ class _Bar:
         self.bar.close()
 
 
+# Exit statuses: 0 all written and unflagged; 1 some cases of a set failed (the rest were done);
+# 2 nothing done, a user-fixable error; 3 written, but the result check flagged something (see stderr);
+# 130 cancelled.
+EXIT_FLAGGED = 3
+
+
+def _organ_names(text, allowed=None) -> list | None:
+    """Comma-separated organ names, checked before any work (a typo must not cost a run)."""
+    from .organs import BY_NAME
+    if not text:
+        return None
+    names = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in names if o not in BY_NAME]
+    if unknown or not names:
+        raise AbdomenSegError(f"unknown organ name(s) {', '.join(unknown) or repr(text)}",
+                              f"use names from: {', '.join(BY_NAME)}")
+    if allowed is not None:
+        outside = [o for o in names if o not in allowed]
+        if outside:
+            raise AbdomenSegError(f"the model does not segment {', '.join(outside)}",
+                                  f"it segments: {', '.join(allowed)}")
+    return names
+
+
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
-    from .batch import expand_inputs
+    from .batch import expand_inputs, plan_outputs
     from .inference import Options, get_segmenter
-    from .io import read_image, write_labels
+    from .io import check_output_type, prepare_output, sweep_partials
+    from .models import find_model
 
+    organs = _organ_names(args.organs)
     cases, batch = expand_inputs(args.input)
     output = Path(args.output)
     if batch:
         if output.exists() and not output.is_dir():
             raise AbdomenSegError(f"output '{output}' is a file but the input is a set of cases",
                                   "give an output folder")
-        targets = [(name, src, output / f"{name}{args.format}") for name, src in cases]
+        check_output_type(f"case{args.format}")
+        targets = plan_outputs(cases, output, args.format)
+        if not targets:
+            raise AbdomenSegError(f"no inputs left in '{args.input}' once earlier outputs are set aside",
+                                  "give a folder of scans")
+        prepare_output(output / ".probe", overwrite=True)
+        for path in sweep_partials(output):
+            _log(f"removed {path.name}, left by an interrupted run")
     else:
-        targets = [(cases[0][0], cases[0][1], output)]
-        if output.is_dir():
-            raise AbdomenSegError(f"output '{output}' is a folder", "give an output file name such as organs.nii.gz")
-    for _, src, dst in targets:
-        if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-            raise AbdomenSegError(f"output '{dst}' would overwrite the input", "choose another output path")
-    options = Options(input_intensity=args.input_intensity,
-                      organs=[o.strip() for o in args.organs.split(",")] if args.organs else None,
+        name, src = cases[0]
+        if src.exists() and output.exists() and src.resolve() == output.resolve():
+            raise AbdomenSegError(f"output '{output}' would overwrite the input", "choose another output path")
+        check_output_type(output)
+        prepare_output(output, overwrite=args.overwrite)
+        targets = [(name, src, output)]
+    card = find_model(args.model)
+    organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
+    options = Options(input_intensity=args.input_intensity, organs=organs,
                       largest_component=args.largest_component, fill_holes=args.fill_holes)
-    segmenter = get_segmenter(args.model, args.device, log=_log)
+    segmenter = get_segmenter(card, args.device, log=_log)
     _log(f"model {segmenter.card.name} on {segmenter.device}")
-    failures, written, skipped = [], 0, 0
+    failures, flagged, written, skipped = [], [], 0, 0
     for index, (name, src, dst) in enumerate(targets, start=1):
-        if dst.exists() and not args.overwrite:
-            if not batch:
-                raise AbdomenSegError(f"output '{dst}' exists", "pass --overwrite to replace it, or choose another name")
+        tag = f"[{index}/{len(targets)}] {name}"
+        if batch and dst.exists() and not args.overwrite:
             skipped += 1
-            _log(f"[{index}/{len(targets)}] {name}: {dst} exists, skipped (--overwrite replaces it)")
+            _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)")
             continue
         start = time.time()
-        bar = _Bar(f"[{index}/{len(targets)}] {name}")
         try:
-            image = read_image(src)
-            labels = segmenter.segment(image, options, progress=bar)
-            write_labels(labels, dst, protect=[src])
+            flags = _segment_one(segmenter, src, dst, options, args.overwrite, tag)
             written += 1
         except AbdomenSegError as exc:
             if not batch:
                 raise
             failures.append(name)
-            _log(f"[{index}/{len(targets)}] {name}: error: {exc}")
+            _log(f"{tag}: error: {exc}")
             continue
+        for flag in flags:
+            _log(f"warning: {name}: {flag}")
+        if flags:
+            flagged.append(name)
+        _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if flags else ""))
+    if batch:
+        _log(f"{written} written ({len(flagged)} flagged), {skipped} skipped, {len(failures)} failed")
+    if failures:
+        return 1
+    return EXIT_FLAGGED if flagged else 0
+
+
+def _segment_one(segmenter, src, dst, options, overwrite, tag) -> list:
+    """Read, segment, write one case while holding its output; returns the result check's flags."""
+    from .io import check_output_can_hold, claim_output, read_image, write_labels
+    from .qc import check_result
+    with claim_output(dst, overwrite=overwrite):
+        image = read_image(src)
+        check_output_can_hold(image.GetDirection(), dst)
+        bar = _Bar(tag)
+        try:
+            labels = segmenter.segment(image, options, progress=bar)
         finally:
             bar.close()
-        _log(f"[{index}/{len(targets)}] {name} -> {dst} ({time.time() - start:.1f} s)")
-    if batch:
-        _log(f"{written} written, {skipped} skipped, {len(failures)} failed")
-    return 1 if failures else 0
+        write_labels(labels, dst, protect=[src], overwrite=overwrite)
+    return check_result(labels, options.organs)
 
 
 # -- evaluate -----------------------------------------------------------------------------------
 def _evaluate(args) -> int:
+    import math
     from .batch import expand_inputs, find_reference
     from .io import read_image
-    from .metrics import evaluate, format_table, summarize, write_csv
+    from .metrics import check_convention, evaluate, format_table, summarize, write_csv
 
+    if not math.isfinite(args.tolerance) or args.tolerance <= 0:
+        raise AbdomenSegError(f"--tolerance {args.tolerance:g} is not a positive distance",
+                              "give the surface Dice tolerance in mm, e.g. --tolerance 2")
+    organs = _organ_names(args.organs)
+    check_convention(args.reference_labels)
+    check_convention(args.prediction_labels)
     predictions, batch = expand_inputs(args.prediction)
     ref = Path(args.reference)
     if batch and not ref.is_dir():
         raise AbdomenSegError("the prediction is a set of cases but the reference is not a folder",
                               "give a reference folder with label maps named like the predictions")
-    if args.csv and Path(args.csv).exists() and not args.overwrite:
-        raise AbdomenSegError(f"metrics file '{args.csv}' exists", "pass --overwrite to replace it, or choose another name")
-    rows = []
-    organs = [o.strip() for o in args.organs.split(",")] if args.organs else None
+    if not batch and not ref.exists():
+        raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
+    csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
+    rows, failures = [], []
     for index, (name, path) in enumerate(predictions, start=1):
         ref_path = find_reference(ref, name) if batch else ref
         if ref_path is None:
             _log(f"[{index}/{len(predictions)}] {name}: no reference in {ref}, skipped")
             continue
-        case_rows = evaluate(read_image(path), read_image(ref_path), reference_convention=args.reference_labels,
-                             prediction_convention=args.prediction_labels, organs=organs,
-                             tolerance_mm=args.tolerance, case=name, model=args.model_name)
+        try:
+            case_rows = evaluate(read_image(path), read_image(ref_path), reference_convention=args.reference_labels,
+                                 prediction_convention=args.prediction_labels, organs=organs,
+                                 tolerance_mm=args.tolerance, case=name, model=args.model_name)
+        except AbdomenSegError as exc:
+            if not batch:
+                raise
+            failures.append(name)
+            _log(f"[{index}/{len(predictions)}] {name}: error: {exc}")
+            continue
         rows += case_rows
         _log(f"[{index}/{len(predictions)}] {name} evaluated")
         if not batch:
             print(format_table(case_rows))
     if not rows:
-        raise AbdomenSegError("no prediction had a matching reference", "name references like the predictions")
+        raise AbdomenSegError("no prediction could be evaluated against a reference",
+                              "name references like the predictions" + (" and fix the errors above" if failures else ""))
     summary = summarize(rows)
     if batch:
         print("organ                   cases  Dice mean±std    HD95 mm   NSD")
         for s in summary:
             print(f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
                   f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}")
-    if args.csv:
-        path = write_csv(rows, args.csv)
-        summary_path = path.with_name(path.stem + "_summary.csv")
-        write_csv(summary, summary_path)
-        _log(f"metrics: {path}, summary: {summary_path}")
+    if csv_paths:
+        write_csv(rows, csv_paths[0])
+        write_csv(summary, csv_paths[1])
+        _log(f"metrics: {csv_paths[0]}, summary: {csv_paths[1]}")
+    if failures:
+        _log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
+        return 1
     return 0
+
+
+def _check_csv_outputs(args, inputs) -> list:
+    """The metrics CSV and its summary: .csv files that replace no input and, unasked, no existing file."""
+    from .io import prepare_output
+    if not args.csv:
+        return []
+    path = Path(args.csv)
+    if path.suffix.lower() != ".csv":
+        raise AbdomenSegError(f"--csv '{path}' does not end in .csv", "name the metrics file e.g. metrics.csv")
+    paths = [path, path.with_name(path.stem + "_summary.csv")]
+    taken = {Path(p).resolve() for p in inputs if Path(p).exists()}
+    for p in paths:
+        if p.exists() and p.resolve() in taken:
+            raise AbdomenSegError(f"metrics file '{p}' is one of the inputs", "choose another --csv name")
+        prepare_output(p, overwrite=args.overwrite)
+    return paths
 
 
 # -- models / phantom / train -------------------------------------------------------------------
 def _models(args) -> int:
-    from .models import catalog, default_model_name
-    cards = catalog()
+    from .models import catalog_with_problems, default_model_name
+    cards, broken = catalog_with_problems()
     if args.json:
-        print(json.dumps({name: card.data for name, card in cards.items()}, indent=2))
+        listing = {name: card.data for name, card in cards.items()}
+        listing.update({name: {"broken": str(err)} for name, err in broken.items()})
+        print(json.dumps(listing, indent=2))
         return 0
-    if not cards:
+    if not cards and not broken:
         print("no models installed")
         return 1
     default = default_model_name()
     for name, card in cards.items():
         print(card.summary() + ("\n  (default)" if name == default else ""))
-    return 0
+    for name, err in broken.items():
+        print(f"{name}\n  broken: {err}")
+    return 0 if cards else 1
 
 
 def _phantom(args) -> int:

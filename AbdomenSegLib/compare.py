@@ -61,7 +61,7 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
     write_csv(rows, out_dir / "metrics.csv")
     write_csv(summary, out_dir / "comparison.csv")
     with atomic_output(out_dir / "comparison.md") as tmp:
-        Path(tmp).write_text(markdown_table(summary))
+        Path(tmp).write_text(markdown_table(summary), encoding="utf-8")
     box_plot(rows, out_dir / "dice_boxplot.png")
     return summary
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from . import postprocess
 from .errors import AbdomenSegError, Cancelled
+from .card_schema import DEFAULT_ROI_SIZE
 from .models import ModelCard, find_model, load_network
 from .pipeline import check_input, to_model_space
 from .preprocess import bounding_box, pad_to_multiple
@@ -64,19 +65,11 @@ def get_segmenter(model=None, device="auto", log=print) -> "Segmenter":
         _CACHE[key] = Segmenter(card, resolved, log=log)
     return _CACHE[key]
 
-DEFAULT_ROI = [64, 96, 96]  # for cards that name no inference.roi_size
 
 
 class Segmenter:
     def __init__(self, card: ModelCard, device: str = "cpu", log=print):
-        if card["dimensions"] not in (2, 3):
-            raise AbdomenSegError(f"model '{card.name}' has dimensions {card['dimensions']}", "use a 2D or 3D model package")
-        if card["dimensions"] == 3:
-            from .networks import divisor
-            roi, stride = card.get("inference", {}).get("roi_size", DEFAULT_ROI), divisor(card["architecture"])
-            if any(r % stride for r in roi):
-                raise AbdomenSegError(f"model '{card.name}' has inference roi_size {roi}, not a multiple of its "
-                                      f"network's stride {stride}", "fix the card's inference.roi_size")
+        # The card was validated when read (card_schema): dimensions, roi_size against the stride, overlap.
         self.card, self.device, self.log = card, device, log
         self.network = load_network(card, device)
         self.timings = Timings(device=device)
@@ -88,7 +81,8 @@ class Segmenter:
         self.timings = Timings(device=self.device)
         card = self.card
         t = time.perf_counter()
-        check_input(image, card["modality"], input_intensity=options.input_intensity)
+        check_input(image, card["modality"], input_intensity=options.input_intensity, model_spacing=card["spacing"],
+                    channels=card.out_channels)
         progress(0.02, "preprocessing")
         space = to_model_space(image, card["spacing"], card["intensity"], orientation=card.get("orientation", "LPS"),
                                input_intensity=options.input_intensity)
@@ -135,10 +129,10 @@ class Segmenter:
         from monai.inferers import sliding_window_inference
 
         inf = self.card.get("inference", {})
-        roi = list(inf.get("roi_size", DEFAULT_ROI))
+        roi = list(inf.get("roi_size", DEFAULT_ROI_SIZE))
         overlap = options.overlap if options.overlap is not None else inf.get("overlap", 0.25)
-        # No padding up to a multiple of the network's stride: every window is roi-sized already (checked in
-        # __init__), and a slab of padding inside the last windows is context the network never saw in training
+        # No padding up to a multiple of the network's stride: every window is roi-sized already (checked when
+        # the card is read), and a slab of padding inside the last windows is context the network never saw in training
         # (it cost MR liver Dice 0.82 -> 0.45 on a 36-slice volume padded to 48). MONAI pads volumes under roi.
         windows = _window_count([max(n, r) for n, r in zip(array.shape, roi)], roi, overlap)
         sw_batch = 2

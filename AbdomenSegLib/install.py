@@ -23,7 +23,7 @@ TORCH_REQUIREMENT = ">=2.1"
 
 def requirement_names(path=REQUIREMENTS) -> list:
     names = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(re.split(r"[<>=!~ \[;]", line, maxsplit=1)[0])

@@ -7,14 +7,18 @@ never leaves a half-written file that a later `--overwrite`-less run would skip.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import integrity, limits
 from .errors import AbdomenSegError
 from .organs import BY_LABEL
 
@@ -42,7 +46,11 @@ def case_name(path) -> str:
 
 
 def read_image(path) -> sitk.Image:
-    """Read a 3D image file or a DICOM series folder. Raises AbdomenSegError with a fix."""
+    """Read a 3D image file or a DICOM series folder. Raises AbdomenSegError with a fix.
+
+    The header is read and checked first (dimensions, size, spacing: `limits`), then the file's
+    completeness (`integrity`), and only then the pixels, so a corrupt or absurd file costs no memory.
+    """
     path = Path(path)
     if not path.exists():
         raise AbdomenSegError(f"input '{path}' does not exist", "check the path and spelling")
@@ -50,16 +58,34 @@ def read_image(path) -> sitk.Image:
         if path.is_dir():
             image = _read_dicom_series(path)
         else:
+            _check_header(path)
+            integrity.check_complete(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise AbdomenSegError(
             f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
             "give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder holding one DICOM series",
         ) from None
-    return _squeeze_to_3d(image, path)
+    image = _squeeze_to_3d(image, path)
+    limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
+    return image
+
+
+def _check_header(path: Path) -> None:
+    """Size and spacing from the header alone (no pixels read): refuse before allocating."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    if len(size) == 4 and size[3] == 1:
+        size = size[:3]
+    if len(size) == 3:
+        limits.check_voxel_count(size, f"'{path}'")
+        limits.check_geometry(size, reader.GetSpacing()[:3], f"'{path}'")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    from .dicom_series import check_read_spacing, check_series_geometry
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -68,9 +94,17 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series) > 1:
         raise AbdomenSegError(f"folder '{folder}' holds {len(series)} DICOM series",
                               "put each series in its own folder and segment one at a time")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    # GDCM silently drops unreadable slices and re-spaces the rest; refuse gaps, duplicates and tilt first.
+    spacing = check_series_geometry(folder, files)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    limits.check_voxel_count((*first.GetSize()[:2], len(files)), f"'{folder}'")
     reader.SetFileNames(files)
-    return reader.Execute()
+    image = reader.Execute()
+    check_read_spacing(image, spacing, Path(folder))
+    return image
 
 
 def _squeeze_to_3d(image: sitk.Image, path) -> sitk.Image:
@@ -90,45 +124,218 @@ def _squeeze_to_3d(image: sitk.Image, path) -> sitk.Image:
     return image
 
 
-@contextlib.contextmanager
-def atomic_output(path, suffix=""):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, else it is removed.
+# Temporary files carry this host and process so that a later run can tell an abandoned one (writer
+# killed with -9, power cut) from one being written right now, and remove only the former.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+PARTIAL_PREFIX = ".part-"
+_ABANDONED_AFTER_S = 24 * 3600  # any host: nothing takes a day to write
 
-    mkstemp creates files readable by their owner only; outputs get the permissions any new file would
-    (0666 minus the umask) so colleagues sharing a results folder can read them.
+
+def _partial_prefix() -> str:
+    return f"{PARTIAL_PREFIX}{_HOST_TAG}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap check: rely on age alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_gone(host_tag: str, pid: int) -> bool:
+    return host_tag == _HOST_TAG and pid != os.getpid() and not _pid_alive(pid)
+
+
+def sweep_partials(folder) -> list:
+    """Remove temporary files in `folder` left by writers that no longer run; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(PARTIAL_PREFIX + "*"):
+        parts = path.name[len(PARTIAL_PREFIX):].split("-")
+        try:
+            gone = len(parts) >= 3 and _owner_gone(parts[0], int(parts[1]))
+            if gone or time.time() - path.stat().st_mtime > _ABANDONED_AFTER_S:
+                path.unlink()
+                removed.append(path)
+        except (ValueError, OSError):
+            continue
+    return removed
+
+
+def prepare_output(path, *, overwrite: bool) -> Path:
+    """Check, before any work, that `path` can be written: no file in the way of its folders, a folder
+    we may write in, and (without `overwrite`) no existing file of that name."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AbdomenSegError(f"cannot write '{path}': '{parent}' is a file, not a folder",
+                                      "choose an output path inside a folder")
+            break
+    if path.is_dir():
+        raise AbdomenSegError(f"output '{path}' is a folder", "give an output file name such as organs.nii.gz")
+    if path.exists() and not overwrite:
+        raise AbdomenSegError(f"output '{path}' exists", "pass --overwrite to replace it, or choose another name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AbdomenSegError(f"cannot create the output folder '{path.parent}' ({exc.strerror})",
+                              "choose an output folder you can write to") from None
+    return path
+
+
+@contextlib.contextmanager
+def claim_output(path, *, overwrite: bool = False):
+    """Hold `path` for this process while it is computed: a lock file beside it, created atomically
+    (O_EXCL), so that a second run aimed at the same output refuses at once instead of both writing it.
+    Creating the lock also proves, before any work, that the folder is writable."""
+    path = prepare_output(path, overwrite=overwrite)
+    lock = path.parent / f".{path.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if not _remove_stale_lock(lock):
+                raise AbdomenSegError(
+                    f"output '{path}' is being written by another AbdomenSeg run ({_lock_owner(lock)})",
+                    f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
+                ) from None
+        except OSError as exc:
+            raise AbdomenSegError(f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
+                                  "choose an output folder you can write to") from None
+    else:
+        raise AbdomenSegError(f"output '{path}' is claimed by another run", "wait for it to finish")
+    try:
+        os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()}\n".encode())
+        os.close(fd)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        tag, pid, host = lock.read_text(encoding="utf-8").split()[:3]
+        return f"process {pid} on {host}"
+    except (OSError, ValueError):
+        return "owner unknown"
+
+
+def _remove_stale_lock(lock: Path) -> bool:
+    try:
+        tag, pid = lock.read_text(encoding="utf-8").split()[:2]
+        stale = _owner_gone(tag, int(pid)) or time.time() - lock.stat().st_mtime > _ABANDONED_AFTER_S
+    except (OSError, ValueError):
+        return False
+    if stale:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix="", *, overwrite: bool = True):
+    """Yield a temporary path beside `path`; on success it becomes `path` in one step, else it is removed.
+
+    With `overwrite=False` the last step is a hard link, which fails if `path` appeared meanwhile, so an
+    existing file is never replaced unasked, even by a race. mkstemp creates files readable by their owner
+    only; outputs get the permissions any new file would (0666 minus the umask) so colleagues sharing a
+    results folder can read them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _publish_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AbdomenSegError(f"output '{path}' appeared while this run was working (another process wrote it)",
+                              "pass --overwrite to replace it, or choose another name") from None
+    except OSError:  # file systems without hard links (FAT, some network shares)
+        if path.exists():
+            raise AbdomenSegError(f"output '{path}' appeared while this run was working",
+                                  "pass --overwrite to replace it, or choose another name") from None
+        os.replace(tmp, path)
+
+
 def write_json(data, path) -> Path:
     """A JSON file (cards, catalogs) written whole or not at all."""
     with atomic_output(path, ".json") as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 
-def write_image(image: sitk.Image, path, *, protect=()) -> Path:
-    """Write atomically; refuse to write over any path in `protect` (e.g. the input)."""
+def check_output_type(path) -> None:
+    """The output's file type must be one we write; checked before any work."""
+    if image_suffix(path) not in (".seg.nrrd", *IMAGE_SUFFIXES):
+        raise AbdomenSegError(f"unsupported output type '{Path(path).name}'",
+                              "use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha")
+
+
+def check_output_can_hold(direction, path) -> None:
+    """NIfTI stores orientation as a rotation (qform quaternion): a sheared direction matrix, as a gantry
+    tilt gives, cannot be written exactly, and the output would no longer match the input's grid."""
+    if not image_suffix(path).startswith(".nii"):
+        return
+    matrix = np.array(direction, dtype=float).reshape(3, 3)
+    if not np.allclose(matrix.T @ matrix, np.eye(3), atol=1e-4):
+        raise AbdomenSegError(
+            f"the input's axes are not perpendicular (sheared direction matrix, e.g. a gantry tilt), which "
+            f"NIfTI ('{Path(path).name}') cannot store exactly", "write .nrrd, .seg.nrrd or .mha instead")
+
+
+def _same_geometry(a, b) -> bool:
+    return (tuple(a.GetSize()) == tuple(b.GetSize())
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=1e-6, atol=1e-4)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+
+
+def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) -> Path:
+    """Write atomically; refuse to write over any path in `protect` (e.g. the input), and (without
+    `overwrite`) over any file that exists by the time the output is complete.
+
+    The written header is read back before the file takes its name: every output must sit in the
+    input's exact grid, and a format that cannot hold that grid must fail, not round it.
+    """
     path = Path(path)
     for other in protect:
         if other is not None and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
             raise AbdomenSegError(f"output '{path}' is the input file", "choose another output path")
+    check_output_type(path)
+    check_output_can_hold(image.GetDirection(), path)
     suffix = image_suffix(path)
-    if suffix not in (".seg.nrrd", *IMAGE_SUFFIXES):
-        raise AbdomenSegError(f"unsupported output type '{path.name}'",
-                              "use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha")
-    with atomic_output(path, suffix if suffix != ".seg.nrrd" else ".nrrd") as tmp:
+    with atomic_output(path, suffix if suffix != ".seg.nrrd" else ".nrrd", overwrite=overwrite) as tmp:
         sitk.WriteImage(image, tmp, useCompression=True)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(tmp)
+        reader.ReadImageInformation()
+        if not _same_geometry(reader, image):
+            raise AbdomenSegError(
+                f"'{path.name}' cannot hold the input's exact grid (written origin {reader.GetOrigin()}, "
+                f"direction {reader.GetDirection()})", "write .nrrd, .seg.nrrd or .mha instead")
     return path
 
 
@@ -168,8 +375,8 @@ def add_segmentation_metadata(label_image: sitk.Image, labels=None) -> sitk.Imag
     return image
 
 
-def write_labels(label_image: sitk.Image, path, *, protect=()) -> Path:
+def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool = True) -> Path:
     """Write a label map; `.seg.nrrd` gets Slicer segment names, colours and terminology."""
     if str(path).lower().endswith(".seg.nrrd"):
         label_image = add_segmentation_metadata(label_image)
-    return write_image(label_image, path, protect=protect)
+    return write_image(label_image, path, protect=protect, overwrite=overwrite)

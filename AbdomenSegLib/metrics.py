@@ -63,13 +63,46 @@ def _overlaps(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(np.all(alo < bhi) and np.all(blo < ahi))
 
 
-def _check_label_map(image: sitk.Image, what: str):
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.integer):
-        values = np.asarray(array[::4, ::4, ::4])
-        if not np.all(values == np.round(values)):
-            raise AbdomenSegError(f"{what} is not a label map (it holds non-integer values)",
-                                  f"give the {what} as a label map with integer organ values")
+# The largest value each convention defines (TotalSegmentator's tasks hold many structures we do not
+# score: their values are valid there and map to background).
+CONVENTION_MAX_VALUE = {"abdomenseg": 14, "btcv": 13, "chaos": 4, "totalseg": 117, "totalseg_mr": 57}
+# No label convention has this many distinct values; a scan has thousands.
+_MAX_LABEL_VALUES = 200
+
+
+def _distinct_values(array: np.ndarray) -> np.ndarray:
+    """Every value present (a bincount for integer maps: one pass, no sort); float images are sampled."""
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize <= 4 and array.size:
+        low, high = int(array.min()), int(array.max())
+        if low >= 0 and high < 1 << 16:
+            return np.flatnonzero(np.bincount(array.ravel(), minlength=1))
+        return np.unique(array[::2, ::2, ::2])
+    return np.unique(array[::2, ::2, ::2])
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise AbdomenSegError(f"unknown label convention '{convention}'", f"use one of: {', '.join(CONVENTIONS)}")
+
+
+def _check_label_map(image: sitk.Image, what: str, convention: str):
+    """Refuse an image that is not a label map of `convention`: a CT or MR given by mistake, or values
+    the convention does not define (scored as background they would give Dice 0 without a word)."""
+    values = _distinct_values(sitk.GetArrayViewFromImage(image))
+    option = "--reference-labels" if what == "reference" else "--prediction-labels"
+    if (not np.all(values == np.round(values)) or values.min() < 0 or len(values) > _MAX_LABEL_VALUES):
+        raise AbdomenSegError(
+            f"the {what} is not a label map (values {values.min():g} to {values.max():g}, {len(values)} distinct): "
+            "it looks like a scan", f"give the {what} as a label map with integer organ values")
+    top = int(values.max())
+    if top > CONVENTION_MAX_VALUE[convention]:
+        unknown = [int(v) for v in values if v > CONVENTION_MAX_VALUE[convention]]
+        fits = [c for c, m in CONVENTION_MAX_VALUE.items() if m >= top]
+        raise AbdomenSegError(
+            f"the {what} holds label values {', '.join(map(str, unknown[:8]))}{' ...' if len(unknown) > 8 else ''} "
+            f"that the '{convention}' convention does not define (it uses 1-{CONVENTION_MAX_VALUE[convention]})",
+            f"pass the {what}'s convention with {option} ({' or '.join(fits) or 'none of ours fits'})")
 
 
 def evaluate(prediction: sitk.Image, reference: sitk.Image, *, reference_convention: str = "abdomenseg",
@@ -77,10 +110,9 @@ def evaluate(prediction: sitk.Image, reference: sitk.Image, *, reference_convent
              case: str = "", model: str = "") -> list:
     """One row (dict) per organ. Organs default to those the reference convention can label."""
     for convention in (reference_convention, prediction_convention):
-        if convention not in CONVENTIONS:
-            raise AbdomenSegError(f"unknown label convention '{convention}'", f"use one of: {', '.join(CONVENTIONS)}")
-    _check_label_map(prediction, "prediction")
-    _check_label_map(reference, "reference")
+        check_convention(convention)
+    _check_label_map(prediction, "prediction", prediction_convention)
+    _check_label_map(reference, "reference", reference_convention)
     reference = align_reference(reference, prediction)
     pred = convert_labels(sitk.GetArrayViewFromImage(prediction), prediction_convention)
     ref = convert_labels(sitk.GetArrayViewFromImage(reference), reference_convention)
@@ -145,7 +177,7 @@ def write_csv(rows: list, path, fields=None) -> Path:
     """Atomic CSV write (temp file + rename)."""
     path = Path(path)
     fields = fields or (list(FIELDS) if rows and set(FIELDS) <= set(rows[0]) else list(rows[0]) if rows else list(FIELDS))
-    with atomic_output(path, ".csv") as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_output(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

@@ -4,6 +4,10 @@ A package is a folder `<name>/` holding `card.json` and the weights file the car
 records everything needed to reproduce the preprocessing (spacing, orientation, intensity handling),
 how the model was trained and how well it did on its validation split. Loading checks the sha256 and
 reads tensors with safetensors, which cannot execute code (no pickle).
+
+Cards and catalogs are files anyone can edit or ship, so: a card's values are judged once, when it is read
+(card_schema); every path they name must resolve inside its package or the models folder (`inside`); and a
+broken package is kept aside with its error instead of taking the whole catalog down (`catalog_with_problems`).
 """
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card_schema import catalog_problems, validate_card
 from .errors import AbdomenSegError
 from .organs import BY_NAME
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 MODELS_DIR = Path(os.environ.get("ABDOMENSEG_MODELS", RESOURCES / "models"))
-REQUIRED_CARD_KEYS = ("name", "dimensions", "architecture", "modality", "labels", "spacing",
-                      "intensity", "weights", "sha256")
+CATALOG_FIX = ('catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
+               "fix it, or reinstall AbdomenSeg (or point ABDOMENSEG_MODELS at another models folder)")
+REEXPORT = "re-export the model with `python -m AbdomenSegLib train <config> --export-only` or reinstall its package"
 
 
 @dataclass
@@ -39,7 +45,8 @@ class ModelCard:
 
     @property
     def weights_path(self) -> Path:
-        return self.path / self.data["weights"]
+        """The weights file, resolved; refused when it lies outside the package (see `inside`)."""
+        return inside(self.path / self.data["weights"], self.path, f"weights of model '{self.name}'")
 
     @property
     def channel_organs(self) -> dict:
@@ -70,46 +77,91 @@ def _seconds(value) -> str:
     return "not measured" if value is None else f"{value} s"
 
 
+def inside(path: Path, folder: Path, what: str) -> Path:
+    """`path` resolved (symlinks followed), refused unless it lies strictly inside `folder` (resolved too).
+
+    Card and catalog paths come from files anyone can edit or ship: without this check `../`, an absolute
+    path or a symlink would have the engine hash and open any file on the machine. Call it before opening."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    if root not in resolved.parents:
+        raise AbdomenSegError(f"{what} '{path}' lies outside '{root}' (it resolves to '{resolved}')",
+                              "a model package must hold its own files; reinstall the package from a trusted source")
+    return resolved
+
+
+def _read_json(path: Path, what: str, fix: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AbdomenSegError(f"{what} '{path}' is not valid JSON ({exc})", fix) from None
+    except OSError as exc:
+        raise AbdomenSegError(f"{what} '{path}' cannot be read ({exc.strerror or exc})", fix) from None
+
+
 def read_card(package_dir) -> ModelCard:
+    """The package's card, its values validated (card_schema): one error lists every bad field."""
     package_dir = Path(package_dir)
-    card_path = package_dir / "card.json"
-    if not card_path.is_file():
+    if not (package_dir / "card.json").is_file():
         raise AbdomenSegError(f"model package '{package_dir}' has no card.json",
                               "a model package is a folder with card.json and its .safetensors weights")
-    try:
-        data = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AbdomenSegError(f"model card '{card_path}' is not valid JSON ({exc})", "fix or re-export the card") from None
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in data]
-    if missing:
-        raise AbdomenSegError(f"model card '{card_path}' lacks {', '.join(missing)}",
-                              "re-export the model with `python -m AbdomenSegLib train` or add the fields")
-    unknown = [n for n in data["labels"].values() if n not in BY_NAME]
-    if unknown:
-        raise AbdomenSegError(f"model card '{card_path}' names unknown organs {unknown}",
-                              f"use names from the organ table: {', '.join(BY_NAME)}")
+    card_path = inside(package_dir / "card.json", package_dir, "model card")
+    data = _read_json(card_path, "model card", REEXPORT)
+    validate_card(data, str(package_dir / "card.json"))
     return ModelCard(package_dir, data)
 
 
-def catalog(models_dir=None) -> dict:
-    """name -> ModelCard for every package listed in catalog.json (default model first)."""
-    models_dir = Path(models_dir or MODELS_DIR)
-    index = models_dir / "catalog.json"
+def read_catalog(models_dir=None) -> dict | None:
+    """catalog.json, its structure checked ({"default", "models": [{"name", "path"}]}); None when absent."""
+    index = Path(models_dir or MODELS_DIR) / "catalog.json"
     if not index.is_file():
-        return {}
-    entries = json.loads(index.read_text())
-    cards = {}
-    for entry in entries.get("models", []):
-        cards[entry["name"]] = read_card(models_dir / entry.get("path", entry["name"]))
-    return cards
+        return None
+    entries = _read_json(index, "model catalog", CATALOG_FIX)
+    problems = catalog_problems(entries)
+    if problems:
+        raise AbdomenSegError(f"model catalog '{index}' is invalid: {'; '.join(problems)}", CATALOG_FIX)
+    return entries
+
+
+def catalog_with_problems(models_dir=None) -> tuple[dict[str, ModelCard], dict[str, AbdomenSegError]]:
+    """(name -> ModelCard for every usable package, name -> the error of every broken one), in catalog order.
+
+    One broken package (a hand-edited card, missing files) must not take the other models down with it;
+    a malformed catalog.json itself is an AbdomenSegError, as nothing in it can be trusted."""
+    models_dir = Path(models_dir or MODELS_DIR)
+    index = read_catalog(models_dir)
+    cards, broken = {}, {}
+    for entry in (index or {}).get("models", []):
+        try:
+            cards[entry["name"]] = _read_entry(models_dir, entry)
+        except AbdomenSegError as error:
+            broken[entry["name"]] = error
+    return cards, broken
+
+
+def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
+    name = entry["name"]
+    folder = models_dir / entry.get("path", name)
+    inside(folder, models_dir, f"package of model '{name}'")
+    card = read_card(folder)
+    if card.name != name:  # find_model(name) must return the model of that name, not another
+        raise AbdomenSegError(f"catalog entry '{name}' points to '{folder}', whose card is named '{card.name}'",
+                              "give the catalog entry and the card the same name")
+    return card
+
+
+def catalog(models_dir=None) -> dict[str, ModelCard]:
+    """name -> ModelCard for every usable package listed in catalog.json (broken ones left out:
+    see catalog_with_problems)."""
+    return catalog_with_problems(models_dir)[0]
 
 
 def default_model_name(models_dir=None) -> str:
     models_dir = Path(models_dir or MODELS_DIR)
-    index = models_dir / "catalog.json"
-    if not index.is_file():
-        raise AbdomenSegError(f"no model catalog at '{index}'", "reinstall AbdomenSeg or set ABDOMENSEG_MODELS")
-    return json.loads(index.read_text())["default"]
+    index = read_catalog(models_dir)
+    if index is None:
+        raise AbdomenSegError(f"no model catalog at '{models_dir / 'catalog.json'}'",
+                              "reinstall AbdomenSeg or set ABDOMENSEG_MODELS")
+    return index["default"]
 
 
 def find_model(name_or_path=None, models_dir=None) -> ModelCard:
@@ -117,7 +169,9 @@ def find_model(name_or_path=None, models_dir=None) -> ModelCard:
     if name_or_path and Path(name_or_path).is_dir():
         return read_card(name_or_path)
     name = name_or_path or default_model_name(models_dir)
-    cards = catalog(models_dir)
+    cards, broken = catalog_with_problems(models_dir)
+    if name in broken:
+        raise AbdomenSegError(f"model '{name}' is installed but broken: {broken[name].problem}", broken[name].fix)
     if name not in cards:
         raise AbdomenSegError(
             f"model '{name}' is not installed",
@@ -137,20 +191,66 @@ def sha256_of(path) -> str:
 
 def load_network(card: ModelCard, device: str = "cpu"):
     """Build the card's network and load its weights after checking the sha256."""
-    from safetensors.torch import load_file
-    from .networks import build_network
-
-    if not card.weights_path.is_file():
-        raise AbdomenSegError(f"weights '{card.weights_path}' are missing", "reinstall the model package")
-    actual = sha256_of(card.weights_path)
+    path = card.weights_path  # refuses weights outside the package before anything is opened
+    if not path.is_file():
+        raise AbdomenSegError(f"weights '{path}' are missing", "reinstall the model package")
+    actual = sha256_of(path)
     if actual != card["sha256"]:
         raise AbdomenSegError(
             f"weights of model '{card.name}' fail the integrity check (sha256 {actual[:12]}… ≠ card {card['sha256'][:12]}…)",
             "the file is corrupt or was replaced; reinstall the model package",
         )
-    network = build_network(card["architecture"], card.in_channels, card.out_channels)
-    network.load_state_dict(load_file(str(card.weights_path), device="cpu"))
+    network = _build(card)
+    _load_weights(network, _read_tensors(path, card), card)
     return network.to(device).eval()
+
+
+def _build(card: ModelCard):
+    from .networks import build_network
+    try:
+        return build_network(card["architecture"], card.in_channels, card.out_channels)
+    except (TypeError, ValueError) as exc:  # an argument MONAI/smp do not take, or a value they refuse
+        raise AbdomenSegError(f"model '{card.name}': architecture {card['architecture']['class']} cannot be built "
+                              f"from the card's args ({exc})", "fix architecture.args in the card") from None
+
+
+def _read_tensors(path: Path, card: ModelCard) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise AbdomenSegError(f"weights '{path}' of model '{card.name}' are not a valid safetensors file ({exc})",
+                              "pickled checkpoints (.pt/.pth) are refused, as loading them can run code; "
+                              + REEXPORT) from None
+
+
+def _load_weights(network, state: dict, card: ModelCard) -> None:
+    """Strict loading: every tensor the card's network has, with its shape, and no others."""
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = _mismatch(network.state_dict(), state) or str(exc).splitlines()[0]
+        raise AbdomenSegError(f"weights of model '{card.name}' do not fit the {card['architecture']['class']} "
+                              f"its card describes: {detail}",
+                              "the card and the weights come from different models; " + REEXPORT) from None
+
+
+def _mismatch(expected: dict, found: dict) -> str:
+    """The difference between two state dicts in a sentence (torch's message lists every tensor)."""
+    reshaped = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    parts = []
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} tensors differ in shape (e.g. {k}: file {list(found[k].shape)}, "
+                     f"card {list(expected[k].shape)})")
+    if missing:
+        parts.append(f"{len(missing)} tensors are missing from the file (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} tensors in the file are not in the card's network (e.g. {extra[0]})")
+    return "; ".join(parts)
 
 
 def export_package(network, card_data: dict, out_dir, *, register_in=None, make_default=False) -> ModelCard:
@@ -159,8 +259,12 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
     from .io import atomic_output, write_json
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
+    # Judge the card before anything is written: re-exporting over an installed package must not replace its
+    # weights and then fail on the card, leaving a package whose card and weights do not belong together.
+    validate_card(dict(card_data, weights=weights.name), str(out_dir / "card.json"), pending=("sha256",))
+    index = read_catalog(register_in) if register_in is not None else None  # a malformed one refused here too
+    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     # Re-exporting over an installed package: each file is swapped whole, never left half-written.
     with atomic_output(weights, ".safetensors") as tmp:
@@ -168,8 +272,7 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
     card_data = dict(card_data, weights=weights.name, sha256=sha256_of(weights))
     write_json(card_data, out_dir / "card.json")
     if register_in is not None:
-        index = Path(register_in) / "catalog.json"
-        entries = json.loads(index.read_text()) if index.is_file() else {"default": card_data["name"], "models": []}
+        entries = index or {"default": card_data["name"], "models": []}
         entry = {"name": card_data["name"], "path": os.path.relpath(out_dir, register_in)}
         names = [e["name"] for e in entries["models"]]
         if entry["name"] in names:  # re-export keeps the model's place in the list
@@ -178,5 +281,5 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
             entries["models"].append(entry)
         if make_default:
             entries["default"] = card_data["name"]
-        write_json(entries, index)
+        write_json(entries, Path(register_in) / "catalog.json")
     return read_card(out_dir)

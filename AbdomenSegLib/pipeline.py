@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from . import limits
 from . import preprocess as pp
 from .errors import AbdomenSegError
 
@@ -28,8 +29,14 @@ class ModelSpace:
     box: tuple  # body bounding box (slices) in model space
 
 
-def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "native", name: str = "input"):
-    """Refuse inputs a model cannot meaningfully segment, naming the fix."""
+def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "native", name: str = "input",
+                model_spacing=None, channels: int = 0):
+    """Refuse inputs a model cannot meaningfully segment, naming the fix; with the model's spacing and
+    channel count, also inputs whose model-space grid would not fit the memory limit (`limits`)."""
+    limits.check_geometry(image.GetSize(), image.GetSpacing(), name)
+    if model_spacing is not None:
+        limits.check_memory(image.GetSize(), image.GetSpacing(), _per_image_axis(image, model_spacing),
+                            channels, name)
     array = sitk.GetArrayViewFromImage(image)
     if array.size == 0 or min(image.GetSize()) < 2:
         raise AbdomenSegError(f"{name} is empty or too thin (size {image.GetSize()})", "give a 3D volume with at least 2 voxels along each axis")
@@ -52,6 +59,12 @@ def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "nat
                 "air should be near -1000)",
                 "for BTCV's 0-255 windowed files pass --input-intensity btcv_uint8; for MR use an MR model",
             )
+
+
+def _per_image_axis(image: sitk.Image, model_spacing) -> list:
+    """The model's spacing along each of the image's axes (the image may store them in another order)."""
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    return [float(model_spacing[int(direction[:, axis].argmax())]) for axis in range(3)]
 
 
 def to_model_space(image: sitk.Image, spacing, intensity: dict, *, orientation: str = pp.CANONICAL_ORIENTATION,

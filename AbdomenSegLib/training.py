@@ -79,7 +79,7 @@ def read_config(path: Path, seen=()) -> dict:
         raise AbdomenSegError(f"config '{path}' extends itself (through {', '.join(p.name for p in seen)})",
                               "remove the circular 'extends'")
     try:
-        source = json.loads(path.read_text())
+        source = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AbdomenSegError(f"config '{path}' is not valid JSON ({exc})", "fix the JSON syntax") from None
     parent = source.pop("extends", None)

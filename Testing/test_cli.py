@@ -30,7 +30,8 @@ def test_module_entry_point_runs_from_the_repository_root(tmp_path):
 
 def test_segment_then_evaluate(phantom_files, tiny_package, capsys):
     d = phantom_files
-    assert main(["segment", str(d / "ct.nii.gz"), str(d / "organs.seg.nrrd"), "--model", str(tiny_package.path)]) == 0
+    # The untrained test model's output may trip the result check (exit 3, written but flagged).
+    assert main(["segment", str(d / "ct.nii.gz"), str(d / "organs.seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
     out = sitk.ReadImage(str(d / "organs.seg.nrrd"))
     assert out.GetSize() == (64, 56, 24)
     assert main(["evaluate", str(d / "organs.seg.nrrd"), str(d / "ref.nii.gz"), "--csv", str(d / "m.csv")]) == 0
@@ -47,12 +48,12 @@ def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys)
     images, refs = write_phantom_dataset(tmp_path, ref_suffix=".nrrd")
     outs = tmp_path / "out"
     args = ["segment", str(images), str(outs), "--model", str(tiny_package.path)]
-    assert main(args) == 0
+    assert main(args) in (0, 3)
     assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
     stamp = (outs / "case0.nii.gz").stat().st_mtime_ns
-    assert main(args) == 0
+    assert main(args) == 0  # nothing new written, nothing flagged
     assert "skipped" in capsys.readouterr().err and (outs / "case0.nii.gz").stat().st_mtime_ns == stamp
-    assert main(args + ["--overwrite"]) == 0 and (outs / "case0.nii.gz").stat().st_mtime_ns != stamp
+    assert main(args + ["--overwrite"]) in (0, 3) and (outs / "case0.nii.gz").stat().st_mtime_ns != stamp
     assert main(["evaluate", str(outs / "*.nii.gz"), str(refs), "--csv", str(tmp_path / "all.csv")]) == 0
     rows = (tmp_path / "all.csv").read_text().splitlines()[1:]
     assert {r.split(",")[0] for r in rows} == {"case0", "case1"} and len(rows) == 28
@@ -112,7 +113,7 @@ def test_unknown_model_and_overwriting_the_input(phantom_files, tiny_package, ca
 def test_dicom_series_folder_as_input(tmp_path, tiny_package):
     folder = shared("dcmqi_ct3slice", "ct-3slice")
     # 3 slices are thinner than any network window: the runner pads, the output keeps the input grid.
-    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) == 0
+    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
     out, ref = sitk.ReadImage(str(tmp_path / "seg.nrrd")), sitk.ReadImage(str(folder / "01.dcm"))
     assert out.GetSize() == (512, 512, 3)
     assert np.allclose(out.GetOrigin()[:2], ref.GetOrigin()[:2], atol=1e-3)
