@@ -1,17 +1,22 @@
 """AbdomenSeg: abdominal organ segmentation (CT/MR, 2D/3D U-Nets) with per-organ Dice/IoU.
 
-Thin Slicer layer: all behaviour lives in AbdomenSegLib (engine) and AbdomenSegLib.slicer_logic
-(MRML operations, tested outside Slicer). Nothing here imports torch, shows dialogs or downloads at
-import or in setup(), so Slicer's generic module tests pass without PyTorch installed.
+Thin Slicer layer: all behaviour lives in AbdomenSegLib (engine) and AbdomenSegLib.slicer_logic /
+slicer_runs (MRML operations and background runs, tested outside Slicer). Nothing here imports torch,
+shows dialogs or downloads at import or in setup(), so Slicer's generic module tests pass without
+PyTorch installed. Segmentation runs in a background process (as SlicerTotalSegmentator and
+SlicerMONAIAuto3DSeg do), polled by a timer on the main thread, so the panel never freezes.
 """
+import logging
 import os
 import sys
 from typing import Annotated, Optional, Union
 
+import qt
 import slicer
+import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -23,6 +28,11 @@ for _candidate in (_here, os.path.dirname(_here)):
         sys.path.insert(0, _candidate)
         break
 
+# Same values as AbdomenSegLib.slicer_logic.REFERENCE_CONVENTIONS (importing it here would load the engine
+# at Slicer start-up; Testing/test_packaging.py checks the two agree).
+REFERENCE_CONVENTIONS = ["colour table names", "abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr"]
+DOCUMENTATION = "https://github.com/abdomenseg/SlicerAbdomenSeg#readme"
+
 
 class AbdomenSeg(ScriptedLoadableModule):
     def __init__(self, parent):
@@ -30,13 +40,20 @@ class AbdomenSeg(ScriptedLoadableModule):
         self.parent.title = _("AbdomenSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["AbdomenSeg developers"]
+        self.parent.contributors = ["AbdomenSeg developers (https://github.com/abdomenseg/SlicerAbdomenSeg)"]
         self.parent.helpText = _(
             "Segments abdominal organs (liver, spleen, kidneys, pancreas and the other BTCV structures) in CT and MR "
-            "with 3D U-Nets, and compares segmentations with a reference (Dice, IoU, volumes, HD95, surface Dice). "
-            "See the README for the models' validated accuracy.")
+            "with 2D/3D U-Nets, and compares segmentations with a reference (Dice, IoU, volumes, HD95, surface Dice). "
+            "Validated accuracy, limits and the command line: <a href=\"{url}\">documentation</a>.").format(url=DOCUMENTATION)
         self.parent.acknowledgementText = _(
-            "Models trained on BTCV (Synapse multi-organ CT, research use) and CHAOS MR (CC BY-SA 4.0).")
+            "Models trained on BTCV (Synapse multi-organ CT, research use only) and CHAOS MR (CC BY-SA 4.0). "
+            "Not a medical device.")
+        # ScriptedLoadableModule looks for <module dir>/Resources/Icons/<name>.png (Slicer v5.6.2
+        # Base/Python/slicer/ScriptedLoadableModule.py:35-41); that is where a built extension has it, but
+        # in a source checkout Resources/ sits one folder up.
+        checkout_icon = os.path.join(_here, os.pardir, "Resources", "Icons", "AbdomenSeg.png")
+        if not os.path.isfile(os.path.join(_here, "Resources", "Icons", "AbdomenSeg.png")) and os.path.isfile(checkout_icon):
+            self.parent.icon = qt.QIcon(checkout_icon)
 
 
 @parameterNodeWrapper
@@ -44,23 +61,30 @@ class AbdomenSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
-    model: str = ""
+    model: str = ""  # bound by hand to the model combo box (its items carry the name as data)
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     largestComponent: Annotated[str, Choice(["model", "all", "none"])] = "model"
     fillHoles: bool = False
+    referenceConvention: Annotated[str, Choice(REFERENCE_CONVENTIONS)] = REFERENCE_CONVENTIONS[0]
     reviewSegments: bool = False
-    tolerance: float = 2.0
+    tolerance: Annotated[float, WithinRange(0.1, 50.0)] = 2.0
 
 
 class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_MS = 100
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._cards = {}
+        self._run = None  # the background run in progress (AbdomenSegLib.slicer_runs.BackgroundRun)
+        self._runKind = None  # "segment" or "compare"
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self._onTimer)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -70,72 +94,88 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AbdomenSegLogic()
-        self._fillModels()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.compareModelsButton.connect("clicked(bool)", self.onCompareModelsButton)
+        # Connected before the combo is filled, so the organ list follows the first model shown.
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
+        self.ui.organsListWidget.connect("itemChanged(QListWidgetItem*)", self._checkCanApply)
+        self.ui.modelsListWidget.connect("itemSelectionChanged()", self._checkCanApply)
+        self._fillModels()
         self.initializeParameterNode()
 
     def _fillModels(self):
-        """Catalog entries (reads JSON only; no torch)."""
-        from AbdomenSegLib.models import catalog, default_model_name
-        self._cards = catalog()
+        """Catalog entries (reads JSON only; no torch); broken packages are named in the tooltip."""
+        from AbdomenSegLib.models import catalog_with_problems, default_model_name
+        self._cards, broken = catalog_with_problems()
         self.ui.modelComboBox.clear()
         self.ui.modelsListWidget.clear()
         for name, card in self._cards.items():
             t = card.get("timing", {})
             label = f"{name} ({card['modality']}, {card['dimensions']}D, CPU ~{t.get('cpu_seconds', '?')} s)"
             self.ui.modelComboBox.addItem(label, name)
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.summary(), 3)  # tooltip
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.summary(), qt.Qt.ToolTipRole)
             self.ui.modelsListWidget.addItem(name)
+        for name, error in broken.items():
+            logging.warning(f"AbdomenSeg: model package '{name}' is broken: {error}")
         if self._cards:
-            # A broken default package is left out of the catalog; then the first working model is shown.
             names = list(self._cards)
-            default = default_model_name()
+            default = default_model_name()  # a broken default is not in the list: show the first working one
             self.ui.modelComboBox.setCurrentIndex(names.index(default) if default in names else 0)
 
     def _onModelChanged(self, index):
         name = self.ui.modelComboBox.itemData(index)
-        if self._parameterNode and name:
+        if self._parameterNode and name and self._parameterNode.model != name:
             self._parameterNode.model = name
         self.ui.organsListWidget.clear()
         card = self._cards.get(name)
         for organ in (card["labels"].values() if card else []):
-            item = self._checkableItem(organ)
+            item = qt.QListWidgetItem(organ)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked)
             self.ui.organsListWidget.addItem(item)
+        self._checkCanApply()
 
-    @staticmethod
-    def _checkableItem(text):
-        import qt
-        item = qt.QListWidgetItem(text)
-        item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-        item.setCheckState(qt.Qt.Checked)
-        return item
+    def _showParameterNodeModel(self):
+        """The combo shows the parameter node's model (after a scene load, the saved one)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        index = self.ui.modelComboBox.findData(p.model) if p.model else -1
+        if index < 0:
+            p.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
+        elif index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.setCurrentIndex(index)
+
+    def _checkedOrgans(self):
+        items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]
+        return [i.text() for i in items if i.checkState() == qt.Qt.Checked], len(items)
 
     def _selectedOrgans(self):
-        import qt
-        items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]
-        chosen = [i.text() for i in items if i.checkState() == qt.Qt.Checked]
-        return None if len(chosen) == len(items) else chosen
+        """None for every organ the model has; else the checked ones (never an empty list: Segment is off then)."""
+        chosen, total = self._checkedOrgans()
+        return None if len(chosen) == total else chosen
 
     # -- parameter node lifecycle ---------------------------------------------------------------
     def cleanup(self):
-        self._cancelRequested = True
+        self._cancelRun()
+        self._timer.stop()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
+        # The Slicer v5.10.0 scripted-module template (Utilities/Templates/Modules/Scripted/TemplateKey.py:184-191).
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        self._cancelRequested = True
+        self._cancelRun()  # its volume is going away
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -146,26 +186,119 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._showParameterNodeModel()
+        self._checkCanApply()
 
-    # -- actions ---------------------------------------------------------------------------------
-    def _progress(self, fraction, message):
+    def _onParameterNodeModified(self, caller=None, event=None):
+        self._showParameterNodeModel()
+        self._checkCanApply()
+
+    def _checkCanApply(self, *args):
+        """Buttons are enabled only when their inputs are there; the tooltip says what is missing."""
+        p = self._parameterNode
+        busy = self._run is not None
+        chosen, _total = self._checkedOrgans()
+        missing = (_("Select an input volume") if not (p and p.inputVolume) else
+                   _("No model is installed") if not (p and p.model) else
+                   _("Check at least one organ") if not chosen else "")
+        self.ui.applyButton.enabled = (self._runKind == "segment") or (not busy and not missing)
+        self.ui.applyButton.toolTip = missing or _("Segment the input; click again to cancel")
+        self.ui.applyButton.text = _("Cancel") if self._runKind == "segment" else _("Segment")
+        self.ui.compareButton.enabled = bool(not busy and p and p.outputSegmentation and p.referenceNode)
+        models = self.ui.modelsListWidget.selectedItems()
+        self.ui.compareModelsButton.enabled = (self._runKind == "compare") or bool(
+            not busy and p and p.inputVolume and models)
+        self.ui.compareModelsButton.text = (_("Cancel") if self._runKind == "compare"
+                                            else _("Run selected models and compare"))
+
+    # -- background runs -------------------------------------------------------------------------
+    def _start(self, kind, models, segmentationNode=None, replace=False):
+        p = self._parameterNode
+        device = self.logic.resolveDevice(p.device, models[0], confirmCpu=self._confirmCpu)
+        if device is None:
+            return
+        self._run = self.logic.startRun(p.inputVolume, models, device=device,
+                                        organs=self._selectedOrgans() if kind == "segment" else None,
+                                        segmentationNode=segmentationNode, replaceExisting=replace,
+                                        largestComponent=p.largestComponent, fillHoles=p.fillHoles)
+        self._runKind = kind
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Starting…")
+        self._checkCanApply()
+        self._timer.start()
+
+    def _onTimer(self):
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        try:
+            running = run.step()  # imports finished results into MRML: main thread only, as here
+        except Exception as exc:  # an import failure must not leave the timer spinning
+            self._finish()
+            slicer.util.errorDisplay(_("Segmentation failed.") + f"\n{exc}")
+            return
+        fraction, message = run.progress
         self.ui.progressBar.value = int(fraction * 100)
         self.ui.statusLabel.text = message
-        slicer.app.processEvents()  # keeps the Cancel button responsive during blocking inference
+        if not running:
+            self._finish()
 
+    def _finish(self):
+        run, kind = self._run, self._runKind
+        self._timer.stop()
+        self._run, self._runKind = None, None
+        self._checkCanApply()
+        if run is None:
+            return
+        if run.cancelled:
+            self.ui.statusLabel.text = _("Cancelled.")
+            return
+        if run.error:
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Segmentation failed:") + f"\n{run.error}")
+            return
+        for warning in run.warnings:
+            logging.warning(f"AbdomenSeg: {warning}")
+        if run.warnings:
+            slicer.util.warningDisplay(_("Check this result before using it:") + "\n\n" + "\n\n".join(run.warnings))
+        p = self._parameterNode
+        if kind == "segment" and run.results:
+            seg = next(iter(run.results.values()))
+            if p:
+                p.outputSegmentation = seg
+            self.ui.show3DButton.setSegmentationNode(seg)
+            self.ui.tableView.setMRMLTableNode(self.logic.organVolumes(seg, run.volumeNode))
+        elif kind == "compare" and run.results:
+            with slicer.util.tryWithErrorDisplay(_("Model comparison failed."), waitCursor=True):
+                table, chart = self.logic.core.model_comparison(
+                    run.volumeNode, run.results, p.referenceNode if p else None,
+                    p.referenceConvention if p else REFERENCE_CONVENTIONS[0], p.tolerance if p else 2.0)
+                self.ui.tableView.setMRMLTableNode(table)
+                if chart is not None:
+                    slicer.modules.plots.logic().ShowChartInLayout(chart)
+        self.ui.statusLabel.text = _("Done.")
+
+    def _cancelRun(self):
+        if self._run is not None:
+            self._run.cancel()
+            self._finish()
+
+    # -- actions ---------------------------------------------------------------------------------
     def onApplyButton(self):
-        if self._running:
-            self._cancelRequested = True
-            self.ui.statusLabel.text = _("Cancelling…")
+        if self._runKind == "segment":
+            self._cancelRun()
             return
         p = self._parameterNode
         output = p.outputSegmentation
@@ -175,24 +308,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("'{name}' already has segments. Replace them?").format(name=output.GetName()))
             if not replace:
                 return
-        self._running, self._cancelRequested = True, False
-        self.ui.applyButton.text = _("Cancel")
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-                self.logic.ensureDependencies(interactive=True)
-                seg = self.logic.segment(p.inputVolume, model=p.model, device=p.device, organs=self._selectedOrgans(),
-                                         segmentationNode=output, replaceExisting=replace,
-                                         largestComponent=p.largestComponent, fillHoles=p.fillHoles,
-                                         progress=self._progress, cancel=lambda: self._cancelRequested,
-                                         confirmCpu=self._confirmCpu)
-                if seg is not None:
-                    p.outputSegmentation = seg
-                    self.ui.show3DButton.setSegmentationNode(seg)
-                    table = self.logic.organVolumes(seg, p.inputVolume)
-                    self.ui.tableView.setMRMLTableNode(table)
-        finally:
-            self._running = False
-            self.ui.applyButton.text = _("Segment")
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            self.logic.ensureDependencies(interactive=True)
+            self._start("segment", [p.model], segmentationNode=output, replace=replace)
 
     def _confirmCpu(self, seconds):
         return slicer.util.confirmOkCancelDisplay(
@@ -202,24 +320,23 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Comparison failed."), waitCursor=True):
             table = self.logic.compareWithReference(p.outputSegmentation, p.referenceNode, volumeNode=p.inputVolume,
-                                                    toleranceMm=p.tolerance, review=p.reviewSegments)
+                                                    toleranceMm=p.tolerance, referenceConvention=p.referenceConvention,
+                                                    review=p.reviewSegments)
             self.ui.tableView.setMRMLTableNode(table)
 
     def onCompareModelsButton(self):
-        p = self._parameterNode
+        if self._runKind == "compare":
+            self._cancelRun()
+            return
         models = [i.text() for i in self.ui.modelsListWidget.selectedItems()]
         with slicer.util.tryWithErrorDisplay(_("Model comparison failed."), waitCursor=True):
             self.logic.ensureDependencies(interactive=True)
-            _segs, table, chart = self.logic.compareModels(p.inputVolume, models, device=p.device,
-                                                           referenceNode=p.referenceNode, progress=self._progress,
-                                                           cancel=lambda: self._cancelRequested)
-            self.ui.tableView.setMRMLTableNode(table)
-            if chart is not None:
-                slicer.modules.plots.logic().ShowChartInLayout(chart)
+            self._start("compare", models)
 
 
 class AbdomenSegLogic(ScriptedLoadableModuleLogic):
-    """Scripting entry points; blocking and popup-free unless `interactive` callbacks are given."""
+    """Scripting entry points: `segment`, `compareWithReference`, `compareModels` block and show no pop-ups;
+    `startRun` is what the panel uses (a background process)."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -232,47 +349,64 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
     def core(self):
         if self._core is None:
             from AbdomenSegLib.slicer_logic import AbdomenSegCore
-            self._core = AbdomenSegCore(slicer.mrmlScene, log=lambda m: print(m))
+            self._core = AbdomenSegCore(slicer.mrmlScene, log=logging.info)
         return self._core
 
     def ensureDependencies(self, interactive=False):
         from AbdomenSegLib.install import ensure_dependencies
         confirm = slicer.util.confirmOkCancelDisplay if interactive else None
-        return ensure_dependencies(confirm=confirm)
+        return ensure_dependencies(confirm=confirm, log=logging.info)
+
+    def resolveDevice(self, device, model=None, confirmCpu=None):
+        """`device`, or "cpu" when CUDA was asked for but is missing and `confirmCpu(seconds)` agrees; None if not."""
+        if device != "cuda":
+            return device
+        import torch
+        if torch.cuda.is_available():
+            return device
+        if confirmCpu is None:
+            return "cpu"
+        from AbdomenSegLib.models import find_model
+        return "cpu" if confirmCpu(find_model(model or None).get("timing", {}).get("cpu_seconds", "?")) else None
+
+    def startRun(self, volumeNode, models, device="auto", organs=None, segmentationNode=None, replaceExisting=False,
+                 largestComponent="model", fillHoles=False):
+        from AbdomenSegLib.slicer_runs import BackgroundRun
+        return BackgroundRun(self.core, volumeNode, models, device=device, organs=organs,
+                             segmentation_node=segmentationNode, replace_existing=replaceExisting,
+                             largest_component=largestComponent, fill_holes=fillHoles,
+                             temp_root=slicer.app.temporaryPath)
 
     def segment(self, volumeNode, model=None, device="auto", organs=None, segmentationNode=None,
                 replaceExisting=False, largestComponent="model", fillHoles=False, progress=None, cancel=None,
                 confirmCpu=None):
-        """Segment a volume; returns the segmentation node (None if the user declined a CPU run)."""
+        """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run)."""
         from AbdomenSegLib.errors import Cancelled
-        if device == "cuda" and confirmCpu is not None:
-            import torch
-            if not torch.cuda.is_available():
-                from AbdomenSegLib.models import find_model
-                if not confirmCpu(find_model(model or None).get("timing", {}).get("cpu_seconds", "?")):
-                    return None
-                device = "cpu"
+        device = self.resolveDevice(device, model, confirmCpu)
+        if device is None:
+            return None
         try:
             return self.core.segment(volumeNode, model=model or None, device=device, organs=organs,
                                      segmentation_node=segmentationNode, replace_existing=replaceExisting,
                                      largest_component=largestComponent, fill_holes=fillHoles,
                                      progress=progress, cancel=cancel)
         except Cancelled:
-            slicer.util.showStatusMessage(_("Segmentation cancelled."), 3000)
+            logging.info("AbdomenSeg: segmentation cancelled")
             return None
 
     def organVolumes(self, segmentationNode, volumeNode):
         return self.core.organ_volumes(segmentationNode, volumeNode)
 
     def compareWithReference(self, segmentationNode, referenceNode, volumeNode=None, toleranceMm=2.0,
-                             referenceConvention="abdomenseg", review=False):
+                             referenceConvention=REFERENCE_CONVENTIONS[0], review=False):
         return self.core.compare_with_reference(segmentationNode, referenceNode, volume_node=volumeNode,
                                                 tolerance_mm=toleranceMm, reference_convention=referenceConvention,
                                                 review=review)
 
-    def compareModels(self, volumeNode, models, device="auto", referenceNode=None, progress=None, cancel=None):
+    def compareModels(self, volumeNode, models, device="auto", referenceNode=None,
+                      referenceConvention=REFERENCE_CONVENTIONS[0], progress=None, cancel=None):
         return self.core.compare_models(volumeNode, models, device=device, reference_node=referenceNode,
-                                        progress=progress, cancel=cancel)
+                                        reference_convention=referenceConvention, progress=progress, cancel=cancel)
 
 
 class AbdomenSegTest(ScriptedLoadableModuleTest):
@@ -286,9 +420,10 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
         self.test_segment_phantom()
 
     def test_segment_phantom(self):
-        import importlib.util
-        if importlib.util.find_spec("torch") is None:
-            self.delayDisplay("PyTorch is not installed: skipping the segmentation self-test")
+        from AbdomenSegLib.install import missing_packages
+        missing = missing_packages()
+        if missing:  # Slicer's generic tests run this without the extension's Python packages
+            self.delayDisplay(f"Python packages {', '.join(missing)} are not installed: skipping the segmentation self-test")
             return
         from AbdomenSegLib.phantom import make_phantom
         from AbdomenSegLib.slicer_logic import scalar_volume_node_from_image, segmentation_to_labels

@@ -33,6 +33,26 @@ class _Bar:
         self.bar.close()
 
 
+class _JsonLines:
+    """`segment --progress-json`: one JSON object per line on stdout, flushed, for a parent process (the Slicer
+    module's background run, AbdomenSegLib/background.py): {"progress": f, "message": m} while working, then one
+    {"done": true, "output", "flags", "exit", "model", "device"} or {"error": "<problem>. <fix>"}. stderr is unchanged."""
+
+    def __init__(self):
+        self.flags, self.model, self.device = [], None, None
+
+    @staticmethod
+    def emit(**fields):
+        print(json.dumps(fields), file=sys.stdout, flush=True)
+
+    def progress(self, index, count):
+        """progress(fraction, message) for case `index` of `count`, scaled to the whole run."""
+        def report(fraction, message):
+            prefix = f"[{index}/{count}] " if count > 1 else ""
+            self.emit(progress=round((index - 1 + float(fraction)) / count, 4), message=prefix + message)
+        return report
+
+
 # Exit statuses: 0 all written and unflagged; 1 some cases of a set failed (the rest were done);
 # 2 nothing done, a user-fixable error; 3 written, but the result check flagged something (see stderr);
 # 130 cancelled.
@@ -92,6 +112,9 @@ def _segment(args) -> int:
                       largest_component=args.largest_component, fill_holes=args.fill_holes)
     segmenter = get_segmenter(card, args.device, log=_log)
     _log(f"model {segmenter.card.name} on {segmenter.device}")
+    json_lines = getattr(args, "json_lines", None)
+    if json_lines:
+        json_lines.model, json_lines.device = segmenter.card.name, segmenter.device
     failures, flagged, written, skipped = [], [], 0, 0
     for index, (name, src, dst) in enumerate(targets, start=1):
         tag = f"[{index}/{len(targets)}] {name}"
@@ -101,7 +124,8 @@ def _segment(args) -> int:
             continue
         start = time.time()
         try:
-            flags = _segment_one(segmenter, src, dst, options, args.overwrite, tag)
+            flags = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
+                                 json_lines.progress(index, len(targets)) if json_lines else None)
             written += 1
         except AbdomenSegError as exc:
             if not batch:
@@ -111,6 +135,8 @@ def _segment(args) -> int:
             continue
         for flag in flags:
             _log(f"warning: {name}: {flag}")
+            if json_lines:
+                json_lines.flags.append(f"{name}: {flag}" if batch else str(flag))
         if flags:
             flagged.append(name)
         _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if flags else ""))
@@ -121,7 +147,7 @@ def _segment(args) -> int:
     return EXIT_FLAGGED if flagged else 0
 
 
-def _segment_one(segmenter, src, dst, options, overwrite, tag) -> list:
+def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None) -> list:
     """Read, segment, write one case while holding its output; returns the result check's flags."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
     from .qc import check_result
@@ -129,8 +155,13 @@ def _segment_one(segmenter, src, dst, options, overwrite, tag) -> list:
         image = read_image(src)
         check_output_can_hold(image.GetDirection(), dst)
         bar = _Bar(tag)
+
+        def progress(fraction, message):
+            bar(fraction, message)
+            if report:
+                report(fraction, message)
         try:
-            labels = segmenter.segment(image, options, progress=bar)
+            labels = segmenter.segment(image, options, progress=progress)
         finally:
             bar.close()
         write_labels(labels, dst, protect=[src], overwrite=overwrite)
@@ -286,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd"),
                    help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    p.add_argument("--progress-json", action="store_true",
+                   help="print progress and the outcome as JSON lines on stdout (for the Slicer module's background run)")
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("evaluate", help="per-organ Dice, IoU, volumes, HD95, ASSD, surface Dice")
@@ -341,11 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    json_lines = args.json_lines = _JsonLines() if getattr(args, "progress_json", False) else None
     try:
-        return args.func(args)
+        code = args.func(args)
+        if json_lines:
+            json_lines.emit(done=True, output=str(args.output), flags=json_lines.flags, exit=code,
+                            model=json_lines.model, device=json_lines.device)
+        return code
     except AbdomenSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if json_lines:
+            json_lines.emit(error=str(exc))
         return 2
     except Cancelled:
         print("cancelled", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if json_lines:
+            json_lines.emit(error=f"unexpected {type(exc).__name__}: {exc}. See the log (stderr) for details")
+        raise

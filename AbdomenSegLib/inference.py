@@ -81,6 +81,8 @@ class Segmenter:
         self.timings = Timings(device=self.device)
         card = self.card
         t = time.perf_counter()
+        if options.organs is not None and not list(options.organs):
+            raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
         check_input(image, card["modality"], input_intensity=options.input_intensity, model_spacing=card["spacing"],
                     channels=card.out_channels)
         progress(0.02, "preprocessing")

@@ -1,6 +1,6 @@
 """Batch segmentation inside Slicer: a folder of volumes -> .seg.nrrd files (+ one metrics CSV).
 
-Run as `Slicer --no-main-window --python-script AbdomenSeg/AbdomenSegBatch.py --input DIR --output DIR
+Run as `Slicer --no-main-window --python-script Resources/Scripts/AbdomenSegBatch.py --input DIR --output DIR
 [--reference DIR --reference-labels btcv]`. The work is done on the MRML scene through the same logic
 the module uses; returns a process exit code (non-zero when any case failed).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
 from pathlib import Path
 
 from .batch import expand_inputs, find_reference
@@ -61,9 +62,12 @@ def run(argv, scene, log=print) -> int:
                     nodes.append(table)
                     rows += _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
             log(f"[{index}/{len(cases)}] {name} -> {target} ({time.time() - start:.1f} s)")
-        except AbdomenSegError as exc:
+        except AbdomenSegError as exc:  # e.g. no organ found: this case fails, the others go on
             failures.append(name)
             log(f"[{index}/{len(cases)}] {name}: error: {exc}")
+        except Exception:  # a bug: report it whole, and still do the other cases
+            failures.append(name)
+            log(f"[{index}/{len(cases)}] {name}: unexpected error\n{traceback.format_exc()}")
         finally:
             for node in nodes:  # keep memory flat over long batches
                 scene.RemoveNode(node)

@@ -31,8 +31,13 @@ def scalar_volume_node_from_image(scene, image: sitk.Image, name):
     return node
 
 
-def volume_node_to_image(node) -> sitk.Image:
-    """A scalar or labelmap volume node as a SimpleITK image with the node's exact geometry."""
+def volume_node_to_image(node, world: bool = False) -> sitk.Image:
+    """A scalar or labelmap volume node as a SimpleITK image with the node's exact geometry.
+
+    With `world`, the geometry includes the node's parent transforms (where the volume is shown): a
+    volume moved or flipped by a transform must be segmented where it lies. A non-linear transform has no
+    voxel grid to express it, so it is refused with the fix (harden it first).
+    """
     slicer = _slicer()
     if node is None or node.GetImageData() is None:
         raise AbdomenSegError("the input volume is empty or missing", "select a loaded volume")
@@ -40,16 +45,35 @@ def volume_node_to_image(node) -> sitk.Image:
     if array.ndim != 3:
         raise AbdomenSegError(f"the volume '{node.GetName()}' is not a single 3D scalar volume",
                               "select a scalar (grayscale) volume")
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    spacing = np.array(node.GetSpacing())
-    direction = _LPS @ (ijk_to_ras[:3, :3] / spacing)
+    ijk_to_ras = _matrix(node.GetIJKToRASMatrix)
+    if world:
+        ijk_to_ras = _to_world(node) @ ijk_to_ras
+    columns = ijk_to_ras[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    direction = _LPS @ (columns / spacing)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing(spacing.tolist())
     image.SetOrigin((_LPS @ ijk_to_ras[:3, 3]).tolist())
     image.SetDirection(direction.ravel().tolist())
     return image
+
+
+def _matrix(getter) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    getter(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _to_world(node) -> np.ndarray:
+    """The node's parent transform to world as a 4x4 matrix (identity without one)."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise AbdomenSegError(
+            f"the volume '{node.GetName()}' is under the non-linear transform '{transform.GetName()}'",
+            "harden the transform on the volume first (Data module: right-click the volume, 'Harden transform')")
+    return _matrix(transform.GetMatrixTransformToWorld)
 
 
 def _ijk_to_ras(image: sitk.Image) -> vtk.vtkMatrix4x4:
@@ -90,6 +114,8 @@ def import_labels(scene, labels: sitk.Image, segmentation_node, reference_volume
     """Add one segment per organ present in `labels` (our organ table) to `segmentation_node`."""
     slicer = _slicer()
     values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if int(v) in BY_LABEL]
+    if not values:
+        return []  # nothing to import; creating the helper nodes would only leave strays behind
     labelmap = labelmap_node_from_image(scene, labels, "AbdomenSeg import")
     table = _color_table(scene, [(v, prefix + BY_LABEL[v].display_name, BY_LABEL[v].color_float) for v in values],
                          "AbdomenSeg organs")
@@ -165,16 +191,54 @@ def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.I
     return image
 
 
-def reference_to_labels(scene, reference_node, geometry_volume, convention="abdomenseg") -> sitk.Image:
-    """A reference (segmentation node, or labelmap volume in `convention`) in our table and grid."""
-    from .metrics import align_reference
+FROM_COLOR_NAMES = "colour table names"
+REFERENCE_CONVENTIONS = (FROM_COLOR_NAMES, "abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr")
+
+
+def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_COLOR_NAMES) -> sitk.Image:
+    """A reference in our organ table and the geometry volume's grid.
+
+    Segmentation nodes are matched segment by segment (terminology, then name). A labelmap's numbers
+    mean nothing by themselves: BTCV's 1 is the spleen, ours the liver. They are read by the names in
+    its colour table (`FROM_COLOR_NAMES`, the default, refused when the table names no organ), or in
+    the dataset convention the user names; values the convention does not define are refused.
+    """
+    from .metrics import _check_label_map, align_reference
     from .organs import convert_labels
     if reference_node.IsA("vtkMRMLSegmentationNode"):
         return segmentation_to_labels(scene, reference_node, geometry_volume)
     image = volume_node_to_image(reference_node)
-    converted = sitk.GetImageFromArray(convert_labels(sitk.GetArrayViewFromImage(image), convention))
+    raw = sitk.GetArrayViewFromImage(image)
+    if convention == FROM_COLOR_NAMES:
+        array = _labels_by_color_names(reference_node, raw)
+    else:
+        _check_label_map(image, "reference", convention)
+        array = convert_labels(raw, convention)
+    converted = sitk.GetImageFromArray(array)
     converted.CopyInformation(image)
     return align_reference(converted, volume_node_to_image(geometry_volume))
+
+
+def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
+    display = labelmap_node.GetDisplayNode()
+    colors = display.GetColorNode() if display is not None else None
+    values = [int(v) for v in np.unique(raw) if v > 0]
+    lut = np.zeros(int(max(values, default=0)) + 1, dtype=np.uint8)
+    named = {}
+    for value in values:
+        organ = organ_from_name(colors.GetColorName(value)) if colors is not None else None
+        if organ is not None:
+            lut[value] = organ.label
+            named[value] = organ.name
+    if not named:
+        what = f"colour table '{colors.GetName()}'" if colors is not None else "no colour table"
+        raise AbdomenSegError(
+            f"the reference labelmap '{labelmap_node.GetName()}' has {what}, which names none of its values "
+            "as an organ", "choose the reference's label convention (abdomenseg, btcv, chaos, totalseg, totalseg_mr)")
+    out = np.zeros(raw.shape, dtype=np.uint8)
+    inside = (raw > 0) & (raw < len(lut))
+    out[inside] = lut[raw[inside].astype(np.int64)]
+    return out
 
 
 # -- tables and plots -------------------------------------------------------------------------
@@ -264,6 +328,23 @@ def dice_bar_chart(scene, comparison_rows, name="Dice per organ"):
     return chart, table_node
 
 
+def _place_beside(scene, node, volume_node):
+    """Put `node` under the same Data-tree parent (patient/study) as the volume, as TotalSegmentator does."""
+    hierarchy = _slicer().vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    parent = hierarchy.GetItemParent(volume_item) if volume_item else 0
+    if not parent:
+        return
+    # Real Slicer gives every new data node an item (its subject hierarchy plugins do); bare MRML does not.
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:
+        hierarchy.CreateItem(parent, node)
+
+
 # -- the logic the module exposes ---------------------------------------------------------------
 class AbdomenSegCore:
     """Blocking, popup-free operations on a MRML scene; the Slicer logic class delegates here."""
@@ -273,31 +354,59 @@ class AbdomenSegCore:
 
     def segment(self, volume_node, model=None, device="auto", organs=None, segmentation_node=None,
                 replace_existing=False, largest_component="model", fill_holes=False, progress=None, cancel=None):
-        """Segment `volume_node`; returns the segmentation node (a new one unless one is given).
+        """Segment `volume_node` in this process (blocking; scripts and tests); returns the segmentation
+        node (a new one unless one is given). The panel runs the same steps with the network in a
+        background process (`background.SegmentationProcess`): `prepare`, then `import_result`.
 
         An existing segmentation's segments are never replaced unless `replace_existing` is True.
         """
         from .inference import Options, get_segmenter
+        image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
+        segmenter = get_segmenter(model, device, log=self.log)
+        labels = segmenter.segment(image, Options(organs=organs, largest_component=largest_component,
+                                                  fill_holes=fill_holes), progress=progress, cancel=cancel)
+        return self.import_result(volume_node, labels, segmentation_node, model=segmenter.card.name,
+                                  device=segmenter.device, organs=organs)
+
+    def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
+        """Check what a run needs before any work and return the volume as an image where it lies (its
+        parent transform applied)."""
         if volume_node is None:
             raise AbdomenSegError("no input volume selected", "select the CT or MR volume to segment")
+        if organs is not None and not list(organs):
+            raise AbdomenSegError("no organ is selected", "check at least one organ to segment")
         if segmentation_node is not None and segmentation_node.GetSegmentation().GetNumberOfSegments() and not replace_existing:
             raise AbdomenSegError(f"segmentation '{segmentation_node.GetName()}' already has segments",
                                   "choose a new segmentation, or confirm replacing its segments")
-        segmenter = get_segmenter(model, device, log=self.log)
-        image = volume_node_to_image(volume_node)
-        labels = segmenter.segment(image, Options(organs=organs, largest_component=largest_component,
-                                                  fill_holes=fill_holes), progress=progress, cancel=cancel)
+        return volume_node_to_image(volume_node, world=True)
+
+    def import_result(self, volume_node, labels: sitk.Image, segmentation_node=None, *, model: str, device: str,
+                      organs=None):
+        """The engine's label map as segments of a segmentation node beside the volume.
+
+        The labels lie on the volume's own voxel grid; the node gets the volume's parent transform and its
+        place in the Data tree (the volume's study), so both are shown and stored together. An empty
+        result changes nothing and raises the message the result check gives.
+        """
+        from .qc import check_result
+        if not np.any(sitk.GetArrayViewFromImage(labels)):
+            flag = check_result(labels, organs)[0]
+            raise AbdomenSegError(flag.problem, flag.fix)
+        local = sitk.Image(labels)
+        local.CopyInformation(volume_node_to_image(volume_node))
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({segmenter.card.name})")
+                "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({model})")
         else:
             segmentation_node.GetSegmentation().RemoveAllSegments()
         segmentation_node.CreateDefaultDisplayNodes()
-        import_labels(self.scene, labels, segmentation_node, reference_volume=volume_node)
+        import_labels(self.scene, local, segmentation_node, reference_volume=volume_node)
         segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
                                              volume_node.GetID())
-        segmentation_node.SetAttribute("AbdomenSeg.model", segmenter.card.name)
-        segmentation_node.SetAttribute("AbdomenSeg.device", segmenter.device)
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        segmentation_node.SetAttribute("AbdomenSeg.model", model)
+        segmentation_node.SetAttribute("AbdomenSeg.device", device)
+        _place_beside(self.scene, segmentation_node, volume_node)
         return segmentation_node
 
     def organ_volumes(self, segmentation_node, volume_node, name=None):
@@ -312,7 +421,7 @@ class AbdomenSegCore:
                              ["organ", "volume_pred_ml"])
 
     def compare_with_reference(self, segmentation_node, reference_node, volume_node=None, tolerance_mm=2.0,
-                               reference_convention="abdomenseg", review=False, name=None):
+                               reference_convention=FROM_COLOR_NAMES, review=False, name=None):
         """Per-organ metrics table (all organs at once); optional TP/FP/FN review segments."""
         volume_node = volume_node or self._geometry_volume(segmentation_node)
         prediction = segmentation_to_labels(self.scene, segmentation_node, volume_node)
@@ -353,20 +462,29 @@ class AbdomenSegCore:
                 self.scene.RemoveNode(table)
         return node
 
-    def compare_models(self, volume_node, models, device="auto", reference_node=None, reference_convention="abdomenseg",
-                       tolerance_mm=2.0, progress=None, cancel=None):
+    def compare_models(self, volume_node, models, device="auto", reference_node=None,
+                       reference_convention=FROM_COLOR_NAMES, tolerance_mm=2.0, progress=None, cancel=None):
         """Run several models on one volume: segmentation per model, one table, a Dice bar chart."""
-        segmentations, rows = {}, []
+        segmentations = {}
         for index, model in enumerate(models):
-            def step(fraction, message, _i=index):
+            def step(fraction, message, _i=index, _m=model):
                 if progress:
-                    progress((_i + fraction) / len(models), f"{model}: {message}")
+                    progress((_i + fraction) / len(models), f"{_m}: {message}")
             node = self.segment(volume_node, model=model, device=device, progress=step, cancel=cancel)
-            model = node.GetAttribute("AbdomenSeg.model")  # the card's name, also when given as a path
-            segmentations[model] = node
-            if reference_node is not None:
+            segmentations[node.GetAttribute("AbdomenSeg.model")] = node  # the card's name, also for a path
+        table, chart = self.model_comparison(volume_node, segmentations, reference_node, reference_convention,
+                                             tolerance_mm)
+        return segmentations, table, chart
+
+    def model_comparison(self, volume_node, segmentations: dict, reference_node=None,
+                         reference_convention=FROM_COLOR_NAMES, tolerance_mm=2.0):
+        """Table (and, with a reference, a Dice bar chart) of model name -> segmentation node results."""
+        rows = []
+        reference = (reference_to_labels(self.scene, reference_node, volume_node, reference_convention)
+                     if reference_node is not None else None)
+        for model, node in segmentations.items():
+            if reference is not None:
                 prediction = segmentation_to_labels(self.scene, node, volume_node)
-                reference = reference_to_labels(self.scene, reference_node, volume_node, reference_convention)
                 rows += evaluate(prediction, reference, tolerance_mm=tolerance_mm, model=model,
                                  organs=[BY_LABEL[v].name for v in sorted(
                                      {int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v})])
@@ -377,10 +495,10 @@ class AbdomenSegCore:
                 rows += [{"model": model, "organ": o, "volume_pred_ml": v, "dice": float("nan")}
                          for o, v in zip(names, volumes)]
         columns = (["model", "organ", "status", "dice", "iou", "hd95_mm", "surface_dice", "volume_pred_ml",
-                    "volume_ref_ml", "volume_diff_ml"] if reference_node is not None else ["model", "organ", "volume_pred_ml"])
+                    "volume_ref_ml", "volume_diff_ml"] if reference is not None else ["model", "organ", "volume_pred_ml"])
         table = rows_to_table(self.scene, rows, f"{volume_node.GetName()} model comparison", columns)
-        chart = dice_bar_chart(self.scene, rows)[0] if reference_node is not None else None
-        return segmentations, table, chart
+        chart = dice_bar_chart(self.scene, rows)[0] if reference is not None else None
+        return table, chart
 
     def _geometry_volume(self, segmentation_node):
         node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())

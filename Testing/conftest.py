@@ -47,6 +47,25 @@ def tiny_package(tmp_path_factory):
     return export_package(net, card, models / "tiny-test", register_in=models, make_default=True)
 
 
+@pytest.fixture(scope="session")
+def background_only_package(tiny_package, tmp_path_factory):
+    """The tiny package's network with its last layer made to answer background everywhere: an honest
+    empty result."""
+    import torch
+    from AbdomenSegLib.models import export_package
+    from AbdomenSegLib.networks import build_network
+    card = dict(tiny_package.data, name="background-only")
+    channels = len(card["labels"]) + 1
+    net = build_network(card["architecture"], 1, channels)
+    with torch.no_grad():
+        last = [n for n, p in net.named_parameters() if n.endswith("bias") and p.shape[0] == channels][-1]
+        layer = net.get_submodule(last.rsplit(".", 1)[0])
+        layer.weight.zero_()
+        layer.bias.zero_()
+        layer.bias[0] = 10.0
+    return export_package(net, card, tmp_path_factory.mktemp("bg") / "background-only")
+
+
 @functools.lru_cache(maxsize=None)
 def validation_rows(name: str) -> tuple:
     """A shipped model's card protocol re-run on the untouched validation files (once per session and model)."""

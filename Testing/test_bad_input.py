@@ -260,25 +260,6 @@ def test_intact_example_is_not_flagged(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def background_only_package(tiny_package, tmp_path_factory):
-    """The tiny package's network with its last layer made to answer background everywhere: an honest
-    empty result."""
-    import torch
-    from AbdomenSegLib.models import export_package
-    from AbdomenSegLib.networks import build_network
-    card = dict(tiny_package.data, name="background-only")
-    channels = len(card["labels"]) + 1
-    net = build_network(card["architecture"], 1, channels)
-    with torch.no_grad():
-        last = [n for n, p in net.named_parameters() if n.endswith("bias") and p.shape[0] == channels][-1]
-        layer = net.get_submodule(last.rsplit(".", 1)[0])
-        layer.weight.zero_()
-        layer.bias.zero_()
-        layer.bias[0] = 10.0
-    return export_package(net, card, tmp_path_factory.mktemp("bg") / "background-only")
-
-
 def test_empty_result_is_said_and_flagged(tmp_path, background_only_package, capsys):
     src, _ = _phantom(tmp_path)
     code = main(["segment", str(src), str(tmp_path / "out.nii.gz"), "--model", str(background_only_package.path)])

@@ -1,5 +1,6 @@
 """Static checks of the Slicer extension that Slicer's build would otherwise only catch at packaging time."""
 import ast
+from pathlib import Path
 import re
 import xml.etree.ElementTree as ET
 
@@ -9,14 +10,14 @@ MODULE = ROOT / "AbdomenSeg" / "AbdomenSeg.py"
 
 
 def test_cmake_lists_every_script():
-    lib = (ROOT / "AbdomenSegLib" / "CMakeLists.txt").read_text()
+    lib = (ROOT / "AbdomenSegLib" / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in (ROOT / "AbdomenSegLib").rglob("*.py"):
         assert path.relative_to(ROOT / "AbdomenSegLib").as_posix() in lib, f"{path.name} missing from AbdomenSegLib/CMakeLists.txt"
-    module = (ROOT / "AbdomenSeg" / "CMakeLists.txt").read_text()
+    module = (ROOT / "AbdomenSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in (ROOT / "AbdomenSeg").glob("*.py"):
         assert path.name.replace("AbdomenSeg", "${MODULE_NAME}") in module or path.name in module
     assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest" in module
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for needle in ("find_package(Slicer REQUIRED)", 'EXTENSION_DEPENDS "PyTorch"', "add_subdirectory(AbdomenSeg)",
                    "add_subdirectory(AbdomenSegLib)", "Slicer_EXTENSION_CPACK"):
         assert needle in top
@@ -25,9 +26,9 @@ def test_cmake_lists_every_script():
 def test_widget_uses_only_widgets_that_the_ui_defines():
     ui = ET.parse(ROOT / "Resources" / "UI" / "AbdomenSeg.ui")
     names = {w.get("name") for w in ui.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8")))
     assert used and used <= names, used - names
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     fields = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "AbdomenSegParameterNode":
@@ -37,7 +38,7 @@ def test_widget_uses_only_widgets_that_the_ui_defines():
 
 
 def test_module_imports_nothing_heavy_at_load():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     top_level = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -47,8 +48,9 @@ def test_module_imports_nothing_heavy_at_load():
     assert not top_level & {"torch", "monai", "segmentation_models_pytorch", "AbdomenSegLib"}
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"AbdomenSeg", "AbdomenSegWidget", "AbdomenSegLogic", "AbdomenSegTest"} <= classes
-    compile(MODULE.read_text(), str(MODULE), "exec")
-    compile((ROOT / "AbdomenSeg" / "AbdomenSegBatch.py").read_text(), "AbdomenSegBatch.py", "exec")
+    compile(MODULE.read_text(encoding="utf-8"), str(MODULE), "exec")
+    batch = ROOT / "Resources" / "Scripts" / "AbdomenSegBatch.py"
+    compile(batch.read_text(encoding="utf-8"), batch.name, "exec")
 
 
 def test_engine_imports_without_slicer_or_torch_at_import():
@@ -57,3 +59,61 @@ def test_engine_imports_without_slicer_or_torch_at_import():
     code = ("import sys; import AbdomenSegLib, AbdomenSegLib.models, AbdomenSegLib.cli, AbdomenSegLib.organs; "
             "assert 'torch' not in sys.modules and 'slicer' not in sys.modules, sorted(sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def _cmake_list(path, variable):
+    """The entries of `set(<variable> ...)` in a CMakeLists.txt, ${MODULE_NAME} resolved."""
+    text = path.read_text(encoding="utf-8")
+    name = re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1)
+    body = re.search(r"set\(" + variable + r"\s+(.*?)\)", text, re.S).group(1)
+    return [item.replace("${MODULE_NAME}", name) for item in body.split() if not item.startswith("#")]
+
+
+def _classes(path):
+    return {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)}
+
+
+def test_every_file_slicer_scans_for_modules_defines_its_module_class():
+    """Slicer instantiates every .py of an installed qt-scripted-modules/ folder, and of a folder added to
+    the module paths, as a module whose class is named like the file (Slicer v5.10.0
+    Base/QTCore/qSlicerAbstractModuleFactoryManager.cxx:279 lists `QDir::Files`, not recursive;
+    qSlicerScriptedLoadableModuleFactory.cxx:196 takes .py files). One file without its class logs
+    "modules failed to be instantiated" at every start and fails every CTest under --testing."""
+    module_dir = ROOT / "AbdomenSeg"
+    installed = _cmake_list(module_dir / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    assert installed, "no module scripts listed"
+    for name in installed:  # what lands in qt-scripted-modules/ itself
+        assert name.endswith(".py") and Path(name).stem in _classes(module_dir / name), name
+    for path in module_dir.glob("*.py"):  # the source folder the README says to add to the module paths
+        assert path.stem in _classes(path), f"{path.name} would fail to load as a module"
+    # The engine and the resources (the batch script included) go to sub-folders, which Slicer does not scan.
+    engine = (ROOT / "AbdomenSegLib" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "WITH_SUBDIR" in engine and "../Resources/*" in engine
+    assert (ROOT / "Resources" / "Scripts" / "AbdomenSegBatch.py").is_file()
+    assert not (module_dir / "AbdomenSegBatch.py").exists()
+
+
+def test_panel_reference_conventions_match_the_engine():
+    from AbdomenSegLib.metrics import CONVENTION_MAX_VALUE
+    from AbdomenSegLib.slicer_logic import FROM_COLOR_NAMES, REFERENCE_CONVENTIONS
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    panel = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "REFERENCE_CONVENTIONS")
+    assert panel == list(REFERENCE_CONVENTIONS) and panel[0] == FROM_COLOR_NAMES
+    assert set(panel[1:]) == set(CONVENTION_MAX_VALUE)
+
+
+def test_panel_inputs_and_buttons_are_guarded():
+    """Defects only the real app showed: labelmaps and vector volumes offered as input, negative tolerances,
+    buttons enabled without inputs, the organ list empty until the model changed, print() for logging."""
+    ui = ET.parse(ROOT / "Resources" / "UI" / "AbdomenSeg.ui")
+    selector = next(w for w in ui.iter("widget") if w.get("name") == "inputVolumeSelector")
+    props = {p.get("name"): p for p in selector.iter("property")}
+    assert props["showChildNodeTypes"].find("bool").text == "false"
+    source = MODULE.read_text(encoding="utf-8")
+    assert re.search(r"tolerance: Annotated\[float, WithinRange\(0\.1, ", source)
+    assert "def _checkCanApply" in source and "applyButton.enabled" in source and "compareModelsButton.enabled" in source
+    setup = source[source.index("def setup(self)"):source.index("def _fillModels")]
+    assert setup.index('modelComboBox.connect("currentIndexChanged(int)"') < setup.index("self._fillModels()")
+    assert "print(" not in source and "_cancelRequested" not in source
+    assert (ROOT / "Resources" / "Icons" / "AbdomenSeg.png").is_file() and "checkout_icon" in source

@@ -174,7 +174,8 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
     vol = volume_node(scene, ct)
     ref = volume_node(scene, labels, "reference", labelmap=True)
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
-    segs, table, chart = core.compare_models(vol, [str(tiny_package.path), str(other)], device="cpu", reference_node=ref)
+    segs, table, chart = core.compare_models(vol, [str(tiny_package.path), str(other)], device="cpu", reference_node=ref,
+                                             reference_convention="abdomenseg")
     assert len(segs) == 2 and all(s.GetSegmentation().GetNumberOfSegments() for s in segs.values())
     models = sl.table_column(table, "Model")
     assert set(models) == {"tiny-test", "tiny-b"} and len(models) == 2 * 8

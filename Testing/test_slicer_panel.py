@@ -1,0 +1,226 @@
+"""What the panel does in real Slicer, on real MRML (slicer-core) and real background processes: the
+defects a review against Slicer's source found (empty results, labelmap references in the wrong
+numbering, no organ selected, parent transforms, the Data tree, a cancel that stuck to the next run)."""
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt) provides Slicer's MRML")
+
+from AbdomenSegLib import slicer_logic as sl  # noqa: E402
+from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
+from AbdomenSegLib.metrics import evaluate  # noqa: E402
+from AbdomenSegLib.organs import CONVENTIONS, convert_labels  # noqa: E402
+from AbdomenSegLib.phantom import make_phantom  # noqa: E402
+from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
+
+from conftest import shared  # noqa: E402
+from test_slicer_logic import scene, volume_node  # noqa: E402,F401  (the same MRML scene fixture)
+
+
+def _volume(scene, image, name="CT"):
+    return volume_node(scene, image, name)
+
+
+def _node_counts(scene):
+    return {c: scene.GetNumberOfNodesByClass(c) for c in
+            ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLColorTableNode")}
+
+
+def _run_to_end(run, limit=120):
+    deadline = time.monotonic() + limit
+    while run.step():
+        assert time.monotonic() < deadline, "background run did not finish in time"
+        time.sleep(0.05)
+    return run
+
+
+# -- empty results --------------------------------------------------------------------------------
+def test_empty_result_is_a_message_and_leaves_no_stray_nodes(scene, background_only_package):
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    before = _node_counts(scene)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    with pytest.raises(AbdomenSegError, match="no organ was found"):  # was: ValueError from max() of []
+        core.segment(vol, model=background_only_package, device="cpu", organs=["liver"])
+    assert _node_counts(scene) == before  # no "AbdomenSeg import" labelmap, no empty segmentation
+
+
+def test_empty_case_does_not_stop_the_batch(scene, background_only_package, tmp_path):
+    from AbdomenSegLib.slicer_batch import run
+    from conftest import write_phantom_dataset
+    images, _ = write_phantom_dataset(tmp_path)
+    messages = []
+    code = run(["--input", str(images), "--output", str(tmp_path / "out"), "--model",
+                str(background_only_package.path), "--device", "cpu"], scene, log=messages.append)
+    assert code == 1
+    assert sum("no organ was found" in m for m in messages) == 2  # both cases tried, each said why
+
+
+def test_no_organ_selected_is_refused_not_all(scene, tiny_package):
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    with pytest.raises(AbdomenSegError, match="no organ is selected"):
+        core.segment(vol, model=tiny_package, device="cpu", organs=[])  # [] used to mean every organ
+    from AbdomenSegLib.inference import Options, Segmenter
+    with pytest.raises(AbdomenSegError, match="no organ is selected"):
+        Segmenter(tiny_package, "cpu").segment(ct, Options(organs=[]))
+
+
+# -- labelmap references --------------------------------------------------------------------------
+def _btcv_pair(scene):
+    ref_img = sitk.ReadImage(str(shared("btcv_ct", "labels", "btcv_img0005.nii.gz")))
+    ours = convert_labels(sitk.GetArrayFromImage(ref_img), "btcv")
+    pred = sitk.GetImageFromArray(np.where(np.roll(ours, 2, axis=2) == ours, ours, 0).astype(np.uint8))
+    pred.CopyInformation(ref_img)
+    vol = _volume(scene, pred, "case 5")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "prediction")
+    seg.CreateDefaultDisplayNodes()
+    sl.import_labels(scene, pred, seg, reference_volume=vol)
+    labelmap = sl.labelmap_node_from_image(scene, ref_img, "btcv reference")
+    return ref_img, pred, vol, seg, labelmap
+
+
+def _name_values(scene, labelmap, names: dict):
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "from file")
+    table.SetTypeToUser()
+    table.SetNumberOfColors(max(names) + 1)
+    for value, name in names.items():
+        table.SetColor(value, name, 0.5, 0.5, 0.5, 1.0)
+    labelmap.CreateDefaultDisplayNodes()
+    labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
+
+
+def test_btcv_labelmap_reference_is_read_by_its_colour_names(scene):
+    """A BTCV labelmap (1 = spleen) was scored as if 1 were the liver: silently wrong Dice."""
+    ref_img, pred, vol, seg, labelmap = _btcv_pair(scene)
+    core = sl.AbdomenSegCore(scene)
+    expected = {r["organ"]: r["dice"] for r in evaluate(pred, ref_img, reference_convention="btcv")}
+    # No colour table naming organs: refused, never read as our numbering.
+    with pytest.raises(AbdomenSegError, match="label convention"):
+        core.compare_with_reference(seg, labelmap, volume_node=vol)
+    # The colour table of a BTCV file as Slicer loads it with its names: read by name.
+    _name_values(scene, labelmap, {v: n for v, n in CONVENTIONS["btcv"].items()})
+    table = core.compare_with_reference(seg, labelmap, volume_node=vol)
+    got = dict(zip(sl.table_column(table, "Organ"), sl.table_column(table, "Dice")))
+    assert got["spleen"] == pytest.approx(expected["spleen"], abs=1e-9) and got["spleen"] > 0.5
+    assert got["liver"] == pytest.approx(expected["liver"], abs=1e-9)
+    # Or in the convention the user names.
+    table = core.compare_with_reference(seg, labelmap, volume_node=vol, reference_convention="btcv")
+    assert dict(zip(sl.table_column(table, "Organ"), sl.table_column(table, "Dice")))["spleen"] == got["spleen"]
+
+
+def test_labelmap_values_outside_the_named_convention_are_refused(scene):
+    labels = sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz")))
+    vol = _volume(scene, sitk.Cast(labels, sitk.sitkInt16) - 1000)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "prediction")
+    seg.CreateDefaultDisplayNodes()
+    sl.import_labels(scene, sitk.Cast(labels > 0, sitk.sitkUInt8), seg, reference_volume=vol)
+    labelmap = sl.labelmap_node_from_image(scene, labels, "TotalSegmentator labels")
+    with pytest.raises(AbdomenSegError, match="totalseg"):
+        sl.AbdomenSegCore(scene).compare_with_reference(seg, labelmap, volume_node=vol, reference_convention="abdomenseg")
+
+
+# -- transforms and the Data tree -----------------------------------------------------------------
+def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, tiny_package):
+    ct, _ = make_phantom(size=(64, 56, 20), spacing=(6.0, 6.0, 12.0))
+    vol = _volume(scene, ct)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "flip and shift")
+    import vtk
+    matrix = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[-1, 0, 0, 30], [0, 1, 0, -20], [0, 0, 1, 5]]):
+        for c, value in enumerate(row):
+            matrix.SetElement(r, c, value)
+    transform.SetMatrixTransformToParent(matrix)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    world = sl.volume_node_to_image(vol, world=True)
+    assert not np.allclose(world.GetDirection(), ct.GetDirection())  # the transform is honoured, not ignored
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    seg = core.segment(vol, model=tiny_package, device="cpu")
+    assert seg.GetTransformNodeID() == transform.GetID()  # shown with the volume, in the same place
+    from AbdomenSegLib.inference import Segmenter
+    expected = sitk.GetArrayFromImage(Segmenter(tiny_package, "cpu").segment(world))
+    assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
+
+
+def test_non_linear_transform_is_refused_with_the_fix(scene, tiny_package):
+    import vtk
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    spline = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in ((0, 0, 0), (100, 0, 0), (0, 100, 0), (0, 0, 100)):
+        source.InsertNextPoint(point)
+        target.InsertNextPoint([p + 3 for p in point])
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    transform.SetAndObserveTransformToParent(spline)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(AbdomenSegError, match="Harden transform"):
+        sl.AbdomenSegCore(scene, log=lambda m: None).segment(vol, model=tiny_package, device="cpu")
+
+
+def test_result_is_placed_in_the_volumes_study(scene, tiny_package):
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
+    study = hierarchy.CreateStudyItem(patient, "CT study")
+    hierarchy.CreateItem(study, vol)  # what Slicer's DICOM import does
+    seg = sl.AbdomenSegCore(scene, log=lambda m: None).segment(vol, model=tiny_package, device="cpu")
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(seg)) == study
+
+
+# -- background runs (the panel's path) ------------------------------------------------------------
+def test_background_run_gives_the_in_process_result(scene, tiny_package):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    run = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu"))
+    assert run.error is None and not run.cancelled and run.progress[0] == 1.0
+    (name, seg), = run.results.items()
+    assert name == "tiny-test" and seg.GetAttribute("AbdomenSeg.model") == "tiny-test"
+    direct = core.segment(vol, model=tiny_package, device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)),
+                          sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, direct, vol)))
+
+
+def test_cancel_stops_this_run_only(scene, tiny_package):
+    """The old panel's cancel flag stayed set: after one Cancel, 'Compare models' stopped at once."""
+    ct, _ = make_phantom(size=(160, 140, 60), spacing=(2.5, 2.5, 4.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    run = BackgroundRun(core, vol, [str(tiny_package.path)] * 2, device="cpu")
+    deadline = time.monotonic() + 60
+    while run.step() and run.progress[0] == 0.0:  # until the child reports real progress
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - start < 2.0 and run.cancelled and not run.step()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    small = _volume(scene, make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))[0], "small")
+    again = _run_to_end(BackgroundRun(core, small, [str(tiny_package.path)] * 2, device="cpu"))
+    assert again.error is None and not again.cancelled and len(again.results) == 1  # same card name twice
+
+
+def test_background_run_reports_an_empty_result(scene, background_only_package):
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    before = _node_counts(scene)
+    run = _run_to_end(BackgroundRun(sl.AbdomenSegCore(scene), vol, [str(background_only_package.path)], device="cpu"))
+    assert "no organ was found" in run.error and not run.results
+    assert _node_counts(scene) == before
+
+
+def test_run_checks_its_inputs_before_starting_a_process(scene, tiny_package):
+    core = sl.AbdomenSegCore(scene)
+    with pytest.raises(AbdomenSegError, match="no input volume"):
+        BackgroundRun(core, None, [str(tiny_package.path)])
+    vol = _volume(scene, make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))[0])
+    with pytest.raises(AbdomenSegError, match="no model"):
+        BackgroundRun(core, vol, [])
