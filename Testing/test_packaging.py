@@ -117,3 +117,27 @@ def test_panel_inputs_and_buttons_are_guarded():
     assert setup.index('modelComboBox.connect("currentIndexChanged(int)"') < setup.index("self._fillModels()")
     assert "print(" not in source and "_cancelRequested" not in source
     assert (ROOT / "Resources" / "Icons" / "AbdomenSeg.png").is_file() and "checkout_icon" in source
+
+
+def test_extension_is_publishable():
+    """Licence, the weights' terms, metadata pointing at real files, and an ExtensionsIndex entry."""
+    import json
+    assert "Permission is hereby granted" in (ROOT / "LICENSE.txt").read_text(encoding="utf-8")
+    terms = (ROOT / "Resources" / "models" / "TERMS.md").read_text(encoding="utf-8")
+    catalog = json.loads((ROOT / "Resources" / "models" / "catalog.json").read_text(encoding="utf-8"))
+    assert all(entry["name"] in terms for entry in catalog["models"])
+    assert "research use only" in terms and "CC BY-SA 4.0" in terms
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    shots = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', top).group(1).split()
+    for url in shots + [re.search(r'EXTENSION_ICONURL "([^"]+)"', top).group(1)]:
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url  # the URL names a file this repository has
+    assert all(url.endswith("AbdomenSeg-result.png") for url in shots)  # a picture of a result, not the icon
+    # Slicer's catalog entry schema v1.0.2 (Slicer @583e9b3 Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json):
+    # required $schema, category, scm_url; additionalProperties false.
+    entry = json.loads((ROOT / "AbdomenSeg.json").read_text(encoding="utf-8"))
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    assert entry["build_dependencies"] == ["PyTorch"] and 'EXTENSION_DEPENDS "PyTorch"' in top
+    assert re.search(r'href=.*\{url\}.*documentation</a>', MODULE.read_text(encoding="utf-8"))  # help links the docs
