@@ -56,6 +56,11 @@ class AbdomenSeg(ScriptedLoadableModule):
             self.parent.icon = qt.QIcon(checkout_icon)
 
 
+# How the fields reach the widgets (Slicer v5.6.2 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py):
+# a str with Choice on a QComboBox (QComboBoxToStringableConnector, :351-396) clears the combo and fills it
+# with the choices, so the choice strings are what the user sees; a float on a QDoubleSpinBox (:286-348) takes
+# WithinRange as the spin box's minimum and maximum, so a negative tolerance cannot be entered. `model` has no
+# Choice (the installed models are known only at run time) and is bound by hand (_showParameterNodeModel).
 @parameterNodeWrapper
 class AbdomenSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode

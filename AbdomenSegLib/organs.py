@@ -10,10 +10,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# DICOM/Slicer terminology context names, used to build Slicer terminology entry strings.
-CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# Slicer terminology ("TerminologyEntry" segment tag). Context names and codes verified against the terminology files
+# Slicer ships, Modules/Loadable/Terminologies/Resources/*.json, identical at v5.6.2 and v5.10.0 (and HEAD):
+#  - SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json:2  "3D Slicer General Anatomy list" (Slicer's default
+#    list, with colours): has every organ here except the inferior vena cava and the portal vein.
+#  - SegmentationCategoryTypeModifier-DICOM-Master.json:2  "DICOM master list": has all of them (IVC :8257,
+#    portal vein :8345), so those two use it.
+#  - AnatomicRegionAndModifier-DICOM-Master.json:2  the anatomic (region) context, left empty for organs.
+# Slicer looks a type up by coding scheme + code value only (vtkSlicerTerminologiesModuleLogic.cxx:201-204 @ v5.6.2,
+# :207 @ v5.10.0); code meanings below are spelled as in those files.
+GENERAL_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+CATEGORY_CONTEXT = GENERAL_ANATOMY_CONTEXT  # the default; kept for callers of the old name
+ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")  # category, :312 / :1135 of the two lists
+_EMPTY = ("", "", "")
 
 
 @dataclass(frozen=True)
@@ -23,25 +34,35 @@ class Organ:
     display_name: str  # human name, used for Slicer segment names
     color: tuple  # RGB 0-255, close to Slicer's GenericAnatomyColors
     snomed_type: tuple  # (scheme, code, meaning)
-    snomed_modifier: tuple = ("", "", "")  # laterality where the type is paired
+    snomed_modifier: tuple = _EMPTY  # laterality where the type is paired
+    terminology_context: str = GENERAL_ANATOMY_CONTEXT  # the Slicer list that holds snomed_type
 
     @property
     def color_float(self) -> tuple:
         return tuple(c / 255.0 for c in self.color)
 
     def terminology_entry(self) -> str:
-        """Slicer's terminology string (category~type~modifier~region context~region~modifier)."""
-        def code(t):
-            return "^".join(t)
+        """Slicer's serialized terminology entry: 7 fields joined by "~", codes as scheme^value^meaning.
+
+        context~category~type~type modifier~anatomic context~anatomic region~region modifier, exactly as
+        vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry writes it (Modules/Loadable/Terminologies/Logic/
+        vtkSlicerTerminologiesModuleLogic.cxx:1933-1984 @ v5.6.2, :1989-2023 @ v5.10.0): an absent code is "^^", and
+        Slicer's own default segment entry (Libs/vtkSegmentationCore/vtkSegment.cxx:68-69 @ v5.6.2, :71 @ v5.10.0)
+        keeps the anatomic context name with an empty region.
+        """
         return "~".join([
-            CATEGORY_CONTEXT,
-            code(ANATOMICAL_STRUCTURE),
-            code(self.snomed_type),
-            code(self.snomed_modifier),
+            self.terminology_context,
+            _code(ANATOMICAL_STRUCTURE),
+            _code(self.snomed_type),
+            _code(self.snomed_modifier),
             ANATOMIC_CONTEXT,
-            "^^",
-            "^^",
+            _code(_EMPTY),
+            _code(_EMPTY),
         ])
+
+
+def _code(triple) -> str:
+    return "^".join(triple)
 
 
 _RIGHT = ("SCT", "24028007", "Right")
@@ -56,12 +77,17 @@ ORGANS: tuple = (
     Organ(6, "gallbladder", "Gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder")),
     Organ(7, "stomach", "Stomach", (216, 132, 105), ("SCT", "69695003", "Stomach")),
     Organ(8, "aorta", "Aorta", (224, 97, 76), ("SCT", "15825003", "Aorta")),
-    Organ(9, "inferior_vena_cava", "Inferior vena cava", (0, 151, 206), ("SCT", "64131007", "Inferior vena cava")),
+    Organ(9, "inferior_vena_cava", "Inferior vena cava", (0, 151, 206), ("SCT", "64131007", "Inferior vena cava"),
+          terminology_context=DICOM_MASTER_CONTEXT),
     Organ(10, "esophagus", "Esophagus", (211, 171, 143), ("SCT", "32849002", "Esophagus")),
-    Organ(11, "portal_splenic_vein", "Portal and splenic vein", (0, 112, 165), ("SCT", "32764006", "Portal vein")),
+    # No list Slicer ships has a code for portal + splenic vein together (the DICOM master list has "Portal vein"
+    # :8345 and "Splenic vein" :8411 apart; SCT 110765007 "Portal vein and splenic vein" exists only in the
+    # TotalSegmentator extension's own list). Coded as the portal vein: an approximation, the label holds both.
+    Organ(11, "portal_splenic_vein", "Portal and splenic vein", (0, 112, 165), ("SCT", "32764006", "Portal vein"),
+          terminology_context=DICOM_MASTER_CONTEXT),
     Organ(12, "adrenal_gland_right", "Right adrenal gland", (244, 214, 49), ("SCT", "23451007", "Adrenal gland"), _RIGHT),
     Organ(13, "adrenal_gland_left", "Left adrenal gland", (226, 198, 28), ("SCT", "23451007", "Adrenal gland"), _LEFT),
-    Organ(14, "urinary_bladder", "Urinary bladder", (222, 154, 132), ("SCT", "89837001", "Urinary bladder")),
+    Organ(14, "urinary_bladder", "Urinary bladder", (222, 154, 132), ("SCT", "89837001", "Bladder")),
 )
 
 BY_LABEL = {o.label: o for o in ORGANS}
@@ -119,6 +145,42 @@ for _o in ORGANS:
 def organ_from_name(name: str):
     """Our organ for a segment/structure name from any supported convention, or None."""
     return _NAME_INDEX.get(_fold(name))
+
+
+# Other codes that name one of our structures: SCT 110765007 "Portal vein and splenic vein" of the TotalSegmentator
+# extension (lassoan/SlicerTotalSegmentator TotalSegmentator/Resources/totalsegmentator_snomed_mapping.csv:10 and
+# SegmentationCategoryTypeModifier-TotalSegmentator.term.json:469), so its segments are recognised too.
+_EXTRA_TYPE_CODES = {("SCT", "110765007"): "portal_splenic_vein"}
+
+
+def _scheme_value(field: str) -> tuple:
+    parts = field.split("^")
+    return (parts[0], parts[1]) if len(parts) == 3 else ("", "")
+
+
+def organ_from_terminology(entry: str):
+    """Our organ for a Slicer terminology entry string (the segment's "TerminologyEntry" tag), or None.
+
+    Reads the entry the way vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry does: exactly 7
+    "~"-separated fields (.cxx:2033-2036 @ v5.6.2, :2082-2085 @ v5.10.0), codes compared by coding scheme and
+    value, never by meaning. The context name is not required to be ours: an entry from another list (DICOM
+    master list, TotalSegmentator, ...) with the same Anatomical Structure code matches. A paired organ needs its
+    laterality modifier; "Kidney" without Right/Left gives None (let the caller fall back to the segment name).
+    """
+    if not entry:
+        return None
+    fields = str(entry).split("~")
+    if len(fields) != 7:
+        return None
+    category, type_code, modifier = (_scheme_value(f) for f in fields[1:4])
+    if category != ANATOMICAL_STRUCTURE[:2]:
+        return None
+    if type_code in _EXTRA_TYPE_CODES:
+        return BY_NAME[_EXTRA_TYPE_CODES[type_code]]
+    return _CODE_INDEX.get((type_code, modifier))
+
+
+_CODE_INDEX = {(o.snomed_type[:2], o.snomed_modifier[:2]): o for o in ORGANS}
 
 
 def conversion_lut(convention: str) -> np.ndarray:
