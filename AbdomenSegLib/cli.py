@@ -36,10 +36,11 @@ class _Bar:
 class _JsonLines:
     """`segment --progress-json`: one JSON object per line on stdout, flushed, for a parent process (the Slicer
     module's background run, AbdomenSegLib/background.py): {"progress": f, "message": m} while working, then one
-    {"done": true, "output", "flags", "exit", "model", "device"} or {"error": "<problem>. <fix>"}. stderr is unchanged."""
+    {"done": true, "output", "flags", "exit", "model", "device", "qc"} or {"error": "<problem>. <fix>"}; "flags" are
+    the result check's warnings, "qc" its full report per case. stderr is unchanged."""
 
     def __init__(self):
-        self.flags, self.model, self.device = [], None, None
+        self.flags, self.qc, self.model, self.device = [], [], None, None
 
     @staticmethod
     def emit(**fields):
@@ -83,6 +84,7 @@ def _segment(args) -> int:
     from .inference import Options, get_segmenter
     from .io import check_output_type, prepare_output, sweep_partials
     from .models import find_model
+    from .qc_outputs import assess_result, summary_lines
 
     organs = _organ_names(args.organs)
     cases, batch = expand_inputs(args.input)
@@ -106,6 +108,7 @@ def _segment(args) -> int:
         check_output_type(output)
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
+    _check_qc_paths(args, batch, [src for _, src, _ in targets])
     card = find_model(args.model)
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(input_intensity=args.input_intensity, organs=organs,
@@ -115,6 +118,7 @@ def _segment(args) -> int:
     json_lines = getattr(args, "json_lines", None)
     if json_lines:
         json_lines.model, json_lines.device = segmenter.card.name, segmenter.device
+    qc_files = _qc_files(args, output, batch)
     failures, flagged, written, skipped = [], [], 0, 0
     for index, (name, src, dst) in enumerate(targets, start=1):
         tag = f"[{index}/{len(targets)}] {name}"
@@ -124,8 +128,8 @@ def _segment(args) -> int:
             continue
         start = time.time()
         try:
-            flags = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
-                                 json_lines.progress(index, len(targets)) if json_lines else None)
+            image, labels = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
+                                         json_lines.progress(index, len(targets)) if json_lines else None)
             written += 1
         except AbdomenSegError as exc:
             if not batch:
@@ -133,24 +137,57 @@ def _segment(args) -> int:
             failures.append(name)
             _log(f"{tag}: error: {exc}")
             continue
-        for flag in flags:
-            _log(f"warning: {name}: {flag}")
-            if json_lines:
-                json_lines.flags.append(f"{name}: {flag}" if batch else str(flag))
-        if flags:
+        report = assess_result(segmenter, labels, options)
+        qc = qc_files.add(name, image, labels, report, output=str(dst), model=segmenter.card.name,
+                          modality=segmenter.card["modality"], seconds=round(time.time() - start, 1))
+        for line in summary_lines(name, report):
+            _log(line)
+        if json_lines:
+            json_lines.flags += [(f"{name}: " if batch else "") + str(f) for f in report.warnings]
+            json_lines.qc.append(qc)
+        if report.warnings:
             flagged.append(name)
-        _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if flags else ""))
+        _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
+    for path in qc_files.finish():
+        _log(f"result check: {path}")
     if batch:
-        _log(f"{written} written ({len(flagged)} flagged), {skipped} skipped, {len(failures)} failed")
+        _log(f"{written} written ({len(flagged)} with warnings), {skipped} skipped, {len(failures)} failed")
     if failures:
         return 1
     return EXIT_FLAGGED if flagged else 0
 
 
-def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None) -> list:
-    """Read, segment, write one case while holding its output; returns the result check's flags."""
+def _check_qc_paths(args, batch, inputs):
+    """--qc / --qc-png name files of the right kind that replace no input; checked before any work."""
+    from .io import prepare_output
+    if batch and args.qc_png:
+        raise AbdomenSegError("--qc-png names one picture but the input is a set of cases",
+                              "leave it out: folder runs draw one picture per case into the --qc folder")
+    named = [(args.qc, ".json", "--qc")] if not batch else []
+    named += [(args.qc_png, ".png", "--qc-png")]
+    taken = {Path(p).resolve() for p in inputs if Path(p).exists()}
+    for path, suffix, option in named:
+        if not path:
+            continue
+        if not str(path).lower().endswith(suffix):
+            raise AbdomenSegError(f"{option} '{path}' does not end in {suffix}", f"name a {suffix} file")
+        if Path(path).exists() and Path(path).resolve() in taken:
+            raise AbdomenSegError(f"{option} '{path}' is the input", "choose another name")
+        prepare_output(path, overwrite=args.overwrite)
+
+
+def _qc_files(args, output, batch):
+    """Folder runs: qc/ beside the outputs (per case JSON and picture, qc.csv, an index); single files: the
+    paths --qc and --qc-png name."""
+    from .qc_outputs import QCFiles
+    if batch:
+        return QCFiles(Path(args.qc) if args.qc else output / "qc", pictures=not args.no_qc_png)
+    return QCFiles(json_path=args.qc, png_path=args.qc_png)
+
+
+def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None) -> tuple:
+    """Read, segment, write one case while holding its output; returns (image, labels)."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
-    from .qc import check_result
     with claim_output(dst, overwrite=overwrite):
         image = read_image(src)
         check_output_can_hold(image.GetDirection(), dst)
@@ -165,7 +202,7 @@ def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None) -> l
         finally:
             bar.close()
         write_labels(labels, dst, protect=[src], overwrite=overwrite)
-    return check_result(labels, options.organs)
+    return image, labels
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -317,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd"),
                    help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    p.add_argument("--qc", help="result check report: a JSON file (single input) or a folder (default for several "
+                                "inputs: <output>/qc with one JSON and picture per case, qc.csv and index.html)")
+    p.add_argument("--qc-png", help="single input: also draw the result check's picture (slices, outlines, volumes, "
+                                    "flags) into this PNG")
+    p.add_argument("--no-qc-png", action="store_true", help="several inputs: skip the pictures (about 1 s per case)")
     p.add_argument("--progress-json", action="store_true",
                    help="print progress and the outcome as JSON lines on stdout (for the Slicer module's background run)")
     p.set_defaults(func=_segment)
@@ -379,7 +421,7 @@ def main(argv=None) -> int:
         code = args.func(args)
         if json_lines:
             json_lines.emit(done=True, output=str(args.output), flags=json_lines.flags, exit=code,
-                            model=json_lines.model, device=json_lines.device)
+                            model=json_lines.model, device=json_lines.device, qc=json_lines.qc)
         return code
     except AbdomenSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import postprocess
+from .confidence import organ_confidence
 from .errors import AbdomenSegError, Cancelled
 from .card_schema import DEFAULT_ROI_SIZE
 from .models import ModelCard, find_model, load_network
@@ -73,6 +74,7 @@ class Segmenter:
         self.card, self.device, self.log = card, device, log
         self.network = load_network(card, device)
         self.timings = Timings(device=device)
+        self.last_confidence = {}  # {organ: confidence} of the last segment() (confidence.py)
 
     # -- public -------------------------------------------------------------------------------
     def segment(self, image: sitk.Image, options: Options | None = None, progress=None, cancel=None) -> sitk.Image:
@@ -93,6 +95,7 @@ class Segmenter:
 
         t = time.perf_counter()
         probabilities = self._infer(space.array[space.box], options, progress, cancel)
+        self.last_confidence = organ_confidence(probabilities, card.channel_organs, options.organs)
         self.timings.add("infer", time.perf_counter() - t)
 
         t = time.perf_counter()

@@ -389,9 +389,9 @@ class AbdomenSegCore:
         place in the Data tree (the volume's study), so both are shown and stored together. An empty
         result changes nothing and raises the message the result check gives.
         """
-        from .qc import check_result
+        from .qc import assess
         if not np.any(sitk.GetArrayViewFromImage(labels)):
-            flag = check_result(labels, organs)[0]
+            flag = assess(labels, asked=organs).warnings[0]
             raise AbdomenSegError(flag.problem, flag.fix)
         local = sitk.Image(labels)
         local.CopyInformation(volume_node_to_image(volume_node))

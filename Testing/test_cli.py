@@ -1,4 +1,5 @@
 """The command line: main job, folders, skip/overwrite, evaluate CSVs, and every bad input."""
+import json
 import subprocess
 import sys
 
@@ -49,7 +50,15 @@ def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys)
     outs = tmp_path / "out"
     args = ["segment", str(images), str(outs), "--model", str(tiny_package.path)]
     assert main(args) in (0, 3)
-    assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz", "qc"]
+    # The result check of a folder run: per case JSON and picture, one CSV, an index of the pictures.
+    qc = outs / "qc"
+    assert {"case0.json", "case0.png", "case1.json", "case1.png", "qc.csv", "index.html", "contact_sheet.png"} <= {
+        p.name for p in qc.iterdir()}
+    rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("case,output,model,seconds,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
+    report = json.loads((qc / "case0.json").read_text(encoding="utf-8"))
+    assert report["case"] == "case0" and {"warnings", "notes", "organs"} <= set(report)
     stamp = (outs / "case0.nii.gz").stat().st_mtime_ns
     assert main(args) == 0  # nothing new written, nothing flagged
     assert "skipped" in capsys.readouterr().err and (outs / "case0.nii.gz").stat().st_mtime_ns == stamp

@@ -1,0 +1,66 @@
+"""Where the result check goes: a report per case (JSON and a picture), and for a folder run one CSV and an
+index of the pictures. The command line and the Slicer batch script share it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import atomic_output
+from .qc import QCReport, assess
+
+
+def assess_result(segmenter, labels, options=None) -> QCReport:
+    """The result check of a label map the segmenter just made: the organs it could have found (those the
+    model segments and the user kept), its confidence and the model's calibrated threshold."""
+    card = segmenter.card
+    asked = getattr(options, "organs", None)
+    expected = [n for n in card["labels"].values() if not asked or n in asked]
+    confidence = getattr(segmenter, "last_confidence", None) or {}
+    low = (card.get("qc") or {}).get("confidence", {}).get("low_below")
+    return assess(labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low)
+
+
+def summary_lines(case: str, report: QCReport) -> list:
+    """What stderr shows after a case: the flags only; nothing when all is well."""
+    return [f"{flag.level}: {case}: {flag}" for flag in report.warnings + report.notes]
+
+
+class QCFiles:
+    """Per case `<case>.json` and `<case>.png` in `folder` (folder runs), or the paths given (single case);
+    `finish()` adds `qc.csv` and the picture index (index.html, contact_sheet.png) to the folder."""
+
+    def __init__(self, folder=None, *, json_path=None, png_path=None, pictures=True):
+        self.folder = Path(folder) if folder else None
+        self.json_path, self.png_path, self.pictures = json_path, png_path, pictures
+        self.rows, self.entries = [], []
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, case: str, image, labels, report: QCReport, **extra) -> dict:
+        data = report.as_dict(case=case, **extra)
+        json_path = self.folder / f"{case}.json" if self.folder else self.json_path
+        png_path = self.folder / f"{case}.png" if self.folder and self.pictures else self.png_path
+        if json_path:
+            with atomic_output(json_path, ".json") as tmp:
+                Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        if png_path:
+            from .qc_sheet import render_case_sheet
+            render_case_sheet(image, labels, data, png_path, title=f"{case} ({extra.get('model', '')})")
+        self.rows.append({"case": case, **{k: v for k, v in extra.items() if k != "modality"}, **report.columns()})
+        self.entries.append({"case": case, "png": str(png_path) if png_path else "", "warnings": data["warnings"],
+                             "notes": data["notes"]})
+        return data
+
+    def finish(self) -> list:
+        """Write the folder's CSV and picture index; returns what was written."""
+        if not self.folder or not self.rows:
+            return []
+        from .metrics import write_csv
+        fields = []
+        for row in self.rows:  # organs differ between cases: the union of columns, in first-seen order
+            fields += [k for k in row if k not in fields]
+        written = [write_csv(self.rows, self.folder / "qc.csv", fields=fields)]
+        if self.pictures and any(e["png"] for e in self.entries):
+            from .qc_sheet import write_contact_sheet
+            written += list(write_contact_sheet([e for e in self.entries if e["png"]], self.folder))
+        return written
