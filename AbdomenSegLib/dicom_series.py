@@ -38,6 +38,7 @@ ORIENTATION_TOLERANCE = 1e-3
 _POSITION = "0020|0032"
 _ORIENTATION = "0020|0037"
 _SERIES_UID = "0020|000e"
+_INSTANCE = "0020|0013"
 
 # Files GDCM never lists as image slices because they hold no pixels: not a lost slice, so not an error.
 _NON_IMAGE_SOP_CLASSES = (
@@ -65,6 +66,7 @@ class _Header:
     position: np.ndarray | None
     orientation: np.ndarray | None
     series_uid: str
+    instance: int | None = None
 
 
 def check_series_geometry(folder: Path, files: Sequence[str]) -> float | None:
@@ -88,6 +90,7 @@ def check_series_geometry(folder: Path, files: Sequence[str]) -> float | None:
     _refuse_unsorted_list(folder, headers, depths)
     spacing = _refuse_uneven_steps(folder, headers, depths, order)
     _refuse_tilt(folder, headers, normal, order, spacing)
+    _refuse_numbering_gaps(folder, headers, order)
     return spacing
 
 
@@ -211,6 +214,7 @@ def _try_read_header(path) -> _Header | None:
         position=_numbers(reader, _POSITION, 3),
         orientation=_numbers(reader, _ORIENTATION, 6),
         series_uid=_tag(reader, _SERIES_UID),
+        instance=_instance_number(reader),
     )
 
 
@@ -354,6 +358,36 @@ def _describe_step(names: list[str], z: np.ndarray, steps: np.ndarray, i: int, s
     if missing >= 1 and abs(steps[i] - (missing + 1) * spacing) <= tolerance * (missing + 1):
         return f"{missing} slice{'s' if missing > 1 else ''} missing {where}"
     return f"uneven slice step {where}"
+
+
+def _instance_number(reader: sitk.ImageFileReader) -> int | None:
+    try:
+        return int(_tag(reader, _INSTANCE))
+    except ValueError:
+        return None
+
+
+def _refuse_numbering_gaps(folder: Path, headers: list[_Header], order: np.ndarray) -> None:
+    """A slice removed from an evenly spaced stack leaves the positions even (three slices 1 mm apart lose the
+    middle one and read as two slices 2 mm apart, exactly placed) and only the instance numbers show the hole.
+    Refused when the numbers run with the positions, are distinct, and skip some: the series as exported from
+    the scanner numbers its slices without holes."""
+    numbers = [headers[i].instance for i in order]
+    if any(n is None for n in numbers) or len(set(numbers)) != len(numbers):
+        return
+    steps = np.diff(numbers)
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        return  # numbered in another order than the positions: the numbers say nothing about holes here
+    gaps = [k for k, step in enumerate(steps) if abs(step) > 1]
+    if gaps:
+        k = gaps[0]
+        a, b = headers[order[k]], headers[order[k + 1]]
+        missing = abs(int(steps[k])) - 1
+        raise AbdomenSegError(
+            f"the DICOM series in '{folder}' skips instance numbers between '{a.name}' (#{a.instance}) and "
+            f"'{b.name}' (#{b.instance}): {missing} slice{'s' if missing > 1 else ''} missing"
+            + (f", and {len(gaps) - 1} more gap{'s' if len(gaps) > 2 else ''}" if len(gaps) > 1 else ""),
+            "copy the complete series again from the scanner, PACS or original media")
 
 
 def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order: np.ndarray,

@@ -7,6 +7,8 @@ absurd header fails in a second with a clear message instead of after minutes, o
   spacing is a broken header (a 0.01 mm spacing made the whole body 5 mm wide and the result empty);
 - a physical extent over MAX_EXTENT_MM along any axis: longer than any patient (50 mm slices x 200 gave a
   10 m "body" and a 10 GB model grid);
+- a field of view under MIN_FIELD_MM across in its two widest directions: no abdomen is that small (a spacing
+  shrunk tenfold made the body 36 mm wide and the result a few stray voxels);
 - more than MAX_INPUT_VOXELS voxels (a 2 MB gzip can declare 2 GiB of voxels);
 - a model-space grid whose estimated peak memory exceeds `max_memory_bytes()` (default 16 GB,
   ABDOMENSEG_MAX_MEMORY_GB overrides).
@@ -21,6 +23,7 @@ from .errors import AbdomenSegError
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
 MAX_EXTENT_MM = 2500.0
+MIN_FIELD_MM = 80.0
 MAX_INPUT_VOXELS = 2 ** 29  # 536,870,912: e.g. 512 x 512 x 2048, ~1 GiB of int16
 DEFAULT_MAX_MEMORY_GB = 16.0
 
@@ -59,6 +62,15 @@ def check_geometry(size, spacing, name: str = "input") -> None:
                 f"{name} is {n * s:.0f} mm long along {axis} ({n} voxels x {s:g} mm), longer than any patient "
                 f"(limit {MAX_EXTENT_MM:.0f} mm)", "the header's spacing or size is probably wrong: check and fix it")
     check_voxel_count(size, name)
+
+
+def check_field_of_view(size, spacing, name: str = "input") -> None:
+    """An image to segment must be at least MIN_FIELD_MM across in its two widest directions."""
+    widths = sorted(n * s for n, s in zip(size, spacing))[-2:]
+    if min(widths) < MIN_FIELD_MM:
+        raise AbdomenSegError(
+            f"{name} covers only {widths[1]:.0f} x {widths[0]:.0f} mm across, too small for an abdomen (at least "
+            f"{MIN_FIELD_MM:.0f} mm)", "the header's spacing is probably wrong, or the image is cropped: check it")
 
 
 def check_voxel_count(size, name: str = "input") -> None:

@@ -275,6 +275,20 @@ def _misplaced(usable: dict) -> list:
     return flags
 
 
+_LARGE = ("liver", "spleen", "kidney_right", "kidney_left")
+
+
+def _no_large_organ(expected, usable: dict) -> list:
+    """Only small structures found although the model segments the large ones: the image is probably not what
+    the model expects (a wrong spacing shrank the body, another body part, another modality)."""
+    large = [n for n in _LARGE if n in expected]
+    if not large or any(n in usable for n in large):
+        return []
+    return [Flag("no_large_organ", f"none of {', '.join(large)} was found in a meaningful amount",
+                 "check that the image shows the abdomen, that its spacing is right and that the model fits the "
+                 "modality")]
+
+
 def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, confidence_low=None) -> QCReport:
     """Check a label map in our organ table.
 
@@ -307,6 +321,7 @@ def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, co
     report.flags += _liver_spleen(volumes)
     report.flags += _missing(labels, expected or [], volumes, usable)
     report.flags += _misplaced(usable)
+    report.flags += _no_large_organ(expected or [], usable)
     report.flags += _volume_bands(volumes, cut)
     for name, organ in report.organs.items():
         if organ.at_border:

@@ -155,6 +155,93 @@ def truncated_reference(tmp, model):
     return ["evaluate", str(pred), str(ref)]
 
 
+# Found by bench/fuzz_inputs.py: each was answered with exit 0 before.
+def _nifti_edit(tmp, edit, name="ct.nii"):
+    """The phantom CT as NIfTI with one header edit made through nibabel (the voxel data untouched)."""
+    import nibabel as nib
+    path, _ = _phantom(tmp, name)
+    image = nib.load(str(path), mmap=False)  # the file is rewritten in place: no memory map onto it
+    header = image.header.copy()
+    edit(header)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, header), str(path))
+    return path
+
+
+def nii_cut_inside_last_352_bytes(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    path.write_bytes(path.read_bytes()[:-100])  # was missed: nibabel's loaded header reports offset 0
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_pixdim_zero(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    data = bytearray(path.read_bytes())
+    data[84:88] = np.float32(0).tobytes()  # pixdim[2]: ITK read 1 mm where the sform says 6 mm
+    path.write_bytes(bytes(data))
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_qform_sform_disagree(tmp, model):
+    def edit(header):
+        sform = header.get_sform()
+        sform[:3, 3] += [40.0, 0.0, 0.0]
+        header.set_sform(sform, code=1)
+        header.set_qform(header.get_qform(), code=1)
+    return ["segment", str(_nifti_edit(tmp, edit)), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_more_data_than_declared(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    data = bytearray(path.read_bytes())
+    data[42:44] = (int.from_bytes(data[42:44], "little") - 1).to_bytes(2, "little")  # dim[1] - 1, data unchanged
+    path.write_bytes(bytes(data))
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nrrd_more_data_than_declared(tmp, model):
+    path, _ = _phantom(tmp, "ct.nrrd")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), useCompression=False)
+    text = path.read_bytes()
+    head, body = text.split(b"\n\n", 1)
+    head = head.replace(b"sizes: 64 56 24", b"sizes: 63 56 24")
+    path.write_bytes(head + b"\n\n" + body)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def hu_scaled_by_100(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    return ["segment", str(_write(sitk.Cast(ct, sitk.sitkFloat32) * 100.0, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"),
+            "--model", model]
+
+
+def hu_shifted_by_1000(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    return ["segment", str(_write(sitk.Cast(ct, sitk.sitkFloat32) - 1000.0, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"),
+            "--model", model]
+
+
+def zero_filled_tail(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    array = sitk.GetArrayFromImage(ct)
+    array[-3:] = 0  # what ITK gives for a file whose last slices are missing
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(ct)
+    return ["segment", str(_write(out, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def field_of_view_too_small(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    ct.SetSpacing((0.6, 0.6, 1.0))  # a spacing shrunk tenfold: the body is 38 mm wide
+    return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def dicom_middle_of_three_deleted(tmp, model):
+    source = shared("dcmqi_ct3slice", "ct-3slice")
+    shutil.copytree(source, tmp / "series")
+    (tmp / "series" / "02.dcm").unlink()  # the two left are evenly spaced: only the numbering shows the hole
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
 # The cases handled before this table existed stay in it.
 def image_2d(tmp, model):
     return ["segment", str(_write(sitk.Image([32, 32], sitk.sitkInt16), tmp / "s.nii.gz")), str(tmp / "o.nii.gz"),
@@ -167,7 +254,9 @@ def image_4d(tmp, model):
 
 
 def constant(tmp, model):
-    path = _write(sitk.Image([32, 32, 32], sitk.sitkInt16) - 1000, tmp / "blank.nii.gz")
+    blank = sitk.Image([32, 32, 32], sitk.sitkInt16) - 1000
+    blank.SetSpacing((4.0, 4.0, 4.0))
+    path = _write(blank, tmp / "blank.nii.gz")
     return ["segment", str(path), str(tmp / "o.nii.gz"), "--model", model]
 
 
@@ -208,6 +297,11 @@ REFUSED = [
     (image_2d, "2D image"), (image_4d, "4D image"), (constant, "constant"), (nan_voxel, "NaN"),
     (label_map_as_input, "label map"), (missing_file, "does not exist"), (text_file, "could not be read"),
     (output_is_input, "overwrite the input"),
+    (nii_cut_inside_last_352_bytes, "truncated"), (nii_pixdim_zero, "pixdim"),
+    (nii_qform_sform_disagree, "qform and sform disagree"), (nii_more_data_than_declared, "more image data"),
+    (nrrd_more_data_than_declared, "more image data"), (hu_scaled_by_100, "soft-tissue range"),
+    (hu_shifted_by_1000, "soft-tissue range"), (zero_filled_tail, "exactly 0 HU"),
+    (field_of_view_too_small, "too small for an abdomen"), (dicom_middle_of_three_deleted, "skips instance numbers"),
 ]
 
 
