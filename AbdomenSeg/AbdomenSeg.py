@@ -233,6 +233,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         device = self.logic.resolveDevice(p.device, models[0], confirmCpu=self._confirmCpu)
         if device is None:
             return
+        self.ui.qcLabel.text = ""
         self._run = self.logic.startRun(p.inputVolume, models, device=device,
                                         organs=self._selectedOrgans() if kind == "segment" else None,
                                         segmentationNode=segmentationNode, replaceExisting=replace,
@@ -274,8 +275,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Failed.")
             slicer.util.errorDisplay(_("Segmentation failed:") + f"\n{run.error}")
             return
-        for warning in run.warnings:
-            logging.warning(f"AbdomenSeg: {warning}")
+        self._showResultCheck(run.warnings, run.notes)
         if run.warnings:
             slicer.util.warningDisplay(_("Check this result before using it:") + "\n\n" + "\n\n".join(run.warnings))
         p = self._parameterNode
@@ -294,6 +294,16 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if chart is not None:
                     slicer.modules.plots.logic().ShowChartInLayout(chart)
         self.ui.statusLabel.text = _("Done.")
+
+    def _showResultCheck(self, warnings, notes):
+        """The result check in the panel: warnings in red, notes in orange, or a quiet green line."""
+        import html
+        for text in warnings:
+            logging.warning(f"AbdomenSeg: {text}")
+        lines = [f'<span style="color:#c0392b">&#9888; {html.escape(t)}</span>' for t in warnings]
+        lines += [f'<span style="color:#b9770e">&#8226; {html.escape(t)}</span>' for t in notes]
+        self.ui.qcLabel.text = "<br>".join(lines) if lines else '<span style="color:#1e8449">' + _(
+            "Result check: no flags") + "</span>"
 
     def _cancelRun(self):
         if self._run is not None:

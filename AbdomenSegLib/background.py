@@ -120,6 +120,7 @@ class SegmentationProcess:
         self.returncode: int | None = None  # the process's exit status, once it has exited
         self.exit_code: int | None = None  # the CLI's status from its outcome line (0 written, 3 written+flagged)
         self.flags: list = []
+        self.qc: dict | None = None  # the result check's report (qc.QCReport.as_dict) of the case
         self.model: str | None = None
         self.device: str | None = None
         self.progress = 0.0
@@ -209,6 +210,7 @@ class SegmentationProcess:
                         if "done" in event:
                             self.exit_code = event.get("exit")
                             self.flags = list(event.get("flags") or [])
+                            self.qc = (event.get("qc") or [None])[0]
                             self.model, self.device = event.get("model"), event.get("device")
                         else:
                             self._error = str(event["error"])

@@ -13,7 +13,6 @@ verifies the CRC-32 and length trailer and raises EOFError on a cut stream).
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import zlib
 from pathlib import Path
@@ -66,9 +65,10 @@ def _raw_nifti_header(path: Path):
     try:
         with opener(path, "rb") as handle:
             head = handle.read(540)
-        kind = nib.Nifti2Header if len(head) >= 540 and int.from_bytes(head[:4], "little") in (540, 0x1c020000) \
-            else nib.Nifti1Header
-        return kind.from_fileobj(io.BytesIO(head), check=False)
+        nifti2 = len(head) >= 540 and int.from_bytes(head[:4], "little") in (540, 0x1C020000)
+        kind, size = (nib.Nifti2Header, 540) if nifti2 else (nib.Nifti1Header, 348)
+        # The fixed-size header alone: extensions (TotalSegmentator writes one) need not be parsed here.
+        return kind(binaryblock=head[:size], check=False)
     except Exception:  # too short, wrong magic, unreadable: ITK reports it
         return None
 

@@ -34,6 +34,11 @@ METRIC_UNITS = {
     "volume_pred_ml": ("mL", "Predicted organ volume"),
     "volume_ref_ml": ("mL", "Reference organ volume"),
     "volume_diff_ml": ("mL", "Predicted minus reference volume"),
+    "confidence": ("", "Network confidence: mean max-probability inside the organ (low: likely inaccurate; "
+                       "calibrated per model on its validation split)"),
+    "pieces": ("", "Connected pieces of the organ"),
+    "at_border": ("", "Image borders the organ touches (its volume is then incomplete)"),
+    "flags": ("", "Result check flags for this organ (see the warning in the panel)"),
 }
 
 

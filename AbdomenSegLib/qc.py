@@ -95,6 +95,17 @@ class QCReport:
         return {**extra, "warnings": [flag(f) for f in self.warnings], "notes": [flag(f) for f in self.notes],
                 "organs": organs}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "QCReport":
+        """The report back from `as_dict` (a Slicer node attribute, a child process's JSON line)."""
+        flags = [Flag(f["code"], f["problem"], f["fix"], level, f.get("organ"))
+                 for level, key in ((WARNING, "warnings"), (NOTE, "notes")) for f in data.get(key, [])]
+        organs = {name: OrganQC(o["volume_ml"], o.get("pieces", 1), o.get("outside_largest_ml", 0.0),
+                                list(o.get("at_border", [])), o.get("confidence"),
+                                tuple(o["normal_range_ml"]) if o.get("normal_range_ml") else None)
+                  for name, o in data.get("organs", {}).items()}
+        return cls(flags, organs)
+
     def columns(self) -> dict:
         """Flat columns for a CSV row: counts and codes of the flags, and per organ volume and confidence."""
         row = {"qc_warnings": len(self.warnings), "qc_notes": len(self.notes),
@@ -250,7 +261,7 @@ def _missing(labels: sitk.Image, expected, volumes: dict, usable: dict) -> list:
         if guess is None or not _covers(labels, *guess):
             continue
         found = volumes.get(name, 0.0)
-        what = f"only {found:.0f} mL of {name} was found" if found else f"{name} was not found"
+        what = f"only {found:.0f} mL of {name} was found" if found >= 0.5 else f"{name} was not found"
         if name in EXPECTED_WHEN_COVERED:
             flags.append(Flag("missing_organ", f"{what} although the image covers where it lies",
                               "it may be absent (removed, atrophic, displaced) or missed: look at the result", WARNING,
@@ -269,8 +280,8 @@ def _misplaced(usable: dict) -> list:
             continue
         offset = centre - guess[0]
         if np.max(np.abs(offset) / guess[1]) > MISPLACED_SD and np.linalg.norm(offset) > MISPLACED_MM:
-            flags.append(Flag("misplaced_organ", f"{name} lies {np.linalg.norm(offset):.0f} mm from where it is found "
-                              "relative to the other organs", "it may be mislabelled (another organ, a transplant) or "
+            flags.append(Flag("misplaced_organ", f"{name} lies {np.linalg.norm(offset):.0f} mm from where the other "
+                              "organs put it", "it may be mislabelled (another organ, a transplant) or "
                               "the anatomy is unusual: look at the result", WARNING, name))
     return flags
 

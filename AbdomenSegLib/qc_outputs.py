@@ -20,9 +20,23 @@ def assess_result(segmenter, labels, options=None) -> QCReport:
     return assess(labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low)
 
 
+_NOTE_TITLES = {"cut_by_border": "cut by the image border", "low_confidence": "low confidence",
+                "volume_low": "below the adult volume band", "volume_high": "above the adult volume band",
+                "pieces": "in several pieces", "not_found": "not found", "spleen_larger_than_liver": "spleen > liver"}
+
+
 def summary_lines(case: str, report: QCReport) -> list:
-    """What stderr shows after a case: the flags only; nothing when all is well."""
-    return [f"{flag.level}: {case}: {flag}" for flag in report.warnings + report.notes]
+    """What stderr shows after a case: each warning in full, the notes in one line grouped by kind; nothing
+    when all is well. The report (qc.json, the picture) has every note with its fix."""
+    lines = [f"warning: {case}: {flag}" for flag in report.warnings]
+    groups: dict = {}
+    for flag in report.notes:
+        groups.setdefault(_NOTE_TITLES.get(flag.code, flag.code), []).append(flag.organ or "")
+    if groups:
+        parts = [f"{title} ({', '.join(filter(None, organs))})" if any(organs) else title
+                 for title, organs in groups.items()]
+        lines.append(f"note: {case}: " + "; ".join(parts))
+    return lines
 
 
 class QCFiles:

@@ -26,6 +26,7 @@ def parse(argv):
     parser.add_argument("--model", help="installed model name (default: the catalog default)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-qc-png", action="store_true", help="skip the result check's pictures (about 1 s per case)")
     return parser.parse_args(argv)
 
 
@@ -34,7 +35,10 @@ def run(argv, scene, log=print) -> int:
     args = parse(argv)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .qc_outputs import QCFiles
+    from .slicer_logic import qc_report
     core = AbdomenSegCore(scene, log=log)
+    qc_files = QCFiles(out_dir / "qc", pictures=not args.no_qc_png)
     cases, _ = expand_inputs(args.input)
     rows, failures = [], []
     for index, (name, path) in enumerate(cases, start=1):
@@ -45,11 +49,14 @@ def run(argv, scene, log=print) -> int:
         start = time.time()
         nodes = []
         try:
-            volume = scalar_volume_node_from_image(scene, read_image(path), name)
+            image = read_image(path)
+            volume = scalar_volume_node_from_image(scene, image, name)
             nodes.append(volume)
             seg = core.segment(volume, model=args.model, device=args.device)
             nodes.append(seg)
             _write_segmentation(scene, seg, target)
+            report = qc_report(seg) or {}
+            _add_qc(qc_files, name, image, core.last_labels, report, str(target), log, f"[{index}/{len(cases)}]")
             if args.reference:
                 ref_path = find_reference(Path(args.reference), name)
                 if ref_path is None:
@@ -71,12 +78,24 @@ def run(argv, scene, log=print) -> int:
         finally:
             for node in nodes:  # keep memory flat over long batches
                 scene.RemoveNode(node)
+    for path in qc_files.finish():
+        log(f"result check: {path}")
     if rows:
         write_csv(rows, out_dir / "metrics.csv")
         log(f"metrics: {out_dir / 'metrics.csv'}")
     if failures:
         log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
     return 1 if failures else 0
+
+
+def _add_qc(qc_files, name, image, labels, report: dict, output: str, log, tag):
+    """The case's result check into qc/ (JSON, picture, a row of qc.csv), and its flags into the log."""
+    from .qc import QCReport
+    qc = QCReport.from_dict(report)
+    qc_files.add(name, image, labels, qc, output=output, model=report.get("model", ""),
+                 modality=report.get("modality", ""))
+    for flag in qc.flags:
+        log(f"{tag} {flag.level}: {name}: {flag}")
 
 
 def _write_segmentation(scene, segmentation_node, path):

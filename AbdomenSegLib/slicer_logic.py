@@ -7,6 +7,8 @@ model comparison tables and plots live here too, so the widget only wires button
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import SimpleITK as sitk
 import vtk
@@ -16,6 +18,7 @@ from .metrics import METRIC_UNITS, evaluate
 from .organs import BY_LABEL, BY_NAME, organ_from_name, organ_from_terminology
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
+QC_ATTRIBUTE = "AbdomenSeg.qc"
 TERMINOLOGY_TAG = "TerminologyEntry"
 
 
@@ -247,6 +250,7 @@ COLUMN_TITLES = {
     "organ": "Organ", "status": "Status", "dice": "Dice", "iou": "IoU", "hd95_mm": "HD95",
     "assd_mm": "ASSD", "surface_dice": "Surface Dice", "volume_pred_ml": "Volume",
     "volume_ref_ml": "Reference volume", "volume_diff_ml": "Volume difference", "model": "Model",
+    "confidence": "Confidence", "pieces": "Pieces", "at_border": "At image border", "flags": "Result check",
 }
 
 
@@ -329,6 +333,23 @@ def dice_bar_chart(scene, comparison_rows, name="Dice per organ"):
     return chart, table_node
 
 
+def qc_report(segmentation_node) -> dict | None:
+    """The result check stored on a segmentation node by AbdomenSeg, or None."""
+    text = segmentation_node.GetAttribute(QC_ATTRIBUTE)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def qc_messages(report: dict | None) -> tuple:
+    """(warnings, notes) of a stored report as '<problem>. <fix>' texts, for the panel."""
+    if not report:
+        return [], []
+    text = lambda f: f"{f['problem']}. {f['fix']}"  # noqa: E731
+    return [text(f) for f in report.get("warnings", [])], [text(f) for f in report.get("notes", [])]
+
+
 def _place_beside(scene, node, volume_node):
     """Put `node` under the same Data-tree parent (patient/study) as the volume, as TotalSegmentator does."""
     hierarchy = _slicer().vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -362,12 +383,16 @@ class AbdomenSegCore:
         An existing segmentation's segments are never replaced unless `replace_existing` is True.
         """
         from .inference import Options, get_segmenter
+        from .qc_outputs import assess_result
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
         segmenter = get_segmenter(model, device, log=self.log)
-        labels = segmenter.segment(image, Options(organs=organs, largest_component=largest_component,
-                                                  fill_holes=fill_holes), progress=progress, cancel=cancel)
+        options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes)
+        labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
+        report = assess_result(segmenter, labels, options).as_dict(model=segmenter.card.name,
+                                                                  modality=segmenter.card["modality"])
+        self.last_labels = labels
         return self.import_result(volume_node, labels, segmentation_node, model=segmenter.card.name,
-                                  device=segmenter.device, organs=organs)
+                                  device=segmenter.device, organs=organs, qc=report)
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
@@ -382,7 +407,7 @@ class AbdomenSegCore:
         return volume_node_to_image(volume_node, world=True)
 
     def import_result(self, volume_node, labels: sitk.Image, segmentation_node=None, *, model: str, device: str,
-                      organs=None):
+                      organs=None, qc: dict | None = None):
         """The engine's label map as segments of a segmentation node beside the volume.
 
         The labels lie on the volume's own voxel grid; the node gets the volume's parent transform and its
@@ -407,19 +432,31 @@ class AbdomenSegCore:
         segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         segmentation_node.SetAttribute("AbdomenSeg.model", model)
         segmentation_node.SetAttribute("AbdomenSeg.device", device)
+        if qc is not None:  # the result check travels with the node (and is saved with the scene)
+            segmentation_node.SetAttribute(QC_ATTRIBUTE, json.dumps(qc))
         _place_beside(self.scene, segmentation_node, volume_node)
         return segmentation_node
 
     def organ_volumes(self, segmentation_node, volume_node, name=None):
-        """Table of organ volumes (mL) of a segmentation, counted in the volume's grid."""
+        """Table of organ volumes (mL) with the result check's columns (confidence, pieces, image border,
+        flags), counted in the volume's grid; a segmentation without a stored report is checked now."""
+        from .qc import assess
         labels = segmentation_to_labels(self.scene, segmentation_node, volume_node)
-        array = sitk.GetArrayViewFromImage(labels)
-        voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-        counts = np.bincount(array.ravel(), minlength=256)
-        rows = [{"organ": BY_LABEL[v].name, "volume_pred_ml": float(counts[v]) * voxel_ml}
-                for v in sorted(BY_LABEL) if counts[v]]
+        report = qc_report(segmentation_node) or assess(labels).as_dict()
+        flags = {}
+        for flag in report.get("warnings", []) + report.get("notes", []):
+            flags.setdefault(flag.get("organ"), []).append(flag["code"])
+        rows = []
+        for organ_name, organ in report.get("organs", {}).items():
+            confidence = organ.get("confidence")
+            rows.append({"organ": organ_name, "volume_pred_ml": float(organ["volume_ml"]),
+                         "confidence": float("nan") if confidence is None else float(confidence),
+                         "pieces": float(organ.get("pieces", 1)), "at_border": ", ".join(organ.get("at_border", [])),
+                         "flags": ", ".join(flags.get(organ_name, []))})
+        order = list(BY_NAME)
+        rows.sort(key=lambda r: order.index(r["organ"]))
         return rows_to_table(self.scene, rows, name or f"{segmentation_node.GetName()} volumes",
-                             ["organ", "volume_pred_ml"])
+                             ["organ", "volume_pred_ml", "confidence", "pieces", "at_border", "flags"])
 
     def compare_with_reference(self, segmentation_node, reference_node, volume_node=None, tolerance_mm=2.0,
                                reference_convention=FROM_COLOR_NAMES, review=False, name=None):

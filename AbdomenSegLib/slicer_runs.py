@@ -27,7 +27,8 @@ class BackgroundRun:
         self.temp_root = temp_root  # Slicer's own temporary folder in the app
         self.process_factory = process_factory or SegmentationProcess
         self.results: dict = {}  # card name -> segmentation node, in the order the models ran
-        self.warnings: list = []
+        self.warnings: list = []  # the result check's, per model
+        self.notes: list = []
         self.error: str | None = None
         self.cancelled = False
         self.progress = (0.0, "starting")
@@ -92,10 +93,13 @@ class BackgroundRun:
         try:
             node = self.core.import_result(self.volumeNode, labels, target, model=process.model or self.models[self._index],
                                            device=process.device or self.options["device"],
-                                           organs=self.options["organs"])
+                                           organs=self.options["organs"], qc=process.qc)
         except AbdomenSegError as exc:  # an empty result: a message, not a crash
             self.error = f"{self._label()}{exc}"
             return False
         self.results[node.GetAttribute("AbdomenSeg.model")] = node
-        self.warnings += [f"{self._label()}{flag}" for flag in process.flags]
+        from .slicer_logic import qc_messages
+        warnings, notes = qc_messages(process.qc)
+        self.warnings += [f"{self._label()}{text}" for text in warnings]
+        self.notes += [f"{self._label()}{text}" for text in notes]
         return True

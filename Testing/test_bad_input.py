@@ -242,6 +242,18 @@ def dicom_middle_of_three_deleted(tmp, model):
     return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
 
 
+def truncated_reference_with_extension(tmp, model):
+    """TotalSegmentator writes a NIfTI header extension; the check once gave up on such headers."""
+    import nibabel as nib
+    pred, ref = _labels_pair(tmp)
+    image = nib.load(str(ref), mmap=False)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"labels written by another tool"))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header), str(ref))
+    data = ref.read_bytes()
+    ref.write_bytes(data[: len(data) // 2])
+    return ["evaluate", str(pred), str(ref)]
+
+
 # The cases handled before this table existed stay in it.
 def image_2d(tmp, model):
     return ["segment", str(_write(sitk.Image([32, 32], sitk.sitkInt16), tmp / "s.nii.gz")), str(tmp / "o.nii.gz"),
@@ -302,6 +314,7 @@ REFUSED = [
     (nrrd_more_data_than_declared, "more image data"), (hu_scaled_by_100, "soft-tissue range"),
     (hu_shifted_by_1000, "soft-tissue range"), (zero_filled_tail, "exactly 0 HU"),
     (field_of_view_too_small, "too small for an abdomen"), (dicom_middle_of_three_deleted, "skips instance numbers"),
+    (truncated_reference_with_extension, "truncated"),
 ]
 
 

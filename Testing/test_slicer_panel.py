@@ -224,3 +224,44 @@ def test_run_checks_its_inputs_before_starting_a_process(scene, tiny_package):
     vol = _volume(scene, make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))[0])
     with pytest.raises(AbdomenSegError, match="no model"):
         BackgroundRun(core, vol, [])
+
+
+# -- the result check in Slicer ------------------------------------------------------------------------
+def test_result_check_travels_with_the_node_into_the_organ_table(scene, tiny_package):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    seg = core.segment(vol, model=tiny_package, device="cpu")
+    report = sl.qc_report(seg)
+    assert report["model"] == "tiny-test" and set(report["organs"]) and {"warnings", "notes"} <= set(report)
+    table = core.organ_volumes(seg, vol)
+    organs = sl.table_column(table, "Organ")
+    assert organs == list(report["organs"])  # organ-table order
+    confidence = dict(zip(organs, sl.table_column(table, "Confidence")))
+    assert all(confidence[o] == pytest.approx(report["organs"][o]["confidence"]) for o in organs)
+    assert sl.table_column(table, "Pieces") and sl.table_column(table, "Result check") is not None
+    assert "mean max-probability" in table.GetColumnDescription("Confidence")
+
+
+def test_background_run_brings_the_child_processes_report(scene, tiny_package):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    vol = _volume(scene, ct)
+    run = _run_to_end(BackgroundRun(sl.AbdomenSegCore(scene, log=lambda m: None), vol, [str(tiny_package.path)],
+                                    device="cpu"))
+    seg = next(iter(run.results.values()))
+    report = sl.qc_report(seg)
+    warnings, notes = sl.qc_messages(report)
+    assert run.warnings == warnings and run.notes == notes  # what the panel shows is the child's check
+    assert all(o["confidence"] is not None for o in report["organs"].values())
+
+
+def test_batch_script_writes_the_result_check(scene, tiny_package, tmp_path):
+    from AbdomenSegLib.slicer_batch import run
+    from conftest import write_phantom_dataset
+    images, _ = write_phantom_dataset(tmp_path)
+    assert run(["--input", str(images), "--output", str(tmp_path / "out"), "--model", str(tiny_package.path),
+                "--device", "cpu"], scene, log=lambda m: None) == 0
+    qc = tmp_path / "out" / "qc"
+    rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("case,output,model,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
+    assert {"case0.png", "case1.png", "index.html", "contact_sheet.png"} <= {p.name for p in qc.iterdir()}
