@@ -18,6 +18,7 @@ from .confidence import organ_confidence
 from .errors import AbdomenSegError, Cancelled
 from .card_schema import DEFAULT_ROI_SIZE
 from .models import ModelCard, find_model, load_network
+from .precision import resolve_precision
 from .pipeline import check_input, to_model_space
 from .preprocess import bounding_box, pad_to_multiple
 
@@ -43,6 +44,7 @@ class Options:
     fill_holes: bool = False
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
+    precision: str = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Segmenter:
         self.network = load_network(card, device)
         self.timings = Timings(device=device)
         self.last_confidence = {}  # {organ: confidence} of the last segment() (confidence.py)
+        self.precision = "fp32"  # of the last segment() (precision.py)
 
     # -- public -------------------------------------------------------------------------------
     def segment(self, image: sitk.Image, options: Options | None = None, progress=None, cancel=None) -> sitk.Image:
@@ -83,6 +86,7 @@ class Segmenter:
         self.timings = Timings(device=self.device)
         card = self.card
         t = time.perf_counter()
+        self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
         check_input(image, card["modality"], input_intensity=options.input_intensity, model_spacing=card["spacing"],
@@ -127,11 +131,11 @@ class Segmenter:
         from .networks import divisor
         batch = int(self.card.get("inference", {}).get("batch_size", 8))
         return slice_probabilities(self.network, array, self.card.in_channels, divisor(self.card["architecture"]),
-                                   batch, device, progress, cancel)
+                                   batch, device, progress, cancel, precision=self.precision)
 
     def _sliding_window(self, array, options, progress, cancel, device):
         import torch
-        from monai.inferers import sliding_window_inference
+        from .sliding_window import sliding_window  # = MONAI's sliding_window_inference, without importing monai
 
         inf = self.card.get("inference", {})
         roi = list(inf.get("roi_size", DEFAULT_ROI_SIZE))
@@ -147,20 +151,28 @@ class Segmenter:
         def predictor(x):
             _check_cancel(cancel)
             out = self.network(x)
+            if out.dtype == torch.bfloat16:
+                out = out.float()  # windows are blended in float32
             done[0] += 1
             progress(0.05 + 0.85 * done[0] / calls, f"segmenting ({done[0]}/{calls})")
             return out
 
         x = torch.as_tensor(np.ascontiguousarray(array)[None, None], device=device)
-        use_amp = device == "cuda"
-        with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu", enabled=use_amp):
-            logits = sliding_window_inference(x, roi, sw_batch, predictor, overlap=overlap,
-                                              mode=inf.get("mode", "gaussian"))
+        with torch.inference_mode(), _autocast(device, self.precision):
+            logits = sliding_window(x, roi, sw_batch, predictor, overlap=overlap, mode=inf.get("mode", "gaussian"))
             probabilities = torch.softmax(logits.float(), dim=1)[0]
         return probabilities.cpu().numpy()
 
     def _to_input_grid(self, probabilities, space, reference, smooth):
-        """Organ labels in `reference`'s grid from model-space probabilities of the cropped box."""
+        """Organ labels in `reference`'s grid from model-space probabilities of the cropped box.
+
+        smooth: resample_back.py interpolates only the voxels whose model-grid cell can change the
+        argmax, with the same result as `_smooth_back` (per-organ-box linear resampling), which
+        `self.resample_back = "boxes"` selects instead (Testing/test_resample_back.py compares them)."""
+        if smooth and getattr(self, "resample_back", "cells") == "cells":
+            from .resample_back import labels_on_input_grid
+            return labels_on_input_grid(probabilities, space.box, space.image, reference,
+                                        lut=self._channels_to_organs(np.arange(256, dtype=np.uint8)))
         channels = probabilities.shape[0]
         full = np.zeros((channels,) + space.array.shape, dtype=np.float32)
         full[0] = 1.0  # outside the body box: background
@@ -266,7 +278,8 @@ class Segmenter:
         return labels
 
 
-def slice_probabilities(network, array, in_channels, multiple, batch, device, progress=None, cancel=None):
+def slice_probabilities(network, array, in_channels, multiple, batch, device, progress=None, cancel=None,
+                        precision="fp32"):
     """2D models: softmax (C, z, y, x) over axial slices in batches; 2.5D models see `in_channels`
     neighbouring slices (edges replicated). channels_last on CPU is ~1.4x faster for 2D convolutions."""
     import torch
@@ -277,8 +290,7 @@ def slice_probabilities(network, array, in_channels, multiple, batch, device, pr
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     slices, out = padded.shape[0], None
-    use_amp = device == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu", enabled=use_amp):
+    with torch.inference_mode(), _autocast(device, precision):
         for start in range(0, slices, batch):
             _check_cancel(cancel)
             stop = min(start + batch, slices)
@@ -292,6 +304,14 @@ def slice_probabilities(network, array, in_channels, multiple, batch, device, pr
             if progress:
                 progress(0.05 + 0.85 * stop / slices, f"segmenting slices {stop}/{slices}")
     return out[(slice(None),) + unpad]
+
+
+def _autocast(device: str, precision: str):
+    """CUDA: float16 mixed precision; CPU: bfloat16 where `precision` says so (precision.py decides), else off."""
+    import torch
+    if device == "cuda":
+        return torch.autocast(device_type="cuda")
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _check_cancel(cancel):

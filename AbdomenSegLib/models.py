@@ -208,7 +208,9 @@ def load_network(card: ModelCard, device: str = "cpu"):
 def _build(card: ModelCard):
     from .networks import build_network
     try:
-        return build_network(card["architecture"], card.in_channels, card.out_channels)
+        # Loaded packages are for inference (and for reading their state_dict, whose keys are the same): the
+        # 3D UNet is then built without MONAI, whose import alone cost ~2.8 s of every run (networks.py).
+        return build_network(card["architecture"], card.in_channels, card.out_channels, for_inference=True)
     except (TypeError, ValueError) as exc:  # an argument MONAI/smp do not take, or a value they refuse
         raise AbdomenSegError(f"model '{card.name}': architecture {card['architecture']['class']} cannot be built "
                               f"from the card's args ({exc})", "fix architecture.args in the card") from None

@@ -479,9 +479,10 @@ class Trainer:
         return self.network.eval()
 
 
-def validation_rows(card, root=None, log=print) -> tuple[list, list]:
+def validation_rows(card, root=None, log=print, precision="fp32") -> tuple[list, list]:
     """The card's validation protocol: segment each validation case from its original file, in its own grid,
-    and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder."""
+    and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
+    figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py)."""
     from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
     from .metrics import evaluate
@@ -495,7 +496,7 @@ def validation_rows(card, root=None, log=print) -> tuple[list, list]:
             continue
         image, label = read_case(image_path, label_path, data.get("direction"))
         start = time.time()
-        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"]))
+        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"], precision=precision))
         seconds.append(time.time() - start)
         rows += evaluate(prediction, label, reference_convention=data["convention"],
                          organs=list(card["labels"].values()), case=name, model=card.name)
