@@ -121,7 +121,10 @@ class QCReport:
 def organ_volumes_and_centroids(labels: sitk.Image) -> tuple:
     """({organ: mL}, {organ: LPS centroid in mm}) for every organ present."""
     array = sitk.GetArrayViewFromImage(labels)
-    counts = np.bincount(np.asarray(array).ravel(), minlength=256)
+    # Slice by slice: bincount converts its input to int64, which for a whole 512x512x200 map is 420 MB and 0.7 s.
+    counts = np.zeros(256, dtype=np.int64)
+    for plane in np.asarray(array):
+        counts += np.bincount(plane.ravel(), minlength=256)[:256]
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     present = [v for v in np.flatnonzero(counts) if v in BY_LABEL]
     volumes = {BY_LABEL[v].name: float(counts[v]) * voxel_ml for v in present}
