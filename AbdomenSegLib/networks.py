@@ -11,14 +11,20 @@ SMP_2D = ("Unet", "UnetPlusPlus")
 
 def build_network(architecture: dict, in_channels: int, out_channels: int, *, for_inference: bool = False):
     """The card's network, untrained. `for_inference=True` builds a UNet as unet3d.UNet3D, a pure-torch twin of
-    MONAI's UNet (same state_dict keys, same outputs) that spares inference `import monai` (~3 s); anything
-    it does not reproduce, and every network built for training, comes from MONAI itself."""
+    MONAI's UNet (same state_dict keys, same outputs) that spares inference `import monai` (~3 s), and a
+    ResNet18/34 Unet as unet2d.Unet2D, the same for smp's Unet (spares `import segmentation_models_pytorch`,
+    timm and torchvision, ~1.6 s); anything they do not reproduce, and every network built for training,
+    comes from MONAI or smp itself."""
     name = architecture.get("class")
     args = copy.deepcopy(architecture.get("args", {}))
     if for_inference and name == "UNet":
         from . import unet3d
         if unet3d.supports(args):
             return unet3d.UNet3D(in_channels, out_channels, **args)
+    if for_inference and name == "Unet":
+        from . import unet2d
+        if unet2d.supports(args):
+            return unet2d.Unet2D(in_channels, out_channels, **args)
     if name in MONAI_3D:
         from monai.networks import nets
         args.update(spatial_dims=3, in_channels=in_channels, out_channels=out_channels)
