@@ -59,8 +59,7 @@ def read_image(path) -> sitk.Image:
             image = _read_dicom_series(path)
         else:
             _check_header(path)
-            integrity.check_complete(path)
-            image = sitk.ReadImage(str(path))
+            image = _read_checked(path)
     except RuntimeError as exc:
         raise AbdomenSegError(
             f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
@@ -68,6 +67,22 @@ def read_image(path) -> sitk.Image:
         ) from None
     image = _squeeze_to_3d(image, path)
     limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
+    return image
+
+
+def _read_checked(path: Path) -> sitk.Image:
+    """ITK's pixel read with the integrity check running beside it: both decompress the file and both release
+    the GIL while they do (0.29 s together instead of 0.55 s for a 512x512x200 .nii.gz). The pixels are handed
+    on only after the check has passed."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(integrity.check_complete, path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            check.result()  # a damaged file: its own clear message first
+            raise
+        check.result()  # raises AbdomenSegError: the image is dropped
     return image
 
 

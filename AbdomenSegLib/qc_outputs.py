@@ -17,7 +17,11 @@ def assess_result(segmenter, labels, options=None) -> QCReport:
     expected = [n for n in card["labels"].values() if not asked or n in asked]
     confidence = getattr(segmenter, "last_confidence", None) or {}
     low = (card.get("qc") or {}).get("confidence", {}).get("low_below")
-    return assess(labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low)
+    from .organs import BY_LABEL
+    single = [BY_LABEL[v].name for v in segmenter.largest_component_organs(
+        getattr(options, "largest_component", "model"))]
+    return assess(labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low,
+                  single_piece=single)
 
 
 _NOTE_TITLES = {"cut_by_border": "cut by the image border", "low_confidence": "low confidence",
