@@ -113,8 +113,13 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillModels(self):
         """Catalog entries (reads JSON only; no torch); broken packages are named in the tooltip."""
+        from AbdomenSegLib.errors import AbdomenSegError
         from AbdomenSegLib.models import catalog_with_problems, default_model_name
-        self._cards, broken = catalog_with_problems()
+        try:
+            self._cards, broken = catalog_with_problems()
+        except AbdomenSegError as exc:  # a malformed catalog.json: say so in the panel, do not fail to open
+            self._cards, broken = {}, {}
+            self.ui.statusLabel.text = _("No model can be listed: {error}").format(error=exc)
         self.ui.modelComboBox.clear()
         self.ui.modelsListWidget.clear()
         for name, card in self._cards.items():
@@ -127,7 +132,11 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning(f"AbdomenSeg: model package '{name}' is broken: {error}")
         if self._cards:
             names = list(self._cards)
-            default = default_model_name()  # a broken default is not in the list: show the first working one
+            try:
+                default = default_model_name()  # a broken default is not in the list: show the first working one
+            except Exception as exc:  # a catalog without a usable default must not stop the panel from opening
+                logging.warning(f"AbdomenSeg: {exc}")
+                default = None
             self.ui.modelComboBox.setCurrentIndex(names.index(default) if default in names else 0)
 
     def _onModelChanged(self, index):
