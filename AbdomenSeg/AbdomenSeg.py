@@ -260,9 +260,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             running = run.step()  # imports finished results into MRML: main thread only, as here
-        except Exception as exc:  # an import failure must not leave the timer spinning
+        except Exception as exc:  # an import failure must not leave the timer spinning, nor look like success
+            run.error = run.error or f"{type(exc).__name__}: {exc}"
             self._finish()
-            slicer.util.errorDisplay(_("Segmentation failed.") + f"\n{exc}")
             return
         fraction, message = run.progress
         self.ui.progressBar.value = int(fraction * 100)

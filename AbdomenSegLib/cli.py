@@ -126,7 +126,11 @@ def _segment(args) -> int:
         tag = f"[{index}/{len(targets)}] {name}"
         if batch and dst.exists() and not args.overwrite:
             skipped += 1
-            _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)")
+            earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
+            if earlier:
+                flagged.append(name)
+            _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
+                 + (f"; its earlier result check has {earlier} warning(s)" if earlier else ""))
             continue
         start = time.time()
         try:

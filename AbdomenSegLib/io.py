@@ -58,6 +58,7 @@ def read_image(path) -> sitk.Image:
         if path.is_dir():
             image = _read_dicom_series(path)
         else:
+            _check_known_type(path)
             _check_header(path)
             image = _read_checked(path)
     except RuntimeError as exc:
@@ -68,6 +69,15 @@ def read_image(path) -> sitk.Image:
     image = _squeeze_to_3d(image, path)
     limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
     return image
+
+
+def _check_known_type(path: Path) -> None:
+    """Only the formats whose completeness is checked (integrity.py) or whose readers refuse damage themselves:
+    ITK also reads NIfTI/Analyze pairs (.hdr + .img) and others, and zero-fills a cut .img without a word."""
+    if not image_suffix(path):
+        raise AbdomenSegError(
+            f"'{path.name}' is not a supported file type", "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage "
+            "(.mha/.mhd) file or a folder holding one DICOM series; convert .hdr/.img pairs to .nii.gz first")
 
 
 def _read_checked(path: Path) -> sitk.Image:

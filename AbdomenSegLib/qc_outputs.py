@@ -69,6 +69,24 @@ class QCFiles:
                              "notes": data["notes"]})
         return data
 
+    def add_existing(self, case: str) -> int | None:
+        """A case skipped because its output exists: its earlier report stays in the CSV and the index (a re-run
+        must not drop it), and its warnings still count. Returns their number, or None without a report."""
+        path = self.folder / f"{case}.json" if self.folder else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            report = QCReport.from_dict(data)
+        except (ValueError, KeyError, TypeError):
+            return None
+        extra = {k: data[k] for k in ("output", "model", "seconds") if k in data}
+        self.rows.append({"case": case, **extra, **report.columns()})
+        png = self.folder / f"{case}.png"
+        self.entries.append({"case": case, "png": str(png) if png.is_file() else "",
+                             "warnings": data.get("warnings", []), "notes": data.get("notes", [])})
+        return len(report.warnings)
+
     def finish(self) -> list:
         """Write the folder's CSV and picture index; returns what was written."""
         if not self.folder or not self.rows:

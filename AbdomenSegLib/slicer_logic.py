@@ -211,6 +211,11 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
     from .organs import convert_labels
     if reference_node.IsA("vtkMRMLSegmentationNode"):
         return segmentation_to_labels(scene, reference_node, geometry_volume)
+    if reference_node.GetTransformNodeID() != geometry_volume.GetTransformNodeID():
+        raise AbdomenSegError(
+            f"the reference '{reference_node.GetName()}' and the volume '{geometry_volume.GetName()}' are under "
+            "different transforms, so a voxel of one is not the same place in the other",
+            "harden the transforms (Data module: right-click, 'Harden transform') or put both under the same one")
     image = volume_node_to_image(reference_node)
     raw = sitk.GetArrayViewFromImage(image)
     if convention == FROM_COLOR_NAMES:
@@ -425,6 +430,9 @@ class AbdomenSegCore:
                 "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({model})")
         else:
             segmentation_node.GetSegmentation().RemoveAllSegments()
+        # The import maps the labelmap (no transform) into the segmentation's frame: with a transform still on a
+        # reused node it would apply the inverse, and the result would land where the volume is stored, not shown.
+        segmentation_node.SetAndObserveTransformNodeID(None)
         segmentation_node.CreateDefaultDisplayNodes()
         import_labels(self.scene, local, segmentation_node, reference_volume=volume_node)
         segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),

@@ -97,6 +97,9 @@ class BackgroundRun:
         except AbdomenSegError as exc:  # an empty result: a message, not a crash
             self.error = f"{self._label()}{exc}"
             return False
+        except Exception as exc:  # a failed import ends the run: never start the same model again
+            self.error = f"{self._label()}the result could not be imported ({type(exc).__name__}: {exc})"
+            return False
         self.results[node.GetAttribute("AbdomenSeg.model")] = node
         from .slicer_logic import qc_messages
         warnings, notes = qc_messages(process.qc)

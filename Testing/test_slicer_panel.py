@@ -144,6 +144,15 @@ def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, t
     from AbdomenSegLib.inference import Segmenter
     expected = sitk.GetArrayFromImage(Segmenter(tiny_package, "cpu").segment(world))
     assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
+    # Segment again into the same node (the panel's second click, confirmed): still in the same place. The
+    # import used to map the labels through the reused node's transform inverted.
+    again = core.segment(vol, model=tiny_package, device="cpu", segmentation_node=seg, replace_existing=True)
+    assert again is seg and seg.GetTransformNodeID() == transform.GetID()
+    assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
+    # A labelmap reference that is not under the volume's transform is refused, not compared misplaced.
+    reference = sl.labelmap_node_from_image(scene, sl.segmentation_to_labels(scene, seg, vol), "reference")
+    with pytest.raises(AbdomenSegError, match="different transforms"):
+        core.compare_with_reference(seg, reference, volume_node=vol, reference_convention="abdomenseg")
 
 
 def test_non_linear_transform_is_refused_with_the_fix(scene, tiny_package):
@@ -265,3 +274,18 @@ def test_batch_script_writes_the_result_check(scene, tiny_package, tmp_path):
     rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,output,model,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
     assert {"case0.png", "case1.png", "index.html", "contact_sheet.png"} <= {p.name for p in qc.iterdir()}
+
+
+def test_a_failed_import_ends_the_run_and_is_not_retried(scene, tiny_package, monkeypatch):
+    ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("MRML said no")
+    monkeypatch.setattr(core, "import_result", broken)
+    run = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu"))
+    assert "MRML said no" in run.error and not run.running and not run.step()
+    assert len(calls) == 1  # the same model is not started again
