@@ -320,9 +320,6 @@ def _check_cancel(cancel):
 
 
 def _window_count(shape, roi, overlap) -> int:
-    """Number of windows MONAI's sliding_window_inference visits (same scan-interval rule)."""
-    count = 1
-    for size, r in zip(shape, roi):
-        interval = max(int(r * (1 - overlap)), 1) if r < size else r
-        count *= 1 if size <= r else math.ceil((size - r) / interval) + 1
-    return count
+    """Number of windows the sliding window visits (sliding_window.window_starts: MONAI's scan rule, in one place)."""
+    from .sliding_window import window_starts
+    return math.prod(len(window_starts(size, r, overlap)) for size, r in zip(shape, roi))

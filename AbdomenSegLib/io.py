@@ -105,8 +105,7 @@ def _check_header(path: Path) -> None:
     if len(size) == 4 and size[3] == 1:
         size = size[:3]
     if len(size) == 3:
-        limits.check_voxel_count(size, f"'{path}'")
-        limits.check_geometry(size, reader.GetSpacing()[:3], f"'{path}'")
+        limits.check_geometry(size, reader.GetSpacing()[:3], f"'{path}'")  # the voxel count included
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

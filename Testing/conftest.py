@@ -93,3 +93,30 @@ def write_phantom_dataset(root: Path, cases: int = 2, ref_suffix: str = ".nii.gz
         sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
         sitk.WriteImage(labels, str(refs / f"case{i}{ref_suffix}"))
     return images, refs
+
+
+def segment_with_both_networks(card, image, options=None, before_library=None):
+    """The labels (and the probabilities before them) of a shipped model on `image`, once with the plain-torch
+    inference network and once with MONAI's/smp's class loaded with the same weights; `before_library()` runs
+    before the second pass (e.g. to swap in MONAI's sliding window). Returns (labels, probabilities) pairs."""
+    import SimpleITK as sitk
+    from safetensors.torch import load_file
+    from AbdomenSegLib.inference import Segmenter
+    from AbdomenSegLib.networks import build_network
+    weights = load_file(str(card.weights_path))
+    segmenter = Segmenter(card, "cpu", log=lambda m: None)
+    probabilities, labels = [], []
+
+    def infer(*args, **kwargs):
+        probabilities.append(Segmenter._infer(segmenter, *args, **kwargs))
+        return probabilities[-1]
+
+    segmenter._infer = infer
+    for fast in (True, False):
+        network = build_network(card["architecture"], card.in_channels, card.out_channels, for_inference=fast)
+        network.load_state_dict(weights, strict=True)
+        segmenter.network = network.eval()
+        if not fast and before_library is not None:
+            before_library()
+        labels.append(sitk.GetArrayFromImage(segmenter.segment(image, options)))
+    return labels, probabilities

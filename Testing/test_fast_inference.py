@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from AbdomenSegLib.inference import Segmenter, _window_count
+from AbdomenSegLib.inference import _window_count
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.sliding_window import importance_map, sliding_window, window_starts
 from AbdomenSegLib.unet3d import UNet3D
 
-from conftest import ROOT, shared
+from conftest import segment_with_both_networks, ROOT, shared
 
 SHIPPED_3D = ["btcv-ct-3d-unet", "chaos-mr-t2-3d-unet"]
 
@@ -207,24 +207,9 @@ def test_default_model_on_example_ct_equals_the_monai_path(monkeypatch):
     from monai.inferers import sliding_window_inference
     from AbdomenSegLib import sliding_window as sliding_window_module
     ct = sitk.ReadImage(str(shared("totalseg_example", "example_ct.nii.gz")))
-    card = find_model()
-    weights = _shipped_weights(card)
-    segmenter = Segmenter(card, "cpu", log=lambda m: None)
-    probabilities = []
-
-    def infer(*args, **kwargs):
-        probabilities.append(Segmenter._infer(segmenter, *args, **kwargs))
-        return probabilities[-1]
-
-    segmenter._infer = infer
-    outputs = []
-    for fast in (True, False):
-        network = build_network(card["architecture"], card.in_channels, card.out_channels, for_inference=fast)
-        network.load_state_dict(weights, strict=True)
-        segmenter.network = network.eval()
-        if not fast:  # the old path: MONAI's UNet and MONAI's sliding_window_inference
-            monkeypatch.setattr(sliding_window_module, "sliding_window", sliding_window_inference)
-        outputs.append(sitk.GetArrayFromImage(segmenter.segment(ct)))
+    # The old path: MONAI's UNet and MONAI's sliding_window_inference.
+    outputs, probabilities = segment_with_both_networks(find_model(), ct, before_library=lambda: monkeypatch.setattr(
+        sliding_window_module, "sliding_window", sliding_window_inference))
     differing = int((outputs[0] != outputs[1]).sum())
     diff = float(np.abs(probabilities[0] - probabilities[1]).max())
     print(f"example CT: {differing} of {outputs[0].size} voxels differ; max probability difference {diff:.2e}")

@@ -14,7 +14,7 @@ from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.unet2d import Unet2D, supports
 
-from conftest import ROOT, shared
+from conftest import segment_with_both_networks, ROOT, shared
 
 SHIPPED_2D = "btcv-ct-2d-unet-r18"
 
@@ -178,22 +178,8 @@ def test_2d_model_on_example_ct_equals_the_smp_path():
     import SimpleITK as sitk
     ct = sitk.ReadImage(str(shared("totalseg_example", "example_ct.nii.gz")))
     card = find_model(SHIPPED_2D)
-    weights = _shipped_weights(card)
-    segmenter = Segmenter(card, "cpu", log=lambda m: None)
-    assert isinstance(segmenter.network, Unet2D)
-    probabilities = []
-
-    def infer(*args, **kwargs):
-        probabilities.append(Segmenter._infer(segmenter, *args, **kwargs))
-        return probabilities[-1]
-
-    segmenter._infer = infer
-    outputs = []
-    for fast in (True, False):
-        network = build_network(card["architecture"], card.in_channels, card.out_channels, for_inference=fast)
-        network.load_state_dict(weights, strict=True)
-        segmenter.network = network.eval()
-        outputs.append(sitk.GetArrayFromImage(segmenter.segment(ct, Options(precision="fp32"))))
+    assert isinstance(Segmenter(card, "cpu", log=lambda m: None).network, Unet2D)
+    outputs, probabilities = segment_with_both_networks(card, ct, Options(precision="fp32"))
     differing = int((outputs[0] != outputs[1]).sum())
     diff = float(np.abs(probabilities[0] - probabilities[1]).max())
     print(f"example CT, 2.5D model: {differing} of {outputs[0].size} voxels differ; "

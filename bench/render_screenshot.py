@@ -1,6 +1,7 @@
-"""Renders Resources/Screenshots/AbdomenSeg-result.png (the extension's screenshot): TotalSegmentator's example CT
-(Apache-2.0, ../shared/data/totalseg_example) segmented by the default model, organ outlines in their colours.
-Not a benchmark; kept here so the picture can be made again: `python bench/render_screenshot.py`."""
+"""Renders Resources/Screenshots/AbdomenSeg-result.png (the extension's screenshot): the project's SYNTHETIC phantom
+CT segmented by the default model, organ outlines in their colours. Drawn from the phantom so that no picture in
+the repository comes from the development data (../shared/data is never redistributed). Not a benchmark; kept
+here so the picture can be made again: `python bench/render_screenshot.py`."""
 import sys
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from AbdomenSegLib.inference import get_segmenter
-from AbdomenSegLib.io import read_image
 from AbdomenSegLib.organs import BY_LABEL
 from AbdomenSegLib.preprocess import reorient
 from skimage import segmentation as skseg
-ct = read_image(str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "totalseg_example" / "example_ct.nii.gz"))
+from AbdomenSegLib.phantom import make_phantom
+ct, _ = make_phantom()
 labels = get_segmenter(None, "cpu").segment(ct)
 ct_l, lab_l = reorient(ct, "LPS"), reorient(labels, "LPS")
 a, l = sitk.GetArrayFromImage(ct_l).astype(float), sitk.GetArrayFromImage(lab_l)
@@ -39,6 +40,6 @@ present = [BY_LABEL[int(v)] for v in np.unique(l) if v]
 handles = [plt.Line2D([], [], color=o.color_float, lw=3, label=o.display_name) for o in present]
 fig.legend(handles=handles, loc="lower center", ncol=5, facecolor="black", labelcolor="w", fontsize=8, frameon=False)
 for x in ax: x.axis("off")
-fig.suptitle("AbdomenSeg default model (btcv-ct-3d-unet) on TotalSegmentator's example CT (Apache-2.0)", color="w", fontsize=10)
+fig.suptitle("AbdomenSeg default model (btcv-ct-3d-unet) on the SYNTHETIC phantom CT (not anatomy)", color="w", fontsize=10)
 plt.subplots_adjust(bottom=0.14, top=0.9, wspace=0.02)
 fig.savefig("Resources/Screenshots/AbdomenSeg-result.png", dpi=90, facecolor="black")
