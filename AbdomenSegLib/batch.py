@@ -13,10 +13,23 @@ from .io import IMAGE_SUFFIXES, case_name, image_suffix
 
 
 def is_dicom_folder(path: Path) -> bool:
+    """A folder holding a DICOM image series. DICOM SEG files (ours, written beside the series folders of a
+    cohort) are series to GDCM too, but no scan: a folder holding only those is not a case."""
     import SimpleITK as sitk
     if not path.is_dir() or any(p.name.lower().endswith(IMAGE_SUFFIXES) for p in path.iterdir()):
         return False
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    return any(not _is_segmentation(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)) for uid in series)
+
+
+def _is_segmentation(files) -> bool:
+    if len(files) != 1:  # a SEG is one (multi-frame) file
+        return False
+    try:
+        from .dicom_seg import is_dicom_seg
+        return is_dicom_seg(files[0])
+    except ImportError:  # pydicom missing: no SEG can have been written here either
+        return False
 
 
 def expand_inputs(spec: str) -> tuple:
@@ -72,8 +85,10 @@ def plan_outputs(cases: list, out_dir: Path, suffix: str) -> list:
 
 
 def find_reference(ref_dir: Path, name: str):
-    """The file in ref_dir with case name `name` (any image suffix), or None."""
+    """The file in ref_dir with case name `name` (any image suffix, or `.dcm`: a DICOM SEG), or None."""
     for p in sorted(ref_dir.iterdir()):
-        if p.is_file() and not _hidden(p) and image_suffix(p) and case_name(p) == name:
+        if not p.is_file() or _hidden(p):
+            continue
+        if (image_suffix(p) and case_name(p) == name) or (p.name.lower().endswith(".dcm") and p.name[:-4] == name):
             return p
     return None

@@ -45,11 +45,13 @@ def case_name(path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
-def read_image(path) -> sitk.Image:
+def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
     """Read a 3D image file or a DICOM series folder. Raises AbdomenSegError with a fix.
 
     The header is read and checked first (dimensions, size, spacing: `limits`), then the file's
     completeness (`integrity`), and only then the pixels, so a corrupt or absurd file costs no memory.
+    A single DICOM file that is a Segmentation (SEG) is read as our organ label map (dicom_seg.py), in the
+    grid of the frames it holds; `segmentation_ok=False` (inputs to segment) refuses it.
     """
     path = Path(path)
     if not path.exists():
@@ -57,6 +59,8 @@ def read_image(path) -> sitk.Image:
     try:
         if path.is_dir():
             image = _read_dicom_series(path)
+        elif path.name.lower().endswith(".dcm") or (not image_suffix(path) and _is_dicom_file(path)):
+            image = _read_dicom_file(path, segmentation_ok)
         else:
             _check_known_type(path)
             _check_header(path)
@@ -69,6 +73,27 @@ def read_image(path) -> sitk.Image:
     image = _squeeze_to_3d(image, path)
     limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
     return image
+
+
+def _is_dicom_file(path: Path) -> bool:
+    from .dicom_seg import is_dicom_file
+    return is_dicom_file(path)
+
+
+def _read_dicom_file(path: Path, segmentation_ok: bool) -> sitk.Image:
+    """One DICOM file: a SEG is a label map; an image slice is refused (a series is read from its folder)."""
+    from .dicom_seg import require_highdicom, is_dicom_file, is_dicom_seg, read_dicom_seg
+    require_highdicom()  # and with it pydicom
+    if not is_dicom_file(path) and not is_dicom_seg(path):
+        raise AbdomenSegError(f"'{path.name}' is not a DICOM file",
+                              "give a DICOM series folder, a DICOM SEG file or a NIfTI/NRRD/MHA image")
+    if not is_dicom_seg(path):
+        raise AbdomenSegError(f"'{path.name}' is a single DICOM file, not a DICOM segmentation (SEG)",
+                              "give the folder holding all slices of the DICOM series")
+    if not segmentation_ok:
+        raise AbdomenSegError(f"'{path.name}' is a DICOM segmentation (SEG), not a scan",
+                              "give the CT or MR series folder (or image file) to segment")
+    return read_dicom_seg(path)
 
 
 def _check_known_type(path: Path) -> None:
@@ -311,11 +336,45 @@ def write_json(data, path) -> Path:
     return Path(path)
 
 
-def check_output_type(path) -> None:
-    """The output's file type must be one we write; checked before any work."""
+DICOM_SEG_SUFFIX = ".dcm"
+
+
+def is_dicom_seg_output(path) -> bool:
+    return str(path).lower().endswith(DICOM_SEG_SUFFIX)
+
+
+def check_output_type(path, inputs=None) -> None:
+    """The output's file type must be one we write; checked before any work.
+
+    `.dcm` (a DICOM SEG) references the slices of the DICOM series it was segmented from, so every input
+    (`inputs`) must be a DICOM series folder, and the output must not go into one (the folder would then hold
+    two series)."""
+    if is_dicom_seg_output(path):
+        _check_dicom_seg_inputs(path, inputs)
+        return
     if image_suffix(path) not in (".seg.nrrd", *IMAGE_SUFFIXES):
         raise AbdomenSegError(f"unsupported output type '{Path(path).name}'",
-                              "use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha")
+                              "use .nii.gz, .nii, .nrrd, .seg.nrrd, .mha, or .dcm (DICOM SEG) for a DICOM series input")
+
+
+def _check_dicom_seg_inputs(path, inputs) -> None:
+    from .dicom_seg import require_highdicom
+    require_highdicom()  # installed? checked before any work
+    inputs = [Path(p) for p in (inputs or [])]
+    not_series = [p for p in inputs if not p.is_dir()]
+    if not inputs or not_series:
+        named = f" ('{not_series[0]}'{f' and {len(not_series) - 1} more' if len(not_series) > 1 else ''})" \
+            if not_series else ""
+        raise AbdomenSegError(
+            f"a DICOM SEG output ('{Path(path).name}') must reference the DICOM series it was made from, and the "
+            f"input is not a DICOM series folder{named}",
+            "give the folder holding the CT/MR slices, or write .nii.gz, .nrrd or .seg.nrrd")
+    parent = Path(path).parent.resolve()
+    for src in inputs:
+        if src.resolve() == parent:
+            raise AbdomenSegError(
+                f"output '{path}' would go into the DICOM series folder '{src}', which would then hold two series",
+                "write the DICOM SEG beside the series folder (e.g. into its parent folder)")
 
 
 def check_output_can_hold(direction, path) -> None:
@@ -399,8 +458,20 @@ def add_segmentation_metadata(label_image: sitk.Image, labels=None) -> sitk.Imag
     return image
 
 
-def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool = True) -> Path:
-    """Write a label map; `.seg.nrrd` gets Slicer segment names, colours and terminology."""
+def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool = True, source=None,
+                 model=None) -> Path:
+    """Write a label map; `.seg.nrrd` gets Slicer segment names, colours and terminology.
+
+    `.dcm` writes a DICOM SEG (dicom_seg.py): `source` is the DICOM series folder the labels were segmented from
+    (its slices are referenced), `model` the ModelCard that made them (the algorithm identification)."""
+    if is_dicom_seg_output(path):
+        from .dicom_seg import write_dicom_seg
+        path = Path(path)
+        check_output_type(path, [source] if source is not None else None)
+        for other in protect:
+            if other is not None and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
+                raise AbdomenSegError(f"output '{path}' is the input file", "choose another output path")
+        return write_dicom_seg(label_image, source, path, model=model, overwrite=overwrite)
     if str(path).lower().endswith(".seg.nrrd"):
         label_image = add_segmentation_metadata(label_image)
     return write_image(label_image, path, protect=protect, overwrite=overwrite)
