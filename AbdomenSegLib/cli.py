@@ -83,6 +83,7 @@ def _segment(args) -> int:
     from .batch import expand_inputs, plan_outputs
     from .inference import Options, get_segmenter
     from .io import check_output_type, prepare_output, sweep_partials
+    from .manifest import Manifest, case_row, device_label
     from .models import find_model
     from .precision import resolve_precision
     from .qc_outputs import assess_result, summary_lines
@@ -90,11 +91,12 @@ def _segment(args) -> int:
     organs = _organ_names(args.organs)
     cases, batch = expand_inputs(args.input)
     output = Path(args.output)
+    distributed = _on_cluster(args, batch)
     if batch:
         if output.exists() and not output.is_dir():
             raise AbdomenSegError(f"output '{output}' is a file but the input is a set of cases",
                                   "give an output folder")
-        check_output_type(f"case{args.format}")
+        check_output_type(output / f"case{args.format}", [src for _, src in cases])
         targets = plan_outputs(cases, output, args.format)
         if not targets:
             raise AbdomenSegError(f"no inputs left in '{args.input}' once earlier outputs are set aside",
@@ -106,7 +108,7 @@ def _segment(args) -> int:
         name, src = cases[0]
         if src.exists() and output.exists() and src.resolve() == output.resolve():
             raise AbdomenSegError(f"output '{output}' would overwrite the input", "choose another output path")
-        check_output_type(output)
+        check_output_type(output, [src])
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
@@ -114,53 +116,127 @@ def _segment(args) -> int:
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(input_intensity=args.input_intensity, organs=organs,
                       largest_component=args.largest_component, fill_holes=args.fill_holes, precision=args.precision)
-    segmenter = get_segmenter(card, args.device, log=_log)
-    precision = resolve_precision(args.precision, segmenter.device, card)  # a refused bf16 fails before any work
-    _log(f"model {segmenter.card.name} on {segmenter.device}" + (" (bfloat16)" if precision == "bf16" else ""))
     json_lines = getattr(args, "json_lines", None)
+    if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
+        segmenter, device = None, ""
+        _log(f"model {card.name} on the Dask workers (--device {args.device})")
+    else:
+        segmenter = get_segmenter(card, args.device, log=_log)
+        precision = resolve_precision(args.precision, segmenter.device, card)  # a refused bf16 fails before any work
+        _log(f"model {segmenter.card.name} on {segmenter.device}" + (" (bfloat16)" if precision == "bf16" else ""))
+        device = device_label(segmenter.device)
     if json_lines:
-        json_lines.model, json_lines.device = segmenter.card.name, segmenter.device
+        json_lines.model, json_lines.device = card.name, segmenter.device if segmenter else args.device
     qc_files = _qc_files(args, output, batch)
-    failures, flagged, written, skipped = [], [], 0, 0
-    for index, (name, src, dst) in enumerate(targets, start=1):
-        tag = f"[{index}/{len(targets)}] {name}"
-        if batch and dst.exists() and not args.overwrite:
-            skipped += 1
-            earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
-            if earlier:
+    manifest = Manifest(output) if batch else None  # read before any work: an unreadable one refuses the run
+    model = {"model": card.name, "sha256": card.get("sha256", "")}
+    failures, flagged, written, skipped, todo = [], [], 0, 0, []
+    try:
+        for index, (name, src, dst) in enumerate(targets, start=1):
+            tag = f"[{index}/{len(targets)}] {name}"
+            if batch and dst.exists() and not args.overwrite:
+                skipped += 1
+                earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
+                if earlier:
+                    flagged.append(name)
+                manifest.skipped(name, src, dst, qc_json=qc_files.folder / f"{name}.json")
+                _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
+                     + (f"; its earlier result check has {earlier} warning(s)" if earlier else ""))
+                continue
+            if distributed:
+                todo.append((index, name, src, dst))
+                continue
+            start = time.time()
+            try:
+                image, labels = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
+                                             json_lines.progress(index, len(targets)) if json_lines else None)
+                written += 1
+            except AbdomenSegError as exc:
+                if not batch:
+                    raise
+                failures.append(name)
+                manifest.record(case_row(name, src, dst, "failed", seconds=time.time() - start, device=device,
+                                         error=str(exc), **model))
+                _log(f"{tag}: error: {exc}")
+                continue
+            report = assess_result(segmenter, labels, options)
+            qc = qc_files.add(name, image, labels, report, output=str(dst), model=segmenter.card.name,
+                              modality=segmenter.card["modality"], seconds=round(time.time() - start, 1))
+            if manifest:
+                manifest.record(case_row(name, src, dst, "done", seconds=time.time() - start, device=device,
+                                         qc_columns=report.columns(), **model))
+            for line in summary_lines(name, report):
+                _log(line)
+            if json_lines:
+                json_lines.flags += [(f"{name}: " if batch else "") + str(f) for f in report.warnings]
+                json_lines.qc.append(qc)
+            if report.warnings:
                 flagged.append(name)
-            _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
-                 + (f"; its earlier result check has {earlier} warning(s)" if earlier else ""))
-            continue
-        start = time.time()
-        try:
-            image, labels = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
-                                         json_lines.progress(index, len(targets)) if json_lines else None)
-            written += 1
-        except AbdomenSegError as exc:
-            if not batch:
-                raise
-            failures.append(name)
-            _log(f"{tag}: error: {exc}")
-            continue
-        report = assess_result(segmenter, labels, options)
-        qc = qc_files.add(name, image, labels, report, output=str(dst), model=segmenter.card.name,
-                          modality=segmenter.card["modality"], seconds=round(time.time() - start, 1))
-        for line in summary_lines(name, report):
-            _log(line)
-        if json_lines:
-            json_lines.flags += [(f"{name}: " if batch else "") + str(f) for f in report.warnings]
-            json_lines.qc.append(qc)
-        if report.warnings:
-            flagged.append(name)
-        _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
+            _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
+        if todo:
+            written += _segment_on_cluster(args, card, options, todo, len(targets), qc_files, manifest, json_lines,
+                                           failures, flagged)
+    finally:
+        if manifest:
+            manifest.write()
     for path in qc_files.finish():
         _log(f"result check: {path}")
     if batch:
+        _log(f"manifest: {manifest.path}")
         _log(f"{written} written ({len(flagged)} with warnings), {skipped} skipped, {len(failures)} failed")
     if failures:
         return 1
     return EXIT_FLAGGED if flagged else 0
+
+
+def _on_cluster(args, batch) -> bool:
+    """--workers / --scheduler / --scheduler-file: the cases go to a Dask cluster (cohort.py)."""
+    from .cohort import wanted
+    if not wanted(args):
+        return False
+    if not batch:
+        raise AbdomenSegError("--workers and --scheduler run a set of cases on a Dask cluster, but the input is one "
+                              "scan", "give a folder or a quoted glob of scans, or leave them out for one scan")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise AbdomenSegError("--workers and --scheduler need Dask (the `distributed` package)",
+                              'install it with `pip install "dask[distributed]"`') from None
+    return True
+
+
+def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, json_lines, failures, flagged) -> int:
+    """The cases of `todo` [(index, name, input, output)] on a Dask cluster; each worker writes its outputs and
+    result checks, the client records the manifest rows it sends back. Returns the number written."""
+    from .cohort import segment_cases
+    from .manifest import case_row
+    written, finished = [0], [0]
+
+    def on_result(index, name, src, dst, outcome):
+        kind, value = outcome
+        tag = f"[{index}/{total}] {name}"
+        finished[0] += 1
+        if json_lines:
+            json_lines.emit(progress=round(finished[0] / len(todo), 4), message=f"{finished[0]}/{len(todo)} cases")
+        row = value["row"] if kind == "ok" else case_row(name, src, dst, "failed", worker="", error=value,
+                                                         model=card.name, sha256=card.get("sha256", ""))
+        manifest.record(row)
+        if row["status"] != "done":
+            failures.append(name)
+            return [f"{tag}: error: {row['error']}"], False
+        written[0] += 1
+        warnings = qc_files.add_existing(name)  # the result check the worker wrote, into qc.csv and the index
+        if warnings:
+            flagged.append(name)
+        if json_lines:
+            json_lines.flags += [f"{name}: {w}" for w in value.get("warnings", [])]
+            json_lines.qc.append(value.get("qc"))
+        return value["log"] + [f"{tag} -> {dst} ({float(row['seconds'] or 0):.1f} s on {row['worker']})"
+                               + (" FLAGGED" if warnings else "")], True
+
+    segment_cases(args, card, options, todo, qc_folder=qc_files.folder, pictures=qc_files.pictures,
+                  on_result=on_result, log=_log)
+    return written[0]
 
 
 def _check_qc_paths(args, batch, inputs):
@@ -191,23 +267,28 @@ def _qc_files(args, output, batch):
     return QCFiles(json_path=args.qc, png_path=args.qc_png)
 
 
-def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None) -> tuple:
-    """Read, segment, write one case while holding its output; returns (image, labels)."""
+def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None) -> tuple:
+    """Read, segment, write one case while holding its output; returns (image, labels). Dask workers
+    (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
     with claim_output(dst, overwrite=overwrite):
-        image = read_image(src)
+        image = read_image(src, segmentation_ok=False)
         check_output_can_hold(image.GetDirection(), dst)
-        bar = _Bar(tag)
+        bar = _Bar(tag) if bar else None
 
         def progress(fraction, message):
-            bar(fraction, message)
+            if bar:
+                bar(fraction, message)
             if report:
                 report(fraction, message)
         try:
             labels = segmenter.segment(image, options, progress=progress)
         finally:
-            bar.close()
-        write_labels(labels, dst, protect=[src], overwrite=overwrite)
+            if bar:
+                bar.close()
+        if before_write:
+            before_write(image, labels)
+        write_labels(labels, dst, protect=[src], overwrite=overwrite, source=src, model=segmenter.card)
     return image, labels
 
 
@@ -225,6 +306,7 @@ def _evaluate(args) -> int:
     check_convention(args.reference_labels)
     check_convention(args.prediction_labels)
     predictions, batch = expand_inputs(args.prediction)
+    distributed = _on_cluster(args, batch)
     ref = Path(args.reference)
     if batch and not ref.is_dir():
         raise AbdomenSegError("the prediction is a set of cases but the reference is not a folder",
@@ -232,11 +314,14 @@ def _evaluate(args) -> int:
     if not batch and not ref.exists():
         raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
     csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
-    rows, failures = [], []
+    rows, failures, jobs = [], [], []
     for index, (name, path) in enumerate(predictions, start=1):
         ref_path = find_reference(ref, name) if batch else ref
         if ref_path is None:
             _log(f"[{index}/{len(predictions)}] {name}: no reference in {ref}, skipped")
+            continue
+        if distributed:
+            jobs.append((index, name, path, ref_path))
             continue
         try:
             case_rows = evaluate(read_image(path), read_image(ref_path), reference_convention=args.reference_labels,
@@ -252,6 +337,8 @@ def _evaluate(args) -> int:
         _log(f"[{index}/{len(predictions)}] {name} evaluated")
         if not batch:
             print(format_table(case_rows))
+    if jobs:
+        rows += _evaluate_on_cluster(args, jobs, len(predictions), organs, failures)
     if not rows:
         raise AbdomenSegError("no prediction could be evaluated against a reference",
                               "name references like the predictions" + (" and fix the errors above" if failures else ""))
@@ -269,6 +356,36 @@ def _evaluate(args) -> int:
         _log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
         return 1
     return 0
+
+
+def _evaluate_case(prediction, reference, settings) -> list:
+    """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
+    from .io import read_image
+    from .metrics import evaluate
+    return evaluate(read_image(prediction), read_image(reference), **settings)
+
+
+def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
+    """`evaluate --workers/--scheduler`: one task per case [(index, name, prediction, reference)]; the rows come
+    back in the cases' order, as a sequential run gives them."""
+    from .cohort import map_cases
+    results = {}
+    items = [(str(Path(p).resolve()), str(Path(r).resolve()),
+              {"reference_convention": args.reference_labels, "prediction_convention": args.prediction_labels,
+               "organs": organs, "tolerance_mm": args.tolerance, "case": name, "model": args.model_name})
+             for _, name, p, r in jobs]
+
+    def on_result(i, outcome):
+        index, name = jobs[i][:2]
+        kind, value = outcome
+        if kind != "ok":
+            failures.append(name)
+            return [f"[{index}/{total}] {name}: error: {value}"], False
+        results[i] = value
+        return [f"[{index}/{total}] {name} evaluated"], True
+
+    map_cases(args, _evaluate_case, items, names=[j[1] for j in jobs], desc="evaluate", on_result=on_result, log=_log)
+    return [row for i in sorted(results) for row in results[i]]
 
 
 def _check_csv_outputs(args, inputs) -> list:
@@ -327,11 +444,35 @@ def _compare(args) -> int:
     summary = run_comparison([m.strip() for m in args.models.split(",")], args.data, args.labels, args.out,
                              cases=args.cases.split(",") if args.cases else None, cases_from=args.cases_from,
                              input_intensity=args.input_intensity, device=args.device, overwrite=args.overwrite,
-                             log=_log)
+                             log=_log, mapper=_cluster_mapper(args) if _on_cluster(args, True) else None)
     from .compare import markdown_table
     print(markdown_table(summary))
     _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
     return 0
+
+
+def _cluster_mapper(args):
+    """`compare --workers/--scheduler`: each (model, case) pair one task; any failure fails the comparison, as it
+    does when run here, but only once every pair has ended."""
+    from .cohort import map_cases
+
+    def mapper(fn, items, names):
+        results, errors = {}, []
+
+        def on_result(i, outcome):
+            kind, value = outcome
+            if kind != "ok":
+                errors.append(f"{names[i]}: {value}")
+                return [f"{names[i]}: error: {value}"], False
+            results[i] = value
+            return [names[i]], True
+        map_cases(args, fn, items, names=names, desc="compare", on_result=on_result, settings={"torch": True},
+                  log=_log)
+        if errors:
+            raise AbdomenSegError(f"{len(errors)} of {len(items)} model/case pairs failed (first: {errors[0]})",
+                                  "fix the errors above and run again")
+        return [results[i] for i in range(len(items))]
+    return mapper
 
 
 def _train(args) -> int:
@@ -341,8 +482,37 @@ def _train(args) -> int:
     return 0
 
 
+def _workers(text) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of worker processes (1 or more)")
+    return value
+
+
+def _cluster_options(p):
+    """Folders and globs of cases on a Dask cluster (cohort.py); without these, one case after another here."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=_workers, metavar="N",
+                       help="run the cases on a local Dask cluster of N worker processes, each loading the model once "
+                            "(with --device cuda: one worker per GPU, each pinned to its GPU)")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="send the cases to a running Dask cluster, e.g. tcp://node01:8786 (workers must see the "
+                            "same paths: a shared filesystem)")
+    group.add_argument("--scheduler-file", metavar="FILE",
+                       help="like --scheduler, with the JSON file `dask scheduler --scheduler-file` wrote")
+
+
+def _program_name() -> str:
+    """How the user called us: the `abdomenseg` command of an installed package, or `python -m AbdomenSegLib`."""
+    called = Path(sys.argv[0]).stem.lower() if sys.argv and sys.argv[0] else ""
+    return "abdomenseg" if called == "abdomenseg" else "python -m AbdomenSegLib"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m AbdomenSegLib", description="AbdomenSeg: abdominal organ segmentation")
+    parser = argparse.ArgumentParser(prog=_program_name(), description="AbdomenSeg: abdominal organ segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment a volume (file, DICOM folder), a folder of volumes or a glob")
@@ -360,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the largest connected piece of: the organs the model's card names (model, the "
                         "default: organs that are one piece by anatomy), every organ (all), or none (raw output)")
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
-    p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd"),
+    p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd", ".dcm"),
                    help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.add_argument("--qc", help="result check report: a JSON file (single input) or a folder (default for several "
@@ -370,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qc-png", action="store_true", help="several inputs: skip the pictures (about 1 s per case)")
     p.add_argument("--progress-json", action="store_true",
                    help="print progress and the outcome as JSON lines on stdout (for the Slicer module's background run)")
+    _cluster_options(p)
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("evaluate", help="per-organ Dice, IoU, volumes, HD95, ASSD, surface Dice")
@@ -383,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write one row per case and organ here (+ <name>_summary.csv)")
     p.add_argument("--model-name", default="", help="value of the CSV's model column")
     p.add_argument("--overwrite", action="store_true")
+    _cluster_options(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
@@ -395,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--overwrite", action="store_true")
+    _cluster_options(p)
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("models", help="list installed models with their metadata")

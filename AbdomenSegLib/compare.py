@@ -28,10 +28,23 @@ def select_cases(data_root, cases=None, cases_from=None) -> list:
     return [by_name[w] for w in sorted(set(wanted))]
 
 
+def compare_case(model, label, device, name, image_path, label_path, direction, convention, input_intensity,
+                 log=None) -> list:
+    """One model on one case: its metric rows. Runs here or on a Dask worker (which keeps each model loaded)."""
+    segmenter = get_segmenter(find_model(model), device, log=log or print)
+    organs = list(segmenter.card["labels"].values())
+    image, reference = read_case(image_path, label_path, direction)
+    prediction = segmenter.segment(image, Options(input_intensity=input_intensity))
+    return evaluate(prediction, reference, reference_convention=convention, organs=organs, case=name, model=label)
+
+
 def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_from=None,
-                   input_intensity="native", direction=None, device="auto", overwrite=False, log=print) -> list:
+                   input_intensity="native", direction=None, device="auto", overwrite=False, log=print,
+                   mapper=None) -> list:
     """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the
-    `cases_from` model's training config gives when that model was trained on a dataset of the same name."""
+    `cases_from` model's training config gives when that model was trained on a dataset of the same name.
+    `mapper(compare_case, items, names)` runs the (model, case) pairs elsewhere, e.g. on a Dask cluster
+    (cli: --workers / --scheduler), and returns their rows in the items' order."""
     out_dir = Path(out_dir)
     existing = [name for name in OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
@@ -47,15 +60,15 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
     # Two versions of one model (e.g. a package and its continuation) share a name: tell them apart by hash.
     labels = [f"{n} ({c['sha256'][:8]})" if names.count(n) > 1 else n for n, c in zip(names, cards)]
     labels = [f"{label} {model}" if labels.count(label) > 1 else label for label, model in zip(labels, models)]
-    for card, label in zip(cards, labels):
-        segmenter = get_segmenter(card, device, log=log)
-        organs = list(segmenter.card["labels"].values())
-        for index, (name, image_path, label_path) in enumerate(selected, start=1):
-            image, reference = read_case(image_path, label_path, direction)
-            prediction = segmenter.segment(image, Options(input_intensity=input_intensity))
-            rows += evaluate(prediction, reference, reference_convention=convention, organs=organs,
-                             case=name, model=label)
-            log(f"{label}: [{index}/{len(selected)}] {name}")
+    items = [(str(card.path), label, device, name, str(image_path), str(label_path), direction, convention,
+              input_intensity) for card, label in zip(cards, labels) for name, image_path, label_path in selected]
+    if mapper is not None:
+        rows = [row for case_rows in mapper(compare_case, items, [f"{i[1]}: {i[3]}" for i in items])
+                for row in case_rows]
+    else:
+        for index, item in enumerate(items):
+            rows += compare_case(*item, log=log)
+            log(f"{item[1]}: [{index % len(selected) + 1}/{len(selected)}] {item[3]}")
     summary = summarize(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "metrics.csv")

@@ -51,7 +51,7 @@ def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys)
     args = ["segment", str(images), str(outs), "--model", str(tiny_package.path)]
     first = main(args)
     assert first in (0, 3)
-    assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz", "qc"]
+    assert sorted(p.name for p in outs.iterdir()) == ["case0.nii.gz", "case1.nii.gz", "manifest.csv", "qc"]
     # The result check of a folder run: per case JSON and picture, one CSV, an index of the pictures.
     qc = outs / "qc"
     assert {"case0.json", "case0.png", "case1.json", "case1.png", "qc.csv", "index.html", "contact_sheet.png"} <= {
