@@ -28,9 +28,8 @@ for _candidate in (_here, os.path.dirname(_here)):
         sys.path.insert(0, _candidate)
         break
 
-# Same values as AbdomenSegLib.slicer_logic.REFERENCE_CONVENTIONS (importing it here would load the engine
-# at Slicer start-up; Testing/test_packaging.py checks the two agree).
-REFERENCE_CONVENTIONS = ["colour table names", "abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr"]
+# The option values the engine and the command line use (standard library only: nothing heavy loads with Slicer).
+from AbdomenSegLib.options import DEVICES, LARGEST_COMPONENT, REFERENCE_CONVENTIONS  # noqa: E402
 DOCUMENTATION = "https://github.com/abdomenseg/SlicerAbdomenSeg#readme"
 
 
@@ -67,10 +66,10 @@ class AbdomenSegParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
     model: str = ""  # bound by hand to the model combo box (its items carry the name as data)
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    largestComponent: Annotated[str, Choice(["model", "all", "none"])] = "model"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    largestComponent: Annotated[str, Choice(list(LARGEST_COMPONENT))] = "model"
     fillHoles: bool = False
-    referenceConvention: Annotated[str, Choice(REFERENCE_CONVENTIONS)] = REFERENCE_CONVENTIONS[0]
+    referenceConvention: Annotated[str, Choice(list(REFERENCE_CONVENTIONS))] = REFERENCE_CONVENTIONS[0]
     reviewSegments: bool = False
     tolerance: Annotated[float, WithinRange(0.1, 50.0)] = 2.0
 
@@ -177,6 +176,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRun()
         self._timer.stop()
         self.removeObservers()
+        runs = sys.modules.get("AbdomenSegLib.slicer_runs")  # loaded only if a run was ever started
+        if runs is not None:
+            runs.stop_shared_worker()  # the engine process and the models it holds in memory
 
     def enter(self):
         self.initializeParameterNode()
@@ -395,11 +397,12 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, volumeNode, models, device="auto", organs=None, segmentationNode=None, replaceExisting=False,
                  largestComponent="model", fillHoles=False):
-        from AbdomenSegLib.slicer_runs import BackgroundRun
+        from AbdomenSegLib.slicer_runs import BackgroundRun, shared_worker
         return BackgroundRun(self.core, volumeNode, models, device=device, organs=organs,
                              segmentation_node=segmentationNode, replace_existing=replaceExisting,
                              largest_component=largestComponent, fill_holes=fillHoles,
-                             temp_root=slicer.app.temporaryPath)
+                             temp_root=slicer.app.temporaryPath,
+                             worker=shared_worker(temp_root=slicer.app.temporaryPath))
 
     def segment(self, volumeNode, model=None, device="auto", organs=None, segmentationNode=None,
                 replaceExisting=False, largestComponent="model", fillHoles=False, progress=None, cancel=None,

@@ -43,10 +43,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
 from .errors import AbdomenSegError
+
+if TYPE_CHECKING:  # engine_worker imports this module
+    from .engine_worker import EngineWorker
 
 # The folder that holds the AbdomenSegLib package: the checkout's root, or, in a packaged extension,
 # qt-scripted-modules/ (AbdomenSegLib/CMakeLists.txt installs the engine there WITH_SUBDIR).
@@ -114,7 +118,10 @@ class SegmentationProcess:
     every file.
     """
 
-    def __init__(self):
+    def __init__(self, worker: "EngineWorker | None" = None):
+        # With a worker, the run is a request to that long-lived engine process (no start-up, model kept
+        # loaded); without, a process of its own. Events, outcome, cancel and cleanup are the same.
+        self._worker = worker
         self.command: list | None = None
         self.temp_dir: Path | None = None
         self.returncode: int | None = None  # the process's exit status, once it has exited
@@ -146,7 +153,7 @@ class SegmentationProcess:
         process's; in Slicer, `slicer.util.startupEnvironment()` as launchConsoleProcess uses). `temp_root`:
         where the temp folder is made (default the system's; in Slicer `slicer.app.temporaryPath`).
         """
-        if self._process is not None or self.temp_dir is not None:
+        if self._process is not None or self.temp_dir is not None or self._started is not None:
             raise RuntimeError("this SegmentationProcess was already started; make a new one per run")
         self.temp_dir = Path(tempfile.mkdtemp(prefix="AbdomenSeg-", dir=temp_root))
         try:
@@ -159,9 +166,15 @@ class SegmentationProcess:
                                          model=model, device=device, organs=organs,
                                          largest_component=largest_component, fill_holes=fill_holes,
                                          input_intensity=input_intensity)
-            self._launch(env)
+            if self._worker is not None:
+                self._started = time.monotonic()
+                # The CLI's arguments after `python -m AbdomenSegLib`; its stderr into this run's own log.
+                self._worker.submit(self, self.command[3:], self.temp_dir / LOG_NAME, python=python, env=env)
+            else:
+                self._launch(env)
         except BaseException:
             self.cleanup()
+            self._started = None  # not running: it never started
             raise
         return self
 
@@ -196,44 +209,53 @@ class SegmentationProcess:
         process = self._process
         try:
             for line in process.stdout:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    event = json.loads(line)
-                    if not isinstance(event, dict):
-                        raise ValueError(line)
-                except ValueError:
-                    event = {"log": line}
-                if ("done" in event or "error" in event) and not self._outcome.is_set():
-                    with self._lock:
-                        if "done" in event:
-                            self.exit_code = event.get("exit")
-                            self.flags = list(event.get("flags") or [])
-                            self.qc = (event.get("qc") or [None])[0]
-                            self.model, self.device = event.get("model"), event.get("device")
-                        else:
-                            self._error = str(event["error"])
-                    self._events.put(event)
-                    self._outcome.set()
-                    continue
-                self._events.put(event)
+                self._on_line(line)
         except (OSError, ValueError):  # the pipe was closed under us (cleanup of a process still exiting)
             pass
         finally:
-            returncode = process.wait()
+            self._on_end(process.wait())
+
+    def _on_line(self, line: str) -> None:
+        """One stdout line of the child (its own process, or the shared worker's while this run is its request)."""
+        line = line.strip()
+        if not line:
+            return
+        try:
+            event = json.loads(line)
+            if not isinstance(event, dict):
+                raise ValueError(line)
+        except ValueError:
+            event = {"log": line}
+        if ("done" in event or "error" in event) and not self._outcome.is_set():
             with self._lock:
-                self.returncode = returncode
-                self.log_tail = self._read_log_tail()
-                crashed = not self._outcome.is_set() and not self.cancelled
-                if crashed:
-                    lines = self.log_tail.strip().splitlines()
-                    self._error = (f"the segmentation process stopped with exit code {returncode} without a result "
-                                   f"({lines[-1] if lines else 'no log'}). See the log for details")
-            if crashed:
-                self._events.put({"error": self._error})
+                if "done" in event:
+                    self.exit_code = event.get("exit")
+                    self.flags = list(event.get("flags") or [])
+                    self.qc = (event.get("qc") or [None])[0]
+                    self.model, self.device = event.get("model"), event.get("device")
+                else:
+                    self._error = str(event["error"])
+            self._events.put(event)
             self._outcome.set()
-            self._exited.set()
+            if self._worker is not None:  # nothing of this run is left to exit: the worker goes on
+                self._exited.set()
+            return
+        self._events.put(event)
+
+    def _on_end(self, returncode, extra_log: str = "") -> None:
+        """The process that ran this request ended (all its output read)."""
+        with self._lock:
+            self.returncode = returncode
+            self.log_tail = self._read_log_tail() or extra_log
+            crashed = not self._outcome.is_set() and not self.cancelled
+            if crashed:
+                lines = self.log_tail.strip().splitlines()
+                self._error = (f"the segmentation process stopped with exit code {returncode} without a result "
+                               f"({lines[-1] if lines else 'no log'}). See the log for details")
+        if crashed:
+            self._events.put({"error": self._error})
+        self._outcome.set()
+        self._exited.set()
 
     def _read_log_tail(self, lines=20) -> str:
         folder = self.temp_dir
@@ -261,7 +283,7 @@ class SegmentationProcess:
     @property
     def running(self) -> bool:
         """Started, and neither an outcome nor the process's end has come yet."""
-        return self._process is not None and not self._outcome.is_set()
+        return self._started is not None and not self._outcome.is_set()
 
     @property
     def finished(self) -> bool:
@@ -275,7 +297,7 @@ class SegmentationProcess:
 
     def wait(self, timeout=None) -> bool:
         """Block until the run has its outcome (True) or `timeout` s have passed (False); for scripts."""
-        if self._process is None:
+        if self._started is None:
             raise RuntimeError("the run was not started")
         return self._outcome.wait(timeout)
 
@@ -328,12 +350,19 @@ class SegmentationProcess:
         up (its result is discarded).
         """
         with self._lock:
-            if self._process is not None and not self._outcome.is_set():
+            if self._started is not None and not self._outcome.is_set():
                 self.cancelled = True
         self._end_process(timeout)
         self.cleanup()
 
     def _end_process(self, timeout):
+        if self._worker is not None:
+            # A worker's request cannot be interrupted half-way and leave the worker sound: end the worker (the
+            # next run starts a fresh one). A finished request leaves the worker alone.
+            if self._worker.serving(self) and not self._outcome.is_set():
+                self._worker.stop(timeout, kill=True)
+                self._exited.wait(5.0)
+            return
         process = self._process
         if process is None:
             return

@@ -16,6 +16,7 @@ import vtk
 from .errors import AbdomenSegError
 from .metrics import METRIC_UNITS, evaluate
 from .organs import BY_LABEL, BY_NAME, organ_from_name, organ_from_terminology
+from .options import FROM_COLOR_NAMES, REFERENCE_CONVENTIONS  # noqa: F401  (the panel's choices)
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 QC_ATTRIBUTE = "AbdomenSeg.qc"
@@ -48,17 +49,23 @@ def volume_node_to_image(node, world: bool = False) -> sitk.Image:
     if array.ndim != 3:
         raise AbdomenSegError(f"the volume '{node.GetName()}' is not a single 3D scalar volume",
                               "select a scalar (grayscale) volume")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    spacing, origin, direction = volume_node_geometry(node, world)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def volume_node_geometry(node, world: bool = False) -> tuple:
+    """(spacing, origin, direction) of a volume node in LPS, as SimpleITK sets them; no pixels are copied."""
     ijk_to_ras = _matrix(node.GetIJKToRASMatrix)
     if world:
         ijk_to_ras = _to_world(node) @ ijk_to_ras
     columns = ijk_to_ras[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     direction = _LPS @ (columns / spacing)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin((_LPS @ ijk_to_ras[:3, 3]).tolist())
-    image.SetDirection(direction.ravel().tolist())
-    return image
+    return spacing.tolist(), (_LPS @ ijk_to_ras[:3, 3]).tolist(), direction.ravel().tolist()
 
 
 def _matrix(getter) -> np.ndarray:
@@ -116,10 +123,17 @@ def _color_table(scene, entries, name):
 def import_labels(scene, labels: sitk.Image, segmentation_node, reference_volume=None, prefix=""):
     """Add one segment per organ present in `labels` (our organ table) to `segmentation_node`."""
     slicer = _slicer()
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if int(v) in BY_LABEL]
+    array = sitk.GetArrayViewFromImage(labels)
+    present = np.flatnonzero(np.bincount(array.ravel(), minlength=1)) if array.dtype.kind == "u" else np.unique(array)
+    values = [int(v) for v in present if int(v) in BY_LABEL]
     if not values:
         return []  # nothing to import; creating the helper nodes would only leave strays behind
-    labelmap = labelmap_node_from_image(scene, labels, "AbdomenSeg import")
+    # Only the organs' bounding box travels to Slicer: it lies on the same voxel grid (an index shift of the
+    # origin), so the import is exact and several times faster than importing a mostly empty 512x512xN map.
+    filled = [np.flatnonzero(array.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]  # z, y, x
+    start = [int(f[0]) for f in reversed(filled)]
+    size = [int(f[-1]) + 1 - s for f, s in zip(reversed(filled), start)]
+    labelmap = labelmap_node_from_image(scene, sitk.RegionOfInterest(labels, size, start), "AbdomenSeg import")
     table = _color_table(scene, [(v, prefix + BY_LABEL[v].display_name, BY_LABEL[v].color_float) for v in values],
                          "AbdomenSeg organs")
     labelmap.CreateDefaultDisplayNodes()
@@ -195,8 +209,6 @@ def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.I
     return image
 
 
-FROM_COLOR_NAMES = "colour table names"
-REFERENCE_CONVENTIONS = (FROM_COLOR_NAMES, "abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr")
 
 
 def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_COLOR_NAMES) -> sitk.Image:
@@ -424,7 +436,10 @@ class AbdomenSegCore:
             flag = assess(labels, asked=organs).warnings[0]
             raise AbdomenSegError(flag.problem, flag.fix)
         local = sitk.Image(labels)
-        local.CopyInformation(volume_node_to_image(volume_node))
+        spacing, origin, direction = volume_node_geometry(volume_node)
+        local.SetSpacing(spacing)
+        local.SetOrigin(origin)
+        local.SetDirection(direction)
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({model})")
@@ -449,8 +464,10 @@ class AbdomenSegCore:
         """Table of organ volumes (mL) with the result check's columns (confidence, pieces, image border,
         flags), counted in the volume's grid; a segmentation without a stored report is checked now."""
         from .qc import assess
-        labels = segmentation_to_labels(self.scene, segmentation_node, volume_node)
-        report = qc_report(segmentation_node) or assess(labels).as_dict()
+        # The engine's report (stored on the node at import) already holds every column; exporting the
+        # segments back to a label map costs seconds on a 512x512x300 scan and is done only without one.
+        report = qc_report(segmentation_node) or assess(
+            segmentation_to_labels(self.scene, segmentation_node, volume_node)).as_dict()
         flags = {}
         for flag in report.get("warnings", []) + report.get("notes", []):
             flags.setdefault(flag.get("organ"), []).append(flag["code"])

@@ -5,17 +5,40 @@ progress without blocking and, when a model has finished, imports its label map 
 the main thread may touch). Nothing here imports Qt, so it is tested against slicer-core with real
 child processes. Each run has its own cancel state: cancelling one never affects the next (the old
 panel's cancel flag stayed set after a Cancel and made the next model comparison stop at once).
+
+The panel's runs go to one long-lived engine process (`shared_worker()`, engine_worker.py) so that the second
+Segment skips Python start-up and model loading; a run that finds it busy runs in a process of its own.
 """
 from __future__ import annotations
 
 from .background import SegmentationProcess
+from .engine_worker import EngineWorker
 from .errors import AbdomenSegError
+
+_SHARED_WORKER: EngineWorker | None = None
+
+
+def shared_worker(temp_root=None) -> EngineWorker:
+    """The session's engine worker (started at its first run, not here)."""
+    global _SHARED_WORKER
+    if _SHARED_WORKER is None:
+        _SHARED_WORKER = EngineWorker(temp_root=temp_root)
+    return _SHARED_WORKER
+
+
+def stop_shared_worker() -> None:
+    """End the session's engine worker and give its memory back (the module's cleanup; Slicer's exit closes its
+    stdin, which ends it as well)."""
+    global _SHARED_WORKER
+    worker, _SHARED_WORKER = _SHARED_WORKER, None
+    if worker is not None:
+        worker.stop()
 
 
 class BackgroundRun:
     def __init__(self, core, volume_node, models, *, device="auto", organs=None, segmentation_node=None,
                  replace_existing=False, largest_component="model", fill_holes=False, temp_root=None,
-                 process_factory=None):
+                 process_factory=None, worker: EngineWorker | None = None):
         # Everything a run needs is checked before any process starts (no volume, no organ, existing
         # segments, a non-linear transform), and the volume is captured where it lies now.
         self.core, self.volumeNode, self.models = core, volume_node, list(models)
@@ -25,7 +48,9 @@ class BackgroundRun:
         self.options = dict(device=device, organs=organs, largest_component=largest_component, fill_holes=fill_holes)
         self.segmentation_node, self.replace_existing = segmentation_node, replace_existing
         self.temp_root = temp_root  # Slicer's own temporary folder in the app
-        self.process_factory = process_factory or SegmentationProcess
+        # With a worker, each model is a request to it (unless another run holds it: then a process of its own).
+        self.process_factory = process_factory or (
+            lambda: SegmentationProcess(worker=worker if worker is not None and not worker.busy else None))
         self.results: dict = {}  # card name -> segmentation node, in the order the models ran
         self.warnings: list = []  # the result check's, per model
         self.notes: list = []

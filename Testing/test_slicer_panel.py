@@ -198,6 +198,34 @@ def test_background_run_gives_the_in_process_result(scene, tiny_package):
                           sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, direct, vol)))
 
 
+def test_panel_runs_reuse_one_engine_process(scene, tiny_package):
+    """The panel's second Segment goes to the engine process the first one started (no start-up, no model
+    load); a run that finds it busy gets a process of its own; the results are the in-process ones."""
+    from AbdomenSegLib.engine_worker import EngineWorker
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    vol = _volume(scene, ct)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    worker = EngineWorker()
+    try:
+        first = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu", worker=worker))
+        pid = worker.pid
+        second = BackgroundRun(core, vol, [str(tiny_package.path)] * 2, device="cpu", worker=worker)
+        second.step()
+        assert worker.busy
+        third = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu", worker=worker))
+        _run_to_end(second)
+        assert first.error is None and second.error is None and third.error is None
+        assert worker.pid == pid and worker.starts == 1
+        direct = core.segment(vol, model=tiny_package, device="cpu")
+        expected = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, direct, vol))
+        for run in (first, second, third):
+            seg = next(iter(run.results.values()))
+            assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
+    finally:
+        worker.stop()
+    assert not worker.alive
+
+
 def test_cancel_stops_this_run_only(scene, tiny_package):
     """The old panel's cancel flag stayed set: after one Cancel, 'Compare models' stopped at once."""
     ct, _ = make_phantom(size=(160, 140, 60), spacing=(2.5, 2.5, 4.0))
