@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .organs import BY_LABEL, BY_NAME
+from .postprocess import connected_pieces
 from .qc_anatomy import (ANCHORS, EXPECTED_WHEN_COVERED, NOTED_WHEN_MISSING, OFFSETS_MM, VOLUME_BANDS_ML)
 
 MIN_ML = 5.0  # organs smaller than this (a few stray voxels) say nothing about position
@@ -154,11 +155,8 @@ def _pieces_and_borders(array: np.ndarray, value: int, box, voxel_ml: float, fac
             touched.append(faces[axis][1])
     if single:
         return 1, 0.0, touched
-    pieces, count = ndimage.label(array[box] == value, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
-        return count, 0.0, touched
-    sizes = np.bincount(pieces.ravel())[1:]
-    return count, float(sizes.sum() - sizes.max()) * voxel_ml, touched
+    count, sizes, _ = connected_pieces(array[box] == value, full=True)
+    return count, float(sum(sizes[1:])) * voxel_ml, touched
 
 
 def _face_names(labels: sitk.Image) -> list:

@@ -195,3 +195,23 @@ def test_transplant_kidney_called_kidney_left_is_misplaced():
 def test_empty_result_is_a_warning():
     report = assess(_labels(), asked=["gallbladder"])
     assert [f.code for f in report.warnings] == ["empty"] and "gallbladder" in report.warnings[0].problem
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_connected_pieces_match_scipy(full):
+    """The SimpleITK labelling behind largest-piece post-processing and the piece count equals scipy's."""
+    from scipy import ndimage
+    from AbdomenSegLib.postprocess import connected_pieces, keep_largest_component
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(rng.random((30, 40, 50)) > 0.55)  # many pieces of many sizes
+    structure = np.ones((3, 3, 3), bool) if full else None
+    expected, count = ndimage.label(mask, structure=structure)
+    sizes = np.bincount(expected.ravel())[1:]
+    got_count, got_sizes, pieces = connected_pieces(mask, full=full)
+    assert got_count == count > 5 and got_sizes == sorted(sizes.tolist(), reverse=True)
+    assert np.array_equal(pieces == 1, expected == np.argmax(sizes) + 1) or sizes.tolist().count(sizes.max()) > 1
+    labels = np.where(mask, 7, 0).astype(np.uint8)
+    if not full:
+        kept = keep_largest_component(labels.copy(), [7])
+        assert np.array_equal(kept == 7, expected == np.argmax(sizes) + 1)
+    assert connected_pieces(np.zeros((4, 4, 4), bool))[:2] == (0, [])
