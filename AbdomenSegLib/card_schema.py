@@ -30,6 +30,7 @@ ENHANCEMENTS = ("none", "histeq", "clahe")
 WINDOW_MODES = ("gaussian", "constant")
 AXIS_PAIRS = ("LR", "AP", "SI")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+([.+-][0-9A-Za-z.+-]*)?")  # 0.1.0, 1.2.3.dev4, 1.0.0+local
 LABEL_KEY = re.compile(r"[1-9][0-9]*")  # decimal, no sign, no leading zero: "01" and "1" would be one channel
 
 Problems = list[str]  # one clear sentence per problem
@@ -69,6 +70,8 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
         "weights": _weights,
         "sha256": _sha256,
         "title": lambda v: [] if isinstance(v, str) else [f"title {_show(v)} must be text"],
+        # The engine that exported the package (AbdomenSegLib.__version__); optional: older cards lack it.
+        "abdomenseg_version": _abdomenseg_version,
         "validation": _validation,
         "timing": _timing,
     }
@@ -339,6 +342,12 @@ def _weights(value: Any) -> Problems:
         return []
     return [f"weights {_show(value)} must be the file name of a .safetensors file in the package folder "
             "(no folders, no absolute path)"]
+
+
+def _abdomenseg_version(value: Any) -> Problems:
+    if isinstance(value, str) and VERSION.fullmatch(value):
+        return []
+    return [f"abdomenseg_version {_show(value)} must be a version number such as \"0.1.0\""]
 
 
 def _sha256(value: Any) -> Problems:

@@ -3,7 +3,8 @@
 Layouts understood: `images/` + `labels/` with matching file names (BTCV, CHAOS as shipped in
 ../shared/data) and nnU-Net/MSD `imagesTr/` + `labelsTr/` (`case_0000.nii.gz` -> `case.nii.gz`).
 The cache stores each case resampled to the model's grid as uint8 (image scaled from [0, 1],
-labels in our organ table) in one .npz, small enough to carry to a GPU machine.
+labels in our organ table) in one .npz, small enough to carry to a GPU machine; `cached_cases` and
+`decode_image` are the only readers of that encoding.
 """
 from __future__ import annotations
 
@@ -64,13 +65,23 @@ def read_case(image_path, label_path, direction=None) -> tuple:
     correctly oriented scans."""
     image, label = read_image(image_path), sitk.ReadImage(str(label_path))
     if direction is not None:
-        matrix = np.asarray(direction, dtype=float).reshape(3, 3)
-        if not np.allclose(np.abs(np.linalg.det(matrix)), 1.0) or not np.allclose(matrix @ matrix.T, np.eye(3)):
-            raise AbdomenSegError(f"data.direction {list(direction)} is not a rotation or reflection matrix",
-                                  "give 9 numbers of an orthonormal direction matrix, row-major")
+        matrix = check_direction(direction)
         for im in (image, label):
             im.SetDirection([float(v) for v in matrix.ravel()])
     return image, label
+
+
+def check_direction(direction) -> np.ndarray:
+    """The 3x3 matrix of a data.direction override (9 numbers, row-major); refused unless orthonormal."""
+    try:
+        matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    except (TypeError, ValueError):
+        matrix = None
+    if matrix is None or not np.all(np.isfinite(matrix)) or not np.allclose(np.abs(np.linalg.det(matrix)), 1.0) \
+            or not np.allclose(matrix @ matrix.T, np.eye(3)):
+        raise AbdomenSegError(f"data.direction {direction!r} is not a rotation or reflection matrix",
+                              "give 9 numbers of an orthonormal direction matrix, row-major")
+    return matrix
 
 
 def cache_case(image_path, label_path, *, spacing, intensity, convention, input_intensity="native",
@@ -79,7 +90,23 @@ def cache_case(image_path, label_path, *, spacing, intensity, convention, input_
     space = to_model_space(image, spacing, intensity, orientation=orientation, input_intensity=input_intensity)
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)
-    return np.round(space.array * 255).astype(np.uint8), organs
+    return encode_image(space.array), organs
+
+
+def encode_image(array: np.ndarray) -> np.ndarray:
+    """A model-space image in [0, 1] as the cache stores it: uint8, 1/255 steps."""
+    return np.round(array * 255).astype(np.uint8)
+
+
+def decode_image(image: np.ndarray) -> np.ndarray:
+    """A cached uint8 image back to the float32 [0, 1] model-space array the network takes."""
+    return image.astype(np.float32) / 255.0
+
+
+def cached_cases(arrays: dict) -> dict:
+    """{case name: (uint8 image, organ labels)} of a cache built by `build_cache`."""
+    names = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("image/"))
+    return {n: (arrays[f"image/{n}"], arrays[f"label/{n}"]) for n in names}
 
 
 def build_cache(root, cache_file, *, spacing, intensity, convention, input_intensity="native",

@@ -1,4 +1,4 @@
-"""Segment a volume with a model package: device choice, sliding window, back to the input grid.
+"""Segment a volume with a model package: device choice, the card's inferer (inferer.py), back to the input grid.
 
 `Segmenter.segment(image)` returns a uint8 label map (our organ table) in the input's exact grid.
 Long work reports through `progress(fraction, message)` and stops when `cancel()` returns True
@@ -6,7 +6,6 @@ Long work reports through `progress(fraction, message)` and stops when `cancel()
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -15,12 +14,13 @@ import SimpleITK as sitk
 
 from . import postprocess
 from .confidence import organ_confidence
-from .errors import AbdomenSegError, Cancelled
-from .card_schema import DEFAULT_ROI_SIZE
-from .models import ModelCard, find_model, load_network
+from .channels import channels_to_organs
+from .errors import AbdomenSegError
+from .inferer import check_cancel, inferer_for
+from .models import ModelCard, cpu_copy, find_model, load_network
 from .precision import resolve_precision
 from .pipeline import check_input, to_model_space
-from .preprocess import bounding_box, pad_to_multiple
+from .preprocess import bounding_box
 
 
 def resolve_device(device: str = "auto", log=print) -> str:
@@ -95,7 +95,7 @@ class Segmenter:
         space = to_model_space(image, card["spacing"], card["intensity"], orientation=card.get("orientation", "LPS"),
                                input_intensity=options.input_intensity)
         self.timings.add("preprocess", time.perf_counter() - t)
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
         t = time.perf_counter()
         probabilities = self._infer(space.array[space.box], options, progress, cancel)
@@ -114,54 +114,20 @@ class Segmenter:
 
     # -- steps --------------------------------------------------------------------------------
     def _infer(self, array, options, progress, cancel):
-        """Softmax probabilities (C, z, y, x) for the cropped model-space array."""
+        """Softmax probabilities (C, z, y, x) for the cropped model-space array, by the card's inferer.
+
+        A CUDA out-of-memory error finishes this call on the CPU with a CPU copy of the weights; the network
+        stays on its device, so the next call (and the cache entry keyed by that device) is on the GPU again."""
         import torch
-        run = self._sliding_window if self.card["dimensions"] == 3 else self._slice_wise
+        inferer = inferer_for(self.card, overlap=options.overlap)
         try:
-            return run(array, options, progress, cancel, self.device)
+            return inferer(self.network, array, self.device, self.precision, progress, cancel)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            self.log("The GPU ran out of memory for this volume; finishing on the CPU instead "
+            self.log("The GPU ran out of memory for this volume; finishing it on the CPU instead "
                      "(slower). Close other GPU programs or use a smaller model to stay on the GPU.")
-            self.network = self.network.to("cpu")
-            self.device = self.timings.device = "cpu"
-            return run(array, options, progress, cancel, "cpu")
-
-    def _slice_wise(self, array, options, progress, cancel, device):
-        from .networks import divisor
-        batch = int(self.card.get("inference", {}).get("batch_size", 8))
-        return slice_probabilities(self.network, array, self.card.in_channels, divisor(self.card["architecture"]),
-                                   batch, device, progress, cancel, precision=self.precision)
-
-    def _sliding_window(self, array, options, progress, cancel, device):
-        import torch
-        from .sliding_window import sliding_window  # = MONAI's sliding_window_inference, without importing monai
-
-        inf = self.card.get("inference", {})
-        roi = list(inf.get("roi_size", DEFAULT_ROI_SIZE))
-        overlap = options.overlap if options.overlap is not None else inf.get("overlap", 0.25)
-        # No padding up to a multiple of the network's stride: every window is roi-sized already (checked when
-        # the card is read), and a slab of padding inside the last windows is context the network never saw in training
-        # (it cost MR liver Dice 0.82 -> 0.45 on a 36-slice volume padded to 48). MONAI pads volumes under roi.
-        windows = _window_count([max(n, r) for n, r in zip(array.shape, roi)], roi, overlap)
-        sw_batch = 2
-        calls = math.ceil(windows / sw_batch)
-        done = [0]
-
-        def predictor(x):
-            _check_cancel(cancel)
-            out = self.network(x)
-            if out.dtype == torch.bfloat16:
-                out = out.float()  # windows are blended in float32
-            done[0] += 1
-            progress(0.05 + 0.85 * done[0] / calls, f"segmenting ({done[0]}/{calls})")
-            return out
-
-        x = torch.as_tensor(np.ascontiguousarray(array)[None, None], device=device)
-        with torch.inference_mode(), _autocast(device, self.precision):
-            logits = sliding_window(x, roi, sw_batch, predictor, overlap=overlap, mode=inf.get("mode", "gaussian"))
-            probabilities = torch.softmax(logits.float(), dim=1)[0]
-        return probabilities.cpu().numpy()
+            self.timings.device = "cpu"
+            return inferer(cpu_copy(self.card, self.network), array, "cpu", self.precision, progress, cancel)
 
     def _to_input_grid(self, probabilities, space, reference, smooth):
         """Organ labels in `reference`'s grid from model-space probabilities of the cropped box.
@@ -243,10 +209,7 @@ class Segmenter:
         return sitk.GetArrayFromImage(out), region
 
     def _channels_to_organs(self, channels: np.ndarray) -> np.ndarray:
-        lut = np.zeros(256, dtype=np.uint8)
-        for channel, organ in self.card.channel_organs.items():
-            lut[channel] = organ
-        return lut[channels]
+        return channels_to_organs(self.card["labels"])[channels]
 
     def largest_component_organs(self, choice) -> list:
         """Organ labels that keep only their largest piece under `choice` (model, all, none; or a bool)."""
@@ -276,50 +239,3 @@ class Segmenter:
         if options.fill_holes:
             postprocess.fill_holes(labels)
         return labels
-
-
-def slice_probabilities(network, array, in_channels, multiple, batch, device, progress=None, cancel=None,
-                        precision="fp32"):
-    """2D models: softmax (C, z, y, x) over axial slices in batches; 2.5D models see `in_channels`
-    neighbouring slices (edges replicated). channels_last on CPU is ~1.4x faster for 2D convolutions."""
-    import torch
-    context = in_channels // 2
-    padded, unpad = pad_to_multiple(array, [multiple] * 2)
-    stack = np.pad(padded, ((context, context), (0, 0), (0, 0)), mode="edge")
-    channels_last = device == "cpu"
-    if channels_last:
-        network = network.to(memory_format=torch.channels_last)
-    slices, out = padded.shape[0], None
-    with torch.inference_mode(), _autocast(device, precision):
-        for start in range(0, slices, batch):
-            _check_cancel(cancel)
-            stop = min(start + batch, slices)
-            x = torch.as_tensor(np.stack([stack[z:z + 2 * context + 1] for z in range(start, stop)]), device=device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            probabilities = torch.softmax(network(x).float(), dim=1)
-            if out is None:
-                out = np.empty((probabilities.shape[1],) + padded.shape, dtype=np.float32)
-            out[:, start:stop] = probabilities.permute(1, 0, 2, 3).cpu().numpy()
-            if progress:
-                progress(0.05 + 0.85 * stop / slices, f"segmenting slices {stop}/{slices}")
-    return out[(slice(None),) + unpad]
-
-
-def _autocast(device: str, precision: str):
-    """CUDA: float16 mixed precision; CPU: bfloat16 where `precision` says so (precision.py decides), else off."""
-    import torch
-    if device == "cuda":
-        return torch.autocast(device_type="cuda")
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def _check_cancel(cancel):
-    if cancel is not None and cancel():
-        raise Cancelled()
-
-
-def _window_count(shape, roi, overlap) -> int:
-    """Number of windows the sliding window visits (sliding_window.window_starts: MONAI's scan rule, in one place)."""
-    from .sliding_window import window_starts
-    return math.prod(len(window_starts(size, r, overlap)) for size, r in zip(shape, roi))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenSegLib.datasets import cache_case, read_case
+from AbdomenSegLib.datasets import cache_case, cached_cases, check_direction, decode_image, encode_image, read_case
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.models import RESOURCES
 from AbdomenSegLib.organs import BY_NAME, convert_labels
@@ -72,3 +72,20 @@ def test_cache_in_las_of_an_ap_corrected_file_equals_lps_of_the_raw_file(tmp_pat
     fixed = cache_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", orientation="LAS", direction=FLIP_AP,
                        **settings)
     assert np.array_equal(raw[0], fixed[0]) and np.array_equal(raw[1], fixed[1])
+
+
+def test_the_cache_encoding_round_trips_in_one_place():
+    """The trainer reads cached images only through decode_image: 1/255 steps, float32, [0, 1]."""
+    array = np.random.default_rng(0).random((4, 5, 6), dtype=np.float32)
+    decoded = decode_image(encode_image(array))
+    assert decoded.dtype == np.float32 and np.abs(decoded - array).max() <= 0.5 / 255 + 1e-7
+    arrays = {"settings": np.array("x"), "image/b": encode_image(array), "label/b": np.ones((4, 5, 6), np.uint8),
+              "image/a": encode_image(array[:1]), "label/a": np.zeros((1, 5, 6), np.uint8)}
+    cases = cached_cases(arrays)
+    assert list(cases) == ["a", "b"] and cases["b"][1].max() == 1
+
+
+@pytest.mark.parametrize("direction", [[1, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0, float("nan")], "LPS", [2, 0, 0, 0, 1, 0, 0, 0, 1]])
+def test_a_bad_direction_override_is_refused(direction):
+    with pytest.raises(AbdomenSegError, match="not a rotation or reflection"):
+        check_direction(direction)

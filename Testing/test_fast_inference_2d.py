@@ -68,7 +68,7 @@ def test_fast_unet_loads_shipped_weights_and_matches_smp(shipped_pair, shape, ch
     fast, slow = shipped_pair
     torch.manual_seed(0)
     x = torch.randn(shape)
-    if channels_last:  # what inference.slice_probabilities feeds on CPU
+    if channels_last:  # what inferer.SliceWise feeds on CPU
         x = x.contiguous(memory_format=torch.channels_last)
         fast, slow = fast.to(memory_format=torch.channels_last), slow.to(memory_format=torch.channels_last)
     try:

@@ -4,7 +4,8 @@ import pytest
 import SimpleITK as sitk
 
 from AbdomenSegLib.errors import AbdomenSegError, Cancelled
-from AbdomenSegLib.inference import Options, Segmenter, _window_count
+from AbdomenSegLib.inference import Options, Segmenter
+from AbdomenSegLib.inferer import inferer_for, window_count
 from AbdomenSegLib.phantom import make_phantom, rotation
 
 from conftest import shared
@@ -72,6 +73,8 @@ def test_progress_and_cancel(segmenter):
 
 
 def test_cuda_out_of_memory_finishes_on_cpu(tiny_package):
+    """The call that ran out of memory finishes on the CPU; the segmenter keeps its device (test_inferer.py
+    checks the next call is on the GPU again)."""
     import torch
     seg = Segmenter(tiny_package, "cpu", log=lambda m: messages.append(m))
     messages = []
@@ -86,7 +89,7 @@ def test_cuda_out_of_memory_finishes_on_cpu(tiny_package):
     seg.network.forward = forward_once_oom
     ct = phantom_ct((40, 36, 20))
     out = seg.segment(ct)
-    assert _same_grid(out, ct) and seg.device == "cpu"
+    assert _same_grid(out, ct) and seg.timings.device == "cpu"
     assert any("ran out of memory" in m for m in messages)
 
 
@@ -174,7 +177,7 @@ def test_window_count_matches_monai():
     for shape, roi in (((64, 96, 96), (64, 96, 96)), ((150, 150, 148), (64, 96, 96)), ((40, 200, 33), (32, 32, 32))):
         roi = get_valid_patch_size(shape, roi)
         interval = _get_scan_interval(shape, roi, 3, (0.25,) * 3)
-        assert _window_count(shape, roi, 0.25) == len(dense_patch_slices(shape, roi, interval))
+        assert window_count(shape, roi, 0.25) == len(dense_patch_slices(shape, roi, interval))
 
 
 def test_2d_package_segments_slice_by_slice_into_the_input_grid(tmp_path):
@@ -197,7 +200,7 @@ def test_2d_package_segments_slice_by_slice_into_the_input_grid(tmp_path):
     # Slice-wise really is per slice: the network sees each model-space slice with its neighbours.
     from AbdomenSegLib.pipeline import to_model_space
     space = to_model_space(ct, card["spacing"], card["intensity"])
-    probabilities = segmenter._slice_wise(space.array[:5], Options(), lambda f, m: None, None, "cpu")
+    probabilities = inferer_for(package)(segmenter.network, space.array[:5], "cpu")
     assert probabilities.shape == (3,) + space.array[:5].shape
     assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
 

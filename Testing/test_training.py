@@ -128,6 +128,14 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
     ({"model": {"orientation": "LLS"}}, "not an axis code"),
     ({"data": {"root": "/nonexistent"}}, "is not a folder"),
     ({"trian": {}}, "unknown config key 'trian'"),
+    ({"train": {"lr": 0}}, "train.lr 0 must be a number above 0"),
+    ({"train": {"augment": {"blur_prob": 1.5}}}, "train.augment.blur_prob 1.5 must be a number at least 0 and at most 1"),
+    ({"train": {"augment": {"rotat": 0.1}}}, "unknown config key 'train.augment.rotat'"),
+    ({"data": {"convention": "nnunet"}}, "data.convention 'nnunet' is not a known label convention"),
+    ({"data": {"direction": [1, 0, 0]}}, "not a rotation or reflection"),
+    ({"model": {"architecture": {"class": "UNet", "args": {"channels": [4, 8, 16, 32, 64, 128, 256],
+                                                           "strides": [2, 2, 2, 2, 2, 2]}}}},
+     "card would be refused: inference.roi_size \\[64, 96, 96\\] is not a multiple of the network's stride 64"),
 ])
 def test_config_errors_are_clear(tmp_path, change, message):
     base = {"name": "x", "data": {"root": str(tmp_path)}}
@@ -174,3 +182,66 @@ def test_torchrun_ddp_without_code_changes(tmp_path):
     card = json.loads((tmp_path / "models" / "tiny-train" / "card.json").read_text())
     assert [h["step"] for h in card["training"]["history"]] == [3, 6]
     assert result.stdout.count("exported") == 1  # only rank 0 exports
+
+
+BAD_BEFORE_CACHING = [
+    ({"loss": "focal"}, "train.loss = 'focal' is not supported"),
+    ({"optimizer": "lion"}, "train.optimizer = 'lion' is not supported"),
+    ({"scheduler": "cosine"}, "train.scheduler = 'cosine' is not supported"),
+    ({"augment": {"affine_prob": 0.0, "noise_prob": -0.1}}, "train.augment.noise_prob -0.1"),
+    ({"augment": {"affine_prob": 0.0, "blur_prob": "0.2"}}, "train.augment.blur_prob '0.2' must be a number"),
+    ({"augment": {"affine_prob": 0.0, "enlarge_spleen_prob": 0.3}, "organs": ["liver"]}, "segments the spleen"),
+    ({"augment": {"affine_prob": 0.0, "renal_cyst_prob": 0.3}, "mr": True}, "renal_cyst_prob needs a CT model"),
+    ({"init_from": "no/such/package"}, "has no card.json"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_BEFORE_CACHING)
+def test_a_bad_recipe_is_refused_before_the_data_cache_is_built(tmp_path, monkeypatch, change, message):
+    """The whole config is checked first: a bad option used to fail after minutes of caching."""
+    from AbdomenSegLib import datasets
+    cache = tmp_path / "cache.npz"
+    config = _config(tmp_path / "data", cache, steps=2)
+    change = dict(change)
+    if change.pop("mr", False):
+        config["model"].update(modality="MR", intensity={"mode": "mr_percentile"})
+    if "organs" in change:
+        config["model"]["organs"] = change.pop("organs")
+    for key, value in change.items():
+        config["train"][key] = {**config["train"][key], **value} if isinstance(value, dict) else value
+    calls = []
+    monkeypatch.setattr(datasets, "build_cache", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(datasets, "find_cases", lambda *a, **k: calls.append(a) or [])
+    with pytest.raises(AbdomenSegError, match=message) as error:
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+    assert error.value.fix and str(error.value) == f"{error.value.problem}. {error.value.fix}"
+    assert not calls and not cache.exists()  # refused before the dataset was read
+
+
+def test_the_trainer_builds_its_recipe_through_seams(tmp_path):
+    """A subclass replaces one part (here the loss) without touching the loop."""
+    import torch
+
+    class L1Trainer(Trainer):
+        def build_loss(self):
+            return lambda logits, labels: (torch.softmax(logits, 1)[:, 0] - (labels[:, 0] == 0).float()).abs().mean()
+
+    trainer = L1Trainer(_config(tmp_path / "data", tmp_path / "cache.npz", steps=3, val_every=3), tmp_path / "run",
+                        log=lambda m: None)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and not isinstance(trainer.loss, torch.nn.Module)
+    assert trainer.run()[-1]["step"] == 3
+
+
+def test_the_exported_card_names_the_engine_version(tmp_path):
+    """One version number, AbdomenSegLib.__version__, in every card the trainer exports; the card schema
+    accepts cards without it (the shipped ones) and refuses a malformed one."""
+    from AbdomenSegLib import __version__
+    from AbdomenSegLib.card_schema import card_problems
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1)
+    card = Trainer(config, tmp_path / "run", log=lambda m: None).card()
+    assert card["abdomenseg_version"] == __version__ and card["version"] == "1.0.0"
+    assert not [p for p in card_problems(card, pending=("weights", "sha256"))]
+    assert not card_problems({k: v for k, v in card.items() if k != "abdomenseg_version"},
+                             pending=("weights", "sha256"))
+    assert card_problems(dict(card, abdomenseg_version=1.0), pending=("weights", "sha256")) == [
+        'abdomenseg_version 1.0 must be a version number such as "0.1.0"']
