@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import AbdomenSegError, Cancelled
+from .options import DEVICES, INPUT_INTENSITIES, LARGEST_COMPONENT, OUTPUT_FORMATS, PRECISIONS
 
 
 def _log(message: str):
@@ -191,8 +192,8 @@ def _segment(args) -> int:
 
 def _on_cluster(args, batch) -> bool:
     """--workers / --scheduler / --scheduler-file: the cases go to a Dask cluster (cohort.py)."""
-    from .cohort import wanted
-    if not wanted(args):
+    # Not through cohort.py: importing it loads Dask (0.14 s), which a run on this machine alone never needs.
+    if not (getattr(args, "workers", None) or getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None)):
         return False
     if not batch:
         raise AbdomenSegError("--workers and --scheduler run a set of cases on a Dask cluster, but the input is one "
@@ -519,18 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="image file, DICOM series folder, folder of images, or quoted glob")
     p.add_argument("output", help="output label map (.nii.gz, .nrrd, .seg.nrrd), or a folder for several inputs")
     p.add_argument("--model", help="installed model name or model package folder (default: the catalog's default)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="CPU arithmetic: bf16 about halves the network's time on CPUs with bf16 instructions "
                         "(avx512_bf16/amx); auto uses it there when the model's card records a bf16 validation")
-    p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"),
+    p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES,
                    help="how input values are stored: native (HU/MR signal) or BTCV's 0-255 window")
     p.add_argument("--organs", help="comma-separated organ names to keep (default: all)")
-    p.add_argument("--largest-component", default="model", choices=("model", "all", "none"),
+    p.add_argument("--largest-component", default="model", choices=LARGEST_COMPONENT,
                    help="keep only the largest connected piece of: the organs the model's card names (model, the "
                         "default: organs that are one piece by anatomy), every organ (all), or none (raw output)")
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
-    p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".seg.nrrd", ".dcm"),
+    p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS,
                    help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.add_argument("--qc", help="result check report: a JSON file (single input) or a folder (default for several "
@@ -564,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--cases-from", help="use this model's validation split (recorded in its card)")
-    p.add_argument("--input-intensity", default="native", choices=("native", "btcv_uint8"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES)
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--overwrite", action="store_true")
     _cluster_options(p)
     p.set_defaults(func=_compare)
@@ -587,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="training config (JSON), e.g. Resources/configs/btcv_ct_3d.json")
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--export", help="models folder to export the package into (default: the run folder)")
     p.add_argument("--export-only", action="store_true",
                    help="export (and validate) the run folder's best weights without training further")

@@ -29,11 +29,6 @@ _logger = logging.getLogger("abdomenseg.cohort")
 _CONNECT_TIMEOUT_S = 30
 
 
-def wanted(args) -> bool:
-    return bool(getattr(args, "workers", None) or getattr(args, "scheduler", None)
-                or getattr(args, "scheduler_file", None))
-
-
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

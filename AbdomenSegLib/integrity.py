@@ -30,7 +30,7 @@ _NRRD_TYPES = {
     "signed short": 2, "signed int": 4, "short int": 2, "signed short int": 2, "unsigned short int": 2,
     "int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2, "int32_t": 4, "uint32_t": 4, "int64_t": 8, "uint64_t": 8,
     "longlong": 8, "ulonglong": 8, "long long int": 8, "signed long long": 8, "signed long long int": 8,
-    "unsigned long long int": 8, "signed char": 1, "unsigned int": 4,
+    "unsigned long long int": 8,
 }
 
 

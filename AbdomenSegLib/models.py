@@ -18,10 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .card_schema import catalog_problems, validate_card
+from .channels import channel_organs
 from .errors import AbdomenSegError
-from .organs import BY_NAME
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
+def _resources() -> Path:
+    """The shipped resources: Resources/ beside the package in a checkout and in Slicer (the extension installs
+    both into qt-scripted-modules/), or the package data AbdomenSegLib/resources/ of an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "Resources", here / "resources"):
+        if (candidate / "models").is_dir():
+            return candidate
+    return here.parent / "Resources"
+
+
+RESOURCES = _resources()
 MODELS_DIR = Path(os.environ.get("ABDOMENSEG_MODELS", RESOURCES / "models"))
 CATALOG_FIX = ('catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
                "fix it, or reinstall AbdomenSeg (or point ABDOMENSEG_MODELS at another models folder)")
@@ -51,7 +61,7 @@ class ModelCard:
     @property
     def channel_organs(self) -> dict:
         """Output channel -> our organ label value (channel 0 is background)."""
-        return {int(ch): BY_NAME[name].label for ch, name in self.data["labels"].items()}
+        return channel_organs(self.data["labels"])
 
     @property
     def out_channels(self) -> int:
@@ -203,6 +213,14 @@ def load_network(card: ModelCard, device: str = "cpu"):
     network = _build(card)
     _load_weights(network, _read_tensors(path, card), card)
     return network.to(device).eval()
+
+
+def cpu_copy(card: ModelCard, network):
+    """A CPU twin of `network` (the card's architecture, `network`'s current weights), for finishing one call
+    on the CPU after the GPU ran out of memory: `network` itself stays where it is (inference.Segmenter)."""
+    twin = _build(card)
+    twin.load_state_dict(network.state_dict())  # copied from the device, no new device memory
+    return twin.eval()
 
 
 def _build(card: ModelCard):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from AbdomenSegLib.inference import _window_count
+from AbdomenSegLib.inferer import window_count
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.sliding_window import importance_map, sliding_window, window_starts
@@ -125,7 +125,7 @@ def test_sliding_window_matches_monai(shape, mode, overlap, sw_batch):
         theirs = sliding_window_inference(x, ROI, sw_batch, net, overlap=overlap, mode=mode)
     assert ours.shape == theirs.shape == (1, 3) + shape and ours.dtype == theirs.dtype
     assert _max_diff(ours, theirs) <= 1e-5
-    assert sum(calls) == _window_count([max(n, r) for n, r in zip(shape, ROI)], ROI, overlap)
+    assert sum(calls) == window_count([max(n, r) for n, r in zip(shape, ROI)], ROI, overlap)
 
 
 def test_sliding_window_matches_monai_on_a_batch():
@@ -215,3 +215,28 @@ def test_default_model_on_example_ct_equals_the_monai_path(monkeypatch):
     print(f"example CT: {differing} of {outputs[0].size} voxels differ; max probability difference {diff:.2e}")
     assert diff <= 1e-4
     assert differing <= 20
+
+
+CLI_IN_A_FRESH_PROCESS = """
+import json, sys, tempfile
+from pathlib import Path
+from AbdomenSegLib.cli import main
+from AbdomenSegLib.io import write_image
+from AbdomenSegLib.phantom import make_phantom
+folder = Path(tempfile.mkdtemp())
+write_image(make_phantom(size=(48, 40, 24), spacing=(8.0, 8.0, 10.0))[0], folder / "ct.nii.gz")
+main(["segment", str(folder / "ct.nii.gz"), str(folder / "organs.nii.gz")])
+loaded = {m.split(".")[0] for m in sys.modules} | set(sys.modules)
+print(json.dumps(sorted(loaded & {"dask", "distributed", "highdicom", "AbdomenSegLib.dicom_seg", "AbdomenSegLib.cohort",
+                                  "monai", "matplotlib"})))
+"""
+
+
+def test_the_command_line_imports_no_cluster_dicom_or_plotting_for_one_scan():
+    """One scan to a NIfTI file needs neither Dask (cohorts), nor highdicom (DICOM SEG), nor matplotlib
+    (pictures): each costs start-up time on every run. (pydicom is loaded by nibabel's NIfTI module when it is
+    installed; that is nibabel's choice.)"""
+    result = subprocess.run([sys.executable, "-c", CLI_IN_A_FRESH_PROCESS], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []

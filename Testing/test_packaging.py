@@ -1,8 +1,12 @@
 """Static checks of the Slicer extension that Slicer's build would otherwise only catch at packaging time."""
 import ast
+import json
+import os
 from pathlib import Path
 import re
 import xml.etree.ElementTree as ET
+
+import pytest
 
 from conftest import ROOT
 
@@ -42,10 +46,18 @@ def test_module_imports_nothing_heavy_at_load():
     top_level = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
-            top_level |= {a.name.split(".")[0] for a in node.names}
+            top_level |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            top_level.add((node.module or "").split(".")[0])
-    assert not top_level & {"torch", "monai", "segmentation_models_pytorch", "AbdomenSegLib"}
+            top_level.add(node.module or "")
+    heavy = {"torch", "monai", "segmentation_models_pytorch", "SimpleITK", "numpy"}
+    # Of the engine, only its option values (standard library only, checked below) load with Slicer.
+    assert not {m for m in top_level if m.split(".")[0] in heavy}
+    assert {m for m in top_level if m.split(".")[0] == "AbdomenSegLib"} <= {"AbdomenSegLib.options"}
+    import subprocess
+    import sys
+    loaded = subprocess.run([sys.executable, "-c", "import sys, AbdomenSegLib.options; print(sorted(sys.modules))"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert not [m for m in heavy | {"SimpleITK", "scipy", "AbdomenSegLib.organs"} if f"'{m}'" in loaded]
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"AbdomenSeg", "AbdomenSegWidget", "AbdomenSegLogic", "AbdomenSegTest"} <= classes
     compile(MODULE.read_text(encoding="utf-8"), str(MODULE), "exec")
@@ -93,14 +105,15 @@ def test_every_file_slicer_scans_for_modules_defines_its_module_class():
     assert not (module_dir / "AbdomenSegBatch.py").exists()
 
 
-def test_panel_reference_conventions_match_the_engine():
+def test_shared_option_values_match_the_engine():
+    """The one list of each option value (options.py) agrees with what the engine can do."""
+    from AbdomenSegLib import options
     from AbdomenSegLib.metrics import CONVENTION_MAX_VALUE
-    from AbdomenSegLib.slicer_logic import FROM_COLOR_NAMES, REFERENCE_CONVENTIONS
-    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
-    panel = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                 and getattr(n.targets[0], "id", "") == "REFERENCE_CONVENTIONS")
-    assert panel == list(REFERENCE_CONVENTIONS) and panel[0] == FROM_COLOR_NAMES
-    assert set(panel[1:]) == set(CONVENTION_MAX_VALUE)
+    from AbdomenSegLib.organs import CONVENTIONS
+    assert options.REFERENCE_CONVENTIONS[0] == options.FROM_COLOR_NAMES
+    assert set(options.LABEL_CONVENTIONS) == set(CONVENTION_MAX_VALUE) == set(CONVENTIONS)
+    text = MODULE.read_text(encoding="utf-8")
+    assert "Choice(list(REFERENCE_CONVENTIONS))" in text and "Choice(list(DEVICES))" in text
 
 
 def test_panel_inputs_and_buttons_are_guarded():
@@ -141,3 +154,42 @@ def test_extension_is_publishable():
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert entry["build_dependencies"] == ["PyTorch"] and 'EXTENSION_DEPENDS "PyTorch"' in top
     assert re.search(r'href=.*\{url\}.*documentation</a>', MODULE.read_text(encoding="utf-8"))  # help links the docs
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_the_command_and_its_models(tmp_path):
+    """`pip install .` gives the `abdomenseg` command, and the installed engine finds the shipped models in its
+    own package data (not through a checkout beside it)."""
+    import shutil
+    import subprocess
+    import sys
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:  # a clean copy: what a user clones
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, timeout=600)
+    wheel, = (tmp_path / "dist").glob("abdomenseg-*.whl")
+    target = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=600)
+    shutil.rmtree(source)  # nothing of the checkout is left to fall back on
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    command = [sys.executable, str(target / "bin" / "abdomenseg")]
+    listing = subprocess.run(command + ["models", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert listing.returncode == 0, listing.stderr
+    assert {"btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet"} <= set(json.loads(listing.stdout))
+    found = subprocess.run([sys.executable, "-c", "import AbdomenSegLib.models as m; print(m.MODELS_DIR)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert Path(found.stdout.strip()) == target / "AbdomenSegLib" / "resources" / "models"
+    helped = subprocess.run(command + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert helped.stdout.startswith("usage: abdomenseg")
+    ct, out = tmp_path / "ct.nii.gz", tmp_path / "organs.nii.gz"
+    assert subprocess.run(command + ["phantom", str(ct)], cwd=tmp_path, env=env, timeout=300).returncode == 0
+    segmented = subprocess.run(command + ["segment", str(ct), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert segmented.returncode in (0, 3), segmented.stderr
+    assert out.is_file()

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 BTCV = ROOT.parent / "shared" / "data" / "btcv_ct" / "images"
 
 

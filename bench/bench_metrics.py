@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "btcv_ct" / "labels"
 METRICS = ("dice", "iou", "volume_pred_ml", "volume_ref_ml", "hd95_mm", "assd_mm", "surface_dice")
 

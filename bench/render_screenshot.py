@@ -12,7 +12,6 @@ import SimpleITK as sitk
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from AbdomenSegLib.inference import get_segmenter
 from AbdomenSegLib.organs import BY_LABEL
 from AbdomenSegLib.preprocess import reorient

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 TOLERANCE = 0.01  # mean Dice per organ, bf16 vs fp32
 
 
