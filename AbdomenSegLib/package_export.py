@@ -24,13 +24,14 @@ def validation_rows(card, root=None, log=print, precision="fp32") -> tuple[list,
     from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
     from .metrics import evaluate
+    from .train_config import validation_data
 
-    data = card["training"]["config"]["data"]
+    data = validation_data(card["training"]["config"]["data"])
     val_names = set(card["training"]["validation_cases"])
     segmenter = Segmenter(card, "cpu", log=log)
     rows, seconds = [], []
     for name, image_path, label_path in find_cases(root or data["root"]):
-        if name not in val_names:
+        if data["prefix"] + name not in val_names:
             continue
         image, label = read_case(image_path, label_path, data.get("direction"))
         start = time.time()
@@ -59,6 +60,14 @@ def validate_package(card, log=print) -> dict:
     }
 
 
+def trainer_class(config: dict) -> type:
+    """The Trainer of config's train.trainer: the standard one, or the contrast-agnostic one (train_synth.py)."""
+    if config["train"]["trainer"] == "synth":
+        from .train_synth import SynthTrainer
+        return SynthTrainer
+    return Trainer
+
+
 def train_and_export(config_source, *, out=None, device="auto", resume=False, export_only=False, export_to=None,
                      make_default=False, log=print):
     """Train (or resume), export the best weights as a package, validate it, fill in its card."""
@@ -72,7 +81,7 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     config = load_config(config_source)
     out = Path(out or f"runs/{config['name']}")
     device = resolve_device(device, log)
-    trainer = Trainer(config, out, device=device, log=log)
+    trainer = trainer_class(config)(config, out, device=device, log=log)
     start = time.time()
     if export_only:
         trainer.load_checkpoint()

@@ -20,7 +20,10 @@ DEFAULT_CONFIG = {
     "data": {"root": None, "convention": "btcv", "input_intensity": "native", "val_count": 4, "seed": 0,
              "cache": ".cache/{name}.npz",
              # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
-             "direction": None},
+             "direction": None,
+             # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
+             # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
+             "sources": None, "val_source": None},
     "model": {
         "dimensions": 3,
         "modality": "CT",
@@ -39,6 +42,9 @@ DEFAULT_CONFIG = {
               "scheduler": "poly", "step_decay": {"every": 1000, "gamma": 0.5}, "weight_decay": 1e-5,
               "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
               "init_from": None,
+              # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
+              # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
+              "trainer": "standard", "synth": {"prob": 0.6},
               "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
                           "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0,
                           "unenhanced_prob": 0.0, "enlarge_spleen_prob": 0.0, "renal_cyst_prob": 0.0}},
@@ -49,7 +55,8 @@ def choices() -> dict:
     """(section, key) -> the values a config may give; the recipe's tables are the source of the names."""
     from .train_recipe import LOSSES, OPTIMIZERS, SCHEDULERS
     return {("train", "optimizer"): tuple(OPTIMIZERS), ("train", "scheduler"): tuple(SCHEDULERS),
-            ("train", "loss"): tuple(LOSSES), ("model", "modality"): ("CT", "MR")}
+            ("train", "loss"): tuple(LOSSES), ("model", "modality"): ("CT", "MR"),
+            ("train", "trainer"): ("standard", "synth")}
 
 
 def _merge(base: dict, override: dict, path="", strict=True) -> dict:
@@ -117,7 +124,9 @@ def _check_data(config):
     from .organs import CONVENTIONS
     from .pipeline import INPUT_INTENSITIES
     d = config["data"]
-    if not d["root"] or not Path(d["root"]).is_dir():
+    if config["train"]["trainer"] == "synth":
+        _check_sources(config)
+    elif not d["root"] or not Path(d["root"]).is_dir():
         raise AbdomenSegError(f"config data.root '{d['root']}' is not a folder",
                               "set data.root to a dataset with images/ and labels/")
     if d["convention"] not in CONVENTIONS:
@@ -137,6 +146,50 @@ def _check_data(config):
                               "give a path such as .cache/{name}.npz ({name} is the config's name)")
     if d["direction"] is not None:
         check_direction(d["direction"])
+
+
+def _check_sources(config):
+    """data.sources and data.val_source of a synth run (train_synth.py, synth_data.py)."""
+    from .datasets import check_direction
+    from .organs import CONVENTIONS
+    from .synth_data import KINDS
+    d = config["data"]
+    sources = d["sources"]
+    fix = 'give data.sources as [{"name": "btcv", "root": "...", "kind": "ct", "convention": "btcv"}, ...]'
+    if not isinstance(sources, list) or not sources:
+        raise AbdomenSegError("config train.trainer 'synth' needs data.sources (a list of datasets)", fix)
+    names = []
+    for source in sources:
+        if not isinstance(source, dict) or not {"name", "root", "kind", "convention"} <= set(source):
+            raise AbdomenSegError(f"config data.sources entry {source!r} lacks name, root, kind or convention", fix)
+        if not Path(source["root"]).is_dir():
+            raise AbdomenSegError(f"config data.sources '{source['name']}' root '{source['root']}' is not a folder",
+                                  "point it at a dataset with images/ and labels/")
+        if source["kind"] not in KINDS:
+            raise AbdomenSegError(f"config data.sources '{source['name']}' kind '{source['kind']}' is not known",
+                                  f"use one of: {', '.join(KINDS)}")
+        if source["convention"] not in CONVENTIONS:
+            raise AbdomenSegError(f"config data.sources '{source['name']}' convention '{source['convention']}' is "
+                                  "not a known label convention", f"use one of: {', '.join(sorted(CONVENTIONS))}")
+        if source.get("direction") is not None:
+            check_direction(source["direction"])
+        names.append(source["name"])
+    real = [s["name"] for s in sources if s["kind"] == "mr"]
+    if d["val_source"] not in real:
+        raise AbdomenSegError(f"config data.val_source {d['val_source']!r} is not one of the MR sources {real}",
+                              "validate on the real images of an MR source: name it in data.val_source")
+    _real(config["train"]["synth"]["prob"], "train.synth.prob", 0.0, 1.0)
+
+
+def validation_data(data: dict) -> dict:
+    """Where a run's validation cases come from: data itself, or for a synth run the validating source (with
+    the prefix its case names carry in the run's split)."""
+    if data.get("sources"):
+        source = next(s for s in data["sources"] if s["name"] == data["val_source"])
+        return {"root": source["root"], "convention": source["convention"], "input_intensity": "native",
+                "direction": source.get("direction"), "prefix": f"{source['name']}/"}
+    return {"root": data["root"], "convention": data["convention"], "input_intensity": data["input_intensity"],
+            "direction": data.get("direction"), "prefix": ""}
 
 
 def _check_model(config):

@@ -294,7 +294,9 @@ class Trainer:
             "name": draft["name"], "title": draft["title"],
             # The model's own version, and the engine's that exported it (one number: AbdomenSegLib.__version__).
             "version": "1.0.0", "abdomenseg_version": __version__, **draft,
-            "training": {"data": str(c["data"]["root"]), "convention": c["data"]["convention"],
+            "training": {"data": (str(c["data"]["root"]) if not c["data"].get("sources")
+                                  else [f"{s['name']}: {s['root']} ({s['kind']})" for s in c["data"]["sources"]]),
+                         "convention": c["data"]["convention"],
                          "train_cases": self.train_names, "validation_cases": self.val_names,
                          "config": c, "best_step": best.get("step"), "steps": self.step,
                          "initialised_from": self.initialised_from},

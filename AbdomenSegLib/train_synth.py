@@ -1,0 +1,100 @@
+"""Training a contrast-agnostic MR model (SynthSeg-style): the Trainer with tissue-map data and synthesis.
+
+A config with `train.trainer: "synth"` runs this trainer. Its data are `data.sources` (synth_data.py): CT cases
+whose tissue maps are painted into a new random-contrast image at every draw, and MR cases whose real image is
+shown with probability 1 - `train.synth.prob` (else painted too). Validation runs on the real images of
+`data.val_source`'s split (split as that dataset's own model splits it, with `data.val_count` and `data.seed`),
+through the card's inferer like every other model, so the card's validation is a real-image figure.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .trainer import Trainer
+
+
+class _LabelLookup:
+    """The label as a NumPy integer array (MONAI's spatial transforms hand back float tensors), through `lut`
+    when given: our organ numbers (tissue classes already 0) -> the network's channels."""
+
+    def __init__(self, lut: np.ndarray | None = None, key: str = "label"):
+        self.lut, self.key = lut, key
+
+    def __call__(self, data):
+        d = dict(data)
+        label = np.rint(np.asarray(d[self.key])).astype(np.int64)
+        d[self.key] = label if self.lut is None else self.lut[label].astype(np.int64)
+        return d
+
+
+class SynthTrainer(Trainer):
+    def _load_data(self):
+        from .channels import organs_to_channels
+        from .datasets import split_cases
+        from .synth import to_target
+        from .synth_data import build_synth_cache
+        d, m = self.config["data"], self.config["model"]
+        cases = build_synth_cache(d["sources"], d["cache"].format(name=self.config["name"]), spacing=m["spacing"],
+                                  intensity=m["intensity"], orientation=m["orientation"], log=self.log)
+        prefix = f"{d['val_source']}/"
+        _, val = split_cases([n[len(prefix):] for n in cases if n.startswith(prefix)], d["val_count"], d["seed"])
+        self.val_names = [prefix + n for n in val]
+        self.train_names = [n for n in cases if n not in self.val_names]
+        self.lut = organs_to_channels(self.labels)
+        self.tissue = {n: tissue for n, (_, tissue, _) in cases.items()}
+        self.kind = {n: kind for n, (_, _, kind) in cases.items()}
+        # (image, channel labels) as the base trainer's validation, crops and loss weights read them; CT cases
+        # keep no image (never shown): zeros of the right shape.
+        self.cases = {n: (image if image is not None else np.zeros_like(tissue), self.lut[to_target(tissue)])
+                      for n, (image, tissue, _) in cases.items()}
+        kinds = {k: sum(1 for n in self.train_names if self.kind[n] == k) for k in set(self.kind.values())}
+        self.log(f"train {len(self.train_names)} cases {kinds}, validation (real images) {self.val_names}")
+
+    def build_transforms(self):
+        """Crop around every organ class, spatial augmentation on image and tissue map together, then the
+        synthesis (a new image from the tissue map; tissue classes -> background), the organs as channels,
+        and intensity augmentation on whatever image came out."""
+        from monai import transforms as T
+        from .channels import organs_to_channels
+        from .synth import SynthTransform
+        t, m = self.config["train"], self.config["model"]
+        a = t["augment"]
+        keys = ["image", "label"]
+        chain = [
+            T.SpatialPadd(keys, spatial_size=t["patch"]),
+            T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=t["patch"],
+                                      ratios=[t["background_ratio"]] + [1.0] * (self.channels - 1),
+                                      num_classes=self.channels, num_samples=t["batch_size"],
+                                      indices_key="label_cls_indices", allow_smaller=True),
+        ]
+        if a["affine_prob"] > 0:
+            r, s = a["rotate"], a["scale"]
+            chain.append(T.RandAffined(keys, prob=a["affine_prob"], rotate_range=(r, 0.05, 0.05),
+                                       scale_range=(s, s, s), mode=("bilinear", "nearest"), padding_mode="zeros"))
+        chain += [_LabelLookup(), SynthTransform(spacing=m["spacing"][::-1], prob=t["synth"]["prob"]),
+                  _LabelLookup(organs_to_channels(self.labels))]
+        if a["intensity_prob"] > 0:
+            chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
+                      T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]
+        if a["contrast_prob"] > 0:
+            chain.append(T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=a["contrast_prob"]))
+        if a["noise_prob"] > 0:
+            chain.append(T.RandGaussianNoised("image", std=0.03, prob=a["noise_prob"]))
+        return T.Compose(chain)
+
+    def _batch(self, rng):
+        import torch
+        from .datasets import decode_image
+        name = self.train_names[rng.integers(len(self.train_names))]
+        image, _ = self.cases[name]
+        item = {"image": decode_image(image)[None], "label": self.tissue[name][None].astype(np.int64),
+                "label_cls_indices": self._indices(name), "synth_only": self.kind[name] == "ct"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples = self.transform(item)
+        x = torch.stack([torch.as_tensor(np.asarray(s["image"])).float() for s in samples])
+        y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples])
+        return x.to(self.device), y.to(self.device)
+

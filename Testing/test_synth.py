@@ -1,0 +1,198 @@
+"""Contrast-agnostic synthesis (synth.py) and the tissue label maps it starts from (tissue_labels.py)."""
+import numpy as np
+import pytest
+
+from AbdomenSegLib import tissue_labels as tl
+from AbdomenSegLib.synth import SynthTransform, synthesize, to_target
+
+LIVER, SPLEEN, KIDNEY_R = 1, 2, 3
+SPACING = (7.7, 2.5, 2.5)
+
+
+def toy_map() -> np.ndarray:
+    """A 24x64x64 tissue map: outside air, a body of fat and soft tissue, liver, spleen, a kidney, bone."""
+    z, y, x = np.indices((24, 64, 64))
+    label = np.full((24, 64, 64), tl.AIR_OUTSIDE, dtype=np.uint8)
+    body = ((y - 32) / 28.0) ** 2 + ((x - 32) / 30.0) ** 2 <= 1
+    label[body] = tl.FAT
+    label[body & (((y - 32) / 22.0) ** 2 + ((x - 32) / 24.0) ** 2 <= 1)] = tl.SOFT_TISSUE
+    label[body & (y < 30) & (x < 28) & (y > 12)] = LIVER
+    label[body & ((y - 22) ** 2 + (x - 46) ** 2 <= 36)] = SPLEEN
+    label[body & ((y - 42) ** 2 + (x - 22) ** 2 <= 25)] = KIDNEY_R
+    label[body & ((y - 50) ** 2 + (x - 32) ** 2 <= 16)] = tl.BONE
+    return label
+
+
+def test_intensities_vary_between_samples_labels_untouched():
+    label = toy_map()
+    before = label.copy()
+    liver_means, spleen_means, differences = [], [], []
+    for seed in range(10):
+        image = synthesize(label, SPACING, np.random.default_rng(seed))
+        assert image.shape == label.shape and image.dtype == np.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        liver, spleen = float(image[label == LIVER].mean()), float(image[label == SPLEEN].mean())
+        liver_means.append(liver), spleen_means.append(spleen), differences.append(liver - spleen)
+    np.testing.assert_array_equal(label, before)  # the label map is read, never written
+    assert np.std(liver_means) > 0.1 and np.std(spleen_means) > 0.1
+    assert min(differences) < -0.1 and max(differences) > 0.1  # liver brighter than spleen in some, darker in others
+    # Every class' mean varies: per class, std of its mean intensity over the 10 samples.
+    images = [synthesize(label, SPACING, np.random.default_rng(s)) for s in range(10)]
+    for value in (tl.FAT, tl.SOFT_TISSUE, tl.BONE, KIDNEY_R):
+        assert np.std([im[label == value].mean() for im in images]) > 0.08, value
+    # Air stays dark (no MR signal on any sequence).
+    assert max(float(im[label == tl.AIR_OUTSIDE].mean()) for im in images) < 0.3
+
+
+def test_deterministic_with_a_seed():
+    label = toy_map()
+    a = synthesize(label, SPACING, np.random.default_rng(7))
+    b = synthesize(label, SPACING, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, synthesize(label, SPACING, np.random.default_rng(8)))
+
+
+def test_transform_replaces_image_and_maps_tissue_to_background():
+    label = toy_map()[None].astype(np.int64)
+    real = np.full(label.shape, 0.5, dtype=np.float32)
+    target = to_target(label)
+    assert set(np.unique(target)) == {0, LIVER, SPLEEN, KIDNEY_R}
+    np.testing.assert_array_equal(target[label < tl.FIRST_TISSUE], label[label < tl.FIRST_TISSUE])
+
+    always = SynthTransform(spacing=SPACING, prob=1.0)
+    always.set_random_state(3)
+    out = always({"image": real, "label": label})
+    assert out["image"].shape == real.shape and not np.allclose(out["image"], 0.5)
+    np.testing.assert_array_equal(out["label"], target)
+    again = SynthTransform(spacing=SPACING, prob=1.0)
+    again.set_random_state(3)
+    np.testing.assert_array_equal(again({"image": real, "label": label})["image"], out["image"])
+
+    never = SynthTransform(spacing=SPACING, prob=0.0)
+    out = never({"image": real, "label": label})
+    np.testing.assert_array_equal(out["image"], real)  # real image kept (CHAOS mixed in)
+    np.testing.assert_array_equal(out["label"], target)  # but the loss never sees tissue classes
+    out = never({"image": real, "label": label, "synth_only": True})  # e.g. BTCV: never the CT itself
+    assert not np.allclose(out["image"], 0.5)
+
+
+def _btcv_case(name="btcv_img0001.nii.gz"):
+    import SimpleITK as sitk
+
+    from conftest import shared
+    image = sitk.ReadImage(str(shared("btcv_ct", "images", name)))
+    label = sitk.ReadImage(str(shared("btcv_ct", "labels", name)))
+    return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label), image.GetSpacing()[::-1]
+
+
+@pytest.fixture(scope="module")
+def btcv_tissue():
+    image, label, spacing = _btcv_case()
+    return image, label, tl.ct_tissue_labels(image, label, spacing)
+
+
+def test_btcv_tissue_classes_are_plausible(btcv_tissue):
+    from AbdomenSegLib.organs import convert_labels
+    image, label, tissue = btcv_tissue
+    organ = convert_labels(label, "btcv")
+    np.testing.assert_array_equal(tissue[organ > 0], organ[organ > 0])  # organs keep their (our) labels
+    assert not np.any((tissue[organ == 0] > 0) & (tissue[organ == 0] < tl.FIRST_TISSUE))  # classes disjoint
+    assert tissue.min() >= 1 and tissue.max() <= tl.LAST_TISSUE  # every voxel has a class
+    f = tl.tissue_fractions(tissue)
+    assert 0.2 < f["air_outside"] < 0.7  # the body fills about half the field of view
+    assert 0.05 < f["fat"] < 0.45
+    assert 0.0 < f["air_inside"] < 0.15  # lung bases, bowel gas
+    assert 0.05 < f["soft_tissue"] + f["fluid"] < 0.5
+    assert 0.002 < f["bone"] < 0.06
+    # Thresholds: fat is -122..-30 HU on the smoothed image, so the raw voxels are mostly in that range.
+    fat_hu = tl.uint8_to_hu(image[tissue == tl.FAT])
+    assert np.median(fat_hu) < -60 and np.percentile(fat_hu, 90) < 0
+    bone = tissue == tl.BONE
+    assert np.median(tl.uint8_to_hu(image[bone])) > 150
+    # Bone mostly posterior of the aorta (spine). The shared BTCV headers say identity but the A-P axis is
+    # reversed (true direction diag(1,-1,1)): in the raw array posterior is the LOW y index.
+    aorta_y = np.argwhere(organ == 8)[:, 1].mean()
+    assert (np.argwhere(bone)[:, 1] < aorta_y).mean() > 0.6
+
+
+def test_chaos_tissue_classes():
+    import SimpleITK as sitk
+
+    from conftest import shared
+    image = sitk.ReadImage(str(shared("chaos_mr_t2", "images", "chaosT2_05.nii.gz")))
+    label = sitk.ReadImage(str(shared("chaos_mr_t2", "labels", "chaosT2_05.nii.gz")))
+    a, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
+    tissue = tl.mr_tissue_labels(a, lab, image.GetSpacing()[::-1])
+    from AbdomenSegLib.organs import convert_labels
+    organ = convert_labels(lab, "chaos")
+    np.testing.assert_array_equal(tissue[organ > 0], organ[organ > 0])
+    f = tl.tissue_fractions(tissue)
+    assert 0.2 < f["air_outside"] < 0.8
+    for name in ("mr_dark", "mr_mid", "mr_bright"):
+        assert f[name] > 0.02, name
+    means = [a[tissue == c].mean() for c in (tl.MR_DARK, tl.MR_MID, tl.MR_BRIGHT)]
+    assert means[0] < means[1] < means[2]
+    assert a[tissue == tl.AIR_OUTSIDE].mean() < means[0]
+
+
+# -- the synth trainer (train_synth.py, synth_data.py) on phantom datasets ---------------------------------------
+def _synth_config(tmp_path, **data):
+    from AbdomenSegLib.training import load_config
+    from conftest import write_phantom_dataset
+    for name in ("ct", "mr"):
+        root = tmp_path / name
+        if not root.exists():
+            _, refs = write_phantom_dataset(root, cases=3)
+            refs.rename(root / "labels")
+    return load_config({
+        "name": "tiny-synth",
+        "data": {"sources": [
+            {"name": "ct", "root": str(tmp_path / "ct"), "kind": "ct", "convention": "abdomenseg"},
+            {"name": "mr", "root": str(tmp_path / "mr"), "kind": "mr", "convention": "abdomenseg"}],
+            "val_source": "mr", "val_count": 1, "cache": str(tmp_path / "cache.npz"), **data},
+        "model": {"modality": "MR", "architecture": {"class": "UNet", "args": {
+            "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
+            "spacing": [8.0, 8.0, 14.0], "intensity": {"mode": "mr_percentile", "percentiles": [0.5, 99.5]},
+            "organs": ["liver", "spleen", "kidney_right", "kidney_left"]},
+        "train": {"trainer": "synth", "synth": {"prob": 0.5}, "steps": 6, "patch": [16, 32, 32], "val_every": 3,
+                  "threads": 2, "augment": {"affine_prob": 0.5}},
+    })
+
+
+def test_synth_trainer_batches_are_synthetic_images_with_channel_labels(tmp_path):
+    from AbdomenSegLib.train_synth import SynthTrainer
+    trainer = SynthTrainer(_synth_config(tmp_path), tmp_path / "run", log=lambda m: None)
+    assert len(trainer.val_names) == 1 and trainer.val_names[0].startswith("mr/")  # real images validate
+    assert sorted(trainer.train_names) == sorted(["ct/case0", "ct/case1", "ct/case2"] +
+                                                 [n for n in ("mr/case0", "mr/case1", "mr/case2")
+                                                  if n not in trainer.val_names])
+    assert any(t.max() >= tl.FIRST_TISSUE for t in trainer.tissue.values())  # tissue classes in the cache
+    images = []
+    for step in range(6):
+        trainer.transform.set_random_state(seed=step)
+        x, y = trainer._batch(np.random.default_rng(step))
+        assert x.shape[1:] == (1, 16, 32, 32) and y.shape == (2, 1, 16, 32, 32)
+        assert 0 <= int(y.min()) and int(y.max()) <= 4  # channels only: no organ number, no tissue class
+        images.append(x.numpy())
+    assert np.std([im.mean() for im in images]) > 0.01  # every draw a new contrast
+
+
+def test_synth_run_exports_a_package_validated_on_real_images(tmp_path):
+    from AbdomenSegLib.training import train_and_export
+    card = train_and_export(_synth_config(tmp_path), out=tmp_path / "run", device="cpu", log=lambda m: None)
+    assert card["modality"] == "MR" and card["training"]["validation_cases"][0].startswith("mr/")
+    assert set(card["validation"]["dice"]) <= {"liver", "spleen", "kidney_right", "kidney_left"}
+    assert card["validation"]["cases"] == card["training"]["validation_cases"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"val_source": "ct"}, "not one of the MR sources"),
+    ({"sources": []}, "needs data.sources"),
+    ({"sources": [{"name": "x", "root": "/nonexistent", "kind": "mr", "convention": "chaos"}],
+      "val_source": "x"}, "is not a folder"),
+])
+def test_synth_configs_are_checked_before_any_cache(tmp_path, data, message):
+    from AbdomenSegLib.errors import AbdomenSegError
+    with pytest.raises(AbdomenSegError, match=message):
+        _synth_config(tmp_path, **data)
+    assert not (tmp_path / "cache.npz").exists()
