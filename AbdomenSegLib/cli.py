@@ -82,12 +82,8 @@ def _organ_names(text, allowed=None) -> list | None:
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
     from .batch import expand_inputs, plan_outputs
-    from .inference import Options, get_segmenter
     from .io import check_output_type, prepare_output, sweep_partials
-    from .manifest import Manifest, case_row, device_label
     from .models import find_model
-    from .precision import resolve_precision
-    from .qc_outputs import assess_result, summary_lines
 
     organs = _organ_names(args.organs)
     cases, batch = expand_inputs(args.input)
@@ -114,6 +110,24 @@ def _segment(args) -> int:
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
     card = find_model(args.model)
+    # The scans this process will read, in order; the first starts reading now, while torch is imported.
+    reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
+    with _read_ahead([] if distributed else reads) as read_ahead:
+        return _segment_cases(args, card, targets, batch, output, read_ahead)
+
+
+def _read_ahead(paths):
+    from .read_ahead import ReadAhead
+    return ReadAhead(paths)
+
+
+def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
+    from .inference import Options, get_segmenter
+    from .manifest import Manifest, case_row, device_label
+    from .precision import resolve_precision
+    from .qc_outputs import assess_result, summary_lines
+
+    distributed = _on_cluster(args, batch)
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(input_intensity=args.input_intensity, organs=organs,
                       largest_component=args.largest_component, fill_holes=args.fill_holes, precision=args.precision)
@@ -150,7 +164,8 @@ def _segment(args) -> int:
             start = time.time()
             try:
                 image, labels = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
-                                             json_lines.progress(index, len(targets)) if json_lines else None)
+                                             json_lines.progress(index, len(targets)) if json_lines else None,
+                                             read=read_ahead.get)
                 written += 1
             except AbdomenSegError as exc:
                 if not batch:
@@ -268,12 +283,14 @@ def _qc_files(args, output, batch):
     return QCFiles(json_path=args.qc, png_path=args.qc_png)
 
 
-def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None) -> tuple:
+def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None,
+                 read=None) -> tuple:
     """Read, segment, write one case while holding its output; returns (image, labels). Dask workers
-    (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output."""
+    (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output.
+    `read(src)`: where the scan comes from (read_ahead.ReadAhead.get), else read here."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
     with claim_output(dst, overwrite=overwrite):
-        image = read_image(src, segmentation_ok=False)
+        image = read(src) if read else read_image(src, segmentation_ok=False)
         check_output_can_hold(image.GetDirection(), dst)
         bar = _Bar(tag) if bar else None
 

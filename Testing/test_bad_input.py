@@ -447,7 +447,7 @@ def test_killed_writers_leftovers_are_no_case_and_are_removed(tmp_path, tiny_pac
     (tmp_path / "in" / leftover.name).write_bytes(b"half a file")  # and one among the inputs
     code = main(["segment", str(tmp_path / "in"), str(out), "--model", str(tiny_package.path)])
     assert code in (0, EXIT_FLAGGED)
-    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "qc"]  # leftover removed, not segmented
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "manifest.csv", "qc"]  # leftover removed, not segmented
     assert "left by an interrupted run" in capsys.readouterr().err
 
 
