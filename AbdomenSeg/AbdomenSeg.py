@@ -6,6 +6,7 @@ shows dialogs or downloads at import or in setup(), so Slicer's generic module t
 PyTorch installed. Segmentation runs in a background process (as SlicerTotalSegmentator and
 SlicerMONAIAuto3DSeg do), polled by a timer on the main thread, so the panel never freezes.
 """
+
 import logging
 import os
 import sys
@@ -17,8 +18,12 @@ import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 # In a source checkout the engine sits beside this folder; in a packaged extension, beside this file.
@@ -30,6 +35,7 @@ for _candidate in (_here, os.path.dirname(_here)):
 
 # The option values the engine and the command line use (standard library only: nothing heavy loads with Slicer).
 from AbdomenSegLib.options import DEVICES, LARGEST_COMPONENT, REFERENCE_CONVENTIONS  # noqa: E402
+
 DOCUMENTATION = "https://github.com/abdomenseg/SlicerAbdomenSeg#readme"
 
 
@@ -43,15 +49,19 @@ class AbdomenSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segments abdominal organs (liver, spleen, kidneys, pancreas and the other BTCV structures) in CT and MR "
             "with 2D/3D U-Nets, and compares segmentations with a reference (Dice, IoU, volumes, HD95, surface Dice). "
-            "Validated accuracy, limits and the command line: <a href=\"{url}\">documentation</a>.").format(url=DOCUMENTATION)
+            "Validated accuracy, limits and the command line: <a href=\"{url}\">documentation</a>."
+        ).format(url=DOCUMENTATION)
         self.parent.acknowledgementText = _(
             "Models trained on BTCV (Synapse multi-organ CT, research use only) and CHAOS MR (CC BY-SA 4.0). "
-            "Not a medical device.")
+            "Not a medical device."
+        )
         # ScriptedLoadableModule looks for <module dir>/Resources/Icons/<name>.png (Slicer v5.6.2
         # Base/Python/slicer/ScriptedLoadableModule.py:35-41); that is where a built extension has it, but
         # in a source checkout Resources/ sits one folder up.
         checkout_icon = os.path.join(_here, os.pardir, "Resources", "Icons", "AbdomenSeg.png")
-        if not os.path.isfile(os.path.join(_here, "Resources", "Icons", "AbdomenSeg.png")) and os.path.isfile(checkout_icon):
+        if not os.path.isfile(os.path.join(_here, "Resources", "Icons", "AbdomenSeg.png")) and os.path.isfile(
+            checkout_icon
+        ):
             self.parent.icon = qt.QIcon(checkout_icon)
 
 
@@ -93,6 +103,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         from AbdomenSegLib.models import RESOURCES
+
         uiWidget = slicer.util.loadUI(str(RESOURCES / "UI" / "AbdomenSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -114,6 +125,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Catalog entries (reads JSON only; no torch); broken packages are named in the tooltip."""
         from AbdomenSegLib.errors import AbdomenSegError
         from AbdomenSegLib.models import catalog_with_problems, default_model_name
+
         try:
             self._cards, broken = catalog_with_problems()
         except AbdomenSegError as exc:  # a malformed catalog.json: say so in the panel, do not fail to open
@@ -144,7 +156,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = name
         self.ui.organsListWidget.clear()
         card = self._cards.get(name)
-        for organ in (card["labels"].values() if card else []):
+        for organ in card["labels"].values() if card else []:
             item = qt.QListWidgetItem(organ)
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
             item.setCheckState(qt.Qt.Checked)
@@ -225,18 +237,26 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         busy = self._run is not None
         chosen, _total = self._checkedOrgans()
-        missing = (_("Select an input volume") if not (p and p.inputVolume) else
-                   _("No model is installed") if not (p and p.model) else
-                   _("Check at least one organ") if not chosen else "")
+        missing = (
+            _("Select an input volume")
+            if not (p and p.inputVolume)
+            else _("No model is installed")
+            if not (p and p.model)
+            else _("Check at least one organ")
+            if not chosen
+            else ""
+        )
         self.ui.applyButton.enabled = (self._runKind == "segment") or (not busy and not missing)
         self.ui.applyButton.toolTip = missing or _("Segment the input; click again to cancel")
         self.ui.applyButton.text = _("Cancel") if self._runKind == "segment" else _("Segment")
         self.ui.compareButton.enabled = bool(not busy and p and p.outputSegmentation and p.referenceNode)
         models = self.ui.modelsListWidget.selectedItems()
         self.ui.compareModelsButton.enabled = (self._runKind == "compare") or bool(
-            not busy and p and p.inputVolume and models)
-        self.ui.compareModelsButton.text = (_("Cancel") if self._runKind == "compare"
-                                            else _("Run selected models and compare"))
+            not busy and p and p.inputVolume and models
+        )
+        self.ui.compareModelsButton.text = (
+            _("Cancel") if self._runKind == "compare" else _("Run selected models and compare")
+        )
 
     # -- background runs -------------------------------------------------------------------------
     def _start(self, kind, models, segmentationNode=None, replace=False):
@@ -245,10 +265,16 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if device is None:
             return
         self.ui.qcLabel.text = ""
-        self._run = self.logic.startRun(p.inputVolume, models, device=device,
-                                        organs=self._selectedOrgans() if kind == "segment" else None,
-                                        segmentationNode=segmentationNode, replaceExisting=replace,
-                                        largestComponent=p.largestComponent, fillHoles=p.fillHoles)
+        self._run = self.logic.startRun(
+            p.inputVolume,
+            models,
+            device=device,
+            organs=self._selectedOrgans() if kind == "segment" else None,
+            segmentationNode=segmentationNode,
+            replaceExisting=replace,
+            largestComponent=p.largestComponent,
+            fillHoles=p.fillHoles,
+        )
         self._runKind = kind
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Starting…")
@@ -299,8 +325,12 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "compare" and run.results:
             with slicer.util.tryWithErrorDisplay(_("Model comparison failed."), waitCursor=True):
                 table, chart = self.logic.core.model_comparison(
-                    run.volumeNode, run.results, p.referenceNode if p else None,
-                    p.referenceConvention if p else REFERENCE_CONVENTIONS[0], p.tolerance if p else 2.0)
+                    run.volumeNode,
+                    run.results,
+                    p.referenceNode if p else None,
+                    p.referenceConvention if p else REFERENCE_CONVENTIONS[0],
+                    p.tolerance if p else 2.0,
+                )
                 self.ui.tableView.setMRMLTableNode(table)
                 if chart is not None:
                     slicer.modules.plots.logic().ShowChartInLayout(chart)
@@ -309,12 +339,14 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showResultCheck(self, warnings, notes):
         """The result check in the panel: warnings in red, notes in orange, or a quiet green line."""
         import html
+
         for text in warnings:
             logging.warning(f"AbdomenSeg: {text}")
         lines = [f'<span style="color:#c0392b">&#9888; {html.escape(t)}</span>' for t in warnings]
         lines += [f'<span style="color:#b9770e">&#8226; {html.escape(t)}</span>' for t in notes]
-        self.ui.qcLabel.text = "<br>".join(lines) if lines else '<span style="color:#1e8449">' + _(
-            "Result check: no flags") + "</span>"
+        self.ui.qcLabel.text = (
+            "<br>".join(lines) if lines else '<span style="color:#1e8449">' + _("Result check: no flags") + "</span>"
+        )
 
     def _cancelRun(self):
         if self._run is not None:
@@ -331,7 +363,8 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         replace = False
         if output is not None and output.GetSegmentation().GetNumberOfSegments():
             replace = slicer.util.confirmYesNoDisplay(
-                _("'{name}' already has segments. Replace them?").format(name=output.GetName()))
+                _("'{name}' already has segments. Replace them?").format(name=output.GetName())
+            )
             if not replace:
                 return
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
@@ -340,14 +373,22 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _confirmCpu(self, seconds):
         return slicer.util.confirmOkCancelDisplay(
-            _("CUDA is not available. Run on the CPU instead (about {s} s for a typical abdominal CT)?").format(s=seconds))
+            _("CUDA is not available. Run on the CPU instead (about {s} s for a typical abdominal CT)?").format(
+                s=seconds
+            )
+        )
 
     def onCompareButton(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Comparison failed."), waitCursor=True):
-            table = self.logic.compareWithReference(p.outputSegmentation, p.referenceNode, volumeNode=p.inputVolume,
-                                                    toleranceMm=p.tolerance, referenceConvention=p.referenceConvention,
-                                                    review=p.reviewSegments)
+            table = self.logic.compareWithReference(
+                p.outputSegmentation,
+                p.referenceNode,
+                volumeNode=p.inputVolume,
+                toleranceMm=p.tolerance,
+                referenceConvention=p.referenceConvention,
+                review=p.reviewSegments,
+            )
             self.ui.tableView.setMRMLTableNode(table)
 
     def onCompareModelsButton(self):
@@ -375,11 +416,13 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
     def core(self):
         if self._core is None:
             from AbdomenSegLib.slicer_logic import AbdomenSegCore
+
             self._core = AbdomenSegCore(slicer.mrmlScene, log=logging.info)
         return self._core
 
     def ensureDependencies(self, interactive=False):
         from AbdomenSegLib.install import ensure_dependencies
+
         confirm = slicer.util.confirmOkCancelDisplay if interactive else None
         return ensure_dependencies(confirm=confirm, log=logging.info)
 
@@ -388,35 +431,75 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         if device != "cuda":
             return device
         import torch
+
         if torch.cuda.is_available():
             return device
         if confirmCpu is None:
             return "cpu"
         from AbdomenSegLib.models import find_model
+
         return "cpu" if confirmCpu(find_model(model or None).get("timing", {}).get("cpu_seconds", "?")) else None
 
-    def startRun(self, volumeNode, models, device="auto", organs=None, segmentationNode=None, replaceExisting=False,
-                 largestComponent="model", fillHoles=False):
+    def startRun(
+        self,
+        volumeNode,
+        models,
+        device="auto",
+        organs=None,
+        segmentationNode=None,
+        replaceExisting=False,
+        largestComponent="model",
+        fillHoles=False,
+    ):
         from AbdomenSegLib.slicer_runs import BackgroundRun, shared_worker
-        return BackgroundRun(self.core, volumeNode, models, device=device, organs=organs,
-                             segmentation_node=segmentationNode, replace_existing=replaceExisting,
-                             largest_component=largestComponent, fill_holes=fillHoles,
-                             temp_root=slicer.app.temporaryPath,
-                             worker=shared_worker(temp_root=slicer.app.temporaryPath))
 
-    def segment(self, volumeNode, model=None, device="auto", organs=None, segmentationNode=None,
-                replaceExisting=False, largestComponent="model", fillHoles=False, progress=None, cancel=None,
-                confirmCpu=None):
+        return BackgroundRun(
+            self.core,
+            volumeNode,
+            models,
+            device=device,
+            organs=organs,
+            segmentation_node=segmentationNode,
+            replace_existing=replaceExisting,
+            largest_component=largestComponent,
+            fill_holes=fillHoles,
+            temp_root=slicer.app.temporaryPath,
+            worker=shared_worker(temp_root=slicer.app.temporaryPath),
+        )
+
+    def segment(
+        self,
+        volumeNode,
+        model=None,
+        device="auto",
+        organs=None,
+        segmentationNode=None,
+        replaceExisting=False,
+        largestComponent="model",
+        fillHoles=False,
+        progress=None,
+        cancel=None,
+        confirmCpu=None,
+    ):
         """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run)."""
         from AbdomenSegLib.errors import Cancelled
+
         device = self.resolveDevice(device, model, confirmCpu)
         if device is None:
             return None
         try:
-            return self.core.segment(volumeNode, model=model or None, device=device, organs=organs,
-                                     segmentation_node=segmentationNode, replace_existing=replaceExisting,
-                                     largest_component=largestComponent, fill_holes=fillHoles,
-                                     progress=progress, cancel=cancel)
+            return self.core.segment(
+                volumeNode,
+                model=model or None,
+                device=device,
+                organs=organs,
+                segmentation_node=segmentationNode,
+                replace_existing=replaceExisting,
+                largest_component=largestComponent,
+                fill_holes=fillHoles,
+                progress=progress,
+                cancel=cancel,
+            )
         except Cancelled:
             logging.info("AbdomenSeg: segmentation cancelled")
             return None
@@ -424,16 +507,43 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
     def organVolumes(self, segmentationNode, volumeNode):
         return self.core.organ_volumes(segmentationNode, volumeNode)
 
-    def compareWithReference(self, segmentationNode, referenceNode, volumeNode=None, toleranceMm=2.0,
-                             referenceConvention=REFERENCE_CONVENTIONS[0], review=False):
-        return self.core.compare_with_reference(segmentationNode, referenceNode, volume_node=volumeNode,
-                                                tolerance_mm=toleranceMm, reference_convention=referenceConvention,
-                                                review=review)
+    def compareWithReference(
+        self,
+        segmentationNode,
+        referenceNode,
+        volumeNode=None,
+        toleranceMm=2.0,
+        referenceConvention=REFERENCE_CONVENTIONS[0],
+        review=False,
+    ):
+        return self.core.compare_with_reference(
+            segmentationNode,
+            referenceNode,
+            volume_node=volumeNode,
+            tolerance_mm=toleranceMm,
+            reference_convention=referenceConvention,
+            review=review,
+        )
 
-    def compareModels(self, volumeNode, models, device="auto", referenceNode=None,
-                      referenceConvention=REFERENCE_CONVENTIONS[0], progress=None, cancel=None):
-        return self.core.compare_models(volumeNode, models, device=device, reference_node=referenceNode,
-                                        reference_convention=referenceConvention, progress=progress, cancel=cancel)
+    def compareModels(
+        self,
+        volumeNode,
+        models,
+        device="auto",
+        referenceNode=None,
+        referenceConvention=REFERENCE_CONVENTIONS[0],
+        progress=None,
+        cancel=None,
+    ):
+        return self.core.compare_models(
+            volumeNode,
+            models,
+            device=device,
+            reference_node=referenceNode,
+            reference_convention=referenceConvention,
+            progress=progress,
+            cancel=cancel,
+        )
 
 
 class AbdomenSegTest(ScriptedLoadableModuleTest):
@@ -448,12 +558,16 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
 
     def test_segment_phantom(self):
         from AbdomenSegLib.install import missing_packages
+
         missing = missing_packages()
         if missing:  # Slicer's generic tests run this without the extension's Python packages
-            self.delayDisplay(f"Python packages {', '.join(missing)} are not installed: skipping the segmentation self-test")
+            self.delayDisplay(
+                f"Python packages {', '.join(missing)} are not installed: skipping the segmentation self-test"
+            )
             return
         from AbdomenSegLib.phantom import make_phantom
         from AbdomenSegLib.slicer_logic import scalar_volume_node_from_image, segmentation_to_labels
+
         ct, _labels = make_phantom()
         volume = scalar_volume_node_from_image(slicer.mrmlScene, ct, "synthetic phantom CT")
         seg = AbdomenSegLogic().segment(volume, device="cpu")

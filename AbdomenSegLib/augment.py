@@ -12,6 +12,7 @@ than a voxel (cortex against medulla) while the voxel-scale noise, which is the 
 `RandOrganEnlarged` warps an organ larger (splenomegaly); `RandRenalCystd` paints a fluid-density cyst into
 a kidney and labels it kidney, as BTCV's annotators do.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,19 @@ from scipy import ndimage
 # Real scans spread around these (the TotalSegmentator example: kidneys 12-17, spleen 35, liver 46 HU),
 # hence the +-20 HU jitter by default.
 UNENHANCED_HU = {
-    "liver": 55.0, "spleen": 45.0, "kidney_right": 30.0, "kidney_left": 30.0, "pancreas": 40.0,
-    "gallbladder": 10.0, "stomach": 30.0, "aorta": 42.0, "inferior_vena_cava": 42.0, "esophagus": 40.0,
-    "portal_splenic_vein": 42.0, "adrenal_gland_right": 25.0, "adrenal_gland_left": 25.0,
+    "liver": 55.0,
+    "spleen": 45.0,
+    "kidney_right": 30.0,
+    "kidney_left": 30.0,
+    "pancreas": 40.0,
+    "gallbladder": 10.0,
+    "stomach": 30.0,
+    "aorta": 42.0,
+    "inferior_vena_cava": 42.0,
+    "esophagus": 40.0,
+    "portal_splenic_vein": 42.0,
+    "adrenal_gland_right": 25.0,
+    "adrenal_gland_left": 25.0,
     "urinary_bladder": 10.0,
 }
 
@@ -69,8 +80,19 @@ class RandUnenhancedd(_ImageLabelTransform):
     strength: range of the washout fraction (1 = fully unenhanced); jitter_hu: per-organ random offset.
     """
 
-    def __init__(self, image_key="image", label_key="label", *, organs, window, prob=0.3, strength=(0.6, 1.0),
-                 spread=(0.4, 1.0), jitter_hu=20.0, sigma=1.0):
+    def __init__(
+        self,
+        image_key="image",
+        label_key="label",
+        *,
+        organs,
+        window,
+        prob=0.3,
+        strength=(0.6, 1.0),
+        spread=(0.4, 1.0),
+        jitter_hu=20.0,
+        sigma=1.0,
+    ):
         super().__init__(image_key, label_key, prob)
         low, width = window_scale(window)
         self.targets = [(c + 1, (UNENHANCED_HU[o] - low) / width) for c, o in enumerate(organs) if o in UNENHANCED_HU]
@@ -110,8 +132,9 @@ class RandOrganEnlarged(_ImageLabelTransform):
     the warp round in millimetres on anisotropic grids.
     """
 
-    def __init__(self, image_key="image", label_key="label", *, channel, spacing, prob=0.2, scale=(1.2, 1.9),
-                 reach=1.6):
+    def __init__(
+        self, image_key="image", label_key="label", *, channel, spacing, prob=0.2, scale=(1.2, 1.9), reach=1.6
+    ):
         super().__init__(image_key, label_key, prob)
         self.channel = channel
         self.spacing = np.asarray(spacing, dtype=np.float32)
@@ -126,11 +149,12 @@ class RandOrganEnlarged(_ImageLabelTransform):
         radius = float(np.percentile(np.linalg.norm(organ * self.spacing - centre, axis=1), 95))
         inner, outer = radius * s, radius * s * self.reach
         offset = mm_grid(label.shape[1:], self.spacing) - centre[:, None, None, None]
-        distance = np.sqrt((offset ** 2).sum(0)) + 1e-6
+        distance = np.sqrt((offset**2).sum(0)) + 1e-6
         # Radial source distance: d / s inside the enlarged organ, then linear up to no displacement at `outer`
         # (monotonic, so the warp never folds).
-        source = np.where(distance <= inner, distance / s,
-                          radius + (distance - inner) * (outer - radius) / (outer - inner))
+        source = np.where(
+            distance <= inner, distance / s, radius + (distance - inner) * (outer - radius) / (outer - inner)
+        )
         source = np.where(distance >= outer, distance, source)
         coords = (centre[:, None, None, None] + offset * (source / distance)) / self.spacing[:, None, None, None]
         d[self.image_key] = ndimage.map_coordinates(image[0], coords, order=1, mode="nearest")[None]
@@ -150,8 +174,19 @@ class RandRenalCystd(_ImageLabelTransform):
     exactly on the label edge. `spacing` (z, y, x) in mm; `window` (HU) maps fluid HU to image units.
     """
 
-    def __init__(self, image_key="image", label_key="label", *, channels, window, spacing, prob=0.2,
-                 radius_mm=(8.0, 25.0), hu=(0.0, 20.0), noise_hu=8.0):
+    def __init__(
+        self,
+        image_key="image",
+        label_key="label",
+        *,
+        channels,
+        window,
+        spacing,
+        prob=0.2,
+        radius_mm=(8.0, 25.0),
+        hu=(0.0, 20.0),
+        noise_hu=8.0,
+    ):
         super().__init__(image_key, label_key, prob)
         self.channels = list(channels)
         low, width = window_scale(window)

@@ -30,6 +30,7 @@ which prints one JSON object per stdout line (see cli._JsonLines); its stderr (l
 the temp folder, so that neither pipe can fill up and stall it. Nothing here touches Qt or MRML: the reader
 thread only parses lines into a queue, and the caller's main thread drains it with `poll()`.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,15 +80,40 @@ def python_executable() -> str:
         return found
     if Path(sys.executable).name.lower().startswith("pythonslicer"):
         return sys.executable
-    raise AbdomenSegError("Slicer's Python interpreter (PythonSlicer) was not found on PATH",
-                          "reinstall 3D Slicer, or pass python=<path to PythonSlicer>")
+    raise AbdomenSegError(
+        "Slicer's Python interpreter (PythonSlicer) was not found on PATH",
+        "reinstall 3D Slicer, or pass python=<path to PythonSlicer>",
+    )
 
 
-def build_command(python, input_path, output_path, *, model=None, device="auto", organs=None,
-                  largest_component="model", fill_holes=False, input_intensity="native") -> list:
+def build_command(
+    python,
+    input_path,
+    output_path,
+    *,
+    model=None,
+    device="auto",
+    organs=None,
+    largest_component="model",
+    fill_holes=False,
+    input_intensity="native",
+) -> list:
     """The documented command line of a background run."""
-    command = [str(python), "-m", "AbdomenSegLib", "segment", str(input_path), str(output_path), "--progress-json",
-               "--device", device, "--largest-component", largest_component, "--input-intensity", input_intensity]
+    command = [
+        str(python),
+        "-m",
+        "AbdomenSegLib",
+        "segment",
+        str(input_path),
+        str(output_path),
+        "--progress-json",
+        "--device",
+        device,
+        "--largest-component",
+        largest_component,
+        "--input-intensity",
+        input_intensity,
+    ]
     if model:
         command += ["--model", str(model)]
     if organs:
@@ -118,7 +144,7 @@ class SegmentationProcess:
     every file.
     """
 
-    def __init__(self, worker: "EngineWorker | None" = None):
+    def __init__(self, worker: EngineWorker | None = None):
         # With a worker, the run is a request to that long-lived engine process (no start-up, model kept
         # loaded); without, a process of its own. Events, outcome, cancel and cleanup are the same.
         self._worker = worker
@@ -145,8 +171,20 @@ class SegmentationProcess:
         self._started = None
 
     # -- starting -------------------------------------------------------------------------------
-    def start(self, image: sitk.Image, *, model=None, device="auto", organs=None, largest_component="model",
-              fill_holes=False, input_intensity="native", python=None, env=None, temp_root=None):
+    def start(
+        self,
+        image: sitk.Image,
+        *,
+        model=None,
+        device="auto",
+        organs=None,
+        largest_component="model",
+        fill_holes=False,
+        input_intensity="native",
+        python=None,
+        env=None,
+        temp_root=None,
+    ):
         """Write `image` to a fresh temp folder and launch the segmentation; returns self at once.
 
         `python`: the interpreter (default python_executable()). `env`: the child's environment (default this
@@ -162,10 +200,17 @@ class SegmentationProcess:
             # so the geometry round-trips exactly.
             sitk.WriteImage(image, str(input_path), useCompression=False)
             self._grid = (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-            self.command = build_command(python or python_executable(), input_path, self.temp_dir / OUTPUT_NAME,
-                                         model=model, device=device, organs=organs,
-                                         largest_component=largest_component, fill_holes=fill_holes,
-                                         input_intensity=input_intensity)
+            self.command = build_command(
+                python or python_executable(),
+                input_path,
+                self.temp_dir / OUTPUT_NAME,
+                model=model,
+                device=device,
+                organs=organs,
+                largest_component=largest_component,
+                fill_holes=fill_holes,
+                input_intensity=input_intensity,
+            )
             if self._worker is not None:
                 self._started = time.monotonic()
                 # The CLI's arguments after `python -m AbdomenSegLib`; its stderr into this run's own log.
@@ -198,8 +243,18 @@ class SegmentationProcess:
             kwargs.update(start_new_session=True)
         with open(self.temp_dir / LOG_NAME, "wb") as log:
             self._process = subprocess.Popen(
-                self.command, cwd=str(PACKAGE_PARENT), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=log, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                self.command,
+                cwd=str(PACKAGE_PARENT),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **kwargs,
+            )
         self._started = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="AbdomenSeg output reader", daemon=True)
         self._reader.start()
@@ -250,8 +305,10 @@ class SegmentationProcess:
             crashed = not self._outcome.is_set() and not self.cancelled
             if crashed:
                 lines = self.log_tail.strip().splitlines()
-                self._error = (f"the segmentation process stopped with exit code {returncode} without a result "
-                               f"({lines[-1] if lines else 'no log'}). See the log for details")
+                self._error = (
+                    f"the segmentation process stopped with exit code {returncode} without a result "
+                    f"({lines[-1] if lines else 'no log'}). See the log for details"
+                )
         if crashed:
             self._events.put({"error": self._error})
         self._outcome.set()
@@ -304,8 +361,12 @@ class SegmentationProcess:
     @property
     def succeeded(self) -> bool:
         """The child reported its result written (exit 0, or 3: written but flagged), and it is still here."""
-        return (self._outcome.is_set() and self.error is None and self.temp_dir is not None
-                and (self.temp_dir / OUTPUT_NAME).is_file())
+        return (
+            self._outcome.is_set()
+            and self.error is None
+            and self.temp_dir is not None
+            and (self.temp_dir / OUTPUT_NAME).is_file()
+        )
 
     @property
     def error(self) -> str | None:
@@ -324,13 +385,16 @@ class SegmentationProcess:
     def result(self) -> sitk.Image:
         """The label map, in the input's exact grid (call after success, before cleanup())."""
         if not self.succeeded:
-            raise AbdomenSegError(self.error or "the segmentation has no result (yet)",
-                                  "wait until it has finished, and read the result before cleanup()")
+            raise AbdomenSegError(
+                self.error or "the segmentation has no result (yet)",
+                "wait until it has finished, and read the result before cleanup()",
+            )
         labels = sitk.ReadImage(str(self.temp_dir / OUTPUT_NAME))
         size, spacing, origin, direction = self._grid
         if tuple(labels.GetSize()) != tuple(size):
-            raise AbdomenSegError(f"the result's size {labels.GetSize()} differs from the input's {size}",
-                                  "report this as a bug")
+            raise AbdomenSegError(
+                f"the result's size {labels.GetSize()} differs from the input's {size}", "report this as a bug"
+            )
         # The CLI refuses to write off the input's grid (io.write_image reads the header back); hand back the
         # input's exact header values rather than their round-trip through text.
         labels.SetSpacing(spacing)
@@ -386,8 +450,11 @@ class SegmentationProcess:
             try:
                 import psutil
             except ImportError:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
-                               creationflags=subprocess.CREATE_NO_WINDOW)
+                subprocess.run(
+                    ["taskkill", "/F", "/T", "/PID", str(process.pid)],
+                    capture_output=True,
+                    creationflags=subprocess.CREATE_NO_WINDOW,
+                )
             else:
                 try:
                     parent = psutil.Process(process.pid)

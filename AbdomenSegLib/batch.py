@@ -3,6 +3,7 @@
 A folder that holds a DICOM series (and no image files) is one case; any other folder is a set of
 cases. Output names are the input's case name plus the chosen suffix.
 """
+
 from __future__ import annotations
 
 import glob
@@ -16,6 +17,7 @@ def is_dicom_folder(path: Path) -> bool:
     """A folder holding a DICOM image series. DICOM SEG files (ours, written beside the series folders of a
     cohort) are series to GDCM too, but no scan: a folder holding only those is not a case."""
     import SimpleITK as sitk
+
     if not path.is_dir() or any(p.name.lower().endswith(IMAGE_SUFFIXES) for p in path.iterdir()):
         return False
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -27,6 +29,7 @@ def _is_segmentation(files) -> bool:
         return False
     try:
         from .dicom_seg import is_dicom_seg
+
         return is_dicom_seg(files[0])
     except ImportError:  # pydicom missing: no SEG can have been written here either
         return False
@@ -39,14 +42,22 @@ def expand_inputs(spec: str) -> tuple:
         matches = sorted(Path(p) for p in glob.glob(spec))
         cases = [(case_name(p), p) for p in matches if not _hidden(p) and (p.is_dir() or image_suffix(p))]
         if not cases:
-            raise AbdomenSegError(f"no images match '{spec}'", "check the pattern (quote it so the shell does not expand it)")
+            raise AbdomenSegError(
+                f"no images match '{spec}'", "check the pattern (quote it so the shell does not expand it)"
+            )
         return cases, True
     if path.is_dir() and not is_dicom_folder(path):
-        cases = [(case_name(p), p) for p in sorted(path.iterdir()) if not _hidden(p)
-                 and ((p.is_file() and image_suffix(p) and image_suffix(p) != ".seg.nrrd") or is_dicom_folder(p))]
+        cases = [
+            (case_name(p), p)
+            for p in sorted(path.iterdir())
+            if not _hidden(p)
+            and ((p.is_file() and image_suffix(p) and image_suffix(p) != ".seg.nrrd") or is_dicom_folder(p))
+        ]
         if not cases:
-            raise AbdomenSegError(f"folder '{path}' holds no images or DICOM series",
-                                  "give an image file, a DICOM series folder or a folder of images")
+            raise AbdomenSegError(
+                f"folder '{path}' holds no images or DICOM series",
+                "give an image file, a DICOM series folder or a folder of images",
+            )
         return cases, True
     return [(case_name(path), path)], False
 
@@ -74,11 +85,14 @@ def plan_outputs(cases: list, out_dir: Path, suffix: str) -> list:
         if dst.resolve() == src.resolve():
             if any(other != src.resolve() for other in producers[dst.resolve()]):
                 continue  # this file is another case's output from an earlier run, not an input
-            raise AbdomenSegError(f"output '{dst}' would overwrite the input", "choose another output folder or --format")
+            raise AbdomenSegError(
+                f"output '{dst}' would overwrite the input", "choose another output folder or --format"
+            )
         if dst.resolve() in seen:
             raise AbdomenSegError(
                 f"inputs '{seen[dst.resolve()]}' and '{src}' would both be written to '{dst}'",
-                "give the cases distinct names or segment them into different folders")
+                "give the cases distinct names or segment them into different folders",
+            )
         seen[dst.resolve()] = src
         plan.append((name, src, dst))
     return plan

@@ -7,6 +7,7 @@ Here every field is judged at once and all problems come back together, so one e
 
 ModelCard keeps the plain dict (much code reads it); this module only judges it.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,17 @@ from .errors import AbdomenSegError
 from .networks import MONAI_3D, SMP_2D, divisor
 from .organs import BY_NAME
 
-REQUIRED_KEYS = ("name", "dimensions", "architecture", "modality", "labels", "spacing", "intensity", "weights",
-                 "sha256")
+REQUIRED_KEYS = (
+    "name",
+    "dimensions",
+    "architecture",
+    "modality",
+    "labels",
+    "spacing",
+    "intensity",
+    "weights",
+    "sha256",
+)
 # Sliding-window size for 3D cards that name no inference.roi_size (inference must use this one).
 DEFAULT_ROI_SIZE = (64, 96, 96)
 SPACING_MM = (0.1, 20.0)
@@ -42,9 +52,11 @@ def validate_card(data: Any, where: str, *, pending: tuple = ()) -> None:
     `pending`: required keys not filled in yet (export checks a card before its weights' sha256 exists)."""
     problems = card_problems(data, pending=pending)
     if problems:
-        raise AbdomenSegError(f"model card '{where}' is invalid: {'; '.join(problems)}",
-                              "fix these fields (the cards in Resources/models show the format) or re-export "
-                              "the model with `python -m AbdomenSegLib train`")
+        raise AbdomenSegError(
+            f"model card '{where}' is invalid: {'; '.join(problems)}",
+            "fix these fields (the cards in Resources/models show the format) or re-export "
+            "the model with `python -m AbdomenSegLib train`",
+        )
 
 
 def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
@@ -199,11 +211,16 @@ def _monai_unet_args(args: dict) -> Problems:
     if not isinstance(strides, (list, tuple)) or not strides:
         return problems + [f"{field}.strides {_show(strides)} must be a list"]
     for i, s in enumerate(strides):  # MONAI takes one stride per level, or one per axis
-        problems += _ints(s, f"{field}.strides[{i}]", 1, 8, 3) if isinstance(s, list) else \
-            _int(s, f"{field}.strides[{i}]", 1, 8)
+        problems += (
+            _ints(s, f"{field}.strides[{i}]", 1, 8, 3)
+            if isinstance(s, list)
+            else _int(s, f"{field}.strides[{i}]", 1, 8)
+        )
     if isinstance(args["channels"], (list, tuple)) and len(strides) != len(args["channels"]) - 1:
-        problems.append(f"{field}.strides has {len(strides)} entries; with {len(args['channels'])} channels a UNet "
-                        f"needs {len(args['channels']) - 1} (one per down-sampling)")
+        problems.append(
+            f"{field}.strides has {len(strides)} entries; with {len(args['channels'])} channels a UNet "
+            f"needs {len(args['channels']) - 1} (one per down-sampling)"
+        )
     if "num_res_units" in args:
         problems += _int(args["num_res_units"], f"{field}.num_res_units", 0, 16)
     return problems
@@ -252,10 +269,14 @@ def _labels(value: Any) -> Problems:
 
 
 def _orientation(value: Any) -> Problems:
-    valid = (isinstance(value, str) and len(value) == 3
-             and all(sum(c in pair for c in value) == 1 for pair in AXIS_PAIRS))
-    return [] if valid else [f"orientation {_show(value)} must be three capitals, one of R/L, A/P and S/I each, "
-                             "e.g. LPS"]
+    valid = (
+        isinstance(value, str) and len(value) == 3 and all(sum(c in pair for c in value) == 1 for pair in AXIS_PAIRS)
+    )
+    return (
+        []
+        if valid
+        else [f"orientation {_show(value)} must be three capitals, one of R/L, A/P and S/I each, " "e.g. LPS"]
+    )
 
 
 def _intensity(value: Any) -> Problems:
@@ -315,8 +336,10 @@ def _roi_fits_network(data: dict) -> Problems:
     if not any(r % stride for r in roi):
         return []
     field = "inference.roi_size" if given else "the default inference.roi_size"
-    return [f"{field} {_show(roi)} is not a multiple of the network's stride {stride} (give inference.roi_size "
-            f"as multiples of {stride})"]
+    return [
+        f"{field} {_show(roi)} is not a multiple of the network's stride {stride} (give inference.roi_size "
+        f"as multiples of {stride})"
+    ]
 
 
 def _postprocess(value: Any, labels: Any) -> Problems:
@@ -337,11 +360,18 @@ def _postprocess_block(block: dict, labels: Any) -> Problems:
 
 def _weights(value: Any) -> Problems:
     # A bare file name: the weights live in the package folder, never elsewhere (see models.inside).
-    if (isinstance(value, str) and value.endswith(".safetensors") and value != ".safetensors"
-            and not value.startswith(".") and not any(c in value for c in "/\\:")):
+    if (
+        isinstance(value, str)
+        and value.endswith(".safetensors")
+        and value != ".safetensors"
+        and not value.startswith(".")
+        and not any(c in value for c in "/\\:")
+    ):
         return []
-    return [f"weights {_show(value)} must be the file name of a .safetensors file in the package folder "
-            "(no folders, no absolute path)"]
+    return [
+        f"weights {_show(value)} must be the file name of a .safetensors file in the package folder "
+        "(no folders, no absolute path)"
+    ]
 
 
 def _abdomenseg_version(value: Any) -> Problems:

@@ -4,6 +4,7 @@ A model's card names its organs by channel (`"labels": {"1": "liver", ...}`, cha
 Training maps the cached organ labels to channels, inference maps the argmax channels back to organ labels;
 both read the same `labels` block here, so the two directions cannot drift apart.
 """
+
 from __future__ import annotations
 
 import numpy as np

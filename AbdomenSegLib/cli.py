@@ -2,6 +2,7 @@
 
 Errors a user can fix print one line (`error: <problem>. <fix>`) and exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ class _Bar:
 
     def __init__(self, desc):
         from tqdm import tqdm
-        self.bar = tqdm(total=100, desc=desc, file=sys.stderr, leave=False,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {postfix}")
+
+        self.bar = tqdm(
+            total=100,
+            desc=desc,
+            file=sys.stderr,
+            leave=False,
+            bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {postfix}",
+        )
 
     def __call__(self, fraction, message):
         self.bar.n = int(round(fraction * 100))
@@ -49,9 +56,11 @@ class _JsonLines:
 
     def progress(self, index, count):
         """progress(fraction, message) for case `index` of `count`, scaled to the whole run."""
+
         def report(fraction, message):
             prefix = f"[{index}/{count}] " if count > 1 else ""
             self.emit(progress=round((index - 1 + float(fraction)) / count, 4), message=prefix + message)
+
         return report
 
 
@@ -64,18 +73,21 @@ EXIT_FLAGGED = 3
 def _organ_names(text, allowed=None) -> list | None:
     """Comma-separated organ names, checked before any work (a typo must not cost a run)."""
     from .organs import BY_NAME
+
     if not text:
         return None
     names = [o.strip() for o in text.split(",") if o.strip()]
     unknown = [o for o in names if o not in BY_NAME]
     if unknown or not names:
-        raise AbdomenSegError(f"unknown organ name(s) {', '.join(unknown) or repr(text)}",
-                              f"use names from: {', '.join(BY_NAME)}")
+        raise AbdomenSegError(
+            f"unknown organ name(s) {', '.join(unknown) or repr(text)}", f"use names from: {', '.join(BY_NAME)}"
+        )
     if allowed is not None:
         outside = [o for o in names if o not in allowed]
         if outside:
-            raise AbdomenSegError(f"the model does not segment {', '.join(outside)}",
-                                  f"it segments: {', '.join(allowed)}")
+            raise AbdomenSegError(
+                f"the model does not segment {', '.join(outside)}", f"it segments: {', '.join(allowed)}"
+            )
     return names
 
 
@@ -91,13 +103,15 @@ def _segment(args) -> int:
     distributed = _on_cluster(args, batch)
     if batch:
         if output.exists() and not output.is_dir():
-            raise AbdomenSegError(f"output '{output}' is a file but the input is a set of cases",
-                                  "give an output folder")
+            raise AbdomenSegError(
+                f"output '{output}' is a file but the input is a set of cases", "give an output folder"
+            )
         check_output_type(output / f"case{args.format}", [src for _, src in cases])
         targets = plan_outputs(cases, output, args.format)
         if not targets:
-            raise AbdomenSegError(f"no inputs left in '{args.input}' once earlier outputs are set aside",
-                                  "give a folder of scans")
+            raise AbdomenSegError(
+                f"no inputs left in '{args.input}' once earlier outputs are set aside", "give a folder of scans"
+            )
         prepare_output(output / ".probe", overwrite=True)
         for path in sweep_partials(output):
             _log(f"removed {path.name}, left by an interrupted run")
@@ -118,6 +132,7 @@ def _segment(args) -> int:
 
 def _read_ahead(paths):
     from .read_ahead import ReadAhead
+
     return ReadAhead(paths)
 
 
@@ -129,8 +144,13 @@ def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
 
     distributed = _on_cluster(args, batch)
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
-    options = Options(input_intensity=args.input_intensity, organs=organs,
-                      largest_component=args.largest_component, fill_holes=args.fill_holes, precision=args.precision)
+    options = Options(
+        input_intensity=args.input_intensity,
+        organs=organs,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
+        precision=args.precision,
+    )
     json_lines = getattr(args, "json_lines", None)
     if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
         segmenter, device = None, ""
@@ -155,32 +175,62 @@ def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
                 if earlier:
                     flagged.append(name)
                 manifest.skipped(name, src, dst, qc_json=qc_files.folder / f"{name}.json")
-                _log(f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
-                     + (f"; its earlier result check has {earlier} warning(s)" if earlier else ""))
+                _log(
+                    f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
+                    + (f"; its earlier result check has {earlier} warning(s)" if earlier else "")
+                )
                 continue
             if distributed:
                 todo.append((index, name, src, dst))
                 continue
             start = time.time()
             try:
-                image, labels = _segment_one(segmenter, src, dst, options, args.overwrite, tag,
-                                             json_lines.progress(index, len(targets)) if json_lines else None,
-                                             read=read_ahead.get)
+                image, labels = _segment_one(
+                    segmenter,
+                    src,
+                    dst,
+                    options,
+                    args.overwrite,
+                    tag,
+                    json_lines.progress(index, len(targets)) if json_lines else None,
+                    read=read_ahead.get,
+                )
                 written += 1
             except AbdomenSegError as exc:
                 if not batch:
                     raise
                 failures.append(name)
-                manifest.record(case_row(name, src, dst, "failed", seconds=time.time() - start, device=device,
-                                         error=str(exc), **model))
+                manifest.record(
+                    case_row(
+                        name, src, dst, "failed", seconds=time.time() - start, device=device, error=str(exc), **model
+                    )
+                )
                 _log(f"{tag}: error: {exc}")
                 continue
             report = assess_result(segmenter, labels, options)
-            qc = qc_files.add(name, image, labels, report, output=str(dst), model=segmenter.card.name,
-                              modality=segmenter.card["modality"], seconds=round(time.time() - start, 1))
+            qc = qc_files.add(
+                name,
+                image,
+                labels,
+                report,
+                output=str(dst),
+                model=segmenter.card.name,
+                modality=segmenter.card["modality"],
+                seconds=round(time.time() - start, 1),
+            )
             if manifest:
-                manifest.record(case_row(name, src, dst, "done", seconds=time.time() - start, device=device,
-                                         qc_columns=report.columns(), **model))
+                manifest.record(
+                    case_row(
+                        name,
+                        src,
+                        dst,
+                        "done",
+                        seconds=time.time() - start,
+                        device=device,
+                        qc_columns=report.columns(),
+                        **model,
+                    )
+                )
             for line in summary_lines(name, report):
                 _log(line)
             if json_lines:
@@ -190,8 +240,9 @@ def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
                 flagged.append(name)
             _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
         if todo:
-            written += _segment_on_cluster(args, card, options, todo, len(targets), qc_files, manifest, json_lines,
-                                           failures, flagged)
+            written += _segment_on_cluster(
+                args, card, options, todo, len(targets), qc_files, manifest, json_lines, failures, flagged
+            )
     finally:
         if manifest:
             manifest.write()
@@ -208,16 +259,22 @@ def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
 def _on_cluster(args, batch) -> bool:
     """--workers / --scheduler / --scheduler-file: the cases go to a Dask cluster (cohort.py)."""
     # Not through cohort.py: importing it loads Dask (0.14 s), which a run on this machine alone never needs.
-    if not (getattr(args, "workers", None) or getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None)):
+    if not (
+        getattr(args, "workers", None) or getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None)
+    ):
         return False
     if not batch:
-        raise AbdomenSegError("--workers and --scheduler run a set of cases on a Dask cluster, but the input is one "
-                              "scan", "give a folder or a quoted glob of scans, or leave them out for one scan")
+        raise AbdomenSegError(
+            "--workers and --scheduler run a set of cases on a Dask cluster, but the input is one " "scan",
+            "give a folder or a quoted glob of scans, or leave them out for one scan",
+        )
     try:
         import distributed  # noqa: F401
     except ImportError:
-        raise AbdomenSegError("--workers and --scheduler need Dask (the `distributed` package)",
-                              'install it with `pip install "dask[distributed]"`') from None
+        raise AbdomenSegError(
+            "--workers and --scheduler need Dask (the `distributed` package)",
+            'install it with `pip install "dask[distributed]"`',
+        ) from None
     return True
 
 
@@ -226,6 +283,7 @@ def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, js
     result checks, the client records the manifest rows it sends back. Returns the number written."""
     from .cohort import segment_cases
     from .manifest import case_row
+
     written, finished = [0], [0]
 
     def on_result(index, name, src, dst, outcome):
@@ -234,8 +292,13 @@ def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, js
         finished[0] += 1
         if json_lines:
             json_lines.emit(progress=round(finished[0] / len(todo), 4), message=f"{finished[0]}/{len(todo)} cases")
-        row = value["row"] if kind == "ok" else case_row(name, src, dst, "failed", worker="", error=value,
-                                                         model=card.name, sha256=card.get("sha256", ""))
+        row = (
+            value["row"]
+            if kind == "ok"
+            else case_row(
+                name, src, dst, "failed", worker="", error=value, model=card.name, sha256=card.get("sha256", "")
+            )
+        )
         manifest.record(row)
         if row["status"] != "done":
             failures.append(name)
@@ -247,20 +310,25 @@ def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, js
         if json_lines:
             json_lines.flags += [f"{name}: {w}" for w in value.get("warnings", [])]
             json_lines.qc.append(value.get("qc"))
-        return value["log"] + [f"{tag} -> {dst} ({float(row['seconds'] or 0):.1f} s on {row['worker']})"
-                               + (" FLAGGED" if warnings else "")], True
+        return value["log"] + [
+            f"{tag} -> {dst} ({float(row['seconds'] or 0):.1f} s on {row['worker']})" + (" FLAGGED" if warnings else "")
+        ], True
 
-    segment_cases(args, card, options, todo, qc_folder=qc_files.folder, pictures=qc_files.pictures,
-                  on_result=on_result, log=_log)
+    segment_cases(
+        args, card, options, todo, qc_folder=qc_files.folder, pictures=qc_files.pictures, on_result=on_result, log=_log
+    )
     return written[0]
 
 
 def _check_qc_paths(args, batch, inputs):
     """--qc / --qc-png name files of the right kind that replace no input; checked before any work."""
     from .io import prepare_output
+
     if batch and args.qc_png:
-        raise AbdomenSegError("--qc-png names one picture but the input is a set of cases",
-                              "leave it out: folder runs draw one picture per case into the --qc folder")
+        raise AbdomenSegError(
+            "--qc-png names one picture but the input is a set of cases",
+            "leave it out: folder runs draw one picture per case into the --qc folder",
+        )
     named = [(args.qc, ".json", "--qc")] if not batch else []
     named += [(args.qc_png, ".png", "--qc-png")]
     taken = {Path(p).resolve() for p in inputs if Path(p).exists()}
@@ -278,17 +346,20 @@ def _qc_files(args, output, batch):
     """Folder runs: qc/ beside the outputs (per case JSON and picture, qc.csv, an index); single files: the
     paths --qc and --qc-png name."""
     from .qc_outputs import QCFiles
+
     if batch:
         return QCFiles(Path(args.qc) if args.qc else output / "qc", pictures=not args.no_qc_png)
     return QCFiles(json_path=args.qc, png_path=args.qc_png)
 
 
-def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None,
-                 read=None) -> tuple:
+def _segment_one(
+    segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None, read=None
+) -> tuple:
     """Read, segment, write one case while holding its output; returns (image, labels). Dask workers
     (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output.
     `read(src)`: where the scan comes from (read_ahead.ReadAhead.get), else read here."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
+
     with claim_output(dst, overwrite=overwrite):
         image = read(src) if read else read_image(src, segmentation_ok=False)
         check_output_can_hold(image.GetDirection(), dst)
@@ -299,6 +370,7 @@ def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, b
                 bar(fraction, message)
             if report:
                 report(fraction, message)
+
         try:
             labels = segmenter.segment(image, options, progress=progress)
         finally:
@@ -313,13 +385,16 @@ def _segment_one(segmenter, src, dst, options, overwrite, tag, report=None, *, b
 # -- evaluate -----------------------------------------------------------------------------------
 def _evaluate(args) -> int:
     import math
+
     from .batch import expand_inputs, find_reference
     from .io import read_image
     from .metrics import check_convention, evaluate, format_table, summarize, write_csv
 
     if not math.isfinite(args.tolerance) or args.tolerance <= 0:
-        raise AbdomenSegError(f"--tolerance {args.tolerance:g} is not a positive distance",
-                              "give the surface Dice tolerance in mm, e.g. --tolerance 2")
+        raise AbdomenSegError(
+            f"--tolerance {args.tolerance:g} is not a positive distance",
+            "give the surface Dice tolerance in mm, e.g. --tolerance 2",
+        )
     organs = _organ_names(args.organs)
     check_convention(args.reference_labels)
     check_convention(args.prediction_labels)
@@ -327,8 +402,10 @@ def _evaluate(args) -> int:
     distributed = _on_cluster(args, batch)
     ref = Path(args.reference)
     if batch and not ref.is_dir():
-        raise AbdomenSegError("the prediction is a set of cases but the reference is not a folder",
-                              "give a reference folder with label maps named like the predictions")
+        raise AbdomenSegError(
+            "the prediction is a set of cases but the reference is not a folder",
+            "give a reference folder with label maps named like the predictions",
+        )
     if not batch and not ref.exists():
         raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
     csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
@@ -342,9 +419,16 @@ def _evaluate(args) -> int:
             jobs.append((index, name, path, ref_path))
             continue
         try:
-            case_rows = evaluate(read_image(path), read_image(ref_path), reference_convention=args.reference_labels,
-                                 prediction_convention=args.prediction_labels, organs=organs,
-                                 tolerance_mm=args.tolerance, case=name, model=args.model_name)
+            case_rows = evaluate(
+                read_image(path),
+                read_image(ref_path),
+                reference_convention=args.reference_labels,
+                prediction_convention=args.prediction_labels,
+                organs=organs,
+                tolerance_mm=args.tolerance,
+                case=name,
+                model=args.model_name,
+            )
         except AbdomenSegError as exc:
             if not batch:
                 raise
@@ -358,14 +442,18 @@ def _evaluate(args) -> int:
     if jobs:
         rows += _evaluate_on_cluster(args, jobs, len(predictions), organs, failures)
     if not rows:
-        raise AbdomenSegError("no prediction could be evaluated against a reference",
-                              "name references like the predictions" + (" and fix the errors above" if failures else ""))
+        raise AbdomenSegError(
+            "no prediction could be evaluated against a reference",
+            "name references like the predictions" + (" and fix the errors above" if failures else ""),
+        )
     summary = summarize(rows)
     if batch:
         print("organ                   cases  Dice mean±std    HD95 mm   NSD")
         for s in summary:
-            print(f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
-                  f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}")
+            print(
+                f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
+                f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
+            )
     if csv_paths:
         write_csv(rows, csv_paths[0])
         write_csv(summary, csv_paths[1])
@@ -380,6 +468,7 @@ def _evaluate_case(prediction, reference, settings) -> list:
     """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
     from .io import read_image
     from .metrics import evaluate
+
     return evaluate(read_image(prediction), read_image(reference), **settings)
 
 
@@ -387,11 +476,23 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
     """`evaluate --workers/--scheduler`: one task per case [(index, name, prediction, reference)]; the rows come
     back in the cases' order, as a sequential run gives them."""
     from .cohort import map_cases
+
     results = {}
-    items = [(str(Path(p).resolve()), str(Path(r).resolve()),
-              {"reference_convention": args.reference_labels, "prediction_convention": args.prediction_labels,
-               "organs": organs, "tolerance_mm": args.tolerance, "case": name, "model": args.model_name})
-             for _, name, p, r in jobs]
+    items = [
+        (
+            str(Path(p).resolve()),
+            str(Path(r).resolve()),
+            {
+                "reference_convention": args.reference_labels,
+                "prediction_convention": args.prediction_labels,
+                "organs": organs,
+                "tolerance_mm": args.tolerance,
+                "case": name,
+                "model": args.model_name,
+            },
+        )
+        for _, name, p, r in jobs
+    ]
 
     def on_result(i, outcome):
         index, name = jobs[i][:2]
@@ -409,6 +510,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
 def _check_csv_outputs(args, inputs) -> list:
     """The metrics CSV and its summary: .csv files that replace no input and, unasked, no existing file."""
     from .io import prepare_output
+
     if not args.csv:
         return []
     path = Path(args.csv)
@@ -426,6 +528,7 @@ def _check_csv_outputs(args, inputs) -> list:
 # -- models / phantom / train -------------------------------------------------------------------
 def _models(args) -> int:
     from .models import catalog_with_problems, default_model_name
+
     cards, broken = catalog_with_problems()
     if args.json:
         listing = {name: card.data for name, card in cards.items()}
@@ -446,6 +549,7 @@ def _models(args) -> int:
 def _phantom(args) -> int:
     from .io import write_image
     from .phantom import make_phantom
+
     for path in filter(None, (args.output, args.labels)):
         if Path(path).exists() and not args.overwrite:
             raise AbdomenSegError(f"'{path}' exists", "pass --overwrite to replace it")
@@ -459,11 +563,22 @@ def _phantom(args) -> int:
 
 def _compare(args) -> int:
     from .compare import run_comparison
-    summary = run_comparison([m.strip() for m in args.models.split(",")], args.data, args.labels, args.out,
-                             cases=args.cases.split(",") if args.cases else None, cases_from=args.cases_from,
-                             input_intensity=args.input_intensity, device=args.device, overwrite=args.overwrite,
-                             log=_log, mapper=_cluster_mapper(args) if _on_cluster(args, True) else None)
+
+    summary = run_comparison(
+        [m.strip() for m in args.models.split(",")],
+        args.data,
+        args.labels,
+        args.out,
+        cases=args.cases.split(",") if args.cases else None,
+        cases_from=args.cases_from,
+        input_intensity=args.input_intensity,
+        device=args.device,
+        overwrite=args.overwrite,
+        log=_log,
+        mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
+    )
     from .compare import markdown_table
+
     print(markdown_table(summary))
     _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
     return 0
@@ -484,19 +599,31 @@ def _cluster_mapper(args):
                 return [f"{names[i]}: error: {value}"], False
             results[i] = value
             return [names[i]], True
-        map_cases(args, fn, items, names=names, desc="compare", on_result=on_result, settings={"torch": True},
-                  log=_log)
+
+        map_cases(args, fn, items, names=names, desc="compare", on_result=on_result, settings={"torch": True}, log=_log)
         if errors:
-            raise AbdomenSegError(f"{len(errors)} of {len(items)} model/case pairs failed (first: {errors[0]})",
-                                  "fix the errors above and run again")
+            raise AbdomenSegError(
+                f"{len(errors)} of {len(items)} model/case pairs failed (first: {errors[0]})",
+                "fix the errors above and run again",
+            )
         return [results[i] for i in range(len(items))]
+
     return mapper
 
 
 def _train(args) -> int:
     from .training import train_and_export
-    train_and_export(args.config, out=args.out, device=args.device, resume=args.resume,
-                     export_only=args.export_only, export_to=args.export, make_default=args.make_default, log=lambda m: print(m, flush=True))
+
+    train_and_export(
+        args.config,
+        out=args.out,
+        device=args.device,
+        resume=args.resume,
+        export_only=args.export_only,
+        export_to=args.export,
+        make_default=args.make_default,
+        log=lambda m: print(m, flush=True),
+    )
     return 0
 
 
@@ -513,14 +640,24 @@ def _workers(text) -> int:
 def _cluster_options(p):
     """Folders and globs of cases on a Dask cluster (cohort.py); without these, one case after another here."""
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--workers", type=_workers, metavar="N",
-                       help="run the cases on a local Dask cluster of N worker processes, each loading the model once "
-                            "(with --device cuda: one worker per GPU, each pinned to its GPU)")
-    group.add_argument("--scheduler", metavar="ADDRESS",
-                       help="send the cases to a running Dask cluster, e.g. tcp://node01:8786 (workers must see the "
-                            "same paths: a shared filesystem)")
-    group.add_argument("--scheduler-file", metavar="FILE",
-                       help="like --scheduler, with the JSON file `dask scheduler --scheduler-file` wrote")
+    group.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run the cases on a local Dask cluster of N worker processes, each loading the model once "
+        "(with --device cuda: one worker per GPU, each pinned to its GPU)",
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="send the cases to a running Dask cluster, e.g. tcp://node01:8786 (workers must see the "
+        "same paths: a shared filesystem)",
+    )
+    group.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="like --scheduler, with the JSON file `dask scheduler --scheduler-file` wrote",
+    )
 
 
 def _program_name() -> str:
@@ -538,34 +675,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output label map (.nii.gz, .nrrd, .seg.nrrd), or a folder for several inputs")
     p.add_argument("--model", help="installed model name or model package folder (default: the catalog's default)")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="CPU arithmetic: bf16 about halves the network's time on CPUs with bf16 instructions "
-                        "(avx512_bf16/amx); auto uses it there when the model's card records a bf16 validation")
-    p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES,
-                   help="how input values are stored: native (HU/MR signal) or BTCV's 0-255 window")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="CPU arithmetic: bf16 about halves the network's time on CPUs with bf16 instructions "
+        "(avx512_bf16/amx); auto uses it there when the model's card records a bf16 validation",
+    )
+    p.add_argument(
+        "--input-intensity",
+        default="native",
+        choices=INPUT_INTENSITIES,
+        help="how input values are stored: native (HU/MR signal) or BTCV's 0-255 window",
+    )
     p.add_argument("--organs", help="comma-separated organ names to keep (default: all)")
-    p.add_argument("--largest-component", default="model", choices=LARGEST_COMPONENT,
-                   help="keep only the largest connected piece of: the organs the model's card names (model, the "
-                        "default: organs that are one piece by anatomy), every organ (all), or none (raw output)")
+    p.add_argument(
+        "--largest-component",
+        default="model",
+        choices=LARGEST_COMPONENT,
+        help="keep only the largest connected piece of: the organs the model's card names (model, the "
+        "default: organs that are one piece by anatomy), every organ (all), or none (raw output)",
+    )
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
-    p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS,
-                   help="output type for folder/glob inputs")
+    p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS, help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
-    p.add_argument("--qc", help="result check report: a JSON file (single input) or a folder (default for several "
-                                "inputs: <output>/qc with one JSON and picture per case, qc.csv and index.html)")
-    p.add_argument("--qc-png", help="single input: also draw the result check's picture (slices, outlines, volumes, "
-                                    "flags) into this PNG")
+    p.add_argument(
+        "--qc",
+        help="result check report: a JSON file (single input) or a folder (default for several "
+        "inputs: <output>/qc with one JSON and picture per case, qc.csv and index.html)",
+    )
+    p.add_argument(
+        "--qc-png",
+        help="single input: also draw the result check's picture (slices, outlines, volumes, " "flags) into this PNG",
+    )
     p.add_argument("--no-qc-png", action="store_true", help="several inputs: skip the pictures (about 1 s per case)")
-    p.add_argument("--progress-json", action="store_true",
-                   help="print progress and the outcome as JSON lines on stdout (for the Slicer module's background run)")
+    p.add_argument(
+        "--progress-json",
+        action="store_true",
+        help="print progress and the outcome as JSON lines on stdout (for the Slicer module's background run)",
+    )
     _cluster_options(p)
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("evaluate", help="per-organ Dice, IoU, volumes, HD95, ASSD, surface Dice")
     p.add_argument("prediction", help="predicted label map, or folder/glob of them")
     p.add_argument("reference", help="reference label map, or folder of them (matched by case name)")
-    p.add_argument("--reference-labels", default="abdomenseg",
-                   help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr")
+    p.add_argument(
+        "--reference-labels",
+        default="abdomenseg",
+        help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr",
+    )
     p.add_argument("--prediction-labels", default="abdomenseg", help="label convention of the prediction")
     p.add_argument("--organs", help="comma-separated organs to report (default: all the reference can hold)")
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
@@ -607,8 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--export", help="models folder to export the package into (default: the run folder)")
-    p.add_argument("--export-only", action="store_true",
-                   help="export (and validate) the run folder's best weights without training further")
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export (and validate) the run folder's best weights without training further",
+    )
     p.add_argument("--make-default", action="store_true", help="make the exported model the catalog default")
     p.set_defaults(func=_train)
     return parser
@@ -620,8 +782,15 @@ def main(argv=None) -> int:
     try:
         code = args.func(args)
         if json_lines:
-            json_lines.emit(done=True, output=str(args.output), flags=json_lines.flags, exit=code,
-                            model=json_lines.model, device=json_lines.device, qc=json_lines.qc)
+            json_lines.emit(
+                done=True,
+                output=str(args.output),
+                flags=json_lines.flags,
+                exit=code,
+                model=json_lines.model,
+                device=json_lines.device,
+                qc=json_lines.qc,
+            )
         return code
     except AbdomenSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ paths and small dicts and gets back one manifest row per case; volumes never tra
 (killed, out of memory, a lost node) leaves at most a lock and a temporary file: Dask runs the case again on
 another worker, which takes over the dead worker's lock, and the run removes the temporary files at its end.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ def local_gpus(device: str) -> list:
     if device == "cpu":
         return []
     import torch
+
     if not torch.cuda.is_available():
         return []
     count = torch.cuda.device_count()
@@ -54,21 +56,28 @@ def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto",
     """A `distributed.Client`: on a local cluster of `workers` processes, or on the running cluster that `scheduler`
     (an address) or `scheduler_file` names. Yields (client, settings for the workers: torch threads, pinning)."""
     from distributed import Client, LocalCluster
+
     if scheduler or scheduler_file:
         if scheduler_file and not Path(scheduler_file).is_file():
-            raise AbdomenSegError(f"scheduler file '{scheduler_file}' does not exist",
-                                  "start the scheduler first (dask scheduler --scheduler-file FILE) on a shared "
-                                  "filesystem, or give its address with --scheduler")
+            raise AbdomenSegError(
+                f"scheduler file '{scheduler_file}' does not exist",
+                "start the scheduler first (dask scheduler --scheduler-file FILE) on a shared "
+                "filesystem, or give its address with --scheduler",
+            )
         where = scheduler or scheduler_file
         try:
             client = Client(scheduler, scheduler_file=scheduler_file, timeout=f"{_CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError, ValueError) as exc:
-            raise AbdomenSegError(f"cannot reach the Dask scheduler at {where} ({str(exc).splitlines()[0][:200]})",
-                                  "start it first (dask scheduler), or check the address or scheduler file") from None
+            raise AbdomenSegError(
+                f"cannot reach the Dask scheduler at {where} ({str(exc).splitlines()[0][:200]})",
+                "start it first (dask scheduler), or check the address or scheduler file",
+            ) from None
         try:
             count = len(client.scheduler_info().get("workers", {}))
-            log(f"Dask cluster {client.scheduler.address}: {count} worker(s)"
-                + ("; the cases wait until workers join" if not count else ""))
+            log(
+                f"Dask cluster {client.scheduler.address}: {count} worker(s)"
+                + ("; the cases wait until workers join" if not count else "")
+            )
             _log_dashboard(client, log)
             yield client, {"torch_threads": None}
         finally:
@@ -79,14 +88,22 @@ def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto",
         raise AbdomenSegError(f"--workers {workers} is not a number of worker processes", "give --workers 1 or more")
     gpus = local_gpus(device) if gpus is None else list(gpus)
     if gpus and workers > len(gpus):
-        raise AbdomenSegError(f"--workers {workers} but this machine has {len(gpus)} GPU(s)",
-                              f"use --workers {len(gpus)} or fewer: one worker per GPU (or --device cpu)")
+        raise AbdomenSegError(
+            f"--workers {workers} but this machine has {len(gpus)} GPU(s)",
+            f"use --workers {len(gpus)} or fewer: one worker per GPU (or --device cpu)",
+        )
     cpus = available_cpus()
     threads = max(1, cpus // workers)
     dashboard = ":0" if _has_dashboard() else None
-    cluster = LocalCluster(n_workers=0 if gpus else workers, threads_per_worker=1, processes=True,
-                           dashboard_address=dashboard, silence_logs=logging.ERROR, host="127.0.0.1",
-                           memory_limit=_memory_per_worker(workers))
+    cluster = LocalCluster(
+        n_workers=0 if gpus else workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=dashboard,
+        silence_logs=logging.ERROR,
+        host="127.0.0.1",
+        memory_limit=_memory_per_worker(workers),
+    )
     try:
         if gpus:  # one worker per GPU, each seeing only its own (set before its process starts)
             for i, gpu in enumerate(gpus[:workers]):
@@ -96,8 +113,10 @@ def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto",
         client = Client(cluster)
         try:
             client.wait_for_workers(workers, timeout=120)
-            log(f"local Dask cluster: {workers} worker process(es), {threads} torch thread(s) each"
-                + (f", pinned to GPU {', '.join(gpus[:workers])}" if gpus else ""))
+            log(
+                f"local Dask cluster: {workers} worker process(es), {threads} torch thread(s) each"
+                + (f", pinned to GPU {', '.join(gpus[:workers])}" if gpus else "")
+            )
             _log_dashboard(client, log)
             yield client, {"torch_threads": threads}
         finally:
@@ -117,6 +136,7 @@ def _has_dashboard() -> bool:
 def _memory_per_worker(workers: int):
     try:
         import psutil
+
         return int(psutil.virtual_memory().total / workers)
     except Exception:  # noqa: BLE001 - let Dask decide
         return "auto"
@@ -157,9 +177,11 @@ def register(client, settings) -> str:
     except AbdomenSegError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. the package cannot be imported on the workers
-        raise AbdomenSegError(f"the Dask workers could not start AbdomenSeg ({type(exc).__name__}: {exc})",
-                              "install AbdomenSeg where the workers run (or put it on their PYTHONPATH) and make "
-                              "the model and the data reachable at the same paths") from None
+        raise AbdomenSegError(
+            f"the Dask workers could not start AbdomenSeg ({type(exc).__name__}: {exc})",
+            "install AbdomenSeg where the workers run (or put it on their PYTHONPATH) and make "
+            "the model and the data reachable at the same paths",
+        ) from None
     return name
 
 
@@ -172,6 +194,7 @@ _THREADS_SET = [False]
 def _set_threads(threads):
     if threads and not _THREADS_SET[0]:
         import torch
+
         torch.set_num_threads(int(threads))
         _THREADS_SET[0] = True
 
@@ -180,12 +203,14 @@ def _segmenter(settings, nthreads=None):
     """This process's segmenter for the run's model and device, loaded once and kept."""
     from .inference import get_segmenter
     from .models import find_model
+
     key = (settings["model"], settings["device"])
     if key not in _SEGMENTERS:
         _set_threads(settings.get("torch_threads") or nthreads or _worker_threads())
         segmenter = get_segmenter(find_model(settings["model"]), settings["device"], log=_logger.warning)
         if settings.get("options"):  # a refused bf16 fails here, when the worker starts, not in every case
             from .precision import resolve_precision
+
             resolve_precision(settings["options"].get("precision", "auto"), segmenter.device, segmenter.card)
         _SEGMENTERS[key] = segmenter
     return _SEGMENTERS[key]
@@ -194,6 +219,7 @@ def _segmenter(settings, nthreads=None):
 def _worker_threads():
     try:
         from distributed import get_worker
+
         return get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):
         return None
@@ -202,6 +228,7 @@ def _worker_threads():
 def segment_case(name: str, src: str, dst: str, settings: dict) -> dict:
     """One case on a worker: {"row": manifest row, "log": lines for the client, "qc": the result check}."""
     from .manifest import case_row, device_label
+
     start = time.time()
     common = {"model": settings["model_name"], "sha256": settings["sha256"]}
     device = ""
@@ -216,8 +243,11 @@ def segment_case(name: str, src: str, dst: str, settings: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a failed case never stops the others
         _logger.error("case %s failed:\n%s", name, traceback.format_exc())
         error = f"unexpected {type(exc).__name__}: {exc}"
-    return {"row": case_row(name, src, dst, "failed", seconds=time.time() - start, device=device, error=error,
-                            **common), "log": [], "qc": None}
+    return {
+        "row": case_row(name, src, dst, "failed", seconds=time.time() - start, device=device, error=error, **common),
+        "log": [],
+        "qc": None,
+    }
 
 
 def _segment_case(segmenter, name, src, dst, settings, device, common):
@@ -226,6 +256,7 @@ def _segment_case(segmenter, name, src, dst, settings, device, common):
     from .manifest import case_row, this_process
     from .qc import QCReport
     from .qc_outputs import QCFiles, assess_result, summary_lines
+
     qc_folder = Path(settings["qc_folder"])
     qc_json = qc_folder / f"{name}.json"
     overwrite = settings["overwrite"]
@@ -238,9 +269,21 @@ def _segment_case(segmenter, name, src, dst, settings, device, common):
                 pass
         data = _read_json(qc_json) or {}
         columns = QCReport.from_dict(data).columns() if data else {}
-        return {"row": case_row(name, src, dst, "done", seconds=data.get("seconds"), worker=data.get("worker"),
-                                device=data.get("device", device), qc_columns=columns, **common),
-                "log": [f"{name}: written by an earlier attempt whose worker was lost"], "qc": data or None}
+        return {
+            "row": case_row(
+                name,
+                src,
+                dst,
+                "done",
+                seconds=data.get("seconds"),
+                worker=data.get("worker"),
+                device=data.get("device", device),
+                qc_columns=columns,
+                **common,
+            ),
+            "log": [f"{name}: written by an earlier attempt whose worker was lost"],
+            "qc": data or None,
+        }
     options = Options(**settings["options"])
     start = time.time()
     result = {}
@@ -249,22 +292,37 @@ def _segment_case(segmenter, name, src, dst, settings, device, common):
         # The result check is written before the output takes its name: an output never exists without it.
         report = assess_result(segmenter, labels, options)
         files = QCFiles(qc_folder, pictures=settings["pictures"])
-        result["qc"] = files.add(name, image, labels, report, output=str(dst), model=segmenter.card.name,
-                                 modality=segmenter.card["modality"], seconds=round(time.time() - start, 1),
-                                 worker=this_process(), device=device)
+        result["qc"] = files.add(
+            name,
+            image,
+            labels,
+            report,
+            output=str(dst),
+            model=segmenter.card.name,
+            modality=segmenter.card["modality"],
+            seconds=round(time.time() - start, 1),
+            worker=this_process(),
+            device=device,
+        )
         result["report"] = report
 
     _take_over_lock(dst, settings)
     _segment_one(segmenter, src, dst, options, overwrite, name, bar=False, before_write=check_then_publish)
     report = result["report"]
-    return {"row": case_row(name, src, dst, "done", seconds=time.time() - start, device=device,
-                            qc_columns=report.columns(), **common),
-            "log": summary_lines(name, report), "qc": result["qc"], "warnings": [str(f) for f in report.warnings]}
+    return {
+        "row": case_row(
+            name, src, dst, "done", seconds=time.time() - start, device=device, qc_columns=report.columns(), **common
+        ),
+        "log": summary_lines(name, report),
+        "qc": result["qc"],
+        "warnings": [str(f) for f in report.warnings],
+    }
 
 
 @contextlib.contextmanager
 def _claimed(dst):
     from .io import claim_output
+
     with claim_output(dst, overwrite=True) as path:
         yield path
 
@@ -296,6 +354,7 @@ def _take_over_lock(dst: Path, settings: dict) -> None:
 def _zombie(pid: int) -> bool:
     try:
         import psutil
+
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except Exception:  # noqa: BLE001 - gone, or no psutil: io's own check decides
         return False
@@ -305,6 +364,7 @@ def _cluster_processes():
     """(hostname, pid) of every worker of the cluster this task runs on; None when that cannot be told."""
     try:
         from distributed import get_client
+
         answers = get_client().run(_identity)
         return {tuple(v) for v in answers.values()}
     except Exception:  # noqa: BLE001 - cannot tell: the lock stays
@@ -317,6 +377,7 @@ def _identity():
 
 def _read_json(path):
     import json
+
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -337,15 +398,23 @@ class _Progress:
 
     def __init__(self, total, desc="cases"):
         from tqdm import tqdm
+
         self.done = self.failed = 0
         self.total, self.desc = total, desc
-        self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc} |{bar:20}| [{elapsed}<{remaining}, {rate_fmt}]")
+        self.bar = tqdm(
+            total=total,
+            unit="case",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            bar_format="{desc} |{bar:20}| [{elapsed}<{remaining}, {rate_fmt}]",
+        )
         self._describe()
 
     def _describe(self):
-        self.bar.set_description_str(f"{self.desc}: done {self.done}, failed {self.failed}, "
-                                     f"left {self.total - self.done - self.failed}", refresh=False)
+        self.bar.set_description_str(
+            f"{self.desc}: done {self.done}, failed {self.failed}, " f"left {self.total - self.done - self.failed}",
+            refresh=False,
+        )
 
     def update(self, ok: bool):
         if ok:
@@ -367,6 +436,7 @@ def run_cases(client, fn, items, *, keys, desc="cases", on_result=None, log=prin
     in the order they end. An outcome is ("ok", value) or ("lost", message) when the workers that ran it kept dying
     (Dask gives up after `distributed.scheduler.allowed-failures` deaths) or ("error", message)."""
     from distributed import as_completed
+
     futures = [client.submit(fn, *item, key=key, pure=False) for item, key in zip(items, keys)]
     index = {f.key: i for i, f in enumerate(futures)}
     bar = _Progress(len(futures), desc)
@@ -377,8 +447,10 @@ def run_cases(client, fn, items, *, keys, desc="cases", on_result=None, log=prin
             except Exception as exc:  # noqa: BLE001 - KilledWorker, a worker that could not unpickle, ...
                 name = type(exc).__name__
                 if name == "KilledWorker":
-                    outcome = ("lost", "the workers running this case died each time (out of memory?): see the "
-                                       "workers' logs")
+                    outcome = (
+                        "lost",
+                        "the workers running this case died each time (out of memory?): see the " "workers' logs",
+                    )
                 else:
                     outcome = ("error", f"unexpected {name}: {exc}")
             lines, ok = on_result(index[future.key], outcome) if on_result else ([], outcome[0] == "ok")
@@ -397,6 +469,7 @@ def run_cases(client, fn, items, *, keys, desc="cases", on_result=None, log=prin
 def sweep_workers(client, folder) -> list:
     """Temporary files of dead writers, removed by each worker on its own host (and by the client on its)."""
     from .io import sweep_partials
+
     removed = [str(p) for p in sweep_partials(folder)]
     try:
         for paths in client.run(_sweep, str(folder)).values():
@@ -408,6 +481,7 @@ def sweep_workers(client, folder) -> list:
 
 def _sweep(folder):
     from .io import sweep_partials
+
     return [str(p) for p in sweep_partials(folder)]
 
 
@@ -415,20 +489,36 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
     """Segment `todo` [(index, name, src, dst)] on the cluster `args` names; on_result(index, name, src, dst,
     outcome) -> (log lines, ok) for each as it ends."""
     from dataclasses import asdict
-    settings = {"model": str(Path(card.path).resolve()), "model_name": card.name, "sha256": card.get("sha256", ""),
-                "device": args.device, "options": asdict(options), "overwrite": args.overwrite,
-                "qc_folder": str(Path(qc_folder).resolve()), "pictures": pictures, "started": time.time()}
+
+    settings = {
+        "model": str(Path(card.path).resolve()),
+        "model_name": card.name,
+        "sha256": card.get("sha256", ""),
+        "device": args.device,
+        "options": asdict(options),
+        "overwrite": args.overwrite,
+        "qc_folder": str(Path(qc_folder).resolve()),
+        "pictures": pictures,
+        "started": time.time(),
+    }
     output = Path(args.output)
-    with connect(workers=args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                 device=args.device, log=log) as (client, cluster_settings):
+    with connect(
+        workers=args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file, device=args.device, log=log
+    ) as (client, cluster_settings):
         settings.update(cluster_settings)
         plugin = register(client, settings)
         try:
             token = uuid.uuid4().hex[:8]
             items = [(name, str(Path(src).resolve()), str(Path(dst).resolve()), settings) for _, name, src, dst in todo]
             keys = [f"segment-{name}-{token}" for _, name, _, _ in todo]
-            run_cases(client, segment_case, items, keys=keys,
-                      on_result=lambda i, outcome: on_result(*todo[i], outcome), log=log)
+            run_cases(
+                client,
+                segment_case,
+                items,
+                keys=keys,
+                on_result=lambda i, outcome: on_result(*todo[i], outcome),
+                log=log,
+            )
             for path in sweep_workers(client, output):
                 log(f"removed {Path(path).name}, left by a lost worker")
         finally:
@@ -439,10 +529,16 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
 def map_cases(args, fn, items, *, names, desc, on_result, settings=None, log=print):
     """Evaluate/compare over a cluster: fn(*item) per item, results to on_result(index, outcome) as they end."""
     settings = dict(settings or {})
-    with connect(workers=args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                 device=getattr(args, "device", "cpu"), log=log) as (client, cluster_settings):
+    with connect(
+        workers=args.workers,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
+        device=getattr(args, "device", "cpu"),
+        log=log,
+    ) as (client, cluster_settings):
         settings.update(cluster_settings)
         plugin = register(client, settings)
+
         def unwrap(i, outcome):
             kind, value = outcome
             if kind == "ok":
@@ -450,11 +546,11 @@ def map_cases(args, fn, items, *, names, desc, on_result, settings=None, log=pri
                 if kind == "error":
                     value = str(AbdomenSegError(*value))
             return on_result(i, (kind, value))
+
         try:
             token = uuid.uuid4().hex[:8]
             keys = [f"{desc}-{i}-{n}-{token}" for i, n in enumerate(names)]
-            run_cases(client, call, [(fn, *item) for item in items], keys=keys,
-                      desc=desc, on_result=unwrap, log=log)
+            run_cases(client, call, [(fn, *item) for item in items], keys=keys, desc=desc, on_result=unwrap, log=log)
         finally:
             with contextlib.suppress(Exception):
                 client.unregister_worker_plugin(plugin)

@@ -1,4 +1,5 @@
 """Compare models on the same cases: one metrics CSV, a model x organ table (CSV + Markdown), a box plot."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def select_cases(data_root, cases=None, cases_from=None) -> list:
     return [by_name[w] for w in sorted(set(wanted))]
 
 
-def compare_case(model, label, device, name, image_path, label_path, direction, convention, input_intensity,
-                 log=None) -> list:
+def compare_case(
+    model, label, device, name, image_path, label_path, direction, convention, input_intensity, log=None
+) -> list:
     """One model on one case: its metric rows. Runs here or on a Dask worker (which keeps each model loaded)."""
     segmenter = get_segmenter(find_model(model), device, log=log or print)
     organs = list(segmenter.card["labels"].values())
@@ -38,9 +40,21 @@ def compare_case(model, label, device, name, image_path, label_path, direction, 
     return evaluate(prediction, reference, reference_convention=convention, organs=organs, case=name, model=label)
 
 
-def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_from=None,
-                   input_intensity="native", direction=None, device="auto", overwrite=False, log=print,
-                   mapper=None) -> list:
+def run_comparison(
+    models,
+    data_root,
+    convention,
+    out_dir,
+    *,
+    cases=None,
+    cases_from=None,
+    input_intensity="native",
+    direction=None,
+    device="auto",
+    overwrite=False,
+    log=print,
+    mapper=None,
+) -> list:
     """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the
     `cases_from` model's training config gives when that model was trained on a dataset of the same name.
     `mapper(compare_case, items, names)` runs the (model, case) pairs elsewhere, e.g. on a Dask cluster
@@ -48,7 +62,9 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
     out_dir = Path(out_dir)
     existing = [name for name in OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
-        raise AbdomenSegError(f"{', '.join(existing)} already exist in '{out_dir}'", "pass --overwrite or choose another --out")
+        raise AbdomenSegError(
+            f"{', '.join(existing)} already exist in '{out_dir}'", "pass --overwrite or choose another --out"
+        )
     selected = select_cases(data_root, cases, cases_from)
     if direction is None and cases_from:
         data = find_model(cases_from)["training"]["config"]["data"]
@@ -60,11 +76,15 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
     # Two versions of one model (e.g. a package and its continuation) share a name: tell them apart by hash.
     labels = [f"{n} ({c['sha256'][:8]})" if names.count(n) > 1 else n for n, c in zip(names, cards)]
     labels = [f"{label} {model}" if labels.count(label) > 1 else label for label, model in zip(labels, models)]
-    items = [(str(card.path), label, device, name, str(image_path), str(label_path), direction, convention,
-              input_intensity) for card, label in zip(cards, labels) for name, image_path, label_path in selected]
+    items = [
+        (str(card.path), label, device, name, str(image_path), str(label_path), direction, convention, input_intensity)
+        for card, label in zip(cards, labels)
+        for name, image_path, label_path in selected
+    ]
     if mapper is not None:
-        rows = [row for case_rows in mapper(compare_case, items, [f"{i[1]}: {i[3]}" for i in items])
-                for row in case_rows]
+        rows = [
+            row for case_rows in mapper(compare_case, items, [f"{i[1]}: {i[3]}" for i in items]) for row in case_rows
+        ]
     else:
         for index, item in enumerate(items):
             rows += compare_case(*item, log=log)
@@ -82,17 +102,21 @@ def run_comparison(models, data_root, convention, out_dir, *, cases=None, cases_
 def markdown_table(summary) -> str:
     lines = ["| model | organ | cases | Dice | IoU | HD95 (mm) | surface Dice |", "|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['model']} | {s['organ']} | {s['cases']} | {s['dice_mean']:.3f} ± {s['dice_std']:.3f} | "
-                     f"{s['iou_mean']:.3f} ± {s['iou_std']:.3f} | {s['hd95_mm_mean']:.1f} ± {s['hd95_mm_std']:.1f} | "
-                     f"{s['surface_dice_mean']:.3f} ± {s['surface_dice_std']:.3f} |")
+        lines.append(
+            f"| {s['model']} | {s['organ']} | {s['cases']} | {s['dice_mean']:.3f} ± {s['dice_std']:.3f} | "
+            f"{s['iou_mean']:.3f} ± {s['iou_std']:.3f} | {s['hd95_mm_mean']:.1f} ± {s['hd95_mm_std']:.1f} | "
+            f"{s['surface_dice_mean']:.3f} ± {s['surface_dice_std']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def box_plot(rows, path):
     """Dice per organ, one box per model (organs absent from both maps left out)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = [r for r in rows if r["status"] != "absent_both"]
     models = sorted({r["model"] for r in rows})
     organs = list(dict.fromkeys(r["organ"] for r in rows))

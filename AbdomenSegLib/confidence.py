@@ -21,6 +21,7 @@ Cost (2-core CPU shared with other work): ~0.25 s for 14 channels x 3.0 M voxels
 ~0.55 s for 14 x 6.25 M in a cropped, non-contiguous view (as the 2.5D models give); 10-30 ms for the MR model
 (5 x 0.6 M). One streaming pass per channel for the argmax and max, then bincounts; no copy of the input.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,7 @@ def _inner_border(labels: np.ndarray) -> np.ndarray:
     return border
 
 
-def confidence_measures(probabilities: np.ndarray, channel_organs: dict, measures=MEASURES,
-                        organs=None) -> dict:
+def confidence_measures(probabilities: np.ndarray, channel_organs: dict, measures=MEASURES, organs=None) -> dict:
     """{measure: {organ name: value in [0, 1]}} for every organ channel present in the argmax.
 
     probabilities: softmax (C, z, y, x) (or (C, ...)); channel 0 is background. channel_organs: channel ->
@@ -101,8 +101,9 @@ def confidence_measures(probabilities: np.ndarray, channel_organs: dict, measure
         edge_counts = np.bincount(arg[border], minlength=channels)
         edge_sums = np.bincount(arg[border], weights=top[border], minlength=channels)
         for c, name in names.items():  # an organ with no border voxel fills the whole box: use its interior
-            out["border_probability"][name] = _unit(edge_sums[c] / edge_counts[c] if edge_counts[c]
-                                                    else inside[c] / counts[c])
+            out["border_probability"][name] = _unit(
+                edge_sums[c] / edge_counts[c] if edge_counts[c] else inside[c] / counts[c]
+            )
     if "entropy" in measures:
         entropy = np.zeros(grid.shape, dtype=np.float32)
         for c in range(channels):

@@ -6,6 +6,7 @@ The cache stores each case resampled to the model's grid as uint8 (image scaled 
 labels in our organ table) in one .npz, small enough to carry to a GPU machine; `cached_cases` and
 `decode_image` are the only readers of that encoding.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,10 @@ def find_cases(root) -> list:
         if (root / images).is_dir() and (root / labels).is_dir():
             break
     else:
-        raise AbdomenSegError(f"dataset '{root}' has neither images/+labels/ nor imagesTr/+labelsTr/",
-                              "lay the dataset out as images/ and labels/ folders with matching file names")
+        raise AbdomenSegError(
+            f"dataset '{root}' has neither images/+labels/ nor imagesTr/+labelsTr/",
+            "lay the dataset out as images/ and labels/ folders with matching file names",
+        )
     cases = []
     for image in sorted((root / images).iterdir()):
         if not image.name.lower().endswith(IMAGE_SUFFIXES):
@@ -38,8 +41,10 @@ def find_cases(root) -> list:
         label_name = name[:-5] if name.endswith("_0000") else name
         candidates = [p for p in (root / labels).glob(label_name + ".*") if case_name(p) == label_name]
         if not candidates:
-            raise AbdomenSegError(f"image '{image.name}' has no label in '{root / labels}'",
-                                  "give every image a label file with the same name")
+            raise AbdomenSegError(
+                f"image '{image.name}' has no label in '{root / labels}'",
+                "give every image a label file with the same name",
+            )
         cases.append((label_name, image, candidates[0]))
     if not cases:
         raise AbdomenSegError(f"dataset '{root}' holds no images", "check the dataset path")
@@ -77,15 +82,30 @@ def check_direction(direction) -> np.ndarray:
         matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     except (TypeError, ValueError):
         matrix = None
-    if matrix is None or not np.all(np.isfinite(matrix)) or not np.allclose(np.abs(np.linalg.det(matrix)), 1.0) \
-            or not np.allclose(matrix @ matrix.T, np.eye(3)):
-        raise AbdomenSegError(f"data.direction {direction!r} is not a rotation or reflection matrix",
-                              "give 9 numbers of an orthonormal direction matrix, row-major")
+    if (
+        matrix is None
+        or not np.all(np.isfinite(matrix))
+        or not np.allclose(np.abs(np.linalg.det(matrix)), 1.0)
+        or not np.allclose(matrix @ matrix.T, np.eye(3))
+    ):
+        raise AbdomenSegError(
+            f"data.direction {direction!r} is not a rotation or reflection matrix",
+            "give 9 numbers of an orthonormal direction matrix, row-major",
+        )
     return matrix
 
 
-def cache_case(image_path, label_path, *, spacing, intensity, convention, input_intensity="native",
-               orientation=pp.CANONICAL_ORIENTATION, direction=None):
+def cache_case(
+    image_path,
+    label_path,
+    *,
+    spacing,
+    intensity,
+    convention,
+    input_intensity="native",
+    orientation=pp.CANONICAL_ORIENTATION,
+    direction=None,
+):
     image, label = read_case(image_path, label_path, direction)
     space = to_model_space(image, spacing, intensity, orientation=orientation, input_intensity=input_intensity)
     label = pp.resample_to_reference(label, space.image, is_label=True)
@@ -109,8 +129,18 @@ def cached_cases(arrays: dict) -> dict:
     return {n: (arrays[f"image/{n}"], arrays[f"label/{n}"]) for n in names}
 
 
-def build_cache(root, cache_file, *, spacing, intensity, convention, input_intensity="native",
-                orientation=pp.CANONICAL_ORIENTATION, direction=None, log=print) -> dict:
+def build_cache(
+    root,
+    cache_file,
+    *,
+    spacing,
+    intensity,
+    convention,
+    input_intensity="native",
+    orientation=pp.CANONICAL_ORIENTATION,
+    direction=None,
+    log=print,
+) -> dict:
     """Cache every case of a dataset; reuse the file when it was built with the same settings."""
     cache_file = Path(cache_file)
     settings = repr((str(Path(root).resolve()), list(spacing), intensity, convention, input_intensity))
@@ -122,9 +152,16 @@ def build_cache(root, cache_file, *, spacing, intensity, convention, input_inten
                 return {k: cached[k] for k in cached.files}
     arrays = {"settings": np.array(settings)}
     for name, image_path, label_path in find_cases(root):
-        image, labels = cache_case(image_path, label_path, spacing=spacing, intensity=intensity,
-                                   convention=convention, input_intensity=input_intensity,
-                                   orientation=orientation, direction=direction)
+        image, labels = cache_case(
+            image_path,
+            label_path,
+            spacing=spacing,
+            intensity=intensity,
+            convention=convention,
+            input_intensity=input_intensity,
+            orientation=orientation,
+            direction=direction,
+        )
         arrays[f"image/{name}"], arrays[f"label/{name}"] = image, labels
         log(f"cached {name}: {image.shape}")
     cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -16,15 +16,16 @@ Tolerances: a slice step may differ from the median step by max(0.01 mm, 1 % of 
 by 1e-3 (0.06 degrees); in-plane drift of a slice from the stack axis by the same tolerance as the step.
 They absorb the rounding of positions written as decimal strings, not real geometry errors.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,9 +53,39 @@ _NON_IMAGE_SOP_CLASSES = (
 )
 # Suffixes of files people keep beside a series; never worth parsing as DICOM.
 _NOT_DICOM_SUFFIXES = (
-    ".txt", ".md", ".json", ".xml", ".csv", ".html", ".pdf", ".log", ".ini", ".py", ".sh", ".bat",
-    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".zip", ".gz", ".bz2", ".xz", ".7z",
-    ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".vtk", ".stl", ".obj",
+    ".txt",
+    ".md",
+    ".json",
+    ".xml",
+    ".csv",
+    ".html",
+    ".pdf",
+    ".log",
+    ".ini",
+    ".py",
+    ".sh",
+    ".bat",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".zip",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".7z",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".raw",
+    ".vtk",
+    ".stl",
+    ".obj",
 )
 _LISTED_NAMES = 5
 
@@ -109,6 +140,7 @@ def check_read_spacing(image: sitk.Image, spacing: float | None, folder: Path) -
 
 
 # --- files in the folder that the series list leaves out -------------------------------------------------
+
 
 def _refuse_stray_files(folder: Path, files: Sequence[str], series_uid: str) -> None:
     """A DICOM-looking file GDCM did not list is a slice it dropped (corrupt) or another series' file."""
@@ -184,7 +216,7 @@ def _media_storage_sop_class(path: Path) -> str | None:
         group, element = struct.unpack_from("<HH", head, offset)
         if group != 0x0002:
             break
-        vr = head[offset + 4:offset + 6]
+        vr = head[offset + 4 : offset + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
             length = struct.unpack_from("<I", head, offset + 8)[0]
             value_at = offset + 12
@@ -192,12 +224,13 @@ def _media_storage_sop_class(path: Path) -> str | None:
             length = struct.unpack_from("<H", head, offset + 6)[0]
             value_at = offset + 8
         if element == 0x0002:
-            return head[value_at:value_at + length].rstrip(b"\0 ").decode("ascii", "replace")
+            return head[value_at : value_at + length].rstrip(b"\0 ").decode("ascii", "replace")
         offset = value_at + length
     return ""
 
 
 # --- headers of the listed slices ------------------------------------------------------------------------
+
 
 def _try_read_header(path) -> _Header | None:
     reader = sitk.ImageFileReader()
@@ -243,6 +276,7 @@ def _numbers(reader: sitk.ImageFileReader, key: str, count: int) -> np.ndarray |
 
 
 # --- geometry checks -------------------------------------------------------------------------------------
+
 
 def _refuse_missing_geometry(folder: Path, headers: list[_Header]) -> None:
     lacking = [h.name for h in headers if h.position is None or h.orientation is None]
@@ -335,8 +369,7 @@ def _refuse_uneven_steps(folder: Path, headers: list[_Header], depths: np.ndarra
     if more > 0:
         problem += f" ({more} more uneven step{'s' if more > 1 else ''})"
     raise AbdomenSegError(
-        f"DICOM series '{folder}' is not evenly spaced: {problem}; reading it would put slices where they are "
-        "not",
+        f"DICOM series '{folder}' is not evenly spaced: {problem}; reading it would put slices where they are " "not",
         "copy the complete series again from the scanner or PACS (a slice file is missing or damaged)",
     )
 
@@ -346,13 +379,14 @@ def _is_displaced(steps: np.ndarray, i: int, spacing: float, tolerance: float) -
     return i + 1 < steps.size and abs(steps[i] + steps[i + 1] - 2 * spacing) <= tolerance
 
 
-def _describe_step(names: list[str], z: np.ndarray, steps: np.ndarray, i: int, spacing: float,
-                   tolerance: float) -> str:
+def _describe_step(names: list[str], z: np.ndarray, steps: np.ndarray, i: int, spacing: float, tolerance: float) -> str:
     a, b = f"'{names[i]}' (z={_mm(z[i])})", f"'{names[i + 1]}' (z={_mm(z[i + 1])})"
     if _is_displaced(steps, i, spacing, tolerance):
-        return (f"slice '{names[i + 1]}' lies {_mm(abs(steps[i] - spacing))} mm off its place between "
-                f"'{names[i]}' and '{names[i + 2]}' (steps {_mm(steps[i])} and {_mm(steps[i + 1])} mm where the "
-                f"series has {_mm(spacing)} mm)")
+        return (
+            f"slice '{names[i + 1]}' lies {_mm(abs(steps[i] - spacing))} mm off its place between "
+            f"'{names[i]}' and '{names[i + 2]}' (steps {_mm(steps[i])} and {_mm(steps[i + 1])} mm where the "
+            f"series has {_mm(spacing)} mm)"
+        )
     missing = round(steps[i] / spacing) - 1
     where = f"between {a} and {b}: step {_mm(steps[i])} mm where the series has {_mm(spacing)} mm"
     if missing >= 1 and abs(steps[i] - (missing + 1) * spacing) <= tolerance * (missing + 1):
@@ -387,11 +421,11 @@ def _refuse_numbering_gaps(folder: Path, headers: list[_Header], order: np.ndarr
             f"the DICOM series in '{folder}' skips instance numbers between '{a.name}' (#{a.instance}) and "
             f"'{b.name}' (#{b.instance}): {missing} slice{'s' if missing > 1 else ''} missing"
             + (f", and {len(gaps) - 1} more gap{'s' if len(gaps) > 2 else ''}" if len(gaps) > 1 else ""),
-            "copy the complete series again from the scanner, PACS or original media")
+            "copy the complete series again from the scanner, PACS or original media",
+        )
 
 
-def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order: np.ndarray,
-                 spacing: float) -> None:
+def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order: np.ndarray, spacing: float) -> None:
     """Positions must lie on the line through the first slice along the normal; else the stack is sheared
     (gantry tilt), which ITK's regular grid cannot represent."""
     positions = np.array([headers[k].position for k in order])
@@ -414,6 +448,7 @@ def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order
 
 
 # --- formatting ------------------------------------------------------------------------------------------
+
 
 def _step_tolerance(spacing: float) -> float:
     return max(STEP_TOLERANCE_MM, STEP_TOLERANCE_FRACTION * abs(spacing))

@@ -12,6 +12,7 @@ that crashed, idled out (worker.py --idle-exit) or was killed, is simply replace
 run. Like background.py, nothing here touches Qt or MRML: one daemon thread reads the worker's stdout and hands
 each line to the run it belongs to.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ class EngineWorker:
             # It died between the check and the write: the reader thread ends the run with the worker's log.
             pass
 
-    def start(self, *, python=None, env=None) -> "EngineWorker":
+    def start(self, *, python=None, env=None) -> EngineWorker:
         """Start the process now (it imports the engine while nothing waits for it); else the first run does."""
         if not self.alive:
             self._start(python, env)
@@ -96,8 +97,13 @@ class EngineWorker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONIOENCODING"] = "utf-8"
-        command = [str(python or python_executable()), "-m", "AbdomenSegLib.worker",
-                   "--idle-exit", f"{self.idle_exit_s:g}"]
+        command = [
+            str(python or python_executable()),
+            "-m",
+            "AbdomenSegLib.worker",
+            "--idle-exit",
+            f"{self.idle_exit_s:g}",
+        ]
         kwargs = {}
         if _WINDOWS:
             info = subprocess.STARTUPINFO()
@@ -108,12 +114,23 @@ class EngineWorker:
             kwargs.update(start_new_session=True)  # stop() reaches PythonSlicer's child interpreter too
         with open(self._folder / WORKER_LOG, "wb") as log:
             self._process = subprocess.Popen(
-                command, cwd=str(PACKAGE_PARENT), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=log, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                command,
+                cwd=str(PACKAGE_PARENT),
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **kwargs,
+            )
         self.starts += 1
         self._last_request_end = time.monotonic()
-        self._reader = threading.Thread(target=self._read, args=(self._process,), name="AbdomenSeg worker reader",
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self._process,), name="AbdomenSeg worker reader", daemon=True
+        )
         self._reader.start()
 
     # -- the reader thread ----------------------------------------------------------------------

@@ -4,6 +4,7 @@
 Long work reports through `progress(fraction, message)` and stops when `cancel()` returns True
 (raising `Cancelled`), which is what the Slicer module's Cancel button uses.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,18 +14,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import postprocess
-from .confidence import organ_confidence
 from .channels import channels_to_organs
+from .confidence import organ_confidence
 from .errors import AbdomenSegError
 from .inferer import check_cancel, inferer_for
 from .models import ModelCard, cpu_copy, find_model, load_network
-from .precision import resolve_precision
 from .pipeline import check_input, to_model_space
+from .precision import resolve_precision
 from .preprocess import bounding_box
 
 
 def resolve_device(device: str = "auto", log=print) -> str:
     import torch
+
     if device not in ("auto", "cpu", "cuda"):
         raise AbdomenSegError(f"unknown device '{device}'", "use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -59,7 +61,7 @@ class Timings:
 _CACHE: dict = {}
 
 
-def get_segmenter(model=None, device="auto", log=print) -> "Segmenter":
+def get_segmenter(model=None, device="auto", log=print) -> Segmenter:
     """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
     card = model if isinstance(model, ModelCard) else find_model(model)
     resolved = resolve_device(device, log)
@@ -67,7 +69,6 @@ def get_segmenter(model=None, device="auto", log=print) -> "Segmenter":
     if key not in _CACHE:
         _CACHE[key] = Segmenter(card, resolved, log=log)
     return _CACHE[key]
-
 
 
 class Segmenter:
@@ -89,11 +90,21 @@ class Segmenter:
         self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
-        check_input(image, card["modality"], input_intensity=options.input_intensity, model_spacing=card["spacing"],
-                    channels=card.out_channels)
+        check_input(
+            image,
+            card["modality"],
+            input_intensity=options.input_intensity,
+            model_spacing=card["spacing"],
+            channels=card.out_channels,
+        )
         progress(0.02, "preprocessing")
-        space = to_model_space(image, card["spacing"], card["intensity"], orientation=card.get("orientation", "LPS"),
-                               input_intensity=options.input_intensity)
+        space = to_model_space(
+            image,
+            card["spacing"],
+            card["intensity"],
+            orientation=card.get("orientation", "LPS"),
+            input_intensity=options.input_intensity,
+        )
         self.timings.add("preprocess", time.perf_counter() - t)
         check_cancel(cancel)
 
@@ -119,13 +130,16 @@ class Segmenter:
         A CUDA out-of-memory error finishes this call on the CPU with a CPU copy of the weights; the network
         stays on its device, so the next call (and the cache entry keyed by that device) is on the GPU again."""
         import torch
+
         inferer = inferer_for(self.card, overlap=options.overlap)
         try:
             return inferer(self.network, array, self.device, self.precision, progress, cancel)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            self.log("The GPU ran out of memory for this volume; finishing it on the CPU instead "
-                     "(slower). Close other GPU programs or use a smaller model to stay on the GPU.")
+            self.log(
+                "The GPU ran out of memory for this volume; finishing it on the CPU instead "
+                "(slower). Close other GPU programs or use a smaller model to stay on the GPU."
+            )
             self.timings.device = "cpu"
             return inferer(cpu_copy(self.card, self.network), array, "cpu", self.precision, progress, cancel)
 
@@ -137,8 +151,14 @@ class Segmenter:
         `self.resample_back = "boxes"` selects instead (Testing/test_resample_back.py compares them)."""
         if smooth and getattr(self, "resample_back", "cells") == "cells":
             from .resample_back import labels_on_input_grid
-            return labels_on_input_grid(probabilities, space.box, space.image, reference,
-                                        lut=self._channels_to_organs(np.arange(256, dtype=np.uint8)))
+
+            return labels_on_input_grid(
+                probabilities,
+                space.box,
+                space.image,
+                reference,
+                lut=self._channels_to_organs(np.arange(256, dtype=np.uint8)),
+            )
         channels = probabilities.shape[0]
         full = np.zeros((channels,) + space.array.shape, dtype=np.float32)
         full[0] = 1.0  # outside the body box: background
@@ -148,6 +168,7 @@ class Segmenter:
             labels = sitk.GetImageFromArray(argmax)
             labels.CopyInformation(space.image)
             from .preprocess import resample_to_reference
+
             ch = sitk.GetArrayFromImage(resample_to_reference(labels, reference, is_label=True))
             return self._channels_to_organs(ch)
         return self._smooth_back(full, argmax, space.image, reference)
@@ -214,6 +235,7 @@ class Segmenter:
     def largest_component_organs(self, choice) -> list:
         """Organ labels that keep only their largest piece under `choice` (model, all, none; or a bool)."""
         from .organs import BY_NAME
+
         choice = {True: "all", False: "none"}.get(choice, choice)
         if choice not in ("model", "all", "none"):
             raise AbdomenSegError(f"unknown largest-component choice '{choice}'", "use model, all or none")
@@ -227,6 +249,7 @@ class Segmenter:
     def _finish_labels(self, labels, options):
         if options.organs:
             from .organs import BY_NAME
+
             unknown = [o for o in options.organs if o not in BY_NAME]
             if unknown:
                 raise AbdomenSegError(f"unknown organ(s) {unknown}", f"use names from: {', '.join(BY_NAME)}")

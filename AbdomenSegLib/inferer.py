@@ -6,6 +6,7 @@ while training, so the figures a card records come from the very path users run.
 block it validated with into the card it exports (`inference_block`); defaults for cards that omit a value
 live here and nowhere else.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,17 +35,24 @@ def inferer_for(card, overlap: float | None = None):
     """The card's inferer (`card`: a ModelCard or a card dict); `overlap` overrides the card's (3D only)."""
     block = card.get("inference") or {}
     if card["dimensions"] == 3:
-        return SlidingWindow(roi=tuple(block.get("roi_size", DEFAULT_ROI_SIZE)),
-                             overlap=overlap if overlap is not None else block.get("overlap", OVERLAP),
-                             mode=block.get("mode", MODE))
+        return SlidingWindow(
+            roi=tuple(block.get("roi_size", DEFAULT_ROI_SIZE)),
+            overlap=overlap if overlap is not None else block.get("overlap", OVERLAP),
+            mode=block.get("mode", MODE),
+        )
     from .networks import divisor
-    return SliceWise(in_channels=int(card.get("in_channels", 1)), multiple=divisor(card["architecture"]),
-                     batch=int(block.get("batch_size", SLICE_BATCH)))
+
+    return SliceWise(
+        in_channels=int(card.get("in_channels", 1)),
+        multiple=divisor(card["architecture"]),
+        batch=int(block.get("batch_size", SLICE_BATCH)),
+    )
 
 
 @dataclass(frozen=True)
 class SlidingWindow:
     """3D models: roi-sized windows, `batch` per call, blended into one volume (sliding_window.py)."""
+
     roi: tuple
     overlap: float = OVERLAP
     mode: str = MODE
@@ -54,8 +62,9 @@ class SlidingWindow:
         """Number of windows over a volume of `shape` (axes under the roi are padded to one window)."""
         return window_count([max(n, r) for n, r in zip(shape, self.roi)], self.roi, self.overlap)
 
-    def __call__(self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None,
-                 cancel=None) -> np.ndarray:
+    def __call__(
+        self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None, cancel=None
+    ) -> np.ndarray:
         """Softmax probabilities (C, z, y, x), float32 on the CPU, of the model-space `array` (z, y, x).
 
         No padding up to a multiple of the network's stride: every window is roi-sized already (checked when
@@ -63,6 +72,7 @@ class SlidingWindow:
         training (it cost MR liver Dice 0.82 -> 0.45 on a 36-slice volume padded to 48). Volumes under the roi
         are padded to one window, as MONAI does."""
         import torch
+
         from . import sliding_window  # looked up per call: the tests swap in MONAI's for comparison
 
         calls = math.ceil(self.windows(array.shape) / self.batch)
@@ -80,8 +90,9 @@ class SlidingWindow:
 
         x = torch.as_tensor(np.ascontiguousarray(array)[None, None], device=device)
         with torch.inference_mode(), autocast(device, precision):
-            logits = sliding_window.sliding_window(x, list(self.roi), self.batch, predictor, overlap=self.overlap,
-                                                   mode=self.mode)
+            logits = sliding_window.sliding_window(
+                x, list(self.roi), self.batch, predictor, overlap=self.overlap, mode=self.mode
+            )
             probabilities = torch.softmax(logits.float(), dim=1)[0]
         return probabilities.cpu().numpy()
 
@@ -90,16 +101,19 @@ class SlidingWindow:
 class SliceWise:
     """2D models: axial slices in batches; a 2.5D model sees `in_channels` neighbouring slices (edges
     replicated). Slices are padded to a multiple of the network's down-sampling, and the padding cut off."""
+
     in_channels: int
     multiple: int
     batch: int = SLICE_BATCH
 
-    def __call__(self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None,
-                 cancel=None) -> np.ndarray:
+    def __call__(
+        self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None, cancel=None
+    ) -> np.ndarray:
         """Softmax probabilities (C, z, y, x), float32 on the CPU. On the CPU the network is left in
         channels_last memory format (~1.4x faster 2D convolutions there; a Segmenter keeps it for its next
         call; the trainer puts it back before training on)."""
         import torch
+
         from .preprocess import pad_to_multiple
 
         context = self.in_channels // 2
@@ -113,8 +127,9 @@ class SliceWise:
             for start in range(0, slices, self.batch):
                 check_cancel(cancel)
                 stop = min(start + self.batch, slices)
-                x = torch.as_tensor(np.stack([stack[z:z + 2 * context + 1] for z in range(start, stop)]),
-                                    device=device)
+                x = torch.as_tensor(
+                    np.stack([stack[z : z + 2 * context + 1] for z in range(start, stop)]), device=device
+                )
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 probabilities = torch.softmax(network(x).float(), dim=1)
@@ -129,6 +144,7 @@ class SliceWise:
 def autocast(device: str, precision: str):
     """CUDA: float16 mixed precision; CPU: bfloat16 where `precision` says so (precision.py decides), else off."""
     import torch
+
     if _device_type(device) == "cuda":
         return torch.autocast(device_type="cuda")
     return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -142,6 +158,7 @@ def check_cancel(cancel) -> None:
 def window_count(shape, roi, overlap) -> int:
     """Number of windows the sliding window visits (sliding_window.window_starts: MONAI's scan rule, in one place)."""
     from .sliding_window import window_starts
+
     return math.prod(len(window_starts(size, r, overlap)) for size, r in zip(shape, roi))
 
 

@@ -23,6 +23,7 @@ Facts this relies on, read in Slicer's source (github.com/Slicer/Slicer) and Sli
   confirmation is declined (:207-214). It has no version check of its own (torchInstalled() at :158 only checks that
   torch is there); SlicerTotalSegmentator compares torch's version itself (TotalSegmentator.py:882-887).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -50,8 +51,9 @@ PACKAGES_DOWNLOAD = "about 30 MB"
 # torch through the PyTorch extension, wheel sizes on PyPI: CPU builds 74-241 MB (torch 2.8.0 / 2.14.1 for Windows
 # and macOS); a CUDA build on Linux is torch + NVIDIA libraries + triton: 3.9 GB (2.8.0) to 4.1 GB (2.9.1). The
 # CUDA wheels light-the-torch takes from download.pytorch.org for Windows could not be measured here.
-TORCH_DOWNLOAD = ("about 75-250 MB for a CPU-only build, several GB (about 4 GB on Linux) "
-                  "for an NVIDIA GPU (CUDA) build")
+TORCH_DOWNLOAD = (
+    "about 75-250 MB for a CPU-only build, several GB (about 4 GB on Linux) " "for an NVIDIA GPU (CUDA) build"
+)
 
 
 def torch_requirement(python_version=None) -> str:
@@ -70,6 +72,7 @@ TORCH_REQUIREMENT = torch_requirement()
 @dataclass(frozen=True)
 class Problem:
     """A requirement the installed packages do not meet."""
+
     name: str
     needs: str  # the version specifier, e.g. "==1.6.1" or ">=2.8" ("" = any version)
     installed: str | None = None  # None: not installed
@@ -83,6 +86,7 @@ class Problem:
 
 def _requirement(line: str):
     from packaging.requirements import Requirement
+
     return Requirement(line)
 
 
@@ -124,6 +128,7 @@ def check(name: str, specifier: str = "", version_of=None):
     """A Problem when `name` is missing or its installed version is outside `specifier`, else None."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
+
     installed = (version_of or installed_version)(name)
     if installed is None:
         return Problem(name, specifier)
@@ -195,11 +200,17 @@ def install_requirements(constraints: str, path=None) -> None:
     if packaging is not None:
         # We asked already (with sizes), so no second dialog; we check for a needed restart ourselves; our consent
         # stands in testing mode too (pip_ensure would otherwise skip silently and leave the packages missing).
-        packaging.pip_ensure(packaging.load_requirements(str(path)), constraints=str(constraints),
-                             prompt_install=False, prompt_restart=False, requester=REQUESTER,
-                             skip_in_testing=False)
+        packaging.pip_ensure(
+            packaging.load_requirements(str(path)),
+            constraints=str(constraints),
+            prompt_install=False,
+            prompt_restart=False,
+            requester=REQUESTER,
+            skip_in_testing=False,
+        )
     else:
         import slicer
+
         slicer.util.pip_install(["-r", str(path), "-c", str(constraints)])
 
 
@@ -208,16 +219,21 @@ def install_torch(requirement: str = None) -> None:
     try:
         import PyTorchUtils
     except ImportError:
-        raise AbdomenSegError("the PyTorch extension is not installed",
-                              "install 'PyTorch' from the Extensions Manager, restart Slicer, and try again") from None
+        raise AbdomenSegError(
+            "the PyTorch extension is not installed",
+            "install 'PyTorch' from the Extensions Manager, restart Slicer, and try again",
+        ) from None
     requirement = TORCH_REQUIREMENT if requirement is None else requirement
     try:
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=requirement)
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=requirement
+        )
     except Exception as exc:  # light-the-torch/pip failed: CalledProcessError, network errors
-        raise AbdomenSegError(f"PyTorch could not be installed ({exc})",
-                              "see the Python console; or install it from the PyTorch Utils module "
-                              f"with version requirement {requirement}") from None
+        raise AbdomenSegError(
+            f"PyTorch could not be installed ({exc})",
+            "see the Python console; or install it from the PyTorch Utils module "
+            f"with version requirement {requirement}",
+        ) from None
     if torch is None:
         raise AbdomenSegError("PyTorch was not installed", "install it from the PyTorch Utils module")
 
@@ -225,8 +241,9 @@ def install_torch(requirement: str = None) -> None:
 def _loaded(problems) -> list:
     """Packages about to be replaced while an older version is already imported in this process."""
     import_names = {"segmentation-models-pytorch": "segmentation_models_pytorch", "scikit-image": "skimage"}
-    return [p.name for p in problems
-            if p.installed and import_names.get(p.name, p.name.replace("-", "_")) in sys.modules]
+    return [
+        p.name for p in problems if p.installed and import_names.get(p.name, p.name.replace("-", "_")) in sys.modules
+    ]
 
 
 def ensure_dependencies(confirm=None, log=print) -> bool:
@@ -239,8 +256,10 @@ def ensure_dependencies(confirm=None, log=print) -> bool:
         return True
     listed = "; ".join(str(p) for p in problems)
     if confirm is None or not confirm(confirm_message(problems)):
-        raise AbdomenSegError(f"Python packages missing or too old: {listed}",
-                              "allow the installation when asked, or install them from the Python console")
+        raise AbdomenSegError(
+            f"Python packages missing or too old: {listed}",
+            "allow the installation when asked, or install them from the Python console",
+        )
     loaded = _loaded(problems)
     if any(p.name in TORCH_PACKAGES for p in problems):
         install_torch()
@@ -250,15 +269,20 @@ def ensure_dependencies(confirm=None, log=print) -> bool:
         try:
             install_requirements(constraints)
         except Exception as exc:  # CalledProcessError (logProcessOutput, util.py:3814 @ v5.6.2)
-            raise AbdomenSegError(f"pip could not install {', '.join(p.name for p in rest)} ({exc})",
-                                  "see the Python console for pip's message; check the network connection") from None
+            raise AbdomenSegError(
+                f"pip could not install {', '.join(p.name for p in rest)} ({exc})",
+                "see the Python console for pip's message; check the network connection",
+            ) from None
     importlib.invalidate_caches()
     still = dependency_problems()
     if still:
-        raise AbdomenSegError(f"still missing or too old after installation: {'; '.join(str(p) for p in still)}",
-                              "restart Slicer; if it persists, see the Python console for pip's message")
+        raise AbdomenSegError(
+            f"still missing or too old after installation: {'; '.join(str(p) for p in still)}",
+            "restart Slicer; if it persists, see the Python console for pip's message",
+        )
     if loaded:
-        raise AbdomenSegError(f"updated {', '.join(loaded)}, but the old version is still loaded",
-                              "restart Slicer to use the new version")
+        raise AbdomenSegError(
+            f"updated {', '.join(loaded)}, but the old version is still loaded", "restart Slicer to use the new version"
+        )
     log("AbdomenSeg dependencies installed.")
     return True

@@ -10,6 +10,7 @@ The header (NIfTI via nibabel's header parser; NRRD's text header) says exactly 
 follow; the file must hold exactly those, and a gzip stream must end with a valid checksum (Python's gzip
 verifies the CRC-32 and length trailer and raises EOFError on a cut stream).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -24,12 +25,45 @@ from .errors import AbdomenSegError
 _CHUNK = 1 << 22
 _NIFTI1_MIN_OFFSET = 352  # 348-byte header + 4-byte extension flag, in a single .nii file
 _NRRD_TYPES = {
-    "int8": 1, "uint8": 1, "signed char": 1, "unsigned char": 1, "uchar": 1, "int16": 2, "uint16": 2, "short": 2,
-    "unsigned short": 2, "ushort": 2, "int32": 4, "uint32": 4, "int": 4, "unsigned int": 4, "uint": 4,
-    "int64": 8, "uint64": 8, "long long": 8, "unsigned long long": 8, "float": 4, "double": 8,
-    "signed short": 2, "signed int": 4, "short int": 2, "signed short int": 2, "unsigned short int": 2,
-    "int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2, "int32_t": 4, "uint32_t": 4, "int64_t": 8, "uint64_t": 8,
-    "longlong": 8, "ulonglong": 8, "long long int": 8, "signed long long": 8, "signed long long int": 8,
+    "int8": 1,
+    "uint8": 1,
+    "signed char": 1,
+    "unsigned char": 1,
+    "uchar": 1,
+    "int16": 2,
+    "uint16": 2,
+    "short": 2,
+    "unsigned short": 2,
+    "ushort": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int": 4,
+    "unsigned int": 4,
+    "uint": 4,
+    "int64": 8,
+    "uint64": 8,
+    "long long": 8,
+    "unsigned long long": 8,
+    "float": 4,
+    "double": 8,
+    "signed short": 2,
+    "signed int": 4,
+    "short int": 2,
+    "signed short int": 2,
+    "unsigned short int": 2,
+    "int8_t": 1,
+    "uint8_t": 1,
+    "int16_t": 2,
+    "uint16_t": 2,
+    "int32_t": 4,
+    "uint32_t": 4,
+    "int64_t": 8,
+    "uint64_t": 8,
+    "longlong": 8,
+    "ulonglong": 8,
+    "long long int": 8,
+    "signed long long": 8,
+    "signed long long int": 8,
     "unsigned long long int": 8,
 }
 
@@ -53,8 +87,10 @@ def _check_nifti(path: Path) -> None:
     offset = int(header["vox_offset"])
     expected = offset + math.prod(int(n) for n in header.get_data_shape()) * header.get_data_dtype().itemsize
     if offset < _NIFTI1_MIN_OFFSET and header["magic"] == b"n+1":
-        raise AbdomenSegError(f"'{path}' has its image data at byte {offset}, inside the 352-byte NIfTI header",
-                              "the header is corrupt: export the image again")
+        raise AbdomenSegError(
+            f"'{path}' has its image data at byte {offset}, inside the 352-byte NIfTI header",
+            "the header is corrupt: export the image again",
+        )
     actual = path.stat().st_size if path.name.lower().endswith(".nii") else _gunzipped_size(path)
     _compare_sizes(path, expected, actual)
     _check_nifti_geometry(path, header)
@@ -64,6 +100,7 @@ def _raw_nifti_header(path: Path):
     """The header as written, not 'fixed': nibabel's loader silently repairs zero pixdims and low offsets, which
     are exactly what must be seen here (check=False keeps every field as stored)."""
     import nibabel as nib
+
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
@@ -78,18 +115,23 @@ def _raw_nifti_header(path: Path):
 
 def _check_nifti_geometry(path: Path, header) -> None:
     dims = int(header["dim"][0])
-    pixdim = np.asarray(header["pixdim"][1:1 + min(dims, 3)], dtype=float)
+    pixdim = np.asarray(header["pixdim"][1 : 1 + min(dims, 3)], dtype=float)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
-        raise AbdomenSegError(f"'{path}' declares voxel sizes {pixdim.tolist()} (pixdim): zero, negative or not a number",
-                              "the header is corrupt: export the image again")
+        raise AbdomenSegError(
+            f"'{path}' declares voxel sizes {pixdim.tolist()} (pixdim): zero, negative or not a number",
+            "the header is corrupt: export the image again",
+        )
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
     if qcode > 0 and scode > 0:
         qform, sform = header.get_qform(), header.get_sform()
         if not np.allclose(qform[:3, :3], sform[:3, :3], rtol=1e-3, atol=1e-3) or not np.allclose(
-                qform[:3, 3], sform[:3, 3], atol=0.1):
+            qform[:3, 3], sform[:3, 3], atol=0.1
+        ):
             raise AbdomenSegError(
                 f"'{path}' holds two different placements of the image (its qform and sform disagree), and readers "
-                "pick different ones", "export the image again, or fix the header so that both agree")
+                "pick different ones",
+                "export the image again, or fix the header so that both agree",
+            )
 
 
 # -- NRRD -----------------------------------------------------------------------------------------------
@@ -144,11 +186,14 @@ def _compare_sizes(path: Path, expected: int, actual: int) -> None:
     if actual < expected:
         raise AbdomenSegError(
             f"'{path}' is truncated: its header declares {expected:,} bytes of image data but the file holds "
-            f"{actual:,}", "the file was cut short (interrupted copy or download): copy it again from its source")
+            f"{actual:,}",
+            "the file was cut short (interrupted copy or download): copy it again from its source",
+        )
     if actual > expected:
         raise AbdomenSegError(
             f"'{path}' holds {actual - expected:,} bytes more image data than its header declares ({expected:,})",
-            "the header's dimensions or data type are probably wrong: export the image again")
+            "the header's dimensions or data type are probably wrong: export the image again",
+        )
 
 
 def _gunzipped_size(path: Path, start: int = 0) -> int:
@@ -162,5 +207,6 @@ def _gunzipped_size(path: Path, start: int = 0) -> int:
     except (EOFError, OSError, zlib.error) as exc:
         raise AbdomenSegError(
             f"'{path}' is truncated or corrupt ({exc})",
-            "the compressed file is damaged (interrupted copy or download): copy it again from its source") from None
+            "the compressed file is damaged (interrupted copy or download): copy it again from its source",
+        ) from None
     return total

@@ -4,6 +4,7 @@ Everything returns/accepts `SimpleITK.Image`, which carries the geometry (origin
 that every output must reproduce exactly. Writes are atomic (temp file + rename) so an interrupted run
 never leaves a half-written file that a later `--overwrite`-less run would skip.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,22 +78,30 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
 
 def _is_dicom_file(path: Path) -> bool:
     from .dicom_seg import is_dicom_file
+
     return is_dicom_file(path)
 
 
 def _read_dicom_file(path: Path, segmentation_ok: bool) -> sitk.Image:
     """One DICOM file: a SEG is a label map; an image slice is refused (a series is read from its folder)."""
-    from .dicom_seg import require_highdicom, is_dicom_file, is_dicom_seg, read_dicom_seg
+    from .dicom_seg import is_dicom_file, is_dicom_seg, read_dicom_seg, require_highdicom
+
     require_highdicom()  # and with it pydicom
     if not is_dicom_file(path) and not is_dicom_seg(path):
-        raise AbdomenSegError(f"'{path.name}' is not a DICOM file",
-                              "give a DICOM series folder, a DICOM SEG file or a NIfTI/NRRD/MHA image")
+        raise AbdomenSegError(
+            f"'{path.name}' is not a DICOM file",
+            "give a DICOM series folder, a DICOM SEG file or a NIfTI/NRRD/MHA image",
+        )
     if not is_dicom_seg(path):
-        raise AbdomenSegError(f"'{path.name}' is a single DICOM file, not a DICOM segmentation (SEG)",
-                              "give the folder holding all slices of the DICOM series")
+        raise AbdomenSegError(
+            f"'{path.name}' is a single DICOM file, not a DICOM segmentation (SEG)",
+            "give the folder holding all slices of the DICOM series",
+        )
     if not segmentation_ok:
-        raise AbdomenSegError(f"'{path.name}' is a DICOM segmentation (SEG), not a scan",
-                              "give the CT or MR series folder (or image file) to segment")
+        raise AbdomenSegError(
+            f"'{path.name}' is a DICOM segmentation (SEG), not a scan",
+            "give the CT or MR series folder (or image file) to segment",
+        )
     return read_dicom_seg(path)
 
 
@@ -101,8 +110,10 @@ def _check_known_type(path: Path) -> None:
     ITK also reads NIfTI/Analyze pairs (.hdr + .img) and others, and zero-fills a cut .img without a word."""
     if not image_suffix(path):
         raise AbdomenSegError(
-            f"'{path.name}' is not a supported file type", "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage "
-            "(.mha/.mhd) file or a folder holding one DICOM series; convert .hdr/.img pairs to .nii.gz first")
+            f"'{path.name}' is not a supported file type",
+            "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage "
+            "(.mha/.mhd) file or a folder holding one DICOM series; convert .hdr/.img pairs to .nii.gz first",
+        )
 
 
 def _read_checked(path: Path) -> sitk.Image:
@@ -110,6 +121,7 @@ def _read_checked(path: Path) -> sitk.Image:
     the GIL while they do (0.29 s together instead of 0.55 s for a 512x512x200 .nii.gz). The pixels are handed
     on only after the check has passed."""
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(integrity.check_complete, path)
         try:
@@ -135,14 +147,19 @@ def _check_header(path: Path) -> None:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     from .dicom_series import check_read_spacing, check_series_geometry
+
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise AbdomenSegError(f"folder '{folder}' holds no DICOM image series",
-                              "point to the folder that contains the .dcm slices of one series")
+        raise AbdomenSegError(
+            f"folder '{folder}' holds no DICOM image series",
+            "point to the folder that contains the .dcm slices of one series",
+        )
     if len(series) > 1:
-        raise AbdomenSegError(f"folder '{folder}' holds {len(series)} DICOM series",
-                              "put each series in its own folder and segment one at a time")
+        raise AbdomenSegError(
+            f"folder '{folder}' holds {len(series)} DICOM series",
+            "put each series in its own folder and segment one at a time",
+        )
     files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
     # GDCM silently drops unreadable slices and re-spaces the rest; refuse gaps, duplicates and tilt first.
     spacing = check_series_geometry(folder, files)
@@ -158,18 +175,23 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
 
 def _squeeze_to_3d(image: sitk.Image, path) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise AbdomenSegError(f"'{path}' is a multi-component (e.g. RGB or vector) image",
-                              "give a single-channel CT or MR volume")
+        raise AbdomenSegError(
+            f"'{path}' is a multi-component (e.g. RGB or vector) image", "give a single-channel CT or MR volume"
+        )
     dim = image.GetDimension()
     if dim == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
         dim = 3
     if dim == 2:
-        raise AbdomenSegError(f"'{path}' is a 2D image, not a volume",
-                              "give a 3D volume (for a DICOM series, give the folder holding all slices)")
+        raise AbdomenSegError(
+            f"'{path}' is a 2D image, not a volume",
+            "give a 3D volume (for a DICOM series, give the folder holding all slices)",
+        )
     if dim != 3:
-        raise AbdomenSegError(f"'{path}' is a {dim}D image (size {image.GetSize()})",
-                              "give a single 3D volume; split 4D/time series into 3D volumes first")
+        raise AbdomenSegError(
+            f"'{path}' is a {dim}D image (size {image.GetSize()})",
+            "give a single 3D volume; split 4D/time series into 3D volumes first",
+        )
     return image
 
 
@@ -207,7 +229,7 @@ def sweep_partials(folder) -> list:
     if not folder.is_dir():
         return removed
     for path in folder.glob(PARTIAL_PREFIX + "*"):
-        parts = path.name[len(PARTIAL_PREFIX):].split("-")
+        parts = path.name[len(PARTIAL_PREFIX) :].split("-")
         try:
             gone = len(parts) >= 3 and _owner_gone(parts[0], int(parts[1]))
             if gone or time.time() - path.stat().st_mtime > _ABANDONED_AFTER_S:
@@ -225,8 +247,10 @@ def prepare_output(path, *, overwrite: bool) -> Path:
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise AbdomenSegError(f"cannot write '{path}': '{parent}' is a file, not a folder",
-                                      "choose an output path inside a folder")
+                raise AbdomenSegError(
+                    f"cannot write '{path}': '{parent}' is a file, not a folder",
+                    "choose an output path inside a folder",
+                )
             break
     if path.is_dir():
         raise AbdomenSegError(f"output '{path}' is a folder", "give an output file name such as organs.nii.gz")
@@ -235,8 +259,10 @@ def prepare_output(path, *, overwrite: bool) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise AbdomenSegError(f"cannot create the output folder '{path.parent}' ({exc.strerror})",
-                              "choose an output folder you can write to") from None
+        raise AbdomenSegError(
+            f"cannot create the output folder '{path.parent}' ({exc.strerror})",
+            "choose an output folder you can write to",
+        ) from None
     return path
 
 
@@ -258,8 +284,10 @@ def claim_output(path, *, overwrite: bool = False):
                     f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
                 ) from None
         except OSError as exc:
-            raise AbdomenSegError(f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
-                                  "choose an output folder you can write to") from None
+            raise AbdomenSegError(
+                f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
+                "choose an output folder you can write to",
+            ) from None
     else:
         raise AbdomenSegError(f"output '{path}' is claimed by another run", "wait for it to finish")
     try:
@@ -320,12 +348,16 @@ def _publish_new(tmp: str, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise AbdomenSegError(f"output '{path}' appeared while this run was working (another process wrote it)",
-                              "pass --overwrite to replace it, or choose another name") from None
+        raise AbdomenSegError(
+            f"output '{path}' appeared while this run was working (another process wrote it)",
+            "pass --overwrite to replace it, or choose another name",
+        ) from None
     except OSError:  # file systems without hard links (FAT, some network shares)
         if path.exists():
-            raise AbdomenSegError(f"output '{path}' appeared while this run was working",
-                                  "pass --overwrite to replace it, or choose another name") from None
+            raise AbdomenSegError(
+                f"output '{path}' appeared while this run was working",
+                "pass --overwrite to replace it, or choose another name",
+            ) from None
         os.replace(tmp, path)
 
 
@@ -353,28 +385,36 @@ def check_output_type(path, inputs=None) -> None:
         _check_dicom_seg_inputs(path, inputs)
         return
     if image_suffix(path) not in (".seg.nrrd", *IMAGE_SUFFIXES):
-        raise AbdomenSegError(f"unsupported output type '{Path(path).name}'",
-                              "use .nii.gz, .nii, .nrrd, .seg.nrrd, .mha, or .dcm (DICOM SEG) for a DICOM series input")
+        raise AbdomenSegError(
+            f"unsupported output type '{Path(path).name}'",
+            "use .nii.gz, .nii, .nrrd, .seg.nrrd, .mha, or .dcm (DICOM SEG) for a DICOM series input",
+        )
 
 
 def _check_dicom_seg_inputs(path, inputs) -> None:
     from .dicom_seg import require_highdicom
+
     require_highdicom()  # installed? checked before any work
     inputs = [Path(p) for p in (inputs or [])]
     not_series = [p for p in inputs if not p.is_dir()]
     if not inputs or not_series:
-        named = f" ('{not_series[0]}'{f' and {len(not_series) - 1} more' if len(not_series) > 1 else ''})" \
-            if not_series else ""
+        named = (
+            f" ('{not_series[0]}'{f' and {len(not_series) - 1} more' if len(not_series) > 1 else ''})"
+            if not_series
+            else ""
+        )
         raise AbdomenSegError(
             f"a DICOM SEG output ('{Path(path).name}') must reference the DICOM series it was made from, and the "
             f"input is not a DICOM series folder{named}",
-            "give the folder holding the CT/MR slices, or write .nii.gz, .nrrd or .seg.nrrd")
+            "give the folder holding the CT/MR slices, or write .nii.gz, .nrrd or .seg.nrrd",
+        )
     parent = Path(path).parent.resolve()
     for src in inputs:
         if src.resolve() == parent:
             raise AbdomenSegError(
                 f"output '{path}' would go into the DICOM series folder '{src}', which would then hold two series",
-                "write the DICOM SEG beside the series folder (e.g. into its parent folder)")
+                "write the DICOM SEG beside the series folder (e.g. into its parent folder)",
+            )
 
 
 def check_output_can_hold(direction, path) -> None:
@@ -386,14 +426,18 @@ def check_output_can_hold(direction, path) -> None:
     if not np.allclose(matrix.T @ matrix, np.eye(3), atol=1e-4):
         raise AbdomenSegError(
             f"the input's axes are not perpendicular (sheared direction matrix, e.g. a gantry tilt), which "
-            f"NIfTI ('{Path(path).name}') cannot store exactly", "write .nrrd, .seg.nrrd or .mha instead")
+            f"NIfTI ('{Path(path).name}') cannot store exactly",
+            "write .nrrd, .seg.nrrd or .mha instead",
+        )
 
 
 def _same_geometry(a, b) -> bool:
-    return (tuple(a.GetSize()) == tuple(b.GetSize())
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=1e-6, atol=1e-4)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+    return (
+        tuple(a.GetSize()) == tuple(b.GetSize())
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=1e-6, atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
+    )
 
 
 def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) -> Path:
@@ -418,7 +462,9 @@ def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) 
         if not _same_geometry(reader, image):
             raise AbdomenSegError(
                 f"'{path.name}' cannot hold the input's exact grid (written origin {reader.GetOrigin()}, "
-                f"direction {reader.GetDirection()})", "write .nrrd, .seg.nrrd or .mha instead")
+                f"direction {reader.GetDirection()})",
+                "write .nrrd, .seg.nrrd or .mha instead",
+            )
     return path
 
 
@@ -458,14 +504,14 @@ def add_segmentation_metadata(label_image: sitk.Image, labels=None) -> sitk.Imag
     return image
 
 
-def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool = True, source=None,
-                 model=None) -> Path:
+def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool = True, source=None, model=None) -> Path:
     """Write a label map; `.seg.nrrd` gets Slicer segment names, colours and terminology.
 
     `.dcm` writes a DICOM SEG (dicom_seg.py): `source` is the DICOM series folder the labels were segmented from
     (its slices are referenced), `model` the ModelCard that made them (the algorithm identification)."""
     if is_dicom_seg_output(path):
         from .dicom_seg import write_dicom_seg
+
         path = Path(path)
         check_output_type(path, [source] if source is not None else None)
         for other in protect:

@@ -13,6 +13,7 @@ absurd header fails in a second with a clear message instead of after minutes, o
 - a model-space grid whose estimated peak memory exceeds `max_memory_bytes()` (default 16 GB,
   ABDOMENSEG_MAX_MEMORY_GB overrides).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
 MAX_EXTENT_MM = 2500.0
 MIN_FIELD_MM = 80.0
-MAX_INPUT_VOXELS = 2 ** 29  # 536,870,912: e.g. 512 x 512 x 2048, ~1 GiB of int16
+MAX_INPUT_VOXELS = 2**29  # 536,870,912: e.g. 512 x 512 x 2048, ~1 GiB of int16
 DEFAULT_MAX_MEMORY_GB = 16.0
 
 # Peak bytes per voxel, measured on the pipeline as written (inference.Segmenter): input grid = the
@@ -41,8 +42,10 @@ def max_memory_bytes() -> float:
     try:
         gb = float(value) if value else DEFAULT_MAX_MEMORY_GB
     except ValueError:
-        raise AbdomenSegError(f"ABDOMENSEG_MAX_MEMORY_GB is '{value}', not a number",
-                              "set it to the memory in GB the tool may use, e.g. 16") from None
+        raise AbdomenSegError(
+            f"ABDOMENSEG_MAX_MEMORY_GB is '{value}', not a number",
+            "set it to the memory in GB the tool may use, e.g. 16",
+        ) from None
     if not math.isfinite(gb) or gb <= 0:
         raise AbdomenSegError(f"ABDOMENSEG_MAX_MEMORY_GB is {value}", "set it to a positive number of GB, e.g. 16")
     return gb * 1e9
@@ -55,12 +58,15 @@ def check_geometry(size, spacing, name: str = "input") -> None:
             raise AbdomenSegError(
                 f"{name} has a voxel spacing of {s:g} mm along {axis}, outside the supported "
                 f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm",
-                "the header's spacing is probably wrong: check it (e.g. in 3D Slicer's Volumes module) and fix it")
+                "the header's spacing is probably wrong: check it (e.g. in 3D Slicer's Volumes module) and fix it",
+            )
     for axis, n, s in zip("xyz", size, spacing):
         if n * s > MAX_EXTENT_MM:
             raise AbdomenSegError(
                 f"{name} is {n * s:.0f} mm long along {axis} ({n} voxels x {s:g} mm), longer than any patient "
-                f"(limit {MAX_EXTENT_MM:.0f} mm)", "the header's spacing or size is probably wrong: check and fix it")
+                f"(limit {MAX_EXTENT_MM:.0f} mm)",
+                "the header's spacing or size is probably wrong: check and fix it",
+            )
     check_voxel_count(size, name)
 
 
@@ -70,7 +76,9 @@ def check_field_of_view(size, spacing, name: str = "input") -> None:
     if min(widths) < MIN_FIELD_MM:
         raise AbdomenSegError(
             f"{name} covers only {widths[1]:.0f} x {widths[0]:.0f} mm across, too small for an abdomen (at least "
-            f"{MIN_FIELD_MM:.0f} mm)", "the header's spacing is probably wrong, or the image is cropped: check it")
+            f"{MIN_FIELD_MM:.0f} mm)",
+            "the header's spacing is probably wrong, or the image is cropped: check it",
+        )
 
 
 def check_voxel_count(size, name: str = "input") -> None:
@@ -78,7 +86,9 @@ def check_voxel_count(size, name: str = "input") -> None:
     if voxels > MAX_INPUT_VOXELS:
         raise AbdomenSegError(
             f"{name} has {voxels:,} voxels ({' x '.join(str(n) for n in size)}), more than the supported "
-            f"{MAX_INPUT_VOXELS:,}", "crop or downsample the volume first (e.g. 3D Slicer's Crop Volume module)")
+            f"{MAX_INPUT_VOXELS:,}",
+            "crop or downsample the volume first (e.g. 3D Slicer's Crop Volume module)",
+        )
 
 
 def model_grid_size(size, spacing, model_spacing) -> list:
@@ -90,8 +100,11 @@ def estimate_memory(size, spacing, model_spacing, channels: int) -> float:
     """Peak bytes for segmenting an image of `size`/`spacing` with a model at `model_spacing`."""
     model_voxels = math.prod(model_grid_size(size, spacing, model_spacing))
     input_voxels = math.prod(int(n) for n in size)
-    return (input_voxels * _INPUT_BYTES_PER_VOXEL + model_voxels * _MODEL_BYTES_PER_VOXEL
-            + model_voxels * channels * _MODEL_BYTES_PER_VOXEL_PER_CHANNEL)
+    return (
+        input_voxels * _INPUT_BYTES_PER_VOXEL
+        + model_voxels * _MODEL_BYTES_PER_VOXEL
+        + model_voxels * channels * _MODEL_BYTES_PER_VOXEL_PER_CHANNEL
+    )
 
 
 def check_memory(size, spacing, model_spacing, channels: int, name: str = "input") -> None:
@@ -102,4 +115,5 @@ def check_memory(size, spacing, model_spacing, channels: int, name: str = "input
             f"segmenting {name} would need about {need / 1e9:.1f} GB of memory (model grid "
             f"{' x '.join(map(str, grid))} voxels), over the limit of {limit / 1e9:.1f} GB",
             "crop the volume to the abdomen first, or raise the limit with ABDOMENSEG_MAX_MEMORY_GB if this machine "
-            "has the memory")
+            "has the memory",
+        )

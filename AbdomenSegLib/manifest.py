@@ -12,6 +12,7 @@ Re-running resumes: existing outputs are skipped (their rows stay), failed and m
 Rows of cases that are not part of a run (another glob into the same folder) are kept. The file is written
 whole or not at all (temp file + rename), every few seconds during a run and at its end.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,15 +44,24 @@ def device_label(device: str) -> str:
     return str(device)
 
 
-def case_row(case, src, dst, status, *, seconds=None, worker=None, device="", model="", sha256="", error="",
-             qc_columns=None) -> dict:
+def case_row(
+    case, src, dst, status, *, seconds=None, worker=None, device="", model="", sha256="", error="", qc_columns=None
+) -> dict:
     """One manifest row; `qc_columns` are the result check's flat columns (QCReport.columns())."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {STATUSES}")
-    row = {"case": case, "input": str(src), "output": str(dst), "status": status,
-           "seconds": "" if seconds is None else round(float(seconds), 2),
-           "worker": this_process() if worker is None else worker,
-           "device": device, "model": model, "sha256": sha256, "error": error}
+    row = {
+        "case": case,
+        "input": str(src),
+        "output": str(dst),
+        "status": status,
+        "seconds": "" if seconds is None else round(float(seconds), 2),
+        "worker": this_process() if worker is None else worker,
+        "device": device,
+        "model": model,
+        "sha256": sha256,
+        "error": error,
+    }
     row.update(qc_columns or {})
     return row
 
@@ -66,18 +76,23 @@ def read_manifest(path) -> dict:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"case", "status", "output"} <= set(reader.fieldnames):
                 raise ValueError("no case, status and output columns")
-            rows = {row["case"]: {k: (v if v is not None else "") for k, v in row.items() if k is not None}
-                    for row in reader if row.get("case")}
+            rows = {
+                row["case"]: {k: (v if v is not None else "") for k, v in row.items() if k is not None}
+                for row in reader
+                if row.get("case")
+            }
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
-        raise AbdomenSegError(f"the run's manifest '{path}' cannot be read ({exc})",
-                              "fix it, or move it away to start a new one (outputs that exist are still skipped)") \
-            from None
+        raise AbdomenSegError(
+            f"the run's manifest '{path}' cannot be read ({exc})",
+            "fix it, or move it away to start a new one (outputs that exist are still skipped)",
+        ) from None
     return rows
 
 
 def _column_order(rows) -> list:
     """The fixed columns, then the result check's, then per organ (in the organ table's order), then any other."""
     from .organs import ORGANS
+
     seen = []
     for row in rows:
         seen += [k for k in row if k not in seen and k not in FIELDS]
@@ -90,6 +105,7 @@ def _column_order(rows) -> list:
         if organ in organ_rank:
             return (1, organ_rank[organ], kind)
         return (2, 0, key)
+
     return list(FIELDS) + sorted(seen, key=rank)
 
 
@@ -121,13 +137,15 @@ class Manifest:
         data = _read_json(qc_json)
         if data:
             from .qc import QCReport
+
             try:
                 columns = QCReport.from_dict(data).columns()
             except (KeyError, TypeError, ValueError):
                 columns = {}
             extra = {k: data.get(k, "") for k in ("model",)}
-        return self.record(case_row(case, src, dst, "skipped", worker="", model=extra.get("model", ""),
-                                    qc_columns=columns))
+        return self.record(
+            case_row(case, src, dst, "skipped", worker="", model=extra.get("model", ""), qc_columns=columns)
+        )
 
     def counts(self, cases=None) -> dict:
         rows = [r for c, r in self.rows.items() if cases is None or c in cases]

@@ -12,6 +12,7 @@ Defined values where an organ is missing (documented in the README):
 - absent from one map: status `missing_pred` or `missing_ref`; Dice = IoU = surface Dice = 0 and
   HD95 = ASSD = the image diagonal in mm (the largest distance possible in that grid), as BraTS does.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,22 @@ from .io import atomic_output
 from .organs import BY_NAME, CONVENTIONS, conversion_lut, convert_labels
 from .preprocess import resample_to_reference
 
-FIELDS = ("case", "model", "organ", "label", "status", "dice", "iou", "hd95_mm", "assd_mm", "surface_dice",
-          "tolerance_mm", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
+FIELDS = (
+    "case",
+    "model",
+    "organ",
+    "label",
+    "status",
+    "dice",
+    "iou",
+    "hd95_mm",
+    "assd_mm",
+    "surface_dice",
+    "tolerance_mm",
+    "volume_pred_ml",
+    "volume_ref_ml",
+    "volume_diff_ml",
+)
 METRIC_UNITS = {
     "dice": ("", "Dice similarity coefficient 2|P∩R|/(|P|+|R|)"),
     "iou": ("", "Intersection over union (Jaccard) |P∩R|/|P∪R|"),
@@ -39,8 +54,11 @@ METRIC_UNITS = {
     "volume_pred_ml": ("mL", "Predicted organ volume"),
     "volume_ref_ml": ("mL", "Reference organ volume"),
     "volume_diff_ml": ("mL", "Predicted minus reference volume"),
-    "confidence": ("", "Network confidence: mean max-probability inside the organ (low: likely inaccurate; "
-                       "calibrated per model on its validation split)"),
+    "confidence": (
+        "",
+        "Network confidence: mean max-probability inside the organ (low: likely inaccurate; "
+        "calibrated per model on its validation split)",
+    ),
     "pieces": ("", "Connected pieces of the organ"),
     "at_border": ("", "Image borders the organ touches (its volume is then incomplete)"),
     "flags": ("", "Result check flags for this organ (see the warning in the panel)"),
@@ -51,24 +69,35 @@ def align_reference(reference: sitk.Image, prediction: sitk.Image) -> sitk.Image
     """The reference label map in the prediction's grid (nearest neighbour when grids differ)."""
     if reference.GetDimension() != 3:
         raise AbdomenSegError(f"reference is {reference.GetDimension()}D", "give a 3D label map as reference")
-    same = (reference.GetSize() == prediction.GetSize()
-            and np.allclose(reference.GetSpacing(), prediction.GetSpacing(), atol=1e-4)
-            and np.allclose(reference.GetOrigin(), prediction.GetOrigin(), atol=1e-3)
-            and np.allclose(reference.GetDirection(), prediction.GetDirection(), atol=1e-4))
+    same = (
+        reference.GetSize() == prediction.GetSize()
+        and np.allclose(reference.GetSpacing(), prediction.GetSpacing(), atol=1e-4)
+        and np.allclose(reference.GetOrigin(), prediction.GetOrigin(), atol=1e-3)
+        and np.allclose(reference.GetDirection(), prediction.GetDirection(), atol=1e-4)
+    )
     if same:
         return reference
     if not _overlaps(reference, prediction):
-        raise AbdomenSegError("reference and prediction do not overlap in space",
-                              "check that the reference belongs to this scan (same patient, same coordinate system)")
+        raise AbdomenSegError(
+            "reference and prediction do not overlap in space",
+            "check that the reference belongs to this scan (same patient, same coordinate system)",
+        )
     return resample_to_reference(reference, prediction, is_label=True)
 
 
 def _overlaps(a: sitk.Image, b: sitk.Image) -> bool:
     def box(img):
         size = img.GetSize()
-        pts = np.array([img.TransformContinuousIndexToPhysicalPoint((x, y, z))
-                        for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5) for z in (-0.5, size[2] - 0.5)])
+        pts = np.array(
+            [
+                img.TransformContinuousIndexToPhysicalPoint((x, y, z))
+                for x in (-0.5, size[0] - 0.5)
+                for y in (-0.5, size[1] - 0.5)
+                for z in (-0.5, size[2] - 0.5)
+            ]
+        )
         return pts.min(0), pts.max(0)
+
     (alo, ahi), (blo, bhi) = box(a), box(b)
     return bool(np.all(alo < bhi) and np.all(blo < ahi))
 
@@ -118,10 +147,12 @@ def _check_label_map(image: sitk.Image, what: str, convention: str):
     boxes = _value_boxes(array)
     values = _distinct_values(array, boxes)
     option = "--reference-labels" if what == "reference" else "--prediction-labels"
-    if (not np.all(values == np.round(values)) or values.min() < 0 or len(values) > _MAX_LABEL_VALUES):
+    if not np.all(values == np.round(values)) or values.min() < 0 or len(values) > _MAX_LABEL_VALUES:
         raise AbdomenSegError(
             f"the {what} is not a label map (values {values.min():g} to {values.max():g}, {len(values)} distinct): "
-            "it looks like a scan", f"give the {what} as a label map with integer organ values")
+            "it looks like a scan",
+            f"give the {what} as a label map with integer organ values",
+        )
     top = int(values.max())
     if top > CONVENTION_MAX_VALUE[convention]:
         unknown = [int(v) for v in values if v > CONVENTION_MAX_VALUE[convention]]
@@ -129,7 +160,8 @@ def _check_label_map(image: sitk.Image, what: str, convention: str):
         raise AbdomenSegError(
             f"the {what} holds label values {', '.join(map(str, unknown[:8]))}{' ...' if len(unknown) > 8 else ''} "
             f"that the '{convention}' convention does not define (it uses 1-{CONVENTION_MAX_VALUE[convention]})",
-            f"pass the {what}'s convention with {option} ({' or '.join(fits) or 'none of ours fits'})")
+            f"pass the {what}'s convention with {option} ({' or '.join(fits) or 'none of ours fits'})",
+        )
     return boxes
 
 
@@ -153,8 +185,9 @@ class _LabelMap:
         boxes = [self.boxes[v - 1] for v in values if self.boxes[v - 1] is not None]
         if not boxes:
             return values, None
-        return values, tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
-                             for a in range(self.array.ndim))
+        return values, tuple(
+            slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(self.array.ndim)
+        )
 
     def mask(self, values, box) -> np.ndarray:
         crop = self.array[box]
@@ -163,9 +196,17 @@ class _LabelMap:
         return np.isin(crop, values)
 
 
-def evaluate(prediction: sitk.Image, reference: sitk.Image, *, reference_convention: str = "abdomenseg",
-             prediction_convention: str = "abdomenseg", organs=None, tolerance_mm: float = 2.0,
-             case: str = "", model: str = "") -> list:
+def evaluate(
+    prediction: sitk.Image,
+    reference: sitk.Image,
+    *,
+    reference_convention: str = "abdomenseg",
+    prediction_convention: str = "abdomenseg",
+    organs=None,
+    tolerance_mm: float = 2.0,
+    case: str = "",
+    model: str = "",
+) -> list:
     """One row (dict) per organ. Organs default to those the reference convention can label."""
     for convention in (reference_convention, prediction_convention):
         check_convention(convention)
@@ -189,16 +230,26 @@ def evaluate(prediction: sitk.Image, reference: sitk.Image, *, reference_convent
         ref_values, ref_box = ref.organ(organ.label)
         row = {"case": case, "model": model, "organ": name, "label": organ.label, "tolerance_mm": tolerance_mm}
         if pred_box is None and ref_box is None:
-            row.update(volume_pred_ml=0.0, volume_ref_ml=0.0, volume_diff_ml=0.0, status="absent_both",
-                       dice=1.0, iou=1.0, hd95_mm=0.0, assd_mm=0.0, surface_dice=1.0)
+            row.update(
+                volume_pred_ml=0.0,
+                volume_ref_ml=0.0,
+                volume_diff_ml=0.0,
+                status="absent_both",
+                dice=1.0,
+                iou=1.0,
+                hd95_mm=0.0,
+                assd_mm=0.0,
+                surface_dice=1.0,
+            )
             rows.append(row)
             continue
         # The union of both boxes grown by one voxel (clipped to the image): every voxel of either mask
         # and each one's background neighbours, so the masks, their counts and their surfaces are the
         # whole volume's.
         present = [b for b in (pred_box, ref_box) if b is not None]
-        union = tuple(slice(min(b[a].start for b in present), max(b[a].stop for b in present))
-                      for a in range(len(shape)))
+        union = tuple(
+            slice(min(b[a].start for b in present), max(b[a].stop for b in present)) for a in range(len(shape))
+        )
         box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(union, shape))
         p = pred.mask(pred_values, box) if pred_box is not None else np.zeros([s.stop - s.start for s in box], bool)
         r = ref.mask(ref_values, box) if ref_box is not None else np.zeros_like(p)
@@ -206,8 +257,14 @@ def evaluate(prediction: sitk.Image, reference: sitk.Image, *, reference_convent
         row.update(volume_pred_ml=float(n_p) * voxel_ml, volume_ref_ml=float(n_r) * voxel_ml)
         row["volume_diff_ml"] = row["volume_pred_ml"] - row["volume_ref_ml"]
         if not n_p or not n_r:
-            row.update(status="missing_pred" if not n_p else "missing_ref", dice=0.0, iou=0.0,
-                       hd95_mm=diagonal, assd_mm=diagonal, surface_dice=0.0)
+            row.update(
+                status="missing_pred" if not n_p else "missing_ref",
+                dice=0.0,
+                iou=0.0,
+                hd95_mm=diagonal,
+                assd_mm=diagonal,
+                surface_dice=0.0,
+            )
         else:
             inter = float(np.count_nonzero(p & r))
             row.update(status="ok", dice=2 * inter / (n_p + n_r), iou=inter / (n_p + n_r - inter))
@@ -321,18 +378,26 @@ def summarize(rows: list) -> list:
 def write_csv(rows: list, path, fields=None) -> Path:
     """Atomic CSV write (temp file + rename)."""
     path = Path(path)
-    fields = fields or (list(FIELDS) if rows and set(FIELDS) <= set(rows[0]) else list(rows[0]) if rows else list(FIELDS))
+    fields = fields or (
+        list(FIELDS) if rows and set(FIELDS) <= set(rows[0]) else list(rows[0]) if rows else list(FIELDS)
+    )
     with atomic_output(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            )
     return path
 
 
 def format_table(rows: list) -> str:
-    lines = [f"{'organ':22s} {'status':12s} {'Dice':>6s} {'IoU':>6s} {'HD95mm':>7s} {'ASSDmm':>7s} {'NSD':>6s} {'Vpred mL':>9s} {'Vref mL':>9s}"]
+    lines = [
+        f"{'organ':22s} {'status':12s} {'Dice':>6s} {'IoU':>6s} {'HD95mm':>7s} {'ASSDmm':>7s} {'NSD':>6s} {'Vpred mL':>9s} {'Vref mL':>9s}"
+    ]
     for r in rows:
-        lines.append(f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {r['hd95_mm']:7.1f} "
-                     f"{r['assd_mm']:7.2f} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}")
+        lines.append(
+            f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {r['hd95_mm']:7.1f} "
+            f"{r['assd_mm']:7.2f} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}"
+        )
     return "\n".join(lines)

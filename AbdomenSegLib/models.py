@@ -9,6 +9,7 @@ Cards and catalogs are files anyone can edit or ship, so: a card's values are ju
 (card_schema); every path they name must resolve inside its package or the models folder (`inside`); and a
 broken package is kept aside with its error instead of taking the whole catalog down (`catalog_with_problems`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +21,7 @@ from pathlib import Path
 from .card_schema import catalog_problems, validate_card
 from .channels import channel_organs
 from .errors import AbdomenSegError
+
 
 def _resources() -> Path:
     """The shipped resources: Resources/ beside the package in a checkout and in Slicer (the extension installs
@@ -33,8 +35,10 @@ def _resources() -> Path:
 
 RESOURCES = _resources()
 MODELS_DIR = Path(os.environ.get("ABDOMENSEG_MODELS", RESOURCES / "models"))
-CATALOG_FIX = ('catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
-               "fix it, or reinstall AbdomenSeg (or point ABDOMENSEG_MODELS at another models folder)")
+CATALOG_FIX = (
+    'catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
+    "fix it, or reinstall AbdomenSeg (or point ABDOMENSEG_MODELS at another models folder)"
+)
 REEXPORT = "re-export the model with `python -m AbdomenSegLib train <config> --export-only` or reinstall its package"
 
 
@@ -75,12 +79,14 @@ class ModelCard:
         val = self.data.get("validation", {}).get("dice", {})
         dice = ", ".join(f"{k} {v:.3f}" for k, v in val.items()) if val else "n/a"
         t = self.data.get("timing", {})
-        return (f"{self.name}: {self.data.get('title', '')}\n"
-                f"  {self.data['dimensions']}D {self.data['architecture']['class']}, {self.data['modality']}, "
-                f"spacing {self.data['spacing']} mm\n"
-                f"  organs: {', '.join(self.data['labels'].values())}\n"
-                f"  validation Dice: {dice}\n"
-                f"  expected time: CPU {_seconds(t.get('cpu_seconds'))}, GPU {_seconds(t.get('gpu_seconds'))}")
+        return (
+            f"{self.name}: {self.data.get('title', '')}\n"
+            f"  {self.data['dimensions']}D {self.data['architecture']['class']}, {self.data['modality']}, "
+            f"spacing {self.data['spacing']} mm\n"
+            f"  organs: {', '.join(self.data['labels'].values())}\n"
+            f"  validation Dice: {dice}\n"
+            f"  expected time: CPU {_seconds(t.get('cpu_seconds'))}, GPU {_seconds(t.get('gpu_seconds'))}"
+        )
 
 
 def _seconds(value) -> str:
@@ -94,8 +100,10 @@ def inside(path: Path, folder: Path, what: str) -> Path:
     path or a symlink would have the engine hash and open any file on the machine. Call it before opening."""
     resolved, root = Path(path).resolve(), Path(folder).resolve()
     if root not in resolved.parents:
-        raise AbdomenSegError(f"{what} '{path}' lies outside '{root}' (it resolves to '{resolved}')",
-                              "a model package must hold its own files; reinstall the package from a trusted source")
+        raise AbdomenSegError(
+            f"{what} '{path}' lies outside '{root}' (it resolves to '{resolved}')",
+            "a model package must hold its own files; reinstall the package from a trusted source",
+        )
     return resolved
 
 
@@ -112,8 +120,10 @@ def read_card(package_dir) -> ModelCard:
     """The package's card, its values validated (card_schema): one error lists every bad field."""
     package_dir = Path(package_dir)
     if not (package_dir / "card.json").is_file():
-        raise AbdomenSegError(f"model package '{package_dir}' has no card.json",
-                              "a model package is a folder with card.json and its .safetensors weights")
+        raise AbdomenSegError(
+            f"model package '{package_dir}' has no card.json",
+            "a model package is a folder with card.json and its .safetensors weights",
+        )
     card_path = inside(package_dir / "card.json", package_dir, "model card")
     data = _read_json(card_path, "model card", REEXPORT)
     validate_card(data, str(package_dir / "card.json"))
@@ -154,8 +164,10 @@ def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
     inside(folder, models_dir, f"package of model '{name}'")
     card = read_card(folder)
     if card.name != name:  # find_model(name) must return the model of that name, not another
-        raise AbdomenSegError(f"catalog entry '{name}' points to '{folder}', whose card is named '{card.name}'",
-                              "give the catalog entry and the card the same name")
+        raise AbdomenSegError(
+            f"catalog entry '{name}' points to '{folder}', whose card is named '{card.name}'",
+            "give the catalog entry and the card the same name",
+        )
     return card
 
 
@@ -169,8 +181,9 @@ def default_model_name(models_dir=None) -> str:
     models_dir = Path(models_dir or MODELS_DIR)
     index = read_catalog(models_dir)
     if index is None:
-        raise AbdomenSegError(f"no model catalog at '{models_dir / 'catalog.json'}'",
-                              "reinstall AbdomenSeg or set ABDOMENSEG_MODELS")
+        raise AbdomenSegError(
+            f"no model catalog at '{models_dir / 'catalog.json'}'", "reinstall AbdomenSeg or set ABDOMENSEG_MODELS"
+        )
     return index["default"]
 
 
@@ -225,24 +238,30 @@ def cpu_copy(card: ModelCard, network):
 
 def _build(card: ModelCard):
     from .networks import build_network
+
     try:
         # Loaded packages are for inference (and for reading their state_dict, whose keys are the same): the
         # 3D UNet is then built without MONAI, whose import alone cost ~2.8 s of every run (networks.py).
         return build_network(card["architecture"], card.in_channels, card.out_channels, for_inference=True)
     except (TypeError, ValueError) as exc:  # an argument MONAI/smp do not take, or a value they refuse
-        raise AbdomenSegError(f"model '{card.name}': architecture {card['architecture']['class']} cannot be built "
-                              f"from the card's args ({exc})", "fix architecture.args in the card") from None
+        raise AbdomenSegError(
+            f"model '{card.name}': architecture {card['architecture']['class']} cannot be built "
+            f"from the card's args ({exc})",
+            "fix architecture.args in the card",
+        ) from None
 
 
 def _read_tensors(path: Path, card: ModelCard) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as exc:
-        raise AbdomenSegError(f"weights '{path}' of model '{card.name}' are not a valid safetensors file ({exc})",
-                              "pickled checkpoints (.pt/.pth) are refused, as loading them can run code; "
-                              + REEXPORT) from None
+        raise AbdomenSegError(
+            f"weights '{path}' of model '{card.name}' are not a valid safetensors file ({exc})",
+            "pickled checkpoints (.pt/.pth) are refused, as loading them can run code; " + REEXPORT,
+        ) from None
 
 
 def _load_weights(network, state: dict, card: ModelCard) -> None:
@@ -251,9 +270,11 @@ def _load_weights(network, state: dict, card: ModelCard) -> None:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = _mismatch(network.state_dict(), state) or str(exc).splitlines()[0]
-        raise AbdomenSegError(f"weights of model '{card.name}' do not fit the {card['architecture']['class']} "
-                              f"its card describes: {detail}",
-                              "the card and the weights come from different models; " + REEXPORT) from None
+        raise AbdomenSegError(
+            f"weights of model '{card.name}' do not fit the {card['architecture']['class']} "
+            f"its card describes: {detail}",
+            "the card and the weights come from different models; " + REEXPORT,
+        ) from None
 
 
 def _mismatch(expected: dict, found: dict) -> str:
@@ -264,8 +285,10 @@ def _mismatch(expected: dict, found: dict) -> str:
     parts = []
     if reshaped:
         k = reshaped[0]
-        parts.append(f"{len(reshaped)} tensors differ in shape (e.g. {k}: file {list(found[k].shape)}, "
-                     f"card {list(expected[k].shape)})")
+        parts.append(
+            f"{len(reshaped)} tensors differ in shape (e.g. {k}: file {list(found[k].shape)}, "
+            f"card {list(expected[k].shape)})"
+        )
     if missing:
         parts.append(f"{len(missing)} tensors are missing from the file (e.g. {missing[0]})")
     if extra:
@@ -276,6 +299,7 @@ def _mismatch(expected: dict, found: dict) -> str:
 def export_package(network, card_data: dict, out_dir, *, register_in=None, make_default=False) -> ModelCard:
     """Write weights (safetensors) + card with sha256; optionally list it in a catalog."""
     from safetensors.torch import save_file
+
     from .io import atomic_output, write_json
 
     out_dir = Path(out_dir)

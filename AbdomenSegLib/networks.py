@@ -1,4 +1,5 @@
 """Build networks from a model card's architecture block (no weights downloaded, ever)."""
+
 from __future__ import annotations
 
 import copy
@@ -19,14 +20,17 @@ def build_network(architecture: dict, in_channels: int, out_channels: int, *, fo
     args = copy.deepcopy(architecture.get("args", {}))
     if for_inference and name == "UNet":
         from . import unet3d
+
         if unet3d.supports(args):
             return unet3d.UNet3D(in_channels, out_channels, **args)
     if for_inference and name == "Unet":
         from . import unet2d
+
         if unet2d.supports(args):
             return unet2d.Unet2D(in_channels, out_channels, **args)
     if name in MONAI_3D:
         from monai.networks import nets
+
         args.update(spatial_dims=3, in_channels=in_channels, out_channels=out_channels)
         if name == "DynUNet":
             args.setdefault("kernel_size", [[3, 3, 3]] * 5)
@@ -38,12 +42,14 @@ def build_network(architecture: dict, in_channels: int, out_channels: int, *, fo
         return getattr(nets, name)(**args)
     if name in SMP_2D:
         import segmentation_models_pytorch as smp
+
         # encoder_weights must stay None: the default ("imagenet") downloads from a hub at run time.
         args["encoder_weights"] = None
         args.update(in_channels=in_channels, classes=out_channels)
         return getattr(smp, name)(**args)
-    raise AbdomenSegError(f"unknown architecture '{name}'",
-                          f"use one of {', '.join(MONAI_3D + SMP_2D)} in the model card/config")
+    raise AbdomenSegError(
+        f"unknown architecture '{name}'", f"use one of {', '.join(MONAI_3D + SMP_2D)} in the model card/config"
+    )
 
 
 def divisor(architecture: dict) -> int:

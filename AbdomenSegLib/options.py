@@ -4,6 +4,7 @@ One definition each: cli.py builds its choices from these, the Slicer module's p
 the engine's Options its annotations. Standard library only, so that the Slicer module can import it when
 Slicer starts without loading the engine's dependencies (Testing/test_packaging.py checks that).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal, get_args

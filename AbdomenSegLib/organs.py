@@ -4,6 +4,7 @@ Fixed once and used everywhere (label maps, .seg.nrrd files, Slicer segments, me
 Also holds the label conventions of the datasets we read references from, so a reference in
 BTCV, CHAOS or TotalSegmentator numbering can be evaluated without conversion by the user.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,15 +51,17 @@ class Organ:
         Slicer's own default segment entry (Libs/vtkSegmentationCore/vtkSegment.cxx:68-69 @ v5.6.2, :71 @ v5.10.0)
         keeps the anatomic context name with an empty region.
         """
-        return "~".join([
-            self.terminology_context,
-            _code(ANATOMICAL_STRUCTURE),
-            _code(self.snomed_type),
-            _code(self.snomed_modifier),
-            ANATOMIC_CONTEXT,
-            _code(_EMPTY),
-            _code(_EMPTY),
-        ])
+        return "~".join(
+            [
+                self.terminology_context,
+                _code(ANATOMICAL_STRUCTURE),
+                _code(self.snomed_type),
+                _code(self.snomed_modifier),
+                ANATOMIC_CONTEXT,
+                _code(_EMPTY),
+                _code(_EMPTY),
+            ]
+        )
 
 
 def _code(triple) -> str:
@@ -77,15 +80,29 @@ ORGANS: tuple = (
     Organ(6, "gallbladder", "Gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder")),
     Organ(7, "stomach", "Stomach", (216, 132, 105), ("SCT", "69695003", "Stomach")),
     Organ(8, "aorta", "Aorta", (224, 97, 76), ("SCT", "15825003", "Aorta")),
-    Organ(9, "inferior_vena_cava", "Inferior vena cava", (0, 151, 206), ("SCT", "64131007", "Inferior vena cava"),
-          terminology_context=DICOM_MASTER_CONTEXT),
+    Organ(
+        9,
+        "inferior_vena_cava",
+        "Inferior vena cava",
+        (0, 151, 206),
+        ("SCT", "64131007", "Inferior vena cava"),
+        terminology_context=DICOM_MASTER_CONTEXT,
+    ),
     Organ(10, "esophagus", "Esophagus", (211, 171, 143), ("SCT", "32849002", "Esophagus")),
     # No list Slicer ships has a code for portal + splenic vein together (the DICOM master list has "Portal vein"
     # :8345 and "Splenic vein" :8411 apart; SCT 110765007 "Portal vein and splenic vein" exists only in the
     # TotalSegmentator extension's own list). Coded as the portal vein: an approximation, the label holds both.
-    Organ(11, "portal_splenic_vein", "Portal and splenic vein", (0, 112, 165), ("SCT", "32764006", "Portal vein"),
-          terminology_context=DICOM_MASTER_CONTEXT),
-    Organ(12, "adrenal_gland_right", "Right adrenal gland", (244, 214, 49), ("SCT", "23451007", "Adrenal gland"), _RIGHT),
+    Organ(
+        11,
+        "portal_splenic_vein",
+        "Portal and splenic vein",
+        (0, 112, 165),
+        ("SCT", "32764006", "Portal vein"),
+        terminology_context=DICOM_MASTER_CONTEXT,
+    ),
+    Organ(
+        12, "adrenal_gland_right", "Right adrenal gland", (244, 214, 49), ("SCT", "23451007", "Adrenal gland"), _RIGHT
+    ),
     Organ(13, "adrenal_gland_left", "Left adrenal gland", (226, 198, 28), ("SCT", "23451007", "Adrenal gland"), _LEFT),
     Organ(14, "urinary_bladder", "Urinary bladder", (222, 154, 132), ("SCT", "89837001", "Bladder")),
 )
@@ -98,22 +115,49 @@ MAX_LABEL = max(BY_LABEL)
 CONVENTIONS: dict = {
     "abdomenseg": {o.label: o.name for o in ORGANS},
     "btcv": {
-        1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "esophagus",
-        6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_splenic_vein",
-        11: "pancreas", 12: "adrenal_gland_right", 13: "adrenal_gland_left",
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        4: "gallbladder",
+        5: "esophagus",
+        6: "liver",
+        7: "stomach",
+        8: "aorta",
+        9: "inferior_vena_cava",
+        10: "portal_splenic_vein",
+        11: "pancreas",
+        12: "adrenal_gland_right",
+        13: "adrenal_gland_left",
     },
     "chaos": {1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"},
     # TotalSegmentator v2 "total" task (CT).
     "totalseg": {
-        1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
-        6: "stomach", 7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left",
-        15: "esophagus", 21: "urinary_bladder", 52: "aorta", 63: "inferior_vena_cava",
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        4: "gallbladder",
+        5: "liver",
+        6: "stomach",
+        7: "pancreas",
+        8: "adrenal_gland_right",
+        9: "adrenal_gland_left",
+        15: "esophagus",
+        21: "urinary_bladder",
+        52: "aorta",
+        63: "inferior_vena_cava",
         64: "portal_splenic_vein",
     },
     # TotalSegmentator "total_mr" task.
     "totalseg_mr": {
-        1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
-        6: "stomach", 7: "pancreas", 16: "urinary_bladder", 23: "aorta",
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        4: "gallbladder",
+        5: "liver",
+        6: "stomach",
+        7: "pancreas",
+        16: "urinary_bladder",
+        23: "aorta",
     },
 }
 
@@ -124,8 +168,13 @@ ALIASES: dict = {
     "adrenal_gland_right": ["right adrenal gland", "right_adrenal_gland", "adrenal r", "adrenal gland right"],
     "adrenal_gland_left": ["left adrenal gland", "left_adrenal_gland", "adrenal l", "adrenal gland left"],
     "inferior_vena_cava": ["ivc", "vena cava inferior", "inferior vena cava", "postcava"],
-    "portal_splenic_vein": ["portal vein and splenic vein", "portal_vein_and_splenic_vein", "portal vein",
-                            "portal and splenic vein", "portal + splenic vein"],
+    "portal_splenic_vein": [
+        "portal vein and splenic vein",
+        "portal_vein_and_splenic_vein",
+        "portal vein",
+        "portal and splenic vein",
+        "portal + splenic vein",
+    ],
     "gallbladder": ["gall bladder"],
     "urinary_bladder": ["bladder"],
     "esophagus": ["oesophagus"],
@@ -187,6 +236,7 @@ def conversion_lut(convention: str) -> np.ndarray:
     """Lookup table converting a label map in `convention` to our organ labels."""
     if convention not in CONVENTIONS:
         from .errors import AbdomenSegError
+
         raise AbdomenSegError(
             f"unknown label convention '{convention}'",
             f"use one of: {', '.join(sorted(CONVENTIONS))}",

@@ -5,6 +5,7 @@ runs the card's validation protocol: every validation case segmented from its or
 in its own grid, and scored (metrics.py). The shipped models' tests re-run the same protocol
 (Testing/test_shipped_models.py), so a card's figures stay reproducible.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,14 @@ def validation_rows(card, root=None, log=print, precision="fp32") -> tuple[list,
         start = time.time()
         prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"], precision=precision))
         seconds.append(time.time() - start)
-        rows += evaluate(prediction, label, reference_convention=data["convention"],
-                         organs=list(card["labels"].values()), case=name, model=card.name)
+        rows += evaluate(
+            prediction,
+            label,
+            reference_convention=data["convention"],
+            organs=list(card["labels"].values()),
+            case=name,
+            model=card.name,
+        )
         log(f"validated {name} ({seconds[-1]:.1f} s)")
     return rows, seconds
 
@@ -51,10 +58,12 @@ def validate_package(card, log=print) -> dict:
     summary = {s["organ"]: s for s in summarize(rows)}
     return {
         "protocol": "full pipeline on the original validation files (input grid), never trained on; "
-                    "mean over cases where the organ is present in prediction or reference",
+        "mean over cases where the organ is present in prediction or reference",
         "cases": sorted(card["training"]["validation_cases"]),
-        **{metric: {o: round(s[f"{metric}_mean"], 4) for o, s in summary.items()}
-           for metric in ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice")},
+        **{
+            metric: {o: round(s[f"{metric}_mean"], 4) for o, s in summary.items()}
+            for metric in ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice")
+        },
         "dice_std": {o: round(s["dice_std"], 4) for o, s in summary.items()},
         "cpu_seconds_per_case": round(float(np.mean(seconds)), 1) if seconds else None,
     }
@@ -64,17 +73,28 @@ def trainer_class(config: dict) -> type:
     """The Trainer of config's train.trainer: the standard one, or the contrast-agnostic one (train_synth.py)."""
     if config["train"]["trainer"] == "synth":
         from .train_synth import SynthTrainer
+
         return SynthTrainer
     return Trainer
 
 
-def train_and_export(config_source, *, out=None, device="auto", resume=False, export_only=False, export_to=None,
-                     make_default=False, log=print):
+def train_and_export(
+    config_source,
+    *,
+    out=None,
+    device="auto",
+    resume=False,
+    export_only=False,
+    export_to=None,
+    make_default=False,
+    log=print,
+):
     """Train (or resume), export the best weights as a package, validate it, fill in its card."""
     import platform
     import sys
 
     import torch
+
     from .inference import resolve_device
     from .models import export_package
 
@@ -86,31 +106,44 @@ def train_and_export(config_source, *, out=None, device="auto", resume=False, ex
     if export_only:
         trainer.load_checkpoint()
     else:
-        trainer.run(resume=resume, progress=lambda s, n, l: (s % 20 == 0 or s == n) and log(
-            f"step {s}/{n} loss {l:.4f} ({time.time() - start:.0f} s)"))
+        trainer.run(
+            resume=resume,
+            progress=lambda s, n, l: (s % 20 == 0 or s == n)
+            and log(f"step {s}/{n} loss {l:.4f} ({time.time() - start:.0f} s)"),
+        )
     if trainer.world > 1:
         import torch.distributed as dist
+
         dist.destroy_process_group()
         if trainer.rank != 0:
             return None  # rank 0 exports and validates
     network = trainer.best_network()
     history = trainer.history
-    hardware = (torch.cuda.get_device_name(0) if device == "cuda"
-                else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    hardware = (
+        torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     card_data = trainer.card()
-    card_data["training"].update({
-        "command": f"python -m AbdomenSegLib train {config_source} --out {out}",
-        "export_command": "python -m AbdomenSegLib " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
-        "hardware": hardware, "torch": torch.__version__,
-        "seconds": history[-1]["seconds"] if history else None, "history": history,
-    })
+    card_data["training"].update(
+        {
+            "command": f"python -m AbdomenSegLib train {config_source} --out {out}",
+            "export_command": "python -m AbdomenSegLib " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
+            "hardware": hardware,
+            "torch": torch.__version__,
+            "seconds": history[-1]["seconds"] if history else None,
+            "history": history,
+        }
+    )
     target = Path(export_to) / config["name"] if export_to else out / "package"
     card = export_package(network, card_data, target, register_in=export_to, make_default=make_default)
     log(f"exported {target}; validating on {card['training']['validation_cases']}")
     card.data["validation"] = validate_package(card, log=log)
-    card.data["timing"] = {"cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
-                           "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
-                           "gpu_seconds": None}
+    card.data["timing"] = {
+        "cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
+        "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
+        "gpu_seconds": None,
+    }
     write_json(card.data, target / "card.json")
     log("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.data["validation"]["dice"].items()))
     return card

@@ -5,6 +5,7 @@ Used where no scan is at hand: the README's main-job command and the test suite 
 x = patient left, y = posterior, z = superior) with plausible HU, so any geometry (flipped, oblique,
 anisotropic) can be generated and the same labels are known exactly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,6 +63,8 @@ def make_phantom(size=(96, 80, 64), spacing=(4.0, 4.0, 5.0), direction=None, ori
 def rotation(axis: str, degrees: float) -> np.ndarray:
     a = np.deg2rad(degrees)
     c, s = np.cos(a), np.sin(a)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+    return {
+        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
+    }[axis]

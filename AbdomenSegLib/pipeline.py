@@ -3,6 +3,7 @@
 Inference and the training cache both go through `to_model_space`, so a model sees at inference
 exactly the preprocessing it was trained with (the card holds every parameter).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,27 +30,40 @@ class ModelSpace:
     box: tuple  # body bounding box (slices) in model space
 
 
-def check_input(image: sitk.Image, modality: str, *, input_intensity: str = "native", name: str = "input",
-                model_spacing=None, channels: int = 0):
+def check_input(
+    image: sitk.Image,
+    modality: str,
+    *,
+    input_intensity: str = "native",
+    name: str = "input",
+    model_spacing=None,
+    channels: int = 0,
+):
     """Refuse inputs a model cannot meaningfully segment, naming the fix; with the model's spacing and
     channel count, also inputs whose model-space grid would not fit the memory limit (`limits`)."""
     limits.check_geometry(image.GetSize(), image.GetSpacing(), name)
     if model_spacing is not None:
-        limits.check_memory(image.GetSize(), image.GetSpacing(), _per_image_axis(image, model_spacing),
-                            channels, name)
+        limits.check_memory(image.GetSize(), image.GetSpacing(), _per_image_axis(image, model_spacing), channels, name)
     array = sitk.GetArrayViewFromImage(image)
     if array.size == 0 or min(image.GetSize()) < 2:
-        raise AbdomenSegError(f"{name} is empty or too thin (size {image.GetSize()})", "give a 3D volume with at least 2 voxels along each axis")
+        raise AbdomenSegError(
+            f"{name} is empty or too thin (size {image.GetSize()})",
+            "give a 3D volume with at least 2 voxels along each axis",
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise AbdomenSegError(f"{name} contains NaN or infinite values",
-                              "fix the image (e.g. replace NaN with the background value) and try again")
+        raise AbdomenSegError(
+            f"{name} contains NaN or infinite values",
+            "fix the image (e.g. replace NaN with the background value) and try again",
+        )
     sample = np.asarray(array[::4, ::4, ::4])
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise AbdomenSegError(f"{name} is constant (every voxel is {low:g})", "give the real scan, not a blank volume")
     if np.issubdtype(array.dtype, np.integer) and low >= 0 and len(np.unique(sample)) <= 32:
-        raise AbdomenSegError(f"{name} looks like a label map ({len(np.unique(sample))} distinct values), not a scan",
-                              "give the CT/MR image as input; label maps go to `evaluate` as the reference")
+        raise AbdomenSegError(
+            f"{name} looks like a label map ({len(np.unique(sample))} distinct values), not a scan",
+            "give the CT/MR image as input; label maps go to `evaluate` as the reference",
+        )
     limits.check_field_of_view(image.GetSize(), image.GetSpacing(), name)
     if modality == "CT" and input_intensity == "native":
         # Air, lung, bowel gas or out-of-field padding put every abdominal CT in HU below -200;
@@ -78,7 +92,8 @@ def _check_hu_scale(sample: np.ndarray, name: str) -> None:
         raise AbdomenSegError(
             f"{name} does not look like CT in Hounsfield units: only {100 * fraction:.1f}% of its voxels lie in the soft-"
             f"tissue range {_SOFT_TISSUE_HU[0]:g} to {_SOFT_TISSUE_HU[1]:g} HU (TotalSegmentator's example CT: 59%)",
-            "the rescale slope/intercept (DICOM) or scl_slope/scl_inter (NIfTI) is probably wrong: fix the header")
+            "the rescale slope/intercept (DICOM) or scl_slope/scl_inter (NIfTI) is probably wrong: fix the header",
+        )
 
 
 def _check_zero_filled_tail(array: np.ndarray, name: str) -> None:
@@ -97,7 +112,9 @@ def _check_zero_filled_tail(array: np.ndarray, name: str) -> None:
     if run >= half_slice:
         raise AbdomenSegError(
             f"{name} ends in {run:,} voxels of exactly 0 HU ({run / (2 * half_slice):.1f} slices), as a file that "
-            "was cut short and zero-filled by the reader does", "copy the file again from its source")
+            "was cut short and zero-filled by the reader does",
+            "copy the file again from its source",
+        )
 
 
 def _per_image_axis(image: sitk.Image, model_spacing) -> list:
@@ -106,10 +123,18 @@ def _per_image_axis(image: sitk.Image, model_spacing) -> list:
     return [float(model_spacing[int(direction[:, axis].argmax())]) for axis in range(3)]
 
 
-def to_model_space(image: sitk.Image, spacing, intensity: dict, *, orientation: str = pp.CANONICAL_ORIENTATION,
-                   input_intensity: str = "native") -> ModelSpace:
+def to_model_space(
+    image: sitk.Image,
+    spacing,
+    intensity: dict,
+    *,
+    orientation: str = pp.CANONICAL_ORIENTATION,
+    input_intensity: str = "native",
+) -> ModelSpace:
     if input_intensity not in INPUT_INTENSITIES:
-        raise AbdomenSegError(f"unknown input intensity '{input_intensity}'", f"use one of {', '.join(INPUT_INTENSITIES)}")
+        raise AbdomenSegError(
+            f"unknown input intensity '{input_intensity}'", f"use one of {', '.join(INPUT_INTENSITIES)}"
+        )
     image = sitk.Cast(image, sitk.sitkFloat32)
     convert = INPUT_INTENSITIES[input_intensity]
     if convert is not None:

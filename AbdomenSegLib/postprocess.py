@@ -2,6 +2,7 @@
 
 Each organ is processed inside its own bounding box, which keeps this cheap on 512x512x300 maps.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ slower on CPUs without them (torch then emulates it). So bf16 is never assumed: 
 CPU reports the instructions and the model's card records a bf16 validation (`inference.bf16_validated`);
 `bf16` on a CPU without them is refused. CUDA keeps its own mixed precision (float16 autocast).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,11 @@ def resolve_precision(requested: str, device: str, card) -> str:
     native = cpu_has_native_bf16()
     if requested == "bf16":
         if not native:
-            raise AbdomenSegError("this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), on which bf16 "
-                                  "inference is 40-100x slower", "use --precision fp32 or auto")
+            raise AbdomenSegError(
+                "this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), on which bf16 "
+                "inference is 40-100x slower",
+                "use --precision fp32 or auto",
+            )
         return "bf16"
     validated = bool((card.get("inference") or {}).get("bf16_validated"))
     return "bf16" if native and validated else "fp32"

@@ -4,6 +4,7 @@ Images are `SimpleITK.Image`s while geometry matters and (z, y, x) numpy arrays 
 Resampling works in physical space, so going back to the input grid is one resample onto the
 input image itself, which reproduces its size, spacing, origin and direction exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,18 +37,28 @@ def resample_to_spacing(image: sitk.Image, spacing, *, is_label: bool = False) -
     shift = (extent_old - extent_new) / 2.0 + (np.array(spacing) - np.array(old_spacing)) / 2.0
     origin = np.array(image.GetOrigin()) + direction @ shift
     return sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear,
-        origin.tolist(), spacing, image.GetDirection(), 0,
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear,
+        origin.tolist(),
+        spacing,
+        image.GetDirection(),
+        0,
         image.GetPixelID() if is_label else sitk.sitkFloat32,
     )
 
 
-def resample_to_reference(image: sitk.Image, reference: sitk.Image, *, is_label: bool = False,
-                          default_value: float = 0.0) -> sitk.Image:
+def resample_to_reference(
+    image: sitk.Image, reference: sitk.Image, *, is_label: bool = False, default_value: float = 0.0
+) -> sitk.Image:
     """Resample `image` into `reference`'s exact grid (size, spacing, origin, direction)."""
     return sitk.Resample(
-        image, reference, sitk.Transform(),
-        sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear, default_value,
+        image,
+        reference,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear,
+        default_value,
         image.GetPixelID() if is_label else sitk.sitkFloat32,
     )
 
@@ -75,14 +86,17 @@ def mr_normalize(array: np.ndarray, percentiles=(0.5, 99.5), body_mask=None) -> 
 def histogram_equalize(array01: np.ndarray, nbins: int = 256) -> np.ndarray:
     """Global histogram equalisation of a [0, 1] volume (the 'HE' variant of the 2D U-Net studies)."""
     from skimage import exposure
+
     return exposure.equalize_hist(array01, nbins=nbins).astype(np.float32)
 
 
 def clahe(array01: np.ndarray, clip_limit: float = 0.01, kernel_size=None) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation (scikit-image, works on 3D volumes)."""
     from skimage import exposure
-    return exposure.equalize_adapthist(np.clip(array01, 0, 1), kernel_size=kernel_size,
-                                       clip_limit=clip_limit).astype(np.float32)
+
+    return exposure.equalize_adapthist(np.clip(array01, 0, 1), kernel_size=kernel_size, clip_limit=clip_limit).astype(
+        np.float32
+    )
 
 
 def enhance(array01: np.ndarray, mode: str) -> np.ndarray:
@@ -125,9 +139,11 @@ def pad_to_multiple(array: np.ndarray, multiple, minimum=None, value: float = 0.
 
     Returns the padded array and the slices that recover the original.
     """
-    spatial = array.shape[-len(multiple):]
+    spatial = array.shape[-len(multiple) :]
     minimum = minimum or [0] * len(multiple)
-    target = [max(int(math.ceil(n / m) * m), int(math.ceil(mn / m) * m)) for n, m, mn in zip(spatial, multiple, minimum)]
+    target = [
+        max(int(math.ceil(n / m) * m), int(math.ceil(mn / m) * m)) for n, m, mn in zip(spatial, multiple, minimum)
+    ]
     pads = [(0, 0)] * (array.ndim - len(multiple)) + [(0, t - n) for n, t in zip(spatial, target)]
     unpad = tuple([slice(None)] * (array.ndim - len(multiple)) + [slice(0, n) for n in spatial])
     return np.pad(array, pads, constant_values=value), unpad

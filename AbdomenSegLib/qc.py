@@ -15,6 +15,7 @@ The relations used hold in normal adult anatomy (situs solitus); each was checke
 label maps and on TotalSegmentator's example CT (Testing/test_qc.py). Volume bands and the atlas of organ
 offsets are in qc_anatomy.py, with their sources.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from scipy import ndimage
 
 from .organs import BY_LABEL, BY_NAME
 from .postprocess import connected_pieces
-from .qc_anatomy import (ANCHORS, EXPECTED_WHEN_COVERED, NOTED_WHEN_MISSING, OFFSETS_MM, VOLUME_BANDS_ML)
+from .qc_anatomy import ANCHORS, EXPECTED_WHEN_COVERED, NOTED_WHEN_MISSING, OFFSETS_MM, VOLUME_BANDS_ML
 
 MIN_ML = 5.0  # organs smaller than this (a few stray voxels) say nothing about position
 PIECES_NOTE_FRACTION = 0.10  # volume outside the largest piece worth a note (and at least PIECES_NOTE_ML)
@@ -43,8 +44,11 @@ WARNING, NOTE = "warning", "note"
 # (a, b, axis, sign): organ a's centroid minus organ b's along the LPS axis must have this sign.
 _LEFT_RIGHT = (("liver", "spleen", 0, -1), ("kidney_right", "kidney_left", 0, -1))
 _SUPERIOR_INFERIOR = (("liver", "kidney_right", 2, +1), ("spleen", "kidney_left", 2, +1))
-_ANTERIOR_POSTERIOR = (("kidney_left", "stomach", 1, +1), ("kidney_right", "liver", 1, +1),
-                       ("aorta", "pancreas", 1, +1))
+_ANTERIOR_POSTERIOR = (
+    ("kidney_left", "stomach", 1, +1),
+    ("kidney_right", "liver", 1, +1),
+    ("aorta", "pancreas", 1, +1),
+)
 _AXES = {
     "left-right": (_LEFT_RIGHT, "the liver or right kidney lies on the patient's left of the spleen or left kidney"),
     "superior-inferior": (_SUPERIOR_INFERIOR, "the kidneys lie above the liver or spleen"),
@@ -91,26 +95,45 @@ class QCReport:
     def as_dict(self, **extra) -> dict:
         """JSON-ready (qc.json, the Slicer node attribute, the picture): see README 'Result check'."""
         flag = lambda f: {"code": f.code, "problem": f.problem, "fix": f.fix, "organ": f.organ}  # noqa: E731
-        organs = {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()}
-                  for name, o in self.organs.items()}
-        return {**extra, "warnings": [flag(f) for f in self.warnings], "notes": [flag(f) for f in self.notes],
-                "organs": organs}
+        organs = {
+            name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()}
+            for name, o in self.organs.items()
+        }
+        return {
+            **extra,
+            "warnings": [flag(f) for f in self.warnings],
+            "notes": [flag(f) for f in self.notes],
+            "organs": organs,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QCReport":
+    def from_dict(cls, data: dict) -> QCReport:
         """The report back from `as_dict` (a Slicer node attribute, a child process's JSON line)."""
-        flags = [Flag(f["code"], f["problem"], f["fix"], level, f.get("organ"))
-                 for level, key in ((WARNING, "warnings"), (NOTE, "notes")) for f in data.get(key, [])]
-        organs = {name: OrganQC(o["volume_ml"], o.get("pieces", 1), o.get("outside_largest_ml", 0.0),
-                                list(o.get("at_border", [])), o.get("confidence"),
-                                tuple(o["normal_range_ml"]) if o.get("normal_range_ml") else None)
-                  for name, o in data.get("organs", {}).items()}
+        flags = [
+            Flag(f["code"], f["problem"], f["fix"], level, f.get("organ"))
+            for level, key in ((WARNING, "warnings"), (NOTE, "notes"))
+            for f in data.get(key, [])
+        ]
+        organs = {
+            name: OrganQC(
+                o["volume_ml"],
+                o.get("pieces", 1),
+                o.get("outside_largest_ml", 0.0),
+                list(o.get("at_border", [])),
+                o.get("confidence"),
+                tuple(o["normal_range_ml"]) if o.get("normal_range_ml") else None,
+            )
+            for name, o in data.get("organs", {}).items()
+        }
         return cls(flags, organs)
 
     def columns(self) -> dict:
         """Flat columns for a CSV row: counts and codes of the flags, and per organ volume and confidence."""
-        row = {"qc_warnings": len(self.warnings), "qc_notes": len(self.notes),
-               "qc_flags": ";".join(f.code + (f":{f.organ}" if f.organ else "") for f in self.flags)}
+        row = {
+            "qc_warnings": len(self.warnings),
+            "qc_notes": len(self.notes),
+            "qc_flags": ";".join(f.code + (f":{f.organ}" if f.organ else "") for f in self.flags),
+        }
         for name, organ in self.organs.items():
             row[f"{name}_ml"] = round(organ.volume_ml, 2)
             if organ.confidence is not None:
@@ -140,7 +163,8 @@ def organ_volumes_and_centroids(labels: sitk.Image) -> tuple:
     for value, (z, y, x) in zip(present, centres):
         if np.isfinite(z):
             centroids[BY_LABEL[value].name] = np.array(
-                labels.TransformContinuousIndexToPhysicalPoint((x * step, y * step, z * step)))
+                labels.TransformContinuousIndexToPhysicalPoint((x * step, y * step, z * step))
+            )
     return volumes, centroids
 
 
@@ -185,19 +209,27 @@ def _usable(centroids: dict, volumes: dict) -> dict:
 def _orientation(usable: dict) -> list:
     flags = []
     for axis, (rules, what) in _AXES.items():
-        verdicts = [np.sign(usable[a][dim] - usable[b][dim]) == sign
-                    for a, b, dim, sign in rules if a in usable and b in usable]
+        verdicts = [
+            np.sign(usable[a][dim] - usable[b][dim]) == sign for a, b, dim, sign in rules if a in usable and b in usable
+        ]
         if verdicts and not any(verdicts):
             extra = " (or the patient has situs inversus)" if axis == "left-right" else ""
-            flags.append(Flag(f"flipped_{axis}",
-                              f"organs lie mirrored {axis}: {what}; the image header is probably flipped "
-                              f"{axis}{extra}",
-                              "check the image's orientation (direction matrix) against the scanner's, fix the "
-                              "header, and segment again; do not use this result as it is"))
+            flags.append(
+                Flag(
+                    f"flipped_{axis}",
+                    f"organs lie mirrored {axis}: {what}; the image header is probably flipped " f"{axis}{extra}",
+                    "check the image's orientation (direction matrix) against the scanner's, fix the "
+                    "header, and segment again; do not use this result as it is",
+                )
+            )
         elif verdicts and not all(verdicts):
-            flags.append(Flag(f"inconsistent_{axis}",
-                              f"organ positions disagree {axis} ({what}, for some organs but not others)",
-                              "look at the result before using it: some organs are probably mislabelled"))
+            flags.append(
+                Flag(
+                    f"inconsistent_{axis}",
+                    f"organ positions disagree {axis} ({what}, for some organs but not others)",
+                    "look at the result before using it: some organs are probably mislabelled",
+                )
+            )
     return flags
 
 
@@ -213,13 +245,24 @@ def _liver_spleen(volumes: dict) -> list:
     # Not excused by a cut liver: the spleen lies at the liver's level (qc_anatomy.OFFSETS_MM), so a field of
     # view that cuts one cuts the other too.
     if liver < VOLUME_BANDS_ML["liver"][0]:
-        return [Flag("liver_spleen_mixed_up",
-                     f"the spleen came out larger than the liver ({spleen:.0f} vs {liver:.0f} mL) and the liver is "
-                     "far below an adult liver's size: liver and spleen are probably mixed up, as when the image "
-                     "header is mirrored left-right",
-                     "check the header's left-right direction, fix it and segment again")]
-    return [Flag("spleen_larger_than_liver", f"the spleen is larger than the liver ({spleen:.0f} vs {liver:.0f} mL)",
-                 "massive splenomegaly, or a mislabelled result: look at it", NOTE, "spleen")]
+        return [
+            Flag(
+                "liver_spleen_mixed_up",
+                f"the spleen came out larger than the liver ({spleen:.0f} vs {liver:.0f} mL) and the liver is "
+                "far below an adult liver's size: liver and spleen are probably mixed up, as when the image "
+                "header is mirrored left-right",
+                "check the header's left-right direction, fix it and segment again",
+            )
+        ]
+    return [
+        Flag(
+            "spleen_larger_than_liver",
+            f"the spleen is larger than the liver ({spleen:.0f} vs {liver:.0f} mL)",
+            "massive splenomegaly, or a mislabelled result: look at it",
+            NOTE,
+            "spleen",
+        )
+    ]
 
 
 def _volume_bands(volumes: dict, cut: set) -> list:
@@ -230,16 +273,25 @@ def _volume_bands(volumes: dict, cut: set) -> list:
         if volume is None or low <= volume <= high or (name in cut and volume < low):
             continue
         side = "below" if volume < low else "above"
-        flags.append(Flag(f"volume_{'low' if volume < low else 'high'}",
-                          f"{name} {volume:.0f} mL is {side} the adult band {low:.0f}-{high:.0f} mL",
-                          "atypical anatomy or an incomplete/overgrown result: look at it", NOTE, name))
+        flags.append(
+            Flag(
+                f"volume_{'low' if volume < low else 'high'}",
+                f"{name} {volume:.0f} mL is {side} the adult band {low:.0f}-{high:.0f} mL",
+                "atypical anatomy or an incomplete/overgrown result: look at it",
+                NOTE,
+                name,
+            )
+        )
     return flags
 
 
 def _expected_position(name: str, centroids: dict) -> tuple | None:
     """Atlas position of `name` from the anchors present: (mean point, per-axis SD) in LPS mm."""
-    guesses = [(centroids[a] + np.array(OFFSETS_MM[name][a][0]), np.array(OFFSETS_MM[name][a][1]))
-               for a in ANCHORS if a in centroids and a in OFFSETS_MM.get(name, {})]
+    guesses = [
+        (centroids[a] + np.array(OFFSETS_MM[name][a][0]), np.array(OFFSETS_MM[name][a][1]))
+        for a in ANCHORS
+        if a in centroids and a in OFFSETS_MM.get(name, {})
+    ]
     if not guesses:
         return None
     return np.mean([g[0] for g in guesses], axis=0), np.mean([g[1] for g in guesses], axis=0)
@@ -267,9 +319,15 @@ def _missing(labels: sitk.Image, expected, volumes: dict, usable: dict) -> list:
         found = volumes.get(name, 0.0)
         what = f"only {found:.0f} mL of {name} was found" if found >= 0.5 else f"{name} was not found"
         if name in EXPECTED_WHEN_COVERED:
-            flags.append(Flag("missing_organ", f"{what} although the image covers where it lies",
-                              "it may be absent (removed, atrophic, displaced) or missed: look at the result", WARNING,
-                              name))
+            flags.append(
+                Flag(
+                    "missing_organ",
+                    f"{what} although the image covers where it lies",
+                    "it may be absent (removed, atrophic, displaced) or missed: look at the result",
+                    WARNING,
+                    name,
+                )
+            )
         elif name in NOTED_WHEN_MISSING:
             flags.append(Flag("not_found", what, "it may be absent or missed", NOTE, name))
     return flags
@@ -284,9 +342,16 @@ def _misplaced(usable: dict) -> list:
             continue
         offset = centre - guess[0]
         if np.max(np.abs(offset) / guess[1]) > MISPLACED_SD and np.linalg.norm(offset) > MISPLACED_MM:
-            flags.append(Flag("misplaced_organ", f"{name} lies {np.linalg.norm(offset):.0f} mm from where the other "
-                              "organs put it", "it may be mislabelled (another organ, a transplant) or "
-                              "the anatomy is unusual: look at the result", WARNING, name))
+            flags.append(
+                Flag(
+                    "misplaced_organ",
+                    f"{name} lies {np.linalg.norm(offset):.0f} mm from where the other " "organs put it",
+                    "it may be mislabelled (another organ, a transplant) or "
+                    "the anatomy is unusual: look at the result",
+                    WARNING,
+                    name,
+                )
+            )
     return flags
 
 
@@ -299,13 +364,18 @@ def _no_large_organ(expected, usable: dict) -> list:
     large = [n for n in _LARGE if n in expected]
     if not large or any(n in usable for n in large):
         return []
-    return [Flag("no_large_organ", f"none of {', '.join(large)} was found in a meaningful amount",
-                 "check that the image shows the abdomen, that its spacing is right and that the model fits the "
-                 "modality")]
+    return [
+        Flag(
+            "no_large_organ",
+            f"none of {', '.join(large)} was found in a meaningful amount",
+            "check that the image shows the abdomen, that its spacing is right and that the model fits the " "modality",
+        )
+    ]
 
 
-def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, confidence_low=None,
-           single_piece=()) -> QCReport:
+def assess(
+    labels: sitk.Image, *, expected=None, asked=None, confidence=None, confidence_low=None, single_piece=()
+) -> QCReport:
     """Check a label map in our organ table.
 
     expected: the organ names the model segments (and the user kept); only those can be 'missing'.
@@ -318,9 +388,14 @@ def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, co
     report = QCReport()
     if not volumes:
         what = ", ".join(asked) if asked else "any organ"
-        report.flags.append(Flag("empty", f"no organ was found ({what})",
-                                 "check that the image covers the abdomen, that its spacing and intensities are "
-                                 "right, and that the model fits the modality"))
+        report.flags.append(
+            Flag(
+                "empty",
+                f"no organ was found ({what})",
+                "check that the image covers the abdomen, that its spacing and intensities are "
+                "right, and that the model fits the modality",
+            )
+        )
         return report
     array = np.asarray(sitk.GetArrayViewFromImage(labels))
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
@@ -329,10 +404,10 @@ def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, co
     confidence = confidence or {}
     for name, volume in volumes.items():
         value = BY_NAME[name].label
-        pieces, outside, touched = _pieces_and_borders(array, value, boxes[value - 1], voxel_ml, faces,
-                                                       name in single_piece)
-        report.organs[name] = OrganQC(volume, pieces, outside, touched, confidence.get(name),
-                                      VOLUME_BANDS_ML.get(name))
+        pieces, outside, touched = _pieces_and_borders(
+            array, value, boxes[value - 1], voxel_ml, faces, name in single_piece
+        )
+        report.organs[name] = OrganQC(volume, pieces, outside, touched, confidence.get(name), VOLUME_BANDS_ML.get(name))
     cut = {name for name, organ in report.organs.items() if organ.at_border}
     usable = _usable(centroids, volumes)
     report.flags += _orientation(usable)
@@ -343,15 +418,35 @@ def assess(labels: sitk.Image, *, expected=None, asked=None, confidence=None, co
     report.flags += _volume_bands(volumes, cut)
     for name, organ in report.organs.items():
         if organ.at_border:
-            report.flags.append(Flag("cut_by_border", f"{name} touches the image border ({', '.join(organ.at_border)}):"
-                                     " its volume is incomplete", "extend the scan range if the whole organ matters",
-                                     NOTE, name))
+            report.flags.append(
+                Flag(
+                    "cut_by_border",
+                    f"{name} touches the image border ({', '.join(organ.at_border)}):" " its volume is incomplete",
+                    "extend the scan range if the whole organ matters",
+                    NOTE,
+                    name,
+                )
+            )
         if organ.outside_largest_ml > max(PIECES_NOTE_ML, PIECES_NOTE_FRACTION * organ.volume_ml):
-            report.flags.append(Flag("pieces", f"{name} is in {organ.pieces} pieces; {organ.outside_largest_ml:.0f} mL "
-                                     f"({100 * organ.outside_largest_ml / organ.volume_ml:.0f}%) lies outside the "
-                                     "largest", "look at the smaller pieces: stray islands or a split organ", NOTE, name))
+            report.flags.append(
+                Flag(
+                    "pieces",
+                    f"{name} is in {organ.pieces} pieces; {organ.outside_largest_ml:.0f} mL "
+                    f"({100 * organ.outside_largest_ml / organ.volume_ml:.0f}%) lies outside the "
+                    "largest",
+                    "look at the smaller pieces: stray islands or a split organ",
+                    NOTE,
+                    name,
+                )
+            )
         if confidence_low is not None and organ.confidence is not None and organ.confidence < confidence_low:
-            report.flags.append(Flag("low_confidence", f"{name}: the network is unsure (confidence "
-                                     f"{organ.confidence:.2f} < {confidence_low:.2f})",
-                                     "its outline is likely inaccurate: look at it", NOTE, name))
+            report.flags.append(
+                Flag(
+                    "low_confidence",
+                    f"{name}: the network is unsure (confidence " f"{organ.confidence:.2f} < {confidence_low:.2f})",
+                    "its outline is likely inaccurate: look at it",
+                    NOTE,
+                    name,
+                )
+            )
     return report

@@ -1,5 +1,6 @@
 """Where the result check goes: a report per case (JSON and a picture), and for a folder run one CSV and an
 index of the pictures. The command line and the Slicer batch script share it."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,24 @@ def assess_result(segmenter, labels, options=None) -> QCReport:
     confidence = getattr(segmenter, "last_confidence", None) or {}
     low = (card.get("qc") or {}).get("confidence", {}).get("low_below")
     from .organs import BY_LABEL
-    single = [BY_LABEL[v].name for v in segmenter.largest_component_organs(
-        getattr(options, "largest_component", "model"))]
-    return assess(labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low,
-                  single_piece=single)
+
+    single = [
+        BY_LABEL[v].name for v in segmenter.largest_component_organs(getattr(options, "largest_component", "model"))
+    ]
+    return assess(
+        labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low, single_piece=single
+    )
 
 
-_NOTE_TITLES = {"cut_by_border": "cut by the image border", "low_confidence": "low confidence",
-                "volume_low": "below the adult volume band", "volume_high": "above the adult volume band",
-                "pieces": "in several pieces", "not_found": "not found", "spleen_larger_than_liver": "spleen > liver"}
+_NOTE_TITLES = {
+    "cut_by_border": "cut by the image border",
+    "low_confidence": "low confidence",
+    "volume_low": "below the adult volume band",
+    "volume_high": "above the adult volume band",
+    "pieces": "in several pieces",
+    "not_found": "not found",
+    "spleen_larger_than_liver": "spleen > liver",
+}
 
 
 def summary_lines(case: str, report: QCReport) -> list:
@@ -37,8 +47,9 @@ def summary_lines(case: str, report: QCReport) -> list:
     for flag in report.notes:
         groups.setdefault(_NOTE_TITLES.get(flag.code, flag.code), []).append(flag.organ or "")
     if groups:
-        parts = [f"{title} ({', '.join(filter(None, organs))})" if any(organs) else title
-                 for title, organs in groups.items()]
+        parts = [
+            f"{title} ({', '.join(filter(None, organs))})" if any(organs) else title for title, organs in groups.items()
+        ]
         lines.append(f"note: {case}: " + "; ".join(parts))
     return lines
 
@@ -63,10 +74,17 @@ class QCFiles:
                 Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         if png_path:
             from .qc_sheet import render_case_sheet
+
             render_case_sheet(image, labels, data, png_path, title=f"{case} ({extra.get('model', '')})")
         self.rows.append({"case": case, **{k: v for k, v in extra.items() if k != "modality"}, **report.columns()})
-        self.entries.append({"case": case, "png": str(png_path) if png_path else "", "warnings": data["warnings"],
-                             "notes": data["notes"]})
+        self.entries.append(
+            {
+                "case": case,
+                "png": str(png_path) if png_path else "",
+                "warnings": data["warnings"],
+                "notes": data["notes"],
+            }
+        )
         return data
 
     def add_existing(self, case: str) -> int | None:
@@ -83,8 +101,14 @@ class QCFiles:
         extra = {k: data[k] for k in ("output", "model", "seconds") if k in data}
         self.rows.append({"case": case, **extra, **report.columns()})
         png = self.folder / f"{case}.png"
-        self.entries.append({"case": case, "png": str(png) if png.is_file() else "",
-                             "warnings": data.get("warnings", []), "notes": data.get("notes", [])})
+        self.entries.append(
+            {
+                "case": case,
+                "png": str(png) if png.is_file() else "",
+                "warnings": data.get("warnings", []),
+                "notes": data.get("notes", []),
+            }
+        )
         return len(report.warnings)
 
     def finish(self) -> list:
@@ -92,11 +116,13 @@ class QCFiles:
         if not self.folder or not self.rows:
             return []
         from .metrics import write_csv
+
         fields = []
         for row in self.rows:  # organs differ between cases: the union of columns, in first-seen order
             fields += [k for k in row if k not in fields]
         written = [write_csv(self.rows, self.folder / "qc.csv", fields=fields)]
         if self.pictures and any(e["png"] for e in self.entries):
             from .qc_sheet import write_contact_sheet
+
             written += list(write_contact_sheet([e for e in self.entries if e["png"]], self.folder))
         return written

@@ -14,6 +14,7 @@ matplotlib is imported only when a sheet is drawn, and its Agg canvas is used di
 Figure (no pyplot, no `matplotlib.use`): drawing never switches the host's backend (3D Slicer's Python)
 and is safe from worker threads.
 """
+
 from __future__ import annotations
 
 import html
@@ -97,10 +98,12 @@ def _number(value):
 
 # ------------------------------------------------------------------------------------ display volumes
 def _on_image_grid(image: sitk.Image, labels: sitk.Image) -> sitk.Image:
-    same = (labels.GetSize() == image.GetSize()
-            and np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=1e-4)
-            and np.allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-3)
-            and np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-4))
+    same = (
+        labels.GetSize() == image.GetSize()
+        and np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=1e-4)
+        and np.allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-3)
+        and np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-4)
+    )
     if same:
         return labels
     return sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
@@ -117,8 +120,13 @@ def _lps_views(image: sitk.Image, labels: sitk.Image):
     physical = np.argmax(np.abs(direction), axis=0)  # index axis i runs mostly along physical axis physical[i]
     if sorted(physical.tolist()) != [0, 1, 2]:
         image, labels = sitk.DICOMOrient(image, "LPS"), sitk.DICOMOrient(labels, "LPS")
-        return (sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(labels), image.GetSpacing(), True,
-                (image, labels))
+        return (
+            sitk.GetArrayViewFromImage(image),
+            sitk.GetArrayViewFromImage(labels),
+            image.GetSpacing(),
+            True,
+            (image, labels),
+        )
     signs = np.sign(direction[physical, np.arange(3)])
     oblique = not np.allclose(np.abs(direction), np.eye(3)[:, physical], atol=1e-3)
     index_of = {int(p): i for i, p in enumerate(physical)}  # physical axis -> index axis
@@ -171,6 +179,7 @@ def _display_window(image: np.ndarray, modality) -> tuple:
     if high <= low:
         return (low - 1.0, high + 1.0)
     from skimage.filters import threshold_otsu
+
     body = sample[sample > low + 0.5 * (float(threshold_otsu(sample)) - low)]
     if body.size < 100:
         body = sample
@@ -186,8 +195,7 @@ def _views(image: np.ndarray, labels: np.ndarray, spacing, centre):
     return [
         ("axial", image[z], labels[z], (sx, sy), ("R", "L", "A", "P"), f"axial {z + 1}/{nz}"),
         ("coronal", image[::-1, y, :], labels[::-1, y, :], (sx, sz), ("R", "L", "S", "I"), f"coronal {y + 1}/{ny}"),
-        ("sagittal", image[::-1, :, x], labels[::-1, :, x], (sy, sz), ("A", "P", "S", "I"),
-         f"sagittal {x + 1}/{nx}"),
+        ("sagittal", image[::-1, :, x], labels[::-1, :, x], (sy, sz), ("A", "P", "S", "I"), f"sagittal {x + 1}/{nx}"),
     ]
 
 
@@ -207,6 +215,7 @@ def _resample_2d(array: np.ndarray, out_shape, order: int) -> np.ndarray:
         c = np.clip(np.floor(cols + 0.5).astype(int), 0, array.shape[1] - 1)
         return array[r[:, None], c[None, :]]
     from scipy import ndimage
+
     grid = np.meshgrid(np.clip(rows, 0, array.shape[0] - 1), np.clip(cols, 0, array.shape[1] - 1), indexing="ij")
     return ndimage.map_coordinates(np.asarray(array, dtype=np.float32), grid, order=1, mode="nearest")
 
@@ -223,6 +232,7 @@ def _colour_table(max_value: int) -> np.ndarray:
 def _panel_rgb(image2d, labels2d, pixel_mm, window, out_shape) -> np.ndarray:
     """uint8 RGB of a windowed slice with organ outlines (2 px inside each organ, 1 px on small panels)."""
     from scipy import ndimage
+
     low, high = window
     gray = np.nan_to_num(np.asarray(image2d, dtype=np.float32), nan=low, posinf=high, neginf=low)
     gray = _resample_2d(np.clip((gray - low) / (high - low), 0.0, 1.0), out_shape, 1)
@@ -232,8 +242,9 @@ def _panel_rgb(image2d, labels2d, pixel_mm, window, out_shape) -> np.ndarray:
     rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
     if lab.any():
         size = 5 if min(out_shape) >= 200 else 3
-        edge = (lab > 0) & ((ndimage.maximum_filter(lab, size=size) != lab)
-                            | (ndimage.minimum_filter(lab, size=size) != lab))
+        edge = (lab > 0) & (
+            (ndimage.maximum_filter(lab, size=size) != lab) | (ndimage.minimum_filter(lab, size=size) != lab)
+        )
         rgb[edge] = _colour_table(int(lab.max()))[lab[edge]]
     return np.round(rgb * 255.0).astype(np.uint8)
 
@@ -249,8 +260,13 @@ def _layouts(shapes, box_w: float, box_h: float):
     for split in (0.45, 0.5, 0.55):
         left = box_w * split - GAP / 2.0
         right = box_w - left - GAP
-        candidates.append([(0.0, 0.0, left, titled), (left + GAP, 0.0, right, half_h),
-                           (left + GAP, half_h + PANEL_TITLE_PX + GAP, right, half_h)])
+        candidates.append(
+            [
+                (0.0, 0.0, left, titled),
+                (left + GAP, 0.0, right, half_h),
+                (left + GAP, half_h + PANEL_TITLE_PX + GAP, right, half_h),
+            ]
+        )
 
     def area(layout):
         total = 0.0
@@ -258,6 +274,7 @@ def _layouts(shapes, box_w: float, box_h: float):
             rows, cols = _fit(shape, pixel_mm, max(w, 1.0), max(h, 1.0))
             total += rows * cols
         return total
+
     return max(candidates, key=area)
 
 
@@ -269,8 +286,9 @@ def _flag_lines(warnings, notes, width_chars: int, empty: bool):
         problem = _text(flag, "problem").strip() or "warning"
         lines = textwrap.wrap("\u26a0 " + problem, width_chars, subsequent_indent="   ") or ["\u26a0"]
         fix = _text(flag, "fix").strip()
-        fix_lines = textwrap.wrap("\u2192 " + fix, width_chars, initial_indent="   ",
-                                  subsequent_indent="     ") if fix else []
+        fix_lines = (
+            textwrap.wrap("\u2192 " + fix, width_chars, initial_indent="   ", subsequent_indent="     ") if fix else []
+        )
         blocks.append(([(t, WARNING, "bold") for t in lines], [(t, WARNING_FIX, "normal") for t in fix_lines]))
     for flag in notes:
         problem = _text(flag, "problem").strip() or "note"
@@ -301,15 +319,24 @@ def _organ_rows(report: dict, labels: np.ndarray, voxel_ml: float):
     if not isinstance(organs, dict):
         flat = np.asarray(labels).ravel()
         counts = np.bincount(flat if flat.dtype.kind == "u" else np.clip(flat.astype(np.int64), 0, None))
-        organs = {BY_LABEL[v].name: {"volume_ml": float(counts[v]) * voxel_ml}
-                  for v in np.flatnonzero(counts) if v in BY_LABEL}
+        organs = {
+            BY_LABEL[v].name: {"volume_ml": float(counts[v]) * voxel_ml}
+            for v in np.flatnonzero(counts)
+            if v in BY_LABEL
+        }
     order = {o.name: i for i, o in enumerate(ORGANS)}
     rows = []
     for name in sorted(organs, key=lambda n: (order.get(str(n), len(order)), str(n))):
         organ = BY_NAME.get(str(name))
         entry = organs[name] if isinstance(organs[name], dict) else {"volume_ml": organs[name]}
-        rows.append((str(name), organ.display_name if organ else str(name),
-                     organ.color_float if organ else (0.92, 0.92, 0.92), entry))
+        rows.append(
+            (
+                str(name),
+                organ.display_name if organ else str(name),
+                organ.color_float if organ else (0.92, 0.92, 0.92),
+                entry,
+            )
+        )
     return rows
 
 
@@ -333,21 +360,50 @@ def _draw_table(fig, rows, x0: float, top: float, width: float, bottom: float, f
     text(columns["ml"], y, "mL", ha="right", fontweight="bold", color=DIM)
     text(columns["conf"], y, "conf.", ha="right", fontweight="bold", color=DIM)
     text(columns["pieces"], y, "pieces", ha="right", fontweight="bold", color=DIM)
-    fig.add_artist(Rectangle((x0 / WIDTH_PX, 1.0 - (y + 12) / HEIGHT_PX), width / WIDTH_PX, 1.0 / HEIGHT_PX,
-                             color="#444444", transform=fig.transFigure))
+    fig.add_artist(
+        Rectangle(
+            (x0 / WIDTH_PX, 1.0 - (y + 12) / HEIGHT_PX),
+            width / WIDTH_PX,
+            1.0 / HEIGHT_PX,
+            color="#444444",
+            transform=fig.transFigure,
+        )
+    )
     if not rows:
-        text(x0, y + 34, "no organ found" if empty else "no organ volumes in the report", color=WARNING,
-             fontsize=13, fontweight="bold")
+        text(
+            x0,
+            y + 34,
+            "no organ found" if empty else "no organ volumes in the report",
+            color=WARNING,
+            fontsize=13,
+            fontweight="bold",
+        )
         return
     row_h = min(24.0, (bottom - top - 60) / max(len(rows), 1))
     marked = False
     for i, (name, display, colour, entry) in enumerate(rows):
         yy = y + 12 + row_h * (i + 0.5) + 4
         if i % 2 == 0:
-            fig.add_artist(Rectangle((x0 / WIDTH_PX, 1.0 - (yy + row_h / 2) / HEIGHT_PX), width / WIDTH_PX,
-                                     row_h / HEIGHT_PX, color="#18181c", transform=fig.transFigure, zorder=0))
-        fig.add_artist(Rectangle(((x0 + 2) / WIDTH_PX, 1.0 - (yy + 7) / HEIGHT_PX), 14 / WIDTH_PX,
-                                 14 / HEIGHT_PX, facecolor=colour, edgecolor="none", transform=fig.transFigure))
+            fig.add_artist(
+                Rectangle(
+                    (x0 / WIDTH_PX, 1.0 - (yy + row_h / 2) / HEIGHT_PX),
+                    width / WIDTH_PX,
+                    row_h / HEIGHT_PX,
+                    color="#18181c",
+                    transform=fig.transFigure,
+                    zorder=0,
+                )
+            )
+        fig.add_artist(
+            Rectangle(
+                ((x0 + 2) / WIDTH_PX, 1.0 - (yy + 7) / HEIGHT_PX),
+                14 / WIDTH_PX,
+                14 / HEIGHT_PX,
+                facecolor=colour,
+                edgecolor="none",
+                transform=fig.transFigure,
+            )
+        )
         name_colour = {"warning": WARNING, "note": ORANGE}.get(flagged.get(name), TEXT)
         text(columns["name"], yy, display, color=name_colour)
         volume = _number(entry.get("volume_ml"))
@@ -373,8 +429,13 @@ def _draw_table(fig, rows, x0: float, top: float, width: float, bottom: float, f
             marked = True
             text(columns["mark"], yy, ", ".join(marks), color=ORANGE, fontsize=9)
     if marked:
-        text(x0, y + 12 + row_h * len(rows) + 18,
-             "\u2191/\u2193 outside the normal adult range; at edge: touches the image border", color=DIM, fontsize=8.5)
+        text(
+            x0,
+            y + 12 + row_h * len(rows) + 18,
+            "\u2191/\u2193 outside the normal adult range; at edge: touches the image border",
+            color=DIM,
+            fontsize=8.5,
+        )
 
 
 def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path, *, title: str = "") -> Path:
@@ -396,8 +457,14 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     warnings = _flags(report, "warnings")
     notes = _flags(report, "notes")
     if not found and not any(_field(w, "code") == "empty" for w in warnings):
-        warnings.insert(0, {"code": "empty", "problem": "no organ found in this image",
-                            "fix": "check that the image covers the abdomen and that the model fits its modality"})
+        warnings.insert(
+            0,
+            {
+                "code": "empty",
+                "problem": "no organ found in this image",
+                "fix": "check that the image covers the abdomen and that the model fits its modality",
+            },
+        )
     flagged = {}
     for kind, items in (("note", notes), ("warning", warnings)):
         for item in items:
@@ -416,8 +483,7 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     text(MARGIN, 22, heading or "(unnamed case)", fontsize=15, fontweight="bold", va="center")
     size, spacing = image.GetSize(), image.GetSpacing()
     facts = [str(report[k]) for k in ("model", "modality") if report.get(k)]
-    facts.append("\u00d7".join(str(n) for n in size) + " voxels, "
-                 + "\u00d7".join(f"{s:.3g}" for s in spacing) + " mm")
+    facts.append("\u00d7".join(str(n) for n in size) + " voxels, " + "\u00d7".join(f"{s:.3g}" for s in spacing) + " mm")
     if oblique:
         facts.append("oblique: shown along the nearest axes")
     text(MARGIN, 44, "  \u00b7  ".join(facts), fontsize=10, color=DIM, va="center")
@@ -455,8 +521,16 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     # volume table
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     table_x = WIDTH_PX - MARGIN - TABLE_WIDTH
-    _draw_table(fig, _organ_rows(report, label_array, voxel_ml), table_x, content_top, TABLE_WIDTH,
-                HEIGHT_PX - MARGIN, flagged, not found)
+    _draw_table(
+        fig,
+        _organ_rows(report, label_array, voxel_ml),
+        table_x,
+        content_top,
+        TABLE_WIDTH,
+        HEIGHT_PX - MARGIN,
+        flagged,
+        not found,
+    )
 
     canvas.draw()
     picture = PILImage.fromarray(np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3]))
@@ -471,6 +545,7 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
 
 def _png_bytes(picture) -> bytes:
     import io
+
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
@@ -498,8 +573,10 @@ def _href(target: Path, out_dir: Path) -> str:
 
 def _font(size: int):
     from PIL import ImageFont
+
     try:
         from matplotlib import font_manager
+
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
     except Exception:  # noqa: BLE001 - any font problem: PIL's own font still draws
         return ImageFont.load_default()
@@ -515,6 +592,7 @@ def _fit_text(draw, text: str, font, width: int) -> str:
 
 def _sheet_png(cases, path: Path, header: str) -> None:
     from PIL import Image, ImageDraw
+
     resample = getattr(Image, "Resampling", Image).LANCZOS
     cell_w, cell_h, pad, head = THUMB_W + 12, THUMB_H + 26, 12, 40
     columns = max(1, min(SHEET_COLUMNS, len(cases)))
@@ -542,8 +620,12 @@ def _sheet_png(cases, path: Path, header: str) -> None:
         if case["warnings"]:
             draw.rectangle([x - 4, y - 4, x + THUMB_W + 3, y + THUMB_H + 3], outline=WARNING, width=4)
         label = case["case"] + (f"  \u26a0 {len(case['warnings'])}" if case["warnings"] else "")
-        draw.text((x, y + THUMB_H + 6), _fit_text(draw, label, font, THUMB_W), font=font,
-                  fill=WARNING if case["warnings"] else TEXT)
+        draw.text(
+            (x, y + THUMB_H + 6),
+            _fit_text(draw, label, font, THUMB_W),
+            font=font,
+            fill=WARNING if case["warnings"] else TEXT,
+        )
     with atomic_output(path, ".png") as tmp:
         sheet.save(tmp, format="PNG", optimize=True)
 
@@ -573,16 +655,23 @@ def write_contact_sheet(entries: list, out_dir) -> tuple:
     cases = []
     for index, entry in enumerate(entries or []):
         entry = entry if isinstance(entry, dict) else {}
-        cases.append({"case": str(entry.get("case") or f"case {index + 1}"),
-                      "path": _resolve_png(entry.get("png"), out_dir),
-                      "warnings": _flags(entry, "warnings"), "notes": _flags(entry, "notes"), "index": index})
+        cases.append(
+            {
+                "case": str(entry.get("case") or f"case {index + 1}"),
+                "path": _resolve_png(entry.get("png"), out_dir),
+                "warnings": _flags(entry, "warnings"),
+                "notes": _flags(entry, "notes"),
+                "index": index,
+            }
+        )
     cases.sort(key=lambda c: (not c["warnings"], c["case"].lower(), c["index"]))
     warned = sum(1 for c in cases if c["warnings"])
     summary = f"{len(cases)} case{'s' if len(cases) != 1 else ''}, {warned} with warnings"
 
-    pages = [cases[i:i + PER_SHEET] for i in range(0, len(cases), PER_SHEET)] or [[]]
-    sheet_paths = [out_dir / ("contact_sheet.png" if i == 0 else f"contact_sheet_{i + 1}.png")
-                   for i in range(len(pages))]
+    pages = [cases[i : i + PER_SHEET] for i in range(0, len(cases), PER_SHEET)] or [[]]
+    sheet_paths = [
+        out_dir / ("contact_sheet.png" if i == 0 else f"contact_sheet_{i + 1}.png") for i in range(len(pages))
+    ]
     for number, (page, sheet) in enumerate(zip(pages, sheet_paths), 1):
         header = summary + (f"  (page {number} of {len(pages)})" if len(pages) > 1 else "")
         _sheet_png(page, sheet, header if page else "no cases")
@@ -592,31 +681,44 @@ def write_contact_sheet(entries: list, out_dir) -> tuple:
         stale += 1
 
     esc = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>AbdomenSeg quality check</title>", f"<style>{_HTML_STYLE}</style></head><body>",
-             "<h1>AbdomenSeg quality check</h1>", f'<div class="summary">{esc(summary)} &middot; contact sheet: '
-             + ", ".join(f'<a href="{esc(_href(p, out_dir))}">{esc(p.name)}</a>' for p in sheet_paths)
-             + "</div>", '<div class="grid">']
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>AbdomenSeg quality check</title>",
+        f"<style>{_HTML_STYLE}</style></head><body>",
+        "<h1>AbdomenSeg quality check</h1>",
+        f'<div class="summary">{esc(summary)} &middot; contact sheet: '
+        + ", ".join(f'<a href="{esc(_href(p, out_dir))}">{esc(p.name)}</a>' for p in sheet_paths)
+        + "</div>",
+        '<div class="grid">',
+    ]
     for case in cases:
         problems = [_text(w, "problem") for w in case["warnings"]] + [_text(n, "problem") for n in case["notes"]]
         tooltip = esc("\n".join(p for p in problems if p))
         badges = ""
         if case["warnings"]:
-            badges += f'<span class="badge w">{len(case["warnings"])} warning{"s" * (len(case["warnings"]) != 1)}</span>'
+            badges += (
+                f'<span class="badge w">{len(case["warnings"])} warning{"s" * (len(case["warnings"]) != 1)}</span>'
+            )
         if case["notes"]:
             badges += f'<span class="badge n">{len(case["notes"])} note{"s" * (len(case["notes"]) != 1)}</span>'
         if case["path"] is not None and case["path"].is_file():
             href = esc(_href(case["path"], out_dir))
-            picture = (f'<a href="{href}"><img src="{href}" loading="lazy" alt="{esc(case["case"])}" '
-                       f'title="{tooltip}"></a>')
+            picture = (
+                f'<a href="{href}"><img src="{href}" loading="lazy" alt="{esc(case["case"])}" '
+                f'title="{tooltip}"></a>'
+            )
         else:
             picture = '<div class="missing">no picture</div>'
         first = _text(case["warnings"][0], "problem") if case["warnings"] else ""
         if len(first) > 160:
             first = first[:159] + "\u2026"
-        parts.append(f'<div class="case{" warned" if case["warnings"] else ""}">{picture}'
-                     f'<div class="name">{esc(case["case"])}{badges}</div>'
-                     + (f'<div class="problem">{esc(first)}</div>' if first else "") + "</div>")
+        parts.append(
+            f'<div class="case{" warned" if case["warnings"] else ""}">{picture}'
+            f'<div class="name">{esc(case["case"])}{badges}</div>'
+            + (f'<div class="problem">{esc(first)}</div>' if first else "")
+            + "</div>"
+        )
     parts += ["</div>", "</body></html>", ""]
     index_path = out_dir / "index.html"
     with atomic_output(index_path, ".html") as tmp:

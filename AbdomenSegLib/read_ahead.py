@@ -1,6 +1,7 @@
 """Reading the next input while something else runs: the first scan's decompression overlaps torch's import and
 the model load (about 0.4 s of a 512x512x200 CT's 4.5 s), and in a folder run each next scan is read while the
 current one is segmented. ITK and zlib do the work in C++ without Python's global lock, so a thread is enough."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor

@@ -26,6 +26,7 @@ over any box:
 No full-grid float array is made: the output is one uint8 array of the input's size; the rest is
 model-sized (per-box crops) or proportional to the unsettled voxels.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,7 +77,7 @@ def labels_on_input_grid(probabilities, box, model_image: sitk.Image, reference:
         flat = block.reshape(-1)
         mixed = np.flatnonzero(flat == MIXED)
         for first in range(0, len(mixed), CHUNK_VOXELS):
-            part = mixed[first:first + CHUNK_VOXELS]
+            part = mixed[first : first + CHUNK_VOXELS]
             v = [i + o for i, o in zip(np.unravel_index(part, size), offset)]
             m = [A[a, 0] * v[0] + A[a, 1] * v[1] + A[a, 2] * v[2] + b[a] for a in range(3)]
             flat[part] = lut[cells.evaluate(m)] if lut_after is None else cells.evaluate(m)
@@ -93,6 +94,7 @@ def _organ_boxes(probabilities, box, shape):
     """{channel: (start, end)} (z, y, x; end inclusive) of each channel that wins somewhere (argmax ties
     to the lower channel, as numpy's), grown by MARGIN and clipped to the model grid."""
     from scipy import ndimage
+
     best = probabilities[0].copy()
     argmax = np.zeros(best.shape, dtype=np.uint8)
     for c in range(1, probabilities.shape[0]):  # ~5x faster than argmax(0) over the channel axis
@@ -157,8 +159,10 @@ class _Cells:
             lo = _window(values, np.minimum)
             # lo bounds V_c only in cells wholly inside box_c's buffer where they meet U's: f = start_c ..
             # end_c - 1, plus the outer cell on a side where box_c reaches U's edge (V_c = 0 elsewhere).
-            inner = tuple(slice(0 if start[a] == self.start[a] else 1,
-                                lo.shape[a] - (0 if end[a] == self.end[a] else 1)) for a in range(3))
+            inner = tuple(
+                slice(0 if start[a] == self.start[a] else 1, lo.shape[a] - (0 if end[a] == self.end[a] else 1))
+                for a in range(3)
+            )
             where = self._core(c)
             into = tuple(slice(w.start + i.start, w.start + i.stop) for w, i in zip(where, inner))
             np.maximum(low[into], lo[inner], out=low[into])
@@ -192,8 +196,9 @@ class _Cells:
     def _core(self, c):
         """Where channel c's cells (f = start_c - 1 .. end_c) sit in the core."""
         start, end = self.boxes[c]
-        return tuple(slice(int(s - self.start[a]), int(e - self.start[a] + 2))
-                     for a, (s, e) in enumerate(zip(start, end)))
+        return tuple(
+            slice(int(s - self.start[a]), int(e - self.start[a] + 2)) for a, (s, e) in enumerate(zip(start, end))
+        )
 
     def evaluate(self, m):
         """The reference's channel at model continuous indices m = (mz, my, mx) (arrays): 0 outside U's
@@ -253,8 +258,10 @@ def _linear(values, base, dist):
 # -- geometry ------------------------------------------------------------------------------------------
 def _index_map(model_image, reference):
     """(A, b) with m = A @ v + b: input voxel index v -> model continuous index m, both (z, y, x)."""
+
     def matrix(image):
         return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+
     to_model = np.linalg.inv(matrix(model_image))
     A = to_model @ matrix(reference)
     b = to_model @ (np.array(reference.GetOrigin()) - np.array(model_image.GetOrigin()))
@@ -264,8 +271,14 @@ def _index_map(model_image, reference):
 def _input_region(A, b, union, size):
     """Slices of the input grid holding every voxel whose m is in U's buffer (one voxel to spare)."""
     start, end = union
-    corners = np.array([[z, y, x] for z in (start[0] - 0.5, end[0] + 0.5) for y in (start[1] - 0.5, end[1] + 0.5)
-                        for x in (start[2] - 0.5, end[2] + 0.5)])
+    corners = np.array(
+        [
+            [z, y, x]
+            for z in (start[0] - 0.5, end[0] + 0.5)
+            for y in (start[1] - 0.5, end[1] + 0.5)
+            for x in (start[2] - 0.5, end[2] + 0.5)
+        ]
+    )
     v = np.linalg.solve(A, (corners - b).T).T
     low = np.maximum(np.floor(v.min(0)).astype(int) - 1, 0)
     high = np.minimum(np.ceil(v.max(0)).astype(int) + 2, size)
@@ -329,5 +342,5 @@ def _lookup_general(table, cells, A, b, offset, size, lut):
         if len(mixed[0]):
             channel = cells.evaluate([a[mixed] for a in m])
             chunk[mixed] = channel if lut is None else lut[channel]
-        block[z:z + len(chunk)] = chunk
+        block[z : z + len(chunk)] = chunk
     return block

@@ -4,6 +4,7 @@ Run as `Slicer --no-main-window --python-script Resources/Scripts/AbdomenSegBatc
 [--reference DIR --reference-labels btcv]`. The work is done on the MRML scene through the same logic
 the module uses; returns a process exit code (non-zero when any case failed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,21 @@ def parse(argv):
     parser.add_argument("--model", help="installed model name (default: the catalog default)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--no-qc-png", action="store_true", help="skip the result check's pictures (about 1 s per case)")
+    parser.add_argument(
+        "--no-qc-png", action="store_true", help="skip the result check's pictures (about 1 s per case)"
+    )
     return parser.parse_args(argv)
 
 
 def run(argv, scene, log=print) -> int:
     from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image
+
     args = parse(argv)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .qc_outputs import QCFiles
     from .slicer_logic import qc_report
+
     core = AbdomenSegCore(scene, log=log)
     qc_files = QCFiles(out_dir / "qc", pictures=not args.no_qc_png)
     cases, _ = expand_inputs(args.input)
@@ -64,8 +69,9 @@ def run(argv, scene, log=print) -> int:
                 else:
                     reference = labelmap_node_from_image(scene, read_image(ref_path), f"{name} reference")
                     nodes.append(reference)
-                    table = core.compare_with_reference(seg, reference, volume_node=volume,
-                                                        reference_convention=args.reference_labels)
+                    table = core.compare_with_reference(
+                        seg, reference, volume_node=volume, reference_convention=args.reference_labels
+                    )
                     nodes.append(table)
                     rows += _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
             log(f"[{index}/{len(cases)}] {name} -> {target} ({time.time() - start:.1f} s)")
@@ -91,15 +97,18 @@ def run(argv, scene, log=print) -> int:
 def _add_qc(qc_files, name, image, labels, report: dict, output: str, log, tag):
     """The case's result check into qc/ (JSON, picture, a row of qc.csv), and its flags into the log."""
     from .qc import QCReport
+
     qc = QCReport.from_dict(report)
-    qc_files.add(name, image, labels, qc, output=output, model=report.get("model", ""),
-                 modality=report.get("modality", ""))
+    qc_files.add(
+        name, image, labels, qc, output=output, model=report.get("model", ""), modality=report.get("modality", "")
+    )
     for flag in qc.flags:
         log(f"{tag} {flag.level}: {name}: {flag}")
 
 
 def _write_segmentation(scene, segmentation_node, path):
     import os
+
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     tmp = path.with_name(".part-" + path.name)  # atomic: never leave a half-written .seg.nrrd
     storage.SetFileName(str(tmp))
@@ -115,7 +124,10 @@ def _write_segmentation(scene, segmentation_node, path):
 
 def _table_rows(table, case, model):
     from .slicer_logic import COLUMN_TITLES, table_column
+
     columns = {key: table_column(table, title) for key, title in COLUMN_TITLES.items()}
     count = len(columns["organ"])
-    return [{"case": case, "model": model or "", **{k: v[i] for k, v in columns.items() if v is not None and k != "model"}}
-            for i in range(count)]
+    return [
+        {"case": case, "model": model or "", **{k: v[i] for k, v in columns.items() if v is not None and k != "model"}}
+        for i in range(count)
+    ]

@@ -5,6 +5,7 @@ back as a segmentation node with one segment per organ (name, colour, SNOMED ter
 reference geometry is the input volume. Reference comparison, review segments, organ volumes,
 model comparison tables and plots live here too, so the widget only wires buttons to calls.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ import vtk
 
 from .errors import AbdomenSegError
 from .metrics import METRIC_UNITS, evaluate
-from .organs import BY_LABEL, BY_NAME, organ_from_name, organ_from_terminology
 from .options import FROM_COLOR_NAMES, REFERENCE_CONVENTIONS  # noqa: F401  (the panel's choices)
+from .organs import BY_LABEL, BY_NAME, organ_from_name, organ_from_terminology
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 QC_ATTRIBUTE = "AbdomenSeg.qc"
@@ -25,6 +26,7 @@ TERMINOLOGY_TAG = "TerminologyEntry"
 
 def _slicer():
     import slicer
+
     return slicer
 
 
@@ -47,8 +49,9 @@ def volume_node_to_image(node, world: bool = False) -> sitk.Image:
         raise AbdomenSegError("the input volume is empty or missing", "select a loaded volume")
     array = slicer.util.arrayFromVolume(node)
     if array.ndim != 3:
-        raise AbdomenSegError(f"the volume '{node.GetName()}' is not a single 3D scalar volume",
-                              "select a scalar (grayscale) volume")
+        raise AbdomenSegError(
+            f"the volume '{node.GetName()}' is not a single 3D scalar volume", "select a scalar (grayscale) volume"
+        )
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     spacing, origin, direction = volume_node_geometry(node, world)
     image.SetSpacing(spacing)
@@ -82,7 +85,8 @@ def _to_world(node) -> np.ndarray:
     if not transform.IsTransformToWorldLinear():
         raise AbdomenSegError(
             f"the volume '{node.GetName()}' is under the non-linear transform '{transform.GetName()}'",
-            "harden the transform on the volume first (Data module: right-click the volume, 'Harden transform')")
+            "harden the transform on the volume first (Data module: right-click the volume, 'Harden transform')",
+        )
     return _matrix(transform.GetMatrixTransformToWorld)
 
 
@@ -97,8 +101,9 @@ def _ijk_to_ras(image: sitk.Image) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def labelmap_node_from_image(scene, image: sitk.Image, name="AbdomenSeg labels",
-                             node_class="vtkMRMLLabelMapVolumeNode"):
+def labelmap_node_from_image(
+    scene, image: sitk.Image, name="AbdomenSeg labels", node_class="vtkMRMLLabelMapVolumeNode"
+):
     """A volume node (labelmap by default, or `node_class`) holding `image` with its exact geometry."""
     slicer = _slicer()
     node = scene.AddNewNodeByClass(node_class, name)
@@ -134,8 +139,9 @@ def import_labels(scene, labels: sitk.Image, segmentation_node, reference_volume
     start = [int(f[0]) for f in reversed(filled)]
     size = [int(f[-1]) + 1 - s for f, s in zip(reversed(filled), start)]
     labelmap = labelmap_node_from_image(scene, sitk.RegionOfInterest(labels, size, start), "AbdomenSeg import")
-    table = _color_table(scene, [(v, prefix + BY_LABEL[v].display_name, BY_LABEL[v].color_float) for v in values],
-                         "AbdomenSeg organs")
+    table = _color_table(
+        scene, [(v, prefix + BY_LABEL[v].display_name, BY_LABEL[v].color_float) for v in values], "AbdomenSeg organs"
+    )
     labelmap.CreateDefaultDisplayNodes()
     labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
     if reference_volume is not None:
@@ -148,7 +154,7 @@ def import_labels(scene, labels: sitk.Image, segmentation_node, reference_volume
     segmentation = segmentation_node.GetSegmentation()
     for segment_id in new_ids:
         segment = segmentation.GetSegment(segment_id)
-        organ = organ_from_name(segment.GetName()[len(prefix):])
+        organ = organ_from_name(segment.GetName()[len(prefix) :])
         if organ is None:
             continue
         segment.SetName(prefix + organ.display_name)
@@ -198,8 +204,8 @@ def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.I
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(segment_id)
             slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, ids, labelmap, reference_volume,
-                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+                segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+            )
             mask = slicer.util.arrayFromVolume(labelmap) > 0
             out[mask & (out == 0)] = label
     finally:
@@ -207,8 +213,6 @@ def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.I
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(volume_node_to_image(reference_volume))
     return image
-
-
 
 
 def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_COLOR_NAMES) -> sitk.Image:
@@ -221,13 +225,15 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
     """
     from .metrics import _check_label_map, align_reference
     from .organs import convert_labels
+
     if reference_node.IsA("vtkMRMLSegmentationNode"):
         return segmentation_to_labels(scene, reference_node, geometry_volume)
     if reference_node.GetTransformNodeID() != geometry_volume.GetTransformNodeID():
         raise AbdomenSegError(
             f"the reference '{reference_node.GetName()}' and the volume '{geometry_volume.GetName()}' are under "
             "different transforms, so a voxel of one is not the same place in the other",
-            "harden the transforms (Data module: right-click, 'Harden transform') or put both under the same one")
+            "harden the transforms (Data module: right-click, 'Harden transform') or put both under the same one",
+        )
     image = volume_node_to_image(reference_node)
     raw = sitk.GetArrayViewFromImage(image)
     if convention == FROM_COLOR_NAMES:
@@ -255,7 +261,9 @@ def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
         what = f"colour table '{colors.GetName()}'" if colors is not None else "no colour table"
         raise AbdomenSegError(
             f"the reference labelmap '{labelmap_node.GetName()}' has {what}, which names none of its values "
-            "as an organ", "choose the reference's label convention (abdomenseg, btcv, chaos, totalseg, totalseg_mr)")
+            "as an organ",
+            "choose the reference's label convention (abdomenseg, btcv, chaos, totalseg, totalseg_mr)",
+        )
     out = np.zeros(raw.shape, dtype=np.uint8)
     inside = (raw > 0) & (raw < len(lut))
     out[inside] = lut[raw[inside].astype(np.int64)]
@@ -264,17 +272,38 @@ def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
 
 # -- tables and plots -------------------------------------------------------------------------
 COLUMN_TITLES = {
-    "organ": "Organ", "status": "Status", "dice": "Dice", "iou": "IoU", "hd95_mm": "HD95",
-    "assd_mm": "ASSD", "surface_dice": "Surface Dice", "volume_pred_ml": "Volume",
-    "volume_ref_ml": "Reference volume", "volume_diff_ml": "Volume difference", "model": "Model",
-    "confidence": "Confidence", "pieces": "Pieces", "at_border": "At image border", "flags": "Result check",
+    "organ": "Organ",
+    "status": "Status",
+    "dice": "Dice",
+    "iou": "IoU",
+    "hd95_mm": "HD95",
+    "assd_mm": "ASSD",
+    "surface_dice": "Surface Dice",
+    "volume_pred_ml": "Volume",
+    "volume_ref_ml": "Reference volume",
+    "volume_diff_ml": "Volume difference",
+    "model": "Model",
+    "confidence": "Confidence",
+    "pieces": "Pieces",
+    "at_border": "At image border",
+    "flags": "Result check",
 }
 
 
 def rows_to_table(scene, rows, name, columns=None):
     """A vtkMRMLTableNode with one row per entry; numeric columns typed, units and descriptions set."""
-    columns = columns or ["organ", "status", "dice", "iou", "hd95_mm", "assd_mm", "surface_dice",
-                          "volume_pred_ml", "volume_ref_ml", "volume_diff_ml"]
+    columns = columns or [
+        "organ",
+        "status",
+        "dice",
+        "iou",
+        "hd95_mm",
+        "assd_mm",
+        "surface_dice",
+        "volume_pred_ml",
+        "volume_ref_ml",
+        "volume_diff_ml",
+    ]
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
     for key in columns:
@@ -391,8 +420,19 @@ class AbdomenSegCore:
     def __init__(self, scene, log=print):
         self.scene, self.log = scene, log
 
-    def segment(self, volume_node, model=None, device="auto", organs=None, segmentation_node=None,
-                replace_existing=False, largest_component="model", fill_holes=False, progress=None, cancel=None):
+    def segment(
+        self,
+        volume_node,
+        model=None,
+        device="auto",
+        organs=None,
+        segmentation_node=None,
+        replace_existing=False,
+        largest_component="model",
+        fill_holes=False,
+        progress=None,
+        cancel=None,
+    ):
         """Segment `volume_node` in this process (blocking; scripts and tests); returns the segmentation
         node (a new one unless one is given). The panel runs the same steps with the network in a
         background process (`background.SegmentationProcess`): `prepare`, then `import_result`.
@@ -401,15 +441,24 @@ class AbdomenSegCore:
         """
         from .inference import Options, get_segmenter
         from .qc_outputs import assess_result
+
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
         segmenter = get_segmenter(model, device, log=self.log)
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
-        report = assess_result(segmenter, labels, options).as_dict(model=segmenter.card.name,
-                                                                  modality=segmenter.card["modality"])
+        report = assess_result(segmenter, labels, options).as_dict(
+            model=segmenter.card.name, modality=segmenter.card["modality"]
+        )
         self.last_labels = labels
-        return self.import_result(volume_node, labels, segmentation_node, model=segmenter.card.name,
-                                  device=segmenter.device, organs=organs, qc=report)
+        return self.import_result(
+            volume_node,
+            labels,
+            segmentation_node,
+            model=segmenter.card.name,
+            device=segmenter.device,
+            organs=organs,
+            qc=report,
+        )
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
@@ -418,13 +467,28 @@ class AbdomenSegCore:
             raise AbdomenSegError("no input volume selected", "select the CT or MR volume to segment")
         if organs is not None and not list(organs):
             raise AbdomenSegError("no organ is selected", "check at least one organ to segment")
-        if segmentation_node is not None and segmentation_node.GetSegmentation().GetNumberOfSegments() and not replace_existing:
-            raise AbdomenSegError(f"segmentation '{segmentation_node.GetName()}' already has segments",
-                                  "choose a new segmentation, or confirm replacing its segments")
+        if (
+            segmentation_node is not None
+            and segmentation_node.GetSegmentation().GetNumberOfSegments()
+            and not replace_existing
+        ):
+            raise AbdomenSegError(
+                f"segmentation '{segmentation_node.GetName()}' already has segments",
+                "choose a new segmentation, or confirm replacing its segments",
+            )
         return volume_node_to_image(volume_node, world=True)
 
-    def import_result(self, volume_node, labels: sitk.Image, segmentation_node=None, *, model: str, device: str,
-                      organs=None, qc: dict | None = None):
+    def import_result(
+        self,
+        volume_node,
+        labels: sitk.Image,
+        segmentation_node=None,
+        *,
+        model: str,
+        device: str,
+        organs=None,
+        qc: dict | None = None,
+    ):
         """The engine's label map as segments of a segmentation node beside the volume.
 
         The labels lie on the volume's own voxel grid; the node gets the volume's parent transform and its
@@ -432,6 +496,7 @@ class AbdomenSegCore:
         result changes nothing and raises the message the result check gives.
         """
         from .qc import assess
+
         if not np.any(sitk.GetArrayViewFromImage(labels)):
             flag = assess(labels, asked=organs).warnings[0]
             raise AbdomenSegError(flag.problem, flag.fix)
@@ -442,7 +507,8 @@ class AbdomenSegCore:
         local.SetDirection(direction)
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({model})")
+                "vtkMRMLSegmentationNode", f"{volume_node.GetName()} organs ({model})"
+            )
         else:
             segmentation_node.GetSegmentation().RemoveAllSegments()
         # The import maps the labelmap (no transform) into the segmentation's frame: with a transform still on a
@@ -450,8 +516,9 @@ class AbdomenSegCore:
         segmentation_node.SetAndObserveTransformNodeID(None)
         segmentation_node.CreateDefaultDisplayNodes()
         import_labels(self.scene, local, segmentation_node, reference_volume=volume_node)
-        segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
-                                             volume_node.GetID())
+        segmentation_node.SetNodeReferenceID(
+            segmentation_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID()
+        )
         segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         segmentation_node.SetAttribute("AbdomenSeg.model", model)
         segmentation_node.SetAttribute("AbdomenSeg.device", device)
@@ -464,38 +531,69 @@ class AbdomenSegCore:
         """Table of organ volumes (mL) with the result check's columns (confidence, pieces, image border,
         flags), counted in the volume's grid; a segmentation without a stored report is checked now."""
         from .qc import assess
+
         # The engine's report (stored on the node at import) already holds every column; exporting the
         # segments back to a label map costs seconds on a 512x512x300 scan and is done only without one.
-        report = qc_report(segmentation_node) or assess(
-            segmentation_to_labels(self.scene, segmentation_node, volume_node)).as_dict()
+        report = (
+            qc_report(segmentation_node)
+            or assess(segmentation_to_labels(self.scene, segmentation_node, volume_node)).as_dict()
+        )
         flags = {}
         for flag in report.get("warnings", []) + report.get("notes", []):
             flags.setdefault(flag.get("organ"), []).append(flag["code"])
         rows = []
         for organ_name, organ in report.get("organs", {}).items():
             confidence = organ.get("confidence")
-            rows.append({"organ": organ_name, "volume_pred_ml": float(organ["volume_ml"]),
-                         "confidence": float("nan") if confidence is None else float(confidence),
-                         "pieces": float(organ.get("pieces", 1)), "at_border": ", ".join(organ.get("at_border", [])),
-                         "flags": ", ".join(flags.get(organ_name, []))})
+            rows.append(
+                {
+                    "organ": organ_name,
+                    "volume_pred_ml": float(organ["volume_ml"]),
+                    "confidence": float("nan") if confidence is None else float(confidence),
+                    "pieces": float(organ.get("pieces", 1)),
+                    "at_border": ", ".join(organ.get("at_border", [])),
+                    "flags": ", ".join(flags.get(organ_name, [])),
+                }
+            )
         order = list(BY_NAME)
         rows.sort(key=lambda r: order.index(r["organ"]))
-        return rows_to_table(self.scene, rows, name or f"{segmentation_node.GetName()} volumes",
-                             ["organ", "volume_pred_ml", "confidence", "pieces", "at_border", "flags"])
+        return rows_to_table(
+            self.scene,
+            rows,
+            name or f"{segmentation_node.GetName()} volumes",
+            ["organ", "volume_pred_ml", "confidence", "pieces", "at_border", "flags"],
+        )
 
-    def compare_with_reference(self, segmentation_node, reference_node, volume_node=None, tolerance_mm=2.0,
-                               reference_convention=FROM_COLOR_NAMES, review=False, name=None):
+    def compare_with_reference(
+        self,
+        segmentation_node,
+        reference_node,
+        volume_node=None,
+        tolerance_mm=2.0,
+        reference_convention=FROM_COLOR_NAMES,
+        review=False,
+        name=None,
+    ):
         """Per-organ metrics table (all organs at once); optional TP/FP/FN review segments."""
         volume_node = volume_node or self._geometry_volume(segmentation_node)
         prediction = segmentation_to_labels(self.scene, segmentation_node, volume_node)
         reference = reference_to_labels(self.scene, reference_node, volume_node, reference_convention)
-        organs = sorted({int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v}
-                        | {int(v) for v in np.unique(sitk.GetArrayViewFromImage(prediction)) if v})
+        organs = sorted(
+            {int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v}
+            | {int(v) for v in np.unique(sitk.GetArrayViewFromImage(prediction)) if v}
+        )
         if not organs:
-            raise AbdomenSegError("neither the segmentation nor the reference holds a known organ",
-                                  "name reference segments like the organs (e.g. 'liver', 'Right kidney')")
-        rows = evaluate(prediction, reference, organs=[BY_LABEL[v].name for v in organs], tolerance_mm=tolerance_mm,
-                        case=volume_node.GetName(), model=segmentation_node.GetAttribute("AbdomenSeg.model") or "")
+            raise AbdomenSegError(
+                "neither the segmentation nor the reference holds a known organ",
+                "name reference segments like the organs (e.g. 'liver', 'Right kidney')",
+            )
+        rows = evaluate(
+            prediction,
+            reference,
+            organs=[BY_LABEL[v].name for v in organs],
+            tolerance_mm=tolerance_mm,
+            case=volume_node.GetName(),
+            model=segmentation_node.GetAttribute("AbdomenSeg.model") or "",
+        )
         table = rows_to_table(self.scene, rows, name or f"{segmentation_node.GetName()} vs {reference_node.GetName()}")
         if review:
             self.review_segments(prediction, reference, volume_node, f"{segmentation_node.GetName()} review")
@@ -507,7 +605,11 @@ class AbdomenSegCore:
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        kinds = (("true positive", (1.0, 1.0, 0.0)), ("false positive", (0.0, 0.8, 0.0)), ("false negative", (1.0, 0.0, 0.0)))
+        kinds = (
+            ("true positive", (1.0, 1.0, 0.0)),
+            ("false positive", (0.0, 0.8, 0.0)),
+            ("false negative", (1.0, 0.0, 0.0)),
+        )
         for value in sorted({int(v) for v in np.unique(p) if v} | {int(v) for v in np.unique(r) if v}):
             organ = BY_LABEL[value]
             masks = ((p == value) & (r == value), (p == value) & (r != value), (p != value) & (r == value))
@@ -525,40 +627,84 @@ class AbdomenSegCore:
                 self.scene.RemoveNode(table)
         return node
 
-    def compare_models(self, volume_node, models, device="auto", reference_node=None,
-                       reference_convention=FROM_COLOR_NAMES, tolerance_mm=2.0, progress=None, cancel=None):
+    def compare_models(
+        self,
+        volume_node,
+        models,
+        device="auto",
+        reference_node=None,
+        reference_convention=FROM_COLOR_NAMES,
+        tolerance_mm=2.0,
+        progress=None,
+        cancel=None,
+    ):
         """Run several models on one volume: segmentation per model, one table, a Dice bar chart."""
         segmentations = {}
         for index, model in enumerate(models):
+
             def step(fraction, message, _i=index, _m=model):
                 if progress:
                     progress((_i + fraction) / len(models), f"{_m}: {message}")
+
             node = self.segment(volume_node, model=model, device=device, progress=step, cancel=cancel)
             segmentations[node.GetAttribute("AbdomenSeg.model")] = node  # the card's name, also for a path
-        table, chart = self.model_comparison(volume_node, segmentations, reference_node, reference_convention,
-                                             tolerance_mm)
+        table, chart = self.model_comparison(
+            volume_node, segmentations, reference_node, reference_convention, tolerance_mm
+        )
         return segmentations, table, chart
 
-    def model_comparison(self, volume_node, segmentations: dict, reference_node=None,
-                         reference_convention=FROM_COLOR_NAMES, tolerance_mm=2.0):
+    def model_comparison(
+        self,
+        volume_node,
+        segmentations: dict,
+        reference_node=None,
+        reference_convention=FROM_COLOR_NAMES,
+        tolerance_mm=2.0,
+    ):
         """Table (and, with a reference, a Dice bar chart) of model name -> segmentation node results."""
         rows = []
-        reference = (reference_to_labels(self.scene, reference_node, volume_node, reference_convention)
-                     if reference_node is not None else None)
+        reference = (
+            reference_to_labels(self.scene, reference_node, volume_node, reference_convention)
+            if reference_node is not None
+            else None
+        )
         for model, node in segmentations.items():
             if reference is not None:
                 prediction = segmentation_to_labels(self.scene, node, volume_node)
-                rows += evaluate(prediction, reference, tolerance_mm=tolerance_mm, model=model,
-                                 organs=[BY_LABEL[v].name for v in sorted(
-                                     {int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v})])
+                rows += evaluate(
+                    prediction,
+                    reference,
+                    tolerance_mm=tolerance_mm,
+                    model=model,
+                    organs=[
+                        BY_LABEL[v].name
+                        for v in sorted({int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v})
+                    ],
+                )
             else:
                 table = self.organ_volumes(node, volume_node)
                 names, volumes = table_column(table, "Organ"), table_column(table, "Volume")
                 self.scene.RemoveNode(table)
-                rows += [{"model": model, "organ": o, "volume_pred_ml": v, "dice": float("nan")}
-                         for o, v in zip(names, volumes)]
-        columns = (["model", "organ", "status", "dice", "iou", "hd95_mm", "surface_dice", "volume_pred_ml",
-                    "volume_ref_ml", "volume_diff_ml"] if reference is not None else ["model", "organ", "volume_pred_ml"])
+                rows += [
+                    {"model": model, "organ": o, "volume_pred_ml": v, "dice": float("nan")}
+                    for o, v in zip(names, volumes)
+                ]
+        columns = (
+            [
+                "model",
+                "organ",
+                "status",
+                "dice",
+                "iou",
+                "hd95_mm",
+                "surface_dice",
+                "volume_pred_ml",
+                "volume_ref_ml",
+                "volume_diff_ml",
+            ]
+            if reference is not None
+            else ["model", "organ", "volume_pred_ml"]
+        )
         table = rows_to_table(self.scene, rows, f"{volume_node.GetName()} model comparison", columns)
         chart = dice_bar_chart(self.scene, rows)[0] if reference is not None else None
         return table, chart
@@ -566,6 +712,8 @@ class AbdomenSegCore:
     def _geometry_volume(self, segmentation_node):
         node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
         if node is None:
-            raise AbdomenSegError(f"segmentation '{segmentation_node.GetName()}' has no reference volume",
-                                  "pass the volume the segmentation belongs to")
+            raise AbdomenSegError(
+                f"segmentation '{segmentation_node.GetName()}' has no reference volume",
+                "pass the volume the segmentation belongs to",
+            )
         return node

@@ -9,6 +9,7 @@ panel's cancel flag stayed set after a Cancel and made the next model comparison
 The panel's runs go to one long-lived engine process (`shared_worker()`, engine_worker.py) so that the second
 Segment skips Python start-up and model loading; a run that finds it busy runs in a process of its own.
 """
+
 from __future__ import annotations
 
 from .background import SegmentationProcess
@@ -36,9 +37,22 @@ def stop_shared_worker() -> None:
 
 
 class BackgroundRun:
-    def __init__(self, core, volume_node, models, *, device="auto", organs=None, segmentation_node=None,
-                 replace_existing=False, largest_component="model", fill_holes=False, temp_root=None,
-                 process_factory=None, worker: EngineWorker | None = None):
+    def __init__(
+        self,
+        core,
+        volume_node,
+        models,
+        *,
+        device="auto",
+        organs=None,
+        segmentation_node=None,
+        replace_existing=False,
+        largest_component="model",
+        fill_holes=False,
+        temp_root=None,
+        process_factory=None,
+        worker: EngineWorker | None = None,
+    ):
         # Everything a run needs is checked before any process starts (no volume, no organ, existing
         # segments, a non-linear transform), and the volume is captured where it lies now.
         self.core, self.volumeNode, self.models = core, volume_node, list(models)
@@ -50,7 +64,8 @@ class BackgroundRun:
         self.temp_root = temp_root  # Slicer's own temporary folder in the app
         # With a worker, each model is a request to it (unless another run holds it: then a process of its own).
         self.process_factory = process_factory or (
-            lambda: SegmentationProcess(worker=worker if worker is not None and not worker.busy else None))
+            lambda: SegmentationProcess(worker=worker if worker is not None and not worker.busy else None)
+        )
         self.results: dict = {}  # card name -> segmentation node, in the order the models ran
         self.warnings: list = []  # the result check's, per model
         self.notes: list = []
@@ -116,9 +131,15 @@ class BackgroundRun:
         # Only a single-model run writes into the user's chosen segmentation; a comparison makes one per model.
         target = self.segmentation_node if len(self.models) == 1 else None
         try:
-            node = self.core.import_result(self.volumeNode, labels, target, model=process.model or self.models[self._index],
-                                           device=process.device or self.options["device"],
-                                           organs=self.options["organs"], qc=process.qc)
+            node = self.core.import_result(
+                self.volumeNode,
+                labels,
+                target,
+                model=process.model or self.models[self._index],
+                device=process.device or self.options["device"],
+                organs=self.options["organs"],
+                qc=process.qc,
+            )
         except AbdomenSegError as exc:  # an empty result: a message, not a crash
             self.error = f"{self._label()}{exc}"
             return False
@@ -127,6 +148,7 @@ class BackgroundRun:
             return False
         self.results[node.GetAttribute("AbdomenSeg.model")] = node
         from .slicer_logic import qc_messages
+
         warnings, notes = qc_messages(process.qc)
         self.warnings += [f"{self._label()}{text}" for text in warnings]
         self.notes += [f"{self._label()}{text}" for text in notes]

@@ -8,6 +8,7 @@ overlap in [0, 1), "gaussian" or "constant" blending), MONAI 1.x (Apache-2.0) as
   monai/data/utils.py      dense_patch_slices (window positions) and compute_importance_map (weights).
 Testing/test_fast_inference.py compares it with MONAI on several shapes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,7 +43,7 @@ def importance_map(roi, mode: str = "gaussian", sigma_scale: float = 0.125, devi
         for axis, n in enumerate(roi):
             sigma = n * sigma_scale
             d = torch.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=torch.float32, device=device)
-            g = torch.exp(d ** 2 / (-2 * sigma ** 2))
+            g = torch.exp(d**2 / (-2 * sigma**2))
             # Outer product built up one axis at a time, as MONAI does (same float32 rounding).
             weights = g if weights is None else weights.unsqueeze(-1) * g[(None,) * axis]
     else:
@@ -51,8 +52,9 @@ def importance_map(roi, mode: str = "gaussian", sigma_scale: float = 0.125, devi
     return weights.clamp_(min=floor)
 
 
-def sliding_window(x: torch.Tensor, roi, sw_batch: int, predictor, overlap: float = 0.25,
-                   mode: str = "gaussian") -> torch.Tensor:
+def sliding_window(
+    x: torch.Tensor, roi, sw_batch: int, predictor, overlap: float = 0.25, mode: str = "gaussian"
+) -> torch.Tensor:
     """`predictor` run over roi-sized windows of `x` (N, C, *spatial), blended into one (N, C_out, *spatial).
 
     Axes shorter than the window are first padded with zeros, half before and the rest after (MONAI's
@@ -73,8 +75,10 @@ def sliding_window(x: torch.Tensor, roi, sw_batch: int, predictor, overlap: floa
         x = F.pad(x, [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)], mode="constant", value=0.0)
     size = list(x.shape[2:])
 
-    windows = [tuple(slice(s, s + r) for s, r in zip(starts, roi))
-               for starts in itertools.product(*(window_starts(n, r, overlap) for n, r in zip(size, roi)))]
+    windows = [
+        tuple(slice(s, s + r) for s, r in zip(starts, roi))
+        for starts in itertools.product(*(window_starts(n, r, overlap) for n, r in zip(size, roi)))
+    ]
     jobs = [(n, w) for n in range(x.shape[0]) for w in windows]
     weights = importance_map(roi, mode, device=x.device).to(x.dtype)[None, None]
 
@@ -82,7 +86,7 @@ def sliding_window(x: torch.Tensor, roi, sw_batch: int, predictor, overlap: floa
     for w in windows:
         total[(slice(None), slice(None)) + w] += weights
     for first in range(0, len(jobs), sw_batch):
-        batch = jobs[first:first + sw_batch]
+        batch = jobs[first : first + sw_batch]
         pred = predictor(torch.cat([x[(slice(n, n + 1), slice(None)) + w] for n, w in batch]))
         if list(pred.shape[2:]) != roi:
             raise ValueError(f"the predictor returned windows of {list(pred.shape[2:])}, not the roi {roi}")

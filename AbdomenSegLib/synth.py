@@ -26,6 +26,7 @@ Per sample (`SynthParams` holds the ranges):
 Arrays are (z, y, x) and `spacing` is (z, y, x) mm, like augment.py. Pure NumPy/SciPy; a 32x96x96 patch takes
 12-18 ms of CPU time on one core (bench/bench_synth.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -99,8 +100,9 @@ def _bias_field(shape, grid, std, rng) -> np.ndarray:
     return np.exp(field)
 
 
-def synthesize(label_map: np.ndarray, spacing, rng: np.random.Generator, params: SynthParams = DEFAULT,
-               return_info: bool = False):
+def synthesize(
+    label_map: np.ndarray, spacing, rng: np.random.Generator, params: SynthParams = DEFAULT, return_info: bool = False
+):
     """A synthetic image (float32, [0, 1], shape of `label_map`) for a 3D tissue label map (z, y, x).
 
     `label_map` is read, never written. `spacing` (z, y, x) mm; `rng` a numpy Generator (a fixed seed gives
@@ -171,8 +173,18 @@ class SynthTransform(_ImageLabelTransform):
     must not see them), so put this transform after every spatial transform and before the loss.
     `spacing` (z, y, x) mm of the model grid."""
 
-    def __init__(self, image_key="image", label_key="label", *, spacing, prob=0.8, force_key="synth_only",
-                 tissue_to_background=True, first_tissue=FIRST_TISSUE, params: SynthParams = DEFAULT):
+    def __init__(
+        self,
+        image_key="image",
+        label_key="label",
+        *,
+        spacing,
+        prob=0.8,
+        force_key="synth_only",
+        tissue_to_background=True,
+        first_tissue=FIRST_TISSUE,
+        params: SynthParams = DEFAULT,
+    ):
         super().__init__(image_key, label_key, prob)
         self.spacing = tuple(float(s) for s in spacing)
         self.force_key, self.tissue_to_background = force_key, tissue_to_background
@@ -181,7 +193,7 @@ class SynthTransform(_ImageLabelTransform):
     def __call__(self, data):
         d = dict(data)
         self.randomize(None)
-        seed = int(self.R.randint(0, 2 ** 31 - 1))  # drawn every call: the stream does not depend on prob
+        seed = int(self.R.randint(0, 2**31 - 1))  # drawn every call: the stream does not depend on prob
         label = np.asarray(d[self.label_key])
         if self._do_transform or bool(d.get(self.force_key, False)):
             image = synthesize(label[0], self.spacing, np.random.default_rng(seed), self.params)

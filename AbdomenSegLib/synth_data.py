@@ -11,6 +11,7 @@ space, stored like datasets.py's cache (uint8 image in 1/255 steps, uint8 labels
 The tissue maps are made at the scan's own resolution (the thresholds were set there) and then resampled to the
 model's grid by nearest neighbour, in the same canonical orientation as every other cache.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,10 +27,20 @@ from .pipeline import to_model_space
 KINDS = ("ct", "mr")
 
 
-def tissue_case(image_path, label_path, *, kind: str, convention: str, spacing, intensity, direction=None,
-                orientation=pp.CANONICAL_ORIENTATION) -> tuple:
+def tissue_case(
+    image_path,
+    label_path,
+    *,
+    kind: str,
+    convention: str,
+    spacing,
+    intensity,
+    direction=None,
+    orientation=pp.CANONICAL_ORIENTATION,
+) -> tuple:
     """(uint8 model-space image or None for CT, uint8 model-space tissue map) of one dataset case."""
     from .tissue_labels import ct_tissue_labels, mr_tissue_labels
+
     image, label = read_case(image_path, label_path, direction)
     array, organs = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
     spacing_zyx = image.GetSpacing()[::-1]
@@ -51,13 +62,21 @@ def tissue_case(image_path, label_path, *, kind: str, convention: str, spacing, 
     return model_image, tissue_model.astype(np.uint8)
 
 
-def build_synth_cache(sources: list, cache_file, *, spacing, intensity, orientation=pp.CANONICAL_ORIENTATION,
-                      log=print) -> dict:
+def build_synth_cache(
+    sources: list, cache_file, *, spacing, intensity, orientation=pp.CANONICAL_ORIENTATION, log=print
+) -> dict:
     """{name: (uint8 image or None, uint8 tissue map, kind)} over every source; the .npz is reused when it was
     built with the same settings. Case names are prefixed by the source's `name` (e.g. 'btcv/img0001')."""
     cache_file = Path(cache_file)
-    settings = repr(([{k: s.get(k) for k in ("name", "root", "kind", "convention", "direction")} for s in sources],
-                     [float(v) for v in spacing], intensity, orientation, "tissue-v1"))
+    settings = repr(
+        (
+            [{k: s.get(k) for k in ("name", "root", "kind", "convention", "direction")} for s in sources],
+            [float(v) for v in spacing],
+            intensity,
+            orientation,
+            "tissue-v1",
+        )
+    )
     arrays = None
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as cached:
@@ -68,9 +87,16 @@ def build_synth_cache(sources: list, cache_file, *, spacing, intensity, orientat
         for source in sources:
             for case, image_path, label_path in find_cases(source["root"]):
                 name = f"{source['name']}/{case}"
-                image, tissue = tissue_case(image_path, label_path, kind=source["kind"],
-                                            convention=source["convention"], spacing=spacing, intensity=intensity,
-                                            direction=source.get("direction"), orientation=orientation)
+                image, tissue = tissue_case(
+                    image_path,
+                    label_path,
+                    kind=source["kind"],
+                    convention=source["convention"],
+                    spacing=spacing,
+                    intensity=intensity,
+                    direction=source.get("direction"),
+                    orientation=orientation,
+                )
                 arrays[f"tissue/{name}"] = tissue
                 arrays[f"kind/{name}"] = np.array(source["kind"])
                 if image is not None:

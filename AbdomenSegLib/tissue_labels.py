@@ -53,6 +53,7 @@ synthesis needs is that each class be a region of one appearance in this image.
 Arrays are (z, y, x); `spacing` is (z, y, x) in mm, like augment.py. The orientation does not matter (the spine
 zone is found from the aorta and the body's centre, not from the axis direction).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,8 +75,16 @@ MR_MID = 28
 MR_BRIGHT = 29
 LAST_TISSUE = 29
 TISSUE_NAMES = {
-    AIR_OUTSIDE: "air_outside", AIR_INSIDE: "air_inside", FAT: "fat", FLUID: "fluid", SOFT_TISSUE: "soft_tissue",
-    BONE: "bone", BOWEL_CONTRAST: "bowel_contrast", MR_DARK: "mr_dark", MR_MID: "mr_mid", MR_BRIGHT: "mr_bright",
+    AIR_OUTSIDE: "air_outside",
+    AIR_INSIDE: "air_inside",
+    FAT: "fat",
+    FLUID: "fluid",
+    SOFT_TISSUE: "soft_tissue",
+    BONE: "bone",
+    BOWEL_CONTRAST: "bowel_contrast",
+    MR_DARK: "mr_dark",
+    MR_MID: "mr_mid",
+    MR_BRIGHT: "mr_bright",
 }
 # Classes that are (almost) no signal on any MR sequence: synth.py keeps them dark.
 DARK_CLASSES = (AIR_OUTSIDE, AIR_INSIDE)
@@ -172,8 +181,10 @@ def ct_tissue_labels(image: np.ndarray, organs: np.ndarray, spacing, convention:
         holes = ndimage.binary_fill_holes(ndimage.binary_closing(bone, iterations=1)) & ~bone & ~labelled[z]
         if holes.any():
             hole_parts, n = ndimage.label(holes)
-            small = ndimage.sum_labels(np.ones_like(hole_parts), hole_parts, np.arange(1, n + 1)) * pixel_cm2 \
+            small = (
+                ndimage.sum_labels(np.ones_like(hole_parts), hole_parts, np.arange(1, n + 1)) * pixel_cm2
                 <= MARROW_MAX_CM2
+            )
             cls[np.concatenate([[False], small])[hole_parts]] = BONE
         out[z][cls > 0] = cls[cls > 0]
     out[labelled] = organ[labelled]
@@ -217,8 +228,9 @@ def _kmeans_1d(values: np.ndarray, k: int = 3, iterations: int = 20) -> np.ndarr
     return centres
 
 
-def mr_tissue_labels(image: np.ndarray, organs: np.ndarray, spacing, convention: str = "chaos",
-                     body_fraction: float = 0.05) -> np.ndarray:
+def mr_tissue_labels(
+    image: np.ndarray, organs: np.ndarray, spacing, convention: str = "chaos", body_fraction: float = 0.05
+) -> np.ndarray:
     """Tissue label map (uint8) of an MR case: organs in abdomenseg numbering, outside the body AIR_OUTSIDE,
     the body's unlabelled voxels MR_DARK / MR_MID / MR_BRIGHT by a 1D k-means of their smoothed log signal."""
     if image.shape != organs.shape:

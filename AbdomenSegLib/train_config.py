@@ -4,6 +4,7 @@
 run hours, so an option the run cannot use (an unknown loss, an augmentation the model cannot take, a model
 whose exported card would be refused) must fail here, not after the caching or at export.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,18 +18,27 @@ from .organs import BY_NAME
 DEFAULT_CONFIG = {
     "name": "my-model",
     "title": "",
-    "data": {"root": None, "convention": "btcv", "input_intensity": "native", "val_count": 4, "seed": 0,
-             "cache": ".cache/{name}.npz",
-             # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
-             "direction": None,
-             # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
-             # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
-             "sources": None, "val_source": None},
+    "data": {
+        "root": None,
+        "convention": "btcv",
+        "input_intensity": "native",
+        "val_count": 4,
+        "seed": 0,
+        "cache": ".cache/{name}.npz",
+        # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
+        "direction": None,
+        # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
+        # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
+        "sources": None,
+        "val_source": None,
+    },
     "model": {
         "dimensions": 3,
         "modality": "CT",
-        "architecture": {"class": "UNet", "args": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
-                                                   "num_res_units": 2}},
+        "architecture": {
+            "class": "UNet",
+            "args": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2},
+        },
         "spacing": [2.0, 2.0, 3.0],
         # Axis order of the network's input grid (the card carries it; inference reorients to it).
         "orientation": "LPS",
@@ -38,25 +48,54 @@ DEFAULT_CONFIG = {
         # nnU-Net's models carry their post-processing); users can still choose all organs or none.
         "postprocess": {"largest_component": []},
     },
-    "train": {"steps": 2000, "batch_size": 2, "patch": [64, 96, 96], "lr": 2e-3, "optimizer": "adamw",
-              "scheduler": "poly", "step_decay": {"every": 1000, "gamma": 0.5}, "weight_decay": 1e-5,
-              "loss": "dice_ce", "val_every": 250, "background_ratio": 1.0, "seed": 0, "threads": 2,
-              "init_from": None,
-              # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
-              # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
-              "trainer": "standard", "synth": {"prob": 0.6},
-              "augment": {"affine_prob": 0.2, "rotate": 0.2, "scale": 0.1, "shear": 0.0, "elastic_prob": 0.0,
-                          "intensity_prob": 0.5, "blur_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0,
-                          "unenhanced_prob": 0.0, "enlarge_spleen_prob": 0.0, "renal_cyst_prob": 0.0}},
+    "train": {
+        "steps": 2000,
+        "batch_size": 2,
+        "patch": [64, 96, 96],
+        "lr": 2e-3,
+        "optimizer": "adamw",
+        "scheduler": "poly",
+        "step_decay": {"every": 1000, "gamma": 0.5},
+        "weight_decay": 1e-5,
+        "loss": "dice_ce",
+        "val_every": 250,
+        "background_ratio": 1.0,
+        "seed": 0,
+        "threads": 2,
+        "init_from": None,
+        # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
+        # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
+        "trainer": "standard",
+        "synth": {"prob": 0.6},
+        "augment": {
+            "affine_prob": 0.2,
+            "rotate": 0.2,
+            "scale": 0.1,
+            "shear": 0.0,
+            "elastic_prob": 0.0,
+            "intensity_prob": 0.5,
+            "blur_prob": 0.0,
+            "contrast_prob": 0.0,
+            "noise_prob": 0.0,
+            "unenhanced_prob": 0.0,
+            "enlarge_spleen_prob": 0.0,
+            "renal_cyst_prob": 0.0,
+        },
+    },
 }
 
 
 def choices() -> dict:
     """(section, key) -> the values a config may give; the recipe's tables are the source of the names."""
     from .train_recipe import LOSSES, OPTIMIZERS, SCHEDULERS
-    return {("train", "optimizer"): tuple(OPTIMIZERS), ("train", "scheduler"): tuple(SCHEDULERS),
-            ("train", "loss"): tuple(LOSSES), ("model", "modality"): ("CT", "MR"),
-            ("train", "trainer"): ("standard", "synth")}
+
+    return {
+        ("train", "optimizer"): tuple(OPTIMIZERS),
+        ("train", "scheduler"): tuple(SCHEDULERS),
+        ("train", "loss"): tuple(LOSSES),
+        ("model", "modality"): ("CT", "MR"),
+        ("train", "trainer"): ("standard", "synth"),
+    }
 
 
 def _merge(base: dict, override: dict, path="", strict=True) -> dict:
@@ -67,7 +106,12 @@ def _merge(base: dict, override: dict, path="", strict=True) -> dict:
         if strict and key not in base:
             raise AbdomenSegError(f"unknown config key '{path}{key}'", f"known keys here: {', '.join(base)}")
         below = base.get(key)
-        if isinstance(below, dict) and key not in ("args", "intensity", "architecture") and isinstance(value, dict) and below:
+        if (
+            isinstance(below, dict)
+            and key not in ("args", "intensity", "architecture")
+            and isinstance(value, dict)
+            and below
+        ):
             out[key] = _merge(below, value, f"{path}{key}.", strict)
         else:
             out[key] = copy.deepcopy(value)
@@ -80,8 +124,10 @@ def read_config(path: Path, seen=()) -> dict:
     if not path.is_file():
         raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
     if path.resolve() in seen:
-        raise AbdomenSegError(f"config '{path}' extends itself (through {', '.join(p.name for p in seen)})",
-                              "remove the circular 'extends'")
+        raise AbdomenSegError(
+            f"config '{path}' extends itself (through {', '.join(p.name for p in seen)})",
+            "remove the circular 'extends'",
+        )
     try:
         source = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -115,26 +161,34 @@ def check_config(config: dict) -> None:
 def _check_choices(config):
     for (section, key), allowed in choices().items():
         if config[section][key] not in allowed:
-            raise AbdomenSegError(f"config {section}.{key} = '{config[section][key]}' is not supported",
-                                  f"use one of: {', '.join(allowed)}")
+            raise AbdomenSegError(
+                f"config {section}.{key} = '{config[section][key]}' is not supported",
+                f"use one of: {', '.join(allowed)}",
+            )
 
 
 def _check_data(config):
     from .datasets import check_direction
     from .organs import CONVENTIONS
     from .pipeline import INPUT_INTENSITIES
+
     d = config["data"]
     if config["train"]["trainer"] == "synth":
         _check_sources(config)
     elif not d["root"] or not Path(d["root"]).is_dir():
-        raise AbdomenSegError(f"config data.root '{d['root']}' is not a folder",
-                              "set data.root to a dataset with images/ and labels/")
+        raise AbdomenSegError(
+            f"config data.root '{d['root']}' is not a folder", "set data.root to a dataset with images/ and labels/"
+        )
     if d["convention"] not in CONVENTIONS:
-        raise AbdomenSegError(f"config data.convention '{d['convention']}' is not a known label convention",
-                              f"use one of: {', '.join(sorted(CONVENTIONS))}")
+        raise AbdomenSegError(
+            f"config data.convention '{d['convention']}' is not a known label convention",
+            f"use one of: {', '.join(sorted(CONVENTIONS))}",
+        )
     if d["input_intensity"] not in INPUT_INTENSITIES:
-        raise AbdomenSegError(f"config data.input_intensity '{d['input_intensity']}' is not supported",
-                              f"use one of: {', '.join(INPUT_INTENSITIES)}")
+        raise AbdomenSegError(
+            f"config data.input_intensity '{d['input_intensity']}' is not supported",
+            f"use one of: {', '.join(INPUT_INTENSITIES)}",
+        )
     _whole(d["val_count"], "data.val_count", 1)
     _whole(d["seed"], "data.seed", 0)
     try:
@@ -142,8 +196,10 @@ def _check_data(config):
     except (AttributeError, KeyError, IndexError, ValueError):
         cache = ""
     if not cache:
-        raise AbdomenSegError(f"config data.cache {d['cache']!r} is not a file path",
-                              "give a path such as .cache/{name}.npz ({name} is the config's name)")
+        raise AbdomenSegError(
+            f"config data.cache {d['cache']!r} is not a file path",
+            "give a path such as .cache/{name}.npz ({name} is the config's name)",
+        )
     if d["direction"] is not None:
         check_direction(d["direction"])
 
@@ -153,6 +209,7 @@ def _check_sources(config):
     from .datasets import check_direction
     from .organs import CONVENTIONS
     from .synth_data import KINDS
+
     d = config["data"]
     sources = d["sources"]
     fix = 'give data.sources as [{"name": "btcv", "root": "...", "kind": "ct", "convention": "btcv"}, ...]'
@@ -163,21 +220,30 @@ def _check_sources(config):
         if not isinstance(source, dict) or not {"name", "root", "kind", "convention"} <= set(source):
             raise AbdomenSegError(f"config data.sources entry {source!r} lacks name, root, kind or convention", fix)
         if not Path(source["root"]).is_dir():
-            raise AbdomenSegError(f"config data.sources '{source['name']}' root '{source['root']}' is not a folder",
-                                  "point it at a dataset with images/ and labels/")
+            raise AbdomenSegError(
+                f"config data.sources '{source['name']}' root '{source['root']}' is not a folder",
+                "point it at a dataset with images/ and labels/",
+            )
         if source["kind"] not in KINDS:
-            raise AbdomenSegError(f"config data.sources '{source['name']}' kind '{source['kind']}' is not known",
-                                  f"use one of: {', '.join(KINDS)}")
+            raise AbdomenSegError(
+                f"config data.sources '{source['name']}' kind '{source['kind']}' is not known",
+                f"use one of: {', '.join(KINDS)}",
+            )
         if source["convention"] not in CONVENTIONS:
-            raise AbdomenSegError(f"config data.sources '{source['name']}' convention '{source['convention']}' is "
-                                  "not a known label convention", f"use one of: {', '.join(sorted(CONVENTIONS))}")
+            raise AbdomenSegError(
+                f"config data.sources '{source['name']}' convention '{source['convention']}' is "
+                "not a known label convention",
+                f"use one of: {', '.join(sorted(CONVENTIONS))}",
+            )
         if source.get("direction") is not None:
             check_direction(source["direction"])
         names.append(source["name"])
     real = [s["name"] for s in sources if s["kind"] == "mr"]
     if d["val_source"] not in real:
-        raise AbdomenSegError(f"config data.val_source {d['val_source']!r} is not one of the MR sources {real}",
-                              "validate on the real images of an MR source: name it in data.val_source")
+        raise AbdomenSegError(
+            f"config data.val_source {d['val_source']!r} is not one of the MR sources {real}",
+            "validate on the real images of an MR source: name it in data.val_source",
+        )
     _real(config["train"]["synth"]["prob"], "train.synth.prob", 0.0, 1.0)
 
 
@@ -186,40 +252,60 @@ def validation_data(data: dict) -> dict:
     the prefix its case names carry in the run's split)."""
     if data.get("sources"):
         source = next(s for s in data["sources"] if s["name"] == data["val_source"])
-        return {"root": source["root"], "convention": source["convention"], "input_intensity": "native",
-                "direction": source.get("direction"), "prefix": f"{source['name']}/"}
-    return {"root": data["root"], "convention": data["convention"], "input_intensity": data["input_intensity"],
-            "direction": data.get("direction"), "prefix": ""}
+        return {
+            "root": source["root"],
+            "convention": source["convention"],
+            "input_intensity": "native",
+            "direction": source.get("direction"),
+            "prefix": f"{source['name']}/",
+        }
+    return {
+        "root": data["root"],
+        "convention": data["convention"],
+        "input_intensity": data["input_intensity"],
+        "direction": data.get("direction"),
+        "prefix": "",
+    }
 
 
 def _check_model(config):
     m = config["model"]
     dims, arch = m["dimensions"], m["architecture"].get("class")
     from .networks import MONAI_3D, SMP_2D
+
     if dims not in (2, 3) or arch not in (MONAI_3D if dims == 3 else SMP_2D):
-        raise AbdomenSegError(f"model.dimensions {dims} does not fit architecture '{arch}'",
-                              f"3D: {', '.join(MONAI_3D)} (MONAI); 2D: {', '.join(SMP_2D)} (segmentation-models-pytorch)")
+        raise AbdomenSegError(
+            f"model.dimensions {dims} does not fit architecture '{arch}'",
+            f"3D: {', '.join(MONAI_3D)} (MONAI); 2D: {', '.join(SMP_2D)} (segmentation-models-pytorch)",
+        )
     unknown = [o for o in m["organs"] if o not in BY_NAME]
     if unknown:
         raise AbdomenSegError(f"config model.organs names unknown organs {unknown}", f"use: {', '.join(BY_NAME)}")
     orientation = str(m["orientation"]).upper()
     if len(orientation) != 3 or not all(sum(c in pair for c in orientation) == 1 for pair in ("LR", "PA", "IS")):
-        raise AbdomenSegError(f"config model.orientation '{m['orientation']}' is not an axis code",
-                              "use three letters, one of L/R, P/A, I/S each, e.g. LPS")
+        raise AbdomenSegError(
+            f"config model.orientation '{m['orientation']}' is not an axis code",
+            "use three letters, one of L/R, P/A, I/S each, e.g. LPS",
+        )
     stray = [o for o in m["postprocess"]["largest_component"] if o not in m["organs"]]
     if stray:
-        raise AbdomenSegError(f"config model.postprocess.largest_component names {stray}, not in model.organs",
-                              "list only organs the model segments")
+        raise AbdomenSegError(
+            f"config model.postprocess.largest_component names {stray}, not in model.organs",
+            "list only organs the model segments",
+        )
 
 
 def _check_train(t, dims):
     patch = t["patch"]
     if dims == 3 and (len(patch) != 3 or any(p % 16 for p in patch)):
-        raise AbdomenSegError(f"config train.patch {patch} must be 3 sizes, each a multiple of 16",
-                              "e.g. [64, 96, 96] (z, y, x voxels)")
+        raise AbdomenSegError(
+            f"config train.patch {patch} must be 3 sizes, each a multiple of 16", "e.g. [64, 96, 96] (z, y, x voxels)"
+        )
     if dims == 2 and (len(patch) != 3 or patch[0] % 2 == 0 or any(p % 32 for p in patch[1:])):
-        raise AbdomenSegError(f"config train.patch {patch} for a 2D model must be [slices, height, width]",
-                              "slices odd (1 = 2D, 3 or 5 = 2.5D input channels), height and width multiples of 32")
+        raise AbdomenSegError(
+            f"config train.patch {patch} for a 2D model must be [slices, height, width]",
+            "slices odd (1 = 2D, 3 or 5 = 2.5D input channels), height and width multiples of 32",
+        )
     for key, low in (("steps", 1), ("batch_size", 1), ("val_every", 1), ("seed", 0), ("threads", 1)):
         _whole(t[key], f"train.{key}", low)
     _whole(t["step_decay"]["every"], "train.step_decay.every", 1)
@@ -228,8 +314,10 @@ def _check_train(t, dims):
     _real(t["background_ratio"], "train.background_ratio", 0.0, math.inf)
     _real(t["step_decay"]["gamma"], "train.step_decay.gamma", 0.0, 1.0, open_low=True)
     if t["init_from"] is not None and not isinstance(t["init_from"], str):
-        raise AbdomenSegError(f"config train.init_from {t['init_from']!r} is not a folder path",
-                              "give the folder of an exported package, or null")
+        raise AbdomenSegError(
+            f"config train.init_from {t['init_from']!r} is not a folder path",
+            "give the folder of an exported package, or null",
+        )
 
 
 def _check_augment(a, m):
@@ -240,37 +328,56 @@ def _check_augment(a, m):
     ct = m["intensity"].get("mode") == "ct_window"
     organs = m["organs"]
     if a["unenhanced_prob"] > 0 and not ct:
-        raise AbdomenSegError("augment.unenhanced_prob needs a CT model with intensity mode ct_window",
-                              "set augment.unenhanced_prob to 0 for this model")
+        raise AbdomenSegError(
+            "augment.unenhanced_prob needs a CT model with intensity mode ct_window",
+            "set augment.unenhanced_prob to 0 for this model",
+        )
     if a["enlarge_spleen_prob"] > 0 and "spleen" not in organs:
-        raise AbdomenSegError("augment.enlarge_spleen_prob needs a model that segments the spleen",
-                              "set augment.enlarge_spleen_prob to 0 or add spleen to model.organs")
+        raise AbdomenSegError(
+            "augment.enlarge_spleen_prob needs a model that segments the spleen",
+            "set augment.enlarge_spleen_prob to 0 or add spleen to model.organs",
+        )
     if a["renal_cyst_prob"] > 0 and not (ct and {"kidney_right", "kidney_left"} & set(organs)):
-        raise AbdomenSegError("augment.renal_cyst_prob needs a CT model (intensity mode ct_window) that "
-                              "segments a kidney", "set augment.renal_cyst_prob to 0 for this model")
+        raise AbdomenSegError(
+            "augment.renal_cyst_prob needs a CT model (intensity mode ct_window) that " "segments a kidney",
+            "set augment.renal_cyst_prob to 0 for this model",
+        )
 
 
 def _check_card(config):
     """The model section judged as the card the run will export (card_schema), so that an architecture, an
     intensity block or a name the card would refuse fails now rather than after training."""
     from .card_schema import card_problems
+
     problems = card_problems(draft_card(config), pending=("weights", "sha256"))
     if problems:
-        raise AbdomenSegError(f"config describes a model whose card would be refused: {'; '.join(problems)}",
-                              "fix these values (under model. in the config; name at the top)")
+        raise AbdomenSegError(
+            f"config describes a model whose card would be refused: {'; '.join(problems)}",
+            "fix these values (under model. in the config; name at the top)",
+        )
 
 
 def draft_card(config: dict) -> dict:
     """The part of the exported card that the config alone decides (the trainer adds the training record)."""
     from .channels import card_labels
     from .inferer import inference_block
+
     m, t = config["model"], config["train"]
-    return {"name": config["name"], "title": config["title"] or config["name"], "dimensions": m["dimensions"],
-            "framework": "monai" if m["dimensions"] == 3 else "segmentation-models-pytorch",
-            "architecture": m["architecture"], "in_channels": t["patch"][0] if m["dimensions"] == 2 else 1,
-            "modality": m["modality"], "labels": card_labels(m["organs"]), "spacing": m["spacing"],
-            "orientation": m["orientation"], "intensity": m["intensity"],
-            "inference": inference_block(m["dimensions"], t["patch"]), "postprocess": m["postprocess"]}
+    return {
+        "name": config["name"],
+        "title": config["title"] or config["name"],
+        "dimensions": m["dimensions"],
+        "framework": "monai" if m["dimensions"] == 3 else "segmentation-models-pytorch",
+        "architecture": m["architecture"],
+        "in_channels": t["patch"][0] if m["dimensions"] == 2 else 1,
+        "modality": m["modality"],
+        "labels": card_labels(m["organs"]),
+        "spacing": m["spacing"],
+        "orientation": m["orientation"],
+        "intensity": m["intensity"],
+        "inference": inference_block(m["dimensions"], t["patch"]),
+        "postprocess": m["postprocess"],
+    }
 
 
 def _whole(value, field, low):
@@ -279,8 +386,15 @@ def _whole(value, field, low):
 
 
 def _real(value, field, low, high, open_low=False):
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if open_low else value >= low) and value <= high)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+        and value <= high
+    )
     if not ok:
-        bounds = f"{'above' if open_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+        bounds = f"{'above' if open_low else 'at least'} {low:g}" + (
+            f" and at most {high:g}" if high < math.inf else ""
+        )
         raise AbdomenSegError(f"config {field} {value!r} must be a number {bounds}", f"fix {field}")

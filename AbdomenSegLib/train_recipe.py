@@ -4,6 +4,7 @@ A config names its loss, optimizer and schedule; the names are the keys of the t
 check (train_config.py) accepts and the trainer's `build_*` seams look up, so a new loss is one entry here.
 torch and MONAI are imported only when a part is built, so checking a config stays light.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,16 +14,19 @@ import numpy as np
 # train_labels: the training cases' label arrays (network channels), for losses that weigh the classes.
 def _dice_ce(channels, device, train_labels):
     from monai.losses import DiceCELoss
+
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
 def _dice(channels, device, train_labels):
     from monai.losses import DiceLoss
+
     return DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
 def _ce(channels, device, train_labels):
     from monai.losses import DiceCELoss
+
     return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0)
 
 
@@ -30,11 +34,21 @@ def _weighted_ce_dice(channels, device, train_labels):
     """CE + Dice with organs up-weighted by inverse frequency over the training set (every 97th voxel)."""
     import torch
     from monai.losses import DiceCELoss
-    counts = np.bincount(np.concatenate([labels.ravel()[::97] for labels in train_labels]),
-                         minlength=channels).astype(np.float64) + 1
+
+    counts = (
+        np.bincount(np.concatenate([labels.ravel()[::97] for labels in train_labels]), minlength=channels).astype(
+            np.float64
+        )
+        + 1
+    )
     weights = torch.tensor((counts.sum() / counts) ** 0.5, dtype=torch.float32)
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                      weight=(weights / weights.mean()).to(device))
+    return DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=False,
+        batch=True,
+        weight=(weights / weights.mean()).to(device),
+    )
 
 
 LOSSES = {"dice_ce": _dice_ce, "dice": _dice, "ce": _ce, "weighted_ce_dice": _weighted_ce_dice}
@@ -44,12 +58,15 @@ LOSSES = {"dice_ce": _dice_ce, "dice": _dice, "ce": _ce, "weighted_ce_dice": _we
 def _optimizer(name):
     def build(params, t):
         import torch
+
         return getattr(torch.optim, name)(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
     return build
 
 
 def _sgd(params, t):
     import torch
+
     return torch.optim.SGD(params, lr=t["lr"], momentum=0.99, nesterov=True, weight_decay=t["weight_decay"])
 
 
@@ -59,17 +76,20 @@ OPTIMIZERS = {"adam": _optimizer("Adam"), "adamw": _optimizer("AdamW"), "rmsprop
 # -- learning-rate schedules: (optimizer, train section) -> scheduler, stepped once per training step -----------
 def _poly(optimizer, t):
     import torch
+
     steps = t["steps"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps) / steps) ** 0.9)
 
 
 def _step(optimizer, t):
     import torch
+
     return torch.optim.lr_scheduler.StepLR(optimizer, t["step_decay"]["every"], t["step_decay"]["gamma"])
 
 
 def _constant(optimizer, t):
     import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
@@ -82,6 +102,7 @@ def transforms(config: dict):
     model cannot use, e.g. a renal cyst for a model without kidneys): crops around every class, then the
     augmentations whose probability is above 0."""
     from monai import transforms as T
+
     t, m = config["train"], config["model"]
     a, organs = t["augment"], m["organs"]
     channels = len(organs) + 1
@@ -89,40 +110,71 @@ def transforms(config: dict):
     keys = ["image", "label"]
     chain = [
         T.SpatialPadd(keys, spatial_size=t["patch"]),
-        T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=t["patch"], ratios=ratios,
-                                  num_classes=channels, num_samples=t["batch_size"],
-                                  indices_key="label_cls_indices", allow_smaller=True),
+        T.RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=t["patch"],
+            ratios=ratios,
+            num_classes=channels,
+            num_samples=t["batch_size"],
+            indices_key="label_cls_indices",
+            allow_smaller=True,
+        ),
     ]
     if a["affine_prob"] > 0:
         r, s = a["rotate"], a["scale"]
-        chain.append(T.RandAffined(keys, prob=a["affine_prob"], rotate_range=(r, 0.05, 0.05),
-                                   scale_range=(s, s, s), shear_range=a["shear"] or None,
-                                   mode=("bilinear", "nearest"), padding_mode="zeros"))
+        chain.append(
+            T.RandAffined(
+                keys,
+                prob=a["affine_prob"],
+                rotate_range=(r, 0.05, 0.05),
+                scale_range=(s, s, s),
+                shear_range=a["shear"] or None,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
+        )
     if a["elastic_prob"] > 0:
-        chain.append(T.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=a["elastic_prob"],
-                                      mode=("bilinear", "nearest")))
+        chain.append(
+            T.Rand3DElasticd(
+                keys,
+                sigma_range=(5, 8),
+                magnitude_range=(50, 150),
+                prob=a["elastic_prob"],
+                mode=("bilinear", "nearest"),
+            )
+        )
     # Project-made augmentations (augment.py); they work on the windowed CT image and the model-space grid.
     window = m["intensity"]["window"] if m["intensity"]["mode"] == "ct_window" else None
     spacing = m["spacing"][::-1]  # (z, y, x) like the arrays
     if a["unenhanced_prob"] > 0:
         from .augment import RandUnenhancedd
+
         chain.append(RandUnenhancedd(organs=organs, window=window, prob=a["unenhanced_prob"]))
     if a["enlarge_spleen_prob"] > 0:
         from .augment import RandOrganEnlarged
-        chain.append(RandOrganEnlarged(channel=organs.index("spleen") + 1, spacing=spacing,
-                                       prob=a["enlarge_spleen_prob"]))
+
+        chain.append(
+            RandOrganEnlarged(channel=organs.index("spleen") + 1, spacing=spacing, prob=a["enlarge_spleen_prob"])
+        )
     if a["renal_cyst_prob"] > 0:
         from .augment import RandRenalCystd
+
         kidneys = [organs.index(o) + 1 for o in ("kidney_right", "kidney_left") if o in organs]
         chain.append(RandRenalCystd(channels=kidneys, window=window, spacing=spacing, prob=a["renal_cyst_prob"]))
     if a["intensity_prob"] > 0:
-        chain += [T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
-                  T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"])]
+        chain += [
+            T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
+            T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"]),
+        ]
     # Scanner variety the 20 training scans do not show: coarser reconstructions (blur), other contrast
     # phases and kernels (gamma), quantum noise. Off by default; the shipped CT configs turn them on.
     if a["blur_prob"] > 0:
-        chain.append(T.RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0),
-                                           sigma_z=(0.25, 1.0), prob=a["blur_prob"]))
+        chain.append(
+            T.RandGaussianSmoothd(
+                "image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=a["blur_prob"]
+            )
+        )
     if a["contrast_prob"] > 0:
         chain.append(T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=a["contrast_prob"]))
     if a["noise_prob"] > 0:

@@ -8,6 +8,7 @@ The recipe's parts come from `build_network`, `build_optimizer`, `build_schedule
 `build_transforms` (by default the tables of train_recipe.py), which a subclass can override. Validation runs
 the card's own inferer (inferer.py), the one `Segmenter` runs for users, and scores with metrics.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ class Trainer:
         self.trainable = self.network
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
+
             self.trainable = DistributedDataParallel(
-                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self.transform = self.build_transforms()
@@ -65,35 +68,44 @@ class Trainer:
     # -- the recipe's seams ----------------------------------------------------------------------------------
     def build_network(self):
         from .networks import build_network
+
         return build_network(self.config["model"]["architecture"], self.in_channels, self.channels)
 
     def build_optimizer(self):
         from .train_recipe import OPTIMIZERS
+
         t = self.config["train"]
         return OPTIMIZERS[t["optimizer"]](self.network.parameters(), t)
 
     def build_scheduler(self):
         from .train_recipe import SCHEDULERS
+
         t = self.config["train"]
         return SCHEDULERS[t["scheduler"]](self.optimizer, t)
 
     def build_loss(self):
         from .train_recipe import LOSSES
-        return LOSSES[self.config["train"]["loss"]](self.channels, self.device,
-                                                    [self.cases[n][1] for n in self.train_names])
+
+        return LOSSES[self.config["train"]["loss"]](
+            self.channels, self.device, [self.cases[n][1] for n in self.train_names]
+        )
 
     def build_transforms(self):
         from .train_recipe import transforms
+
         return transforms(self.config)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _init_distributed(self):
         """Under torchrun (WORLD_SIZE > 1): one process per device, gradients averaged by DDP."""
         import os
+
         import torch
+
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
+
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -104,19 +116,29 @@ class Trainer:
     def _barrier(self):
         if self.world > 1:
             import torch.distributed as dist
+
             dist.barrier()
 
     def _load_data(self):
         """The cached cases, labels as network channels (self.cases: name -> (uint8 image, channel labels))."""
         from .channels import organs_to_channels
         from .datasets import build_cache, cached_cases, split_cases
+
         d, m = self.config["data"], self.config["model"]
         cache_path = Path(d["cache"].format(name=self.config["name"]))
         if self.rank != 0:
             self._barrier()  # rank 0 builds the cache file first; the others then read it
-        arrays = build_cache(d["root"], cache_path, spacing=m["spacing"], intensity=m["intensity"],
-                             convention=d["convention"], input_intensity=d["input_intensity"],
-                             orientation=m["orientation"], direction=d["direction"], log=self.log)
+        arrays = build_cache(
+            d["root"],
+            cache_path,
+            spacing=m["spacing"],
+            intensity=m["intensity"],
+            convention=d["convention"],
+            input_intensity=d["input_intensity"],
+            orientation=m["orientation"],
+            direction=d["direction"],
+            log=self.log,
+        )
         if self.rank == 0:
             self._barrier()
         cases = cached_cases(arrays)
@@ -129,20 +151,27 @@ class Trainer:
     def labels(self) -> dict:
         """The card's channel -> organ block."""
         from .channels import card_labels
+
         return card_labels(self.organs)
 
     def _init_from(self, package_dir):
         """Start from an exported package's weights (same architecture and organs), sha256-checked."""
         from .models import load_network, read_card
+
         card = read_card(package_dir)
         if card["architecture"] != self.config["model"]["architecture"] or list(card["labels"].values()) != self.organs:
-            raise AbdomenSegError(f"train.init_from '{package_dir}' has another architecture or organ list",
-                                  "initialise only from a package trained with the same model settings")
+            raise AbdomenSegError(
+                f"train.init_from '{package_dir}' has another architecture or organ list",
+                "initialise only from a package trained with the same model settings",
+            )
         self.network.load_state_dict(load_network(card, "cpu").state_dict())
         # The package directory may later be overwritten by this run's export: the card keeps the lineage.
-        self.initialised_from = {"name": card["name"], "sha256": card["sha256"],
-                                 "steps": card.get("training", {}).get("steps"),
-                                 "initialised_from": card.get("training", {}).get("initialised_from")}
+        self.initialised_from = {
+            "name": card["name"],
+            "sha256": card["sha256"],
+            "steps": card.get("training", {}).get("steps"),
+            "initialised_from": card.get("training", {}).get("initialised_from"),
+        }
         self.log(f"initialised from {card.name}")
 
     # -- batches -----------------------------------------------------------------------------------------------
@@ -151,17 +180,23 @@ class Trainer:
             self._index_cache = {}
         if name not in self._index_cache:
             from monai.transforms import map_classes_to_indices
+
             label = self.cases[name][1]
             self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
         return self._index_cache[name]
 
     def _batch(self, rng):
         import torch
+
         from .datasets import decode_image
+
         name = self.train_names[rng.integers(len(self.train_names))]
         image, label = self.cases[name]
-        item = {"image": decode_image(image)[None], "label": label[None].astype(np.int64),
-                "label_cls_indices": self._indices(name)}
+        item = {
+            "image": decode_image(image)[None],
+            "label": label[None].astype(np.int64),
+            "label_cls_indices": self._indices(name),
+        }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             samples = self.transform(item)
@@ -176,8 +211,9 @@ class Trainer:
     def validate(self) -> dict:
         """Mean Dice per organ over the validation cases in model space: the card's inferer (as users run it)
         on each cached case, scored by metrics.evaluate/summarize (as the exported card's validation is)."""
-        import torch
         import SimpleITK as sitk
+        import torch
+
         from .channels import channels_to_organs
         from .datasets import decode_image
         from .inferer import inferer_for
@@ -206,15 +242,23 @@ class Trainer:
     # -- checkpoints and the loop ------------------------------------------------------------------------------
     def save_checkpoint(self):
         import torch
-        state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best,
-                 "history": json.dumps(self.history), "rng": self.rng_state}
+
+        state = {
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "history": json.dumps(self.history),
+            "rng": self.rng_state,
+        }
         tmp = self.out_dir / "checkpoint.pt.part"
         torch.save(state, tmp)
         tmp.replace(self.out_dir / "checkpoint.pt")
 
     def load_checkpoint(self):
         import torch
+
         state = torch.load(self.out_dir / "checkpoint.pt", map_location=self.device, weights_only=True)
         self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -227,8 +271,8 @@ class Trainer:
     def run(self, resume: bool = False, progress=None, stop_at: int | None = None):
         """Train to config steps (or stop early at `stop_at`, as an interruption would; resume continues)."""
         import torch
-        from safetensors.torch import save_file
         from monai.utils import set_determinism
+        from safetensors.torch import save_file
         from torch.utils.tensorboard import SummaryWriter
 
         t = self.config["train"]
@@ -242,7 +286,7 @@ class Trainer:
             # A fresh generator per step, seeded by (seed, step): a resumed run draws the same
             # cases as an uninterrupted one.
             rng = np.random.default_rng([self.rng_state, self.step, self.rank])  # each rank its own samples
-            step_seed = (int(t["seed"]) * 100003 + self.step * 97 + self.rank) % (2 ** 31)
+            step_seed = (int(t["seed"]) * 100003 + self.step * 97 + self.rank) % (2**31)
             set_determinism(seed=step_seed)
             self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
             x, y = self._batch(rng)
@@ -266,14 +310,19 @@ class Trainer:
                 for organ, v in dice.items():
                     writer.add_scalar(f"val_dice/{organ}", v, self.step)
                 writer.add_scalar("val_dice/mean", mean, self.step)
-                self.history.append({"step": self.step, "loss": float(loss), "seconds": round(time.time() - start, 1),
-                                     "dice": dice})
-                self.log(f"step {self.step}: loss {float(loss):.4f}, val Dice mean {mean:.3f} "
-                         + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+                self.history.append(
+                    {"step": self.step, "loss": float(loss), "seconds": round(time.time() - start, 1), "dice": dice}
+                )
+                self.log(
+                    f"step {self.step}: loss {float(loss):.4f}, val Dice mean {mean:.3f} "
+                    + " ".join(f"{k} {v:.3f}" for k, v in dice.items())
+                )
                 if mean > self.best:
                     self.best = mean
-                    save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
-                              str(self.out_dir / "best.safetensors"))
+                    save_file(
+                        {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
+                        str(self.out_dir / "best.safetensors"),
+                    )
                 self.save_checkpoint()
         if self.rank == 0:
             if self.step % t["val_every"]:
@@ -287,19 +336,31 @@ class Trainer:
         """The card of this run's best weights: the config's part (train_config.draft_card, with the inference
         block validation ran) plus the training record and the model-space validation."""
         from . import __version__
+
         c = self.config
         best = max(self.history, key=lambda h: np.nanmean(list(h["dice"].values()))) if self.history else {}
         draft = draft_card(c)
         card = {
-            "name": draft["name"], "title": draft["title"],
+            "name": draft["name"],
+            "title": draft["title"],
             # The model's own version, and the engine's that exported it (one number: AbdomenSegLib.__version__).
-            "version": "1.0.0", "abdomenseg_version": __version__, **draft,
-            "training": {"data": (str(c["data"]["root"]) if not c["data"].get("sources")
-                                  else [f"{s['name']}: {s['root']} ({s['kind']})" for s in c["data"]["sources"]]),
-                         "convention": c["data"]["convention"],
-                         "train_cases": self.train_names, "validation_cases": self.val_names,
-                         "config": c, "best_step": best.get("step"), "steps": self.step,
-                         "initialised_from": self.initialised_from},
+            "version": "1.0.0",
+            "abdomenseg_version": __version__,
+            **draft,
+            "training": {
+                "data": (
+                    str(c["data"]["root"])
+                    if not c["data"].get("sources")
+                    else [f"{s['name']}: {s['root']} ({s['kind']})" for s in c["data"]["sources"]]
+                ),
+                "convention": c["data"]["convention"],
+                "train_cases": self.train_names,
+                "validation_cases": self.val_names,
+                "config": c,
+                "best_step": best.get("step"),
+                "steps": self.step,
+                "initialised_from": self.initialised_from,
+            },
             "validation_model_space": best.get("dice", {}),
         }
         card.update(extra or {})
@@ -307,6 +368,7 @@ class Trainer:
 
     def best_network(self):
         from safetensors.torch import load_file
+
         if (self.out_dir / "best.safetensors").is_file():
             self.network.load_state_dict(load_file(str(self.out_dir / "best.safetensors")))
         return self.network.eval()

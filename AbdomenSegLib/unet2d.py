@@ -20,6 +20,7 @@ Training keeps using smp's own classes (networks.build_network); any argument or
 accept (another encoder, attention, another norm or interpolation, an activation, aux_params, ...) is built by
 smp too.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,18 @@ STAGE_CHANNELS = (64, 64, 128, 256, 512)  # what the encoder's stages 1-5 return
 # Unet arguments this class reproduces (with the values `supports` checks); with any other, smp builds the net.
 # encoder_weights is ignored, as networks.build_network overrides it with None for smp (no download, ever; the
 # package's weights are loaded afterwards); aux_params (a classification head) only as None.
-SUPPORTED_ARGS = {"encoder_name", "encoder_depth", "encoder_weights", "decoder_channels", "decoder_use_norm",
-                  "decoder_use_batchnorm", "decoder_attention_type", "decoder_interpolation", "activation",
-                  "aux_params"}
+SUPPORTED_ARGS = {
+    "encoder_name",
+    "encoder_depth",
+    "encoder_weights",
+    "decoder_channels",
+    "decoder_use_norm",
+    "decoder_use_batchnorm",
+    "decoder_attention_type",
+    "decoder_interpolation",
+    "activation",
+    "aux_params",
+}
 SMP_DEFAULTS = {"encoder_name": "resnet34", "encoder_depth": 5, "decoder_channels": (256, 128, 64, 32, 16)}
 
 
@@ -59,15 +69,21 @@ def supports(args: dict) -> bool:
     depth = args.get("encoder_depth", SMP_DEFAULTS["encoder_depth"])
     channels = args.get("decoder_channels", SMP_DEFAULTS["decoder_channels"])
     encoder = args.get("encoder_name", SMP_DEFAULTS["encoder_name"])
-    return (isinstance(encoder, str) and encoder in RESNET_LAYERS
-            and args.get("aux_params") is None
-            # smp's ResNetEncoder takes depth 1-5; the decoder needs one channel count per stage (else smp raises).
-            and _positive_int(depth) and depth <= 5
-            and isinstance(channels, (list, tuple)) and len(channels) == depth and all(map(_positive_int, channels))
-            and _batchnorm(args)
-            and args.get("decoder_attention_type") is None
-            and args.get("decoder_interpolation", "nearest") == "nearest"
-            and args.get("activation") in (None, "identity"))
+    return (
+        isinstance(encoder, str)
+        and encoder in RESNET_LAYERS
+        and args.get("aux_params") is None
+        # smp's ResNetEncoder takes depth 1-5; the decoder needs one channel count per stage (else smp raises).
+        and _positive_int(depth)
+        and depth <= 5
+        and isinstance(channels, (list, tuple))
+        and len(channels) == depth
+        and all(map(_positive_int, channels))
+        and _batchnorm(args)
+        and args.get("decoder_attention_type") is None
+        and args.get("decoder_interpolation", "nearest") == "nearest"
+        and args.get("activation") in (None, "identity")
+    )
 
 
 def _conv3x3(inc, outc, stride=1):
@@ -158,8 +174,9 @@ class UnetDecoder(nn.Module):
         encoder_channels = list(encoder_channels[1:])[::-1]  # deepest first, without the input itself
         in_channels = [encoder_channels[0]] + list(decoder_channels[:-1])
         skip_channels = encoder_channels[1:] + [0]
-        self.blocks = nn.ModuleList(DecoderBlock(inc, skip, outc)
-                                    for inc, skip, outc in zip(in_channels, skip_channels, decoder_channels))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(inc, skip, outc) for inc, skip, outc in zip(in_channels, skip_channels, decoder_channels)
+        )
 
     def forward(self, features):
         sizes = [f.shape[2:] for f in features][::-1]  # deepest first, ending with the input's size
@@ -174,8 +191,15 @@ class Unet2D(nn.Module):
     """smp's Unet (ResNet18/34 encoder, batchnorm decoder, no attention, 3x3 head, no activation) under the same
     attribute names: encoder, decoder, segmentation_head (a Sequential whose conv is `0`, as smp's is)."""
 
-    def __init__(self, in_channels: int, classes: int, encoder_name: str = "resnet34", encoder_depth: int = 5,
-                 decoder_channels=(256, 128, 64, 32, 16), **smp_only):
+    def __init__(
+        self,
+        in_channels: int,
+        classes: int,
+        encoder_name: str = "resnet34",
+        encoder_depth: int = 5,
+        decoder_channels=(256, 128, 64, 32, 16),
+        **smp_only,
+    ):
         super().__init__()
         # The other supported args (encoder_weights=None, batchnorm, no attention, nearest, no activation) are
         # what this class is; anything else is refused rather than silently built differently from smp.

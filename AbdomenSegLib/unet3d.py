@@ -12,6 +12,7 @@ monai/networks/blocks/convolutions.py (Convolution, ResidualUnit), monai/network
 and monai/networks/layers/simplelayers.py (SkipConnection). Training keeps using MONAI's own classes
 (networks.build_network); anything beyond the arguments in `SUPPORTED_ARGS` is built by MONAI too.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -33,13 +34,22 @@ def supports(args: dict) -> bool:
         return False
     channels, strides = args.get("channels"), args.get("strides")
     units = args.get("num_res_units", 0)
-    return (isinstance(channels, (list, tuple)) and len(channels) >= 2 and all(map(_positive_int, channels))
-            # MONAI ignores (with a warning) strides beyond len(channels) - 1; leave that case to MONAI.
-            and isinstance(strides, (list, tuple)) and len(strides) == len(channels) - 1
-            # One stride per level, or one per axis (z, y, x) for anisotropic down-sampling.
-            and all(_positive_int(s) or (isinstance(s, (list, tuple)) and len(s) == 3 and all(map(_positive_int, s)))
-                    for s in strides)
-            and isinstance(units, int) and not isinstance(units, bool) and units >= 0)
+    return (
+        isinstance(channels, (list, tuple))
+        and len(channels) >= 2
+        and all(map(_positive_int, channels))
+        # MONAI ignores (with a warning) strides beyond len(channels) - 1; leave that case to MONAI.
+        and isinstance(strides, (list, tuple))
+        and len(strides) == len(channels) - 1
+        # One stride per level, or one per axis (z, y, x) for anisotropic down-sampling.
+        and all(
+            _positive_int(s) or (isinstance(s, (list, tuple)) and len(s) == 3 and all(map(_positive_int, s)))
+            for s in strides
+        )
+        and isinstance(units, int)
+        and not isinstance(units, bool)
+        and units >= 0
+    )
 
 
 def _axes(stride) -> tuple:
@@ -56,8 +66,9 @@ class ConvUnit(nn.Sequential):
         super().__init__()
         stride = _axes(stride)
         if transposed:
-            self.conv = nn.ConvTranspose3d(in_channels, out_channels, 3, stride, padding=1,
-                                           output_padding=tuple(s - 1 for s in stride))
+            self.conv = nn.ConvTranspose3d(
+                in_channels, out_channels, 3, stride, padding=1, output_padding=tuple(s - 1 for s in stride)
+            )
         else:
             self.conv = nn.Conv3d(in_channels, out_channels, 3, stride, padding=1)
         if not conv_only:
@@ -75,8 +86,10 @@ class ResidualUnit(nn.Module):
         self.conv = nn.Sequential()
         channels, unit_stride = in_channels, stride
         for i in range(subunits):
-            self.conv.add_module(f"unit{i}", ConvUnit(channels, out_channels, unit_stride,
-                                                      conv_only=last_conv_only and i == subunits - 1))
+            self.conv.add_module(
+                f"unit{i}",
+                ConvUnit(channels, out_channels, unit_stride, conv_only=last_conv_only and i == subunits - 1),
+            )
             channels, unit_stride = out_channels, 1
         if _axes(stride) != (1, 1, 1):
             self.residual = nn.Conv3d(in_channels, out_channels, 3, _axes(stride), padding=1)

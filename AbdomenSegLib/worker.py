@@ -18,6 +18,7 @@ after --idle-exit seconds without a request (default 15 min) so that an idle ses
 Requests run in this process's main thread; a cancel is a kill of this process by the parent (background.py):
 nothing half-done can leak into the next request, which then starts a fresh worker.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ def _give_memory_back() -> None:
     if sys.platform.startswith("linux"):
         try:
             import ctypes
+
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
@@ -57,6 +59,7 @@ def _lines(stream, out: queue.Queue) -> None:
 
 def _serve_one(request: dict) -> None:
     from . import cli
+
     argv = request.get("argv")
     if not (isinstance(argv, list) and argv and argv[0] == "segment" and "--progress-json" in argv):
         _emit(error=f"the worker was sent an unknown request {request!r}. Report this as a bug")
@@ -81,8 +84,12 @@ def _serve_one(request: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m AbdomenSegLib.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--idle-exit", type=float, default=DEFAULT_IDLE_EXIT_S,
-                        help="exit after this many seconds without a request (default %(default)g)")
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=DEFAULT_IDLE_EXIT_S,
+        help="exit after this many seconds without a request (default %(default)g)",
+    )
     args = parser.parse_args(argv)
 
     # Import what every request needs now, while the user has not clicked yet (or before the first request's

@@ -1,7 +1,7 @@
 """Shared fixtures. Real data from ../shared/data when present; tests needing it skip otherwise."""
+
 import functools
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ def shared(*parts) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     import torch
+
     torch.set_num_threads(2)
 
 
@@ -28,6 +29,7 @@ def _threads():
 def tiny_package(tmp_path_factory):
     """An untrained, tiny 3D model exported as a real package (for geometry/plumbing, not accuracy)."""
     import torch
+
     from AbdomenSegLib.models import export_package
     from AbdomenSegLib.networks import build_network
 
@@ -36,9 +38,15 @@ def tiny_package(tmp_path_factory):
     organs = ["liver", "spleen", "kidney_right", "kidney_left", "pancreas"]
     net = build_network(arch, 1, len(organs) + 1)
     card = {
-        "name": "tiny-test", "title": "untrained test model", "dimensions": 3, "architecture": arch,
-        "modality": "CT", "labels": {str(i): o for i, o in enumerate(organs, 1)}, "spacing": [4.0, 4.0, 5.0],
-        "orientation": "LPS", "intensity": {"mode": "ct_window", "window": [-125, 275]},
+        "name": "tiny-test",
+        "title": "untrained test model",
+        "dimensions": 3,
+        "architecture": arch,
+        "modality": "CT",
+        "labels": {str(i): o for i, o in enumerate(organs, 1)},
+        "spacing": [4.0, 4.0, 5.0],
+        "orientation": "LPS",
+        "intensity": {"mode": "ct_window", "window": [-125, 275]},
         "inference": {"roi_size": [32, 32, 32], "overlap": 0.25, "mode": "gaussian"},
         "training": {"data": "none (random init)"},
     }
@@ -51,8 +59,10 @@ def background_only_package(tiny_package, tmp_path_factory):
     """The tiny package's network with its last layer made to answer background everywhere: an honest
     empty result."""
     import torch
+
     from AbdomenSegLib.models import export_package
     from AbdomenSegLib.networks import build_network
+
     card = dict(tiny_package.data, name="background-only")
     channels = len(card["labels"]) + 1
     net = build_network(card["architecture"], 1, channels)
@@ -65,11 +75,12 @@ def background_only_package(tiny_package, tmp_path_factory):
     return export_package(net, card, tmp_path_factory.mktemp("bg") / "background-only")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validation_rows(name: str) -> tuple:
     """A shipped model's card protocol re-run on the untouched validation files (once per session and model)."""
     from AbdomenSegLib.models import find_model
     from AbdomenSegLib.training import validation_rows as run_protocol
+
     card = find_model(name)
     root = shared(card["training"]["config"]["data"]["root"].split("/")[-1])
     return tuple(run_protocol(card, root, log=lambda m: None)[0])
@@ -78,13 +89,16 @@ def validation_rows(name: str) -> tuple:
 @pytest.fixture(scope="session")
 def default_card():
     from AbdomenSegLib.models import find_model
+
     return find_model()
 
 
 def write_phantom_dataset(root: Path, cases: int = 2, ref_suffix: str = ".nii.gz"):
     """images/ and refs/ folders of small phantom cases (CT in HU + organ labels); returns both folders."""
     import SimpleITK as sitk
+
     from AbdomenSegLib.phantom import make_phantom
+
     images, refs = root / "images", root / "refs"
     images.mkdir(parents=True), refs.mkdir(parents=True)
     for i in range(cases):
@@ -100,8 +114,10 @@ def segment_with_both_networks(card, image, options=None, before_library=None):
     before the second pass (e.g. to swap in MONAI's sliding window). Returns (labels, probabilities) pairs."""
     import SimpleITK as sitk
     from safetensors.torch import load_file
+
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.networks import build_network
+
     weights = load_file(str(card.weights_path))
     segmenter = Segmenter(card, "cpu", log=lambda m: None)
     probabilities, labels = [], []

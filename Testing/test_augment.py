@@ -1,13 +1,13 @@
 """Training augmentations: unenhanced CT, organ enlargement, renal cysts — each changes what it should and nothing else."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_training import _config
 
 from AbdomenSegLib.augment import UNENHANCED_HU, RandUnenhancedd
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.training import Trainer
-
-from test_training import _config
 
 WINDOW = (-125.0, 275.0)
 ORGANS = ["liver", "spleen", "kidney_right", "gallbladder"]
@@ -27,8 +27,12 @@ def enhanced_patch(seed=0):
     label = np.zeros((1, 32, 64, 64), dtype=np.int64)
     hu = np.full(label.shape, -100.0, dtype=np.float32)  # fat
     hu[:, :, 52:, :] = 50.0  # muscle, unlabelled: must stay as it is
-    boxes = {1: (slice(4, 28), slice(4, 30), slice(4, 30)), 2: (slice(4, 28), slice(4, 30), slice(36, 60)),
-             3: (slice(8, 24), slice(34, 48), slice(8, 24)), 4: (slice(8, 24), slice(34, 48), slice(40, 56))}
+    boxes = {
+        1: (slice(4, 28), slice(4, 30), slice(4, 30)),
+        2: (slice(4, 28), slice(4, 30), slice(36, 60)),
+        3: (slice(8, 24), slice(34, 48), slice(8, 24)),
+        4: (slice(8, 24), slice(34, 48), slice(40, 56)),
+    }
     for channel, box in boxes.items():
         label[(0,) + box] = channel
     hu[label == 1], hu[label == 2], hu[label == 4] = 130.0, 120.0, 5.0
@@ -98,6 +102,7 @@ def test_probability_zero_is_identity_and_partial_strength_is_in_between():
 
 def test_trainer_applies_it_and_rejects_it_for_mr(tmp_path):
     import torch
+
     # The phantom's organs are at unenhanced attenuation except its aorta (180 HU), which must darken.
     organs = ["liver", "spleen", "kidney_right", "kidney_left", "aorta"]
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1, model={"organs": organs})
@@ -121,9 +126,10 @@ def test_trainer_applies_it_and_rejects_it_for_mr(tmp_path):
 
 def test_organ_enlargement_scales_the_organ_and_leaves_the_far_field():
     from AbdomenSegLib.augment import RandOrganEnlarged
+
     label = np.zeros((1, 32, 64, 64), dtype=np.int64)
     z, y, x = np.indices(label.shape[1:])
-    spleen = ((z - 16) * 3.0) ** 2 + ((y - 32) * 2.0) ** 2 + ((x - 40) * 2.0) ** 2 <= 12.0 ** 2  # 12 mm ball
+    spleen = ((z - 16) * 3.0) ** 2 + ((y - 32) * 2.0) ** 2 + ((x - 40) * 2.0) ** 2 <= 12.0**2  # 12 mm ball
     label[0][spleen] = 2
     label[0, :, :, :6] = 1  # a far-away "liver" slab
     image = np.where(label > 0, 0.6, 0.2).astype(np.float32)
@@ -150,9 +156,17 @@ def test_trainer_refuses_spleen_enlargement_without_a_spleen(tmp_path):
 
 def test_renal_cyst_is_fluid_labelled_kidney_and_spares_other_organs():
     from AbdomenSegLib.augment import RandRenalCystd
+
     image, label = enhanced_patch()
-    t = RandRenalCystd(channels=[3], window=WINDOW, spacing=(3.0, 2.0, 2.0), prob=1.0, radius_mm=(10.0, 14.0),
-                       hu=(5.0, 15.0), noise_hu=4.0)
+    t = RandRenalCystd(
+        channels=[3],
+        window=WINDOW,
+        spacing=(3.0, 2.0, 2.0),
+        prob=1.0,
+        radius_mm=(10.0, 14.0),
+        hu=(5.0, 15.0),
+        noise_hu=4.0,
+    )
     t.set_random_state(seed=2)
     out = t({"image": image.copy(), "label": label.copy()})
     new_kidney = (out["label"] == 3) & (label != 3)

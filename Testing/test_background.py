@@ -1,4 +1,5 @@
 """The background segmentation process (AbdomenSegLib/background.py): real child processes, no mocked subprocess."""
+
 import os
 import sys
 import time
@@ -145,15 +146,39 @@ def test_a_child_that_dies_without_an_outcome_line_is_an_error(tmp_path):
 
 def test_the_command_line_is_the_documented_one(tmp_path):
     assert python_executable() == sys.executable  # outside Slicer
-    command = build_command("/opt/Slicer/bin/PythonSlicer", tmp_path / "in.nrrd", tmp_path / "out.nrrd",
-                            model="btcv-ct-3d", device="cuda", organs=["liver", "spleen"],
-                            largest_component="all", fill_holes=True)
-    assert command == ["/opt/Slicer/bin/PythonSlicer", "-m", "AbdomenSegLib", "segment",
-                       str(tmp_path / "in.nrrd"), str(tmp_path / "out.nrrd"), "--progress-json",
-                       "--device", "cuda", "--largest-component", "all", "--input-intensity", "native",
-                       "--model", "btcv-ct-3d", "--organs", "liver,spleen", "--fill-holes"]
+    command = build_command(
+        "/opt/Slicer/bin/PythonSlicer",
+        tmp_path / "in.nrrd",
+        tmp_path / "out.nrrd",
+        model="btcv-ct-3d",
+        device="cuda",
+        organs=["liver", "spleen"],
+        largest_component="all",
+        fill_holes=True,
+    )
+    assert command == [
+        "/opt/Slicer/bin/PythonSlicer",
+        "-m",
+        "AbdomenSegLib",
+        "segment",
+        str(tmp_path / "in.nrrd"),
+        str(tmp_path / "out.nrrd"),
+        "--progress-json",
+        "--device",
+        "cuda",
+        "--largest-component",
+        "all",
+        "--input-intensity",
+        "native",
+        "--model",
+        "btcv-ct-3d",
+        "--organs",
+        "liver,spleen",
+        "--fill-holes",
+    ]
     # every option is one the CLI accepts
     from AbdomenSegLib.cli import build_parser
+
     args = build_parser().parse_args(command[3:])
     assert args.progress_json and args.organs == "liver,spleen" and args.fill_holes
     # the engine is importable from the child's working directory (the package's parent folder)

@@ -3,6 +3,7 @@ line (exit 2), or written but flagged (exit 3); never a traceback, never a temp 
 an existing file changed. One table row per case; each row's maker writes the input and returns the
 command line. Cases that need the real example CT skip without ../shared/data.
 """
+
 import hashlib
 import os
 import shutil
@@ -14,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_dicom_series import write_ct_series
 
 from AbdomenSegLib.cli import EXIT_FLAGGED, main
 from AbdomenSegLib.phantom import make_phantom
-
 from conftest import ROOT, shared
-from test_dicom_series import write_ct_series
 
 EXAMPLE_CT = ("totalseg_example", "example_ct.nii.gz")
 EXAMPLE_LABELS = ("totalseg_example", "example_seg_fast_force_split.nii.gz")
@@ -159,6 +159,7 @@ def truncated_reference(tmp, model):
 def _nifti_edit(tmp, edit, name="ct.nii"):
     """The phantom CT as NIfTI with one header edit made through nibabel (the voxel data untouched)."""
     import nibabel as nib
+
     path, _ = _phantom(tmp, name)
     image = nib.load(str(path), mmap=False)  # the file is rewritten in place: no memory map onto it
     header = image.header.copy()
@@ -187,6 +188,7 @@ def nii_qform_sform_disagree(tmp, model):
         sform[:3, 3] += [40.0, 0.0, 0.0]
         header.set_sform(sform, code=1)
         header.set_qform(header.get_qform(), code=1)
+
     return ["segment", str(_nifti_edit(tmp, edit)), str(tmp / "out.nii.gz"), "--model", model]
 
 
@@ -210,14 +212,24 @@ def nrrd_more_data_than_declared(tmp, model):
 
 def hu_scaled_by_100(tmp, model):
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
-    return ["segment", str(_write(sitk.Cast(ct, sitk.sitkFloat32) * 100.0, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"),
-            "--model", model]
+    return [
+        "segment",
+        str(_write(sitk.Cast(ct, sitk.sitkFloat32) * 100.0, tmp / "ct.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
 
 
 def hu_shifted_by_1000(tmp, model):
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
-    return ["segment", str(_write(sitk.Cast(ct, sitk.sitkFloat32) - 1000.0, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"),
-            "--model", model]
+    return [
+        "segment",
+        str(_write(sitk.Cast(ct, sitk.sitkFloat32) - 1000.0, tmp / "ct.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
 
 
 def zero_filled_tail(tmp, model):
@@ -245,6 +257,7 @@ def dicom_middle_of_three_deleted(tmp, model):
 def truncated_reference_with_extension(tmp, model):
     """TotalSegmentator writes a NIfTI header extension; the check once gave up on such headers."""
     import nibabel as nib
+
     pred, ref = _labels_pair(tmp)
     image = nib.load(str(ref), mmap=False)
     image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"labels written by another tool"))
@@ -275,8 +288,13 @@ def nrrd_int16_t_more_data_than_declared(tmp, model):
 
 # The cases handled before this table existed stay in it.
 def image_2d(tmp, model):
-    return ["segment", str(_write(sitk.Image([32, 32], sitk.sitkInt16), tmp / "s.nii.gz")), str(tmp / "o.nii.gz"),
-            "--model", model]
+    return [
+        "segment",
+        str(_write(sitk.Image([32, 32], sitk.sitkInt16), tmp / "s.nii.gz")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
 
 
 def image_4d(tmp, model):
@@ -294,8 +312,13 @@ def constant(tmp, model):
 def nan_voxel(tmp, model):
     array = sitk.GetArrayFromImage(make_phantom(size=(32, 32, 16))[0]).astype(np.float32)
     array[5, 5, 5] = np.nan
-    return ["segment", str(_write(sitk.GetImageFromArray(array), tmp / "nan.nrrd")), str(tmp / "o.nii.gz"),
-            "--model", model]
+    return [
+        "segment",
+        str(_write(sitk.GetImageFromArray(array), tmp / "nan.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
 
 
 def label_map_as_input(tmp, model):
@@ -318,22 +341,45 @@ def output_is_input(tmp, model):
 
 
 REFUSED = [
-    (truncated_gz, "truncated"), (truncated_nii, "truncated"), (dicom_missing_slice, "missing between"),
-    (dicom_duplicated_slice, "copy_of_slice005.dcm"), (thick_slices, "spacing"), (tiny_spacing, "spacing"),
-    (gzip_bomb, "voxels"), (over_memory_limit, "memory"), (output_under_a_file, "is a file"),
-    (unknown_organ_segment, "livre"), (organ_the_model_lacks, "does not segment esophagus"),
-    (sheared_to_nifti, "not perpendicular"), (negative_tolerance, "tolerance"), (nan_tolerance, "tolerance"),
-    (unknown_organ_evaluate, "livre"), (csv_over_prediction, ".csv"), (ct_as_reference, "not a label map"),
-    (reference_in_another_convention, "--reference-labels"), (truncated_reference, "truncated"),
-    (image_2d, "2D image"), (image_4d, "4D image"), (constant, "constant"), (nan_voxel, "NaN"),
-    (label_map_as_input, "label map"), (missing_file, "does not exist"), (text_file, "could not be read"),
+    (truncated_gz, "truncated"),
+    (truncated_nii, "truncated"),
+    (dicom_missing_slice, "missing between"),
+    (dicom_duplicated_slice, "copy_of_slice005.dcm"),
+    (thick_slices, "spacing"),
+    (tiny_spacing, "spacing"),
+    (gzip_bomb, "voxels"),
+    (over_memory_limit, "memory"),
+    (output_under_a_file, "is a file"),
+    (unknown_organ_segment, "livre"),
+    (organ_the_model_lacks, "does not segment esophagus"),
+    (sheared_to_nifti, "not perpendicular"),
+    (negative_tolerance, "tolerance"),
+    (nan_tolerance, "tolerance"),
+    (unknown_organ_evaluate, "livre"),
+    (csv_over_prediction, ".csv"),
+    (ct_as_reference, "not a label map"),
+    (reference_in_another_convention, "--reference-labels"),
+    (truncated_reference, "truncated"),
+    (image_2d, "2D image"),
+    (image_4d, "4D image"),
+    (constant, "constant"),
+    (nan_voxel, "NaN"),
+    (label_map_as_input, "label map"),
+    (missing_file, "does not exist"),
+    (text_file, "could not be read"),
     (output_is_input, "overwrite the input"),
-    (nii_cut_inside_last_352_bytes, "truncated"), (nii_pixdim_zero, "pixdim"),
-    (nii_qform_sform_disagree, "qform and sform disagree"), (nii_more_data_than_declared, "more image data"),
-    (nrrd_more_data_than_declared, "more image data"), (hu_scaled_by_100, "soft-tissue range"),
-    (hu_shifted_by_1000, "soft-tissue range"), (zero_filled_tail, "exactly 0 HU"),
-    (field_of_view_too_small, "too small for an abdomen"), (dicom_middle_of_three_deleted, "skips instance numbers"),
-    (truncated_reference_with_extension, "truncated"), (nifti_pair_cut_short, "not a supported file type"),
+    (nii_cut_inside_last_352_bytes, "truncated"),
+    (nii_pixdim_zero, "pixdim"),
+    (nii_qform_sform_disagree, "qform and sform disagree"),
+    (nii_more_data_than_declared, "more image data"),
+    (nrrd_more_data_than_declared, "more image data"),
+    (hu_scaled_by_100, "soft-tissue range"),
+    (hu_shifted_by_1000, "soft-tissue range"),
+    (zero_filled_tail, "exactly 0 HU"),
+    (field_of_view_too_small, "too small for an abdomen"),
+    (dicom_middle_of_three_deleted, "skips instance numbers"),
+    (truncated_reference_with_extension, "truncated"),
+    (nifti_pair_cut_short, "not a supported file type"),
     (nrrd_int16_t_more_data_than_declared, "more image data"),
 ]
 
@@ -400,10 +446,18 @@ def test_second_writer_of_the_same_output_refuses(tmp_path, tiny_package, capsys
     src, _ = _phantom(tmp_path)
     out = tmp_path / "out.nii.gz"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]);"
-         "from AbdomenSegLib.io import claim_output\nwith claim_output(sys.argv[1]):\n"
-         " print('held', flush=True); time.sleep(60)", str(out), str(ROOT)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[2]);"
+            "from AbdomenSegLib.io import claim_output\nwith claim_output(sys.argv[1]):\n"
+            " print('held', flush=True); time.sleep(60)",
+            str(out),
+            str(ROOT),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(["segment", str(src), str(out), "--model", str(tiny_package.path)]) == 2
@@ -421,6 +475,7 @@ def test_second_writer_of_the_same_output_refuses(tmp_path, tiny_package, capsys
 def test_output_that_appears_during_the_run_is_not_replaced(tmp_path):
     from AbdomenSegLib.errors import AbdomenSegError
     from AbdomenSegLib.io import write_image
+
     image, _ = make_phantom(size=(16, 16, 8))
     out = tmp_path / "o.nii.gz"
     out.write_bytes(b"someone else's file")
@@ -437,6 +492,7 @@ def _dead_pid() -> int:
 
 def test_killed_writers_leftovers_are_no_case_and_are_removed(tmp_path, tiny_package, capsys):
     from AbdomenSegLib import io
+
     (tmp_path / "in").mkdir()
     _phantom(tmp_path / "in")
     out = tmp_path / "out"
@@ -447,7 +503,11 @@ def test_killed_writers_leftovers_are_no_case_and_are_removed(tmp_path, tiny_pac
     (tmp_path / "in" / leftover.name).write_bytes(b"half a file")  # and one among the inputs
     code = main(["segment", str(tmp_path / "in"), str(out), "--model", str(tiny_package.path)])
     assert code in (0, EXIT_FLAGGED)
-    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "manifest.csv", "qc"]  # leftover removed, not segmented
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ct.nii.gz",
+        "manifest.csv",
+        "qc",
+    ]  # leftover removed, not segmented
     assert "left by an interrupted run" in capsys.readouterr().err
 
 

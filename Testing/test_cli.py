@@ -1,4 +1,5 @@
 """The command line: main job, folders, skip/overwrite, evaluate CSVs, and every bad input."""
+
 import json
 import subprocess
 import sys
@@ -9,7 +10,6 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.cli import main
 from AbdomenSegLib.phantom import make_phantom
-
 from conftest import ROOT, shared, write_phantom_dataset
 
 
@@ -23,8 +23,13 @@ def phantom_files(tmp_path):
 
 def test_module_entry_point_runs_from_the_repository_root(tmp_path):
     out = tmp_path / "phantom.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "AbdomenSegLib", "phantom", str(out), "--size", "40", "40", "20"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "AbdomenSegLib", "phantom", str(out), "--size", "40", "40", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "SYNTHETIC" in result.stderr and sitk.ReadImage(str(out)).GetSize() == (40, 40, 20)
 
@@ -32,7 +37,10 @@ def test_module_entry_point_runs_from_the_repository_root(tmp_path):
 def test_segment_then_evaluate(phantom_files, tiny_package, capsys):
     d = phantom_files
     # The untrained test model's output may trip the result check (exit 3, written but flagged).
-    assert main(["segment", str(d / "ct.nii.gz"), str(d / "organs.seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
+    assert main(["segment", str(d / "ct.nii.gz"), str(d / "organs.seg.nrrd"), "--model", str(tiny_package.path)]) in (
+        0,
+        3,
+    )
     out = sitk.ReadImage(str(d / "organs.seg.nrrd"))
     assert out.GetSize() == (64, 56, 24)
     assert main(["evaluate", str(d / "organs.seg.nrrd"), str(d / "ref.nii.gz"), "--csv", str(d / "m.csv")]) == 0
@@ -55,7 +63,8 @@ def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys)
     # The result check of a folder run: per case JSON and picture, one CSV, an index of the pictures.
     qc = outs / "qc"
     assert {"case0.json", "case0.png", "case1.json", "case1.png", "qc.csv", "index.html", "contact_sheet.png"} <= {
-        p.name for p in qc.iterdir()}
+        p.name for p in qc.iterdir()
+    }
     rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,output,model,seconds,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
     report = json.loads((qc / "case0.json").read_text(encoding="utf-8"))
@@ -96,10 +105,18 @@ def _bad(tmp_path, kind):
     return path
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("2d", "2D image"), ("4d", "4D image"), ("constant", "constant"), ("nan", "NaN"),
-    ("labelmap", "label map"), ("missing", "does not exist"), ("not-image", "could not be read"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("2d", "2D image"),
+        ("4d", "4D image"),
+        ("constant", "constant"),
+        ("nan", "NaN"),
+        ("labelmap", "label map"),
+        ("missing", "does not exist"),
+        ("not-image", "could not be read"),
+    ],
+)
 def test_bad_input_one_clear_error_nothing_written(tmp_path, tiny_package, capsys, kind, message):
     src = _bad(tmp_path, kind)
     out = tmp_path / "out" / "organs.nii.gz"

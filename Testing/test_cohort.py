@@ -3,6 +3,7 @@
 A LocalCluster of 2 worker processes, a `dask scheduler` with two `dask worker` processes started as a user on a
 cluster would, and a worker killed in the middle of a case. Outputs must be the sequential run's, voxel for voxel.
 """
+
 import csv
 import os
 import signal
@@ -19,7 +20,6 @@ pytest.importorskip("distributed")
 
 from AbdomenSegLib.cli import main  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom  # noqa: E402
-
 from conftest import ROOT, write_phantom_dataset  # noqa: E402
 
 
@@ -98,6 +98,7 @@ def test_a_running_dask_scheduler_and_two_dask_workers(tmp_path, cohort, tiny_pa
     """As on a cluster: `dask scheduler` and two `dask worker` processes, started by hand; segment --scheduler,
     evaluate --scheduler-file."""
     from distributed import Client
+
     images, refs = cohort
     dask = Path(sys.executable).parent / "dask"
     if not dask.exists():
@@ -110,20 +111,51 @@ def test_a_running_dask_scheduler_and_two_dask_workers(tmp_path, cohort, tiny_pa
 
     def start(name, *command):
         out = open(logs / f"{name}.log", "w")
-        procs.append(subprocess.Popen([str(dask), *command], cwd=tmp_path, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(dask), *command],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     try:
-        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-              "--scheduler-file", str(scheduler_file))
+        start(
+            "scheduler",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        )
         deadline = time.time() + 60
         while not scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         assert scheduler_file.exists(), (logs / "scheduler.log").read_text()
         for i in range(2):
-            start(f"worker{i}", "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1",
-                  "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}",
-                  "--local-directory", str(tmp_path / f"w{i}"))
+            start(
+                f"worker{i}",
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                f"w{i}",
+                "--local-directory",
+                str(tmp_path / f"w{i}"),
+            )
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
             client.wait_for_workers(2, timeout=90)
             address = client.scheduler.address
@@ -139,8 +171,20 @@ def test_a_running_dask_scheduler_and_two_dask_workers(tmp_path, cohort, tiny_pa
         rows = _manifest(tmp_path / "dist")
         assert all(rows[n]["status"] == "done" for n in names) and len({rows[n]["worker"] for n in names}) == 2
 
-        assert main(["evaluate", str(tmp_path / "dist"), str(refs), "--csv", str(tmp_path / "m.csv"),
-                     "--scheduler-file", str(scheduler_file)]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tmp_path / "dist"),
+                    str(refs),
+                    "--csv",
+                    str(tmp_path / "m.csv"),
+                    "--scheduler-file",
+                    str(scheduler_file),
+                ]
+            )
+            == 0
+        )
         assert {r["case"] for r in csv.DictReader(open(tmp_path / "m.csv"))} == set(names)
     finally:
         for proc in reversed(procs):
@@ -157,6 +201,7 @@ def test_a_running_dask_scheduler_and_two_dask_workers(tmp_path, cohort, tiny_pa
 
 def _suppress():
     import contextlib
+
     return contextlib.suppress(ProcessLookupError, PermissionError)
 
 
@@ -169,8 +214,21 @@ def test_a_worker_killed_mid_case_every_case_done_exactly_once(tmp_path, tiny_pa
         ct, _ = make_phantom(size=(96, 80, 32), spacing=(4.0, 4.0, 7.0), seed=i)
         sitk.WriteImage(ct, str(images / f"case{i}.nii.gz"))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "AbdomenSegLib", "segment", str(images), str(out), "--workers", "2",
-               "--model", str(tiny_package.path), "--device", "cpu", "--no-qc-png"]
+    command = [
+        sys.executable,
+        "-m",
+        "AbdomenSegLib",
+        "segment",
+        str(images),
+        str(out),
+        "--workers",
+        "2",
+        "--model",
+        str(tiny_package.path),
+        "--device",
+        "cpu",
+        "--no-qc-png",
+    ]
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, victim_case = None, None
     try:
@@ -183,7 +241,7 @@ def test_a_worker_killed_mid_case_every_case_done_exactly_once(tmp_path, tiny_pa
                     continue
                 if pid != run.pid:
                     os.kill(pid, signal.SIGKILL)
-                    killed, victim_case = pid, lock.name[1:-len(".nii.gz.lock")]
+                    killed, victim_case = pid, lock.name[1 : -len(".nii.gz.lock")]
                     break
             time.sleep(0.01)
         stdout, stderr = run.communicate(timeout=180)
@@ -206,8 +264,17 @@ def test_a_worker_killed_mid_case_every_case_done_exactly_once(tmp_path, tiny_pa
 def test_compare_on_a_cluster_gives_the_same_table(tmp_path, tiny_package):
     images, refs = write_phantom_dataset(tmp_path / "data", cases=2)
     refs.rename(tmp_path / "data" / "labels")
-    args = ["compare", "--models", str(tiny_package.path), "--data", str(tmp_path / "data"), "--labels", "abdomenseg",
-            "--device", "cpu"]
+    args = [
+        "compare",
+        "--models",
+        str(tiny_package.path),
+        "--data",
+        str(tmp_path / "data"),
+        "--labels",
+        "abdomenseg",
+        "--device",
+        "cpu",
+    ]
     assert main(args + ["--out", str(tmp_path / "here")]) == 0
     assert main(args + ["--out", str(tmp_path / "there"), "--workers", "1"]) == 0
     for name in ("metrics.csv", "comparison.csv", "comparison.md"):
@@ -219,6 +286,7 @@ def test_gpu_pinning_one_worker_per_gpu_each_its_own(tmp_path):
     Checked here with the GPU list given, on the CPU."""
     from AbdomenSegLib.cohort import connect
     from AbdomenSegLib.errors import AbdomenSegError
+
     with pytest.raises(AbdomenSegError, match="one worker per GPU"):
         with connect(workers=3, device="cuda", gpus=["0", "1"], log=lambda m: None):
             pass
@@ -237,24 +305,57 @@ def test_cluster_options_are_checked_before_any_work(tmp_path, tiny_package, cap
     with pytest.raises(SystemExit):
         main(["segment", str(tmp_path), str(tmp_path / "out"), "--workers", "2", "--scheduler", "tcp://x:1"])
     missing = tmp_path / "nowhere.json"
-    assert main(["segment", str(tmp_path), str(tmp_path / "out"), "--scheduler-file", str(missing),
-                 "--model", str(tiny_package.path)]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path),
+                str(tmp_path / "out"),
+                "--scheduler-file",
+                str(missing),
+                "--model",
+                str(tiny_package.path),
+            ]
+        )
+        == 2
+    )
     assert "scheduler file" in capsys.readouterr().err
 
 
 def test_manifest_resume_rules(tmp_path):
-    from AbdomenSegLib.manifest import Manifest, case_row, read_manifest
     from AbdomenSegLib.errors import AbdomenSegError
+    from AbdomenSegLib.manifest import Manifest, case_row, read_manifest
+
     m = Manifest(tmp_path)
-    m.record(case_row("a", "in/a", tmp_path / "a.nii.gz", "done", seconds=1.234, device="cpu", model="x",
-                      qc_columns={"qc_warnings": 0, "liver_ml": 1.5, "spleen_ml": 2.0}))
+    m.record(
+        case_row(
+            "a",
+            "in/a",
+            tmp_path / "a.nii.gz",
+            "done",
+            seconds=1.234,
+            device="cpu",
+            model="x",
+            qc_columns={"qc_warnings": 0, "liver_ml": 1.5, "spleen_ml": 2.0},
+        )
+    )
     m.record(case_row("b", "in/b", tmp_path / "b.nii.gz", "failed", error="boom"))
     m.write()
     rows = read_manifest(tmp_path / "manifest.csv")
     assert rows["a"]["seconds"] == "1.23" and rows["b"]["error"] == "boom"
     header = (tmp_path / "manifest.csv").read_text().splitlines()[0].split(",")
-    assert header[:10] == ["case", "input", "output", "status", "seconds", "worker", "device", "model", "sha256",
-                           "error"] and header.index("liver_ml") < header.index("spleen_ml")
+    assert header[:10] == [
+        "case",
+        "input",
+        "output",
+        "status",
+        "seconds",
+        "worker",
+        "device",
+        "model",
+        "sha256",
+        "error",
+    ] and header.index("liver_ml") < header.index("spleen_ml")
     again = Manifest(tmp_path)
     assert again.skipped("a", "in/a", tmp_path / "a.nii.gz")["status"] == "done"  # an earlier done row stays
     assert again.skipped("c", "in/c", tmp_path / "c.nii.gz")["status"] == "skipped"  # made by no recorded run

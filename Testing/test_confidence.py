@@ -1,5 +1,6 @@
 """Per-organ confidence from the network's probabilities (confidence.py), the Segmenter's hook, and the qc block
 the shipped cards carry (bench/qc_confidence.py)."""
+
 import importlib.util
 import json
 import time
@@ -12,7 +13,6 @@ from AbdomenSegLib.confidence import MEASURE, MEASURES, confidence_measures, org
 from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.phantom import make_phantom
-
 from conftest import ROOT, shared
 
 SHIPPED = ("btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet")
@@ -56,8 +56,10 @@ def test_ambiguous_organ_scores_lower_and_the_sure_one_does_not():
         assert 0.0 <= values["liver"] < 0.95, (measure, values)
         assert values["spleen"] > values["liver"], (measure, values)
     # More blur, less confidence.
-    assert organ_confidence(blurred(one_hot(two_organs(), 4), 1, sigma=3.0), IDENTITY)["liver"] < \
-        organ_confidence(p, IDENTITY)["liver"]
+    assert (
+        organ_confidence(blurred(one_hot(two_organs(), 4), 1, sigma=3.0), IDENTITY)["liver"]
+        < organ_confidence(p, IDENTITY)["liver"]
+    )
 
 
 def test_measures_match_their_formulas():
@@ -121,6 +123,7 @@ def test_cost_for_a_full_abdomen_box():
 
 def test_segmenter_sets_last_confidence(tiny_package):
     import SimpleITK as sitk
+
     segmenter = Segmenter(tiny_package, "cpu", log=lambda m: None)
     assert segmenter.last_confidence == {}
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
@@ -130,6 +133,7 @@ def test_segmenter_sets_last_confidence(tiny_package):
     assert all(0.0 <= v <= 1.0 for v in confidence.values())
     # Every organ in the result won the argmax somewhere, so it has a confidence.
     from AbdomenSegLib.organs import BY_LABEL
+
     present = {BY_LABEL[int(v)].name for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v}
     assert present <= set(confidence)
     kept = next(iter(confidence))
@@ -138,6 +142,7 @@ def test_segmenter_sets_last_confidence(tiny_package):
 
 
 # -- the shipped cards' qc block --------------------------------------------------------------------------------
+
 
 def _bench():
     spec = importlib.util.spec_from_file_location("qc_confidence", ROOT / "bench" / "qc_confidence.py")

@@ -10,7 +10,6 @@ from AbdomenSegLib.models import RESOURCES
 from AbdomenSegLib.organs import BY_NAME, convert_labels
 from AbdomenSegLib.phantom import make_phantom
 from AbdomenSegLib.training import read_config
-
 from conftest import shared
 
 FLIP_AP = [1, 0, 0, 0, -1, 0, 0, 0, 1]
@@ -19,9 +18,11 @@ FLIP_AP = [1, 0, 0, 0, -1, 0, 0, 0, 1]
 def posterior_of(label: sitk.Image, convention: str, back: str, front: str) -> float:
     """How far (mm) organ `back` lies posterior of organ `front` in LPS world space (y grows posteriorly)."""
     ours = convert_labels(sitk.GetArrayFromImage(label), convention)
+
     def centre(organ):
         index = np.argwhere(ours == BY_NAME[organ].label).mean(0)[::-1]
         return np.array(label.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
     return float(centre(back)[1] - centre(front)[1])
 
 
@@ -66,11 +67,13 @@ def test_cache_in_las_of_an_ap_corrected_file_equals_lps_of_the_raw_file(tmp_pat
     image, labels = make_phantom(size=(40, 36, 20))
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
-    settings = dict(spacing=[8.0, 8.0, 14.0], intensity={"mode": "ct_window", "window": [-125, 275]},
-                    convention="abdomenseg")
+    settings = dict(
+        spacing=[8.0, 8.0, 14.0], intensity={"mode": "ct_window", "window": [-125, 275]}, convention="abdomenseg"
+    )
     raw = cache_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", **settings)
-    fixed = cache_case(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", orientation="LAS", direction=FLIP_AP,
-                       **settings)
+    fixed = cache_case(
+        tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", orientation="LAS", direction=FLIP_AP, **settings
+    )
     assert np.array_equal(raw[0], fixed[0]) and np.array_equal(raw[1], fixed[1])
 
 
@@ -79,13 +82,20 @@ def test_the_cache_encoding_round_trips_in_one_place():
     array = np.random.default_rng(0).random((4, 5, 6), dtype=np.float32)
     decoded = decode_image(encode_image(array))
     assert decoded.dtype == np.float32 and np.abs(decoded - array).max() <= 0.5 / 255 + 1e-7
-    arrays = {"settings": np.array("x"), "image/b": encode_image(array), "label/b": np.ones((4, 5, 6), np.uint8),
-              "image/a": encode_image(array[:1]), "label/a": np.zeros((1, 5, 6), np.uint8)}
+    arrays = {
+        "settings": np.array("x"),
+        "image/b": encode_image(array),
+        "label/b": np.ones((4, 5, 6), np.uint8),
+        "image/a": encode_image(array[:1]),
+        "label/a": np.zeros((1, 5, 6), np.uint8),
+    }
     cases = cached_cases(arrays)
     assert list(cases) == ["a", "b"] and cases["b"][1].max() == 1
 
 
-@pytest.mark.parametrize("direction", [[1, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0, float("nan")], "LPS", [2, 0, 0, 0, 1, 0, 0, 0, 1]])
+@pytest.mark.parametrize(
+    "direction", [[1, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0, float("nan")], "LPS", [2, 0, 0, 0, 1, 0, 0, 0, 1]]
+)
 def test_a_bad_direction_override_is_refused(direction):
     with pytest.raises(AbdomenSegError, match="not a rotation or reflection"):
         check_direction(direction)

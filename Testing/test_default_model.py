@@ -10,11 +10,23 @@ from AbdomenSegLib.io import read_image
 from AbdomenSegLib.metrics import evaluate
 from AbdomenSegLib.organs import BY_NAME
 from AbdomenSegLib.phantom import rotation
-
 from conftest import shared, validation_rows
 
-BTCV_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "pancreas", "gallbladder", "stomach", "aorta",
-               "inferior_vena_cava", "esophagus", "portal_splenic_vein", "adrenal_gland_right", "adrenal_gland_left"]
+BTCV_ORGANS = [
+    "liver",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "pancreas",
+    "gallbladder",
+    "stomach",
+    "aorta",
+    "inferior_vena_cava",
+    "esophagus",
+    "portal_splenic_vein",
+    "adrenal_gland_right",
+    "adrenal_gland_left",
+]
 
 
 def test_default_is_the_btcv_ct_3d_model(default_card):
@@ -43,8 +55,15 @@ def real_hu(default_card):
     image = read_image(shared("totalseg_example", "example_ct.nii.gz"))
     reference = sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz")))
     prediction = get_segmenter(default_card, "cpu", log=lambda m: None).segment(image)
-    rows = {r["organ"]: r for r in evaluate(prediction, reference, reference_convention="totalseg",
-                                            organs=["liver", "spleen", "kidney_right", "kidney_left"])}
+    rows = {
+        r["organ"]: r
+        for r in evaluate(
+            prediction,
+            reference,
+            reference_convention="totalseg",
+            organs=["liver", "spleen", "kidney_right", "kidney_left"],
+        )
+    }
     return prediction, rows
 
 
@@ -63,6 +82,7 @@ def test_real_hu_ct_gets_liver_spleen_and_kidneys_in_the_right_places(real_hu):
     def centre(organ):  # LPS world position of the predicted organ
         idx = np.argwhere(labels == BY_NAME[organ].label).mean(0)[::-1]
         return np.array(prediction.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
+
     assert centre("liver")[0] < 0 < centre("spleen")[0]  # liver on the patient's right, spleen on the left
     assert centre("kidney_right")[0] < 0 < centre("kidney_left")[0]
     for kidney in ("kidney_right", "kidney_left"):
@@ -72,18 +92,25 @@ def test_real_hu_ct_gets_liver_spleen_and_kidneys_in_the_right_places(real_hu):
 def test_oblique_real_ct_matches_its_reference(default_card):
     """A BTCV validation case resampled onto a 15-degree oblique, LR-flipped grid: same organs."""
     case = default_card["training"]["validation_cases"][0]
-    image, labels = read_case(shared("btcv_ct", "images", f"{case}.nii.gz"), shared("btcv_ct", "labels", f"{case}.nii.gz"),
-                              default_card["training"]["config"]["data"]["direction"])  # the copy's header fix
+    image, labels = read_case(
+        shared("btcv_ct", "images", f"{case}.nii.gz"),
+        shared("btcv_ct", "labels", f"{case}.nii.gz"),
+        default_card["training"]["config"]["data"]["direction"],
+    )  # the copy's header fix
     direction = (rotation("z", 15) @ np.diag([-1.0, 1.0, 1.0])).ravel().tolist()
     size, spacing = image.GetSize(), image.GetSpacing()
     centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size])
     grid = sitk.Image(size, sitk.sitkUInt8)
     grid.SetSpacing(spacing)
     grid.SetDirection(direction)
-    grid.SetOrigin((np.array(centre) - np.array(direction).reshape(3, 3) @ ((np.array(size) - 1) / 2 * np.array(spacing))).tolist())
+    grid.SetOrigin(
+        (np.array(centre) - np.array(direction).reshape(3, 3) @ ((np.array(size) - 1) / 2 * np.array(spacing))).tolist()
+    )
     oblique = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0, image.GetPixelID())
     oblique_ref = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
-    prediction = get_segmenter(default_card, "cpu", log=lambda m: None).segment(oblique, Options(input_intensity="btcv_uint8"))
+    prediction = get_segmenter(default_card, "cpu", log=lambda m: None).segment(
+        oblique, Options(input_intensity="btcv_uint8")
+    )
     assert prediction.GetDirection() == oblique.GetDirection() and prediction.GetOrigin() == oblique.GetOrigin()
     rows = {r["organ"]: r for r in evaluate(prediction, oblique_ref, reference_convention="btcv")}
     assert rows["liver"]["dice"] >= 0.85 and rows["spleen"]["dice"] >= 0.7

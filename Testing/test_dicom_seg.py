@@ -3,6 +3,7 @@
 Real data: dcmqi's 3-slice CT series (and its own SEG of the liver), and DICOM series built here with pydicom from
 the TotalSegmentator example CT (real HU), once axial and once oblique, with that example's organ map as labels.
 """
+
 import shutil
 
 import numpy as np
@@ -29,9 +30,12 @@ def _array(image):
 
 
 def _same_grid(a, b):
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
 
 
 def _sources(folder):
@@ -47,6 +51,7 @@ def _check_seg_file(seg_path, series, label_image, card):
     """Every frame references the source slice at its position and holds exactly that slice's organ mask; codes,
     names, colours and the algorithm identification are there."""
     import highdicom as hd
+
     seg = hd.seg.segread(seg_path)
     assert seg.SOPClassUID == SEG_SOP_CLASS and seg.SegmentationType == "BINARY"
     sources = _sources(series)
@@ -91,6 +96,7 @@ def _check_seg_file(seg_path, series, label_image, card):
 
 
 # -- the 3-slice dcmqi series -----------------------------------------------------------------------------------
+
 
 def _ct3_labels(series):
     """dcmqi's liver map plus a right kidney and a spleen block, in the series' grid."""
@@ -149,6 +155,7 @@ def test_segment_cli_empty_result_refused(tmp_path, background_only_package, cap
 
 # -- series built from a real CT --------------------------------------------------------------------------------
 
+
 def _rotation(degrees_x, degrees_z):
     ax, az = np.radians(degrees_x), np.radians(degrees_z)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -170,7 +177,13 @@ def _write_series(folder, hu, spacing, origin, direction):
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Abdomen", "ABD001", "", "O"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20240101", "120000", "", "", "1"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = (
+            "20240101",
+            "120000",
+            "",
+            "",
+            "1",
+        )
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
         ds.Manufacturer = "test"
         position = np.asarray(origin) + direction[:, 2] * spacing[2] * k
@@ -192,11 +205,13 @@ def real_ct_crop():
     """(HU, organ labels) arrays (z, y, x): 24 slices through the kidneys of the TotalSegmentator example CT, every
     second voxel in-plane (61 x 51 pixels at 6 mm x 6 mm x 3 mm)."""
     ct = sitk.DICOMOrient(sitk.ReadImage(str(shared("totalseg_example", "example_ct.nii.gz"))), "LPS")
-    seg = sitk.DICOMOrient(sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz"))), "LPS")
+    seg = sitk.DICOMOrient(
+        sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz"))), "LPS"
+    )
     labels = convert_labels(_array(seg), "totalseg")
     kidneys = np.flatnonzero((labels == BY_NAME["kidney_right"].label).any(axis=(1, 2)))
     z0 = max(0, int(kidneys.mean()) - 12)
-    hu, labels = _array(ct)[z0:z0 + 24, ::2, ::2], labels[z0:z0 + 24, ::2, ::2]
+    hu, labels = _array(ct)[z0 : z0 + 24, ::2, ::2], labels[z0 : z0 + 24, ::2, ::2]
     assert len(np.unique(labels)) >= 4  # background + several organs
     return hu, labels
 
@@ -226,12 +241,13 @@ def test_built_series_round_trip(tmp_path, tiny_package, real_ct_crop, oblique):
     assert np.allclose(alone.GetDirection(), nrrd.GetDirection(), atol=1e-6)
     assert np.allclose(alone.GetSpacing(), nrrd.GetSpacing(), atol=1e-4)
     first = int(round(nrrd.TransformPhysicalPointToContinuousIndex(alone.GetOrigin())[2]))
-    assert np.array_equal(_array(alone), organ_labels[first:first + alone.GetSize()[2]])
-    assert not organ_labels[:first].any() and not organ_labels[first + alone.GetSize()[2]:].any()
+    assert np.array_equal(_array(alone), organ_labels[first : first + alone.GetSize()[2]])
+    assert not organ_labels[:first].any() and not organ_labels[first + alone.GetSize()[2] :].any()
     # evaluate with the SEG as reference: Dice 1 for every organ, against the NRRD of the same labels
     csv = tmp_path / "metrics.csv"
     assert cli.main(["evaluate", str(tmp_path / "organs.nrrd"), str(seg_path), "--csv", str(csv)]) == 0
     import csv as csvlib
+
     rows = [r for r in csvlib.DictReader(csv.open()) if r["status"] == "ok"]
     present = {BY_LABEL[v].name for v in np.unique(organ_labels) if v}
     assert {r["organ"] for r in rows} == present
@@ -245,14 +261,16 @@ def test_folder_mode_format_dcm(tmp_path, tiny_package, real_ct_crop):
     for name in ("a", "b"):
         _write_series(cases / name, hu, (6.0, 6.0, 3.0), (0.0, 0.0, 0.0), np.eye(3))
     out = tmp_path / "out"
-    code = cli.main(["segment", str(cases), str(out), "--format", ".dcm", "--model", str(tiny_package.path),
-                     "--no-qc-png"])
+    code = cli.main(
+        ["segment", str(cases), str(out), "--format", ".dcm", "--model", str(tiny_package.path), "--no-qc-png"]
+    )
     assert code in (0, 3)
     for name in ("a", "b"):
         assert _array(read_dicom_seg(out / f"{name}.dcm", reference=cases / name)).any()
 
 
 # -- refusals ---------------------------------------------------------------------------------------------------
+
 
 def test_dcm_output_needs_a_dicom_series_input(tmp_path, capsys):
     image = tmp_path / "ct.nrrd"
@@ -312,15 +330,16 @@ def test_a_cohort_folder_with_segs_written_into_it_can_be_run_again(tmp_path, ti
     """`segment cases/ cases/ --format .dcm` puts SEG files beside the series folders; GDCM sees them as a
     series, and the folder must still be a set of cases, not one DICOM case, on the next run."""
     import shutil
+
     from AbdomenSegLib.batch import expand_inputs, find_reference
+
     source = shared("dcmqi_ct3slice")
     series = [p for p in source.rglob("*") if p.is_dir() and is_dicom_folder(p)]
     if not series:
         pytest.skip("no DICOM series folder in dcmqi_ct3slice")
     cases = tmp_path / "cases"
     shutil.copytree(series[0], cases / "ct3")
-    args = ["segment", str(cases), str(cases), "--format", ".dcm", "--model", str(tiny_package.path),
-            "--device", "cpu"]
+    args = ["segment", str(cases), str(cases), "--format", ".dcm", "--model", str(tiny_package.path), "--device", "cpu"]
     assert main(args) in (0, 3)
     assert (cases / "ct3.dcm").is_file()
     found, batch = expand_inputs(str(cases))

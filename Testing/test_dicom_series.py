@@ -4,6 +4,7 @@ Each damaged case also shows what plain SimpleITK does with it (a volume with a 
 spacing, or slices placed where they are not), i.e. the silent failure the check guards against.
 Synthetic series are written with SimpleITK itself (tags as in its "DICOM series from array" example).
 """
+
 import locale
 import os
 import shutil
@@ -32,12 +33,14 @@ FIRST_POSITION = (-25.0, -25.0, -100.0)
 
 # --- writing realistic series ----------------------------------------------------------------------------
 
+
 def _ds(values) -> str:
     return "\\".join(f"{v:g}" for v in values)
 
 
-def write_ct_series(folder: Path, *, slices: int = SLICES, spacing: float = SPACING,
-                    series_uid: str = SERIES_UID) -> list[Path]:
+def write_ct_series(
+    folder: Path, *, slices: int = SLICES, spacing: float = SPACING, series_uid: str = SERIES_UID
+) -> list[Path]:
     """One axial CT series, one file per slice, `spacing` mm apart along +z; returns the files in z order."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -53,10 +56,16 @@ def write_ct_series(folder: Path, *, slices: int = SLICES, spacing: float = SPAC
         image = volume[:, :, k]
         position = (FIRST_POSITION[0], FIRST_POSITION[1], FIRST_POSITION[2] + k * spacing)
         tags = {
-            "0008|0060": "CT", "0008|0016": CT_IMAGE_STORAGE, "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|000d": STUDY_UID, "0020|000e": series_uid, "0020|0013": str(k + 1),
-            "0020|0032": _ds(position), "0020|0037": _ds(AXIAL),
-            "0028|0030": _ds((PIXEL, PIXEL)), "0018|0050": f"{spacing:g}",
+            "0008|0060": "CT",
+            "0008|0016": CT_IMAGE_STORAGE,
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": STUDY_UID,
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": _ds(position),
+            "0020|0037": _ds(AXIAL),
+            "0028|0030": _ds((PIXEL, PIXEL)),
+            "0018|0050": f"{spacing:g}",
         }
         for key, value in tags.items():
             image.SetMetaData(key, value)
@@ -93,6 +102,7 @@ def position_of(path: Path) -> np.ndarray:
 
 def write_non_image_dicom(path: Path, sop_class: str) -> None:
     """A minimal pixel-less DICOM object (e.g. an RT structure set), as PACS exports put beside a series."""
+
     def explicit(element: int, vr: bytes, value: bytes) -> bytes:
         value += b"\0" * (len(value) % 2)
         if vr == b"OB":
@@ -104,15 +114,25 @@ def write_non_image_dicom(path: Path, sop_class: str) -> None:
         return struct.pack("<HHI", group, element, len(value)) + value
 
     instance = f"{OTHER_SERIES_UID}.1".encode()
-    meta = (explicit(1, b"OB", b"\0\1") + explicit(2, b"UI", sop_class.encode()) + explicit(3, b"UI", instance)
-            + explicit(0x10, b"UI", b"1.2.840.10008.1.2"))
+    meta = (
+        explicit(1, b"OB", b"\0\1")
+        + explicit(2, b"UI", sop_class.encode())
+        + explicit(3, b"UI", instance)
+        + explicit(0x10, b"UI", b"1.2.840.10008.1.2")
+    )
     meta = explicit(0, b"UL", struct.pack("<I", len(meta))) + meta
-    data = (implicit(8, 0x16, sop_class.encode()) + implicit(8, 0x18, instance) + implicit(8, 0x60, b"RTSTRUCT")
-            + implicit(0x20, 0xD, STUDY_UID.encode()) + implicit(0x20, 0xE, OTHER_SERIES_UID.encode()))
+    data = (
+        implicit(8, 0x16, sop_class.encode())
+        + implicit(8, 0x18, instance)
+        + implicit(8, 0x60, b"RTSTRUCT")
+        + implicit(0x20, 0xD, STUDY_UID.encode())
+        + implicit(0x20, 0xE, OTHER_SERIES_UID.encode())
+    )
     path.write_bytes(b"\0" * 128 + b"DICM" + meta + data)
 
 
 # --- reading the way io._read_dicom_series does ----------------------------------------------------------
+
 
 def gdcm_files(folder: Path, series_uid: str = SERIES_UID) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
@@ -131,15 +151,18 @@ def plain_itk_read(folder: Path) -> sitk.Image:
 
 # --- damage done to an intact series ---------------------------------------------------------------------
 
+
 def delete(k: int) -> Callable:
     return lambda folder, files: files[k].unlink()
 
 
 def truncate_to_half(k: int) -> Callable:
     """As the issue reproduces it: `head -c $((size/2))`, e.g. an interrupted copy."""
+
     def damage(folder, files):
         data = files[k].read_bytes()
         files[k].write_bytes(data[: len(data) // 2])
+
     return damage
 
 
@@ -150,6 +173,7 @@ def copy_as(k: int, name: str) -> Callable:
 def move_along_z(k: int, mm: float) -> Callable:
     def damage(folder, files):
         rewrite_tag(files[k], "0020|0032", _ds(position_of(files[k]) + (0, 0, mm)))
+
     return damage
 
 
@@ -157,14 +181,17 @@ def reorient(k: int, degrees: float) -> Callable:
     def damage(folder, files):
         a = np.radians(degrees)
         rewrite_tag(files[k], "0020|0037", _ds((1, 0, 0, 0, np.cos(a), np.sin(a))))
+
     return damage
 
 
 def shear_y(mm_per_slice: float) -> Callable:
     """Gantry tilt as CT writes it: each slice's position also steps in y."""
+
     def damage(folder, files):
         for k, path in enumerate(files):
             rewrite_tag(path, "0020|0032", _ds(position_of(path) + (0, k * mm_per_slice, 0)))
+
     return damage
 
 
@@ -172,10 +199,12 @@ def add_other_series_file(name: str) -> Callable:
     def damage(folder, files):
         other = write_ct_series(folder.parent / "other", slices=3, series_uid=OTHER_SERIES_UID)
         shutil.copyfile(other[1], folder / name)
+
     return damage
 
 
 # --- how plain ITK gets each damaged case wrong ----------------------------------------------------------
+
 
 def wrong_grid(image: sitk.Image, files: list[Path]) -> bool:
     return image.GetSize()[2] != SLICES or abs(image.GetSpacing()[2] - SPACING) > 1e-6
@@ -183,14 +212,17 @@ def wrong_grid(image: sitk.Image, files: list[Path]) -> bool:
 
 def misplaces(k: int) -> Callable:
     """Right count and spacing, but slice k sits where ITK's regular grid says, not where its header says."""
+
     def wrong(image, files):
         placed = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)))
         return not wrong_grid(image, files) and np.linalg.norm(placed - position_of(files[k])) > 0.5
+
     return wrong
 
 
 def ignores_orientation_of(k: int) -> Callable:
     """ITK stacks the tilted slice as if parallel: one direction for the volume, no complaint."""
+
     def wrong(image, files):
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(files[k]))
@@ -198,6 +230,7 @@ def ignores_orientation_of(k: int) -> Callable:
         tilted = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
         column = np.array(image.GetDirection()).reshape(3, 3)[:, 1]
         return image.GetSize()[2] == SLICES and np.abs(column - tilted[3:]).max() > 0.05
+
     return wrong
 
 
@@ -207,20 +240,42 @@ def reads_without_complaint(image: sitk.Image, files: list[Path]) -> bool:
 
 
 DAMAGED = [
-    pytest.param(delete(10), ["1 slice missing", "'slice009.dcm' (z=-73.0)", "'slice011.dcm' (z=-67.0)",
-                              "step 6.0 mm where the series has 3.0 mm"], wrong_grid, id="slice-deleted"),
-    pytest.param(truncate_to_half(10), ["'slice010.dcm'", "truncated or corrupt"], wrong_grid,
-                 id="slice-truncated"),
-    pytest.param(copy_as(10, "slice010 copy.dcm"), ["same position", "'slice010.dcm'", "'slice010 copy.dcm'"],
-                 wrong_grid, id="slice-duplicated"),
-    pytest.param(move_along_z(10, 1.0), ["'slice010.dcm' lies 1.0 mm off", "steps 4.0 and 2.0 mm"],
-                 misplaces(10), id="slice-moved-1mm"),
-    pytest.param(reorient(10, 5.0), ["orientations", "'slice010.dcm'"], ignores_orientation_of(10),
-                 id="slice-other-orientation"),
-    pytest.param(shear_y(0.5), ["gantry tilt", "9.5 degrees", "'slice019.dcm'", "regularization"], wrong_grid,
-                 id="gantry-tilt"),
-    pytest.param(add_other_series_file("other.dcm"), ["another series", "'other.dcm'", "own folder"],
-                 reads_without_complaint, id="other-series-file"),
+    pytest.param(
+        delete(10),
+        [
+            "1 slice missing",
+            "'slice009.dcm' (z=-73.0)",
+            "'slice011.dcm' (z=-67.0)",
+            "step 6.0 mm where the series has 3.0 mm",
+        ],
+        wrong_grid,
+        id="slice-deleted",
+    ),
+    pytest.param(truncate_to_half(10), ["'slice010.dcm'", "truncated or corrupt"], wrong_grid, id="slice-truncated"),
+    pytest.param(
+        copy_as(10, "slice010 copy.dcm"),
+        ["same position", "'slice010.dcm'", "'slice010 copy.dcm'"],
+        wrong_grid,
+        id="slice-duplicated",
+    ),
+    pytest.param(
+        move_along_z(10, 1.0),
+        ["'slice010.dcm' lies 1.0 mm off", "steps 4.0 and 2.0 mm"],
+        misplaces(10),
+        id="slice-moved-1mm",
+    ),
+    pytest.param(
+        reorient(10, 5.0), ["orientations", "'slice010.dcm'"], ignores_orientation_of(10), id="slice-other-orientation"
+    ),
+    pytest.param(
+        shear_y(0.5), ["gantry tilt", "9.5 degrees", "'slice019.dcm'", "regularization"], wrong_grid, id="gantry-tilt"
+    ),
+    pytest.param(
+        add_other_series_file("other.dcm"),
+        ["another series", "'other.dcm'", "own folder"],
+        reads_without_complaint,
+        id="other-series-file",
+    ),
 ]
 
 
@@ -325,7 +380,7 @@ def test_slices_without_position_are_refused_but_one_multiframe_file_is_not(seri
     data = files[5].read_bytes()
     tag = data.index(b"\x20\x00\x32\x00")
     assert tag < data.index(b"\xe0\x7f\x10\x00")  # in the header, not a pixel value
-    files[5].write_bytes(data[:tag] + b"\x20\x00\x33\x00" + data[tag + 4:])
+    files[5].write_bytes(data[:tag] + b"\x20\x00\x33\x00" + data[tag + 4 :])
     with pytest.raises(AbdomenSegError, match="'slice005.dcm' has no valid slice position"):
         check_series_geometry(folder, [str(f) for f in files])
     single = folder.parent / "single"

@@ -1,4 +1,5 @@
 """The long-lived engine process of the Slicer panel (worker.py + engine_worker.py): real processes throughout."""
+
 import os
 import subprocess
 import sys
@@ -141,12 +142,18 @@ def test_an_idle_worker_exits_and_is_replaced(tiny_package, phantom):
 
 def test_the_worker_ends_with_its_parent(tmp_path):
     """Slicer quitting (or crashing) must not leave an engine process holding a model in memory."""
-    script = ("import sys, time; sys.path.insert(0, sys.argv[1]);"
-              "from AbdomenSegLib.engine_worker import EngineWorker;"
-              "w = EngineWorker().start(); print(w.pid, flush=True); time.sleep(60)")
-    parent = subprocess.Popen([sys.executable, "-c", script, str(os.getcwd())], stdout=subprocess.PIPE, text=True,
-                              cwd=str(tmp_path), env=dict(_env(), PYTHONPATH=os.path.dirname(os.path.dirname(
-                                  os.path.abspath(__file__)))))
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from AbdomenSegLib.engine_worker import EngineWorker;"
+        "w = EngineWorker().start(); print(w.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(os.getcwd())],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(tmp_path),
+        env=dict(_env(), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     try:
         pid = int(parent.stdout.readline())
         assert not _gone(pid, 1.0)

@@ -1,6 +1,7 @@
 """2D inference without `import segmentation_models_pytorch` (issue 16): unet2d.Unet2D must give what smp's Unet
 gives on the shipped 2.5D weights, and segmenting with the 2.5D model must not import smp, timm, torchvision or
 huggingface_hub at all."""
+
 import json
 import subprocess
 import sys
@@ -13,14 +14,14 @@ from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.unet2d import Unet2D, supports
-
-from conftest import segment_with_both_networks, ROOT, shared
+from conftest import ROOT, segment_with_both_networks, shared
 
 SHIPPED_2D = "btcv-ct-2d-unet-r18"
 
 
 def _shipped_weights(card):
     from safetensors.torch import load_file
+
     return load_file(str(card.weights_path))
 
 
@@ -47,6 +48,7 @@ def _randomise_batchnorm(network, seed):
 @pytest.fixture(scope="module")
 def shipped_pair():
     import segmentation_models_pytorch as smp
+
     card = find_model(SHIPPED_2D)
     arch, weights = card["architecture"], _shipped_weights(card)
     fast = build_network(arch, card.in_channels, card.out_channels, for_inference=True)
@@ -58,11 +60,14 @@ def shipped_pair():
     return fast.eval(), slow.eval()
 
 
-@pytest.mark.parametrize("shape", [
-    (2, 3, 256, 256),
-    (2, 3, 160, 224),  # odd multiples of 32
-    (1, 3, 97, 130),  # no multiple of 32: smp's Unet takes it (up-sampling to each skip's size), so must we
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 3, 256, 256),
+        (2, 3, 160, 224),  # odd multiples of 32
+        (1, 3, 97, 130),  # no multiple of 32: smp's Unet takes it (up-sampling to each skip's size), so must we
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_unet_loads_shipped_weights_and_matches_smp(shipped_pair, shape, channels_last):
     fast, slow = shipped_pair
@@ -82,13 +87,25 @@ def test_fast_unet_loads_shipped_weights_and_matches_smp(shipped_pair, shape, ch
     assert diff <= 1e-4, diff
 
 
-@pytest.mark.parametrize("args,in_channels", [
-    ({"encoder_name": "resnet34", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}, 5),
-    ({"encoder_name": "resnet34", "decoder_channels": [64, 32, 16, 16, 8]}, 1),  # depth defaults to 5
-    ({"encoder_depth": 4, "decoder_channels": [32, 16, 16, 8], "decoder_use_norm": True}, 3),  # resnet34 default
-    ({"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 16, 8],
-      "decoder_use_norm": "batchnorm", "decoder_attention_type": None, "activation": None}, 3),
-])
+@pytest.mark.parametrize(
+    "args,in_channels",
+    [
+        ({"encoder_name": "resnet34", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}, 5),
+        ({"encoder_name": "resnet34", "decoder_channels": [64, 32, 16, 16, 8]}, 1),  # depth defaults to 5
+        ({"encoder_depth": 4, "decoder_channels": [32, 16, 16, 8], "decoder_use_norm": True}, 3),  # resnet34 default
+        (
+            {
+                "encoder_name": "resnet18",
+                "encoder_depth": 3,
+                "decoder_channels": [16, 16, 8],
+                "decoder_use_norm": "batchnorm",
+                "decoder_attention_type": None,
+                "activation": None,
+            },
+            3,
+        ),
+    ],
+)
 def test_fast_unet_matches_smp_on_small_configs(args, in_channels):
     arch = {"class": "Unet", "args": args}
     torch.manual_seed(1)
@@ -99,51 +116,72 @@ def test_fast_unet_matches_smp_on_small_configs(args, in_channels):
     assert list(_shapes(fast).items()) == list(_shapes(slow).items())
     fast.load_state_dict(slow.state_dict(), strict=True)
     fast.eval(), slow.eval()
-    for x in (torch.randn(2, in_channels, 64, 96), torch.randn(1, in_channels, 50, 37),
-              torch.randn(2, in_channels, 64, 32).contiguous(memory_format=torch.channels_last)):
+    for x in (
+        torch.randn(2, in_channels, 64, 96),
+        torch.randn(1, in_channels, 50, 37),
+        torch.randn(2, in_channels, 64, 32).contiguous(memory_format=torch.channels_last),
+    ):
         with torch.inference_mode():
             assert _max_diff(fast(x), slow(x)) <= 1e-4
 
 
-@pytest.mark.parametrize("args", [
-    {"encoder_name": "resnet50"},  # Bottleneck blocks
-    {"encoder_name": "efficientnet-b0"},
-    {"encoder_name": "resnet18", "decoder_attention_type": "scse"},
-    {"encoder_name": "resnet18", "decoder_use_norm": {"type": "batchnorm", "eps": 1e-3}},  # BN, other parameters
-    {"encoder_name": "resnet18", "decoder_use_norm": "identity"},
-    {"encoder_name": "resnet18", "decoder_use_norm": False},
-    {"encoder_name": "resnet18", "decoder_use_batchnorm": False},  # the deprecated spelling overrides use_norm
-    {"encoder_name": "resnet18", "decoder_interpolation": "bilinear"},
-    {"encoder_name": "resnet18", "activation": "sigmoid"},
-    {"encoder_name": "resnet18", "aux_params": {"classes": 2}},
-    {"encoder_name": "resnet18", "encoder_output_stride": 16},  # unknown to Unet2D: smp decides what it means
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"encoder_name": "resnet50"},  # Bottleneck blocks
+        {"encoder_name": "efficientnet-b0"},
+        {"encoder_name": "resnet18", "decoder_attention_type": "scse"},
+        {"encoder_name": "resnet18", "decoder_use_norm": {"type": "batchnorm", "eps": 1e-3}},  # BN, other parameters
+        {"encoder_name": "resnet18", "decoder_use_norm": "identity"},
+        {"encoder_name": "resnet18", "decoder_use_norm": False},
+        {"encoder_name": "resnet18", "decoder_use_batchnorm": False},  # the deprecated spelling overrides use_norm
+        {"encoder_name": "resnet18", "decoder_interpolation": "bilinear"},
+        {"encoder_name": "resnet18", "activation": "sigmoid"},
+        {"encoder_name": "resnet18", "aux_params": {"classes": 2}},
+        {"encoder_name": "resnet18", "encoder_output_stride": 16},  # unknown to Unet2D: smp decides what it means
+    ],
+)
 def test_other_unet_args_are_built_by_smp(args):
     import segmentation_models_pytorch as smp
+
     assert not supports(args)
     assert isinstance(build_network({"class": "Unet", "args": args}, 3, 4, for_inference=True), smp.Unet)
 
 
 def test_depth_without_matching_decoder_channels_is_refused_by_smp_as_before():
     with pytest.raises(ValueError):  # models._build turns it into the card error it always gave
-        build_network({"class": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 3}}, 3, 4,
-                      for_inference=True)
+        build_network(
+            {"class": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 3}}, 3, 4, for_inference=True
+        )
     with pytest.raises(ValueError):
         Unet2D(3, 4, "resnet18", 5, decoder_attention_type="scse")
 
 
 def test_training_and_unetplusplus_build_smp_classes():
     import segmentation_models_pytorch as smp
+
     arch = find_model(SHIPPED_2D)["architecture"]
     assert isinstance(build_network(arch, 3, 14), smp.Unet)
-    assert isinstance(build_network({"class": "UnetPlusPlus", "args": {"encoder_name": "resnet18"}}, 3, 4,
-                                    for_inference=True), smp.UnetPlusPlus)
+    assert isinstance(
+        build_network({"class": "UnetPlusPlus", "args": {"encoder_name": "resnet18"}}, 3, 4, for_inference=True),
+        smp.UnetPlusPlus,
+    )
 
 
 # -- (b) no smp in the process --------------------------------------------------------------------------------
 LIGHT_2D = ("segmentation_models_pytorch", "timm", "torchvision", "huggingface_hub")
-HEAVY = LIGHT_2D + ("monai", "torch._dynamo", "torch._inductor", "scipy", "skimage", "sympy", "matplotlib",
-                    "nibabel", "pandas", "tqdm")
+HEAVY = LIGHT_2D + (
+    "monai",
+    "torch._dynamo",
+    "torch._inductor",
+    "scipy",
+    "skimage",
+    "sympy",
+    "matplotlib",
+    "nibabel",
+    "pandas",
+    "tqdm",
+)
 
 SEGMENT_IN_A_FRESH_PROCESS = f"""
 import json, sys
@@ -162,27 +200,33 @@ print(type(segmenter.network).__module__)
 
 
 def test_segmenting_with_the_2d_model_imports_no_smp():
-    result = subprocess.run([sys.executable, "-c", SEGMENT_IN_A_FRESH_PROCESS], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", SEGMENT_IN_A_FRESH_PROCESS], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     *_, counts, imported, module = result.stdout.strip().splitlines()
     counts, imported = json.loads(counts), json.loads(imported)
     print("heavy packages imported by a 2.5D segmentation (package: modules):", counts)
     assert module == "AbdomenSegLib.unet2d", module
-    assert not imported, ("segmenting with the 2.5D model imported smp or its dependencies (models._build must "
-                          f"pass for_inference=True to build_network): {imported}")
+    assert not imported, (
+        "segmenting with the 2.5D model imported smp or its dependencies (models._build must "
+        f"pass for_inference=True to build_network): {imported}"
+    )
 
 
 # -- (c) the shipped 2.5D model on a real CT -----------------------------------------------------------------
 def test_2d_model_on_example_ct_equals_the_smp_path():
     import SimpleITK as sitk
+
     ct = sitk.ReadImage(str(shared("totalseg_example", "example_ct.nii.gz")))
     card = find_model(SHIPPED_2D)
     assert isinstance(Segmenter(card, "cpu", log=lambda m: None).network, Unet2D)
     outputs, probabilities = segment_with_both_networks(card, ct, Options(precision="fp32"))
     differing = int((outputs[0] != outputs[1]).sum())
     diff = float(np.abs(probabilities[0] - probabilities[1]).max())
-    print(f"example CT, 2.5D model: {differing} of {outputs[0].size} voxels differ; "
-          f"max probability difference {diff:.2e}")
+    print(
+        f"example CT, 2.5D model: {differing} of {outputs[0].size} voxels differ; "
+        f"max probability difference {diff:.2e}"
+    )
     assert diff <= 1e-4
     assert differing == 0

@@ -3,13 +3,13 @@
 Uses a synthetic phantom CT and the tiny untrained model, so it needs no real data and stays fast; the
 real report comes from running the driver by hand on ../shared/data.
 """
+
 import importlib.util
 import sys
 
 import SimpleITK as sitk
 
 from AbdomenSegLib.phantom import make_phantom
-
 from conftest import ROOT
 
 
@@ -25,9 +25,26 @@ def test_driver_sorts_every_case(tmp_path, tiny_package, capsys):
     fuzz = _driver()
     ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
     sitk.WriteImage(sitk.Cast(ct, sitk.sitkInt16), str(tmp_path / "ct.nii.gz"))
-    report = fuzz.run(["--cases", "5", "--seed", "3", "--model", str(tiny_package.path),
-                       "--ct", str(tmp_path / "ct.nii.gz"), "--dicom", "", "--ts-labels", "",
-                       "--families", "gzip-truncation,nii-truncation,nifti-benign", "--out", str(tmp_path / "out")])
+    report = fuzz.run(
+        [
+            "--cases",
+            "5",
+            "--seed",
+            "3",
+            "--model",
+            str(tiny_package.path),
+            "--ct",
+            str(tmp_path / "ct.nii.gz"),
+            "--dicom",
+            "",
+            "--ts-labels",
+            "",
+            "--families",
+            "gzip-truncation,nii-truncation,nifti-benign",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     results, total = report["results"], report["counts"]["total"]
     assert len(results) == total["tried"] == 5
     assert sum(total[k] for k in fuzz.OUTCOMES) == 5

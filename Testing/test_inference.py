@@ -1,4 +1,5 @@
 """The runner: exact input geometry for any orientation, progress, cancel, device fallback, options."""
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -7,7 +8,6 @@ from AbdomenSegLib.errors import AbdomenSegError, Cancelled
 from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.inferer import inferer_for, window_count
 from AbdomenSegLib.phantom import make_phantom, rotation
-
 from conftest import shared
 
 
@@ -18,8 +18,12 @@ def phantom_ct(size, spacing=None, **kw):
 
 
 def _same_grid(a, b):
-    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
-            and a.GetDirection() == b.GetDirection())
+    return (
+        a.GetSize() == b.GetSize()
+        and a.GetSpacing() == b.GetSpacing()
+        and a.GetOrigin() == b.GetOrigin()
+        and a.GetDirection() == b.GetDirection()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +31,14 @@ def segmenter(tiny_package):
     return Segmenter(tiny_package, "cpu", log=lambda m: None)
 
 
-@pytest.mark.parametrize("direction", [
-    np.eye(3),
-    np.diag([-1.0, -1.0, 1.0]),  # RAS-stored
-    rotation("z", 25) @ rotation("x", 15),  # oblique
-])
+@pytest.mark.parametrize(
+    "direction",
+    [
+        np.eye(3),
+        np.diag([-1.0, -1.0, 1.0]),  # RAS-stored
+        rotation("z", 25) @ rotation("x", 15),  # oblique
+    ],
+)
 def test_output_is_in_the_input_grid(segmenter, direction):
     ct = phantom_ct((50, 44, 21), direction=direction)
     out = segmenter.segment(ct)
@@ -76,6 +83,7 @@ def test_cuda_out_of_memory_finishes_on_cpu(tiny_package):
     """The call that ran out of memory finishes on the CPU; the segmenter keeps its device (test_inferer.py
     checks the next call is on the GPU again)."""
     import torch
+
     seg = Segmenter(tiny_package, "cpu", log=lambda m: messages.append(m))
     messages = []
     real_forward = seg.network.forward
@@ -86,6 +94,7 @@ def test_cuda_out_of_memory_finishes_on_cpu(tiny_package):
             state["raised"] = True
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real_forward(x)
+
     seg.network.forward = forward_once_oom
     ct = phantom_ct((40, 36, 20))
     out = seg.segment(ct)
@@ -95,7 +104,9 @@ def test_cuda_out_of_memory_finishes_on_cpu(tiny_package):
 
 def test_cuda_requested_without_gpu_runs_on_cpu():
     import torch
+
     from AbdomenSegLib.inference import resolve_device
+
     messages = []
     device = resolve_device("cuda", messages.append)
     if torch.cuda.is_available():
@@ -110,6 +121,7 @@ def test_back_resampling_reconstructs_fine_organs(segmenter):
     """Known coarse probabilities -> fine input grid: smooth (linear, per organ box) beats nearest."""
     from AbdomenSegLib.pipeline import to_model_space
     from AbdomenSegLib.preprocess import resample_to_reference
+
     ct, labels = make_phantom(size=(120, 100, 40), spacing=(3.2, 3.2, 8.0), direction=rotation("z", 10))
     truth = sitk.GetArrayFromImage(labels)
     truth[truth > 5] = 0  # the tiny model knows organs 1-5
@@ -122,8 +134,9 @@ def test_back_resampling_reconstructs_fine_organs(segmenter):
     for smooth in (True, False):
         out = segmenter._to_input_grid(probabilities, space, ct, smooth)
         assert out.shape == truth.shape
-        scores[smooth] = [2 * ((out == c) & (truth == c)).sum() / ((out == c).sum() + (truth == c).sum())
-                          for c in range(1, 6)]
+        scores[smooth] = [
+            2 * ((out == c) & (truth == c)).sum() / ((out == c).sum() + (truth == c).sum()) for c in range(1, 6)
+        ]
     # Organs 1-4 are >= 6 coarse voxels across; the 24 mm pancreas is 3 and already lost at 8 mm.
     assert min(scores[True][:4]) > 0.85 and scores[True][0] > 0.95  # liver
     assert np.mean(scores[True]) >= np.mean(scores[False]) - 0.005
@@ -131,10 +144,12 @@ def test_back_resampling_reconstructs_fine_organs(segmenter):
 
 def test_organ_subset_and_postprocessing(segmenter):
     ct = phantom_ct((50, 44, 24))
-    out = sitk.GetArrayFromImage(segmenter.segment(ct, Options(organs=["liver", "spleen"], largest_component=True,
-                                                                fill_holes=True)))
+    out = sitk.GetArrayFromImage(
+        segmenter.segment(ct, Options(organs=["liver", "spleen"], largest_component=True, fill_holes=True))
+    )
     assert set(np.unique(out)) <= {0, 1, 2}
     from scipy import ndimage
+
     for organ in (1, 2):
         if (out == organ).any():
             assert ndimage.label(out == organ)[1] == 1
@@ -145,7 +160,9 @@ def test_organ_subset_and_postprocessing(segmenter):
 def test_largest_component_follows_the_card_unless_told_otherwise(tiny_package):
     """The card names the organs that are one piece by anatomy; 'all' and 'none' override it."""
     from dataclasses import replace
+
     from scipy import ndimage
+
     card = replace(tiny_package, data={**tiny_package.data, "postprocess": {"largest_component": ["liver"]}})
     segmenter = Segmenter(card, "cpu", log=lambda m: None)
     labels = np.zeros((24, 24, 24), np.uint8)
@@ -160,12 +177,15 @@ def test_largest_component_follows_the_card_unless_told_otherwise(tiny_package):
         segmenter._finish_labels(labels.copy(), Options(largest_component="some"))
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: sitk.Image([32, 32, 32], sitk.sitkInt16) + 40, "constant"),
-    (lambda: sitk.GetImageFromArray(np.full((20, 20, 20), np.nan, np.float32)), "NaN"),
-    (lambda: make_phantom(size=(30, 30, 20))[1], "label map"),
-    (lambda: sitk.Cast(make_phantom(size=(30, 30, 20))[0] + 1100, sitk.sitkInt16), "Hounsfield"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: sitk.Image([32, 32, 32], sitk.sitkInt16) + 40, "constant"),
+        (lambda: sitk.GetImageFromArray(np.full((20, 20, 20), np.nan, np.float32)), "NaN"),
+        (lambda: make_phantom(size=(30, 30, 20))[1], "label map"),
+        (lambda: sitk.Cast(make_phantom(size=(30, 30, 20))[0] + 1100, sitk.sitkInt16), "Hounsfield"),
+    ],
+)
 def test_bad_volumes_are_refused(segmenter, make, message):
     with pytest.raises(AbdomenSegError, match=message):
         segmenter.segment(make())
@@ -174,6 +194,7 @@ def test_bad_volumes_are_refused(segmenter, make, message):
 def test_window_count_matches_monai():
     from monai.data.utils import dense_patch_slices, get_valid_patch_size
     from monai.inferers.utils import _get_scan_interval
+
     for shape, roi in (((64, 96, 96), (64, 96, 96)), ((150, 150, 148), (64, 96, 96)), ((40, 200, 33), (32, 32, 32))):
         roi = get_valid_patch_size(shape, roi)
         interval = _get_scan_interval(shape, roi, 3, (0.25,) * 3)
@@ -183,13 +204,23 @@ def test_window_count_matches_monai():
 def test_2d_package_segments_slice_by_slice_into_the_input_grid(tmp_path):
     """A 2.5D smp U-Net package: slice-wise batches, same exact output grid as the 3D runner."""
     import torch
+
     from AbdomenSegLib.models import export_package
     from AbdomenSegLib.networks import build_network
+
     torch.manual_seed(0)
     arch = {"class": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}}
-    card = {"name": "tiny-2d", "dimensions": 2, "architecture": arch, "in_channels": 3, "modality": "CT",
-            "labels": {"1": "liver", "2": "spleen"}, "spacing": [8.0, 8.0, 10.0],
-            "intensity": {"mode": "ct_window", "window": [-125, 275]}, "inference": {"batch_size": 4}}
+    card = {
+        "name": "tiny-2d",
+        "dimensions": 2,
+        "architecture": arch,
+        "in_channels": 3,
+        "modality": "CT",
+        "labels": {"1": "liver", "2": "spleen"},
+        "spacing": [8.0, 8.0, 10.0],
+        "intensity": {"mode": "ct_window", "window": [-125, 275]},
+        "inference": {"batch_size": 4},
+    }
     package = export_package(build_network(arch, 3, 3), card, tmp_path / "tiny-2d")
     segmenter = Segmenter(package, "cpu", log=lambda m: None)
     ct = phantom_ct((50, 44, 21), direction=rotation("z", 20))
@@ -199,6 +230,7 @@ def test_2d_package_segments_slice_by_slice_into_the_input_grid(tmp_path):
     assert any("slices" in m for m in seen)
     # Slice-wise really is per slice: the network sees each model-space slice with its neighbours.
     from AbdomenSegLib.pipeline import to_model_space
+
     space = to_model_space(ct, card["spacing"], card["intensity"])
     probabilities = inferer_for(package)(segmenter.network, space.array[:5], "cpu")
     assert probabilities.shape == (3,) + space.array[:5].shape
@@ -210,13 +242,15 @@ def test_sliding_window_sees_the_volume_as_training_did(segmenter):
     last windows (padding 36 slices to 48 once cost the MR model half its liver Dice)."""
     import torch
     from monai.inferers import sliding_window_inference
+
     roi = segmenter.card["inference"]["roi_size"]
     shape = [r + 5 for r in roi]  # one axis past the roi, not a multiple of the stride
     array = np.random.default_rng(0).random(shape, dtype=np.float32)
     ours = segmenter._infer(array, Options(), lambda f, m: None, None)
     with torch.no_grad():
-        logits = sliding_window_inference(torch.as_tensor(array[None, None]), roi, 2, segmenter.network,
-                                          overlap=0.25, mode="gaussian")
+        logits = sliding_window_inference(
+            torch.as_tensor(array[None, None]), roi, 2, segmenter.network, overlap=0.25, mode="gaussian"
+        )
     assert ours.shape[1:] == tuple(shape)
     np.testing.assert_allclose(ours, torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
     small = segmenter._infer(array[: roi[0] // 2], Options(), lambda f, m: None, None)  # under the roi: MONAI pads

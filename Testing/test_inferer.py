@@ -1,5 +1,6 @@
 """One inference path (issue 14): the card's inferer is what Segmenter runs and what training validates with,
 and a GPU out-of-memory error sends only that one call to the CPU."""
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,8 +11,11 @@ from AbdomenSegLib.phantom import make_phantom
 
 
 def test_the_inferer_comes_from_the_card():
-    card = {"dimensions": 3, "architecture": {"class": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
-            "inference": {"roi_size": [32, 48, 48], "overlap": 0.5, "mode": "constant"}}
+    card = {
+        "dimensions": 3,
+        "architecture": {"class": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
+        "inference": {"roi_size": [32, 48, 48], "overlap": 0.5, "mode": "constant"},
+    }
     assert inferer_for(card) == SlidingWindow(roi=(32, 48, 48), overlap=0.5, mode="constant")
     assert inferer_for(card, overlap=0.1).overlap == 0.1  # the user's choice over the card's
     assert inferer_for(dict(card, inference={})) == SlidingWindow(roi=(64, 96, 96), overlap=OVERLAP)
@@ -25,16 +29,19 @@ def test_the_inferer_comes_from_the_card():
 def test_training_validates_with_the_inferer_users_run(tmp_path, monkeypatch):
     """The trainer's validation and the exported package's Segmenter call the same inferer, and the trainer's
     model-space Dice is metrics.py's (the card's validation figures come from the same scoring)."""
+    from test_training import _config
+
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.io import read_image
     from AbdomenSegLib.training import train_and_export
-    from test_training import _config
+
     used = []
     real_call = SlidingWindow.__call__
 
     def recording(self, network, array, device, *args, **kwargs):
         used.append(self)
         return real_call(self, network, array, device, *args, **kwargs)
+
     monkeypatch.setattr(SlidingWindow, "__call__", recording)
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=2, val_every=2)
     card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
@@ -56,6 +63,7 @@ class _FakeGpu:
 
         def forward(x):
             import torch
+
             self.forwards.append(self.where)
             if self.where.startswith("cuda") and self.oom:
                 self.oom -= 1
@@ -67,6 +75,7 @@ class _FakeGpu:
             if device is not None:
                 self.where = str(device)
             return network
+
         network.forward, network.to = forward, to
 
 
@@ -74,7 +83,9 @@ def test_cuda_out_of_memory_falls_back_for_that_call_only(tiny_package, monkeypa
     """Once fell back, the cached segmenter ran every later GPU request on the CPU (the network moved for good
     while the cache still filed it under 'cuda'). Now the next call is on the GPU again."""
     import torch
+
     from AbdomenSegLib import models
+
     gpu = {}
 
     def load_network(card, device):  # the real weights, 'on' a fake GPU
@@ -84,8 +95,13 @@ def test_cuda_out_of_memory_falls_back_for_that_call_only(tiny_package, monkeypa
 
     real_as_tensor = torch.as_tensor
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch, "as_tensor", lambda data, dtype=None, device=None: real_as_tensor(
-        data, dtype=dtype, device=None if str(device).startswith("cuda") else device))  # 'GPU' tensors stay here
+    monkeypatch.setattr(
+        torch,
+        "as_tensor",
+        lambda data, dtype=None, device=None: real_as_tensor(
+            data, dtype=dtype, device=None if str(device).startswith("cuda") else device
+        ),
+    )  # 'GPU' tensors stay here
     monkeypatch.setattr(inference, "load_network", load_network)
     monkeypatch.setattr(inference, "_CACHE", {})
     messages = []
@@ -109,7 +125,9 @@ def test_cuda_out_of_memory_falls_back_for_that_call_only(tiny_package, monkeypa
 
 def test_slice_inferer_leaves_the_input_untouched_and_sums_to_one(tmp_path):
     import torch
+
     from AbdomenSegLib.networks import build_network
+
     torch.manual_seed(0)
     arch = {"class": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}}
     network = build_network(arch, 3, 3).eval()
@@ -123,5 +141,6 @@ def test_slice_inferer_leaves_the_input_untouched_and_sums_to_one(tmp_path):
 @pytest.mark.parametrize("bad", [{"roi_size": [32, 32]}, {"overlap": 0.95}, {"mode": "median"}])
 def test_a_card_with_a_bad_inference_block_is_refused_when_read(bad):
     from AbdomenSegLib.card_schema import card_problems
+
     card = {"dimensions": 3, "inference": bad}
     assert any(p.startswith("inference.") for p in card_problems(card))

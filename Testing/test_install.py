@@ -7,6 +7,7 @@ The fakes copy the real signatures, read in Slicer's source (github.com/Slicer/S
   pip_ensure(...) below (:329 @ v5.12.0, :327 @ HEAD).
 - PyTorchUtils.PyTorchUtilsLogic.installTorch (fepegar/SlicerPyTorch PyTorchUtils/PyTorchUtils.py:194).
 """
+
 import shlex
 import shutil
 import sys
@@ -18,13 +19,23 @@ import pytest
 from AbdomenSegLib import install
 from AbdomenSegLib.errors import AbdomenSegError
 
-WINDOWS_REQUIREMENTS = (r"C:\Users\me\AppData\Local\slicer.org\Slicer 5.6.2\slicer.org\Extensions-32438"
-                        r"\AbdomenSeg\lib\Slicer-5.6\qt-scripted-modules\Resources\requirements-slicer.txt")
+WINDOWS_REQUIREMENTS = (
+    r"C:\Users\me\AppData\Local\slicer.org\Slicer 5.6.2\slicer.org\Extensions-32438"
+    r"\AbdomenSeg\lib\Slicer-5.6\qt-scripted-modules\Resources\requirements-slicer.txt"
+)
 WINDOWS_CONSTRAINTS = r"C:\Users\me\AppData\Local\Temp\tmpab12-constraints.txt"
 
 # Versions that meet the requirements on the running Python (the validated ones from Python 3.10 on).
-GOOD = {"torch": "2.14.1", "torchvision": "0.29.1", "monai": "1.6.1", "segmentation-models-pytorch": "0.6.0",
-        "nibabel": "5.4.2", "scikit-image": "0.26.0", "safetensors": "0.8.0", "tqdm": "4.70.1"}
+GOOD = {
+    "torch": "2.14.1",
+    "torchvision": "0.29.1",
+    "monai": "1.6.1",
+    "segmentation-models-pytorch": "0.6.0",
+    "nibabel": "5.4.2",
+    "scikit-image": "0.26.0",
+    "safetensors": "0.8.0",
+    "tqdm": "4.70.1",
+}
 if sys.version_info < (3, 10):
     GOOD.update({"torch": "2.8.0", "torchvision": "0.23.0", "monai": "1.5.2", "segmentation-models-pytorch": "0.5.0"})
 PY312 = {"python_version": "3.12", "python_full_version": "3.12.10"}  # Slicer 5.10 (CMakeLists.txt:210 @ v5.10.0)
@@ -41,6 +52,7 @@ def test_requirement_lines_parse_like_slicer_packaging_load_requirements():
     # load_requirements (packaging.py:60-69 @ HEAD) feeds every whole non-comment line to Requirement(): a comment
     # after a requirement would raise InvalidRequirement inside Slicer 5.12.
     from packaging.requirements import Requirement
+
     for line in install.REQUIREMENTS.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("#") and not line.startswith("-"):
@@ -48,10 +60,13 @@ def test_requirement_lines_parse_like_slicer_packaging_load_requirements():
             Requirement(line)
 
 
-@pytest.mark.parametrize("environment,monai,smp", [
-    (PY312, "==1.6.1", "==0.6.0"),  # the versions the models were validated with (requirements.txt)
-    (PY39, "==1.5.2", "==0.5.0"),  # newest on PyPI for Python 3.9 (monai 1.6 and smp 0.6 require Python >= 3.10)
-])
+@pytest.mark.parametrize(
+    "environment,monai,smp",
+    [
+        (PY312, "==1.6.1", "==0.6.0"),  # the versions the models were validated with (requirements.txt)
+        (PY39, "==1.5.2", "==0.5.0"),  # newest on PyPI for Python 3.9 (monai 1.6 and smp 0.6 require Python >= 3.10)
+    ],
+)
 def test_model_packages_are_pinned_per_python(environment, monai, smp):
     reqs = {r.name: str(r.specifier) for r in install.applicable_requirements(environment=environment)}
     assert reqs["monai"] == monai and reqs["segmentation-models-pytorch"] == smp
@@ -86,9 +101,16 @@ def test_an_installed_but_old_torch_or_package_counts_and_says_which_versions():
     assert str(install.Problem("monai", "==1.6.1")) == "monai (not installed; needs monai==1.6.1)"
 
 
-@pytest.mark.parametrize("installed,ok", [
-    ("2.8.0+cpu", True), ("2.14.1+cu130", True), ("2.9.0a0+git1234", True), ("2.7.1+cu118", False), ("junk", False),
-])
+@pytest.mark.parametrize(
+    "installed,ok",
+    [
+        ("2.8.0+cpu", True),
+        ("2.14.1+cu130", True),
+        ("2.9.0a0+git1234", True),
+        ("2.7.1+cu118", False),
+        ("junk", False),
+    ],
+)
 def test_torch_builds_compare_by_their_version(installed, ok):
     assert (install.check("torch", ">=2.8", {"torch": installed}.get) is None) == ok
 
@@ -103,6 +125,7 @@ def test_confirm_message_says_what_and_how_big():
 
 def test_constraints_pin_installed_bundled_packages():
     import numpy
+
     text = open(install.constraints_file()).read()
     assert f"numpy=={numpy.__version__}" in text and "torch==" in text and "scipy==" in text
 
@@ -142,8 +165,11 @@ def slicer_install(monkeypatch, tmp_path):
 def test_old_string_form_breaks_windows_paths():
     # What `pip_install(f"-r {REQUIREMENTS} -c {constraints}")` did in Slicer 5.6-5.10 (util.py:3881 @ v5.6.2):
     args = shlex.split(f"-r {WINDOWS_REQUIREMENTS} -c {WINDOWS_CONSTRAINTS}")
-    assert args[:3] == ["-r", "C:UsersmeAppDataLocalslicer.orgSlicer", "5.6.2slicer.orgExtensions-32438AbdomenSeglib"
-                        "Slicer-5.6qt-scripted-modulesResourcesrequirements-slicer.txt"]
+    assert args[:3] == [
+        "-r",
+        "C:UsersmeAppDataLocalslicer.orgSlicer",
+        "5.6.2slicer.orgExtensions-32438AbdomenSeglib" "Slicer-5.6qt-scripted-modulesResourcesrequirements-slicer.txt",
+    ]
     assert args[-1] == "C:UsersmeAppDataLocalTemptmpab12-constraints.txt"
 
 
@@ -174,10 +200,19 @@ def test_slicer_packaging_is_used_when_present(slicer_install, monkeypatch):
         slicer_install.calls.append(("load_requirements", path))
         return loaded
 
-    def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
-                   requester=None, skip_in_testing=True, show_progress=True):  # packaging.py:327-336 @ HEAD
-        slicer_install.calls.append(("pip_ensure", requirements, constraints, prompt_install, prompt_restart,
-                                     requester, skip_in_testing))
+    def pip_ensure(
+        requirements,
+        constraints=None,
+        skip_packages=None,
+        prompt_install=True,
+        prompt_restart=True,
+        requester=None,
+        skip_in_testing=True,
+        show_progress=True,
+    ):  # packaging.py:327-336 @ HEAD
+        slicer_install.calls.append(
+            ("pip_ensure", requirements, constraints, prompt_install, prompt_restart, requester, skip_in_testing)
+        )
         slicer_install.versions.update(GOOD)
 
     packaging.load_requirements, packaging.pip_ensure = load_requirements, pip_ensure
@@ -194,11 +229,17 @@ def test_slicer_packaging_is_used_when_present(slicer_install, monkeypatch):
 
 def test_old_torch_is_upgraded_through_pytorchutils(slicer_install, monkeypatch):
     import torch  # noqa: F401  (loaded, as in a Slicer session that used it)
+
     calls = []
 
     class PyTorchUtilsLogic:
-        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
-                         torchvisionVersionRequirement=None):  # PyTorchUtils.py:194
+        def installTorch(
+            self,
+            askConfirmation=False,
+            forceComputationBackend=None,
+            torchVersionRequirement=None,
+            torchvisionVersionRequirement=None,
+        ):  # PyTorchUtils.py:194
             calls.append((askConfirmation, torchVersionRequirement))
             slicer_install.versions.update(torch=GOOD["torch"], torchvision=GOOD["torchvision"])
             return types.ModuleType("torch")

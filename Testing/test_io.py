@@ -6,7 +6,6 @@ from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.io import read_image, write_image, write_labels
 from AbdomenSegLib.organs import BY_LABEL
 from AbdomenSegLib.phantom import make_phantom
-
 from conftest import shared
 
 
@@ -35,12 +34,15 @@ def _write_raw(tmp_path, array, name):
     return path
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"),
-    ("text", "could not be read as an image"),
-    ("2d", "2D image"),
-    ("4d", "4D image"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("text", "could not be read as an image"),
+        ("2d", "2D image"),
+        ("4d", "4D image"),
+    ],
+)
 def test_bad_files_name_the_problem(tmp_path, case, message):
     if case == "missing":
         path = tmp_path / "nope.nii.gz"
@@ -59,8 +61,10 @@ def test_bad_files_name_the_problem(tmp_path, case, message):
 
 def test_outputs_get_ordinary_file_permissions_and_failures_leave_nothing(tmp_path):
     import os
+
     from AbdomenSegLib.io import atomic_output
     from AbdomenSegLib.metrics import write_csv
+
     old = os.umask(0o022)
     try:
         image = write_image(make_phantom(size=(10, 10, 6))[0], tmp_path / "ct.nii.gz")
@@ -114,6 +118,7 @@ def test_seg_nrrd_is_read_by_slicer_with_names_colours_terminology(tmp_path):
 
 def vtk_string_tag(segment, name):
     import vtk
+
     value = vtk.reference("") if hasattr(vtk, "reference") else None
     segment.GetTag(name, value)
     return str(value)

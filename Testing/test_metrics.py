@@ -1,4 +1,5 @@
 """Metrics checked against MONAI (the implementation they replace) and SimpleITK on real BTCV labels."""
+
 import math
 import warnings
 
@@ -23,10 +24,11 @@ def _sitk_surface_distances(a: sitk.Image, b: sitk.Image):
     map of b's contour (0 on the contour itself)."""
     a, b = (sitk.ConstantPad(sitk.Cast(i, sitk.sitkUInt8), [1] * 3, [1] * 3, 0) for i in (a, b))
     contour_b = sitk.BinaryContour(b, fullyConnected=False)
-    dist_b = sitk.SignedMaurerDistanceMap(contour_b, insideIsPositive=False, squaredDistance=False,
-                                          useImageSpacing=True)
+    dist_b = sitk.SignedMaurerDistanceMap(
+        contour_b, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
     contour_a = sitk.GetArrayFromImage(sitk.BinaryContour(a, fullyConnected=False)) > 0  # a copy: no view
-    return np.maximum(sitk.GetArrayFromImage(dist_b)[contour_a], 0.0)               # of a freed temporary
+    return np.maximum(sitk.GetArrayFromImage(dist_b)[contour_a], 0.0)  # of a freed temporary
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,12 @@ def test_matches_simpleitk_on_real_labels(btcv_pair):
         assert row["assd_mm"] == pytest.approx(assd, abs=1e-4)
         assert row["surface_dice"] == pytest.approx(nsd, abs=1e-4)
         hausdorff = sitk.HausdorffDistanceImageFilter()
-        hausdorff.Execute(*(sitk.BinaryContour(sitk.ConstantPad(i, [1] * 3, [1] * 3, 0), fullyConnected=False)
-                            for i in (p_box, r_box)))
+        hausdorff.Execute(
+            *(
+                sitk.BinaryContour(sitk.ConstantPad(i, [1] * 3, [1] * 3, 0), fullyConnected=False)
+                for i in (p_box, r_box)
+            )
+        )
         ours = surface_distances(pred_arr[box] == label, ref_ours[box] == label, ref.GetSpacing()[::-1])
         assert sorted(map(len, ours)) == sorted([len(d_pr), len(d_rp)])
         assert max(d.max() for d in ours) == pytest.approx(hausdorff.GetHausdorffDistance(), abs=1e-4)
@@ -89,7 +95,9 @@ def test_matches_simpleitk_on_real_labels(btcv_pair):
     # The perturbations are visible where they should be.
     assert rows["liver"]["volume_diff_ml"] < 0 < rows["spleen"]["volume_diff_ml"]
     assert rows["pancreas"]["hd95_mm"] > 2 * ref.GetSpacing()[0] > rows["spleen"]["hd95_mm"]
-    assert rows["spleen"]["surface_dice"] > max(0.5, rows["pancreas"]["surface_dice"])  # 1-voxel dilation: in-plane faces within 2 mm
+    assert rows["spleen"]["surface_dice"] > max(
+        0.5, rows["pancreas"]["surface_dice"]
+    )  # 1-voxel dilation: in-plane faces within 2 mm
     assert rows["liver"]["surface_dice"] < 0.05  # eroded by 2 voxels (>= 3 mm), beyond the 2 mm tolerance
 
 
@@ -106,14 +114,25 @@ def test_absent_organs_get_documented_values(btcv_pair):
     assert both["status"] == "absent_both" and both["dice"] == 1 and both["hd95_mm"] == 0
     assert "urinary_bladder" not in rows  # BTCV cannot label a bladder: not reported
     assert all(not np.isnan(v) for r in rows.values() for v in r.values() if isinstance(v, float))
-    summary = {s["organ"]: s for s in summarize(list(rows.values()) + [dict(both, organ="liver", status="absent_both")])}
+    summary = {
+        s["organ"]: s for s in summarize(list(rows.values()) + [dict(both, organ="liver", status="absent_both")])
+    }
     assert summary["liver"]["cases"] == 1
 
 
 def test_reference_on_another_grid_is_resampled():
     ct, labels = make_phantom(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
-    fine = sitk.Resample(labels, [96, 80, 48], sitk.Transform(), sitk.sitkNearestNeighbor, labels.GetOrigin(),
-                         [2.0, 2.0, 3.0], labels.GetDirection(), 0, labels.GetPixelID())
+    fine = sitk.Resample(
+        labels,
+        [96, 80, 48],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        labels.GetOrigin(),
+        [2.0, 2.0, 3.0],
+        labels.GetDirection(),
+        0,
+        labels.GetPixelID(),
+    )
     fine = sitk.Flip(fine, [True, False, False])  # also a different orientation
     rows = {r["organ"]: r for r in evaluate(labels, fine)}
     assert rows["liver"]["dice"] > 0.97 and rows["kidney_left"]["dice"] > 0.9
@@ -149,12 +168,16 @@ def moved_case():
     liver = ndimage.find_objects(values)[BTCV_VALUE["liver"] - 1]
     kidney = ndimage.find_objects(values)[BTCV_VALUE["kidney_right"] - 1]
     # x starts inside the liver, z inside the right kidney (and aorta, vena cava): all 13 organs are left
-    ref = ref[liver[2].start + 6:, :, kidney[0].start + 4:]
+    ref = ref[liver[2].start + 6 :, :, kidney[0].start + 4 :]
     centre = ref.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ref.GetSize()])
     moved = sitk.Euler3DTransform(centre, 0.0, 0.0, math.radians(3.0), (2.0, -1.0, 0.0))
     pred = convert_labels(sitk.GetArrayFromImage(sitk.Resample(ref, moved, sitk.sitkNearestNeighbor, 0)), "btcv")
-    for organ, change in (("spleen", ndimage.binary_erosion), ("pancreas", ndimage.binary_dilation),
-                          ("stomach", lambda m: np.roll(m, -3, axis=1)), ("adrenal_gland_left", np.zeros_like)):
+    for organ, change in (
+        ("spleen", ndimage.binary_erosion),
+        ("pancreas", ndimage.binary_dilation),
+        ("stomach", lambda m: np.roll(m, -3, axis=1)),
+        ("adrenal_gland_left", np.zeros_like),
+    ):
         label = BY_NAME[organ].label
         mask = change(pred == label)
         pred[pred == label] = 0
@@ -169,14 +192,18 @@ def _monai_full_volume(p: np.ndarray, r: np.ndarray, spacing, tolerance_mm: floa
     """The surface metrics as metrics.py computed them before (MONAI), given the whole volume."""
     import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+
     pt, rt = (torch.as_tensor(m)[None, None] for m in (p, r))
     spacing = list(spacing)
-    return {"hd95_mm": float(compute_hausdorff_distance(pt, rt, include_background=True, percentile=95,
-                                                        spacing=spacing)),
-            "assd_mm": float(compute_average_surface_distance(pt, rt, include_background=True, symmetric=True,
-                                                              spacing=spacing)),
-            "surface_dice": float(compute_surface_dice(pt, rt, class_thresholds=[tolerance_mm],
-                                                       include_background=True, spacing=spacing))}
+    return {
+        "hd95_mm": float(compute_hausdorff_distance(pt, rt, include_background=True, percentile=95, spacing=spacing)),
+        "assd_mm": float(
+            compute_average_surface_distance(pt, rt, include_background=True, symmetric=True, spacing=spacing)
+        ),
+        "surface_dice": float(
+            compute_surface_dice(pt, rt, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing)
+        ),
+    }
 
 
 def test_equals_monai_on_the_full_volume(moved_case):
@@ -228,6 +255,7 @@ def test_box_gives_the_full_volume_surface_distances(moved_case):
     function, and MONAI's edge distances, on the whole volume: to the last bit."""
     import torch
     from monai.metrics.utils import get_edge_surface_distance
+
     pred_img, ref = moved_case
     pred = sitk.GetArrayFromImage(pred_img)
     ref_ours = convert_labels(sitk.GetArrayFromImage(ref), "btcv")
@@ -241,8 +269,9 @@ def test_box_gives_the_full_volume_surface_distances(moved_case):
         whole = surface_distances(p, r, spacing)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, monai, _ = get_edge_surface_distance(torch.as_tensor(p), torch.as_tensor(r), spacing=list(spacing),
-                                                    symmetric=True)
+            _, monai, _ = get_edge_surface_distance(
+                torch.as_tensor(p), torch.as_tensor(r), spacing=list(spacing), symmetric=True
+            )
         for a, b, c in zip(in_box, whole, monai):
             assert len(a) == len(b) == len(c) > 0
             assert np.array_equal(np.sort(a), np.sort(c.numpy())) and np.array_equal(np.sort(b), np.sort(a))

@@ -1,5 +1,6 @@
 """Model packages can never be loaded silently wrong: every card value checked when the card is read, weights
 confined to their package, strict safetensors loading, and one broken package never takes the others down."""
+
 import json
 import shutil
 from pathlib import Path
@@ -9,8 +10,16 @@ import pytest
 from AbdomenSegLib import models
 from AbdomenSegLib.card_schema import validate_card
 from AbdomenSegLib.errors import AbdomenSegError
-from AbdomenSegLib.models import (ModelCard, catalog, catalog_with_problems, default_model_name, export_package,
-                                  find_model, load_network, read_card)
+from AbdomenSegLib.models import (
+    ModelCard,
+    catalog,
+    catalog_with_problems,
+    default_model_name,
+    export_package,
+    find_model,
+    load_network,
+    read_card,
+)
 
 DELETE = object()  # a change that removes the key
 
@@ -41,9 +50,12 @@ def _edit(folder: Path, changes: dict) -> dict:
 
 def _refuse_opening(monkeypatch):
     """Any attempt to hash or read weights fails the test (the refusal must come first)."""
+
     def opened(*args, **kwargs):
         raise AssertionError(f"weights were opened: {args}")
+
     import safetensors.torch
+
     monkeypatch.setattr(models, "sha256_of", opened)
     monkeypatch.setattr(safetensors.torch, "load_file", opened)
 
@@ -81,20 +93,23 @@ MALFORMED_CARDS = {
     "intensity mode": ({"intensity.mode": "zscore"}, "intensity.mode"),
     "window upside down": ({"intensity.window": [275, -125]}, "intensity.window"),
     "window one number": ({"intensity.window": [-125]}, "intensity.window"),
-    "percentiles upside down": ({"intensity": {"mode": "mr_percentile", "percentiles": [99.5, 0.5]}},
-                                "intensity.percentiles"),
+    "percentiles upside down": (
+        {"intensity": {"mode": "mr_percentile", "percentiles": [99.5, 0.5]}},
+        "intensity.percentiles",
+    ),
     "enhancement": ({"intensity.enhancement": "sharpen"}, "intensity.enhancement"),
     "roi not a stride multiple": ({"inference.roi_size": [30, 32, 32]}, "stride 4"),
     "roi two sizes": ({"inference.roi_size": [32, 32]}, "inference.roi_size"),
     "roi too large": ({"inference.roi_size": [32, 32, 1024]}, "inference.roi_size[2] 1024"),
-    "default roi not a multiple": ({"inference": DELETE, "architecture.args.strides": [2, 5]},
-                                   "default inference.roi_size"),
+    "default roi not a multiple": (
+        {"inference": DELETE, "architecture.args.strides": [2, 5]},
+        "default inference.roi_size",
+    ),
     "overlap 0.999": ({"inference.overlap": 0.999}, "inference.overlap 0.999 is outside"),
     "overlap as text": ({"inference.overlap": "0.25"}, "inference.overlap"),
     "window mode": ({"inference.mode": "max"}, "inference.mode"),
     "batch size 0": ({"inference.batch_size": 0}, "inference.batch_size 0"),
-    "largest component not segmented": ({"postprocess": {"largest_component": ["gallbladder"]}},
-                                        "largest_component"),
+    "largest component not segmented": ({"postprocess": {"largest_component": ["gallbladder"]}}, "largest_component"),
     "weights not safetensors": ({"weights": "model.pt"}, "weights"),
     "weights up a folder": ({"weights": "../model.safetensors"}, "weights"),
     "weights absolute": ({"weights": "/etc/passwd.safetensors"}, "weights"),
@@ -102,13 +117,22 @@ MALFORMED_CARDS = {
     "sha256 capitals": ({"sha256": "A" * 64}, "sha256"),
     "validation dice as text": ({"validation": {"dice": {"liver": "high"}}}, "validation.dice"),
     "timing as text": ({"timing": {"cpu_seconds": "fast"}}, "timing.cpu_seconds"),
-    "smp encoder too deep": ({"dimensions": 2, "architecture": dict(SMP, args={"encoder_depth": 7}),
-                              "inference": DELETE}, "encoder_depth 7"),
-    "smp decoder stages": ({"dimensions": 2, "architecture": dict(SMP, args={"encoder_depth": 3,
-                                                                             "decoder_channels": [64, 32]}),
-                            "inference": DELETE}, "decoder_channels"),
-    "2.5D even slices": ({"dimensions": 2, "architecture": SMP, "in_channels": 2, "inference": DELETE},
-                         "in_channels 2 must be odd"),
+    "smp encoder too deep": (
+        {"dimensions": 2, "architecture": dict(SMP, args={"encoder_depth": 7}), "inference": DELETE},
+        "encoder_depth 7",
+    ),
+    "smp decoder stages": (
+        {
+            "dimensions": 2,
+            "architecture": dict(SMP, args={"encoder_depth": 3, "decoder_channels": [64, 32]}),
+            "inference": DELETE,
+        },
+        "decoder_channels",
+    ),
+    "2.5D even slices": (
+        {"dimensions": 2, "architecture": SMP, "in_channels": 2, "inference": DELETE},
+        "in_channels 2 must be odd",
+    ),
 }
 
 
@@ -204,6 +228,7 @@ def _rehash(folder: Path) -> None:
 
 def test_pickled_weights_renamed_safetensors_are_refused(tiny_package, tmp_path):
     import torch
+
     folder = _copy(tiny_package, tmp_path / "pkg")
     torch.save(load_network(tiny_package).state_dict(), folder / "model.safetensors")
     _rehash(folder)
@@ -212,12 +237,16 @@ def test_pickled_weights_renamed_safetensors_are_refused(tiny_package, tmp_path)
     assert "pickled" in str(info.value)
 
 
-@pytest.mark.parametrize("changes, detail", [
-    ({"architecture.args.channels": [8, 16, 32]}, "differ in shape"),
-    ({"architecture.args.num_res_units": 1}, "missing from the file"),
-    ({"labels.6": "gallbladder"}, "differ in shape"),
-    ({"architecture.args.bogus": 1}, "cannot be built"),
-], ids=["channels", "residual units", "one more organ", "unknown argument"])
+@pytest.mark.parametrize(
+    "changes, detail",
+    [
+        ({"architecture.args.channels": [8, 16, 32]}, "differ in shape"),
+        ({"architecture.args.num_res_units": 1}, "missing from the file"),
+        ({"labels.6": "gallbladder"}, "differ in shape"),
+        ({"architecture.args.bogus": 1}, "cannot be built"),
+    ],
+    ids=["channels", "residual units", "one more organ", "unknown argument"],
+)
 def test_weights_of_another_architecture_are_refused(tiny_package, tmp_path, changes, detail):
     folder = _copy(tiny_package, tmp_path / "pkg")
     _edit(folder, changes)  # the weights and their sha256 are untouched: only the card disagrees
@@ -289,8 +318,13 @@ def test_a_malformed_catalog_is_one_clear_error(tiny_package, tmp_path, content)
         index.write_bytes(content)
     else:
         index.write_text(content if isinstance(content, str) else json.dumps(content))
-    for call in (catalog, catalog_with_problems, default_model_name, lambda d: find_model(None, d),
-                 lambda d: find_model("good", d)):
+    for call in (
+        catalog,
+        catalog_with_problems,
+        default_model_name,
+        lambda d: find_model(None, d),
+        lambda d: find_model("good", d),
+    ):
         with pytest.raises(AbdomenSegError, match="catalog") as info:
             call(folder)
         assert "catalog.json must read" in str(info.value)  # the fix

@@ -1,4 +1,5 @@
 """Model packages: catalog, sha256 check, safetensors only, 2D smp packages in the same catalog."""
+
 import json
 import shutil
 
@@ -46,12 +47,21 @@ def test_cards_missing_fields_or_naming_unknown_organs_are_clear_errors(tiny_pac
 
 def test_a_2d_smp_package_lives_in_the_catalog(tmp_path):
     import torch
+
     from AbdomenSegLib.networks import build_network
+
     arch = {"class": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [64, 32, 16]}}
     net = build_network(arch, in_channels=3, out_channels=5)  # 2.5D: 3 neighbouring slices in
-    card = {"name": "ct-2d-test", "dimensions": 2, "architecture": arch, "in_channels": 3, "modality": "CT",
-            "labels": {"1": "liver", "2": "spleen", "3": "kidney_right", "4": "kidney_left"}, "spacing": [1.0, 1.0, 3.0],
-            "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "clahe"}}
+    card = {
+        "name": "ct-2d-test",
+        "dimensions": 2,
+        "architecture": arch,
+        "in_channels": 3,
+        "modality": "CT",
+        "labels": {"1": "liver", "2": "spleen", "3": "kidney_right", "4": "kidney_left"},
+        "spacing": [1.0, 1.0, 3.0],
+        "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "clahe"},
+    }
     exported = export_package(net, card, tmp_path / "ct-2d-test", register_in=tmp_path)
     assert "ct-2d-test" in catalog(tmp_path)
     loaded = load_network(exported)

@@ -6,20 +6,43 @@ from AbdomenSegLib.organs import BY_LABEL, CONVENTIONS, ORGANS, convert_labels, 
 
 
 def test_table_is_the_fixed_one():
-    expected = ["liver", "spleen", "kidney_right", "kidney_left", "pancreas", "gallbladder", "stomach", "aorta",
-                "inferior_vena_cava", "esophagus", "portal_splenic_vein", "adrenal_gland_right",
-                "adrenal_gland_left", "urinary_bladder"]
+    expected = [
+        "liver",
+        "spleen",
+        "kidney_right",
+        "kidney_left",
+        "pancreas",
+        "gallbladder",
+        "stomach",
+        "aorta",
+        "inferior_vena_cava",
+        "esophagus",
+        "portal_splenic_vein",
+        "adrenal_gland_right",
+        "adrenal_gland_left",
+        "urinary_bladder",
+    ]
     assert [o.name for o in ORGANS] == expected
     assert [o.label for o in ORGANS] == list(range(1, 15))
     assert len({o.color for o in ORGANS}) == len(ORGANS)
     assert BY_LABEL[1].snomed_type[1] == "10200004" and BY_LABEL[3].snomed_modifier[2] == "Right"
 
 
-@pytest.mark.parametrize("convention,value,organ", [
-    ("btcv", 1, "spleen"), ("btcv", 6, "liver"), ("btcv", 11, "pancreas"), ("btcv", 13, "adrenal_gland_left"),
-    ("chaos", 1, "liver"), ("chaos", 4, "spleen"), ("totalseg", 5, "liver"), ("totalseg", 52, "aorta"),
-    ("totalseg", 21, "urinary_bladder"), ("totalseg_mr", 23, "aorta"),
-])
+@pytest.mark.parametrize(
+    "convention,value,organ",
+    [
+        ("btcv", 1, "spleen"),
+        ("btcv", 6, "liver"),
+        ("btcv", 11, "pancreas"),
+        ("btcv", 13, "adrenal_gland_left"),
+        ("chaos", 1, "liver"),
+        ("chaos", 4, "spleen"),
+        ("totalseg", 5, "liver"),
+        ("totalseg", 52, "aorta"),
+        ("totalseg", 21, "urinary_bladder"),
+        ("totalseg_mr", 23, "aorta"),
+    ],
+)
 def test_conventions_map_to_our_labels(convention, value, organ):
     out = convert_labels(np.array([[[0, value, 99]]]), convention)
     assert out[0, 0, 0] == 0 and BY_LABEL[int(out[0, 0, 1])].name == organ and out[0, 0, 2] == 0
@@ -31,11 +54,19 @@ def test_every_convention_names_known_organs():
             assert organ_from_name(name) is not None
 
 
-@pytest.mark.parametrize("name,organ", [
-    ("Liver", "liver"), ("Right kidney", "kidney_right"), ("kidney_left", "kidney_left"),
-    ("portal_vein_and_splenic_vein", "portal_splenic_vein"), ("Inferior Vena Cava", "inferior_vena_cava"),
-    ("right_adrenal_gland", "adrenal_gland_right"), ("Urinary bladder", "urinary_bladder"), ("spine", None),
-])
+@pytest.mark.parametrize(
+    "name,organ",
+    [
+        ("Liver", "liver"),
+        ("Right kidney", "kidney_right"),
+        ("kidney_left", "kidney_left"),
+        ("portal_vein_and_splenic_vein", "portal_splenic_vein"),
+        ("Inferior Vena Cava", "inferior_vena_cava"),
+        ("right_adrenal_gland", "adrenal_gland_right"),
+        ("Urinary bladder", "urinary_bladder"),
+        ("spine", None),
+    ],
+)
 def test_names_from_other_tools_match(name, organ):
     found = organ_from_name(name)
     assert (found.name if found else None) == organ
@@ -58,20 +89,20 @@ def test_unknown_convention_is_a_clear_error():
 GA = "Segmentation category and type - 3D Slicer General Anatomy list"
 DM = "Segmentation category and type - DICOM master list"
 SLICER_TERMINOLOGY = {  # organ: (context, scheme, code, meaning in the file, modifier code)   file:line
-    "liver": (GA, "SCT", "10200004", "Liver", ""),                       # GA:915
-    "spleen": (GA, "SCT", "78961009", "Spleen", ""),                     # GA:995
-    "kidney_right": (GA, "SCT", "64033007", "Kidney", "24028007"),       # GA:2001, :2012
-    "kidney_left": (GA, "SCT", "64033007", "Kidney", "7771000"),         # GA:2001, :2028
-    "pancreas": (GA, "SCT", "15776009", "Pancreas", ""),                 # GA:3052
-    "gallbladder": (GA, "SCT", "28231008", "Gallbladder", ""),           # GA:1644
-    "stomach": (GA, "SCT", "69695003", "Stomach", ""),                   # GA:3718
-    "aorta": (GA, "SCT", "15825003", "Aorta", ""),                       # GA:492
+    "liver": (GA, "SCT", "10200004", "Liver", ""),  # GA:915
+    "spleen": (GA, "SCT", "78961009", "Spleen", ""),  # GA:995
+    "kidney_right": (GA, "SCT", "64033007", "Kidney", "24028007"),  # GA:2001, :2012
+    "kidney_left": (GA, "SCT", "64033007", "Kidney", "7771000"),  # GA:2001, :2028
+    "pancreas": (GA, "SCT", "15776009", "Pancreas", ""),  # GA:3052
+    "gallbladder": (GA, "SCT", "28231008", "Gallbladder", ""),  # GA:1644
+    "stomach": (GA, "SCT", "69695003", "Stomach", ""),  # GA:3718
+    "aorta": (GA, "SCT", "15825003", "Aorta", ""),  # GA:492
     "inferior_vena_cava": (DM, "SCT", "64131007", "Inferior vena cava", ""),  # DM:8257 (not in GA)
-    "esophagus": (GA, "SCT", "32849002", "Esophagus", ""),               # GA:1316
-    "portal_splenic_vein": (DM, "SCT", "32764006", "Portal vein", ""),   # DM:8345 (not in GA)
+    "esophagus": (GA, "SCT", "32849002", "Esophagus", ""),  # GA:1316
+    "portal_splenic_vein": (DM, "SCT", "32764006", "Portal vein", ""),  # DM:8345 (not in GA)
     "adrenal_gland_right": (GA, "SCT", "23451007", "Adrenal gland", "24028007"),  # GA:385, :396
-    "adrenal_gland_left": (GA, "SCT", "23451007", "Adrenal gland", "7771000"),    # GA:385, :412
-    "urinary_bladder": (GA, "SCT", "89837001", "Bladder", ""),           # GA:616
+    "adrenal_gland_left": (GA, "SCT", "23451007", "Adrenal gland", "7771000"),  # GA:385, :412
+    "urinary_bladder": (GA, "SCT", "89837001", "Bladder", ""),  # GA:616
 }
 
 
@@ -89,18 +120,22 @@ def test_terminology_entry_names_a_context_and_code_slicer_ships(organ):
     assert fields[0] == context
     assert fields[1] == "SCT^123037004^Anatomical Structure"
     assert fields[2] == f"{scheme}^{code}^{meaning}"
-    assert fields[3] == ({"24028007": "SCT^24028007^Right", "7771000": "SCT^7771000^Left"}[modifier] if modifier
-                         else "^^")
+    assert fields[3] == (
+        {"24028007": "SCT^24028007^Right", "7771000": "SCT^7771000^Left"}[modifier] if modifier else "^^"
+    )
     assert fields[4:] == ["Anatomic codes - DICOM master list", "^^", "^^"]
 
 
 def test_terminology_entry_has_the_layout_of_slicers_own_default_entry():
     # vtkSegment's constructor sets this entry (Libs/vtkSegmentationCore/vtkSegment.cxx:68-69 @ v5.6.2, :71 @ v5.10.0)
-    slicer_default = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
-                      "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^")
+    slicer_default = (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
+        "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
     liver = BY_LABEL[1].terminology_entry()
-    assert liver == slicer_default.replace("SCT^85756007^Tissue~SCT^85756007^Tissue",
-                                           "SCT^123037004^Anatomical Structure~SCT^10200004^Liver")
+    assert liver == slicer_default.replace(
+        "SCT^85756007^Tissue~SCT^85756007^Tissue", "SCT^123037004^Anatomical Structure~SCT^10200004^Liver"
+    )
 
 
 def test_veins_are_not_claimed_from_the_general_anatomy_list():
@@ -116,24 +151,39 @@ def test_organ_from_terminology_round_trips(organ):
     assert organ_from_terminology(organ.terminology_entry()) is organ
 
 
-@pytest.mark.parametrize("entry,organ", [
-    # the same code from another list, with another meaning spelling: matched by scheme + value like Slicer does
-    ("Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^89837001^"
-     "Urinary bladder~^^~Anatomic codes - DICOM master list~^^~^^", "urinary_bladder"),
-    ("Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~"
-     "SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^", "kidney_left"),
-    # TotalSegmentator's own code for the combined vein (its term.json:469)
-    ("Segmentation category and type - Total Segmentator~SCT^123037004^Anatomical Structure~SCT^110765007^"
-     "Portal vein and splenic vein~^^~Anatomic codes - DICOM master list~^^~^^", "portal_splenic_vein"),
-    # a paired organ without laterality cannot be decided
-    (f"{GA}~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~^^~Anatomic codes - DICOM master list~^^~^^", None),
-    # Slicer's default "Tissue" entry, a non-anatomical category, malformed and empty strings
-    (f"{GA}~SCT^85756007^Tissue~SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^", None),
-    (f"{GA}~SCT^49755003^Morphologically Altered Structure~SCT^10200004^Liver~^^~~^^~^^", None),
-    ("SCT^10200004^Liver", None),
-    (f"{GA}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "entry,organ",
+    [
+        # the same code from another list, with another meaning spelling: matched by scheme + value like Slicer does
+        (
+            "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^89837001^"
+            "Urinary bladder~^^~Anatomic codes - DICOM master list~^^~^^",
+            "urinary_bladder",
+        ),
+        (
+            "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~"
+            "SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^",
+            "kidney_left",
+        ),
+        # TotalSegmentator's own code for the combined vein (its term.json:469)
+        (
+            "Segmentation category and type - Total Segmentator~SCT^123037004^Anatomical Structure~SCT^110765007^"
+            "Portal vein and splenic vein~^^~Anatomic codes - DICOM master list~^^~^^",
+            "portal_splenic_vein",
+        ),
+        # a paired organ without laterality cannot be decided
+        (
+            f"{GA}~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~^^~Anatomic codes - DICOM master list~^^~^^",
+            None,
+        ),
+        # Slicer's default "Tissue" entry, a non-anatomical category, malformed and empty strings
+        (f"{GA}~SCT^85756007^Tissue~SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^", None),
+        (f"{GA}~SCT^49755003^Morphologically Altered Structure~SCT^10200004^Liver~^^~~^^~^^", None),
+        ("SCT^10200004^Liver", None),
+        (f"{GA}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^", None),
+        ("", None),
+    ],
+)
 def test_organ_from_terminology_reads_other_entries(entry, organ):
     found = organ_from_terminology(entry)
     assert (found.name if found else None) == organ

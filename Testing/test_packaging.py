@@ -1,10 +1,11 @@
 """Static checks of the Slicer extension that Slicer's build would otherwise only catch at packaging time."""
+
 import ast
 import json
 import os
-from pathlib import Path
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +17,21 @@ MODULE = ROOT / "AbdomenSeg" / "AbdomenSeg.py"
 def test_cmake_lists_every_script():
     lib = (ROOT / "AbdomenSegLib" / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in (ROOT / "AbdomenSegLib").rglob("*.py"):
-        assert path.relative_to(ROOT / "AbdomenSegLib").as_posix() in lib, f"{path.name} missing from AbdomenSegLib/CMakeLists.txt"
+        assert (
+            path.relative_to(ROOT / "AbdomenSegLib").as_posix() in lib
+        ), f"{path.name} missing from AbdomenSegLib/CMakeLists.txt"
     module = (ROOT / "AbdomenSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in (ROOT / "AbdomenSeg").glob("*.py"):
         assert path.name.replace("AbdomenSeg", "${MODULE_NAME}") in module or path.name in module
     assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest" in module
     top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    for needle in ("find_package(Slicer REQUIRED)", 'EXTENSION_DEPENDS "PyTorch"', "add_subdirectory(AbdomenSeg)",
-                   "add_subdirectory(AbdomenSegLib)", "Slicer_EXTENSION_CPACK"):
+    for needle in (
+        "find_package(Slicer REQUIRED)",
+        'EXTENSION_DEPENDS "PyTorch"',
+        "add_subdirectory(AbdomenSeg)",
+        "add_subdirectory(AbdomenSegLib)",
+        "Slicer_EXTENSION_CPACK",
+    ):
         assert needle in top
 
 
@@ -55,8 +63,14 @@ def test_module_imports_nothing_heavy_at_load():
     assert {m for m in top_level if m.split(".")[0] == "AbdomenSegLib"} <= {"AbdomenSegLib.options"}
     import subprocess
     import sys
-    loaded = subprocess.run([sys.executable, "-c", "import sys, AbdomenSegLib.options; print(sorted(sys.modules))"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, AbdomenSegLib.options; print(sorted(sys.modules))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert not [m for m in heavy | {"SimpleITK", "scipy", "AbdomenSegLib.organs"} if f"'{m}'" in loaded]
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"AbdomenSeg", "AbdomenSegWidget", "AbdomenSegLogic", "AbdomenSegTest"} <= classes
@@ -68,8 +82,11 @@ def test_module_imports_nothing_heavy_at_load():
 def test_engine_imports_without_slicer_or_torch_at_import():
     import subprocess
     import sys
-    code = ("import sys; import AbdomenSegLib, AbdomenSegLib.models, AbdomenSegLib.cli, AbdomenSegLib.organs; "
-            "assert 'torch' not in sys.modules and 'slicer' not in sys.modules, sorted(sys.modules)")
+
+    code = (
+        "import sys; import AbdomenSegLib, AbdomenSegLib.models, AbdomenSegLib.cli, AbdomenSegLib.organs; "
+        "assert 'torch' not in sys.modules and 'slicer' not in sys.modules, sorted(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -110,6 +127,7 @@ def test_shared_option_values_match_the_engine():
     from AbdomenSegLib import options
     from AbdomenSegLib.metrics import CONVENTION_MAX_VALUE
     from AbdomenSegLib.organs import CONVENTIONS
+
     assert options.REFERENCE_CONVENTIONS[0] == options.FROM_COLOR_NAMES
     assert set(options.LABEL_CONVENTIONS) == set(CONVENTION_MAX_VALUE) == set(CONVENTIONS)
     text = MODULE.read_text(encoding="utf-8")
@@ -125,8 +143,10 @@ def test_panel_inputs_and_buttons_are_guarded():
     assert props["showChildNodeTypes"].find("bool").text == "false"
     source = MODULE.read_text(encoding="utf-8")
     assert re.search(r"tolerance: Annotated\[float, WithinRange\(0\.1, ", source)
-    assert "def _checkCanApply" in source and "applyButton.enabled" in source and "compareModelsButton.enabled" in source
-    setup = source[source.index("def setup(self)"):source.index("def _fillModels")]
+    assert (
+        "def _checkCanApply" in source and "applyButton.enabled" in source and "compareModelsButton.enabled" in source
+    )
+    setup = source[source.index("def setup(self)") : source.index("def _fillModels")]
     assert setup.index('modelComboBox.connect("currentIndexChanged(int)"') < setup.index("self._fillModels()")
     assert "print(" not in source and "_cancelRequested" not in source
     assert (ROOT / "Resources" / "Icons" / "AbdomenSeg.png").is_file() and "checkout_icon" in source
@@ -135,6 +155,7 @@ def test_panel_inputs_and_buttons_are_guarded():
 def test_extension_is_publishable():
     """Licence, the weights' terms, metadata pointing at real files, and an ExtensionsIndex entry."""
     import json
+
     assert "Permission is hereby granted" in (ROOT / "LICENSE.txt").read_text(encoding="utf-8")
     terms = (ROOT / "Resources" / "models" / "TERMS.md").read_text(encoding="utf-8")
     catalog = json.loads((ROOT / "Resources" / "models" / "catalog.json").read_text(encoding="utf-8"))
@@ -148,8 +169,18 @@ def test_extension_is_publishable():
     # Slicer's catalog entry schema v1.0.2 (Slicer @583e9b3 Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json):
     # required $schema, category, scm_url; additionalProperties false.
     entry = json.loads((ROOT / "AbdomenSeg.json").read_text(encoding="utf-8"))
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "dicom_support_rule",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert entry["build_dependencies"] == ["PyTorch"] and 'EXTENSION_DEPENDS "PyTorch"' in top
@@ -163,33 +194,51 @@ def test_the_wheel_installs_the_command_and_its_models(tmp_path):
     import shutil
     import subprocess
     import sys
+
     source = tmp_path / "src"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in tracked:  # a clean copy: what a user clones
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, timeout=600)
-    wheel, = (tmp_path / "dist").glob("abdomenseg-*.whl")
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        timeout=600,
+    )
+    (wheel,) = (tmp_path / "dist").glob("abdomenseg-*.whl")
     target = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=600)
     shutil.rmtree(source)  # nothing of the checkout is left to fall back on
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
     command = [sys.executable, str(target / "bin" / "abdomenseg")]
-    listing = subprocess.run(command + ["models", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+    listing = subprocess.run(
+        command + ["models", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert listing.returncode == 0, listing.stderr
     assert {"btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet"} <= set(json.loads(listing.stdout))
-    found = subprocess.run([sys.executable, "-c", "import AbdomenSegLib.models as m; print(m.MODELS_DIR)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    found = subprocess.run(
+        [sys.executable, "-c", "import AbdomenSegLib.models as m; print(m.MODELS_DIR)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert Path(found.stdout.strip()) == target / "AbdomenSegLib" / "resources" / "models"
     helped = subprocess.run(command + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert helped.stdout.startswith("usage: abdomenseg")
     ct, out = tmp_path / "ct.nii.gz", tmp_path / "organs.nii.gz"
     assert subprocess.run(command + ["phantom", str(ct)], cwd=tmp_path, env=env, timeout=300).returncode == 0
-    segmented = subprocess.run(command + ["segment", str(ct), str(out)], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=600)
+    segmented = subprocess.run(
+        command + ["segment", str(ct), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert segmented.returncode in (0, 3), segmented.stderr
     assert out.is_file()

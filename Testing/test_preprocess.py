@@ -25,11 +25,15 @@ def test_resample_to_spacing_keeps_extent_and_labels():
     assert coarse.GetSize() == (30, 25, 30)
     assert coarse.GetPixelID() == labels.GetPixelID()
     assert set(np.unique(sitk.GetArrayViewFromImage(coarse))) <= set(np.unique(sitk.GetArrayViewFromImage(labels)))
+
     # Same physical extent: first/last voxel edges coincide.
     def edges(img):
         size = np.array(img.GetSize()) - 0.5
-        return (np.array(img.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5))),
-                np.array(img.TransformContinuousIndexToPhysicalPoint(size.tolist())))
+        return (
+            np.array(img.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5))),
+            np.array(img.TransformContinuousIndexToPhysicalPoint(size.tolist())),
+        )
+
     for a, b in zip(edges(coarse), edges(labels)):
         assert np.allclose(a, b, atol=1e-4)
     # Back onto the original grid: exact geometry, labels mostly preserved.

@@ -1,4 +1,5 @@
 """The result check on real data (the shipped default model on real scans) and on label maps made to order."""
+
 import re
 
 import numpy as np
@@ -7,7 +8,6 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.organs import BY_NAME, convert_labels
 from AbdomenSegLib.qc import NOTE, WARNING, assess
-
 from conftest import shared
 
 BTCV_DIRECTION = [1, 0, 0, 0, -1, 0, 0, 0, 1]
@@ -20,12 +20,14 @@ def _codes(report, level=None):
 @pytest.fixture(scope="module")
 def default():
     from AbdomenSegLib.inference import get_segmenter
+
     return get_segmenter(None, "cpu")
 
 
 def _check(segmenter, image, input_intensity="native"):
     from AbdomenSegLib.inference import Options
     from AbdomenSegLib.qc_outputs import assess_result
+
     options = Options(input_intensity=input_intensity)
     labels = segmenter.segment(image, options)
     return assess_result(segmenter, labels, options), labels
@@ -43,6 +45,7 @@ def _mirrored(image, axis):
 @pytest.fixture(scope="module")
 def example_ct():
     from AbdomenSegLib.io import read_image
+
     return read_image(shared("totalseg_example", "example_ct.nii.gz"))
 
 
@@ -53,10 +56,13 @@ def test_example_as_it_is_raises_no_warning(default, example_ct):
     assert 900 < report.organs["liver"].volume_ml < 1500 and report.organs["liver"].confidence is not None
 
 
-@pytest.mark.parametrize("axis,code,words", [
-    (0, "liver_spleen_mixed_up", "mirrored left-right"),
-    (1, "flipped_anterior-posterior", "flipped anterior-posterior"),
-])
+@pytest.mark.parametrize(
+    "axis,code,words",
+    [
+        (0, "liver_spleen_mixed_up", "mirrored left-right"),
+        (1, "flipped_anterior-posterior", "flipped anterior-posterior"),
+    ],
+)
 def test_mirrored_header_raises_a_warning_that_names_the_axis(default, example_ct, axis, code, words):
     report, _ = _check(default, _mirrored(example_ct, axis))
     warnings = {f.code: str(f) for f in report.warnings}
@@ -101,13 +107,18 @@ def test_kidneys_painted_out_are_reported_missing(default):
     """The issue's case in kind: native kidneys gone from where they belong (here painted over with the
     surrounding fat and soft tissue); the model then finds no kidney, and the check must say so."""
     from scipy import ndimage
+
     image, labels = _btcv("btcv_img0034")
     array, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
-    kidneys = ndimage.binary_dilation(np.isin(lab, [BY_NAME["kidney_right"].label, BY_NAME["kidney_left"].label]),
-                                      iterations=2)
+    kidneys = ndimage.binary_dilation(
+        np.isin(lab, [BY_NAME["kidney_right"].label, BY_NAME["kidney_left"].label]), iterations=2
+    )
     rng = np.random.default_rng(0)
-    array[kidneys] = _stored(np.where(rng.random(kidneys.sum()) < 0.6, rng.normal(-100, 15, kidneys.sum()),
-                                      rng.normal(35, 10, kidneys.sum())))  # fat and soft tissue
+    array[kidneys] = _stored(
+        np.where(
+            rng.random(kidneys.sum()) < 0.6, rng.normal(-100, 15, kidneys.sum()), rng.normal(35, 10, kidneys.sum())
+        )
+    )  # fat and soft tissue
     painted = sitk.GetImageFromArray(array)
     painted.CopyInformation(image)
     report, out = _check(default, painted, "btcv_uint8")
@@ -120,12 +131,14 @@ def test_kidneys_painted_out_are_reported_missing(default):
 def test_enlarged_spleen_gets_a_volume_note(default):
     """A synthetic splenomegaly: the project's own spleen-enlargement warp at its largest factor."""
     from AbdomenSegLib.augment import RandOrganEnlarged
+
     image, labels = _btcv("btcv_img0034")
     spacing = image.GetSpacing()[::-1]
     warp = RandOrganEnlarged(channel=BY_NAME["spleen"].label, spacing=spacing, prob=1.0, scale=(1.9, 1.9))
     warp.set_random_state(0)
-    d = warp({"image": sitk.GetArrayFromImage(image)[None].astype(np.float32),
-              "label": sitk.GetArrayFromImage(labels)[None]})
+    d = warp(
+        {"image": sitk.GetArrayFromImage(image)[None].astype(np.float32), "label": sitk.GetArrayFromImage(labels)[None]}
+    )
     big = sitk.GetImageFromArray(d["image"][0])
     big.CopyInformation(image)
     reference_ml = float((d["label"][0] == BY_NAME["spleen"].label).sum()) * np.prod(spacing) / 1000
@@ -145,8 +158,9 @@ def _paint(image, organ, centre_mm, radius_mm):
     array = sitk.GetArrayFromImage(image)
     z, y, x = np.indices(array.shape)
     sp = image.GetSpacing()
-    inside = (((x * sp[0] - centre_mm[0]) ** 2 + (y * sp[1] - centre_mm[1]) ** 2 + (z * sp[2] - centre_mm[2]) ** 2)
-              <= radius_mm ** 2)
+    inside = (
+        (x * sp[0] - centre_mm[0]) ** 2 + (y * sp[1] - centre_mm[1]) ** 2 + (z * sp[2] - centre_mm[2]) ** 2
+    ) <= radius_mm**2
     array[inside] = BY_NAME[organ].label
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(image)
@@ -201,7 +215,9 @@ def test_empty_result_is_a_warning():
 def test_connected_pieces_match_scipy(full):
     """The SimpleITK labelling behind largest-piece post-processing and the piece count equals scipy's."""
     from scipy import ndimage
+
     from AbdomenSegLib.postprocess import connected_pieces, keep_largest_component
+
     rng = np.random.default_rng(3)
     mask = ndimage.binary_opening(rng.random((30, 40, 50)) > 0.55)  # many pieces of many sizes
     structure = np.ones((3, 3, 3), bool) if full else None

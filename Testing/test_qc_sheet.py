@@ -2,6 +2,7 @@
 synthetic phantom: written atomically, right size, not blank, organ colours drawn, radiological orientation
 for any direction matrix, empty results still drawn with their warning, and an index that lists warned
 cases first with escaped names and working relative links."""
+
 import re
 import urllib.parse
 
@@ -28,12 +29,26 @@ def phantom():
 def _report(labels, case="case01", warnings=(), notes=()):
     array = sitk.GetArrayViewFromImage(labels)
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    organs = {BY_LABEL[int(v)].name: {"volume_ml": float((array == v).sum()) * voxel_ml, "pieces": 1,
-                                      "outside_largest_ml": 0.0, "at_border": [], "confidence": 0.9,
-                                      "normal_range_ml": [800, 3000] if v == 1 else None}
-              for v in np.unique(array) if v}
-    return {"case": case, "model": "btcv-ct-3d-unet", "modality": "CT", "warnings": list(warnings),
-            "notes": list(notes), "organs": organs}
+    organs = {
+        BY_LABEL[int(v)].name: {
+            "volume_ml": float((array == v).sum()) * voxel_ml,
+            "pieces": 1,
+            "outside_largest_ml": 0.0,
+            "at_border": [],
+            "confidence": 0.9,
+            "normal_range_ml": [800, 3000] if v == 1 else None,
+        }
+        for v in np.unique(array)
+        if v
+    }
+    return {
+        "case": case,
+        "model": "btcv-ct-3d-unet",
+        "modality": "CT",
+        "warnings": list(warnings),
+        "notes": list(notes),
+        "organs": organs,
+    }
 
 
 def _has_colour(pixels: np.ndarray, rgb, tolerance: int = 0) -> bool:
@@ -47,8 +62,10 @@ def _pixels(path) -> np.ndarray:
 
 def test_sheet_is_written_atomically_with_size_content_and_organ_colours(phantom, tmp_path):
     ct, labels = phantom
-    report = _report(labels, notes=[{"code": "volume_low", "problem": "liver 700 mL is below the adult range",
-                                     "fix": "", "organ": "liver"}])
+    report = _report(
+        labels,
+        notes=[{"code": "volume_low", "problem": "liver 700 mL is below the adult range", "fix": "", "organ": "liver"}],
+    )
     out = qc_sheet.render_case_sheet(ct, labels, report, tmp_path / "qc" / "case01.png")
     assert out == tmp_path / "qc" / "case01.png" and out.is_file()
     assert [p.name for p in out.parent.iterdir()] == ["case01.png"]  # no .part-* left behind
@@ -71,8 +88,21 @@ def test_flags_are_drawn_in_their_colours(phantom, tmp_path):
     clean = qc_sheet.render_case_sheet(ct, labels, _report(labels), tmp_path / "clean.png")
     assert _has_colour(_pixels(clean)[:100], GOOD_RGB, 2)  # "no flags" in green
     warned = qc_sheet.render_case_sheet(
-        ct, labels, _report(labels, warnings=[{"code": "flipped_left-right", "problem": "organs lie mirrored " * 30,
-                                              "fix": "fix the header", "organ": None}]), tmp_path / "warned.png")
+        ct,
+        labels,
+        _report(
+            labels,
+            warnings=[
+                {
+                    "code": "flipped_left-right",
+                    "problem": "organs lie mirrored " * 30,
+                    "fix": "fix the header",
+                    "organ": None,
+                }
+            ],
+        ),
+        tmp_path / "warned.png",
+    )
     top = _pixels(warned)[:200]
     assert _has_colour(top, WARNING_RGB, 2) and not _has_colour(top, GOOD_RGB, 2)
 
@@ -91,8 +121,9 @@ def test_empty_labels_still_render_with_the_no_organ_warning(phantom, tmp_path):
     ct, labels = phantom
     empty = sitk.Image(labels.GetSize(), labels.GetPixelID())
     empty.CopyInformation(labels)
-    out = qc_sheet.render_case_sheet(ct, empty, {"case": "empty", "modality": "CT", "organs": {}},
-                                     tmp_path / "empty.png")
+    out = qc_sheet.render_case_sheet(
+        ct, empty, {"case": "empty", "modality": "CT", "organs": {}}, tmp_path / "empty.png"
+    )
     pixels = _pixels(out)
     assert pixels[:, :VIEWS_RIGHT].std() > 20  # the image is still shown
     assert _has_colour(pixels[:100], WARNING_RGB, 2)  # the warning line
@@ -101,11 +132,14 @@ def test_empty_labels_still_render_with_the_no_organ_warning(phantom, tmp_path):
     assert "no organ found" in lines[0][0]
 
 
-@pytest.mark.parametrize("direction, size", [
-    (np.diag([-1.0, -1.0, 1.0]), SIZE),  # RAS-stored, as NIfTI files often are
-    (np.diag([1.0, 1.0, -1.0]), SIZE),  # slices stored head to foot
-    (np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]), (SIZE[1], SIZE[0], SIZE[2])),  # axes swapped
-])
+@pytest.mark.parametrize(
+    "direction, size",
+    [
+        (np.diag([-1.0, -1.0, 1.0]), SIZE),  # RAS-stored, as NIfTI files often are
+        (np.diag([1.0, 1.0, -1.0]), SIZE),  # slices stored head to foot
+        (np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]), (SIZE[1], SIZE[0], SIZE[2])),  # axes swapped
+    ],
+)
 def test_display_arrays_are_in_lps_order_for_any_direction(direction, size):
     """The same physical voxels stored in another order must give the same display arrays."""
     ct_ref, lab_ref = make_phantom(size=SIZE, spacing=(4.0, 4.0, 4.0), noise=0.0)
@@ -130,6 +164,7 @@ def test_radiological_convention_and_anatomy_in_the_views(phantom):
         rows, cols = np.nonzero(np.asarray(views[view][2]) == BY_NAME[organ].label)
         assert rows.size, (view, organ)
         return rows.mean(), cols.mean()
+
     # axial through the liver: the patient's right (liver) on the image's left, anterior at the top
     assert centroid("axial", "liver", "liver")[1] < centroid("axial", "liver", "spleen")[1]
     assert centroid("axial", "liver", "liver")[0] < centroid("axial", "liver", "aorta")[0]
@@ -138,8 +173,9 @@ def test_radiological_convention_and_anatomy_in_the_views(phantom):
     assert centroid("coronal", "kidney_right", "liver")[0] < centroid("coronal", "kidney_right", "kidney_right")[0]
     # sagittal through the right kidney: superior at the top, anterior (gallbladder) on the left
     assert centroid("sagittal", "kidney_right", "liver")[0] < centroid("sagittal", "kidney_right", "kidney_right")[0]
-    assert (centroid("sagittal", "kidney_right", "gallbladder")[1]
-            < centroid("sagittal", "kidney_right", "kidney_right")[1])
+    assert (
+        centroid("sagittal", "kidney_right", "gallbladder")[1] < centroid("sagittal", "kidney_right", "kidney_right")[1]
+    )
     letters = [v[4] for v in qc_sheet._views(image, lab, spacing, centre)]
     assert letters == [("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I")]
 
@@ -152,9 +188,13 @@ def test_thin_anisotropic_oblique_and_mr_volumes_render(tmp_path):
     ct, labels = make_phantom(size=(96, 80, 40), spacing=(1.5, 4.0, 6.0), direction=direction)
     assert qc_sheet._lps_views(ct, labels)[3]  # oblique: shown along the nearest axes
     mr = sitk.Cast(ct + 1000, sitk.sitkFloat32) * 0.5
-    out = qc_sheet.render_case_sheet(mr, labels, {"case": "mr", "modality": "MR",
-                                                  "notes": ["cost $\\frac{a}{b$ ^_^"]}, tmp_path / "mr.png",
-                                     title="oblique $MR_1$ {x}")  # "$" is text, never mathtext
+    out = qc_sheet.render_case_sheet(
+        mr,
+        labels,
+        {"case": "mr", "modality": "MR", "notes": ["cost $\\frac{a}{b$ ^_^"]},
+        tmp_path / "mr.png",
+        title="oblique $MR_1$ {x}",
+    )  # "$" is text, never mathtext
     with Image.open(out) as picture:
         assert picture.size == (1400, 800)
     assert qc_sheet._display_window(sitk.GetArrayViewFromImage(mr), "MR") != qc_sheet.CT_WINDOW
@@ -163,8 +203,17 @@ def test_thin_anisotropic_oblique_and_mr_volumes_render(tmp_path):
 
 def test_labels_on_another_grid_are_resampled_onto_the_image(phantom, tmp_path):
     ct, labels = phantom
-    coarse = sitk.Resample(labels, [48, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor,
-                           labels.GetOrigin(), [8.0, 8.0, 12.0], labels.GetDirection(), 0, labels.GetPixelID())
+    coarse = sitk.Resample(
+        labels,
+        [48, 40, 20],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        labels.GetOrigin(),
+        [8.0, 8.0, 12.0],
+        labels.GetDirection(),
+        0,
+        labels.GetPixelID(),
+    )
     out = qc_sheet.render_case_sheet(ct, coarse, {"modality": "CT"}, tmp_path / "coarse.png")
     assert _has_colour(_pixels(out)[:, :VIEWS_RIGHT], BY_NAME["liver"].color)
 
@@ -181,8 +230,12 @@ def test_contact_sheet_lists_warned_cases_first_with_escaped_names_and_relative_
     warned_png = qc_sheet.render_case_sheet(ct, labels, _report(labels, warned_name), out_dir / "pics" / "b #1.png")
     entries = [
         {"case": "alpha", "png": clean_png.name, "warnings": [], "notes": [{"problem": "a note"}]},
-        {"case": warned_name, "png": str(warned_png), "notes": [],
-         "warnings": [{"code": "flipped_left-right", "problem": "organs lie <mirrored> left-right"}]},
+        {
+            "case": warned_name,
+            "png": str(warned_png),
+            "notes": [],
+            "warnings": [{"code": "flipped_left-right", "problem": "organs lie <mirrored> left-right"}],
+        },
     ]
     index, sheet = qc_sheet.write_contact_sheet(entries, out_dir)
     assert index == out_dir / "index.html" and sheet == out_dir / "contact_sheet.png"
@@ -203,8 +256,10 @@ def test_contact_sheet_lists_warned_cases_first_with_escaped_names_and_relative_
 
 
 def test_contact_sheet_pages_and_missing_pictures(tmp_path):
-    entries = [{"case": f"case{i:03d}", "png": None, "warnings": [{"problem": "x"}] if i % 7 == 0 else []}
-               for i in range(qc_sheet.PER_SHEET + 1)]
+    entries = [
+        {"case": f"case{i:03d}", "png": None, "warnings": [{"problem": "x"}] if i % 7 == 0 else []}
+        for i in range(qc_sheet.PER_SHEET + 1)
+    ]
     entries.append({"case": "gone", "png": "missing.png", "warnings": []})
     index, first = qc_sheet.write_contact_sheet(entries, tmp_path)
     assert first.name == "contact_sheet.png" and (tmp_path / "contact_sheet_2.png").is_file()

@@ -5,6 +5,7 @@ so synthetic cases, random geometry included, must agree voxel for voxel. On rea
 Segmenter the stated tolerance is: differing voxels <= 0.01% of the organ voxels (either map) and every
 organ's Dice between the two >= 0.999 (measured: 0 differing voxels).
 """
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -13,7 +14,6 @@ from AbdomenSegLib import preprocess as pp
 from AbdomenSegLib import resample_back as rb
 from AbdomenSegLib.inference import Options, Segmenter, get_segmenter
 from AbdomenSegLib.phantom import rotation
-
 from conftest import shared
 
 MAX_DIFFERING_FRACTION = 1e-4  # of the organ voxels
@@ -22,6 +22,7 @@ MIN_DICE = 0.999
 
 class _Boxes:
     """Just enough of a Segmenter to run the reference `_smooth_back` on channel labels."""
+
     _resample_box = staticmethod(Segmenter._resample_box)
 
     def _channels_to_organs(self, channels):
@@ -89,8 +90,9 @@ def reoriented_case(rng, finer):
     spacing = model_spacing * (rng.uniform(0.25, 0.6, size=3) if finer else rng.uniform(1.3, 2.2, size=3))
     size = np.round(rng.uniform(50, 70, size=3) * model_spacing / spacing).astype(int)
     reference = grid(size, spacing, random_direction(rng), rng.normal(0, 30, size=3))
-    model_image = pp.resample_to_spacing(pp.reorient(reference, str(rng.choice(["LAS", "LPS", "RAS"]))),
-                                         model_spacing.tolist())
+    model_image = pp.resample_to_spacing(
+        pp.reorient(reference, str(rng.choice(["LAS", "LPS", "RAS"]))), model_spacing.tolist()
+    )
     return model_image, reference
 
 
@@ -173,10 +175,14 @@ def test_a_box_edge_bounds_its_channel_only_inside_its_buffer(mirrored):
     Past x = 5.5 the reference gives organ 1 a 0 (outside its box), and organ 3 (0.36 at x = 6, never
     above 0.40 in that cell) wins: organ 1's 0.40 must not count as a floor there. Mirrored: the same at
     the box's lower edge (organ 1 at x = 8, box from x = 6, organ 3 wins below x = 5.5)."""
-    x = {0: [0.9, 0.1, 0.0, 0.0, 0.0], 3: [0.1, 0.6, 0.1, 0.1, 0.1], 4: [0.09, 0.40, 0.41, 0.05, 0.05],
-         6: [0.30, 0.0, 0.0, 0.36, 0.34]}
+    x = {
+        0: [0.9, 0.1, 0.0, 0.0, 0.0],
+        3: [0.1, 0.6, 0.1, 0.1, 0.1],
+        4: [0.09, 0.40, 0.41, 0.05, 0.05],
+        6: [0.30, 0.0, 0.0, 0.36, 0.34],
+    }
     x[5] = x[4]
-    columns = [x.get(i, x[0]) for i in range(12)][::-1 if mirrored else 1]
+    columns = [x.get(i, x[0]) for i in range(12)][:: -1 if mirrored else 1]
     probabilities = np.repeat(np.repeat(np.array(columns, dtype=np.float32).T[:, None, None, :], 3, 1), 3, 2)
     model_image = grid((12, 3, 3), (1.0, 1.0, 1.0), np.eye(3), (5.5, 1.0, 1.0))
     reference = grid((120, 3, 3), (0.1, 1.0, 1.0), np.eye(3), (5.5, 1.0, 1.0))
@@ -218,6 +224,7 @@ def boxes_and_cells(segmenter, image, options):
     def capture(*args):
         captured["p"] = infer(*args)
         return captured["p"]
+
     results, seconds = {}, {}
     try:
         segmenter._infer = capture
@@ -247,6 +254,7 @@ def assert_within_tolerance(old, new):
 
 def test_real_hu_example_ct(default_card):
     from AbdomenSegLib.io import read_image
+
     image = read_image(shared("totalseg_example", "example_ct.nii.gz"))
     segmenter = get_segmenter(default_card, "cpu", log=lambda m: None)
     old, new, seconds = boxes_and_cells(segmenter, image, Options(largest_component="none"))
@@ -257,13 +265,26 @@ def test_real_hu_example_ct(default_card):
 def test_btcv_validation_case_at_fine_in_plane_spacing(default_card):
     """A BTCV validation case resampled to ~0.7 mm in-plane: the input grid much finer than the model's."""
     from AbdomenSegLib.datasets import read_case
+
     case = default_card["training"]["validation_cases"][0]
-    image, _ = read_case(shared("btcv_ct", "images", f"{case}.nii.gz"), shared("btcv_ct", "labels", f"{case}.nii.gz"),
-                         default_card["training"]["config"]["data"]["direction"])
+    image, _ = read_case(
+        shared("btcv_ct", "images", f"{case}.nii.gz"),
+        shared("btcv_ct", "labels", f"{case}.nii.gz"),
+        default_card["training"]["config"]["data"]["direction"],
+    )
     spacing = [0.7, 0.7, image.GetSpacing()[2]]
     size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    fine = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                         image.GetDirection(), 0, image.GetPixelID())
+    fine = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        0,
+        image.GetPixelID(),
+    )
     segmenter = get_segmenter(default_card, "cpu", log=lambda m: None)
     options = Options(input_intensity="btcv_uint8", largest_component="none")
     old, new, seconds = boxes_and_cells(segmenter, fine, options)

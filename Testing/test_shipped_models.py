@@ -2,13 +2,13 @@
 
 The default CT model has further checks in test_default_model.py; this file holds what all packages owe.
 """
+
 import json
 
 import pytest
 
 from AbdomenSegLib.metrics import summarize
 from AbdomenSegLib.models import catalog, find_model, sha256_of
-
 from conftest import validation_rows
 
 SHIPPED = sorted(catalog())  # empty when catalog.json is missing

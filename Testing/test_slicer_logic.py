@@ -1,4 +1,5 @@
 """The Slicer module's logic on real MRML (slicer-core wheel): geometry, names, terminology, metrics."""
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -8,7 +9,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt
 from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom, rotation  # noqa: E402
-
 from conftest import shared, write_phantom_dataset  # noqa: E402
 
 
@@ -36,8 +36,11 @@ def test_volume_node_geometry_round_trip(scene):
     node = volume_node(scene, ct)
     back = sl.volume_node_to_image(node)
     assert back.GetSize() == ct.GetSize()
-    for a, b in ((back.GetSpacing(), ct.GetSpacing()), (back.GetOrigin(), ct.GetOrigin()),
-                 (back.GetDirection(), ct.GetDirection())):
+    for a, b in (
+        (back.GetSpacing(), ct.GetSpacing()),
+        (back.GetOrigin(), ct.GetOrigin()),
+        (back.GetDirection(), ct.GetDirection()),
+    ):
         assert np.allclose(a, b, atol=1e-6)
     # Slicer's RAS is LPS with x and y negated.
     assert np.allclose(node.GetOrigin(), np.array(ct.GetOrigin()) * [-1, -1, 1])
@@ -45,7 +48,9 @@ def test_volume_node_geometry_round_trip(scene):
 
 @pytest.fixture()
 def segmented(scene, tiny_package):
-    ct, labels = make_phantom(size=(64, 56, 20), spacing=(6.0, 6.0, 12.0), direction=rotation("x", 12) @ np.diag([-1, -1, 1]))
+    ct, labels = make_phantom(
+        size=(64, 56, 20), spacing=(6.0, 6.0, 12.0), direction=rotation("x", 12) @ np.diag([-1, -1, 1])
+    )
     vol = volume_node(scene, ct)
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
     seg = core.segment(vol, model=tiny_package, device="cpu")
@@ -66,6 +71,7 @@ def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, segm
         assert organ.snomed_type[1] in str(_tag(segment))
     # Back to a label map in the volume's grid: exactly what the engine produced for that image.
     from AbdomenSegLib.inference import Segmenter
+
     expected = sitk.GetArrayFromImage(Segmenter(tiny_package, "cpu").segment(sl.volume_node_to_image(vol)))
     got = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
     assert np.array_equal(got, expected)
@@ -73,6 +79,7 @@ def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, segm
 
 def _tag(segment):
     import vtk
+
     value = vtk.reference("")
     segment.GetTag(sl.TERMINOLOGY_TAG, value)
     return value
@@ -82,6 +89,7 @@ def test_existing_segments_are_not_replaced_without_asking(scene, segmented, tin
     core, vol, seg, *_ = segmented
     before = seg.GetSegmentation().GetNumberOfSegments()
     from AbdomenSegLib.errors import AbdomenSegError
+
     with pytest.raises(AbdomenSegError, match="already has segments"):
         core.segment(vol, model=tiny_package, segmentation_node=seg)
     assert seg.GetSegmentation().GetNumberOfSegments() == before
@@ -108,8 +116,10 @@ def test_reference_comparison_on_real_btcv_labels_equals_the_engine(scene):
     """BTCV reference in its own label values, as a labelmap and as a segmentation named the BTCV way."""
     ref_img = sitk.ReadImage(str(shared("btcv_ct", "labels", "btcv_img0003.nii.gz")))
     ref_img = sitk.Flip(ref_img, [True, False, False])  # non-identity IJK->RAS on top of LPS->RAS
-    from AbdomenSegLib.organs import convert_labels
     from scipy import ndimage
+
+    from AbdomenSegLib.organs import convert_labels
+
     ours = convert_labels(sitk.GetArrayFromImage(ref_img), "btcv")
     pred = np.where(ndimage.binary_erosion(ours > 0, iterations=1), ours, 0).astype(np.uint8)
     pred_img = sitk.GetImageFromArray(pred)
@@ -125,8 +135,13 @@ def test_reference_comparison_on_real_btcv_labels_equals_the_engine(scene):
     table = core.compare_with_reference(seg, ref_labelmap, volume_node=vol, reference_convention="btcv", review=True)
     organs = sl.table_column(table, "Organ")
     assert len(organs) == 13
-    for title, key in (("Dice", "dice"), ("IoU", "iou"), ("HD95", "hd95_mm"), ("Surface Dice", "surface_dice"),
-                       ("Volume difference", "volume_diff_ml")):
+    for title, key in (
+        ("Dice", "dice"),
+        ("IoU", "iou"),
+        ("HD95", "hd95_mm"),
+        ("Surface Dice", "surface_dice"),
+        ("Volume difference", "volume_diff_ml"),
+    ):
         for organ, value in zip(organs, sl.table_column(table, title)):
             assert value == pytest.approx(expected[organ][key], abs=1e-6)
     assert table.GetColumnUnitLabel("HD95") == "mm" and "Hausdorff" in table.GetColumnDescription("HD95")
@@ -162,7 +177,9 @@ def test_table_exports_to_csv(scene, segmented, tmp_path):
 
 
 def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
-    import json, shutil
+    import json
+    import shutil
+
     # A second package: same tiny network, other name (models differ only in name here; it is the
     # table/plot plumbing under test, accuracy is tested on the shipped model).
     other = tmp_path / "tiny-b"
@@ -174,8 +191,9 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
     vol = volume_node(scene, ct)
     ref = volume_node(scene, labels, "reference", labelmap=True)
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
-    segs, table, chart = core.compare_models(vol, [str(tiny_package.path), str(other)], device="cpu", reference_node=ref,
-                                             reference_convention="abdomenseg")
+    segs, table, chart = core.compare_models(
+        vol, [str(tiny_package.path), str(other)], device="cpu", reference_node=ref, reference_convention="abdomenseg"
+    )
     assert len(segs) == 2 and all(s.GetSegmentation().GetNumberOfSegments() for s in segs.values())
     models = sl.table_column(table, "Model")
     assert set(models) == {"tiny-test", "tiny-b"} and len(models) == 2 * 8
@@ -186,11 +204,26 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
 
 def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
+
     images, refs = write_phantom_dataset(tmp_path)
     out = tmp_path / "out"
     (images / "broken.nii.gz").write_text("not an image")
-    code = run(["--input", str(images), "--output", str(out), "--reference", str(refs),
-                "--model", str(tiny_package.path), "--device", "cpu"], scene, log=lambda m: None)
+    code = run(
+        [
+            "--input",
+            str(images),
+            "--output",
+            str(out),
+            "--reference",
+            str(refs),
+            "--model",
+            str(tiny_package.path),
+            "--device",
+            "cpu",
+        ],
+        scene,
+        log=lambda m: None,
+    )
     assert code == 1  # the broken file fails; the others are still written
     assert sorted(p.name for p in out.glob("*.seg.nrrd")) == ["case0.seg.nrrd", "case1.seg.nrrd"]
     lines = (out / "metrics.csv").read_text().splitlines()
@@ -199,8 +232,10 @@ def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
     assert written.GetSize() == (48, 40, 16)
     # The CSV's values equal the engine's own segment + evaluate on the same files.
     import csv
+
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.io import read_image
+
     prediction = Segmenter(tiny_package, "cpu").segment(read_image(images / "case0.nii.gz"))
     expected = {r["organ"]: r for r in evaluate(prediction, read_image(refs / "case0.nii.gz"))}
     got = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["case"] == "case0"]

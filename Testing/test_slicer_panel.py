@@ -1,6 +1,7 @@
 """What the panel does in real Slicer, on real MRML (slicer-core) and real background processes: the
 defects a review against Slicer's source found (empty results, labelmap references in the wrong
 numbering, no organ selected, parent transforms, the Data tree, a cancel that stuck to the next run)."""
+
 import time
 
 import numpy as np
@@ -9,15 +10,15 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt) provides Slicer's MRML")
 
+from test_slicer_logic import scene, volume_node  # noqa: E402,F401  (the same MRML scene fixture)
+
 from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
 from AbdomenSegLib.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.organs import CONVENTIONS, convert_labels  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom  # noqa: E402
 from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
-
 from conftest import shared  # noqa: E402
-from test_slicer_logic import scene, volume_node  # noqa: E402,F401  (the same MRML scene fixture)
 
 
 def _volume(scene, image, name="CT"):
@@ -25,8 +26,10 @@ def _volume(scene, image, name="CT"):
 
 
 def _node_counts(scene):
-    return {c: scene.GetNumberOfNodesByClass(c) for c in
-            ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLColorTableNode")}
+    return {
+        c: scene.GetNumberOfNodesByClass(c)
+        for c in ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLColorTableNode")
+    }
 
 
 def _run_to_end(run, limit=120):
@@ -51,10 +54,23 @@ def test_empty_result_is_a_message_and_leaves_no_stray_nodes(scene, background_o
 def test_empty_case_does_not_stop_the_batch(scene, background_only_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
     from conftest import write_phantom_dataset
+
     images, _ = write_phantom_dataset(tmp_path)
     messages = []
-    code = run(["--input", str(images), "--output", str(tmp_path / "out"), "--model",
-                str(background_only_package.path), "--device", "cpu"], scene, log=messages.append)
+    code = run(
+        [
+            "--input",
+            str(images),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(background_only_package.path),
+            "--device",
+            "cpu",
+        ],
+        scene,
+        log=messages.append,
+    )
     assert code == 1
     assert sum("no organ was found" in m for m in messages) == 2  # both cases tried, each said why
 
@@ -66,6 +82,7 @@ def test_no_organ_selected_is_refused_not_all(scene, tiny_package):
     with pytest.raises(AbdomenSegError, match="no organ is selected"):
         core.segment(vol, model=tiny_package, device="cpu", organs=[])  # [] used to mean every organ
     from AbdomenSegLib.inference import Options, Segmenter
+
     with pytest.raises(AbdomenSegError, match="no organ is selected"):
         Segmenter(tiny_package, "cpu").segment(ct, Options(organs=[]))
 
@@ -121,7 +138,9 @@ def test_labelmap_values_outside_the_named_convention_are_refused(scene):
     sl.import_labels(scene, sitk.Cast(labels > 0, sitk.sitkUInt8), seg, reference_volume=vol)
     labelmap = sl.labelmap_node_from_image(scene, labels, "TotalSegmentator labels")
     with pytest.raises(AbdomenSegError, match="totalseg"):
-        sl.AbdomenSegCore(scene).compare_with_reference(seg, labelmap, volume_node=vol, reference_convention="abdomenseg")
+        sl.AbdomenSegCore(scene).compare_with_reference(
+            seg, labelmap, volume_node=vol, reference_convention="abdomenseg"
+        )
 
 
 # -- transforms and the Data tree -----------------------------------------------------------------
@@ -130,6 +149,7 @@ def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, t
     vol = _volume(scene, ct)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "flip and shift")
     import vtk
+
     matrix = vtk.vtkMatrix4x4()
     for r, row in enumerate([[-1, 0, 0, 30], [0, 1, 0, -20], [0, 0, 1, 5]]):
         for c, value in enumerate(row):
@@ -142,6 +162,7 @@ def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, t
     seg = core.segment(vol, model=tiny_package, device="cpu")
     assert seg.GetTransformNodeID() == transform.GetID()  # shown with the volume, in the same place
     from AbdomenSegLib.inference import Segmenter
+
     expected = sitk.GetArrayFromImage(Segmenter(tiny_package, "cpu").segment(world))
     assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
     # Segment again into the same node (the panel's second click, confirmed): still in the same place. The
@@ -157,6 +178,7 @@ def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, t
 
 def test_non_linear_transform_is_refused_with_the_fix(scene, tiny_package):
     import vtk
+
     ct, _ = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
     vol = _volume(scene, ct)
     transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
@@ -191,17 +213,20 @@ def test_background_run_gives_the_in_process_result(scene, tiny_package):
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
     run = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu"))
     assert run.error is None and not run.cancelled and run.progress[0] == 1.0
-    (name, seg), = run.results.items()
+    ((name, seg),) = run.results.items()
     assert name == "tiny-test" and seg.GetAttribute("AbdomenSeg.model") == "tiny-test"
     direct = core.segment(vol, model=tiny_package, device="cpu")
-    assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)),
-                          sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, direct, vol)))
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)),
+        sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, direct, vol)),
+    )
 
 
 def test_panel_runs_reuse_one_engine_process(scene, tiny_package):
     """The panel's second Segment goes to the engine process the first one started (no start-up, no model
     load); a run that finds it busy gets a process of its own; the results are the in-process ones."""
     from AbdomenSegLib.engine_worker import EngineWorker
+
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
     vol = _volume(scene, ct)
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
@@ -283,8 +308,9 @@ def test_result_check_travels_with_the_node_into_the_organ_table(scene, tiny_pac
 def test_background_run_brings_the_child_processes_report(scene, tiny_package):
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
     vol = _volume(scene, ct)
-    run = _run_to_end(BackgroundRun(sl.AbdomenSegCore(scene, log=lambda m: None), vol, [str(tiny_package.path)],
-                                    device="cpu"))
+    run = _run_to_end(
+        BackgroundRun(sl.AbdomenSegCore(scene, log=lambda m: None), vol, [str(tiny_package.path)], device="cpu")
+    )
     seg = next(iter(run.results.values()))
     report = sl.qc_report(seg)
     warnings, notes = sl.qc_messages(report)
@@ -295,9 +321,25 @@ def test_background_run_brings_the_child_processes_report(scene, tiny_package):
 def test_batch_script_writes_the_result_check(scene, tiny_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
     from conftest import write_phantom_dataset
+
     images, _ = write_phantom_dataset(tmp_path)
-    assert run(["--input", str(images), "--output", str(tmp_path / "out"), "--model", str(tiny_package.path),
-                "--device", "cpu"], scene, log=lambda m: None) == 0
+    assert (
+        run(
+            [
+                "--input",
+                str(images),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_package.path),
+                "--device",
+                "cpu",
+            ],
+            scene,
+            log=lambda m: None,
+        )
+        == 0
+    )
     qc = tmp_path / "out" / "qc"
     rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,output,model,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
@@ -313,6 +355,7 @@ def test_a_failed_import_ends_the_run_and_is_not_retried(scene, tiny_package, mo
     def broken(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("MRML said no")
+
     monkeypatch.setattr(core, "import_result", broken)
     run = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu"))
     assert "MRML said no" in run.error and not run.running and not run.step()

@@ -1,4 +1,5 @@
 """Contrast-agnostic synthesis (synth.py) and the tissue label maps it starts from (tissue_labels.py)."""
+
 import numpy as np
 import pytest
 
@@ -80,6 +81,7 @@ def _btcv_case(name="btcv_img0001.nii.gz"):
     import SimpleITK as sitk
 
     from conftest import shared
+
     image = sitk.ReadImage(str(shared("btcv_ct", "images", name)))
     label = sitk.ReadImage(str(shared("btcv_ct", "labels", name)))
     return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label), image.GetSpacing()[::-1]
@@ -93,6 +95,7 @@ def btcv_tissue():
 
 def test_btcv_tissue_classes_are_plausible(btcv_tissue):
     from AbdomenSegLib.organs import convert_labels
+
     image, label, tissue = btcv_tissue
     organ = convert_labels(label, "btcv")
     np.testing.assert_array_equal(tissue[organ > 0], organ[organ > 0])  # organs keep their (our) labels
@@ -119,11 +122,13 @@ def test_chaos_tissue_classes():
     import SimpleITK as sitk
 
     from conftest import shared
+
     image = sitk.ReadImage(str(shared("chaos_mr_t2", "images", "chaosT2_05.nii.gz")))
     label = sitk.ReadImage(str(shared("chaos_mr_t2", "labels", "chaosT2_05.nii.gz")))
     a, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
     tissue = tl.mr_tissue_labels(a, lab, image.GetSpacing()[::-1])
     from AbdomenSegLib.organs import convert_labels
+
     organ = convert_labels(lab, "chaos")
     np.testing.assert_array_equal(tissue[organ > 0], organ[organ > 0])
     f = tl.tissue_fractions(tissue)
@@ -139,33 +144,57 @@ def test_chaos_tissue_classes():
 def _synth_config(tmp_path, **data):
     from AbdomenSegLib.training import load_config
     from conftest import write_phantom_dataset
+
     for name in ("ct", "mr"):
         root = tmp_path / name
         if not root.exists():
             _, refs = write_phantom_dataset(root, cases=3)
             refs.rename(root / "labels")
-    return load_config({
-        "name": "tiny-synth",
-        "data": {"sources": [
-            {"name": "ct", "root": str(tmp_path / "ct"), "kind": "ct", "convention": "abdomenseg"},
-            {"name": "mr", "root": str(tmp_path / "mr"), "kind": "mr", "convention": "abdomenseg"}],
-            "val_source": "mr", "val_count": 1, "cache": str(tmp_path / "cache.npz"), **data},
-        "model": {"modality": "MR", "architecture": {"class": "UNet", "args": {
-            "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
-            "spacing": [8.0, 8.0, 14.0], "intensity": {"mode": "mr_percentile", "percentiles": [0.5, 99.5]},
-            "organs": ["liver", "spleen", "kidney_right", "kidney_left"]},
-        "train": {"trainer": "synth", "synth": {"prob": 0.5}, "steps": 6, "patch": [16, 32, 32], "val_every": 3,
-                  "threads": 2, "augment": {"affine_prob": 0.5}},
-    })
+    return load_config(
+        {
+            "name": "tiny-synth",
+            "data": {
+                "sources": [
+                    {"name": "ct", "root": str(tmp_path / "ct"), "kind": "ct", "convention": "abdomenseg"},
+                    {"name": "mr", "root": str(tmp_path / "mr"), "kind": "mr", "convention": "abdomenseg"},
+                ],
+                "val_source": "mr",
+                "val_count": 1,
+                "cache": str(tmp_path / "cache.npz"),
+                **data,
+            },
+            "model": {
+                "modality": "MR",
+                "architecture": {
+                    "class": "UNet",
+                    "args": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+                },
+                "spacing": [8.0, 8.0, 14.0],
+                "intensity": {"mode": "mr_percentile", "percentiles": [0.5, 99.5]},
+                "organs": ["liver", "spleen", "kidney_right", "kidney_left"],
+            },
+            "train": {
+                "trainer": "synth",
+                "synth": {"prob": 0.5},
+                "steps": 6,
+                "patch": [16, 32, 32],
+                "val_every": 3,
+                "threads": 2,
+                "augment": {"affine_prob": 0.5},
+            },
+        }
+    )
 
 
 def test_synth_trainer_batches_are_synthetic_images_with_channel_labels(tmp_path):
     from AbdomenSegLib.train_synth import SynthTrainer
+
     trainer = SynthTrainer(_synth_config(tmp_path), tmp_path / "run", log=lambda m: None)
     assert len(trainer.val_names) == 1 and trainer.val_names[0].startswith("mr/")  # real images validate
-    assert sorted(trainer.train_names) == sorted(["ct/case0", "ct/case1", "ct/case2"] +
-                                                 [n for n in ("mr/case0", "mr/case1", "mr/case2")
-                                                  if n not in trainer.val_names])
+    assert sorted(trainer.train_names) == sorted(
+        ["ct/case0", "ct/case1", "ct/case2"]
+        + [n for n in ("mr/case0", "mr/case1", "mr/case2") if n not in trainer.val_names]
+    )
     assert any(t.max() >= tl.FIRST_TISSUE for t in trainer.tissue.values())  # tissue classes in the cache
     images = []
     for step in range(6):
@@ -179,20 +208,30 @@ def test_synth_trainer_batches_are_synthetic_images_with_channel_labels(tmp_path
 
 def test_synth_run_exports_a_package_validated_on_real_images(tmp_path):
     from AbdomenSegLib.training import train_and_export
+
     card = train_and_export(_synth_config(tmp_path), out=tmp_path / "run", device="cpu", log=lambda m: None)
     assert card["modality"] == "MR" and card["training"]["validation_cases"][0].startswith("mr/")
     assert set(card["validation"]["dice"]) <= {"liver", "spleen", "kidney_right", "kidney_left"}
     assert card["validation"]["cases"] == card["training"]["validation_cases"]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"val_source": "ct"}, "not one of the MR sources"),
-    ({"sources": []}, "needs data.sources"),
-    ({"sources": [{"name": "x", "root": "/nonexistent", "kind": "mr", "convention": "chaos"}],
-      "val_source": "x"}, "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"val_source": "ct"}, "not one of the MR sources"),
+        ({"sources": []}, "needs data.sources"),
+        (
+            {
+                "sources": [{"name": "x", "root": "/nonexistent", "kind": "mr", "convention": "chaos"}],
+                "val_source": "x",
+            },
+            "is not a folder",
+        ),
+    ],
+)
 def test_synth_configs_are_checked_before_any_cache(tmp_path, data, message):
     from AbdomenSegLib.errors import AbdomenSegError
+
     with pytest.raises(AbdomenSegError, match=message):
         _synth_config(tmp_path, **data)
     assert not (tmp_path / "cache.npz").exists()

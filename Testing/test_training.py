@@ -1,4 +1,5 @@
 """Training really learns, resumes exactly, validates its config, exports a working package."""
+
 import json
 
 import numpy as np
@@ -6,21 +7,39 @@ import pytest
 
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.training import Trainer, load_config, train_and_export
-
 from conftest import write_phantom_dataset
 
 
 def _config(root, cache, steps, model=None, **train):
-    images, refs = write_phantom_dataset(root, cases=3) if not (root / "images").exists() else (root / "images", root / "refs")
+    images, refs = (
+        write_phantom_dataset(root, cases=3) if not (root / "images").exists() else (root / "images", root / "refs")
+    )
     if not (root / "labels").exists():
         refs.rename(root / "labels")
-    return load_config({
-        "name": "tiny-train", "data": {"root": str(root), "convention": "abdomenseg", "val_count": 1, "cache": str(cache)},
-        "model": {"architecture": {"class": "UNet", "args": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
-                  "spacing": [8.0, 8.0, 14.0], "organs": ["liver", "spleen", "kidney_right", "kidney_left"], **(model or {})},
-        "train": {"steps": steps, "patch": [16, 32, 32], "lr": 0.01, "val_every": 10, "threads": 2,
-                  "augment": {"affine_prob": 0.0}, **train},
-    })
+    return load_config(
+        {
+            "name": "tiny-train",
+            "data": {"root": str(root), "convention": "abdomenseg", "val_count": 1, "cache": str(cache)},
+            "model": {
+                "architecture": {
+                    "class": "UNet",
+                    "args": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+                },
+                "spacing": [8.0, 8.0, 14.0],
+                "organs": ["liver", "spleen", "kidney_right", "kidney_left"],
+                **(model or {}),
+            },
+            "train": {
+                "steps": steps,
+                "patch": [16, 32, 32],
+                "lr": 0.01,
+                "val_every": 10,
+                "threads": 2,
+                "augment": {"affine_prob": 0.0},
+                **train,
+            },
+        }
+    )
 
 
 def test_tiny_model_learns(tmp_path):
@@ -37,11 +56,18 @@ def test_tiny_model_learns(tmp_path):
 def test_tiny_2d_model_learns_and_exports(tmp_path):
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.io import read_image
-    model = {"dimensions": 2, "architecture": {"class": "Unet", "args": {
-        "encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
-        "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "clahe"}}
-    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=40, model=model, patch=[3, 32, 32],
-                     batch_size=8, lr=0.005)
+
+    model = {
+        "dimensions": 2,
+        "architecture": {
+            "class": "Unet",
+            "args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+        },
+        "intensity": {"mode": "ct_window", "window": [-125, 275], "enhancement": "clahe"},
+    }
+    config = _config(
+        tmp_path / "data", tmp_path / "cache.npz", steps=40, model=model, patch=[3, 32, 32], batch_size=8, lr=0.005
+    )
     card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
     history = card["training"]["history"]
     assert history[-1]["dice"]["liver"] > 0.6 and history[-1]["dice"]["liver"] > history[0]["dice"]["liver"]
@@ -52,6 +78,7 @@ def test_tiny_2d_model_learns_and_exports(tmp_path):
 
 def test_resume_continues_the_same_run(tmp_path):
     import torch
+
     data, cache = tmp_path / "data", tmp_path / "cache.npz"
     straight = Trainer(_config(data, cache, steps=20), tmp_path / "a", log=lambda m: None)
     straight.run()
@@ -67,8 +94,11 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_export_gives_a_package_that_segments(tmp_path):
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.io import read_image
+
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=10)
-    card = train_and_export(config, out=tmp_path / "run", device="cpu", export_to=tmp_path / "models", log=lambda m: None)
+    card = train_and_export(
+        config, out=tmp_path / "run", device="cpu", export_to=tmp_path / "models", log=lambda m: None
+    )
     assert json.loads((tmp_path / "models" / "catalog.json").read_text())["models"][0]["name"] == "tiny-train"
     assert set(card["validation"]["dice"]) <= {"liver", "spleen", "kidney_right", "kidney_left"}
     assert card["training"]["validation_cases"] == ["case1"] or len(card["training"]["validation_cases"]) == 1
@@ -79,11 +109,13 @@ def test_export_gives_a_package_that_segments(tmp_path):
 
 def test_init_from_a_package_starts_from_its_weights(tmp_path):
     import torch
+
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=10)
     card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
     config["train"]["init_from"] = str(card.path)
     trainer = Trainer(config, tmp_path / "run2", log=lambda m: None)
     from AbdomenSegLib.models import load_network
+
     for key, value in load_network(card).state_dict().items():
         assert torch.equal(value, trainer.network.state_dict()[key])
     # The export may overwrite the package it started from: the new card keeps the lineage.
@@ -97,6 +129,7 @@ def test_init_from_a_package_starts_from_its_weights(tmp_path):
 @pytest.mark.parametrize("option", ["blur_prob", "contrast_prob", "noise_prob"])
 def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option):
     import torch
+
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1)
     config["train"]["augment"]["intensity_prob"] = 0.0
     plain = Trainer(config, tmp_path / "a", log=lambda m: None)
@@ -112,31 +145,50 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
     if option == "blur_prob":  # coarser reconstruction: neighbouring voxels differ less
         assert roughness(x1) < 0.9 * roughness(x0)
     elif option == "noise_prob":  # zero-mean noise of the configured strength
-        assert abs(float((x1 - x0).mean())) < 0.005 and 0.005 < float((x1 - x0).std()) <= 0.035  # std drawn in (0, 0.03]
+        assert (
+            abs(float((x1 - x0).mean())) < 0.005 and 0.005 < float((x1 - x0).std()) <= 0.035
+        )  # std drawn in (0, 0.03]
     else:  # gamma keeps the order of intensities (a monotone remap), so organ contrast keeps its sign
         for a, b in zip(x0, x1):  # per sample: each crop draws its own gamma
             assert torch.all(b.flatten()[a.flatten().argsort()].diff() >= -1e-5)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"train": {"optimizer": "lion"}}, "train.optimizer"),
-    ({"train": {"patch": [20, 32, 32]}}, "multiple of 16"),
-    ({"model": {"dimensions": 2}}, "does not fit architecture"),
-    ({"model": {"dimensions": 2, "architecture": {"class": "Unet"}}, "train": {"patch": [2, 64, 64]}}, "slices odd"),
-    ({"model": {"organs": ["liver", "appendix"]}}, "unknown organs"),
-    ({"model": {"postprocess": {"largest_component": ["stomach"]}}}, "not in model.organs"),
-    ({"model": {"orientation": "LLS"}}, "not an axis code"),
-    ({"data": {"root": "/nonexistent"}}, "is not a folder"),
-    ({"trian": {}}, "unknown config key 'trian'"),
-    ({"train": {"lr": 0}}, "train.lr 0 must be a number above 0"),
-    ({"train": {"augment": {"blur_prob": 1.5}}}, "train.augment.blur_prob 1.5 must be a number at least 0 and at most 1"),
-    ({"train": {"augment": {"rotat": 0.1}}}, "unknown config key 'train.augment.rotat'"),
-    ({"data": {"convention": "nnunet"}}, "data.convention 'nnunet' is not a known label convention"),
-    ({"data": {"direction": [1, 0, 0]}}, "not a rotation or reflection"),
-    ({"model": {"architecture": {"class": "UNet", "args": {"channels": [4, 8, 16, 32, 64, 128, 256],
-                                                           "strides": [2, 2, 2, 2, 2, 2]}}}},
-     "card would be refused: inference.roi_size \\[64, 96, 96\\] is not a multiple of the network's stride 64"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"train": {"optimizer": "lion"}}, "train.optimizer"),
+        ({"train": {"patch": [20, 32, 32]}}, "multiple of 16"),
+        ({"model": {"dimensions": 2}}, "does not fit architecture"),
+        (
+            {"model": {"dimensions": 2, "architecture": {"class": "Unet"}}, "train": {"patch": [2, 64, 64]}},
+            "slices odd",
+        ),
+        ({"model": {"organs": ["liver", "appendix"]}}, "unknown organs"),
+        ({"model": {"postprocess": {"largest_component": ["stomach"]}}}, "not in model.organs"),
+        ({"model": {"orientation": "LLS"}}, "not an axis code"),
+        ({"data": {"root": "/nonexistent"}}, "is not a folder"),
+        ({"trian": {}}, "unknown config key 'trian'"),
+        ({"train": {"lr": 0}}, "train.lr 0 must be a number above 0"),
+        (
+            {"train": {"augment": {"blur_prob": 1.5}}},
+            "train.augment.blur_prob 1.5 must be a number at least 0 and at most 1",
+        ),
+        ({"train": {"augment": {"rotat": 0.1}}}, "unknown config key 'train.augment.rotat'"),
+        ({"data": {"convention": "nnunet"}}, "data.convention 'nnunet' is not a known label convention"),
+        ({"data": {"direction": [1, 0, 0]}}, "not a rotation or reflection"),
+        (
+            {
+                "model": {
+                    "architecture": {
+                        "class": "UNet",
+                        "args": {"channels": [4, 8, 16, 32, 64, 128, 256], "strides": [2, 2, 2, 2, 2, 2]},
+                    }
+                }
+            },
+            "card would be refused: inference.roi_size \\[64, 96, 96\\] is not a multiple of the network's stride 64",
+        ),
+    ],
+)
 def test_config_errors_are_clear(tmp_path, change, message):
     base = {"name": "x", "data": {"root": str(tmp_path)}}
     for key, value in change.items():
@@ -147,11 +199,23 @@ def test_config_errors_are_clear(tmp_path, change, message):
 
 def test_a_config_extends_another_and_states_only_its_changes(tmp_path):
     write = lambda name, data: (tmp_path / name).write_text(json.dumps(data))  # noqa: E731
-    write("base.json", {"name": "x", "data": {"root": str(tmp_path)},
-                        "model": {"spacing": [2.0, 2.0, 3.0], "intensity": {"mode": "ct_window", "window": [-100, 200]}},
-                        "train": {"steps": 100, "lr": 0.002, "augment": {"blur_prob": 0.2}}})
-    write("stage.json", {"extends": "base.json", "model": {"intensity": {"mode": "mr_percentile"}},
-                         "train": {"lr": 0.0003, "init_from": "runs/x", "augment": {"noise_prob": 0.1}}})
+    write(
+        "base.json",
+        {
+            "name": "x",
+            "data": {"root": str(tmp_path)},
+            "model": {"spacing": [2.0, 2.0, 3.0], "intensity": {"mode": "ct_window", "window": [-100, 200]}},
+            "train": {"steps": 100, "lr": 0.002, "augment": {"blur_prob": 0.2}},
+        },
+    )
+    write(
+        "stage.json",
+        {
+            "extends": "base.json",
+            "model": {"intensity": {"mode": "mr_percentile"}},
+            "train": {"lr": 0.0003, "init_from": "runs/x", "augment": {"noise_prob": 0.1}},
+        },
+    )
     config = load_config(tmp_path / "stage.json")
     assert config["train"]["steps"] == 100 and config["model"]["spacing"] == [2.0, 2.0, 3.0]  # from the base
     assert config["train"]["lr"] == 0.0003 and config["train"]["init_from"] == "runs/x"  # the stage's own
@@ -171,13 +235,34 @@ def test_torchrun_ddp_without_code_changes(tmp_path):
     """Two processes under PyTorch's own launcher (gloo on CPU; NCCL on GPUs): trains, exports once."""
     import subprocess
     import sys
+
     from conftest import ROOT
+
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=6, val_every=3)
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "AbdomenSegLib", "train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
-                             "--device", "cpu", "--export", str(tmp_path / "models")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "AbdomenSegLib",
+            "train",
+            str(tmp_path / "cfg.json"),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--export",
+            str(tmp_path / "models"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((tmp_path / "models" / "tiny-train" / "card.json").read_text())
     assert [h["step"] for h in card["training"]["history"]] == [3, 6]
@@ -200,6 +285,7 @@ BAD_BEFORE_CACHING = [
 def test_a_bad_recipe_is_refused_before_the_data_cache_is_built(tmp_path, monkeypatch, change, message):
     """The whole config is checked first: a bad option used to fail after minutes of caching."""
     from AbdomenSegLib import datasets
+
     cache = tmp_path / "cache.npz"
     config = _config(tmp_path / "data", cache, steps=2)
     change = dict(change)
@@ -226,8 +312,9 @@ def test_the_trainer_builds_its_recipe_through_seams(tmp_path):
         def build_loss(self):
             return lambda logits, labels: (torch.softmax(logits, 1)[:, 0] - (labels[:, 0] == 0).float()).abs().mean()
 
-    trainer = L1Trainer(_config(tmp_path / "data", tmp_path / "cache.npz", steps=3, val_every=3), tmp_path / "run",
-                        log=lambda m: None)
+    trainer = L1Trainer(
+        _config(tmp_path / "data", tmp_path / "cache.npz", steps=3, val_every=3), tmp_path / "run", log=lambda m: None
+    )
     assert isinstance(trainer.optimizer, torch.optim.AdamW) and not isinstance(trainer.loss, torch.nn.Module)
     assert trainer.run()[-1]["step"] == 3
 
@@ -237,11 +324,14 @@ def test_the_exported_card_names_the_engine_version(tmp_path):
     accepts cards without it (the shipped ones) and refuses a malformed one."""
     from AbdomenSegLib import __version__
     from AbdomenSegLib.card_schema import card_problems
+
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=1)
     card = Trainer(config, tmp_path / "run", log=lambda m: None).card()
     assert card["abdomenseg_version"] == __version__ and card["version"] == "1.0.0"
     assert not [p for p in card_problems(card, pending=("weights", "sha256"))]
-    assert not card_problems({k: v for k, v in card.items() if k != "abdomenseg_version"},
-                             pending=("weights", "sha256"))
+    assert not card_problems(
+        {k: v for k, v in card.items() if k != "abdomenseg_version"}, pending=("weights", "sha256")
+    )
     assert card_problems(dict(card, abdomenseg_version=1.0), pending=("weights", "sha256")) == [
-        'abdomenseg_version 1.0 must be a version number such as "0.1.0"']
+        'abdomenseg_version 1.0 must be a version number such as "0.1.0"'
+    ]

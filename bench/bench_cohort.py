@@ -12,6 +12,7 @@ Every run is a fresh `python -m AbdomenSegLib segment IN OUT --no-qc-png` proces
 - start-up: T(1) minus one steady case;
 - per-case overhead of the distributed path: its steady seconds per case (1 worker) minus the sequential one's.
 """
+
 import argparse
 import csv
 import shutil
@@ -33,7 +34,9 @@ def make_inputs(folder: Path, count: int) -> list:
             shutil.copy(source, folder / f"case{i}.nii.gz")
         return ["--input-intensity", "btcv_uint8"]
     import SimpleITK as sitk
+
     from AbdomenSegLib.phantom import make_phantom
+
     ct, _ = make_phantom(size=(256, 256, 120), spacing=(1.5, 1.5, 3.0), seed=0)
     for i in range(count):
         sitk.WriteImage(ct, str(folder / f"case{i}.nii.gz"))
@@ -43,8 +46,12 @@ def make_inputs(folder: Path, count: int) -> list:
 def run(inputs: Path, out: Path, extra: list) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "AbdomenSegLib", "segment", str(inputs), str(out),
-                             "--no-qc-png", *extra], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "AbdomenSegLib", "segment", str(inputs), str(out), "--no-qc-png", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if result.returncode not in (0, 3):
         raise SystemExit(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -72,6 +79,7 @@ def main():
         modes = [("sequential", [])] + [(f"{n} worker(s)", ["--workers", n]) for n in args.workers.split(",")]
         source = "BTCV CT" if extra[:1] == ["--input-intensity"] else "synthetic phantom"
         import os
+
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"{args.cases} {source} cases, device {args.device}, {cpus} CPU cores")
         print(f"{'mode':14s} {'T(1) s':>8s} {'T(N) s':>8s} {'cases/h':>8s} {'s/case':>7s} {'start-up s':>10s}")
@@ -81,12 +89,16 @@ def main():
             tn = run(all_in, work / "outN", extra + flags)
             per_case = (tn - t1) / max(1, args.cases - 1)
             steady[name] = per_case
-            print(f"{name:14s} {t1:8.1f} {tn:8.1f} {args.cases / tn * 3600:8.0f} {per_case:7.2f} {t1 - per_case:10.1f}",
-                  flush=True)
+            print(
+                f"{name:14s} {t1:8.1f} {tn:8.1f} {args.cases / tn * 3600:8.0f} {per_case:7.2f} {t1 - per_case:10.1f}",
+                flush=True,
+            )
         one = next((k for k in steady if k.startswith("1 ")), None)
         if one:
-            print(f"per-case overhead of the distributed path (1 worker vs sequential): "
-                  f"{steady[one] - steady['sequential']:+.2f} s")
+            print(
+                f"per-case overhead of the distributed path (1 worker vs sequential): "
+                f"{steady[one] - steady['sequential']:+.2f} s"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

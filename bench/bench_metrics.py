@@ -15,9 +15,9 @@ kept here in `evaluate_before`. Prints wall and CPU seconds (best of `--repeat`;
 thread, so its CPU time is its wall time on an idle machine) and the largest difference of every metric
 between the two. Timings on a shared machine are noisy: note the load.
 """
+
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,18 +32,32 @@ def make_case(name: str, size):
     from scipy import ndimage
 
     from AbdomenSegLib.organs import CONVENTIONS
+
     source = sitk.ReadImage(str(DATA / f"{name}.nii.gz"))
     spacing = [sp * n / m for sp, n, m in zip(source.GetSpacing(), source.GetSize(), size)]
     origin = [o - 0.5 * sp + 0.5 * s for o, sp, s in zip(source.GetOrigin(), source.GetSpacing(), spacing)]
-    ref = sitk.Resample(source, list(size), sitk.Transform(), sitk.sitkNearestNeighbor, origin, spacing,
-                        source.GetDirection(), 0, source.GetPixelID())
+    ref = sitk.Resample(
+        source,
+        list(size),
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        origin,
+        spacing,
+        source.GetDirection(),
+        0,
+        source.GetPixelID(),
+    )
     centre = ref.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size])
     moved = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(2.0), (1.5, -1.5, 0.0))
     pred = sitk.GetArrayFromImage(sitk.Resample(ref, moved, sitk.sitkNearestNeighbor, 0))
     btcv = {name: value for value, name in CONVENTIONS["btcv"].items()}
     boxes = ndimage.find_objects(pred)
-    for organ, change in (("liver", "erode"), ("spleen", "dilate"), ("pancreas", "shift"),
-                          ("adrenal_gland_left", "drop")):
+    for organ, change in (
+        ("liver", "erode"),
+        ("spleen", "dilate"),
+        ("pancreas", "shift"),
+        ("adrenal_gland_left", "drop"),
+    ):
         value = btcv[organ]
         box = tuple(slice(max(0, s.start - 4), s.stop + 4) for s in boxes[value - 1])
         crop = pred[box]
@@ -63,8 +77,15 @@ def make_case(name: str, size):
     return pred_image, ref
 
 
-def evaluate_before(prediction, reference, *, reference_convention="abdomenseg",
-                    prediction_convention="abdomenseg", organs=None, tolerance_mm=2.0):
+def evaluate_before(
+    prediction,
+    reference,
+    *,
+    reference_convention="abdomenseg",
+    prediction_convention="abdomenseg",
+    organs=None,
+    tolerance_mm=2.0,
+):
     """metrics.evaluate as of commit 843a1a5 (the label checks left out: they are timed separately)."""
     import numpy as np
     import SimpleITK as sitk
@@ -74,6 +95,7 @@ def evaluate_before(prediction, reference, *, reference_convention="abdomenseg",
     from AbdomenSegLib.metrics import align_reference
     from AbdomenSegLib.organs import BY_NAME, CONVENTIONS, convert_labels
     from AbdomenSegLib.preprocess import bounding_box
+
     reference = align_reference(reference, prediction)
     pred = convert_labels(sitk.GetArrayViewFromImage(prediction), prediction_convention)
     ref = convert_labels(sitk.GetArrayViewFromImage(reference), reference_convention)
@@ -90,8 +112,14 @@ def evaluate_before(prediction, reference, *, reference_convention="abdomenseg",
         if not p.any() and not r.any():
             row.update(status="absent_both", dice=1.0, iou=1.0, hd95_mm=0.0, assd_mm=0.0, surface_dice=1.0)
         elif not p.any() or not r.any():
-            row.update(status="missing_pred" if not p.any() else "missing_ref", dice=0.0, iou=0.0,
-                       hd95_mm=diagonal, assd_mm=diagonal, surface_dice=0.0)
+            row.update(
+                status="missing_pred" if not p.any() else "missing_ref",
+                dice=0.0,
+                iou=0.0,
+                hd95_mm=diagonal,
+                assd_mm=diagonal,
+                surface_dice=0.0,
+            )
         else:
             inter, union = float((p & r).sum()), float((p | r).sum())
             row.update(status="ok", dice=2 * inter / (p.sum() + r.sum()), iou=inter / union)
@@ -99,12 +127,15 @@ def evaluate_before(prediction, reference, *, reference_convention="abdomenseg",
             pt = torch.as_tensor(np.ascontiguousarray(p[box]))[None, None]
             rt = torch.as_tensor(np.ascontiguousarray(r[box]))[None, None]
             spacing = list(spacing_zyx)
-            row["hd95_mm"] = float(compute_hausdorff_distance(pt, rt, include_background=True, percentile=95,
-                                                              spacing=spacing))
-            row["assd_mm"] = float(compute_average_surface_distance(pt, rt, include_background=True, symmetric=True,
-                                                                    spacing=spacing))
-            row["surface_dice"] = float(compute_surface_dice(pt, rt, class_thresholds=[tolerance_mm],
-                                                             include_background=True, spacing=spacing))
+            row["hd95_mm"] = float(
+                compute_hausdorff_distance(pt, rt, include_background=True, percentile=95, spacing=spacing)
+            )
+            row["assd_mm"] = float(
+                compute_average_surface_distance(pt, rt, include_background=True, symmetric=True, spacing=spacing)
+            )
+            row["surface_dice"] = float(
+                compute_surface_dice(pt, rt, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing)
+            )
         rows.append(row)
     return rows
 
@@ -131,16 +162,24 @@ def main():
     import torch
 
     from AbdomenSegLib import metrics
+
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")  # MONAI's "prediction is all 0" for the dropped organ
 
     pred, ref = make_case(args.case, args.size)
-    print(f"case {args.case} upsampled (nearest neighbour) to {'x'.join(map(str, pred.GetSize()))} "
-          f"at {', '.join(f'{s:.3f}' for s in pred.GetSpacing())} mm; load average {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"case {args.case} upsampled (nearest neighbour) to {'x'.join(map(str, pred.GetSize()))} "
+        f"at {', '.join(f'{s:.3f}' for s in pred.GetSpacing())} mm; load average {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     kwargs = dict(reference_convention="btcv", prediction_convention="btcv")
-    t_check, _ = best_of(args.repeat, lambda: (metrics._check_label_map(pred, "prediction", "btcv"),
-                                               metrics._check_label_map(ref, "reference", "btcv")))
+    t_check, _ = best_of(
+        args.repeat,
+        lambda: (
+            metrics._check_label_map(pred, "prediction", "btcv"),
+            metrics._check_label_map(ref, "reference", "btcv"),
+        ),
+    )
     t_new, rows = best_of(args.repeat, lambda: metrics.evaluate(pred, ref, **kwargs))
     print(f"{'':28s} {'wall s':>7s} {'CPU s':>7s}")
     print(f"{'label checks (both maps)':28s} {t_check[0]:7.2f} {t_check[1]:7.2f}")
@@ -148,8 +187,10 @@ def main():
     if not args.skip_before:
         t_old, old = best_of(1, lambda: evaluate_before(pred, ref, **kwargs))
         t_old = (t_old[0] + t_check[0], t_old[1] + t_check[1])
-        print(f"{'evaluate, before (843a1a5)':28s} {t_old[0]:7.2f} {t_old[1]:7.2f}   (1 run; label checks "
-              "counted as the new ones; torch on 2 threads)")
+        print(
+            f"{'evaluate, before (843a1a5)':28s} {t_old[0]:7.2f} {t_old[1]:7.2f}   (1 run; label checks "
+            "counted as the new ones; torch on 2 threads)"
+        )
         print(f"speed-up x{t_old[0] / t_new[0]:.1f} (wall)")
         print(f"\n{'organ':22s} {'status':12s} " + " ".join(f"{m:>14s}" for m in METRICS))
         worst = {m: 0.0 for m in METRICS}
@@ -160,8 +201,10 @@ def main():
                 worst[m] = max(worst[m], diffs[m])
             print(f"{new['organ']:22s} {new['status']:12s} " + " ".join(f"{new[m]:14.6f}" for m in METRICS))
         print(f"{'max |after - before|':35s} " + " ".join(f"{worst[m]:14.2e}" for m in METRICS))
-    print(f"\n{sum(r['status'] == 'ok' for r in rows)} organs in both maps, "
-          f"{sum(r['volume_ref_ml'] > 0 for r in rows)} in the reference")
+    print(
+        f"\n{sum(r['status'] == 'ok' for r in rows)} organs in both maps, "
+        f"{sum(r['volume_ref_ml'] > 0 for r in rows)} in the reference"
+    )
 
 
 if __name__ == "__main__":

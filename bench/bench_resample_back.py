@@ -9,6 +9,7 @@ The default model's probabilities are computed once; then each method runs in fr
 memory the method added (RSS high-water mark over the loaded data; numpy's own peak from tracemalloc),
 and how the two label maps differ (voxels, per-organ Dice). Note the machine's load: timings are noisy.
 """
+
 import argparse
 import json
 import os
@@ -24,15 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def infer_once(source: Path, tmp: Path) -> dict:
     import numpy as np
     import SimpleITK as sitk
+
     from AbdomenSegLib.inference import Options, get_segmenter
     from AbdomenSegLib.io import read_image
     from AbdomenSegLib.pipeline import to_model_space
+
     segmenter = get_segmenter(None, "cpu", log=lambda m: None)
     card = segmenter.card
     image = read_image(str(source))
@@ -42,17 +45,24 @@ def infer_once(source: Path, tmp: Path) -> dict:
     np.save(tmp / "probabilities.npy", probabilities)
     sitk.WriteImage(space.image, str(tmp / "model.nrrd"))
     (tmp / "space.pkl").write_bytes(pickle.dumps((space.box, space.array.shape)))
-    return {"infer_seconds": round(time.perf_counter() - t, 1), "model_grid": list(space.array.shape),
-            "body_box": [[int(s.start), int(s.stop)] for s in space.box], "channels": int(probabilities.shape[0])}
+    return {
+        "infer_seconds": round(time.perf_counter() - t, 1),
+        "model_grid": list(space.array.shape),
+        "body_box": [[int(s.start), int(s.stop)] for s in space.box],
+        "channels": int(probabilities.shape[0]),
+    }
 
 
 def run_method(method: str, source: Path, tmp: Path, repeat: int) -> dict:
     import tracemalloc
+
     import numpy as np
     import SimpleITK as sitk
+
     from AbdomenSegLib.inference import get_segmenter
     from AbdomenSegLib.io import read_image
     from AbdomenSegLib.pipeline import ModelSpace
+
     segmenter = get_segmenter(None, "cpu", log=lambda m: None)
     segmenter.resample_back = method
     reference = read_image(str(source))
@@ -68,23 +78,33 @@ def run_method(method: str, source: Path, tmp: Path, repeat: int) -> dict:
     rss_added = rss_gb() - before
     tracemalloc.start()
     segmenter._to_input_grid(probabilities, space, reference, True)
-    numpy_peak = tracemalloc.get_traced_memory()[1] / 1024 ** 3
+    numpy_peak = tracemalloc.get_traced_memory()[1] / 1024**3
     tracemalloc.stop()
     np.save(tmp / f"labels_{method}.npy", labels)
-    return {"method": method, "seconds": seconds, "peak_rss_added_gb": round(rss_added, 3),
-            "numpy_peak_gb": round(numpy_peak, 3), "output_gb": round(labels.nbytes / 1024 ** 3, 3)}
+    return {
+        "method": method,
+        "seconds": seconds,
+        "peak_rss_added_gb": round(rss_added, 3),
+        "numpy_peak_gb": round(numpy_peak, 3),
+        "output_gb": round(labels.nbytes / 1024**3, 3),
+    }
 
 
 def compare(tmp: Path) -> dict:
     import numpy as np
+
     old, new = np.load(tmp / "labels_boxes.npy"), np.load(tmp / "labels_cells.npy")
     dice = {}
     for organ in np.union1d(np.unique(old), np.unique(new)):
         if organ:
             a, b = old == organ, new == organ
             dice[int(organ)] = round(float(2 * (a & b).sum() / (a.sum() + b.sum())), 6)
-    return {"differing_voxels": int((old != new).sum()), "organ_voxels": int(((old > 0) | (new > 0)).sum()),
-            "input_voxels": int(old.size), "min_organ_dice": min(dice.values()) if dice else None}
+    return {
+        "differing_voxels": int((old != new).sum()),
+        "organ_voxels": int(((old > 0) | (new > 0)).sum()),
+        "input_voxels": int(old.size),
+        "min_organ_dice": min(dice.values()) if dice else None,
+    }
 
 
 def main():
@@ -96,8 +116,11 @@ def main():
     args = parser.parse_args()
     if args.child:
         method, source, tmp = args.child
-        result = infer_once(Path(source), Path(tmp)) if method == "infer" else \
-            run_method(method, Path(source), Path(tmp), args.repeat)
+        result = (
+            infer_once(Path(source), Path(tmp))
+            if method == "infer"
+            else run_method(method, Path(source), Path(tmp), args.repeat)
+        )
         print(json.dumps(result))
         return
     from bench_segment import make_input
@@ -121,10 +144,12 @@ def main():
                 print(json.dumps(result))
         for method, results in runs.items():
             seconds = sorted(s for r in results for s in r["seconds"])
-            print(f"{method}: min {seconds[0]:.3f} s, median {seconds[len(seconds) // 2]:.3f} s "
-                  f"over {len(seconds)} runs; "
-                  f"peak RSS added {max(r['peak_rss_added_gb'] for r in results):.3f} GB, "
-                  f"numpy peak {max(r['numpy_peak_gb'] for r in results):.3f} GB")
+            print(
+                f"{method}: min {seconds[0]:.3f} s, median {seconds[len(seconds) // 2]:.3f} s "
+                f"over {len(seconds)} runs; "
+                f"peak RSS added {max(r['peak_rss_added_gb'] for r in results):.3f} GB, "
+                f"numpy peak {max(r['numpy_peak_gb'] for r in results):.3f} GB"
+            )
         print("difference:", json.dumps(compare(tmp)))
     print("load average at end:", [round(v, 2) for v in os.getloadavg()])
 

@@ -12,6 +12,7 @@ peak RSS and its start-up belong to that run alone:
   --compare-with another checkout (e.g. a git worktree of an earlier commit) runs its CLI on the same
   input, interleaved, for a before/after table on the same machine.
 """
+
 import time
 
 _STARTED = time.perf_counter()  # before any heavy import: the child's start-up is measured from here
@@ -30,10 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_input(path: Path, slices: int) -> str:
     import numpy as np
     import SimpleITK as sitk
+
     source = ROOT.parent / "shared" / "data" / "btcv_ct" / "images" / "btcv_img0001.nii.gz"
     if source.is_file():
         image = sitk.ReadImage(str(source))
-        from AbdomenSegLib.models import find_model  # the BTCV copy's header fix, as the default model's config gives it
+        from AbdomenSegLib.models import (
+            find_model,  # the BTCV copy's header fix, as the default model's config gives it
+        )
+
         image.SetDirection([float(v) for v in find_model()["training"]["config"]["data"]["direction"]])
         hu = sitk.GetArrayFromImage(image).astype(np.float32) * (400.0 / 255.0) - 125.0
         # Outside the window BTCV stores -125 HU; put air back outside the body as a real scan has it.
@@ -43,21 +48,33 @@ def make_input(path: Path, slices: int) -> str:
         label = f"BTCV case btcv_img0001 in HU, resampled to 512x512x{slices}"
     else:
         from AbdomenSegLib.phantom import make_phantom
+
         real, _ = make_phantom(size=(128, 128, 50), spacing=(3.0, 3.0, 8.0))
         label = f"SYNTHETIC phantom resampled to 512x512x{slices} (no ../shared/data)"
     size = [512, 512, slices]
     extent = [n * s for n, s in zip(real.GetSize(), real.GetSpacing())]
     spacing = [e / n for e, n in zip(extent, size)]
-    out = sitk.Resample(real, size, sitk.Transform(), sitk.sitkLinear, real.GetOrigin(), spacing,
-                        real.GetDirection(), -1000.0, sitk.sitkInt16)
+    out = sitk.Resample(
+        real,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        real.GetOrigin(),
+        spacing,
+        real.GetDirection(),
+        -1000.0,
+        sitk.sitkInt16,
+    )
     sitk.WriteImage(out, str(path), useCompression=True)
     return f"{label}; spacing {[round(s, 3) for s in spacing]} mm"
 
 
 def run_once(input_path: str, output_path: str, device: str, model, precision="auto") -> dict:
     import torch
+
     from AbdomenSegLib.inference import Options, get_segmenter
     from AbdomenSegLib.io import read_image, write_labels
+
     times = {"startup_imports": time.perf_counter() - _STARTED}
     t = time.perf_counter()
     segmenter = get_segmenter(model, device, log=lambda m: None)
@@ -72,20 +89,22 @@ def run_once(input_path: str, output_path: str, device: str, model, precision="a
     write_labels(labels, output_path)
     times["write"] = time.perf_counter() - t
     times["total_read_to_write"] = time.perf_counter() - start
-    result = {"device": segmenter.device, "precision": segmenter.precision,
-              "seconds": {k: round(v, 2) for k, v in times.items()},
-              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
-              "threads": torch.get_num_threads()}
+    result = {
+        "device": segmenter.device,
+        "precision": segmenter.precision,
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "threads": torch.get_num_threads(),
+    }
     if segmenter.device == "cuda":
-        result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
+        result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
         result["gpu"] = torch.cuda.get_device_name(0)
     return result
 
 
 def whole_process(root: Path, input_path: str, output_path: str, device: str, model, precision) -> float:
     """Seconds of `python -m AbdomenSegLib segment` in `root` (a checkout), start-up included."""
-    cmd = [sys.executable, "-m", "AbdomenSegLib", "segment", input_path, output_path, "--overwrite",
-           "--device", device]
+    cmd = [sys.executable, "-m", "AbdomenSegLib", "segment", input_path, output_path, "--overwrite", "--device", device]
     if precision:
         cmd += ["--precision", precision]
     if model:
@@ -112,7 +131,9 @@ def main():
         print(json.dumps(run_once(args.child[0], args.child[1], args.device, args.model, args.child_precision)))
         return
     import torch
+
     from AbdomenSegLib.precision import cpu_has_native_bf16
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     precisions = [p for p in args.precision.split(",") if p != "bf16" or cpu_has_native_bf16()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,13 +142,23 @@ def main():
         print(f"CPU bf16 instructions: {cpu_has_native_bf16()}; torch threads {torch.get_num_threads()}")
         out = str(Path(tmp) / "out.nii.gz")
         for device in devices:
-            for precision in (precisions if device == "cpu" else ["auto"]):
-                cmd = [sys.executable, __file__, "--device", device, "--child", str(source), out,
-                       "--child-precision", precision]
+            for precision in precisions if device == "cpu" else ["auto"]:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    device,
+                    "--child",
+                    str(source),
+                    out,
+                    "--child-precision",
+                    precision,
+                ]
                 if args.model:
                     cmd += ["--model", args.model]
-                result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-                                    .splitlines()[-1])
+                result = json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                )
                 print(json.dumps(result, indent=2))
         print("whole process (python -m AbdomenSegLib segment, best of %d):" % args.repeats)
         settings = [("this checkout", ROOT, p) for p in precisions]

@@ -9,8 +9,8 @@ segmentation node holds the organs, plus the organ-volume table the panel shows 
 - the engine worker (engine_worker.py): the first click starts it, later clicks reuse it.
 The input is bench_segment.py's 512x512xN CT (a real BTCV case in HU, or the phantom without ../shared/data).
 """
+
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +28,11 @@ def main():
     import numpy as np
     import SimpleITK as sitk
     import slicer
+    from bench_segment import make_input
 
     from AbdomenSegLib import slicer_logic as sl
     from AbdomenSegLib.engine_worker import EngineWorker
     from AbdomenSegLib.slicer_runs import BackgroundRun
-    from bench_segment import make_input
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ct.nii.gz"

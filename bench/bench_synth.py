@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/bench_synth.py [--real]  (--real: a patch of a BTCV tissue map from ../shared/data)
 """
+
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ def patch_labels(real: bool) -> np.ndarray:
         import SimpleITK as sitk
 
         from AbdomenSegLib.tissue_labels import ct_tissue_labels
+
         data = ROOT.parent / "shared" / "data" / "btcv_ct"
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "images" / "btcv_img0001.nii.gz")))
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labels" / "btcv_img0001.nii.gz")))
@@ -45,8 +47,10 @@ def main():
         cpu.append(time.process_time() - start_cpu)
     for name, times in (("wall", wall), ("cpu", cpu)):  # cpu time: what the call costs on a shared, busy machine
         times = np.array(times) * 1000
-        print(f"patch {labels.shape} {name}: median {np.median(times):.1f} ms, p90 {np.percentile(times, 90):.1f} ms, "
-              f"max {times.max():.1f} ms over {len(times)} seeds (one thread)")
+        print(
+            f"patch {labels.shape} {name}: median {np.median(times):.1f} ms, p90 {np.percentile(times, 90):.1f} ms, "
+            f"max {times.max():.1f} ms over {len(times)} seeds (one thread)"
+        )
 
 
 if __name__ == "__main__":

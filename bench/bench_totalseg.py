@@ -34,6 +34,7 @@ Also printed: the tree's CPU seconds (user+sys, from wait4: less sensitive to ot
 but not immune) and the 1-min load average before each run, to judge how quiet the machine was.
 The input is bench_segment.py's: a real BTCV case in HU resampled to 512x512x<slices> (or --ct).
 """
+
 import argparse
 import json
 import os
@@ -57,6 +58,7 @@ def ts_home(ts_venv: Path) -> Path:
 
 # ---------------------------------------------------------------- random-weights folder (runs in the TS venv)
 
+
 def make_weights_child(home: Path, plans_path: Path, seed: int = 0):
     """Build the Dataset297 folder the way nnU-Net reads it; run with the TotalSegmentator venv's python."""
     import torch
@@ -70,9 +72,15 @@ def make_weights_child(home: Path, plans_path: Path, seed: int = 0):
     labels = {"background": 0}
     labels.update({name: int(i) for i, name in sorted(class_map["total"].items())})
     dataset_json = {
-        "name": "TotalSegmentator", "description": "Segmentation of TotalSegmentator classes",
-        "reference": "https://zenodo.org/record/6802614", "licence": "Apache 2.0", "release": "2.0",
-        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1559, "file_ending": ".nii.gz",
+        "name": "TotalSegmentator",
+        "description": "Segmentation of TotalSegmentator classes",
+        "reference": "https://zenodo.org/record/6802614",
+        "licence": "Apache 2.0",
+        "release": "2.0",
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": 1559,
+        "file_ending": ".nii.gz",
         "overwrite_image_reader_writer": "NibabelIOWithReorient",
         "_bench_note": "labels from TotalSegmentator's class_map['total']; RANDOM-weights benchmark folder",
     }
@@ -100,29 +108,48 @@ def make_weights_child(home: Path, plans_path: Path, seed: int = 0):
         "logging": {},
         "_best_ema": None,
         "current_epoch": 4000,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json,
-                      "device": torch.device("cpu")},
+        "init_args": {
+            "plans": plans,
+            "configuration": "3d_fullres",
+            "fold": 0,
+            "dataset_json": dataset_json,
+            "device": torch.device("cpu"),
+        },
         "trainer_name": TRAINER,
         "inference_allowed_mirroring_axes": None,  # the NoMirroring trainers store None
     }
     torch.save(checkpoint, out / "fold_0" / "checkpoint_final.pth")
     # No usage statistics, no first-run prompts (TotalSegmentator reads this file at every run).
-    (home / "config.json").write_text(json.dumps({
-        "totalseg_id": "totalseg_benchmark", "send_usage_stats": False, "prediction_counter": 0,
-        "statistics_disclaimer_shown": True}, indent=4))
+    (home / "config.json").write_text(
+        json.dumps(
+            {
+                "totalseg_id": "totalseg_benchmark",
+                "send_usage_stats": False,
+                "prediction_counter": 0,
+                "statistics_disclaimer_shown": True,
+            },
+            indent=4,
+        )
+    )
     n_params = sum(p.numel() for p in network.parameters())
-    print(f"wrote {out} ({type(network).__name__}, {n_params / 1e6:.1f} M parameters, {n_out} outputs, "
-          f"patch {cm.patch_size}, spacing {cm.spacing})")
+    print(
+        f"wrote {out} ({type(network).__name__}, {n_params / 1e6:.1f} M parameters, {n_out} outputs, "
+        f"patch {cm.patch_size}, spacing {cm.spacing})"
+    )
 
 
 def make_weights(ts_venv: Path):
     home = ts_home(ts_venv)
     home.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(ts_venv / "bin" / "python"), __file__, "--make-weights-child", str(home)], check=True,
-                   env=ts_env(ts_venv, 2))
+    subprocess.run(
+        [str(ts_venv / "bin" / "python"), __file__, "--make-weights-child", str(home)],
+        check=True,
+        env=ts_env(ts_venv, 2),
+    )
 
 
 # ---------------------------------------------------------------- measuring a process tree
+
 
 def _pss_kb(pid: int) -> int:
     try:
@@ -138,6 +165,7 @@ def _pss_kb(pid: int) -> int:
 def measure(cmd, env, cwd=None, interval=0.1) -> dict:
     """Wall seconds and peak memory of `cmd` and every process it starts."""
     import psutil
+
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -168,10 +196,16 @@ def measure(cmd, env, cwd=None, interval=0.1) -> dict:
     log = proc.stdout.read().decode(errors="replace")
     if code not in (0, 3):  # 3: our CLI's "done, with QC warnings"
         raise RuntimeError(f"{cmd[:3]}... exit {code}:\n{log[-3000:]}")
-    return {"seconds": seconds, "cpu_seconds": rusage.ru_utime + rusage.ru_stime,
-            "load_before": load_before, "tree_peak_rss_gb": peak_rss / 1024 ** 3,
-            "tree_peak_pss_gb": peak_pss / 1024 ** 3,
-            "max_single_rss_gb": rusage.ru_maxrss / 1024 ** 2, "processes": max_procs, "log": log}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": rusage.ru_utime + rusage.ru_stime,
+        "load_before": load_before,
+        "tree_peak_rss_gb": peak_rss / 1024**3,
+        "tree_peak_pss_gb": peak_pss / 1024**3,
+        "max_single_rss_gb": rusage.ru_maxrss / 1024**2,
+        "processes": max_procs,
+        "log": log,
+    }
 
 
 def thread_env(threads: int) -> dict:
@@ -191,14 +225,29 @@ def ts_env(ts_venv: Path, threads: int) -> dict:
 
 
 def ts_command(ts_venv: Path, ct: str, out: str, threads: int, extra) -> list:
-    args = ["-i", ct, "-o", out, "--fast", "--device", "cpu", "--ml", "--nr_thr_resamp", "1",
-            "--nr_thr_saving", "1", "-q"] + list(extra)
+    args = [
+        "-i",
+        ct,
+        "-o",
+        out,
+        "--fast",
+        "--device",
+        "cpu",
+        "--ml",
+        "--nr_thr_resamp",
+        "1",
+        "--nr_thr_saving",
+        "1",
+        "-q",
+    ] + list(extra)
     if (os.cpu_count() or 1) == threads:
         return [str(ts_venv / "bin" / "TotalSegmentator")] + args
     # TotalSegmentator calls torch.set_num_threads(multiprocessing.cpu_count()) on CPU: make that --threads.
-    wrapper = (f"import sys, multiprocessing; multiprocessing.cpu_count = lambda: {threads}; "
-               "from totalsegmentator.bin.TotalSegmentator import main; sys.argv[0] = 'TotalSegmentator'; "
-               "sys.exit(main())")
+    wrapper = (
+        f"import sys, multiprocessing; multiprocessing.cpu_count = lambda: {threads}; "
+        "from totalsegmentator.bin.TotalSegmentator import main; sys.argv[0] = 'TotalSegmentator'; "
+        "sys.exit(main())"
+    )
     return [str(ts_venv / "bin" / "python"), "-c", wrapper] + args
 
 
@@ -227,11 +276,19 @@ def main():
         sys.exit(f"no weights folder under {ts_home(ts_venv)}: run with --make-weights first")
 
     from bench_segment import make_input  # noqa: E402  (the same input as the stage benchmark)
+
     from AbdomenSegLib.precision import cpu_has_native_bf16  # noqa: E402
-    ts_version = subprocess.run([str(ts_venv / "bin" / "python"), "-c",
-                                 "from importlib.metadata import version as v; "
-                                 "print(v('TotalSegmentator'), v('nnunetv2'), v('torch'))"],
-                                capture_output=True, text=True, check=True).stdout.split()
+
+    ts_version = subprocess.run(
+        [
+            str(ts_venv / "bin" / "python"),
+            "-c",
+            "from importlib.metadata import version as v; " "print(v('TotalSegmentator'), v('nnunetv2'), v('torch'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     precisions = [p for p in args.precision.split(",") if p and (p != "bf16" or cpu_has_native_bf16())]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -241,54 +298,81 @@ def main():
             ct = str(tmp / "ct512.nii.gz")
             label = make_input(Path(ct), args.slices)
         print(f"input: {label}")
-        print(f"TotalSegmentator {ts_version[0]} (nnunetv2 {ts_version[1]}, torch {ts_version[2]}), --fast with "
-              f"RANDOM weights; threads {args.threads}; os.cpu_count() {os.cpu_count()}; "
-              f"CPU bf16 instructions: {cpu_has_native_bf16()}")
+        print(
+            f"TotalSegmentator {ts_version[0]} (nnunetv2 {ts_version[1]}, torch {ts_version[2]}), --fast with "
+            f"RANDOM weights; threads {args.threads}; os.cpu_count() {os.cpu_count()}; "
+            f"CPU bf16 instructions: {cpu_has_native_bf16()}"
+        )
         settings = []
         for p in precisions:
-            cmd = [sys.executable, "-m", "AbdomenSegLib", "segment", ct, str(tmp / "ours.nii.gz"), "--overwrite",
-                   "--device", "cpu", "--precision", p]
+            cmd = [
+                sys.executable,
+                "-m",
+                "AbdomenSegLib",
+                "segment",
+                ct,
+                str(tmp / "ours.nii.gz"),
+                "--overwrite",
+                "--device",
+                "cpu",
+                "--precision",
+                p,
+            ]
             settings.append((f"ours {p}", cmd, thread_env(args.threads), ROOT))
         ts_out = tmp / "ts_out.nii.gz"
-        settings.append(("TotalSegmentator --fast", ts_command(ts_venv, ct, str(ts_out), args.threads,
-                                                               args.ts_extra.split()),
-                         ts_env(ts_venv, args.threads), tmp))
+        settings.append(
+            (
+                "TotalSegmentator --fast",
+                ts_command(ts_venv, ct, str(ts_out), args.threads, args.ts_extra.split()),
+                ts_env(ts_venv, args.threads),
+                tmp,
+            )
+        )
         runs = {name: [] for name, *_ in settings}
         for r in range(args.repeats):
             for name, cmd, env, cwd in settings:
                 result = measure(cmd, env, cwd)
                 log = result.pop("log")
                 runs[name].append(result)
-                print(f"  repeat {r + 1} {name:26s} {result['seconds']:6.2f} s (CPU {result['cpu_seconds']:6.1f} s, "
-                      f"load before {result['load_before']:.1f})  tree RSS "
-                      f"{result['tree_peak_rss_gb']:.2f} GB  PSS {result['tree_peak_pss_gb']:.2f} GB  "
-                      f"max single RSS {result['max_single_rss_gb']:.2f} GB  ({result['processes']} proc)",
-                      flush=True)
+                print(
+                    f"  repeat {r + 1} {name:26s} {result['seconds']:6.2f} s (CPU {result['cpu_seconds']:6.1f} s, "
+                    f"load before {result['load_before']:.1f})  tree RSS "
+                    f"{result['tree_peak_rss_gb']:.2f} GB  PSS {result['tree_peak_pss_gb']:.2f} GB  "
+                    f"max single RSS {result['max_single_rss_gb']:.2f} GB  ({result['processes']} proc)",
+                    flush=True,
+                )
                 if r == 0 and name.startswith("Total") and log.strip():
                     print("    TotalSegmentator said: " + " | ".join(log.strip().splitlines()[-3:]))
         ts_name = "TotalSegmentator --fast"
         ts_med = statistics.median(x["seconds"] for x in runs[ts_name])
-        print(f"\nwhole process, {args.repeats} paired repeats (median [min-max]); ratio = ours / TS median time; "
-              "memory = max over repeats")
+        print(
+            f"\nwhole process, {args.repeats} paired repeats (median [min-max]); ratio = ours / TS median time; "
+            "memory = max over repeats"
+        )
         ts_cpu = statistics.median(x["cpu_seconds"] for x in runs[ts_name])
-        print(f"  {'setting':26s} {'seconds':>22s} {'ratio':>6s} {'CPU s':>7s} {'ratio':>6s} {'tree RSS':>9s} "
-              f"{'tree PSS':>9s} {'1-proc RSS':>10s}")
+        print(
+            f"  {'setting':26s} {'seconds':>22s} {'ratio':>6s} {'CPU s':>7s} {'ratio':>6s} {'tree RSS':>9s} "
+            f"{'tree PSS':>9s} {'1-proc RSS':>10s}"
+        )
         for name, rs in runs.items():
             s = [x["seconds"] for x in rs]
             med = statistics.median(s)
             cpu = statistics.median(x["cpu_seconds"] for x in rs)
             ratio = f"{med / ts_med:6.2f}" if name != ts_name else "     -"
             cpu_ratio = f"{cpu / ts_cpu:6.2f}" if name != ts_name else "     -"
-            print(f"  {name:26s} {med:7.2f} [{min(s):5.2f}-{max(s):5.2f}] s {ratio} {cpu:7.1f} {cpu_ratio} "
-                  f"{max(x['tree_peak_rss_gb'] for x in rs):7.2f}GB {max(x['tree_peak_pss_gb'] for x in rs):7.2f}GB "
-                  f"{max(x['max_single_rss_gb'] for x in rs):8.2f}GB")
+            print(
+                f"  {name:26s} {med:7.2f} [{min(s):5.2f}-{max(s):5.2f}] s {ratio} {cpu:7.1f} {cpu_ratio} "
+                f"{max(x['tree_peak_rss_gb'] for x in rs):7.2f}GB {max(x['tree_peak_pss_gb'] for x in rs):7.2f}GB "
+                f"{max(x['max_single_rss_gb'] for x in rs):8.2f}GB"
+            )
         for name in runs:
             if name != ts_name:
                 paired = [a["seconds"] / b["seconds"] for a, b in zip(runs[name], runs[ts_name])]
                 print(f"  paired ratios {name}: " + ", ".join(f"{x:.3f}" for x in paired))
         if args.json:
-            Path(args.json).write_text(json.dumps({"input": label, "ts_version": ts_version, "threads": args.threads,
-                                                   "runs": runs}, indent=2))
+            Path(args.json).write_text(
+                json.dumps({"input": label, "ts_version": ts_version, "threads": args.threads, "runs": runs}, indent=2)
+            )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ It is a report, not a test: it always exits 0. One line is printed per WRONG or 
 for surprising but acceptable outcomes. With --out DIR the mutated inputs, outputs and a results.json
 are kept there for inspection; otherwise everything lives in a temporary folder that is removed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,11 @@ NIFTI_DATA_OFFSET = 352  # header + 4-byte extension flag; the CT has no extensi
 # Inputs and mutations
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Sources:
     """The intact inputs (None where absent) and the folder that mutated copies are written into."""
+
     ct: Path | None
     dicom: Path | None
     ts_labels: Path | None
@@ -84,8 +87,9 @@ class Sources:
     def ct_bytes(self) -> bytes:
         """The CT as an uncompressed NIfTI byte string (header + extension flag + voxels), read once."""
         if self._ct_bytes is None:
-            self._ct_bytes = gzip.decompress(self.ct.read_bytes()) if self.ct.name.endswith(".gz") \
-                else self.ct.read_bytes()
+            self._ct_bytes = (
+                gzip.decompress(self.ct.read_bytes()) if self.ct.name.endswith(".gz") else self.ct.read_bytes()
+            )
         return self._ct_bytes
 
 
@@ -93,6 +97,7 @@ class Sources:
 class Made:
     """What a mutation produced: the command's arguments before the output, and whether the mutation,
     on inspection, turned out harmless (e.g. a flipped byte in a gzip header's timestamp)."""
+
     args: list[str]
     expected: str | None = None  # overrides the mutation's expectation when not None
     note: str = ""
@@ -111,8 +116,10 @@ class Mutation:
 
 # -- NIfTI helpers -----------------------------------------------------------------------------------
 
+
 def _nifti_header(raw: bytes):
     import nibabel as nib
+
     return nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:NIFTI_HEADER_BYTES]))
 
 
@@ -124,16 +131,19 @@ def _write(path: Path, data: bytes, level: int = 1) -> Path:
 
 def _header_edit(edit: Callable) -> Callable[[Sources, Path], Made]:
     """A mutation that changes header fields only and keeps every byte after the 348-byte header."""
+
     def make(src: Sources, folder: Path) -> Made:
         raw = src.ct_bytes()
         header = _nifti_header(raw)
         edit(header)
         return Made([str(_write(folder / "ct.nii.gz", header.binaryblock + raw[NIFTI_HEADER_BYTES:]))])
+
     return make
 
 
 def _set(**fields) -> Callable:
     """Header edit that assigns fields; `pixdim1=0` style keys change one element of an array field."""
+
     def edit(header):
         for key, value in fields.items():
             match = re.fullmatch(r"(pixdim|dim|srow_[xyz])(\d)", key)
@@ -143,12 +153,14 @@ def _set(**fields) -> Callable:
                 header[match.group(1)] = array
             else:
                 header[key] = value
+
     return edit
 
 
 def _dim_delta(axis: int, delta: int) -> Callable:
     def edit(header):
         _set(**{f"dim{axis}": int(header["dim"][axis]) + delta})(header)
+
     return edit
 
 
@@ -167,12 +179,15 @@ def _one_slice_offset(header):
 def _affine_edit(transform: Callable) -> Callable:
     """Header edit that rewrites the geometry consistently (sform and pixdim agree; the qform stays unused),
     as a tool that really believed the new geometry would write it: affine -> transform(affine)."""
+
     def edit(header):
         import numpy as np
+
         affine = transform(np.array(header.get_sform(), dtype=float))
         header.set_sform(affine, code=int(header["sform_code"]) or 2)
         zooms = np.linalg.norm(affine[:3, :3], axis=0)
         header["pixdim"][1:4] = zooms
+
     return edit
 
 
@@ -181,6 +196,7 @@ def _scale_axis(axis: int, factor: float) -> Callable:
         affine = affine.copy()
         affine[:3, axis] *= factor
         return affine
+
     return transform
 
 
@@ -194,15 +210,18 @@ def _shift_origin(offset) -> Callable:
         affine = affine.copy()
         affine[:3, 3] += offset
         return affine
+
     return transform
 
 
 def _nibabel_rewrite(change: Callable) -> Callable[[Sources, Path], Made]:
     """A mutation that rewrites the whole file with nibabel: change(array, affine, header) -> (array, affine,
     header). Used for voxel re-ordering and data type changes that keep the image the same."""
+
     def make(src: Sources, folder: Path) -> Made:
         import nibabel as nib
         import numpy as np
+
         image = nib.load(str(src.ct))
         array = np.asanyarray(image.dataobj)
         array, affine, header = change(array, image.affine.copy(), image.header.copy())
@@ -211,17 +230,21 @@ def _nibabel_rewrite(change: Callable) -> Callable[[Sources, Path], Made]:
         path = folder / "ct.nii.gz"
         nib.save(out, str(path))
         return Made([str(path)])
+
     return make
 
 
 def _flip_voxels(axis: int) -> Callable:
     """Voxel order reversed along one axis AND the affine changed to match: the same image, physically."""
+
     def change(array, affine, header):
         import numpy as np
+
         flip = np.eye(4)
         flip[axis, axis] = -1
         flip[axis, 3] = array.shape[axis] - 1
         return np.flip(array, axis=axis).copy(), affine @ flip, header
+
     return change
 
 
@@ -229,6 +252,7 @@ def _cast(dtype: str) -> Callable:
     def change(array, affine, header):
         header.set_data_dtype(dtype)
         return array.astype(dtype), affine, header
+
     return change
 
 
@@ -237,6 +261,7 @@ def _offset_storage(src: Sources, folder: Path) -> Made:
     (Written by hand: nibabel recomputes scl_slope/scl_inter on save. 2048, not 1024: this CT reaches
     -1207 HU.)"""
     import numpy as np
+
     raw = src.ct_bytes()
     header = _nifti_header(raw)
     count = int(np.prod(header.get_data_shape()))
@@ -254,9 +279,11 @@ def _offset_storage(src: Sources, folder: Path) -> Made:
 
 def _truncate_gz(fraction: float) -> Callable[[Sources, Path], Made]:
     """The .nii.gz cut to `fraction` of its length, as an interrupted download leaves it."""
+
     def make(src: Sources, folder: Path) -> Made:
         data = src.ct.read_bytes()
-        return Made([str(_raw_write(folder / "ct.nii.gz", data[:max(1, int(len(data) * fraction))]))])
+        return Made([str(_raw_write(folder / "ct.nii.gz", data[: max(1, int(len(data) * fraction))]))])
+
     return make
 
 
@@ -268,23 +295,28 @@ def _raw_write(path: Path, data: bytes) -> Path:
 
 def _truncate_gz_tail(cut: int) -> Callable[[Sources, Path], Made]:
     """The last `cut` bytes of the .nii.gz missing: the gzip trailer (CRC, length) or a little more."""
+
     def make(src: Sources, folder: Path) -> Made:
         data = src.ct.read_bytes()
         return Made([str(_raw_write(folder / "ct.nii.gz", data[:-cut]))])
+
     return make
 
 
 def _truncate_nii(keep: Callable[[int], int]) -> Callable[[Sources, Path], Made]:
     """Uncompressed .nii cut to keep(total size) bytes."""
+
     def make(src: Sources, folder: Path) -> Made:
         raw = src.ct_bytes()
-        return Made([str(_raw_write(folder / "ct.nii", raw[:keep(len(raw))]))])
+        return Made([str(_raw_write(folder / "ct.nii", raw[: keep(len(raw))]))])
+
     return make
 
 
 def _zero_tail(fraction: float) -> Callable[[Sources, Path], Made]:
     """The last part of the voxel data replaced by zeros, file length intact: what a reader that zero-fills
     a cut file produces, or a copy tool that pre-allocated the file and died."""
+
     def make(src: Sources, folder: Path) -> Made:
         raw = bytearray(src.ct_bytes())
         itemsize = _nifti_header(bytes(raw)).get_data_dtype().itemsize
@@ -292,24 +324,30 @@ def _zero_tail(fraction: float) -> Callable[[Sources, Path], Made]:
         start -= (start - NIFTI_DATA_OFFSET) % itemsize  # whole voxels
         raw[start:] = bytes(len(raw) - start)
         return Made([str(_write(folder / "ct.nii.gz", bytes(raw)))])
+
     return make
 
 
 def _header_byte(offset: int, value: int) -> Callable[[Sources, Path], Made]:
     """One byte of the 348-byte NIfTI header replaced. Judged as SAME: many bytes are unused text, and a
     byte that matters must be refused or flagged, or leave the answer intact."""
+
     def make(src: Sources, folder: Path) -> Made:
         raw = bytearray(src.ct_bytes())
         old = raw[offset]
         raw[offset] = value
         field_name = _nifti_field_at(offset)
-        return Made([str(_write(folder / "ct.nii.gz", bytes(raw)))],
-                    note=f"byte {offset} ({field_name}) {old:#04x} -> {value:#04x}")
+        return Made(
+            [str(_write(folder / "ct.nii.gz", bytes(raw)))],
+            note=f"byte {offset} ({field_name}) {old:#04x} -> {value:#04x}",
+        )
+
     return make
 
 
 def _nifti_field_at(offset: int) -> str:
     import nibabel as nib
+
     dtype = nib.Nifti1Header.template_dtype
     for name in dtype.names:
         start = dtype.fields[name][1]
@@ -322,7 +360,7 @@ def _gzip_header_length(data: bytes) -> int:
     """Bytes before the deflate stream: 10 fixed, plus the optional extra field, name and comment."""
     flags, pos = data[3], 10
     if flags & 4:
-        pos += 2 + int.from_bytes(data[pos:pos + 2], "little")
+        pos += 2 + int.from_bytes(data[pos : pos + 2], "little")
     for bit in (8, 16):
         if flags & bit:
             pos = data.index(b"\0", pos) + 1
@@ -331,6 +369,7 @@ def _gzip_header_length(data: bytes) -> int:
 
 def _stream_byte(position: float, value_seed: int) -> Callable[[Sources, Path], Made]:
     """One byte inside the compressed stream (or its CRC/length trailer) changed."""
+
     def make(src: Sources, folder: Path) -> Made:
         data = bytearray(src.ct.read_bytes())
         start = _gzip_header_length(bytes(data))
@@ -346,14 +385,19 @@ def _stream_byte(position: float, value_seed: int) -> Callable[[Sources, Path], 
             intact = gzip.decompress(bytes(data)) == src.ct_bytes()
         except (OSError, EOFError, ValueError):
             intact = False
-        return Made([str(path)], expected=SAME if intact else None,
-                    note=note + (" (still decompresses to the intact file)" if intact else ""))
+        return Made(
+            [str(path)],
+            expected=SAME if intact else None,
+            note=note + (" (still decompresses to the intact file)" if intact else ""),
+        )
+
     return make
 
 
 def _reencode(level: int) -> Callable[[Sources, Path], Made]:
     def make(src: Sources, folder: Path) -> Made:
         return Made([str(_write(folder / "ct.nii.gz", src.ct_bytes(), level=level))])
+
     return make
 
 
@@ -363,12 +407,20 @@ def _uncompressed(src: Sources, folder: Path) -> Made:
 
 # -- NRRD helpers --------------------------------------------------------------------------------------
 
-def _nrrd(edit: Callable[[str], str] | None = None, *, compress: bool = False, cut: float | None = None,
-          detached: bool = False) -> Callable[[Sources, Path], Made]:
+
+def _nrrd(
+    edit: Callable[[str], str] | None = None,
+    *,
+    compress: bool = False,
+    cut: float | None = None,
+    detached: bool = False,
+) -> Callable[[Sources, Path], Made]:
     """The CT written as NRRD by SimpleITK (geometry only, no NIfTI metadata), then its text header edited
     with edit(header) and/or its data cut to `cut` of its length."""
+
     def make(src: Sources, folder: Path) -> Made:
         import SimpleITK as sitk
+
         image = sitk.ReadImage(str(src.ct))
         clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(image))
         clean.CopyInformation(image)
@@ -382,7 +434,7 @@ def _nrrd(edit: Callable[[str], str] | None = None, *, compress: bool = False, c
                 path.write_text(edit(header_text))
             if cut is not None:
                 data = data_path.read_bytes()
-                data_path.write_bytes(data[:int(len(data) * cut)])
+                data_path.write_bytes(data[: int(len(data) * cut)])
             return Made([str(path)])
         data = path.read_bytes()
         split = data.index(b"\n\n") + 2
@@ -390,9 +442,10 @@ def _nrrd(edit: Callable[[str], str] | None = None, *, compress: bool = False, c
         if edit:
             header_text = edit(header_text)
         if cut is not None:
-            payload = payload[:int(len(payload) * cut)]
+            payload = payload[: int(len(payload) * cut)]
         path.write_bytes(header_text.encode("latin-1") + payload)
         return Made([str(path)])
+
     return make
 
 
@@ -402,6 +455,7 @@ def _nrrd_field(key: str, change: Callable[[str], str]) -> Callable[[str], str]:
         if not pattern.search(text):
             raise RuntimeError(f"NRRD header written by SimpleITK has no '{key}' field")
         return pattern.sub(lambda m: f"{key}: {change(m.group(1))}", text, count=1)
+
     return edit
 
 
@@ -412,6 +466,7 @@ def _scale_vectors(factors) -> Callable[[str], str]:
         for vector, factor in zip(vectors, factors):
             scaled.append("(" + ",".join(f"{float(v) * factor:.17g}" for v in vector.split(",")) + ")")
         return " ".join(scaled)
+
     return change
 
 
@@ -420,6 +475,7 @@ def _nrrd_sizes(axis: int, delta: int) -> Callable[[str], str]:
         sizes = [int(v) for v in value.split()]
         sizes[axis] += delta
         return " ".join(map(str, sizes))
+
     return change
 
 
@@ -427,10 +483,12 @@ def _nrrd_origin_shift(offset) -> Callable[[str], str]:
     def change(value: str) -> str:
         numbers = [float(v) for v in value.strip("()").split(",")]
         return "(" + ",".join(f"{n + o:.17g}" for n, o in zip(numbers, offset)) + ")"
+
     return change
 
 
 # -- DICOM helpers -------------------------------------------------------------------------------------
+
 
 def _dicom_copy(src: Sources, folder: Path) -> tuple[Path, list[Path]]:
     series = folder / "series"
@@ -451,17 +509,17 @@ def _set_dicom_z(path: Path, delta_mm: float) -> str:
     at = data.find(tag, 132)
     if at < 0:
         raise RuntimeError(f"{path.name} has no ImagePositionPatient")
-    if data[at + 4:at + 6] == b"DS":
-        length, value_at = int.from_bytes(data[at + 6:at + 8], "little"), at + 8
+    if data[at + 4 : at + 6] == b"DS":
+        length, value_at = int.from_bytes(data[at + 6 : at + 8], "little"), at + 8
     else:
-        length, value_at = int.from_bytes(data[at + 4:at + 8], "little"), at + 8
-    old = data[value_at:value_at + length].decode("ascii")
+        length, value_at = int.from_bytes(data[at + 4 : at + 8], "little"), at + 8
+    old = data[value_at : value_at + length].decode("ascii")
     parts = old.strip().split("\\")
     parts[2] = f"{float(parts[2]) + delta_mm:.6f}"
     new = "\\".join(parts)
     if len(new) > length:
         raise RuntimeError(f"new position '{new}' does not fit in {length} bytes")
-    data[value_at:value_at + length] = new.ljust(length).encode("ascii")
+    data[value_at : value_at + length] = new.ljust(length).encode("ascii")
     path.write_bytes(bytes(data))
     return f"{path.name}: z {parts[2]} (was {old.strip().split(chr(92))[2]})"
 
@@ -477,7 +535,7 @@ def _dicom(action: str, fraction: float = 0.5) -> Callable[[Sources, Path], Made
             shutil.copyfile(middle, series / f"{middle.stem}_copy{middle.suffix}")
         elif action == "truncate":
             data = middle.read_bytes()
-            middle.write_bytes(data[:int(len(data) * fraction)])
+            middle.write_bytes(data[: int(len(data) * fraction)])
             note = f"{middle.name} cut to {int(len(data) * fraction)} of {len(data)} bytes"
         elif action == "shift-middle":
             note = _set_dicom_z(middle, 0.4)
@@ -491,11 +549,13 @@ def _dicom(action: str, fraction: float = 0.5) -> Callable[[Sources, Path], Made
         else:
             raise ValueError(action)
         return Made([str(series)], note=note)
+
     return make
 
 
 def _slice_z(path: Path) -> float:
     import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -504,12 +564,17 @@ def _slice_z(path: Path) -> float:
 
 # -- evaluate helpers ----------------------------------------------------------------------------------
 
-def _evaluate(reference: Callable[[Sources, Path], Path], convention: str = "totalseg",
-              prediction: Callable[[Sources, Path], Path] | None = None) -> Callable[[Sources, Path], Made]:
+
+def _evaluate(
+    reference: Callable[[Sources, Path], Path],
+    convention: str = "totalseg",
+    prediction: Callable[[Sources, Path], Path] | None = None,
+) -> Callable[[Sources, Path], Made]:
     def make(src: Sources, folder: Path) -> Made:
         pred = prediction(src, folder) if prediction else src.prediction
         ref = reference(src, folder)
         return Made([str(pred), str(ref), "--reference-labels", convention])
+
     return make
 
 
@@ -522,7 +587,8 @@ def _ts_truncated(fraction: float, compressed: bool = True) -> Callable[[Sources
         data = src.ts_labels.read_bytes()
         if not compressed:
             data = gzip.decompress(data)
-        return _raw_write(folder / ("ref.nii.gz" if compressed else "ref.nii"), data[:int(len(data) * fraction)])
+        return _raw_write(folder / ("ref.nii.gz" if compressed else "ref.nii"), data[: int(len(data) * fraction)])
+
     return make
 
 
@@ -533,6 +599,7 @@ def _ts_recompressed(src: Sources, folder: Path) -> Path:
 def _ts_half_values(src: Sources, folder: Path) -> Path:
     """Labels stored as float with +0.5: no longer a label map."""
     import SimpleITK as sitk
+
     ref = sitk.Cast(sitk.ReadImage(str(src.ts_labels)), sitk.sitkFloat32) + 0.5
     path = folder / "ref.nii.gz"
     sitk.WriteImage(ref, str(path))
@@ -545,14 +612,16 @@ def _ct_path(src: Sources, folder: Path) -> Path:
 
 def _prediction_truncated(src: Sources, folder: Path) -> Path:
     data = src.prediction.read_bytes()
-    return _raw_write(folder / "pred.nii.gz", data[:len(data) // 2])
+    return _raw_write(folder / "pred.nii.gz", data[: len(data) // 2])
 
 
 # -- the table -----------------------------------------------------------------------------------------
 
+
 def build_pool(rng: random.Random) -> list[Mutation]:
     """Every mutation with its parameters; random parameters come from `rng` so --seed reproduces a run."""
     import numpy as np
+
     pool: list[Mutation] = []
 
     def add(name, family, expected, make, **kw):
@@ -567,8 +636,7 @@ def build_pool(rng: random.Random) -> list[Mutation]:
     # Uncompressed: only the header's declared size can tell. Includes cuts inside the header and cuts of
     # a few bytes (smaller than the 352-byte header, which a size check that forgets the offset misses).
     for fraction in sorted(rng.uniform(0.05, 0.999) for _ in range(4)):
-        add(f"nii-cut-at-{fraction:.4f}", "nii-truncation", REFUSE,
-            _truncate_nii(lambda n, f=fraction: int(n * f)))
+        add(f"nii-cut-at-{fraction:.4f}", "nii-truncation", REFUSE, _truncate_nii(lambda n, f=fraction: int(n * f)))
     for cut in (4, 100, 352, 4 * 122):
         add(f"nii-cut-last-{cut}-bytes", "nii-truncation", REFUSE, _truncate_nii(lambda n, c=cut: n - c))
     add("nii-cut-inside-header-200", "nii-truncation", REFUSE, _truncate_nii(lambda n: 200))
@@ -587,11 +655,14 @@ def build_pool(rng: random.Random) -> list[Mutation]:
             add(f"pixdim{axis}={value:g}", H, SAME, _header_edit(_set(**{f"pixdim{axis}": value})))
         # The whole geometry rewritten consistently to an absurd or wrong spacing.
         for factor in (0.0, 1e-3, 0.1, 10.0):
-            add(f"spacing-axis{axis}x{factor:g}", H, REFUSE if factor in (0.0, 1e-3) else FLAG_OR_REFUSE,
-                _header_edit(_affine_edit(_scale_axis(axis - 1, factor))))
+            add(
+                f"spacing-axis{axis}x{factor:g}",
+                H,
+                REFUSE if factor in (0.0, 1e-3) else FLAG_OR_REFUSE,
+                _header_edit(_affine_edit(_scale_axis(axis - 1, factor))),
+            )
         add(f"direction-mirrored-axis{axis}", H, FLAG_OR_REFUSE, _header_edit(_affine_edit(_mirror_axis(axis - 1))))
-    add("spacing-allx0.1", H, FLAG_OR_REFUSE,
-        _header_edit(_affine_edit(lambda a: np.diag([0.1, 0.1, 0.1, 1.0]) @ a)))
+    add("spacing-allx0.1", H, FLAG_OR_REFUSE, _header_edit(_affine_edit(lambda a: np.diag([0.1, 0.1, 0.1, 1.0]) @ a)))
     add("dim3+1 (one slice more than stored)", H, REFUSE, _header_edit(_dim_delta(3, +1)))
     # One slice fewer declared than stored: the slices read are exactly right, only the last is lost.
     add("dim3-1 (one slice less than stored)", H, SAME, _header_edit(_dim_delta(3, -1)), compare="physical")
@@ -610,20 +681,38 @@ def build_pool(rng: random.Random) -> list[Mutation]:
     add("scl_slope=0 (means: no scaling)", H, SAME, _header_edit(_set(scl_slope=0.0, scl_inter=0.0)))
     add("scl_slope=nan", H, SAME, _header_edit(_set(scl_slope=float("nan"))))
     add("scl_slope=inf (nifti_io: no scaling)", H, SAME, _header_edit(_set(scl_slope=float("inf"), scl_inter=0.0)))
-    add("scl_inter=-1000 (all voxels 1000 HU darker)", H, FLAG_OR_REFUSE, _header_edit(_set(scl_slope=1.0, scl_inter=-1000.0)))
+    add(
+        "scl_inter=-1000 (all voxels 1000 HU darker)",
+        H,
+        FLAG_OR_REFUSE,
+        _header_edit(_set(scl_slope=1.0, scl_inter=-1000.0)),
+    )
     add("scl_slope=100", H, FLAG_OR_REFUSE, _header_edit(_set(scl_slope=100.0, scl_inter=0.0)))
     add("vox_offset=356 (4 bytes beyond the data)", H, REFUSE, _header_edit(_set(vox_offset=356)))
     add("vox_offset=one slice in", H, REFUSE, _header_edit(_one_slice_offset))
     add("vox_offset=348 (inside the header)", H, REFUSE, _header_edit(_set(vox_offset=348)))
     add("vox_offset=1e9", H, REFUSE, _header_edit(_set(vox_offset=1e9)))
     add("srow_x=nan", H, REFUSE, _header_edit(_set(srow_x0=float("nan"))))
-    add("srow all zero", H, REFUSE, _header_edit(lambda h: [h.__setitem__(k, [0, 0, 0, 0]) for k in ("srow_x", "srow_y", "srow_z")]))
+    add(
+        "srow all zero",
+        H,
+        REFUSE,
+        _header_edit(lambda h: [h.__setitem__(k, [0, 0, 0, 0]) for k in ("srow_x", "srow_y", "srow_z")]),
+    )
     add("srow sheared", H, FLAG_OR_REFUSE, _header_edit(_set(srow_x1=1.5)))
-    add("quatern garbage, qform_code=0 (unused)", H, SAME,
-        _header_edit(_set(quatern_b=5.0, quatern_c=-2.0, quatern_d=0.3)))
+    add(
+        "quatern garbage, qform_code=0 (unused)",
+        H,
+        SAME,
+        _header_edit(_set(quatern_b=5.0, quatern_c=-2.0, quatern_d=0.3)),
+    )
     # Two contradicting orientations: the sform (code 2) is the file's geometry, the qform garbage.
-    add("quatern garbage, qform_code=1", H, SAME,
-        _header_edit(_set(qform_code=1, quatern_b=0.9, quatern_c=-0.3, quatern_d=0.2)))
+    add(
+        "quatern garbage, qform_code=1",
+        H,
+        SAME,
+        _header_edit(_set(qform_code=1, quatern_b=0.9, quatern_c=-0.3, quatern_d=0.2)),
+    )
     # Damaged identification fields: refusing is right, and so is reading the (intact) rest correctly.
     add("sizeof_hdr=0", H, SAME, _header_edit(_set(sizeof_hdr=0)))
     add("magic n+1 -> ni1", H, SAME, _header_edit(_set(magic=b"ni1")))
@@ -639,11 +728,17 @@ def build_pool(rng: random.Random) -> list[Mutation]:
     add("cast to int16", B, SAME, _nibabel_rewrite(_cast("int16")))
     add("uint16 + scl_inter -2048", B, SAME, _offset_storage)
     for axis in (0, 1, 2):
-        add(f"voxels flipped axis{axis + 1} + affine to match", B, SAME, _nibabel_rewrite(_flip_voxels(axis)),
-            compare="physical")
-    add("origin moved (+500,-300,+1000) mm", B, SAME, _header_edit(_affine_edit(_shift_origin([500.0, -300.0, 1000.0]))))
-    add("qform_code=1 equal to sform", B, SAME,
-        _header_edit(lambda h: h.set_qform(h.get_sform(), code=1)))
+        add(
+            f"voxels flipped axis{axis + 1} + affine to match",
+            B,
+            SAME,
+            _nibabel_rewrite(_flip_voxels(axis)),
+            compare="physical",
+        )
+    add(
+        "origin moved (+500,-300,+1000) mm", B, SAME, _header_edit(_affine_edit(_shift_origin([500.0, -300.0, 1000.0])))
+    )
+    add("qform_code=1 equal to sform", B, SAME, _header_edit(lambda h: h.set_qform(h.get_sform(), code=1)))
     add("vox_offset=352 explicit", B, SAME, _header_edit(_set(vox_offset=352)))
 
     # Random bytes of the 348-byte header.
@@ -671,8 +766,18 @@ def build_pool(rng: random.Random) -> list[Mutation]:
     add("nrrd spacing z x10", N, FLAG_OR_REFUSE, _nrrd(_nrrd_field("space directions", _scale_vectors([1, 1, 10]))))
     add("nrrd spacing 0", N, REFUSE, _nrrd(_nrrd_field("space directions", _scale_vectors([0, 1, 1]))))
     add("nrrd spacing 1e-3", N, REFUSE, _nrrd(_nrrd_field("space directions", _scale_vectors([1e-3, 1e-3, 1e-3]))))
-    add("nrrd direction mirrored x", N, FLAG_OR_REFUSE, _nrrd(_nrrd_field("space directions", _scale_vectors([-1, 1, 1]))))
-    add("nrrd space LPS->RAS (mirrors x,y)", N, FLAG_OR_REFUSE, _nrrd(_nrrd_field("space", lambda v: "right-anterior-superior")))
+    add(
+        "nrrd direction mirrored x",
+        N,
+        FLAG_OR_REFUSE,
+        _nrrd(_nrrd_field("space directions", _scale_vectors([-1, 1, 1]))),
+    )
+    add(
+        "nrrd space LPS->RAS (mirrors x,y)",
+        N,
+        FLAG_OR_REFUSE,
+        _nrrd(_nrrd_field("space", lambda v: "right-anterior-superior")),
+    )
     add("nrrd sizes z+1", N, REFUSE, _nrrd(_nrrd_field("sizes", _nrrd_sizes(2, +1))))
     add("nrrd sizes x-1", N, FLAG_OR_REFUSE, _nrrd(_nrrd_field("sizes", _nrrd_sizes(0, -1))))
     add("nrrd type int->short", N, FLAG_OR_REFUSE, _nrrd(_nrrd_field("type", lambda v: "short")))
@@ -701,16 +806,22 @@ def build_pool(rng: random.Random) -> list[Mutation]:
     add("eval reference .nii cut at 0.7", E, REFUSE, _evaluate(_ts_truncated(0.7, compressed=False)), **ev)
     add("eval CT given as reference", E, REFUSE, _evaluate(_ct_path), **ev)
     add("eval CT given as prediction", E, REFUSE, _evaluate(_ts_labels, prediction=_ct_path), **ev)
-    add("eval reference convention default (abdomenseg) for totalseg labels", E, REFUSE,
-        _evaluate(_ts_labels, convention="abdomenseg"), **ev)
+    add(
+        "eval reference convention default (abdomenseg) for totalseg labels",
+        E,
+        REFUSE,
+        _evaluate(_ts_labels, convention="abdomenseg"),
+        **ev,
+    )
     add("eval reference convention btcv for totalseg labels", E, REFUSE, _evaluate(_ts_labels, convention="btcv"), **ev)
     add("eval reference float labels +0.5", E, REFUSE, _evaluate(_ts_half_values), **ev)
     add("eval prediction .nii.gz cut at 0.5", E, REFUSE, _evaluate(_ts_labels, prediction=_prediction_truncated), **ev)
     return pool
 
 
-def choose(pool: list[Mutation], cases: int, rng: random.Random, available: set[str],
-           families: set[str] | None) -> list[Mutation]:
+def choose(
+    pool: list[Mutation], cases: int, rng: random.Random, available: set[str], families: set[str] | None
+) -> list[Mutation]:
     """A bounded random subset: two of every family first (so each is represented), the rest at random."""
     usable = [m for m in pool if m.needs in available and (not families or m.family in families)]
     by_family: dict[str, list[Mutation]] = {}
@@ -729,6 +840,7 @@ def choose(pool: list[Mutation], cases: int, rng: random.Random, available: set[
 # Running the command line in this process
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     code: int | None
@@ -742,6 +854,7 @@ class Run:
 def call_cli(argv: list[str]) -> Run:
     """`main(argv)` with stdout/stderr captured, including what ITK writes straight to descriptor 2."""
     from AbdomenSegLib.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     code, exception = None, ""
     start = time.perf_counter()
@@ -758,8 +871,10 @@ def call_cli(argv: list[str]) -> Run:
             code, exception = (exc.code if isinstance(exc.code, int) else 2), f"SystemExit({exc.code})"
         except BaseException as exc:  # noqa: BLE001 - anything escaping main is what we are looking for
             frame = traceback.extract_tb(exc.__traceback__)[-1]
-            exception = (f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                         f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})")
+            exception = (
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+            )
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -778,9 +893,11 @@ def _lines(text: str) -> list[str]:
 # Judging an outcome
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Baseline:
     """The intact inputs' results: what a SAME mutation must reproduce."""
+
     ct_labels: object = None  # SimpleITK image
     ct_code: int | None = None
     dicom_labels: object = None
@@ -793,7 +910,9 @@ def dice_by_organ(result, reference, physical: bool = False) -> tuple[dict[str, 
     cannot be compared. `physical`: resample the result onto the reference grid first (nearest)."""
     import numpy as np
     import SimpleITK as sitk
+
     from AbdomenSegLib.organs import BY_NAME
+
     if physical:
         result = sitk.Resample(result, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, result.GetPixelID())
     elif result.GetSize() != reference.GetSize():
@@ -823,8 +942,9 @@ class Result:
     seconds: float = 0.0
 
 
-def classify(m: Mutation, made: Made, run: Run, out_dir: Path, output: Path | None,
-             baseline: Baseline) -> tuple[str, str, str]:
+def classify(
+    m: Mutation, made: Made, run: Run, out_dir: Path, output: Path | None, baseline: Baseline
+) -> tuple[str, str, str]:
     """(outcome, detail, note) for one case; see the module docstring for the categories."""
     expected = made.expected or m.expected
     lines = _lines(run.stderr)
@@ -900,6 +1020,7 @@ def _baseline_code(m: Mutation, baseline: Baseline) -> int | None:
 
 def _compare_segment(m: Mutation, output: Path, baseline: Baseline) -> tuple[dict, str]:
     import SimpleITK as sitk
+
     reference = baseline.dicom_labels if m.needs == "dicom" else baseline.ct_labels
     if reference is None:
         return {}, "the intact input gave no result to compare with"
@@ -914,23 +1035,29 @@ def _compare_segment(m: Mutation, output: Path, baseline: Baseline) -> tuple[dic
 # Driver
 # ---------------------------------------------------------------------------------------------------
 
+
 def _segment_argv(inputs: list[str], output: Path, model: str | None) -> list[str]:
     return ["segment", *inputs, str(output)] + (["--model", model] if model else [])
 
 
 def run_baseline(src: Sources, work: Path, model: str | None, log) -> Baseline:
     import SimpleITK as sitk
+
     base = Baseline()
     if src.ct:
         path = work / "intact" / "ct_labels.nii.gz"
         run = call_cli(_segment_argv([str(src.ct)], path, model))
         if run.code not in (0, 3) or not path.exists():
-            raise SystemExit(f"the intact CT could not be segmented (exit {run.code}): "
-                             f"{(_lines(run.stderr) or [run.exception])[-1]}")
+            raise SystemExit(
+                f"the intact CT could not be segmented (exit {run.code}): "
+                f"{(_lines(run.stderr) or [run.exception])[-1]}"
+            )
         base.ct_labels, base.ct_code = sitk.ReadImage(str(path)), run.code
         src.prediction = path
-        log(f"intact CT segmented in {run.seconds:.1f} s (exit {run.code})"
-            + (f": {[l for l in _lines(run.stderr) if l.startswith('warning:')][:1]}" if run.code == 3 else ""))
+        log(
+            f"intact CT segmented in {run.seconds:.1f} s (exit {run.code})"
+            + (f": {[l for l in _lines(run.stderr) if l.startswith('warning:')][:1]}" if run.code == 3 else "")
+        )
     if src.dicom:
         path = work / "intact" / "dicom_labels.nii.gz"
         run = call_cli(_segment_argv([str(src.dicom)], path, model))
@@ -938,13 +1065,16 @@ def run_baseline(src: Sources, work: Path, model: str | None, log) -> Baseline:
             base.dicom_labels, base.dicom_code = sitk.ReadImage(str(path)), run.code
             log(f"intact DICOM series segmented in {run.seconds:.1f} s (exit {run.code})")
         else:
-            log(f"the intact DICOM series is not segmented (exit {run.code}: "
+            log(
+                f"the intact DICOM series is not segmented (exit {run.code}: "
                 f"{(_lines(run.stderr) or [run.exception])[-1]}); DICOM cases that expect the intact answer "
-                "will count any exit 0 as WRONG")
+                "will count any exit 0 as WRONG"
+            )
     if src.ts_labels and src.prediction:
         csv = work / "intact" / "eval" / "metrics.csv"
-        run = call_cli(["evaluate", str(src.prediction), str(src.ts_labels), "--reference-labels", "totalseg",
-                        "--csv", str(csv)])
+        run = call_cli(
+            ["evaluate", str(src.prediction), str(src.ts_labels), "--reference-labels", "totalseg", "--csv", str(csv)]
+        )
         if run.code == 0:
             base.evaluate_table = run.stdout
         else:
@@ -952,8 +1082,7 @@ def run_baseline(src: Sources, work: Path, model: str | None, log) -> Baseline:
     return base
 
 
-def run_case(index: int, m: Mutation, src: Sources, work: Path, model: str | None,
-             baseline: Baseline) -> Result:
+def run_case(index: int, m: Mutation, src: Sources, work: Path, model: str | None, baseline: Baseline) -> Result:
     folder = work / f"{index:03d}"
     inputs, out_dir = folder / "in", folder / "out"
     inputs.mkdir(parents=True)
@@ -996,8 +1125,10 @@ def print_report(results: list[Result], seconds: float, out=print) -> dict[str, 
     out("")
     out(f"{'family':20s}{'tried':>6s}{'refused':>8s}{'flagged':>8s}{'correct':>8s}{'WRONG':>6s}{'crashed':>8s}")
     for family, row in list(counts.items()) + [("total", total)]:
-        out(f"{family:20s}{row['tried']:6d}{row['refused']:8d}{row['flagged']:8d}{row['correct']:8d}"
-            f"{row['WRONG']:6d}{row['crashed']:8d}")
+        out(
+            f"{family:20s}{row['tried']:6d}{row['refused']:8d}{row['flagged']:8d}{row['correct']:8d}"
+            f"{row['WRONG']:6d}{row['crashed']:8d}"
+        )
     bad = [r for r in results if r.outcome in ("WRONG", "crashed")]
     if bad:
         out("")
@@ -1026,8 +1157,11 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--list", action="store_true", help="list every mutation with its expectation and exit")
     parser.add_argument("--ct", default=str(DEFAULT_CT), help="intact CT (NIfTI); '' to skip CT families")
     parser.add_argument("--dicom", default=str(DEFAULT_DICOM), help="intact DICOM series folder; '' to skip")
-    parser.add_argument("--ts-labels", default=str(DEFAULT_TS_LABELS),
-                        help="TotalSegmentator label map of the CT (for evaluate); '' to skip")
+    parser.add_argument(
+        "--ts-labels",
+        default=str(DEFAULT_TS_LABELS),
+        help="TotalSegmentator label map of the CT (for evaluate); '' to skip",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch/ITK threads (default 1: shared machine)")
     args = parser.parse_args(argv)
 
@@ -1047,8 +1181,11 @@ def run(argv: list[str] | None = None) -> dict:
             return None
         return path
 
-    src = Sources(ct=present(args.ct, "CT families"), dicom=present(args.dicom, "DICOM family"),
-                  ts_labels=present(args.ts_labels, "evaluate family"))
+    src = Sources(
+        ct=present(args.ct, "CT families"),
+        dicom=present(args.dicom, "DICOM family"),
+        ts_labels=present(args.ts_labels, "evaluate family"),
+    )
     if src.ct is None:
         src.ts_labels = None  # evaluate needs the CT's segmentation as its prediction
     available = {name for name, path in (("ct", src.ct), ("dicom", src.dicom), ("ts_labels", src.ts_labels)) if path}
@@ -1060,6 +1197,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     import SimpleITK as sitk
     import torch
+
     keep = Path(args.out) if args.out else None
     if keep:
         keep.mkdir(parents=True, exist_ok=True)
@@ -1083,22 +1221,41 @@ def _run_cases(chosen: list[Mutation], pool_size: int, src: Sources, keep: Path 
     results: list[Result] = []
     with holder as work_dir:
         work = Path(work_dir)
-        print(f"seed {args.seed}: {len(chosen)} cases from {pool_size} mutations; work folder {work}"
-              + ("" if keep else " (removed at the end)"), flush=True)
+        print(
+            f"seed {args.seed}: {len(chosen)} cases from {pool_size} mutations; work folder {work}"
+            + ("" if keep else " (removed at the end)"),
+            flush=True,
+        )
         baseline = run_baseline(src, work, args.model, lambda msg: print(msg, flush=True))
         for index, m in enumerate(chosen, start=1):
             result = run_case(index, m, src, work, args.model, baseline)
             results.append(result)
-            print(f"[{index:3d}/{len(chosen)}] {result.outcome:7s} {m.family}/{m.name} ({result.seconds:.1f} s)",
-                  flush=True)
+            print(
+                f"[{index:3d}/{len(chosen)}] {result.outcome:7s} {m.family}/{m.name} ({result.seconds:.1f} s)",
+                flush=True,
+            )
             if not keep:  # mutated copies are up to 6 MB each; do not let them pile up
                 shutil.rmtree(work / f"{index:03d}", ignore_errors=True)
         counts = print_report(results, time.perf_counter() - start)
         if keep:
-            (keep / "results.json").write_text(json.dumps(
-                [{"family": r.mutation.family, "mutation": r.mutation.name, "expected": r.expected,
-                  "outcome": r.outcome, "detail": r.detail, "note": r.note, "seconds": round(r.seconds, 2)}
-                 for r in results], indent=2) + "\n")
+            (keep / "results.json").write_text(
+                json.dumps(
+                    [
+                        {
+                            "family": r.mutation.family,
+                            "mutation": r.mutation.name,
+                            "expected": r.expected,
+                            "outcome": r.outcome,
+                            "detail": r.detail,
+                            "note": r.note,
+                            "seconds": round(r.seconds, 2),
+                        }
+                        for r in results
+                    ],
+                    indent=2,
+                )
+                + "\n"
+            )
     return {"counts": counts, "results": results}
 
 

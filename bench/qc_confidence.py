@@ -15,6 +15,7 @@ bench/figures/confidence_vs_dice.png (the kept measure, confidence.MEASURE), and
 recompute the summary without re-running inference. CPU heavy: ~1 min for the 3D CT model, a few minutes for the
 2.5D model, seconds for MR, on 2 threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,9 +35,11 @@ DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / ".cache" / "qc_confidence.json"
 FIGURE = ROOT / "bench" / "figures" / "confidence_vs_dice.png"
 GOOD_DICE = 0.7
-THRESHOLD_RULE = (f"largest t (floored to 3 decimals) such that no organ with Dice >= {GOOD_DICE} on the validation "
-                  "split had confidence < t, i.e. the lowest confidence of a good organ; few points (4 cases), "
-                  "so an indication, not a calibrated probability")
+THRESHOLD_RULE = (
+    f"largest t (floored to 3 decimals) such that no organ with Dice >= {GOOD_DICE} on the validation "
+    "split had confidence < t, i.e. the lowest confidence of a good organ; few points (4 cases), "
+    "so an indication, not a calibrated probability"
+)
 
 
 def data_root(card) -> Path:
@@ -51,6 +53,7 @@ def instrumented():
     (every measure on the probabilities _infer returned; the hook's own result; organ_confidence's cost)."""
     from AbdomenSegLib import confidence
     from AbdomenSegLib.inference import Segmenter
+
     records = []
     infer, segment = Segmenter._infer, Segmenter.segment
 
@@ -59,9 +62,14 @@ def instrumented():
         start = time.perf_counter()
         confidence.organ_confidence(probabilities, self.card.channel_organs)
         seconds = time.perf_counter() - start
-        records.append({"measures": confidence.confidence_measures(probabilities, self.card.channel_organs),
-                        "seconds": seconds, "voxels": int(probabilities[0].size),
-                        "channels": int(probabilities.shape[0])})
+        records.append(
+            {
+                "measures": confidence.confidence_measures(probabilities, self.card.channel_organs),
+                "seconds": seconds,
+                "voxels": int(probabilities[0].size),
+                "channels": int(probabilities.shape[0]),
+            }
+        )
         return probabilities
 
     def _segment(self, *args, **kwargs):
@@ -82,6 +90,7 @@ def collect(card, cases=None, log=print) -> tuple[list, list]:
     from AbdomenSegLib import confidence
     from AbdomenSegLib.models import ModelCard
     from AbdomenSegLib.training import validation_rows
+
     if cases is not None:
         data = copy.deepcopy(card.data)
         data["training"]["validation_cases"] = [c for c in data["training"]["validation_cases"] if c in cases]
@@ -100,8 +109,13 @@ def collect(card, cases=None, log=print) -> tuple[list, list]:
             raise RuntimeError(f"Segmenter.last_confidence disagrees with {confidence.MEASURE} on {row['case']}")
         if row["status"] == "absent_both":
             continue
-        point = {"model": card.name, "case": row["case"], "organ": row["organ"], "status": row["status"],
-                 "dice": float(row["dice"])}
+        point = {
+            "model": card.name,
+            "case": row["case"],
+            "organ": row["organ"],
+            "status": row["status"],
+            "dice": float(row["dice"]),
+        }
         point.update({m: values.get(row["organ"]) for m, values in record["measures"].items()})
         points.append(point)
     return points, records
@@ -110,13 +124,17 @@ def collect(card, cases=None, log=print) -> tuple[list, list]:
 def correlations(points: list, measure: str) -> dict:
     """Pearson and Spearman over the points that have a confidence (the organ was predicted)."""
     from scipy import stats
+
     pairs = [(p[measure], p["dice"]) for p in points if p.get(measure) is not None]
     x = [a for a, _ in pairs]
     y = [b for _, b in pairs]
     if len(pairs) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
         return {"pearson": None, "spearman": None, "points": len(pairs)}
-    return {"pearson": float(stats.pearsonr(x, y)[0]), "spearman": float(stats.spearmanr(x, y)[0]),
-            "points": len(pairs)}
+    return {
+        "pearson": float(stats.pearsonr(x, y)[0]),
+        "spearman": float(stats.spearmanr(x, y)[0]),
+        "points": len(pairs),
+    }
 
 
 def threshold(points: list, measure: str) -> float | None:
@@ -127,10 +145,12 @@ def threshold(points: list, measure: str) -> float | None:
 
 def qc_block(points: list, measure: str) -> dict:
     c = correlations(points, measure)
-    return {"measure": measure, "low_below": threshold(points, measure),
-            "validation": {"pearson": _round(c["pearson"]), "spearman": _round(c["spearman"]),
-                           "points": c["points"]},
-            "rule": THRESHOLD_RULE}
+    return {
+        "measure": measure,
+        "low_below": threshold(points, measure),
+        "validation": {"pearson": _round(c["pearson"]), "spearman": _round(c["spearman"]), "points": c["points"]},
+        "rule": THRESHOLD_RULE,
+    }
 
 
 def _round(value, digits=4):
@@ -141,6 +161,7 @@ def write_card_qc(card, block: dict) -> None:
     """Add (or replace) the card's "qc"."confidence", changing nothing else: verified on the parsed JSON and on
     the text, whose every other line must stay as it was."""
     from AbdomenSegLib.io import write_json
+
     path = card.path / "card.json"
     text = path.read_text(encoding="utf-8")
     before = json.loads(text)
@@ -155,15 +176,18 @@ def write_card_qc(card, block: dict) -> None:
     if qc_before != qc_after:
         raise RuntimeError(f"{path}: the card's other qc entries would change")
     write_json(after, path)
-    if json.dumps(rest_before, indent=2) != json.dumps({k: v for k, v in json.loads(path.read_text()).items()
-                                                       if k != "qc"}, indent=2):
+    if json.dumps(rest_before, indent=2) != json.dumps(
+        {k: v for k, v in json.loads(path.read_text()).items() if k != "qc"}, indent=2
+    ):
         raise RuntimeError(f"{path}: written card differs beyond its qc block")
 
 
 def draw(points: list, measure: str, summary: dict, thresholds: dict, path: Path) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from AbdomenSegLib.organs import BY_NAME
 
     models = [m for m in MODELS if any(p["model"] == m for p in points)]
@@ -177,17 +201,32 @@ def draw(points: list, measure: str, summary: dict, thresholds: dict, path: Path
     for ax, model in zip(axes[0], models):
         mine = [p for p in points if p["model"] == model and p.get(measure) is not None]
         for p in mine:
-            handle = ax.scatter(p[measure], p["dice"], color=colours[p["organ"]], edgecolor="black", linewidth=0.5, s=42,
-                                marker="o" if p["status"] == "ok" else "X", zorder=3)
+            handle = ax.scatter(
+                p[measure],
+                p["dice"],
+                color=colours[p["organ"]],
+                edgecolor="black",
+                linewidth=0.5,
+                s=42,
+                marker="o" if p["status"] == "ok" else "X",
+                zorder=3,
+            )
             organs_seen.setdefault(p["organ"], handle)
         ax.axhline(GOOD_DICE, color="grey", linestyle=":", linewidth=1)
         if thresholds.get(model) is not None:
-            ax.axvline(thresholds[model], color="firebrick", linestyle="--", linewidth=1.2,
-                       label=f"low_below {thresholds[model]:.3f}")
+            ax.axvline(
+                thresholds[model],
+                color="firebrick",
+                linestyle="--",
+                linewidth=1.2,
+                label=f"low_below {thresholds[model]:.3f}",
+            )
             ax.legend(loc="lower right", fontsize=8)
         c = summary[model]
-        ax.set_title(f"{model}\nPearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])}, "
-                     f"n {c['points']}", fontsize=10)
+        ax.set_title(
+            f"{model}\nPearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])}, " f"n {c['points']}",
+            fontsize=10,
+        )
         ax.set_xlabel(f"confidence ({measure})")
         ax.set_xlim(low_x, 1.005)
         ax.set_ylim(-0.02, 1.02)
@@ -195,12 +234,20 @@ def draw(points: list, measure: str, summary: dict, thresholds: dict, path: Path
     axes[0][0].set_ylabel("Dice (full pipeline, input grid)")
     pooled = summary["pooled"]
     absent = any(p["status"] != "ok" and p.get(measure) is not None for p in points)
-    fig.suptitle(f"Confidence vs Dice on the validation splits (4 cases per model; one point per predicted organ "
-                 f"and case); pooled Pearson r {_fmt(pooled['pearson'])}, Spearman ρ {_fmt(pooled['spearman'])}, "
-                 f"n {pooled['points']}" + ("  (x: organ predicted but absent from the reference)" if absent else ""),
-                 fontsize=11)
-    fig.legend(list(organs_seen.values()), list(organs_seen), loc="lower center", ncol=min(7, len(organs_seen)),
-               fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Confidence vs Dice on the validation splits (4 cases per model; one point per predicted organ "
+        f"and case); pooled Pearson r {_fmt(pooled['pearson'])}, Spearman ρ {_fmt(pooled['spearman'])}, "
+        f"n {pooled['points']}" + ("  (x: organ predicted but absent from the reference)" if absent else ""),
+        fontsize=11,
+    )
+    fig.legend(
+        list(organs_seen.values()),
+        list(organs_seen),
+        loc="lower center",
+        ncol=min(7, len(organs_seen)),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -214,16 +261,20 @@ def _fmt(value) -> str:
 
 def summarize(points: list, measure: str) -> dict:
     """{model: correlations, ..., "pooled": correlations} for one measure."""
-    summary = {m: correlations([p for p in points if p["model"] == m], measure) for m in MODELS
-               if any(p["model"] == m for p in points)}
+    summary = {
+        m: correlations([p for p in points if p["model"] == m], measure)
+        for m in MODELS
+        if any(p["model"] == m for p in points)
+    }
     summary["pooled"] = correlations(points, measure)
     return summary
 
 
 def main(argv=None) -> int:
     import torch
+
     from AbdomenSegLib import confidence
-    from AbdomenSegLib.models import find_model, sha256_of
+    from AbdomenSegLib.models import find_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -252,23 +303,33 @@ def main(argv=None) -> int:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         CACHE.write_text(json.dumps(cached, indent=1))
 
-    print(f"\n{'model':22s} {'case':14s} {'organ':22s} {'status':12s} {'Dice':>6s} " +
-          " ".join(f"{m[:12]:>12s}" for m in confidence.MEASURES))
+    print(
+        f"\n{'model':22s} {'case':14s} {'organ':22s} {'status':12s} {'Dice':>6s} "
+        + " ".join(f"{m[:12]:>12s}" for m in confidence.MEASURES)
+    )
     for p in points:
-        print(f"{p['model']:22s} {p['case']:14s} {p['organ']:22s} {p['status']:12s} {p['dice']:6.3f} " +
-              " ".join(f"{p[m]:12.3f}" if p.get(m) is not None else f"{'-':>12s}" for m in confidence.MEASURES))
+        print(
+            f"{p['model']:22s} {p['case']:14s} {p['organ']:22s} {p['status']:12s} {p['dice']:6.3f} "
+            + " ".join(f"{p[m]:12.3f}" if p.get(m) is not None else f"{'-':>12s}" for m in confidence.MEASURES)
+        )
     missed = [p for p in points if p.get(confidence.MEASURE) is None]
-    print(f"\n{len(missed)} organ(s) in the reference that the model did not predict (no confidence): " +
-          ", ".join(f"{p['model']}/{p['case']}/{p['organ']}" for p in missed))
+    print(
+        f"\n{len(missed)} organ(s) in the reference that the model did not predict (no confidence): "
+        + ", ".join(f"{p['model']}/{p['case']}/{p['organ']}" for p in missed)
+    )
 
     print(f"\n{'measure':22s} " + " ".join(f"{m:>26s}" for m in [*cards, "pooled"]) + "   (Pearson / Spearman)")
     for measure in confidence.MEASURES:
         s = summarize(points, measure)
-        print(f"{measure:22s} " + " ".join(f"{_fmt(s[m]['pearson']):>12s} / {_fmt(s[m]['spearman']):>11s}"
-                                           for m in [*cards, "pooled"]))
+        print(
+            f"{measure:22s} "
+            + " ".join(f"{_fmt(s[m]['pearson']):>12s} / {_fmt(s[m]['spearman']):>11s}" for m in [*cards, "pooled"])
+        )
     for cost in costs:
-        print(f"organ_confidence cost {cost['model']}: {cost['seconds'] * 1000:.0f} ms for {cost['channels']} x "
-              f"{cost['voxels'] / 1e6:.2f} M voxels")
+        print(
+            f"organ_confidence cost {cost['model']}: {cost['seconds'] * 1000:.0f} ms for {cost['channels']} x "
+            f"{cost['voxels'] / 1e6:.2f} M voxels"
+        )
 
     measure = confidence.MEASURE
     summary = summarize(points, measure)
@@ -279,9 +340,11 @@ def main(argv=None) -> int:
         low = [p for p in mine if p["dice"] < GOOD_DICE]
         caught = [p for p in low if block["low_below"] is not None and p[measure] < block["low_below"]]
         flagged = [(p["case"], p["organ"], p["dice"]) for p in caught]
-        print(f"{name}: low_below {block['low_below']} flags {len(caught)} of {len(low)} predicted organs with "
-              f"Dice < {GOOD_DICE} ({', '.join(f'{q[0]}/{q[1]} {q[2]:.2f}' for q in flagged)}) "
-              f"and none of the {len(mine) - len(low)} with Dice >= {GOOD_DICE}")
+        print(
+            f"{name}: low_below {block['low_below']} flags {len(caught)} of {len(low)} predicted organs with "
+            f"Dice < {GOOD_DICE} ({', '.join(f'{q[0]}/{q[1]} {q[2]:.2f}' for q in flagged)}) "
+            f"and none of the {len(mine) - len(low)} with Dice >= {GOOD_DICE}"
+        )
     if set(cards) == set(MODELS):
         print(f"figure: {draw(points, measure, summary, thresholds, FIGURE)}")
     if not args.no_write:

@@ -13,6 +13,7 @@ from a BTCV case is derived from it: the committed figure shows only CHAOS (CC B
 tissue map and its synthetic samples, --with-btcv-ct the CT itself (for looking at here, not for committing).
 Run: .venv/bin/python bench/render_synth_samples.py [--with-btcv] [--with-btcv-ct]
 """
+
 import sys
 from pathlib import Path
 
@@ -51,11 +52,19 @@ def normalised_mr(array):
 
 def tissue_cmap():
     colours = np.zeros((tl.LAST_TISSUE + 1, 3))
-    colours[1:tl.FIRST_TISSUE] = (0.85, 0.35, 0.3)  # organs
-    for value, rgb in {tl.AIR_OUTSIDE: (0, 0, 0), tl.AIR_INSIDE: (0.25, 0.25, 0.85), tl.FAT: (1, 0.95, 0.4),
-                       tl.FLUID: (0.35, 0.8, 1), tl.SOFT_TISSUE: (0.6, 0.4, 0.4), tl.BONE: (1, 1, 1),
-                       tl.BOWEL_CONTRAST: (0.2, 0.9, 0.2), tl.MR_DARK: (0.3, 0.3, 0.3), tl.MR_MID: (0.55, 0.5, 0.6),
-                       tl.MR_BRIGHT: (0.85, 0.85, 0.95)}.items():
+    colours[1 : tl.FIRST_TISSUE] = (0.85, 0.35, 0.3)  # organs
+    for value, rgb in {
+        tl.AIR_OUTSIDE: (0, 0, 0),
+        tl.AIR_INSIDE: (0.25, 0.25, 0.85),
+        tl.FAT: (1, 0.95, 0.4),
+        tl.FLUID: (0.35, 0.8, 1),
+        tl.SOFT_TISSUE: (0.6, 0.4, 0.4),
+        tl.BONE: (1, 1, 1),
+        tl.BOWEL_CONTRAST: (0.2, 0.9, 0.2),
+        tl.MR_DARK: (0.3, 0.3, 0.3),
+        tl.MR_MID: (0.55, 0.5, 0.6),
+        tl.MR_BRIGHT: (0.85, 0.85, 0.95),
+    }.items():
         colours[value] = rgb
     return ListedColormap(colours)
 
@@ -78,13 +87,15 @@ def main():
 
     zc = int(np.argwhere(ct_lab == 1)[:, 0].mean())  # BTCV 1 = spleen: a slice with liver, spleen, kidneys
     zm = int(np.argwhere(mr_lab == 4)[:, 0].mean())  # CHAOS 4 = spleen
-    ct_slab = ct_tissue[zc - 8:zc + 8]
-    mr_slab = mr_tissue[max(0, zm - 4):zm + 4]
+    ct_slab = ct_tissue[zc - 8 : zc + 8]
+    mr_slab = mr_tissue[max(0, zm - 4) : zm + 4]
     mr_z = zm - max(0, zm - 4)
 
     seeds = [1, 2, 3, 4]
-    real = [(normalised_mr(mr)[zm], mr_sp, "real CHAOS T2-SPIR (CC BY-SA 4.0)"),
-            (normalised_mr(ts_array)[ts_array.shape[0] // 2], ts_sp, "real TotalSegmentator example MR")]
+    real = [
+        (normalised_mr(mr)[zm], mr_sp, "real CHAOS T2-SPIR (CC BY-SA 4.0)"),
+        (normalised_mr(ts_array)[ts_array.shape[0] // 2], ts_sp, "real TotalSegmentator example MR"),
+    ]
     if with_ct:
         real.append((ct[zc] / 255.0, ct_sp, "real BTCV CT (window -125..275 HU)"))
     columns = max(len(seeds), len(real) + 2)
@@ -95,10 +106,24 @@ def main():
         show(ax, image, sp, title)
     cmap = tissue_cmap()
     if with_btcv:
-        show(axes[0, len(real)], ct_tissue[zc], ct_sp, "tissue map from BTCV CT + labels", cmap=cmap,
-             vmin=-0.5, vmax=tl.LAST_TISSUE + 0.5)
-    show(axes[0, len(real) + int(with_btcv)], mr_tissue[zm], mr_sp, "tissue map from CHAOS MR + labels", cmap=cmap,
-         vmin=-0.5, vmax=tl.LAST_TISSUE + 0.5)
+        show(
+            axes[0, len(real)],
+            ct_tissue[zc],
+            ct_sp,
+            "tissue map from BTCV CT + labels",
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=tl.LAST_TISSUE + 0.5,
+        )
+    show(
+        axes[0, len(real) + int(with_btcv)],
+        mr_tissue[zm],
+        mr_sp,
+        "tissue map from CHAOS MR + labels",
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=tl.LAST_TISSUE + 0.5,
+    )
     for ax, seed in zip(axes[1], seeds):
         if with_btcv:
             image, info = synthesize(ct_slab, ct_sp, np.random.default_rng(seed), return_info=True)
@@ -109,8 +134,11 @@ def main():
     for ax, seed in zip(axes[2], seeds):
         image, info = synthesize(mr_slab, mr_sp, np.random.default_rng(seed), return_info=True)
         show(ax, image[mr_z], mr_sp, f"synthetic from CHAOS map, seed {seed}\n(gamma {info['gamma']:.2f})")
-    fig.suptitle("Contrast-agnostic training: every synthetic sample draws new per-tissue intensities, blur, "
-                 "thick slices, bias field, noise and gamma (AbdomenSegLib/synth.py)", fontsize=10)
+    fig.suptitle(
+        "Contrast-agnostic training: every synthetic sample draws new per-tissue intensities, blur, "
+        "thick slices, bias field, noise and gamma (AbdomenSegLib/synth.py)",
+        fontsize=10,
+    )
     fig.tight_layout()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(OUT, dpi=80)

@@ -6,6 +6,7 @@ organ's mean Dice moves by more than TOLERANCE; the bf16 figures go into the car
 Runs only on a CPU with bf16 instructions (emulated bf16 would take hours). Usage:
     python bench/validate_bf16.py [--models a,b] [--dry-run]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -40,14 +41,22 @@ def main(argv=None) -> int:
         diffs = {o: round(bf16[o] - fp32[o], 4) for o in bf16 if o in fp32}
         worst = max(abs(d) for d in diffs.values())
         ok = worst <= TOLERANCE
-        print(f"{name}: bf16 {sum(seconds) / len(seconds):.1f} s/case; largest mean-Dice change {worst:.4f} "
-              f"({'within' if ok else 'OVER'} {TOLERANCE}); per organ {diffs}")
+        print(
+            f"{name}: bf16 {sum(seconds) / len(seconds):.1f} s/case; largest mean-Dice change {worst:.4f} "
+            f"({'within' if ok else 'OVER'} {TOLERANCE}); per organ {diffs}"
+        )
         if args.dry_run:
             continue
         data = dict(card.data)
-        data["validation"] = dict(data["validation"], bf16={"dice": bf16, "largest_change": worst,
-                                                            "tolerance": TOLERANCE,
-                                                            "cpu_seconds_per_case": round(sum(seconds) / len(seconds), 2)})
+        data["validation"] = dict(
+            data["validation"],
+            bf16={
+                "dice": bf16,
+                "largest_change": worst,
+                "tolerance": TOLERANCE,
+                "cpu_seconds_per_case": round(sum(seconds) / len(seconds), 2),
+            },
+        )
         data["inference"] = dict(data.get("inference") or {}, bf16_validated=ok)
         write_json(data, card.path / "card.json")
     return 0

@@ -9,6 +9,7 @@ a module folder as a module (Slicer v5.10.0 Base/QTCore/qSlicerAbstractModuleFac
 `entryInfoList(QDir::Files)`, not recursive), and a file without a class of its own name fails to load
 and fails every test run under --testing. MONAIAuto3DSeg keeps its worker script under Scripts/ too.
 """
+
 import os
 import sys
 import traceback
@@ -25,6 +26,7 @@ if __name__ == "__main__":
     from AbdomenSegLib.errors import AbdomenSegError
     from AbdomenSegLib.install import ensure_dependencies
     from AbdomenSegLib.slicer_batch import run
+
     try:
         ensure_dependencies(confirm=None)
         code = run(sys.argv[1:], slicer.mrmlScene)
