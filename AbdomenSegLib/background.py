@@ -123,6 +123,42 @@ def build_command(
     return command
 
 
+def launch_engine(command: list, log_path, env=None, *, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start an engine process (`command`) the way Slicer's extensions start theirs: its stdout a text pipe of
+    JSON lines, its stderr into `log_path`, no console window on Windows, and its own process group elsewhere."""
+    env = dict(os.environ if env is None else env)
+    # `python -m` finds the package through the working directory; PYTHONPATH as well, in case the
+    # interpreter runs in safe-path mode. PythonSlicer's launcher adds its own paths to these.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    kwargs = {}
+    if _WINDOWS:
+        # Hide the console window: Slicer's launchConsoleProcess uses STARTUPINFO with SW_HIDE
+        # (util.py:4275-4280); CREATE_NO_WINDOW keeps a console from being created at all.
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NO_WINDOW)
+    else:
+        # Its own process group, so that a cancel also reaches the interpreter PythonSlicer's launcher starts.
+        kwargs.update(start_new_session=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=str(PACKAGE_PARENT),
+            env=env,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **kwargs,
+        )
+
+
 class SegmentationProcess:
     """One segmentation run in a child process (one object per run).
 
@@ -224,37 +260,7 @@ class SegmentationProcess:
         return self
 
     def _launch(self, env):
-        env = dict(os.environ if env is None else env)
-        # `python -m` finds the package through the working directory; PYTHONPATH as well, in case the
-        # interpreter runs in safe-path mode. PythonSlicer's launcher adds its own paths to these.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
-        kwargs = {}
-        if _WINDOWS:
-            # Hide the console window: Slicer's launchConsoleProcess uses STARTUPINFO with SW_HIDE
-            # (util.py:4275-4280); CREATE_NO_WINDOW keeps a console from being created at all.
-            info = subprocess.STARTUPINFO()
-            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-            info.wShowWindow = 0  # SW_HIDE
-            kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NO_WINDOW)
-        else:
-            # Its own process group, so that cancel() also reaches the interpreter PythonSlicer's launcher starts.
-            kwargs.update(start_new_session=True)
-        with open(self.temp_dir / LOG_NAME, "wb") as log:
-            self._process = subprocess.Popen(
-                self.command,
-                cwd=str(PACKAGE_PARENT),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                **kwargs,
-            )
+        self._process = launch_engine(self.command, self.temp_dir / LOG_NAME, env, stdin=subprocess.DEVNULL)
         self._started = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="AbdomenSeg output reader", daemon=True)
         self._reader.start()

@@ -16,7 +16,6 @@ each line to the run it belongs to.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from .background import _WINDOWS, PACKAGE_PARENT, SegmentationProcess, python_executable
+from .background import _WINDOWS, SegmentationProcess, launch_engine, python_executable
 
 WORKER_LOG = "worker.log"
 
@@ -93,10 +92,6 @@ class EngineWorker:
     def _start(self, python, env) -> None:
         self.stop()
         self._folder = Path(tempfile.mkdtemp(prefix="AbdomenSeg-worker-", dir=self.temp_root))
-        env = dict(os.environ if env is None else env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
         command = [
             str(python or python_executable()),
             "-m",
@@ -104,28 +99,7 @@ class EngineWorker:
             "--idle-exit",
             f"{self.idle_exit_s:g}",
         ]
-        kwargs = {}
-        if _WINDOWS:
-            info = subprocess.STARTUPINFO()
-            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-            info.wShowWindow = 0  # SW_HIDE, as background.py
-            kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NO_WINDOW)
-        else:
-            kwargs.update(start_new_session=True)  # stop() reaches PythonSlicer's child interpreter too
-        with open(self._folder / WORKER_LOG, "wb") as log:
-            self._process = subprocess.Popen(
-                command,
-                cwd=str(PACKAGE_PARENT),
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                **kwargs,
-            )
+        self._process = launch_engine(command, self._folder / WORKER_LOG, env, stdin=subprocess.PIPE)
         self.starts += 1
         self._last_request_end = time.monotonic()
         self._reader = threading.Thread(

@@ -9,7 +9,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt
 from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom, rotation  # noqa: E402
-from conftest import shared, write_phantom_dataset  # noqa: E402
+from helpers import shared, write_phantom_dataset  # noqa: E402
 
 
 @pytest.fixture()
@@ -27,7 +27,7 @@ def volume_node(scene, image, name="CT", labelmap=False):
 def _scalar(scene, image, name):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    node.SetIJKToRASMatrix(sl._ijk_to_ras(image))
+    node.SetIJKToRASMatrix(sl.ijk_to_ras(image))
     return node
 
 
@@ -62,7 +62,7 @@ def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, segm
     assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is vol
     segmentation = seg.GetSegmentation()
     assert segmentation.GetNumberOfSegments() >= 1
-    for segment_id in sl._segment_ids(seg):
+    for segment_id in sl.segment_ids(seg):
         segment = segmentation.GetSegment(segment_id)
         organ = sl.segment_organ(segment)
         assert organ is not None and segment.GetName() == organ.display_name
@@ -108,8 +108,8 @@ def test_seg_nrrd_round_trip(scene, segmented, tmp_path):
     a = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
     b = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, loaded, vol))
     assert np.array_equal(a, b)
-    names = {loaded.GetSegmentation().GetSegment(i).GetName() for i in sl._segment_ids(loaded)}
-    assert names == {seg.GetSegmentation().GetSegment(i).GetName() for i in sl._segment_ids(seg)}
+    names = {loaded.GetSegmentation().GetSegment(i).GetName() for i in sl.segment_ids(loaded)}
+    assert names == {seg.GetSegmentation().GetSegment(i).GetName() for i in sl.segment_ids(seg)}
 
 
 def test_reference_comparison_on_real_btcv_labels_equals_the_engine(scene):
@@ -146,7 +146,7 @@ def test_reference_comparison_on_real_btcv_labels_equals_the_engine(scene):
             assert value == pytest.approx(expected[organ][key], abs=1e-6)
     assert table.GetColumnUnitLabel("HD95") == "mm" and "Hausdorff" in table.GetColumnDescription("HD95")
     review = [n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode") if n.GetName().endswith("review")]
-    review_names = {review[0].GetSegmentation().GetSegment(i).GetName() for i in sl._segment_ids(review[0])}
+    review_names = {review[0].GetSegmentation().GetSegment(i).GetName() for i in sl.segment_ids(review[0])}
     assert "Liver false negative" in review_names and "Liver true positive" in review_names
 
     # The same reference as a segmentation with BTCV/TotalSegmentator-style names matches by name.
@@ -155,7 +155,7 @@ def test_reference_comparison_on_real_btcv_labels_equals_the_engine(scene):
     ref_ours = sitk.GetImageFromArray(ours)
     ref_ours.CopyInformation(ref_img)
     sl.import_labels(scene, ref_ours, ref_seg, reference_volume=vol)
-    seg_ids = sl._segment_ids(ref_seg)
+    seg_ids = sl.segment_ids(ref_seg)
     renames = {"Right kidney": "kidney_right", "Portal and splenic vein": "portal_vein_and_splenic_vein"}
     for segment_id in seg_ids:
         segment = ref_seg.GetSegmentation().GetSegment(segment_id)

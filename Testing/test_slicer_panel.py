@@ -18,7 +18,7 @@ from AbdomenSegLib.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.organs import CONVENTIONS, convert_labels  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom  # noqa: E402
 from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
-from conftest import shared  # noqa: E402
+from helpers import shared  # noqa: E402
 
 
 def _volume(scene, image, name="CT"):
@@ -53,7 +53,7 @@ def test_empty_result_is_a_message_and_leaves_no_stray_nodes(scene, background_o
 
 def test_empty_case_does_not_stop_the_batch(scene, background_only_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
-    from conftest import write_phantom_dataset
+    from helpers import write_phantom_dataset
 
     images, _ = write_phantom_dataset(tmp_path)
     messages = []
@@ -320,7 +320,7 @@ def test_background_run_brings_the_child_processes_report(scene, tiny_package):
 
 def test_batch_script_writes_the_result_check(scene, tiny_package, tmp_path):
     from AbdomenSegLib.slicer_batch import run
-    from conftest import write_phantom_dataset
+    from helpers import write_phantom_dataset
 
     images, _ = write_phantom_dataset(tmp_path)
     assert (

@@ -43,7 +43,7 @@ def main():
     slicer.mrmlScene = scene
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    node.SetIJKToRASMatrix(sl._ijk_to_ras(image))
+    node.SetIJKToRASMatrix(sl.ijk_to_ras(image))
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
     models = [args.model] if args.model else [None]
 
