@@ -97,7 +97,7 @@ def _segment(args) -> int:
     from .io import check_output_type, prepare_output, sweep_partials
     from .models import find_model
 
-    organs = _organ_names(args.organs)
+    _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
     cases, batch = expand_inputs(args.input)
     output = Path(args.output)
     distributed = _on_cluster(args, batch)

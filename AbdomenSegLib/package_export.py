@@ -108,8 +108,8 @@ def train_and_export(
     else:
         trainer.run(
             resume=resume,
-            progress=lambda s, n, l: (s % 20 == 0 or s == n)
-            and log(f"step {s}/{n} loss {l:.4f} ({time.time() - start:.0f} s)"),
+            progress=lambda s, n, loss: (s % 20 == 0 or s == n)
+            and log(f"step {s}/{n} loss {loss:.4f} ({time.time() - start:.0f} s)"),
         )
     if trainer.world > 1:
         import torch.distributed as dist

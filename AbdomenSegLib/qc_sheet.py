@@ -503,7 +503,7 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     shapes = [(v[1].shape, v[3]) for v in views]
     layout = _layouts(shapes, views_w, views_h)
     stroke = [patheffects.withStroke(linewidth=2.5, foreground="black")]
-    for (name, img2d, lab2d, pixel_mm, letters, caption), (bx, by, bw, bh) in zip(views, layout):
+    for (_name, img2d, lab2d, pixel_mm, letters, caption), (bx, by, bw, bh) in zip(views, layout):
         rows, cols = _fit(img2d.shape, pixel_mm, max(bw, 1.0), max(bh, 1.0))
         rgb = _panel_rgb(img2d, lab2d, pixel_mm, window, (rows, cols))
         left = int(round(MARGIN + bx + (bw - cols) / 2.0))

@@ -115,7 +115,7 @@ class SynthTrainer(Trainer):
             chain.append(T.RandGaussianNoised("image", std=0.03, prob=a["noise_prob"]))
         return T.Compose(chain)
 
-    def _batch(self, rng):
+    def batch(self, rng):
         import torch
 
         from .datasets import decode_image

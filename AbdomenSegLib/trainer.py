@@ -185,7 +185,9 @@ class Trainer:
             self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
         return self._index_cache[name]
 
-    def _batch(self, rng):
+    def batch(self, rng):
+        """The next training batch (x, y) on the device: a case drawn with `rng`, through the augmentation chain.
+        A seam like the build_* methods (train_synth.py draws tissue maps instead)."""
         import torch
 
         from .datasets import decode_image
@@ -289,7 +291,7 @@ class Trainer:
             step_seed = (int(t["seed"]) * 100003 + self.step * 97 + self.rank) % (2**31)
             set_determinism(seed=step_seed)
             self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
-            x, y = self._batch(rng)
+            x, y = self.batch(rng)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 loss = self.loss(self.trainable(x), y)

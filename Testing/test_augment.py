@@ -112,8 +112,8 @@ def test_trainer_applies_it_and_rejects_it_for_mr(tmp_path):
     varied = Trainer(config, tmp_path / "b", log=lambda m: None)
     for trainer in (plain, varied):
         trainer.transform.set_random_state(seed=3)
-    x0, y0 = plain._batch(np.random.default_rng(0))
-    x1, y1 = varied._batch(np.random.default_rng(0))
+    x0, y0 = plain.batch(np.random.default_rng(0))
+    x1, y1 = varied.batch(np.random.default_rng(0))
     assert torch.equal(y0, y1)
     aorta = y0 == organs.index("aorta") + 1
     assert aorta.sum() > 100  # the crops hold the aorta (its class is sampled as often as the others)

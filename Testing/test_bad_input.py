@@ -19,7 +19,7 @@ from test_dicom_series import write_ct_series
 
 from AbdomenSegLib.cli import EXIT_FLAGGED, main
 from AbdomenSegLib.phantom import make_phantom
-from conftest import ROOT, shared
+from helpers import ROOT, shared
 
 EXAMPLE_CT = ("totalseg_example", "example_ct.nii.gz")
 EXAMPLE_LABELS = ("totalseg_example", "example_seg_fast_force_split.nii.gz")

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.cli import main
 from AbdomenSegLib.phantom import make_phantom
-from conftest import ROOT, shared, write_phantom_dataset
+from helpers import ROOT, shared, write_phantom_dataset
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ pytest.importorskip("distributed")
 
 from AbdomenSegLib.cli import main  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom  # noqa: E402
-from conftest import ROOT, write_phantom_dataset  # noqa: E402
+from helpers import ROOT, write_phantom_dataset  # noqa: E402
 
 
 def _manifest(folder) -> dict:
@@ -49,6 +49,7 @@ def cohort(tmp_path):
     return images, refs
 
 
+@pytest.mark.slow
 def test_local_cluster_of_two_workers_matches_the_sequential_run(tmp_path, cohort, tiny_package, capsys):
     images, refs = cohort
     (images / "broken.nii.gz").write_bytes(b"not an image")  # one case fails; the others go on
@@ -94,6 +95,7 @@ def test_local_cluster_of_two_workers_matches_the_sequential_run(tmp_path, cohor
     assert (tmp_path / "here.csv").read_bytes() == (tmp_path / "there.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_running_dask_scheduler_and_two_dask_workers(tmp_path, cohort, tiny_package, capsys):
     """As on a cluster: `dask scheduler` and two `dask worker` processes, started by hand; segment --scheduler,
     evaluate --scheduler-file."""
@@ -205,6 +207,7 @@ def _suppress():
     return contextlib.suppress(ProcessLookupError, PermissionError)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_case_every_case_done_exactly_once(tmp_path, tiny_package):
     """SIGKILL the worker holding a case's lock: Dask runs the case again on a worker, which takes over the dead
     worker's lock; the run ends with every case done once, no partial file and no lock left."""
@@ -261,6 +264,7 @@ def test_a_worker_killed_mid_case_every_case_done_exactly_once(tmp_path, tiny_pa
         assert sitk.ReadImage(str(out / f"{name}.nii.gz")).GetSize() == (96, 80, 32)
 
 
+@pytest.mark.slow
 def test_compare_on_a_cluster_gives_the_same_table(tmp_path, tiny_package):
     images, refs = write_phantom_dataset(tmp_path / "data", cases=2)
     refs.rename(tmp_path / "data" / "labels")

@@ -3,7 +3,7 @@ import json
 import shutil
 
 from AbdomenSegLib.cli import main
-from conftest import write_phantom_dataset
+from helpers import write_phantom_dataset
 
 
 def test_compare_two_models_writes_table_markdown_and_plot(tmp_path, tiny_package, capsys):

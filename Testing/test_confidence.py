@@ -13,7 +13,7 @@ from AbdomenSegLib.confidence import MEASURE, MEASURES, confidence_measures, org
 from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.phantom import make_phantom
-from conftest import ROOT, shared
+from helpers import ROOT, shared
 
 SHIPPED = ("btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet")
 IDENTITY = {1: 1, 2: 2, 3: 3}  # channel -> organ label: liver, spleen, kidney_right

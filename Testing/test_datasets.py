@@ -10,7 +10,7 @@ from AbdomenSegLib.models import RESOURCES
 from AbdomenSegLib.organs import BY_NAME, convert_labels
 from AbdomenSegLib.phantom import make_phantom
 from AbdomenSegLib.training import read_config
-from conftest import shared
+from helpers import shared
 
 FLIP_AP = [1, 0, 0, 0, -1, 0, 0, 0, 1]
 

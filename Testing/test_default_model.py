@@ -10,7 +10,7 @@ from AbdomenSegLib.io import read_image
 from AbdomenSegLib.metrics import evaluate
 from AbdomenSegLib.organs import BY_NAME
 from AbdomenSegLib.phantom import rotation
-from conftest import shared, validation_rows
+from helpers import shared, validation_rows
 
 BTCV_ORGANS = [
     "liver",
@@ -38,6 +38,7 @@ def test_default_is_the_btcv_ct_3d_model(default_card):
     assert card["training"]["data"].endswith("btcv_ct")
 
 
+@pytest.mark.slow
 def test_large_organs_are_found_on_every_validation_case(default_card):
     # Floors under the measured per-case values (README: validation table); a regression fails here.
     # (test_shipped_models checks that the card's mean Dice reproduces.)

@@ -20,7 +20,7 @@ from AbdomenSegLib.dicom_seg import AI_FAMILY, SEG_SOP_CLASS, read_dicom_seg
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.io import check_output_type, read_image, write_labels
 from AbdomenSegLib.organs import BY_LABEL, BY_NAME, convert_labels
-from conftest import shared
+from helpers import shared
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

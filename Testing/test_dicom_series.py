@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.dicom_series import check_read_spacing, check_series_geometry
 from AbdomenSegLib.errors import AbdomenSegError
-from conftest import shared
+from helpers import shared
 
 SERIES_UID = "1.2.826.0.1.3680043.2.1125.7.1"
 OTHER_SERIES_UID = "1.2.826.0.1.3680043.2.1125.7.2"

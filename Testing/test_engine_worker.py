@@ -124,6 +124,7 @@ def test_a_worker_that_dies_mid_run_is_an_error_with_its_log(tiny_package, worke
     assert succeeded and worker.starts == 2
 
 
+@pytest.mark.slow
 def test_an_idle_worker_exits_and_is_replaced(tiny_package, phantom):
     worker = EngineWorker(idle_exit_s=2.0)
     try:

@@ -14,7 +14,7 @@ from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.sliding_window import importance_map, sliding_window, window_starts
 from AbdomenSegLib.unet3d import UNet3D
-from conftest import ROOT, segment_with_both_networks, shared
+from helpers import ROOT, segment_with_both_networks, shared
 
 SHIPPED_3D = ["btcv-ct-3d-unet", "chaos-mr-t2-3d-unet"]
 
@@ -238,6 +238,7 @@ def test_segmenting_with_a_3d_model_imports_no_monai():
 
 
 # -- (d) the shipped default model on a real CT --------------------------------------------------------------
+@pytest.mark.slow
 def test_default_model_on_example_ct_equals_the_monai_path(monkeypatch):
     import SimpleITK as sitk
     from monai.inferers import sliding_window_inference

@@ -14,7 +14,7 @@ from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.models import find_model
 from AbdomenSegLib.networks import build_network
 from AbdomenSegLib.unet2d import Unet2D, supports
-from conftest import ROOT, segment_with_both_networks, shared
+from helpers import ROOT, segment_with_both_networks, shared
 
 SHIPPED_2D = "btcv-ct-2d-unet-r18"
 
@@ -215,6 +215,7 @@ def test_segmenting_with_the_2d_model_imports_no_smp():
 
 
 # -- (c) the shipped 2.5D model on a real CT -----------------------------------------------------------------
+@pytest.mark.slow
 def test_2d_model_on_example_ct_equals_the_smp_path():
     import SimpleITK as sitk
 

@@ -10,7 +10,7 @@ import sys
 import SimpleITK as sitk
 
 from AbdomenSegLib.phantom import make_phantom
-from conftest import ROOT
+from helpers import ROOT
 
 
 def _driver():

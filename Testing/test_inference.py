@@ -8,7 +8,7 @@ from AbdomenSegLib.errors import AbdomenSegError, Cancelled
 from AbdomenSegLib.inference import Options, Segmenter
 from AbdomenSegLib.inferer import inferer_for, window_count
 from AbdomenSegLib.phantom import make_phantom, rotation
-from conftest import shared
+from helpers import shared
 
 
 def phantom_ct(size, spacing=None, **kw):
@@ -46,6 +46,7 @@ def test_output_is_in_the_input_grid(segmenter, direction):
     assert set(np.unique(sitk.GetArrayViewFromImage(out))) <= {0, 1, 2, 3, 4, 5}
 
 
+@pytest.mark.slow
 def test_real_ct_flipped_and_permuted_gives_the_same_organs(segmenter):
     """Reorienting the input must only reorient the output (real BTCV data, exact comparison)."""
     image = sitk.ReadImage(str(shared("btcv_ct", "images", "btcv_img0002.nii.gz")))

@@ -6,7 +6,7 @@ from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.io import read_image, write_image, write_labels
 from AbdomenSegLib.organs import BY_LABEL
 from AbdomenSegLib.phantom import make_phantom
-from conftest import shared
+from helpers import shared
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])

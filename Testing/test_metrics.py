@@ -12,7 +12,7 @@ from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.metrics import evaluate, summarize, surface_distances, write_csv
 from AbdomenSegLib.organs import BY_NAME, CONVENTIONS, convert_labels
 from AbdomenSegLib.phantom import make_phantom
-from conftest import shared
+from helpers import shared
 
 BTCV_VALUE = {name: value for value, name in CONVENTIONS["btcv"].items()}
 

@@ -64,7 +64,7 @@ def test_cpu_flags_are_read_not_assumed(monkeypatch, tmp_path):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n", encoding="utf-8")
         monkeypatch.setattr(
-            builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
+            builtins, "open", lambda p, *a, info=info, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
         )
         monkeypatch.setattr(precision.platform, "system", lambda: "Linux")
         precision.cpu_has_native_bf16.cache_clear()

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.organs import BY_NAME, convert_labels
 from AbdomenSegLib.qc import NOTE, WARNING, assess
-from conftest import shared
+from helpers import shared
 
 BTCV_DIRECTION = [1, 0, 0, 0, -1, 0, 0, 0, 1]
 
@@ -93,6 +93,7 @@ def _stored(hu):
     return np.clip((np.asarray(hu) + 125.0) * 255.0 / 400.0, 0, 255)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["btcv_img0001", "btcv_img0009", "btcv_img0028", "btcv_img0034"])
 def test_no_warning_on_the_correctly_oriented_validation_cases(default, case):
     assert default.card["validation"]["cases"] == ["btcv_img0001", "btcv_img0009", "btcv_img0028", "btcv_img0034"]

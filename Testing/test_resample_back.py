@@ -14,7 +14,7 @@ from AbdomenSegLib import preprocess as pp
 from AbdomenSegLib import resample_back as rb
 from AbdomenSegLib.inference import Options, Segmenter, get_segmenter
 from AbdomenSegLib.phantom import rotation
-from conftest import shared
+from helpers import shared
 
 MAX_DIFFERING_FRACTION = 1e-4  # of the organ voxels
 MIN_DICE = 0.999

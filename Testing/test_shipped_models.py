@@ -9,7 +9,7 @@ import pytest
 
 from AbdomenSegLib.metrics import summarize
 from AbdomenSegLib.models import catalog, find_model, sha256_of
-from conftest import validation_rows
+from helpers import validation_rows
 
 SHIPPED = sorted(catalog())  # empty when catalog.json is missing
 CARD_KEYS = {"name", "architecture", "labels", "modality", "spacing", "intensity", "training", "validation", "sha256"}
@@ -40,6 +40,7 @@ def test_card_is_complete_and_weights_match(name):
     json.dumps(card.data)  # a card is plain JSON
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_validation_metrics_reproduce(name):
     """Re-run the card's protocol (full pipeline on the untouched validation files) and compare."""

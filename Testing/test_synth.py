@@ -80,7 +80,7 @@ def test_transform_replaces_image_and_maps_tissue_to_background():
 def _btcv_case(name="btcv_img0001.nii.gz"):
     import SimpleITK as sitk
 
-    from conftest import shared
+    from helpers import shared
 
     image = sitk.ReadImage(str(shared("btcv_ct", "images", name)))
     label = sitk.ReadImage(str(shared("btcv_ct", "labels", name)))
@@ -121,7 +121,7 @@ def test_btcv_tissue_classes_are_plausible(btcv_tissue):
 def test_chaos_tissue_classes():
     import SimpleITK as sitk
 
-    from conftest import shared
+    from helpers import shared
 
     image = sitk.ReadImage(str(shared("chaos_mr_t2", "images", "chaosT2_05.nii.gz")))
     label = sitk.ReadImage(str(shared("chaos_mr_t2", "labels", "chaosT2_05.nii.gz")))
@@ -143,7 +143,7 @@ def test_chaos_tissue_classes():
 # -- the synth trainer (train_synth.py, synth_data.py) on phantom datasets ---------------------------------------
 def _synth_config(tmp_path, **data):
     from AbdomenSegLib.training import load_config
-    from conftest import write_phantom_dataset
+    from helpers import write_phantom_dataset
 
     for name in ("ct", "mr"):
         root = tmp_path / name
@@ -199,13 +199,14 @@ def test_synth_trainer_batches_are_synthetic_images_with_channel_labels(tmp_path
     images = []
     for step in range(6):
         trainer.transform.set_random_state(seed=step)
-        x, y = trainer._batch(np.random.default_rng(step))
+        x, y = trainer.batch(np.random.default_rng(step))
         assert x.shape[1:] == (1, 16, 32, 32) and y.shape == (2, 1, 16, 32, 32)
         assert 0 <= int(y.min()) and int(y.max()) <= 4  # channels only: no organ number, no tissue class
         images.append(x.numpy())
     assert np.std([im.mean() for im in images]) > 0.01  # every draw a new contrast
 
 
+@pytest.mark.slow
 def test_synth_run_exports_a_package_validated_on_real_images(tmp_path):
     from AbdomenSegLib.training import train_and_export
 

@@ -7,7 +7,7 @@ import pytest
 
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.training import Trainer, load_config, train_and_export
-from conftest import write_phantom_dataset
+from helpers import write_phantom_dataset
 
 
 def _config(root, cache, steps, model=None, **train):
@@ -42,6 +42,7 @@ def _config(root, cache, steps, model=None, **train):
     )
 
 
+@pytest.mark.slow
 def test_tiny_model_learns(tmp_path):
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=60)
     losses = []
@@ -53,6 +54,7 @@ def test_tiny_model_learns(tmp_path):
     assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "best.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_tiny_2d_model_learns_and_exports(tmp_path):
     from AbdomenSegLib.inference import Segmenter
     from AbdomenSegLib.io import read_image
@@ -76,6 +78,7 @@ def test_tiny_2d_model_learns_and_exports(tmp_path):
     assert Segmenter(card, "cpu").segment(image).GetSize() == image.GetSize()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tmp_path):
     import torch
 
@@ -137,8 +140,8 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
     varied = Trainer(config, tmp_path / "b", log=lambda m: None)
     for trainer in (plain, varied):
         trainer.transform.set_random_state(seed=3)
-    x0, y0 = plain._batch(np.random.default_rng(0))
-    x1, y1 = varied._batch(np.random.default_rng(0))
+    x0, y0 = plain.batch(np.random.default_rng(0))
+    x1, y1 = varied.batch(np.random.default_rng(0))
     assert torch.equal(y0, y1)  # same crops, labels untouched
     assert torch.isfinite(x1).all() and (x1 - x0).abs().mean() > 0.005
     roughness = lambda x: x.diff(dim=-1).abs().mean()
@@ -231,12 +234,13 @@ def test_a_config_extends_another_and_states_only_its_changes(tmp_path):
         load_config(tmp_path / "orphan.json")
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_without_code_changes(tmp_path):
     """Two processes under PyTorch's own launcher (gloo on CPU; NCCL on GPUs): trains, exports once."""
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=6, val_every=3)
     (tmp_path / "cfg.json").write_text(json.dumps(config))

@@ -160,7 +160,7 @@ def main():
                     subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 )
                 print(json.dumps(result, indent=2))
-        print("whole process (python -m AbdomenSegLib segment, best of %d):" % args.repeats)
+        print(f"whole process (python -m AbdomenSegLib segment, best of {args.repeats}):")
         settings = [("this checkout", ROOT, p) for p in precisions]
         if args.compare_with:
             settings.insert(0, ("compared checkout", Path(args.compare_with), None))

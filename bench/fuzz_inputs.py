@@ -1056,7 +1056,7 @@ def run_baseline(src: Sources, work: Path, model: str | None, log) -> Baseline:
         src.prediction = path
         log(
             f"intact CT segmented in {run.seconds:.1f} s (exit {run.code})"
-            + (f": {[l for l in _lines(run.stderr) if l.startswith('warning:')][:1]}" if run.code == 3 else "")
+            + (f": {[line for line in _lines(run.stderr) if line.startswith('warning:')][:1]}" if run.code == 3 else "")
         )
     if src.dicom:
         path = work / "intact" / "dicom_labels.nii.gz"

@@ -19,7 +19,7 @@ from AbdomenSegLib.preprocess import reorient
 ct, _ = make_phantom()
 labels = get_segmenter(None, "cpu").segment(ct)
 ct_l, lab_l = reorient(ct, "LPS"), reorient(labels, "LPS")
-a, l = sitk.GetArrayFromImage(ct_l).astype(float), sitk.GetArrayFromImage(lab_l)
+a, lab = sitk.GetArrayFromImage(ct_l).astype(float), sitk.GetArrayFromImage(lab_l)
 sp = ct_l.GetSpacing()
 win = np.clip((a + 160) / 400, 0, 1)
 
@@ -34,14 +34,14 @@ def overlay(img, lab):
     return rgb
 
 
-z = int(np.argmax([(l[k] > 0).sum() for k in range(l.shape[0])]))
-y = int(np.argmax([(l[:, k] > 0).sum() for k in range(l.shape[1])]))
+z = int(np.argmax([(lab[k] > 0).sum() for k in range(lab.shape[0])]))
+y = int(np.argmax([(lab[:, k] > 0).sum() for k in range(lab.shape[1])]))
 fig, ax = plt.subplots(1, 2, figsize=(10, 5.2), facecolor="black")
-ax[0].imshow(overlay(win[z], l[z]), aspect=sp[1] / sp[0])
+ax[0].imshow(overlay(win[z], lab[z]), aspect=sp[1] / sp[0])
 ax[0].set_title("axial", color="w")
-ax[1].imshow(overlay(win[:, y][::-1], l[:, y][::-1]), aspect=sp[2] / sp[0])
+ax[1].imshow(overlay(win[:, y][::-1], lab[:, y][::-1]), aspect=sp[2] / sp[0])
 ax[1].set_title("coronal", color="w")
-present = [BY_LABEL[int(v)] for v in np.unique(l) if v]
+present = [BY_LABEL[int(v)] for v in np.unique(lab) if v]
 handles = [plt.Line2D([], [], color=o.color_float, lw=3, label=o.display_name) for o in present]
 fig.legend(handles=handles, loc="lower center", ncol=5, facecolor="black", labelcolor="w", fontsize=8, frameon=False)
 for x in ax:
