@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from .errors import AbdomenSegError, Cancelled
+from .options import LogCallback
 
 _logger = logging.getLogger("abdomenseg.cohort")
 _CONNECT_TIMEOUT_S = 30
@@ -52,7 +53,7 @@ def local_gpus(device: str) -> list:
 
 # -- the cluster ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto", gpus=None, log=print):
+def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto", gpus=None, log: LogCallback = print):
     """A `distributed.Client`: on a local cluster of `workers` processes, or on the running cluster that `scheduler`
     (an address) or `scheduler_file` names. Yields (client, settings for the workers: torch threads, pinning)."""
     from distributed import Client, LocalCluster
@@ -431,7 +432,7 @@ class _Progress:
         self.bar.close()
 
 
-def run_cases(client, fn, items, *, keys, desc="cases", on_result=None, log=print):
+def run_cases(client, fn, items, *, keys, desc="cases", on_result=None, log: LogCallback = print):
     """Submit fn(*item) per item (one task each), hand each result to on_result(index, future_outcome) as cases end,
     in the order they end. An outcome is ("ok", value) or ("lost", message) when the workers that ran it kept dying
     (Dask gives up after `distributed.scheduler.allowed-failures` deaths) or ("error", message)."""
@@ -485,7 +486,7 @@ def _sweep(folder):
     return [str(p) for p in sweep_partials(folder)]
 
 
-def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, log=print):
+def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, log: LogCallback = print):
     """Segment `todo` [(index, name, src, dst)] on the cluster `args` names; on_result(index, name, src, dst,
     outcome) -> (log lines, ok) for each as it ends."""
     from dataclasses import asdict
@@ -526,7 +527,7 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
                 client.unregister_worker_plugin(plugin)
 
 
-def map_cases(args, fn, items, *, names, desc, on_result, settings=None, log=print):
+def map_cases(args, fn, items, *, names, desc, on_result, settings=None, log: LogCallback = print):
     """Evaluate/compare over a cluster: fn(*item) per item, results to on_result(index, outcome) as they end."""
     settings = dict(settings or {})
     with connect(

@@ -10,6 +10,7 @@ from .inference import Options, get_segmenter
 from .io import atomic_output
 from .metrics import evaluate, summarize, write_csv
 from .models import find_model
+from .options import LogCallback
 
 OUTPUTS = ("metrics.csv", "comparison.csv", "comparison.md", "dice_boxplot.png")
 
@@ -30,7 +31,16 @@ def select_cases(data_root, cases=None, cases_from=None) -> list:
 
 
 def compare_case(
-    model, label, device, name, image_path, label_path, direction, convention, input_intensity, log=None
+    model,
+    label,
+    device,
+    name,
+    image_path,
+    label_path,
+    direction,
+    convention,
+    input_intensity,
+    log: LogCallback | None = None,
 ) -> list:
     """One model on one case: its metric rows. Runs here or on a Dask worker (which keeps each model loaded)."""
     segmenter = get_segmenter(find_model(model), device, log=log or print)
@@ -52,7 +62,7 @@ def run_comparison(
     direction=None,
     device="auto",
     overwrite=False,
-    log=print,
+    log: LogCallback = print,
     mapper=None,
 ) -> list:
     """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the

@@ -19,12 +19,21 @@ from .confidence import organ_confidence
 from .errors import AbdomenSegError
 from .inferer import check_cancel, inferer_for
 from .models import ModelCard, cpu_copy, find_model, load_network
+from .options import (
+    CancelCallback,
+    Device,
+    InputIntensity,
+    LargestComponent,
+    LogCallback,
+    Precision,
+    ProgressCallback,
+)
 from .pipeline import check_input, to_model_space
 from .precision import resolve_precision
 from .preprocess import bounding_box
 
 
-def resolve_device(device: str = "auto", log=print) -> str:
+def resolve_device(device: Device = "auto", log: LogCallback = print) -> str:
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
@@ -39,14 +48,16 @@ def resolve_device(device: str = "auto", log=print) -> str:
 
 @dataclass
 class Options:
-    input_intensity: str = "native"
+    """What a user can choose for one segmentation; the values are options.py's, shared with the CLI and panel."""
+
+    input_intensity: InputIntensity = "native"
     organs: list | None = None  # organ names to keep; None = all the model has
     # "model": the organs the model's card names (anatomically single pieces); "all"; "none".
-    largest_component: str = "model"
+    largest_component: LargestComponent = "model"
     fill_holes: bool = False
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
-    precision: str = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
+    precision: Precision = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
 
 
 @dataclass
@@ -61,7 +72,7 @@ class Timings:
 _CACHE: dict = {}
 
 
-def get_segmenter(model=None, device="auto", log=print) -> Segmenter:
+def get_segmenter(model=None, device: Device = "auto", log: LogCallback = print) -> Segmenter:
     """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
     card = model if isinstance(model, ModelCard) else find_model(model)
     resolved = resolve_device(device, log)
@@ -72,7 +83,7 @@ def get_segmenter(model=None, device="auto", log=print) -> Segmenter:
 
 
 class Segmenter:
-    def __init__(self, card: ModelCard, device: str = "cpu", log=print):
+    def __init__(self, card: ModelCard, device: str = "cpu", log: LogCallback = print):
         # The card was validated when read (card_schema): dimensions, roi_size against the stride, overlap.
         self.card, self.device, self.log = card, device, log
         self.network = load_network(card, device)
@@ -81,7 +92,13 @@ class Segmenter:
         self.precision = "fp32"  # of the last segment() (precision.py)
 
     # -- public -------------------------------------------------------------------------------
-    def segment(self, image: sitk.Image, options: Options | None = None, progress=None, cancel=None) -> sitk.Image:
+    def segment(
+        self,
+        image: sitk.Image,
+        options: Options | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
+    ) -> sitk.Image:
         options = options or Options()
         progress = progress or (lambda fraction, message: None)
         self.timings = Timings(device=self.device)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .card_schema import DEFAULT_ROI_SIZE
 from .errors import Cancelled
+from .options import CancelCallback, ProgressCallback
 
 OVERLAP = 0.25  # sliding-window overlap of cards that give none (and of every card the trainer exports)
 MODE = "gaussian"  # window blending
@@ -63,7 +64,13 @@ class SlidingWindow:
         return window_count([max(n, r) for n, r in zip(shape, self.roi)], self.roi, self.overlap)
 
     def __call__(
-        self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None, cancel=None
+        self,
+        network,
+        array: np.ndarray,
+        device: str,
+        precision: str = "fp32",
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
     ) -> np.ndarray:
         """Softmax probabilities (C, z, y, x), float32 on the CPU, of the model-space `array` (z, y, x).
 
@@ -107,7 +114,13 @@ class SliceWise:
     batch: int = SLICE_BATCH
 
     def __call__(
-        self, network, array: np.ndarray, device: str, precision: str = "fp32", progress=None, cancel=None
+        self,
+        network,
+        array: np.ndarray,
+        device: str,
+        precision: str = "fp32",
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
     ) -> np.ndarray:
         """Softmax probabilities (C, z, y, x), float32 on the CPU. On the CPU the network is left in
         channels_last memory format (~1.4x faster 2D convolutions there; a Segmenter keeps it for its next

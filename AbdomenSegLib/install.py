@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .errors import AbdomenSegError
 from .models import RESOURCES
+from .options import LogCallback
 
 REQUIREMENTS = RESOURCES / "requirements-slicer.txt"
 # Slicer ships these (SuperBuild/External_python-*.cmake, e.g. numpy==1.26.1 scipy==1.11.3 Pillow==10.1.0
@@ -246,7 +247,7 @@ def _loaded(problems) -> list:
     ]
 
 
-def ensure_dependencies(confirm=None, log=print) -> bool:
+def ensure_dependencies(confirm=None, log: LogCallback = print) -> bool:
     """Install what is missing or too old inside Slicer. `confirm(message) -> bool` asks the user; None = refuse.
 
     Returns True when everything needed is installed at a fitting version afterwards.

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .io import write_json
+from .options import LogCallback
 from .train_config import load_config
 from .trainer import Trainer
 
 
-def validation_rows(card, root=None, log=print, precision="fp32") -> tuple[list, list]:
+def validation_rows(card, root=None, log: LogCallback = print, precision="fp32") -> tuple[list, list]:
     """The card's validation protocol: segment each validation case from its original file, in its own grid,
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
     figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py)."""
@@ -50,7 +51,7 @@ def validation_rows(card, root=None, log=print, precision="fp32") -> tuple[list,
     return rows, seconds
 
 
-def validate_package(card, log=print) -> dict:
+def validate_package(card, log: LogCallback = print) -> dict:
     """Full-pipeline validation summary for the card (per-organ means over the validation cases)."""
     from .metrics import summarize
 
@@ -87,7 +88,7 @@ def train_and_export(
     export_only=False,
     export_to=None,
     make_default=False,
-    log=print,
+    log: LogCallback = print,
 ):
     """Train (or resume), export the best weights as a package, validate it, fill in its card."""
     import platform

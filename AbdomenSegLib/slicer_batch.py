@@ -16,6 +16,7 @@ from .batch import expand_inputs, find_reference
 from .errors import AbdomenSegError
 from .io import read_image
 from .metrics import write_csv
+from .options import LogCallback
 
 
 def parse(argv):
@@ -33,7 +34,7 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def run(argv, scene, log=print) -> int:
+def run(argv, scene, log: LogCallback = print) -> int:
     from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image
 
     args = parse(argv)

@@ -16,7 +16,13 @@ import vtk
 
 from .errors import AbdomenSegError
 from .metrics import METRIC_UNITS, evaluate
-from .options import FROM_COLOR_NAMES, REFERENCE_CONVENTIONS  # noqa: F401  (the panel's choices)
+from .options import (  # noqa: F401  (the panel's choices)
+    FROM_COLOR_NAMES,
+    REFERENCE_CONVENTIONS,
+    CancelCallback,
+    LogCallback,
+    ProgressCallback,
+)
 from .organs import BY_LABEL, BY_NAME, organ_from_name, organ_from_terminology
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
@@ -457,7 +463,7 @@ def _place_beside(scene, node, volume_node):
 class AbdomenSegCore:
     """Blocking, popup-free operations on a MRML scene; the Slicer logic class delegates here."""
 
-    def __init__(self, scene, log=print):
+    def __init__(self, scene, log: LogCallback = print):
         self.scene, self.log = scene, log
 
     def segment(
@@ -470,8 +476,8 @@ class AbdomenSegCore:
         replace_existing=False,
         largest_component="model",
         fill_holes=False,
-        progress=None,
-        cancel=None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
     ):
         """Segment `volume_node` in this process (blocking; scripts and tests); returns the segmentation
         node (a new one unless one is given). The panel runs the same steps with the network in a
@@ -675,8 +681,8 @@ class AbdomenSegCore:
         reference_node=None,
         reference_convention=FROM_COLOR_NAMES,
         tolerance_mm=2.0,
-        progress=None,
-        cancel=None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
     ):
         """Run several models on one volume: segmentation per model, one table, a Dice bar chart."""
         segmentations = {}

@@ -21,10 +21,11 @@ def shared(*parts) -> Path:
 def validation_rows(name: str) -> tuple:
     """A shipped model's card protocol re-run on the untouched validation files (once per session and model)."""
     from AbdomenSegLib.models import find_model
+    from AbdomenSegLib.train_config import validation_data
     from AbdomenSegLib.training import validation_rows as run_protocol
 
     card = find_model(name)
-    root = shared(card["training"]["config"]["data"]["root"].split("/")[-1])
+    root = shared(validation_data(card["training"]["config"]["data"])["root"].split("/")[-1])
     return tuple(run_protocol(card, root, log=lambda m: None)[0])
 
 
