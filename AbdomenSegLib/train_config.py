@@ -47,6 +47,9 @@ DEFAULT_CONFIG = {
         # Organs whose output keeps only its largest connected piece by default (the card carries it, as
         # nnU-Net's models carry their post-processing); users can still choose all organs or none.
         "postprocess": {"largest_component": []},
+        # MR: the sequence the model is for ("T2-SPIR", ...), or "any" for a contrast-agnostic (synth) model; the
+        # card carries it so that users and the panel can tell the MR models apart.
+        "sequence": None,
     },
     "train": {
         "steps": 2000,
@@ -377,6 +380,7 @@ def draft_card(config: dict) -> dict:
         "intensity": m["intensity"],
         "inference": inference_block(m["dimensions"], t["patch"]),
         "postprocess": m["postprocess"],
+        **({"sequence": m["sequence"]} if m["sequence"] else {}),
     }
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS = ("btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet")
+MODELS = ("btcv-ct-3d-unet", "btcv-ct-2d-unet-r18", "chaos-mr-t2-3d-unet", "mr-any-3d-unet")
 DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / ".cache" / "qc_confidence.json"
 FIGURE = ROOT / "bench" / "figures" / "confidence_vs_dice.png"
@@ -44,7 +44,9 @@ THRESHOLD_RULE = (
 
 def data_root(card) -> Path:
     """The card's dataset folder under ../shared/data (as Testing/conftest.py finds it)."""
-    return DATA / card["training"]["config"]["data"]["root"].split("/")[-1]
+    from AbdomenSegLib.train_config import validation_data
+
+    return DATA / validation_data(card["training"]["config"]["data"])["root"].split("/")[-1]
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     from AbdomenSegLib.metrics import summarize
     from AbdomenSegLib.models import catalog
     from AbdomenSegLib.precision import cpu_has_native_bf16
+    from AbdomenSegLib.train_config import validation_data
     from AbdomenSegLib.training import validation_rows
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     data_root = ROOT.parent / "shared" / "data"
     for name in names:
         card = cards[name]
-        root = data_root / Path(card["training"]["config"]["data"]["root"]).name
+        root = data_root / Path(validation_data(card["training"]["config"]["data"])["root"]).name
         rows, seconds = validation_rows(card, root, log=lambda m: None, precision="bf16")
         bf16 = {s["organ"]: round(s["dice_mean"], 4) for s in summarize(rows)}
         fp32 = card["validation"]["dice"]
