@@ -126,23 +126,18 @@ def _segment(args) -> int:
     card = find_model(args.model)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
-    with _read_ahead([] if distributed else reads) as read_ahead:
-        return _segment_cases(args, card, targets, batch, output, read_ahead)
-
-
-def _read_ahead(paths):
     from .read_ahead import ReadAhead
 
-    return ReadAhead(paths)
+    with ReadAhead([] if distributed else reads) as read_ahead:
+        return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
-def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
+def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) -> int:
     from .inference import Options, get_segmenter
     from .manifest import Manifest, case_row, device_label
     from .precision import resolve_precision
-    from .qc_outputs import assess_result, summary_lines
+    from .qc_outputs import check_and_record, summary_lines
 
-    distributed = _on_cluster(args, batch)
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(
         input_intensity=args.input_intensity,
@@ -207,17 +202,7 @@ def _segment_cases(args, card, targets, batch, output, read_ahead) -> int:
                 )
                 _log(f"{tag}: error: {exc}")
                 continue
-            report = assess_result(segmenter, labels, options)
-            qc = qc_files.add(
-                name,
-                image,
-                labels,
-                report,
-                output=str(dst),
-                model=segmenter.card.name,
-                modality=segmenter.card["modality"],
-                seconds=round(time.time() - start, 1),
-            )
+            report, qc = check_and_record(qc_files, segmenter, name, image, labels, options, output=dst, started=start)
             if manifest:
                 manifest.record(
                     case_row(

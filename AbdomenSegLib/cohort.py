@@ -256,7 +256,7 @@ def _segment_case(segmenter, name, src, dst, settings, device, common):
     from .inference import Options
     from .manifest import case_row, this_process
     from .qc import QCReport
-    from .qc_outputs import QCFiles, assess_result, summary_lines
+    from .qc_outputs import QCFiles, check_and_record, summary_lines
 
     qc_folder = Path(settings["qc_folder"])
     qc_json = qc_folder / f"{name}.json"
@@ -291,21 +291,19 @@ def _segment_case(segmenter, name, src, dst, settings, device, common):
 
     def check_then_publish(image, labels):
         # The result check is written before the output takes its name: an output never exists without it.
-        report = assess_result(segmenter, labels, options)
         files = QCFiles(qc_folder, pictures=settings["pictures"])
-        result["qc"] = files.add(
+        result["report"], result["qc"] = check_and_record(
+            files,
+            segmenter,
             name,
             image,
             labels,
-            report,
-            output=str(dst),
-            model=segmenter.card.name,
-            modality=segmenter.card["modality"],
-            seconds=round(time.time() - start, 1),
+            options,
+            output=dst,
+            started=start,
             worker=this_process(),
             device=device,
         )
-        result["report"] = report
 
     _take_over_lock(dst, settings)
     _segment_one(segmenter, src, dst, options, overwrite, name, bar=False, before_write=check_then_publish)

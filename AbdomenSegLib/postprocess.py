@@ -12,11 +12,12 @@ from scipy import ndimage
 from .preprocess import bounding_box
 
 
-def connected_pieces(mask: np.ndarray, *, full: bool = False) -> tuple:
+def connected_pieces(mask: np.ndarray, *, full: bool = False, numbered: bool = True) -> tuple:
     """(count, sizes largest first, pieces) of a boolean (z, y, x) mask: `pieces` numbers the connected pieces
     1, 2, ... by decreasing size (None when there is at most one). Face connectivity, or all 26 neighbours with
     `full`. SimpleITK's run-length labelling and size sort: about 4x faster than scipy's label + bincount on a
-    512x512 scan's organ boxes. Two pieces of exactly equal size are ordered by ITK's label order."""
+    512x512 scan's organ boxes. Two pieces of exactly equal size are ordered by ITK's label order. With
+    `numbered=False` only the count and sizes are wanted, and the numbered array is not copied out (None)."""
     filter_ = sitk.ConnectedComponentImageFilter()
     filter_.SetFullyConnected(full)
     labelled = filter_.Execute(sitk.GetImageFromArray(np.ascontiguousarray(mask).view(np.uint8)))
@@ -25,8 +26,9 @@ def connected_pieces(mask: np.ndarray, *, full: bool = False) -> tuple:
         return count, [int(np.count_nonzero(mask))] if count else [], None
     relabel = sitk.RelabelComponentImageFilter()
     pieces = relabel.Execute(labelled)
+    sizes = [int(n) for n in relabel.GetSizeOfObjectsInPixels()]
     # A copy: a view would point into `pieces`, freed when this function returns.
-    return count, [int(n) for n in relabel.GetSizeOfObjectsInPixels()], sitk.GetArrayFromImage(pieces)
+    return count, sizes, sitk.GetArrayFromImage(pieces) if numbered else None
 
 
 def _boxes(labels: np.ndarray) -> list:

@@ -179,7 +179,7 @@ def _pieces_and_borders(array: np.ndarray, value: int, box, voxel_ml: float, fac
             touched.append(faces[axis][1])
     if single:
         return 1, 0.0, touched
-    count, sizes, _ = connected_pieces(array[box] == value, full=True)
+    count, sizes, _ = connected_pieces(array[box] == value, full=True, numbered=False)
     return count, float(sum(sizes[1:])) * voxel_ml, touched
 
 

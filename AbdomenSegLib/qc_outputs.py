@@ -28,6 +28,26 @@ def assess_result(segmenter, labels, options=None) -> QCReport:
     )
 
 
+def check_and_record(files, segmenter, name, image, labels, options, *, output, started: float, **extra) -> tuple:
+    """The result check of one segmented case, recorded in `files` (a QCFiles: qc/<case>.json, its picture, a
+    row of qc.csv); `extra` goes into the JSON (a Dask worker adds where it ran). Returns (report, its JSON)."""
+    import time
+
+    report = assess_result(segmenter, labels, options)
+    qc = files.add(
+        name,
+        image,
+        labels,
+        report,
+        output=str(output),
+        model=segmenter.card.name,
+        modality=segmenter.card["modality"],
+        seconds=round(time.time() - started, 1),
+        **extra,
+    )
+    return report, qc
+
+
 _NOTE_TITLES = {
     "cut_by_border": "cut by the image border",
     "low_confidence": "low confidence",

@@ -103,9 +103,21 @@ def transforms(config: dict):
     augmentations whose probability is above 0."""
     from monai import transforms as T
 
-    t, m = config["train"], config["model"]
-    a, organs = t["augment"], m["organs"]
-    channels = len(organs) + 1
+    return T.Compose(
+        sampling_and_spatial(config)
+        + project_augmentations(config)
+        + intensity_augmentations(config["train"]["augment"])
+    )
+
+
+def sampling_and_spatial(config: dict) -> list:
+    """Padding to the patch, patches centred on each class in turn, and the spatial augmentations (image bilinear,
+    label nearest)."""
+    from monai import transforms as T
+
+    t = config["train"]
+    a = t["augment"]
+    channels = len(config["model"]["organs"]) + 1
     ratios = [t["background_ratio"]] + [1.0] * (channels - 1)
     keys = ["image", "label"]
     chain = [
@@ -144,9 +156,16 @@ def transforms(config: dict):
                 mode=("bilinear", "nearest"),
             )
         )
-    # Project-made augmentations (augment.py); they work on the windowed CT image and the model-space grid.
+    return chain
+
+
+def project_augmentations(config: dict) -> list:
+    """Project-made augmentations (augment.py); they work on the windowed CT image and the model-space grid."""
+    m, a = config["model"], config["train"]["augment"]
+    organs = m["organs"]
     window = m["intensity"]["window"] if m["intensity"]["mode"] == "ct_window" else None
     spacing = m["spacing"][::-1]  # (z, y, x) like the arrays
+    chain = []
     if a["unenhanced_prob"] > 0:
         from .augment import RandUnenhancedd
 
@@ -162,13 +181,21 @@ def transforms(config: dict):
 
         kidneys = [organs.index(o) + 1 for o in ("kidney_right", "kidney_left") if o in organs]
         chain.append(RandRenalCystd(channels=kidneys, window=window, spacing=spacing, prob=a["renal_cyst_prob"]))
+    return chain
+
+
+def intensity_augmentations(a: dict) -> list:
+    """Intensity scale and shift, and scanner variety the 20 training scans do not show: coarser
+    reconstructions (blur), other contrast phases and kernels (gamma), quantum noise. Off by default; the shipped
+    CT configs turn them on."""
+    from monai import transforms as T
+
+    chain = []
     if a["intensity_prob"] > 0:
         chain += [
             T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
             T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"]),
         ]
-    # Scanner variety the 20 training scans do not show: coarser reconstructions (blur), other contrast
-    # phases and kernels (gamma), quantum noise. Off by default; the shipped CT configs turn them on.
     if a["blur_prob"] > 0:
         chain.append(
             T.RandGaussianSmoothd(
@@ -179,4 +206,4 @@ def transforms(config: dict):
         chain.append(T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=a["contrast_prob"]))
     if a["noise_prob"] > 0:
         chain.append(T.RandGaussianNoised("image", std=0.03, prob=a["noise_prob"]))
-    return T.Compose(chain)
+    return chain

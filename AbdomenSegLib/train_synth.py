@@ -9,8 +9,6 @@ through the card's inferer like every other model, so the card's validation is a
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from .trainer import Trainer
@@ -50,87 +48,43 @@ class SynthTrainer(Trainer):
         _, val = split_cases([n[len(prefix) :] for n in cases if n.startswith(prefix)], d["val_count"], d["seed"])
         self.val_names = [prefix + n for n in val]
         self.train_names = [n for n in cases if n not in self.val_names]
-        self.lut = organs_to_channels(self.labels)
+        lut = organs_to_channels(self.labels)
         self.tissue = {n: tissue for n, (_, tissue, _) in cases.items()}
         self.kind = {n: kind for n, (_, _, kind) in cases.items()}
         # (image, channel labels) as the base trainer's validation, crops and loss weights read them; CT cases
         # keep no image (never shown): zeros of the right shape.
         self.cases = {
-            n: (image if image is not None else np.zeros_like(tissue), self.lut[to_target(tissue)])
+            n: (image if image is not None else np.zeros_like(tissue), lut[to_target(tissue)])
             for n, (image, tissue, _) in cases.items()
         }
         kinds = {k: sum(1 for n in self.train_names if self.kind[n] == k) for k in set(self.kind.values())}
         self.log(f"train {len(self.train_names)} cases {kinds}, validation (real images) {self.val_names}")
 
     def build_transforms(self):
-        """Crop around every organ class, spatial augmentation on image and tissue map together, then the
-        synthesis (a new image from the tissue map; tissue classes -> background), the organs as channels,
-        and intensity augmentation on whatever image came out."""
+        """The standard crops and spatial augmentation (train_recipe.py) on image and tissue map together, then
+        the synthesis (a new image from the tissue map; tissue classes -> background), the organs as channels,
+        and the standard intensity augmentation on whatever image came out. No CT-only augmentations."""
         from monai import transforms as T
 
         from .channels import organs_to_channels
         from .synth import SynthTransform
+        from .train_recipe import intensity_augmentations, sampling_and_spatial
 
         t, m = self.config["train"], self.config["model"]
-        a = t["augment"]
-        keys = ["image", "label"]
-        chain = [
-            T.SpatialPadd(keys, spatial_size=t["patch"]),
-            T.RandCropByLabelClassesd(
-                keys,
-                label_key="label",
-                spatial_size=t["patch"],
-                ratios=[t["background_ratio"]] + [1.0] * (self.channels - 1),
-                num_classes=self.channels,
-                num_samples=t["batch_size"],
-                indices_key="label_cls_indices",
-                allow_smaller=True,
-            ),
-        ]
-        if a["affine_prob"] > 0:
-            r, s = a["rotate"], a["scale"]
-            chain.append(
-                T.RandAffined(
-                    keys,
-                    prob=a["affine_prob"],
-                    rotate_range=(r, 0.05, 0.05),
-                    scale_range=(s, s, s),
-                    mode=("bilinear", "nearest"),
-                    padding_mode="zeros",
-                )
-            )
-        chain += [
+        synthesis = [
             _LabelLookup(),
             SynthTransform(spacing=m["spacing"][::-1], prob=t["synth"]["prob"]),
             _LabelLookup(organs_to_channels(self.labels)),
         ]
-        if a["intensity_prob"] > 0:
-            chain += [
-                T.RandScaleIntensityd("image", factors=0.1, prob=a["intensity_prob"]),
-                T.RandShiftIntensityd("image", offsets=0.05, prob=a["intensity_prob"]),
-            ]
-        if a["contrast_prob"] > 0:
-            chain.append(T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=a["contrast_prob"]))
-        if a["noise_prob"] > 0:
-            chain.append(T.RandGaussianNoised("image", std=0.03, prob=a["noise_prob"]))
-        return T.Compose(chain)
+        return T.Compose(sampling_and_spatial(self.config) + synthesis + intensity_augmentations(t["augment"]))
 
-    def batch(self, rng):
-        import torch
-
+    def item(self, name) -> dict:
         from .datasets import decode_image
 
-        name = self.train_names[rng.integers(len(self.train_names))]
         image, _ = self.cases[name]
-        item = {
+        return {
             "image": decode_image(image)[None],
             "label": self.tissue[name][None].astype(np.int64),
             "label_cls_indices": self._indices(name),
             "synth_only": self.kind[name] == "ct",
         }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            samples = self.transform(item)
-        x = torch.stack([torch.as_tensor(np.asarray(s["image"])).float() for s in samples])
-        y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples])
-        return x.to(self.device), y.to(self.device)

@@ -185,20 +185,23 @@ class Trainer:
             self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
         return self._index_cache[name]
 
-    def batch(self, rng):
-        """The next training batch (x, y) on the device: a case drawn with `rng`, through the augmentation chain.
-        A seam like the build_* methods (train_synth.py draws tissue maps instead)."""
-        import torch
-
+    def item(self, name) -> dict:
+        """One training case as the augmentation chain takes it: a seam like the build_* methods
+        (train_synth.py hands over a tissue map instead of the organ channels)."""
         from .datasets import decode_image
 
-        name = self.train_names[rng.integers(len(self.train_names))]
         image, label = self.cases[name]
-        item = {
+        return {
             "image": decode_image(image)[None],
             "label": label[None].astype(np.int64),
             "label_cls_indices": self._indices(name),
         }
+
+    def batch(self, rng):
+        """The next training batch (x, y) on the device: a case drawn with `rng`, through the augmentation chain."""
+        import torch
+
+        item = self.item(self.train_names[rng.integers(len(self.train_names))])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             samples = self.transform(item)

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import queue
 import sys
 import threading
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
 
     requests: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(sys.stdin, requests), name="stdin reader", daemon=True).start()
-    _emit(ready=True, pid=__import__("os").getpid())
+    _emit(ready=True, pid=os.getpid())
     while True:
         try:
             line = requests.get(timeout=args.idle_exit)
