@@ -65,6 +65,9 @@ DEFAULT_CONFIG = {
         "background_ratio": 1.0,
         "seed": 0,
         "threads": 2,
+        # Processes that make the batches ahead of the network (a torch DataLoader); 0 = in the training
+        # process. Batch s is the same either way (seeded by the step), so a resumed run still matches.
+        "loader_workers": 0,
         "init_from": None,
         # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
         # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
@@ -309,7 +312,14 @@ def _check_train(t, dims):
             f"config train.patch {patch} for a 2D model must be [slices, height, width]",
             "slices odd (1 = 2D, 3 or 5 = 2.5D input channels), height and width multiples of 32",
         )
-    for key, low in (("steps", 1), ("batch_size", 1), ("val_every", 1), ("seed", 0), ("threads", 1)):
+    for key, low in (
+        ("steps", 1),
+        ("batch_size", 1),
+        ("val_every", 1),
+        ("seed", 0),
+        ("threads", 1),
+        ("loader_workers", 0),
+    ):
         _whole(t[key], f"train.{key}", low)
     _whole(t["step_decay"]["every"], "train.step_decay.every", 1)
     _real(t["lr"], "train.lr", 0.0, math.inf, open_low=True)

@@ -198,7 +198,7 @@ class Trainer:
         }
 
     def batch(self, rng):
-        """The next training batch (x, y) on the device: a case drawn with `rng`, through the augmentation chain."""
+        """The next training batch (x, y) on the CPU: a case drawn with `rng`, through the augmentation chain."""
         import torch
 
         item = self.item(self.train_names[rng.integers(len(self.train_names))])
@@ -210,7 +210,39 @@ class Trainer:
         if self.dimensions == 2:  # (B, 1, slices, H, W): slices become channels, the centre slice the target
             centre = self.in_channels // 2
             x, y = x[:, 0], y[:, :, centre]
-        return x.to(self.device), y.to(self.device)
+        return x, y
+
+    def step_batch(self, step: int):
+        """Step `step`'s batch: a generator and MONAI's transform RNGs seeded by (seed, step, rank), so a resumed
+        run, or one whose batches come from loader workers, draws the same batches as an uninterrupted serial one."""
+        from monai.utils import set_determinism
+
+        rng = np.random.default_rng([self.rng_state, step, self.rank])  # each rank its own samples
+        step_seed = (int(self.config["train"]["seed"]) * 100003 + step * 97 + self.rank) % (2**31)
+        set_determinism(seed=step_seed)
+        self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
+        return self.batch(rng)
+
+    def _batches(self, first: int, last: int):
+        """(x, y) for steps first..last-1 in order: made here, or by `train.loader_workers` processes (worker w
+        makes the steps w, w + W, ...; the DataLoader hands them back in step order)."""
+        workers = int(self.config["train"].get("loader_workers", 0))
+        if workers == 0:
+            for step in range(first, last):
+                yield self.step_batch(step)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _step_batches(self, first, last),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2,
+            # fork: the workers share the cached cases instead of pickling them; they never touch CUDA
+            multiprocessing_context="fork",
+        )
+        yield from loader
 
     # -- validation ------------------------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -276,7 +308,6 @@ class Trainer:
     def run(self, resume: bool = False, progress=None, stop_at: int | None = None):
         """Train to config steps (or stop early at `stop_at`, as an interruption would; resume continues)."""
         import torch
-        from monai.utils import set_determinism
         from safetensors.torch import save_file
         from torch.utils.tensorboard import SummaryWriter
 
@@ -287,14 +318,9 @@ class Trainer:
         writer = SummaryWriter(str(self.out_dir / "tb")) if self.rank == 0 else None
         self.network.train()
         start = time.time()
-        while self.step < min(t["steps"], stop_at or t["steps"]):
-            # A fresh generator per step, seeded by (seed, step): a resumed run draws the same
-            # cases as an uninterrupted one.
-            rng = np.random.default_rng([self.rng_state, self.step, self.rank])  # each rank its own samples
-            step_seed = (int(t["seed"]) * 100003 + self.step * 97 + self.rank) % (2**31)
-            set_determinism(seed=step_seed)
-            self.transform.set_random_state(seed=step_seed)  # MONAI transforms keep their own RNGs
-            x, y = self.batch(rng)
+        last = min(t["steps"], stop_at or t["steps"])
+        for x, y in self._batches(self.step, last):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).long()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 loss = self.loss(self.trainable(x), y)
@@ -377,3 +403,20 @@ class Trainer:
         if (self.out_dir / "best.safetensors").is_file():
             self.network.load_state_dict(load_file(str(self.out_dir / "best.safetensors")))
         return self.network.eval()
+
+
+def _step_batches(trainer: Trainer, first: int, last: int):
+    """The batches of steps first..last-1 as an iterable dataset for a DataLoader: worker w of W makes steps
+    first + w, first + w + W, ..., each seeded by its step (Trainer.step_batch)."""
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class StepBatches(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            w, n = (info.id, info.num_workers) if info else (0, 1)
+            for step in range(first + w, last, n):
+                x, y = trainer.step_batch(step)
+                yield x, y.to(torch.uint8)  # 8x less shared memory between processes; channels < 256
+
+    return StepBatches()

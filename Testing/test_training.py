@@ -339,3 +339,20 @@ def test_the_exported_card_names_the_engine_version(tmp_path):
     assert card_problems(dict(card, abdomenseg_version=1.0), pending=("weights", "sha256")) == [
         'abdomenseg_version 1.0 must be a version number such as "0.1.0"'
     ]
+
+
+def test_loader_workers_make_the_same_batches_as_the_training_process(tmp_path):
+    """Batches from `train.loader_workers` processes arrive in step order and equal the serial ones, so a run's
+    data do not depend on how many workers made them."""
+    import torch
+
+    config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=6)
+    trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
+    trainer.rng_state = 0
+    serial = list(trainer._batches(1, 6))
+    trainer.config["train"]["loader_workers"] = 2
+    pooled = list(trainer._batches(1, 6))
+    assert len(pooled) == len(serial) == 5
+    for (x0, y0), (x1, y1) in zip(serial, pooled):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1.long())
+    assert not all(torch.equal(serial[0][0], x) for x, _ in serial[1:])  # the steps really differ
