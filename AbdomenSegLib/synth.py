@@ -201,3 +201,32 @@ class SynthTransform(_ImageLabelTransform):
         if self.tissue_to_background:
             d[self.label_key] = to_target(label, self.first_tissue)
         return d
+
+
+class SlabTransform(_ImageLabelTransform):
+    """With probability `prob`, keep only a slab of `min_slices`.. (z - 1) slices of the patch, at a random
+    position, and set the rest to what the sliding window pads a short volume with (image 0, label background).
+
+    Why: MR series often cover only a few centimetres (a 20-slice, 60 mm T1 slab is common), and a volume
+    shorter than the window is padded with zeros (sliding_window.py). A network that only ever saw full-height
+    crops meets that padding, and the cut-off anatomy, for the first time in use (TotalSegmentator's 20-slice
+    example MR: kidneys grown into the perirenal fat). Place it last in the chain, after the intensity
+    augmentation, so that the padding stays exactly 0 as in inference."""
+
+    def __init__(self, image_key="image", label_key="label", *, prob=0.3, min_slices=4):
+        super().__init__(image_key, label_key, prob)
+        self.min_slices = int(min_slices)
+
+    def apply(self, d: dict, image: np.ndarray, label: np.ndarray) -> dict:
+        depth = image.shape[1]
+        if depth <= self.min_slices:
+            return d
+        keep = int(self.R.randint(self.min_slices, depth))  # at most depth - 1 slices: some padding always
+        start = int(self.R.randint(0, depth - keep + 1))
+        outside = np.ones(depth, dtype=bool)
+        outside[start : start + keep] = False
+        image, label = image.copy(), np.array(label, copy=True)
+        image[:, outside] = 0.0
+        label[:, outside] = 0
+        d[self.image_key], d[self.label_key] = image, label
+        return d

@@ -67,7 +67,7 @@ class SynthTrainer(Trainer):
         from monai import transforms as T
 
         from .channels import organs_to_channels
-        from .synth import SynthTransform
+        from .synth import SlabTransform, SynthTransform
         from .train_recipe import intensity_augmentations, sampling_and_spatial
 
         t, m = self.config["train"], self.config["model"]
@@ -76,7 +76,8 @@ class SynthTrainer(Trainer):
             SynthTransform(spacing=m["spacing"][::-1], prob=t["synth"]["prob"]),
             _LabelLookup(organs_to_channels(self.labels)),
         ]
-        return T.Compose(sampling_and_spatial(self.config) + synthesis + intensity_augmentations(t["augment"]))
+        slab = [SlabTransform(prob=t["synth"]["slab_prob"])] if t["synth"].get("slab_prob") else []
+        return T.Compose(sampling_and_spatial(self.config) + synthesis + intensity_augmentations(t["augment"]) + slab)
 
     def item(self, name) -> dict:
         from .datasets import decode_image

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from AbdomenSegLib import tissue_labels as tl
-from AbdomenSegLib.synth import SynthTransform, synthesize, to_target
+from AbdomenSegLib.synth import SlabTransform, SynthTransform, synthesize, to_target
 
 LIVER, SPLEEN, KIDNEY_R = 1, 2, 3
 SPACING = (7.7, 2.5, 2.5)
@@ -236,3 +236,25 @@ def test_synth_configs_are_checked_before_any_cache(tmp_path, data, message):
     with pytest.raises(AbdomenSegError, match=message):
         _synth_config(tmp_path, **data)
     assert not (tmp_path / "cache.npz").exists()
+
+
+def test_slab_keeps_a_thin_slab_and_pads_the_rest_as_inference_does():
+    """Every cut keeps 4..z-1 whole slices untouched and sets the others to image 0 / background, as the
+    sliding window pads a short volume; over many draws thickness and position vary."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.1, 1.0, (1, 32, 24, 24)).astype(np.float32)
+    label = rng.integers(1, 5, (1, 32, 24, 24))
+    slab = SlabTransform(prob=1.0, min_slices=4)
+    slab.set_random_state(seed=1)
+    kept = []
+    for _ in range(50):
+        out = slab({"image": image, "label": label})
+        inside = (out["image"][0] != 0).any(axis=(1, 2))
+        first, last = np.flatnonzero(inside)[[0, -1]]
+        assert inside[first : last + 1].all() and 4 <= inside.sum() <= 31  # one contiguous slab
+        assert np.array_equal(out["image"][:, inside], image[:, inside])
+        assert np.array_equal(out["label"][:, inside], label[:, inside])
+        assert not out["image"][:, ~inside].any() and not out["label"][:, ~inside].any()
+        kept.append((first, inside.sum()))
+    assert len(set(kept)) > 20
+    assert np.array_equal(SlabTransform(prob=0.0)({"image": image, "label": label})["image"], image)
