@@ -128,7 +128,12 @@ def _segment(args) -> int:
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead
 
-    with ReadAhead([] if distributed else reads) as read_ahead:
+    def prepare(image):  # in the read-ahead thread: no torch needed
+        from .inference import prepare_input
+
+        return prepare_input(card, image, args.input_intensity)
+
+    with ReadAhead([] if distributed else reads, prepare=prepare) as read_ahead:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
@@ -188,7 +193,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                     args.overwrite,
                     tag,
                     json_lines.progress(index, len(targets)) if json_lines else None,
-                    read=read_ahead.get,
+                    read=read_ahead.get_prepared,
                 )
                 written += 1
             except AbdomenSegError as exc:
@@ -342,11 +347,12 @@ def _segment_one(
 ) -> tuple:
     """Read, segment, write one case while holding its output; returns (image, labels). Dask workers
     (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output.
-    `read(src)`: where the scan comes from (read_ahead.ReadAhead.get), else read here."""
+    `read(src)`: where the scan (and its preparation for the model, or None) comes from
+    (read_ahead.ReadAhead.get_prepared), else read here."""
     from .io import check_output_can_hold, claim_output, read_image, write_labels
 
     with claim_output(dst, overwrite=overwrite):
-        image = read(src) if read else read_image(src, segmentation_ok=False)
+        image, prepared = read(src) if read else (read_image(src, segmentation_ok=False), None)
         check_output_can_hold(image.GetDirection(), dst)
         bar = _Bar(tag) if bar else None
 
@@ -357,7 +363,7 @@ def _segment_one(
                 report(fraction, message)
 
         try:
-            labels = segmenter.segment(image, options, progress=progress)
+            labels = segmenter.segment(image, options, progress=progress, prepared=prepared)
         finally:
             if bar:
                 bar.close()

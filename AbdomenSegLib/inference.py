@@ -72,6 +72,39 @@ class Timings:
 _CACHE: dict = {}
 
 
+@dataclass
+class Prepared:
+    """An input checked against a card and brought into its model space (`prepare_input`)."""
+
+    space: object  # pipeline.ModelSpace
+    input_intensity: str
+    model: str  # the card's name and sha256: a preparation for another model is not used
+
+
+def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "native") -> Prepared:
+    """Check `image` for the model `card` (clear refusal before any long work), then resample and normalise it
+    into the model's space. Needs no torch: it can run while torch is being imported."""
+    check_input(
+        image,
+        card["modality"],
+        input_intensity=input_intensity,
+        model_spacing=card["spacing"],
+        channels=card.out_channels,
+    )
+    space = to_model_space(
+        image,
+        card["spacing"],
+        card["intensity"],
+        orientation=card.get("orientation", "LPS"),
+        input_intensity=input_intensity,
+    )
+    return Prepared(space, input_intensity, _model_key(card))
+
+
+def _model_key(card) -> str:
+    return f"{card.get('name', '')}:{card.get('sha256', '')}"
+
+
 def get_segmenter(model=None, device: Device = "auto", log: LogCallback = print) -> Segmenter:
     """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
     card = model if isinstance(model, ModelCard) else find_model(model)
@@ -98,7 +131,10 @@ class Segmenter:
         options: Options | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
+        prepared: Prepared | None = None,
     ) -> sitk.Image:
+        """`prepared`: this image's `prepare_input` for this card, done ahead (read_ahead.py overlaps it with
+        torch's import); made here when absent or made for another input intensity."""
         options = options or Options()
         progress = progress or (lambda fraction, message: None)
         self.timings = Timings(device=self.device)
@@ -107,21 +143,13 @@ class Segmenter:
         self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
-        check_input(
-            image,
-            card["modality"],
-            input_intensity=options.input_intensity,
-            model_spacing=card["spacing"],
-            channels=card.out_channels,
-        )
         progress(0.02, "preprocessing")
-        space = to_model_space(
-            image,
-            card["spacing"],
-            card["intensity"],
-            orientation=card.get("orientation", "LPS"),
-            input_intensity=options.input_intensity,
-        )
+        if prepared is None or (prepared.input_intensity, prepared.model) != (
+            options.input_intensity,
+            _model_key(card),
+        ):
+            prepared = prepare_input(card, image, options.input_intensity)
+        space = prepared.space
         self.timings.add("preprocess", time.perf_counter() - t)
         check_cancel(cancel)
 

@@ -12,22 +12,33 @@ from .io import read_image
 
 class ReadAhead:
     """`get(path)` returns `read_image(path, segmentation_ok=False)` (or raises its error), read in the background
-    if it was in `paths`; the next path of the list starts reading at once."""
+    if it was in `paths`; the next path of the list starts reading at once. With `prepare(image)`, the thread
+    also prepares each image for the model (check and model space: inference.prepare_input, which needs no torch,
+    so the first scan's ~0.2 s of resampling also hides under torch's import); `get_prepared(path)` returns
+    (image, prepared)."""
 
-    def __init__(self, paths: list):
+    def __init__(self, paths: list, prepare=None):
         self._paths = [Path(p) for p in paths]
+        self._prepare = prepare
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AbdomenSeg read-ahead")
         self._futures: dict = {}
         self._submit(0)
 
     def _submit(self, index: int) -> None:
         if index < len(self._paths) and index not in self._futures:
-            self._futures[index] = self._pool.submit(read_image, self._paths[index], segmentation_ok=False)
+            self._futures[index] = self._pool.submit(self._read, self._paths[index])
+
+    def _read(self, path: Path) -> tuple:
+        image = read_image(path, segmentation_ok=False)
+        return image, self._prepare(image) if self._prepare else None
 
     def get(self, path):
+        return self.get_prepared(path)[0]
+
+    def get_prepared(self, path) -> tuple:
         path = Path(path)
         if path not in self._paths:  # not planned (e.g. a file that appeared since): read it now
-            return read_image(path, segmentation_ok=False)
+            return self._read(path)
         index = self._paths.index(path)
         self._submit(index)
         future = self._futures.pop(index)

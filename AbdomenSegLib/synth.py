@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from .augment import _ImageLabelTransform
-from .tissue_labels import AIR_OUTSIDE, DARK_CLASSES, FIRST_TISSUE, LAST_TISSUE
+from .tissue_labels import AIR_INSIDE, AIR_OUTSIDE, BONE, DARK_CLASSES, FAT, FIRST_TISSUE, LAST_TISSUE
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class SynthParams:
     gamma_log_std: float = 0.4
     percentiles: tuple = (0.5, 99.5)
     background_classes: tuple = (0, AIR_OUTSIDE)  # outside the body for the normalisation percentiles
+    ink_prob: float = 0.0  # opposed-phase "India ink" edges (below); 0 = never, as the first models trained
+    ink_factor: tuple = (0.0, 0.3)
 
 
 DEFAULT = SynthParams()
@@ -120,6 +122,14 @@ def synthesize(
     index = labels.astype(np.intp, copy=False)
     image = means[index] + stds[index] * rng.standard_normal(labels.shape, dtype=np.float32)
     info = {"means": means, "stds": stds}
+    if rng.uniform() < p.ink_prob:
+        # Opposed-phase (out-of-phase Dixon / GRE) images cancel fat and water signal in voxels holding both:
+        # a black line around every organ that borders fat, e.g. the kidneys in their perirenal fat. Darken
+        # the fat-side voxel of each fat/water interface; the organ's own voxels and its label stay as they are.
+        water = ~np.isin(labels, (0, AIR_OUTSIDE, AIR_INSIDE, FAT, BONE))
+        edge = (labels == FAT) & ndimage.binary_dilation(water)
+        image[edge] *= rng.uniform(*p.ink_factor)
+        info["ink"] = int(edge.sum())
 
     spacing = np.asarray(spacing, dtype=np.float64)
     if rng.uniform() < p.thick_prob:

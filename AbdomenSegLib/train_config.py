@@ -72,8 +72,9 @@ DEFAULT_CONFIG = {
         # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
         # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
         "trainer": "standard",
-        # slab_prob: how often a crop is cut to a thin slab padded as a short volume is (synth.SlabTransform)
-        "synth": {"prob": 0.6, "slab_prob": 0.0},
+        # slab_prob: how often a crop is cut to a thin slab padded as a short volume is (synth.SlabTransform);
+        # ink_prob: how often a synthetic image gets opposed-phase dark fat/water edges (synth.synthesize)
+        "synth": {"prob": 0.6, "slab_prob": 0.0, "ink_prob": 0.0},
         "augment": {
             "affine_prob": 0.2,
             "rotate": 0.2,
@@ -253,6 +254,7 @@ def _check_sources(config):
         )
     _real(config["train"]["synth"]["prob"], "train.synth.prob", 0.0, 1.0)
     _real(config["train"]["synth"]["slab_prob"], "train.synth.slab_prob", 0.0, 1.0)
+    _real(config["train"]["synth"]["ink_prob"], "train.synth.ink_prob", 0.0, 1.0)
 
 
 def validation_data(data: dict) -> dict:

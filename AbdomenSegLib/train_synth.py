@@ -67,13 +67,17 @@ class SynthTrainer(Trainer):
         from monai import transforms as T
 
         from .channels import organs_to_channels
-        from .synth import SlabTransform, SynthTransform
+        from .synth import SlabTransform, SynthParams, SynthTransform
         from .train_recipe import intensity_augmentations, sampling_and_spatial
 
         t, m = self.config["train"], self.config["model"]
         synthesis = [
             _LabelLookup(),
-            SynthTransform(spacing=m["spacing"][::-1], prob=t["synth"]["prob"]),
+            SynthTransform(
+                spacing=m["spacing"][::-1],
+                prob=t["synth"]["prob"],
+                params=SynthParams(ink_prob=t["synth"]["ink_prob"]),
+            ),
             _LabelLookup(organs_to_channels(self.labels)),
         ]
         slab = [SlabTransform(prob=t["synth"]["slab_prob"])] if t["synth"].get("slab_prob") else []
