@@ -124,6 +124,10 @@ def _segment(args) -> int:
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
     card = find_model(args.model)
+    if args.tta:  # a model trained without mirroring is refused before any scan is read
+        from .tta import check_tta
+
+        check_tta(card)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead
@@ -145,6 +149,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
         largest_component=args.largest_component,
         fill_holes=args.fill_holes,
         precision=args.precision,
+        tta=args.tta,
     )
     json_lines = getattr(args, "json_lines", None)
     if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
@@ -559,6 +564,7 @@ def _compare(args) -> int:
         input_intensity=args.input_intensity,
         device=args.device,
         overwrite=args.overwrite,
+        tta=args.tta,
         log=_log,
         mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
     )
@@ -645,6 +651,15 @@ def _cluster_options(p):
     )
 
 
+def _tta_option(p):
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities of the scan and its mirror images along the axes "
+        "the model was trained to mirror (2**k passes: that much slower); refused for models trained without",
+    )
+
+
 def _program_name() -> str:
     """How the user called us: the `abdomenseg` command of an installed package, or `python -m AbdomenSegLib`."""
     called = Path(sys.argv[0]).stem.lower() if sys.argv and sys.argv[0] else ""
@@ -682,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: organs that are one piece by anatomy), every organ (all), or none (raw output)",
     )
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
+    _tta_option(p)
     p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS, help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.add_argument(
@@ -729,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--overwrite", action="store_true")
+    _tta_option(p)
     _cluster_options(p)
     p.set_defaults(func=_compare)
 

@@ -58,6 +58,7 @@ class Options:
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
     precision: Precision = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
+    tta: bool = False  # average over the mirror axes the model was trained with (tta.py)
 
 
 @dataclass
@@ -102,11 +103,19 @@ class Segmenter:
         options = options or Options()
         progress = progress or (lambda fraction, message: None)
         self.timings = Timings(device=self.device)
+        probabilities, space = self.model_space_probabilities(image, options, progress, cancel)
+        return self.labels_from(probabilities, space, image, options, progress)
+
+    def check(self, image: sitk.Image, options: Options) -> None:
+        """What must fail before any work: the options, and the input for this model."""
         card = self.card
-        t = time.perf_counter()
         self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
+        if options.tta:
+            from .tta import check_tta
+
+            check_tta(card)
         check_input(
             image,
             card["modality"],
@@ -114,6 +123,12 @@ class Segmenter:
             model_spacing=card["spacing"],
             channels=card.out_channels,
         )
+
+    def model_space_probabilities(self, image, options, progress, cancel) -> tuple:
+        """(softmax probabilities (C, z, y, x) of the body box, the ModelSpace) of `image` in this model's grid."""
+        card = self.card
+        t = time.perf_counter()
+        self.check(image, options)
         progress(0.02, "preprocessing")
         space = to_model_space(
             image,
@@ -127,10 +142,13 @@ class Segmenter:
 
         t = time.perf_counter()
         probabilities = self._infer(space.array[space.box], options, progress, cancel)
-        self.last_confidence = organ_confidence(probabilities, card.channel_organs, options.organs)
         self.timings.add("infer", time.perf_counter() - t)
+        return probabilities, space
 
+    def labels_from(self, probabilities, space, image, options, progress) -> sitk.Image:
+        """The label image in `image`'s grid from model-space `probabilities` of `space`'s body box, post-processed."""
         t = time.perf_counter()
+        self.last_confidence = organ_confidence(probabilities, self.card.channel_organs, options.organs)
         progress(0.9, "resampling to the input grid")
         labels = self._to_input_grid(probabilities, space, image, options.smooth_resample)
         labels = self._finish_labels(labels, options)
@@ -148,7 +166,7 @@ class Segmenter:
         stays on its device, so the next call (and the cache entry keyed by that device) is on the GPU again."""
         import torch
 
-        inferer = inferer_for(self.card, overlap=options.overlap)
+        inferer = inferer_for(self.card, overlap=options.overlap, tta=options.tta)
         try:
             return inferer(self.network, array, self.device, self.precision, progress, cancel)
         except torch.cuda.OutOfMemoryError:
