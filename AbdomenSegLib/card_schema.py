@@ -63,6 +63,8 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
     """Every problem of a card's values, [] when it is valid."""
     if not isinstance(data, dict):
         return [f"the card must be a JSON object, not {_kind(data)}"]
+    if "ensemble" in data:
+        return _ensemble_card(data)
     missing = [k for k in REQUIRED_KEYS if k not in data and k not in pending]
     problems = [f"lacks {', '.join(missing)}"] if missing else []
     dims = data.get("dimensions")
@@ -92,6 +94,23 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
             problems += check(data[key])
     if dims == 3:
         problems += _roi_fits_network(data)
+    return problems
+
+
+def _ensemble_card(data: dict) -> Problems:
+    """An ensemble's card (ensemble_card.py): a name, a title and its members' names; every model value comes
+    from the members, so a card that states one would say something the ensemble does not do."""
+    problems = _name(data["name"]) if "name" in data else ["lacks name"]
+    if "title" in data and not isinstance(data["title"], str):
+        problems.append(f"title {_show(data['title'])} must be text")
+    members = data["ensemble"]
+    if not isinstance(members, list) or not members or any(not isinstance(m, str) or _name(m) for m in members):
+        problems.append(f"ensemble {_show(members)} must be a list of installed models' names")
+    elif len(set(members)) != len(members):
+        problems.append(f"ensemble {_show(members)} names a model more than once")
+    own = [k for k in REQUIRED_KEYS if k != "name" and k in data]
+    if own:
+        problems.append(f"an ensemble card takes {', '.join(own)} from its members; remove them")
     return problems
 
 

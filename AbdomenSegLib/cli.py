@@ -673,7 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a volume (file, DICOM folder), a folder of volumes or a glob")
     p.add_argument("input", help="image file, DICOM series folder, folder of images, or quoted glob")
     p.add_argument("output", help="output label map (.nii.gz, .nrrd, .seg.nrrd), or a folder for several inputs")
-    p.add_argument("--model", help="installed model name or model package folder (default: the catalog's default)")
+    p.add_argument(
+        "--model",
+        help="installed model name or model package folder (default: the catalog's default); several joined by "
+        "'+' (a+b) run as an ensemble, their probabilities averaged",
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument(
         "--precision",
@@ -736,7 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
-    p.add_argument("--models", required=True, help="comma-separated model names or package folders")
+    p.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated model names or package folders; a+b is an ensemble of a and b, compared as one model",
+    )
     p.add_argument("--data", required=True, help="dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
     p.add_argument("--labels", required=True, help="label convention of the dataset: abdomenseg, btcv, chaos, totalseg")
     p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")

@@ -74,12 +74,18 @@ _CACHE: dict = {}
 
 
 def get_segmenter(model=None, device: Device = "auto", log: LogCallback = print) -> Segmenter:
-    """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
+    """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast. An ensemble's card gets
+    an ensemble.EnsembleSegmenter (same interface), whose members are cached here too."""
     card = model if isinstance(model, ModelCard) else find_model(model)
     resolved = resolve_device(device, log)
     key = (str(card.path), resolved)
     if key not in _CACHE:
-        _CACHE[key] = Segmenter(card, resolved, log=log)
+        if card.members:
+            from .ensemble import EnsembleSegmenter
+
+            _CACHE[key] = EnsembleSegmenter(card, resolved, log=log)
+        else:
+            _CACHE[key] = Segmenter(card, resolved, log=log)
     return _CACHE[key]
 
 
@@ -125,7 +131,8 @@ class Segmenter:
         )
 
     def model_space_probabilities(self, image, options, progress, cancel) -> tuple:
-        """(softmax probabilities (C, z, y, x) of the body box, the ModelSpace) of `image` in this model's grid."""
+        """(softmax probabilities (C, z, y, x) of the body box, the ModelSpace) of `image` in this model's grid;
+        an ensemble (ensemble.py) averages its members' before `labels_from`."""
         card = self.card
         t = time.perf_counter()
         self.check(image, options)
