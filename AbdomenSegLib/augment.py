@@ -216,3 +216,20 @@ class RandRenalCystd(_ImageLabelTransform):
         new_label[0][cyst] = channel
         d[self.image_key], d[self.label_key] = out, new_label
         return d
+
+
+class RandSideFlipd(_ImageLabelTransform):
+    """With probability `prob`, mirror image and label along the left-right array axis `axis` (0 = z of the
+    spatial axes) and trade the paired organs' label values (`pairs`, mirror.value_pairs): the mirrored right
+    kidney lies where a left kidney does and must be labelled so. The other axes mirror with MONAI's RandFlipd."""
+
+    def __init__(self, image_key="image", label_key="label", *, axis, pairs, prob=0.5):
+        super().__init__(image_key, label_key, prob)
+        self.axis, self.pairs = axis + 1, list(pairs)  # + 1: the channel axis comes first
+
+    def apply(self, d, image, label):
+        from .mirror import swap_values
+
+        d[self.image_key] = np.ascontiguousarray(np.flip(image, self.axis))
+        d[self.label_key] = swap_values(np.ascontiguousarray(np.flip(label, self.axis)), self.pairs)
+        return d

@@ -63,6 +63,8 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
     """Every problem of a card's values, [] when it is valid."""
     if not isinstance(data, dict):
         return [f"the card must be a JSON object, not {_kind(data)}"]
+    if "ensemble" in data:
+        return _ensemble_card(data)
     missing = [k for k in REQUIRED_KEYS if k not in data and k not in pending]
     problems = [f"lacks {', '.join(missing)}"] if missing else []
     dims = data.get("dimensions")
@@ -77,7 +79,7 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
         "spacing": lambda v: _numbers(v, "spacing", 3, SPACING_MM, "mm"),
         "orientation": _orientation,
         "intensity": _intensity,
-        "inference": _inference,
+        "inference": lambda v: _inference(v, data),
         "postprocess": lambda v: _postprocess(v, labels),
         "weights": _weights,
         "sha256": _sha256,
@@ -92,6 +94,23 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
             problems += check(data[key])
     if dims == 3:
         problems += _roi_fits_network(data)
+    return problems
+
+
+def _ensemble_card(data: dict) -> Problems:
+    """An ensemble's card (ensemble_card.py): a name, a title and its members' names; every model value comes
+    from the members, so a card that states one would say something the ensemble does not do."""
+    problems = _name(data["name"]) if "name" in data else ["lacks name"]
+    if "title" in data and not isinstance(data["title"], str):
+        problems.append(f"title {_show(data['title'])} must be text")
+    members = data["ensemble"]
+    if not isinstance(members, list) or not members or any(not isinstance(m, str) or _name(m) for m in members):
+        problems.append(f"ensemble {_show(members)} must be a list of installed models' names")
+    elif len(set(members)) != len(members):
+        problems.append(f"ensemble {_show(members)} names a model more than once")
+    own = [k for k in REQUIRED_KEYS if k != "name" and k in data]
+    if own:
+        problems.append(f"an ensemble card takes {', '.join(own)} from its members; remove them")
     return problems
 
 
@@ -306,12 +325,12 @@ def _ordered_pair(value: Any, field: str, bounds: tuple) -> Problems:
     return problems
 
 
-def _inference(value: Any) -> Problems:
-    return _section(value, "inference", _inference_block)
+def _inference(value: Any, data: dict) -> Problems:
+    return _section(value, "inference", lambda block: _inference_block(block, data))
 
 
-def _inference_block(block: dict) -> Problems:
-    problems = []
+def _inference_block(block: dict, data: dict) -> Problems:
+    problems = _mirror_axes(block["tta_mirror_axes"], data) if "tta_mirror_axes" in block else []
     if "roi_size" in block:
         problems += _ints(block["roi_size"], "inference.roi_size", 1, MAX_ROI, 3)
     if "overlap" in block:
@@ -321,6 +340,19 @@ def _inference_block(block: dict) -> Problems:
     if "batch_size" in block:
         problems += _int(block["batch_size"], "inference.batch_size", 1, 256)
     return problems
+
+
+def _mirror_axes(axes: Any, data: dict) -> Problems:
+    """inference.tta_mirror_axes: model axes; the left-right one only with both sides of each paired organ, whose
+    channels test-time augmentation trades back (mirror.py). Sides judged once orientation and labels are valid."""
+    from .mirror import AXES, mirror_axes_problems
+
+    orientation, labels = data.get("orientation", "LPS"), data.get("labels")
+    if not isinstance(axes, list) or any(a not in AXES for a in axes):
+        return [f"inference.tta_mirror_axes {_show(axes)} must be a list of the model axes z, y, x"]
+    if _orientation(orientation) or not isinstance(labels, dict) or _labels(labels):
+        return []
+    return [f"inference.tta_mirror_axes: {p}" for p in mirror_axes_problems(axes, orientation, labels.values())]
 
 
 def _roi_fits_network(data: dict) -> Problems:

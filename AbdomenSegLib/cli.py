@@ -124,6 +124,10 @@ def _segment(args) -> int:
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
     card = find_model(args.model)
+    if args.tta:  # a model trained without mirroring is refused before any scan is read
+        from .tta import check_tta
+
+        check_tta(card)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead
@@ -133,7 +137,8 @@ def _segment(args) -> int:
 
         return prepare_input(card, image, args.input_intensity)
 
-    with ReadAhead([] if distributed else reads, prepare=prepare) as read_ahead:
+    # (an ensemble's members each prepare the scan for their own grid)
+    with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
@@ -150,6 +155,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
         largest_component=args.largest_component,
         fill_holes=args.fill_holes,
         precision=args.precision,
+        tta=args.tta,
     )
     json_lines = getattr(args, "json_lines", None)
     if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
@@ -565,6 +571,7 @@ def _compare(args) -> int:
         input_intensity=args.input_intensity,
         device=args.device,
         overwrite=args.overwrite,
+        tta=args.tta,
         log=_log,
         mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
     )
@@ -651,6 +658,15 @@ def _cluster_options(p):
     )
 
 
+def _tta_option(p):
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities of the scan and its mirror images along the axes "
+        "the model was trained to mirror (2**k passes: that much slower); refused for models trained without",
+    )
+
+
 def _program_name() -> str:
     """How the user called us: the `abdomenseg` command of an installed package, or `python -m AbdomenSegLib`."""
     called = Path(sys.argv[0]).stem.lower() if sys.argv and sys.argv[0] else ""
@@ -664,7 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a volume (file, DICOM folder), a folder of volumes or a glob")
     p.add_argument("input", help="image file, DICOM series folder, folder of images, or quoted glob")
     p.add_argument("output", help="output label map (.nii.gz, .nrrd, .seg.nrrd), or a folder for several inputs")
-    p.add_argument("--model", help="installed model name or model package folder (default: the catalog's default)")
+    p.add_argument(
+        "--model",
+        help="installed model name or model package folder (default: the catalog's default); several joined by "
+        "'+' (a+b) run as an ensemble, their probabilities averaged",
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument(
         "--precision",
@@ -688,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: organs that are one piece by anatomy), every organ (all), or none (raw output)",
     )
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
+    _tta_option(p)
     p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS, help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.add_argument(
@@ -726,7 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
-    p.add_argument("--models", required=True, help="comma-separated model names or package folders")
+    p.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated model names or package folders; a+b is an ensemble of a and b, compared as one model",
+    )
     p.add_argument("--data", required=True, help="dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
     p.add_argument("--labels", required=True, help="label convention of the dataset: abdomenseg, btcv, chaos, totalseg")
     p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")
@@ -735,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--overwrite", action="store_true")
+    _tta_option(p)
     _cluster_options(p)
     p.set_defaults(func=_compare)
 

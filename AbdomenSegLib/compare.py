@@ -40,13 +40,14 @@ def compare_case(
     direction,
     convention,
     input_intensity,
+    tta=False,
     log: LogCallback | None = None,
 ) -> list:
     """One model on one case: its metric rows. Runs here or on a Dask worker (which keeps each model loaded)."""
     segmenter = get_segmenter(find_model(model), device, log=log or print)
     organs = list(segmenter.card["labels"].values())
     image, reference = read_case(image_path, label_path, direction)
-    prediction = segmenter.segment(image, Options(input_intensity=input_intensity))
+    prediction = segmenter.segment(image, Options(input_intensity=input_intensity, tta=tta))
     return evaluate(prediction, reference, reference_convention=convention, organs=organs, case=name, model=label)
 
 
@@ -62,13 +63,15 @@ def run_comparison(
     direction=None,
     device="auto",
     overwrite=False,
+    tta=False,
     log: LogCallback = print,
     mapper=None,
 ) -> list:
     """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the
     `cases_from` model's training config gives when that model was trained on a dataset of the same name.
     `mapper(compare_case, items, names)` runs the (model, case) pairs elsewhere, e.g. on a Dask cluster
-    (cli: --workers / --scheduler), and returns their rows in the items' order."""
+    (cli: --workers / --scheduler), and returns their rows in the items' order. `tta`: every model with test-time
+    mirroring (each must have been trained with it: checked before any case runs)."""
     out_dir = Path(out_dir)
     existing = [name for name in OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
@@ -82,12 +85,28 @@ def run_comparison(
             direction = data.get("direction")
     rows = []
     cards = [find_model(model) for model in models]
+    if tta:
+        from .tta import check_tta
+
+        for card in cards:
+            check_tta(card)
     names = [card.name for card in cards]
     # Two versions of one model (e.g. a package and its continuation) share a name: tell them apart by hash.
     labels = [f"{n} ({c['sha256'][:8]})" if names.count(n) > 1 else n for n, c in zip(names, cards)]
     labels = [f"{label} {model}" if labels.count(label) > 1 else label for label, model in zip(labels, models)]
     items = [
-        (str(card.path), label, device, name, str(image_path), str(label_path), direction, convention, input_intensity)
+        (
+            str(card.path),
+            label,
+            device,
+            name,
+            str(image_path),
+            str(label_path),
+            direction,
+            convention,
+            input_intensity,
+            tta,
+        )
         for card, label in zip(cards, labels)
         for name, image_path, label_path in selected
     ]

@@ -58,6 +58,7 @@ class Options:
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
     precision: Precision = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
+    tta: bool = False  # average over the mirror axes the model was trained with (tta.py)
 
 
 @dataclass
@@ -91,27 +92,43 @@ def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "na
         model_spacing=card["spacing"],
         channels=card.out_channels,
     )
-    space = to_model_space(
+    return Prepared(_to_model_space(card, image, input_intensity), input_intensity, _model_key(card))
+
+
+def _to_model_space(card, image: sitk.Image, input_intensity: str):
+    return to_model_space(
         image,
         card["spacing"],
         card["intensity"],
         orientation=card.get("orientation", "LPS"),
         input_intensity=input_intensity,
     )
-    return Prepared(space, input_intensity, _model_key(card))
 
 
 def _model_key(card) -> str:
     return f"{card.get('name', '')}:{card.get('sha256', '')}"
 
 
+def _prepared_for(prepared: Prepared | None, card, options) -> bool:
+    return prepared is not None and (prepared.input_intensity, prepared.model) == (
+        options.input_intensity,
+        _model_key(card),
+    )
+
+
 def get_segmenter(model=None, device: Device = "auto", log: LogCallback = print) -> Segmenter:
-    """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast."""
+    """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast. An ensemble's card gets
+    an ensemble.EnsembleSegmenter (same interface), whose members are cached here too."""
     card = model if isinstance(model, ModelCard) else find_model(model)
     resolved = resolve_device(device, log)
     key = (str(card.path), resolved)
     if key not in _CACHE:
-        _CACHE[key] = Segmenter(card, resolved, log=log)
+        if card.members:
+            from .ensemble import EnsembleSegmenter
+
+            _CACHE[key] = EnsembleSegmenter(card, resolved, log=log)
+        else:
+            _CACHE[key] = Segmenter(card, resolved, log=log)
     return _CACHE[key]
 
 
@@ -138,27 +155,51 @@ class Segmenter:
         options = options or Options()
         progress = progress or (lambda fraction, message: None)
         self.timings = Timings(device=self.device)
+        probabilities, space = self.model_space_probabilities(image, options, progress, cancel, prepared)
+        return self.labels_from(probabilities, space, image, options, progress)
+
+    def check(self, image: sitk.Image, options: Options, prepared: Prepared | None = None) -> None:
+        """What must fail before any work: the options, and the input for this model."""
         card = self.card
-        t = time.perf_counter()
         self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
+        if options.tta:
+            from .tta import check_tta
+
+            check_tta(card)
+        if not _prepared_for(prepared, card, options):  # else prepare_input checked it already
+            check_input(
+                image,
+                card["modality"],
+                input_intensity=options.input_intensity,
+                model_spacing=card["spacing"],
+                channels=card.out_channels,
+            )
+
+    def model_space_probabilities(self, image, options, progress, cancel, prepared: Prepared | None = None) -> tuple:
+        """(softmax probabilities (C, z, y, x) of the body box, the ModelSpace) of `image` in this model's grid;
+        an ensemble (ensemble.py) averages its members' before `labels_from`."""
+        card = self.card
+        t = time.perf_counter()
+        self.check(image, options, prepared)
         progress(0.02, "preprocessing")
-        if prepared is None or (prepared.input_intensity, prepared.model) != (
-            options.input_intensity,
-            _model_key(card),
-        ):
-            prepared = prepare_input(card, image, options.input_intensity)
-        space = prepared.space
+        if _prepared_for(prepared, card, options):
+            space = prepared.space
+        else:
+            space = _to_model_space(card, image, options.input_intensity)
         self.timings.add("preprocess", time.perf_counter() - t)
         check_cancel(cancel)
 
         t = time.perf_counter()
         probabilities = self._infer(space.array[space.box], options, progress, cancel)
-        self.last_confidence = organ_confidence(probabilities, card.channel_organs, options.organs)
         self.timings.add("infer", time.perf_counter() - t)
+        return probabilities, space
 
+    def labels_from(self, probabilities, space, image, options, progress) -> sitk.Image:
+        """The label image in `image`'s grid from model-space `probabilities` of `space`'s body box, post-processed."""
         t = time.perf_counter()
+        self.last_confidence = organ_confidence(probabilities, self.card.channel_organs, options.organs)
         progress(0.9, "resampling to the input grid")
         labels = self._to_input_grid(probabilities, space, image, options.smooth_resample)
         labels = self._finish_labels(labels, options)
@@ -176,7 +217,7 @@ class Segmenter:
         stays on its device, so the next call (and the cache entry keyed by that device) is on the GPU again."""
         import torch
 
-        inferer = inferer_for(self.card, overlap=options.overlap)
+        inferer = inferer_for(self.card, overlap=options.overlap, tta=options.tta)
         try:
             return inferer(self.network, array, self.device, self.precision, progress, cancel)
         except torch.cuda.OutOfMemoryError:

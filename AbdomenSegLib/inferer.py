@@ -24,16 +24,31 @@ WINDOW_BATCH = 2  # windows per network call
 SLICE_BATCH = 8  # slices per network call of a 2D model
 
 
-def inference_block(dimensions: int, patch: list) -> dict:
+def inference_block(dimensions: int, patch: list, mirror_axes=()) -> dict:
     """The card's `inference` block for a model trained on `patch`-sized crops: a 3D model slides a window of
-    the training patch over the volume; a 2D model goes through the slices in batches."""
+    the training patch over the volume; a 2D model goes through the slices in batches. `mirror_axes`: the axes
+    training mirrored along, the only ones test-time augmentation may mirror (tta.py)."""
     if dimensions == 3:
-        return {"roi_size": list(patch), "overlap": OVERLAP, "mode": MODE}
-    return {"batch_size": SLICE_BATCH}
+        block = {"roi_size": list(patch), "overlap": OVERLAP, "mode": MODE}
+    else:
+        block = {"batch_size": SLICE_BATCH}
+    if mirror_axes:
+        block["tta_mirror_axes"] = list(mirror_axes)
+    return block
 
 
-def inferer_for(card, overlap: float | None = None):
-    """The card's inferer (`card`: a ModelCard or a card dict); `overlap` overrides the card's (3D only)."""
+def inferer_for(card, overlap: float | None = None, tta: bool = False):
+    """The card's inferer (`card`: a ModelCard or a card dict); `overlap` overrides the card's (3D only); `tta`
+    averages it over the card's mirror axes (tta.py; refused for a card trained without mirroring)."""
+    plain = _plain_inferer(card, overlap)
+    if tta:
+        from .tta import mirrored
+
+        return mirrored(card, plain)
+    return plain
+
+
+def _plain_inferer(card, overlap):
     block = card.get("inference") or {}
     if card["dimensions"] == 3:
         return SlidingWindow(

@@ -46,6 +46,7 @@ REEXPORT = "re-export the model with `python -m AbdomenSegLib train <config> --e
 class ModelCard:
     path: Path  # the package folder
     data: dict = field(default_factory=dict)
+    members: tuple = ()  # an ensemble's member cards (ensemble_card.py); () for a single model
 
     def __getitem__(self, key):
         return self.data[key]
@@ -76,6 +77,10 @@ class ModelCard:
         return int(self.data.get("in_channels", 1))
 
     def summary(self) -> str:
+        if self.members:
+            from .ensemble_card import summary
+
+            return summary(self)
         val = self.data.get("validation", {}).get("dice", {})
         dice = ", ".join(f"{k} {v:.3f}" for k, v in val.items()) if val else "n/a"
         t = self.data.get("timing", {})
@@ -155,7 +160,38 @@ def catalog_with_problems(models_dir=None) -> tuple[dict[str, ModelCard], dict[s
             cards[entry["name"]] = _read_entry(models_dir, entry)
         except AbdomenSegError as error:
             broken[entry["name"]] = error
-    return cards, broken
+    # Ensembles once every single model is read: their members come from this catalog (ensemble_card.py).
+    singles = {name: card for name, card in cards.items() if card.get("ensemble") is None}
+    for name, card in cards.items():
+        if card.get("ensemble") is not None:
+            try:
+                cards[name] = _resolve_ensemble(card, lambda member: _member(member, singles, broken, cards))
+            except AbdomenSegError as error:
+                broken[name] = error
+    return {n: c for n, c in cards.items() if n not in broken}, broken
+
+
+def _member(name: str, singles: dict, broken: dict, cards: dict) -> ModelCard:
+    if name in singles:
+        return singles[name]
+    if name in broken:
+        raise AbdomenSegError(f"its member '{name}' is broken: {broken[name].problem}", broken[name].fix)
+    if name in cards:
+        raise AbdomenSegError(f"its member '{name}' is itself an ensemble", "list single models as members")
+    raise AbdomenSegError(f"its member '{name}' is not installed", f"installed models: {', '.join(singles) or 'none'}")
+
+
+def _resolve_ensemble(card: ModelCard, lookup) -> ModelCard:
+    """An ensemble package's card with its members (`lookup(name)` -> ModelCard) resolved and checked."""
+    from .ensemble_card import ensemble_of
+
+    members = []
+    for name in card["ensemble"]:
+        try:
+            members.append(lookup(name))
+        except AbdomenSegError as error:
+            raise AbdomenSegError(f"ensemble '{card.name}': {error.problem}", error.fix) from None
+    return ensemble_of(members, card.name, card.get("title", ""), card.path)
 
 
 def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
@@ -188,9 +224,24 @@ def default_model_name(models_dir=None) -> str:
 
 
 def find_model(name_or_path=None, models_dir=None) -> ModelCard:
-    """A model by catalog name, or by the path of a package folder; None -> the default model."""
+    """A model by catalog name, or by the path of a package folder; None -> the default model. `a+b` (names or
+    folders joined by '+') is an ensemble of those models (ensemble_card.py)."""
     if name_or_path and Path(name_or_path).is_dir():
-        return read_card(name_or_path)
+        card = read_card(name_or_path)
+        if card.get("ensemble") is None:
+            return card
+        # A package folder's members come from the catalog of the folder holding it (else the models folder).
+        around = Path(name_or_path).resolve().parent
+        catalog_dir = around if (around / "catalog.json").is_file() else models_dir
+        return _resolve_ensemble(card, lambda member: find_model(member, catalog_dir))
+    if name_or_path and "+" in str(name_or_path):
+        from .ensemble_card import ensemble_of
+
+        parts = [p.strip() for p in str(name_or_path).split("+")]
+        if not all(parts):
+            raise AbdomenSegError(f"model '{name_or_path}' has an empty member", "join model names with '+': a+b")
+        members = [find_model(part, models_dir) for part in parts]
+        return ensemble_of(members, "+".join(m.name for m in members))
     name = name_or_path or default_model_name(models_dir)
     cards, broken = catalog_with_problems(models_dir)
     if name in broken:

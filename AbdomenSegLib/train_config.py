@@ -88,6 +88,9 @@ DEFAULT_CONFIG = {
             "unenhanced_prob": 0.0,
             "enlarge_spleen_prob": 0.0,
             "renal_cyst_prob": 0.0,
+            # Model axes ("z", "y", "x") to mirror along, each with probability 0.5; the left-right one trades
+            # the paired organs' labels (mirror.py). The card records them: the only axes --tta may mirror.
+            "flip_axes": [],
         },
     },
 }
@@ -340,8 +343,17 @@ def _check_train(t, dims):
 def _check_augment(a, m):
     """Numbers in range, and only augmentations the model can take: each project-made one needs the organs or
     the CT window it works on (augment.py)."""
+    from .mirror import mirror_axes_problems
+
     for key, value in a.items():
-        _real(value, f"train.augment.{key}", 0.0, 1.0 if key.endswith("_prob") else math.inf)
+        if key != "flip_axes":
+            _real(value, f"train.augment.{key}", 0.0, 1.0 if key.endswith("_prob") else math.inf)
+    problems = mirror_axes_problems(a["flip_axes"], m["orientation"], m["organs"])
+    if problems:
+        raise AbdomenSegError(
+            f"config train.augment.flip_axes: {problems[0]}",
+            'give a list of "z", "y", "x"; to mirror left-right, segment both sides of each paired organ',
+        )
     ct = m["intensity"].get("mode") == "ct_window"
     organs = m["organs"]
     if a["unenhanced_prob"] > 0 and not ct:
@@ -392,7 +404,7 @@ def draft_card(config: dict) -> dict:
         "spacing": m["spacing"],
         "orientation": m["orientation"],
         "intensity": m["intensity"],
-        "inference": inference_block(m["dimensions"], t["patch"]),
+        "inference": inference_block(m["dimensions"], t["patch"], t["augment"]["flip_axes"]),
         "postprocess": m["postprocess"],
         **({"sequence": m["sequence"]} if m["sequence"] else {}),
     }

@@ -110,9 +110,10 @@ def transforms(config: dict):
     )
 
 
-def sampling_and_spatial(config: dict) -> list:
+def sampling_and_spatial(config: dict, label_values: dict | None = None) -> list:
     """Padding to the patch, patches centred on each class in turn, and the spatial augmentations (image bilinear,
-    label nearest)."""
+    label nearest). `label_values`: organ name -> its value in the label (default: the model's channels), for the
+    left-right mirror, which trades paired organs."""
     from monai import transforms as T
 
     t = config["train"]
@@ -132,7 +133,7 @@ def sampling_and_spatial(config: dict) -> list:
             indices_key="label_cls_indices",
             allow_smaller=True,
         ),
-    ]
+    ] + _mirrors(config, label_values)
     if a["affine_prob"] > 0:
         r, s = a["rotate"], a["scale"]
         chain.append(
@@ -157,6 +158,25 @@ def sampling_and_spatial(config: dict) -> list:
             )
         )
     return chain
+
+
+def _mirrors(config: dict, label_values: dict | None) -> list:
+    """train.augment.flip_axes: each axis mirrored with probability 0.5, image and label together."""
+    from monai import transforms as T
+
+    from .augment import RandSideFlipd
+    from .mirror import array_axis, lateral_axis, value_pairs
+
+    m = config["model"]
+    if label_values is None:
+        label_values = {organ: channel for channel, organ in enumerate(m["organs"], start=1)}
+    lateral = lateral_axis(m["orientation"])
+    return [
+        RandSideFlipd(axis=array_axis(axis), pairs=value_pairs(label_values), prob=0.5)
+        if axis == lateral
+        else T.RandFlipd(["image", "label"], prob=0.5, spatial_axis=array_axis(axis))
+        for axis in config["train"]["augment"]["flip_axes"]
+    ]
 
 
 def project_augmentations(config: dict) -> list:

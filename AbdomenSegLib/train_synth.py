@@ -67,6 +67,7 @@ class SynthTrainer(Trainer):
         from monai import transforms as T
 
         from .channels import organs_to_channels
+        from .organs import ORGANS
         from .synth import SlabTransform, SynthParams, SynthTransform
         from .train_recipe import intensity_augmentations, sampling_and_spatial
 
@@ -81,7 +82,11 @@ class SynthTrainer(Trainer):
             _LabelLookup(organs_to_channels(self.labels)),
         ]
         slab = [SlabTransform(prob=t["synth"]["slab_prob"])] if t["synth"].get("slab_prob") else []
-        return T.Compose(sampling_and_spatial(self.config) + synthesis + intensity_augmentations(t["augment"]) + slab)
+        # The spatial part sees the tissue map: organs in our organ numbering, not channels.
+        organ_values = {o.name: o.label for o in ORGANS}
+        return T.Compose(
+            sampling_and_spatial(self.config, organ_values) + synthesis + intensity_augmentations(t["augment"]) + slab
+        )
 
     def item(self, name) -> dict:
         from .datasets import decode_image
