@@ -258,3 +258,33 @@ def test_slab_keeps_a_thin_slab_and_pads_the_rest_as_inference_does():
         kept.append((first, inside.sum()))
     assert len(set(kept)) > 20
     assert np.array_equal(SlabTransform(prob=0.0)({"image": image, "label": label})["image"], image)
+
+
+def test_ink_edges_darken_the_fat_side_of_fat_water_interfaces_only():
+    """Opposed-phase edges: the fat voxels touching a water-containing class get darker than the rest of the
+    fat; organ voxels and every label stay as they were; with ink_prob 0 the image is the plain synthesis."""
+    from dataclasses import replace
+
+    from AbdomenSegLib.synth import DEFAULT
+
+    labels = np.full((16, 40, 40), tl.FAT, np.uint8)
+    labels[4:12, 10:30, 10:30] = 3  # an organ in fat
+    quiet = replace(DEFAULT, thick_prob=0.0, blur_sigma=(0, 0), noise_std=(0, 0), bias_std=(0, 0), gamma_log_std=0.0)
+    before = labels.copy()
+    plain = synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(3), replace(quiet, ink_prob=0.0))
+    inked, info = synthesize(
+        labels, (5.0, 2.5, 2.5), np.random.default_rng(3), replace(quiet, ink_prob=1.0), return_info=True
+    )
+    assert np.array_equal(labels, before)
+    organ = labels == 3
+    edge = np.zeros_like(organ)  # fat voxels sharing a face with the organ (2 x 400 + 4 x 160 = 1440)
+    for axis in range(3):
+        for shift in (-1, 1):
+            edge |= np.roll(organ, shift, axis)
+    edge &= labels == tl.FAT
+    assert info["ink"] == int(edge.sum())
+    far_fat = (labels == tl.FAT) & ~edge
+    assert inked[edge].mean() < 0.5 * inked[far_fat].mean()
+    # the organ's own voxels are the plain synthesis's (up to the final percentile rescaling)
+    assert np.corrcoef(plain[organ], inked[organ])[0, 1] > 0.999
+    assert not np.array_equal(plain, inked)
