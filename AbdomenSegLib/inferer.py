@@ -51,10 +51,13 @@ def inferer_for(card, overlap: float | None = None, tta: bool = False):
 def _plain_inferer(card, overlap):
     block = card.get("inference") or {}
     if card["dimensions"] == 3:
+        from .networks import divisor
+
         return SlidingWindow(
             roi=tuple(block.get("roi_size", DEFAULT_ROI_SIZE)),
             overlap=overlap if overlap is not None else block.get("overlap", OVERLAP),
             mode=block.get("mode", MODE),
+            fit_multiple=divisor(card["architecture"]),
         )
     from .networks import divisor
 
@@ -73,10 +76,24 @@ class SlidingWindow:
     overlap: float = OVERLAP
     mode: str = MODE
     batch: int = WINDOW_BATCH
+    # In-plane axes narrower than the roi get a window only as wide as the volume rounded up to this multiple
+    # (the network's down-sampling), instead of the roi: less padding to compute, and the padding is what the
+    # body-box crop leaves around the body anyway (air). The default CT model's validation Dice was identical to
+    # 3 decimals for every organ, and a 512x512x200 CT's inference 14% faster (bench/bench_windows.py). z keeps
+    # the card's roi: models are trained and validated with short volumes padded to a full window there.
+    fit_multiple: int = 0
+
+    def window_roi(self, shape) -> tuple:
+        """The window for a model-space volume of `shape` (z, y, x)."""
+        m = self.fit_multiple
+        if not m:
+            return tuple(self.roi)
+        return (self.roi[0],) + tuple(min(r, m * math.ceil(n / m)) for n, r in zip(shape[1:], self.roi[1:]))
 
     def windows(self, shape) -> int:
-        """Number of windows over a volume of `shape` (axes under the roi are padded to one window)."""
-        return window_count([max(n, r) for n, r in zip(shape, self.roi)], self.roi, self.overlap)
+        """Number of windows over a volume of `shape` (axes under the window are padded to one window)."""
+        roi = self.window_roi(shape)
+        return window_count([max(n, r) for n, r in zip(shape, roi)], roi, self.overlap)
 
     def __call__(
         self,
@@ -113,7 +130,7 @@ class SlidingWindow:
         x = torch.as_tensor(np.ascontiguousarray(array)[None, None], device=device)
         with torch.inference_mode(), autocast(device, precision):
             logits = sliding_window.sliding_window(
-                x, list(self.roi), self.batch, predictor, overlap=self.overlap, mode=self.mode
+                x, list(self.window_roi(array.shape)), self.batch, predictor, overlap=self.overlap, mode=self.mode
             )
             probabilities = torch.softmax(logits.float(), dim=1)[0]
         return probabilities.cpu().numpy()

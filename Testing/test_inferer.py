@@ -16,13 +16,15 @@ def test_the_inferer_comes_from_the_card():
         "architecture": {"class": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
         "inference": {"roi_size": [32, 48, 48], "overlap": 0.5, "mode": "constant"},
     }
-    assert inferer_for(card) == SlidingWindow(roi=(32, 48, 48), overlap=0.5, mode="constant")
+    assert inferer_for(card) == SlidingWindow(roi=(32, 48, 48), overlap=0.5, mode="constant", fit_multiple=2)
     assert inferer_for(card, overlap=0.1).overlap == 0.1  # the user's choice over the card's
-    assert inferer_for(dict(card, inference={})) == SlidingWindow(roi=(64, 96, 96), overlap=OVERLAP)
+    assert inferer_for(dict(card, inference={})) == SlidingWindow(roi=(64, 96, 96), overlap=OVERLAP, fit_multiple=2)
     flat = {"dimensions": 2, "in_channels": 3, "architecture": {"class": "Unet", "args": {"encoder_depth": 4}}}
     assert inferer_for(flat) == SliceWise(in_channels=3, multiple=16, batch=SLICE_BATCH)
     # What the trainer writes into a card reads back as the inferer its validation ran.
-    assert inferer_for(dict(card, inference=inference_block(3, [48, 64, 64]))) == SlidingWindow(roi=(48, 64, 64))
+    assert inferer_for(dict(card, inference=inference_block(3, [48, 64, 64]))) == SlidingWindow(
+        roi=(48, 64, 64), fit_multiple=2
+    )
     assert inferer_for(dict(flat, inference=inference_block(2, [3, 64, 64]))).batch == SLICE_BATCH
 
 
@@ -144,3 +146,24 @@ def test_a_card_with_a_bad_inference_block_is_refused_when_read(bad):
 
     card = {"dimensions": 3, "inference": bad}
     assert any(p.startswith("inference.") for p in card_problems(card))
+
+
+def test_in_plane_windows_fit_narrow_volumes_and_z_keeps_the_roi():
+    """An in-plane axis narrower than the roi gets a window of its size rounded up to the network's multiple; z
+    and wider axes keep the roi; the result equals running that window by hand."""
+    import torch
+
+    window = SlidingWindow(roi=(16, 64, 64), fit_multiple=16)
+    assert window.window_roi((10, 33, 80)) == (16, 48, 64)
+    assert window.window_roi((40, 64, 200)) == (16, 64, 64)
+    assert SlidingWindow(roi=(16, 64, 64)).window_roi((10, 33, 80)) == (16, 64, 64)  # off unless asked
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(3, 3, 3, padding=1)
+    )
+    array = np.random.default_rng(0).random((10, 33, 80)).astype(np.float32)
+    fitted = window(network, array, "cpu")
+    hand = SlidingWindow(roi=(16, 48, 64))
+    by_hand = hand(network, array, "cpu")
+    assert window.windows(array.shape) == hand.windows(array.shape) == 2
+    assert np.array_equal(fitted, by_hand)
