@@ -25,8 +25,8 @@ def _model_space(card):
 
 
 def test_cuda_mixed_precision_matches_cpu_float32(tiny_package):
-    """float16 autocast on the GPU against float32 on the CPU: labels >= 99.5% equal, probabilities equal to
-    2e-3 on average. The largest single difference is loose (0.1): in this untrained network's windows, instance
+    """float16 autocast on the GPU against float32 on the CPU: the same label wherever the CPU's winner leads by
+    more than 0.05, probabilities equal to 2e-3 on average. The largest single difference is loose (0.1): in this untrained network's windows, instance
     norm over nearly constant feature maps magnifies float16 rounding (0.040 on an H200, 2026-11-26)."""
     from AbdomenSegLib.inferer import inferer_for
     from AbdomenSegLib.models import load_network
@@ -39,7 +39,11 @@ def test_cuda_mixed_precision_matches_cpu_float32(tiny_package):
     assert gpu.shape == cpu.shape and gpu.dtype == cpu.dtype
     difference = np.abs(gpu - cpu)
     print(f"probability difference: mean {difference.mean():.2e}, max {difference.max():.3f}")
-    assert float((gpu.argmax(0) == cpu.argmax(0)).mean()) >= 0.995
+    top2 = np.sort(cpu, axis=0)[-2:]
+    decided = (top2[1] - top2[0]) > 0.05  # an untrained network ties nearly everywhere: judge clear decisions
+    agree = float((gpu.argmax(0) == cpu.argmax(0))[decided].mean())
+    print(f"labels agree on {agree:.4f} of the {decided.mean():.3f} of voxels with a margin > 0.05")
+    assert decided.mean() > 0.01 and agree >= 0.999
     assert float(difference.mean()) < 2e-3 and float(difference.max()) < 0.1
 
 
