@@ -15,6 +15,7 @@ def main(argv=None):
     p.add_argument("models", nargs="+", help="model names, folders or a+b ensembles")
     p.add_argument("--protocol", default=None, help="the model whose validation cases and data are used")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap instead of the card's (3D)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -29,7 +30,10 @@ def main(argv=None):
     data = validation_data(protocol["training"]["config"]["data"])
     names = set(protocol["training"]["validation_cases"])
     cases = [c for c in find_cases(data["root"]) if data["prefix"] + c[0] in names]
-    print(f"protocol: {protocol.name}'s {len(cases)} validation cases, full pipeline, precision {args.precision}")
+    print(
+        f"protocol: {protocol.name}'s {len(cases)} validation cases, full pipeline, precision {args.precision}, "
+        f"overlap {args.overlap if args.overlap is not None else 'of the card'}"
+    )
     for spec in args.models:
         card = find_model(spec)
         segmenter = get_segmenter(card, "cpu", log=lambda m: None)
@@ -37,7 +41,7 @@ def main(argv=None):
         for name, image_path, label_path in cases:
             image, label = read_case(image_path, label_path, data.get("direction"))
             start = time.time()
-            options = Options(input_intensity=data["input_intensity"], precision=args.precision)
+            options = Options(input_intensity=data["input_intensity"], precision=args.precision, overlap=args.overlap)
             prediction = segmenter.segment(image, options)
             seconds.append(time.time() - start)
             organs = list(protocol["labels"].values())
