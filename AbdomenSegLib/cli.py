@@ -830,6 +830,10 @@ def run() -> None:
     (freeing torch and its thread pools) took ~0.4 s of a 4 s segment run here, and writes nothing. An unexpected
     exception still leaves the ordinary way, with its traceback."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None under pythonw
+                stream.flush()
+        except (BrokenPipeError, OSError):  # a reader that left early (`abdomenseg models | head -1`)
+            pass
     os._exit(code)

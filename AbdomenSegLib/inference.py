@@ -106,7 +106,12 @@ def _to_model_space(card, image: sitk.Image, input_intensity: str):
 
 
 def _model_key(card) -> str:
-    return f"{card.get('name', '')}:{card.get('sha256', '')}"
+    """What a preparation depends on: the weights' model and the card's grid and intensity (a card edited in place
+    keeps its name and sha256)."""
+    import json
+
+    grid = [card.get("spacing"), card.get("intensity"), card.get("orientation", "LPS")]
+    return f"{card.get('name', '')}:{card.get('sha256', '')}:{json.dumps(grid, sort_keys=True)}"
 
 
 def _prepared_for(prepared: Prepared | None, card, options) -> bool:

@@ -63,8 +63,11 @@ def divisor(architecture: dict) -> int:
         return factor
     if name == "SegResNet":
         return 2 ** (len(args.get("blocks_down", (1, 2, 2, 4))) - 1)
-    if name == "DynUNet":
-        return 16
+    if name == "DynUNet":  # strides per level, the first usually 1
+        factor = 1
+        for s in args.get("strides", (1, 2, 2, 2, 2)):
+            factor *= s if isinstance(s, int) else max(s)
+        return factor
     if name in SMP_2D:
         return 2 ** args.get("encoder_depth", 5)
     return 16

@@ -122,7 +122,7 @@ def synthesize(
     index = labels.astype(np.intp, copy=False)
     image = means[index] + stds[index] * rng.standard_normal(labels.shape, dtype=np.float32)
     info = {"means": means, "stds": stds}
-    if rng.uniform() < p.ink_prob:
+    if p.ink_prob > 0 and rng.uniform() < p.ink_prob:  # no draw when off: older configs keep their stream
         # Opposed-phase (out-of-phase Dixon / GRE) images cancel fat and water signal in voxels holding both:
         # a black line around every organ that borders fat, e.g. the kidneys in their perirenal fat. Darken
         # the fat-side voxel of each fat/water interface; the organ's own voxels and its label stay as they are.

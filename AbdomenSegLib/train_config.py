@@ -328,6 +328,14 @@ def _check_train(t, dims):
         ("loader_workers", 0),
     ):
         _whole(t[key], f"train.{key}", low)
+    if t["loader_workers"]:
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():  # e.g. Windows: workers share the cases by fork
+            raise AbdomenSegError(
+                "config train.loader_workers needs processes started by fork, which this system lacks",
+                "set train.loader_workers to 0 (batches made in the training process)",
+            )
     _whole(t["step_decay"]["every"], "train.step_decay.every", 1)
     _real(t["lr"], "train.lr", 0.0, math.inf, open_low=True)
     _real(t["weight_decay"], "train.weight_decay", 0.0, math.inf)

@@ -233,12 +233,15 @@ class Trainer:
             return
         from torch.utils.data import DataLoader
 
+        for name in self.train_names:  # filled once here, shared by the forked workers (not once per worker)
+            self._indices(name)
         loader = DataLoader(
             _step_batches(self, first, last),
             batch_size=None,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2,
+            timeout=600,  # a worker that hangs fails the run instead of stalling it
             # fork: the workers share the cached cases instead of pickling them; they never touch CUDA
             multiprocessing_context="fork",
         )

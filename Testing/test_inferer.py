@@ -158,8 +158,11 @@ def test_in_plane_windows_fit_narrow_volumes_and_z_keeps_the_roi():
     assert window.window_roi((40, 64, 200)) == (16, 64, 64)
     assert SlidingWindow(roi=(16, 64, 64)).window_roi((10, 33, 80)) == (16, 64, 64)  # off unless asked
     torch.manual_seed(0)
-    network = torch.nn.Sequential(
-        torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(3, 3, 3, padding=1)
+    network = torch.nn.Sequential(  # instance norm: its statistics depend on the window, as in the UNet
+        torch.nn.Conv3d(1, 3, 3, padding=1),
+        torch.nn.InstanceNorm3d(3),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(3, 3, 3, padding=1),
     )
     array = np.random.default_rng(0).random((10, 33, 80)).astype(np.float32)
     fitted = window(network, array, "cpu")
@@ -167,3 +170,13 @@ def test_in_plane_windows_fit_narrow_volumes_and_z_keeps_the_roi():
     by_hand = hand(network, array, "cpu")
     assert window.windows(array.shape) == hand.windows(array.shape) == 2
     assert np.array_equal(fitted, by_hand)
+    assert not np.allclose(fitted, SlidingWindow(roi=(16, 64, 64))(network, array, "cpu"), atol=1e-4)  # it matters
+
+
+def test_the_window_multiple_is_the_networks_down_sampling():
+    """Fitted windows must stay a multiple the network can take: the product of its strides."""
+    from AbdomenSegLib.networks import divisor
+
+    assert divisor({"class": "UNet", "args": {"strides": [2, 2, 2, 2]}}) == 16
+    assert divisor({"class": "DynUNet", "args": {"strides": [1, 2, 2, 2, 2, 2]}}) == 32
+    assert divisor({"class": "DynUNet", "args": {"strides": [1, [2, 2, 1], 2]}}) == 4

@@ -20,6 +20,8 @@ def test_prepared_scans_segment_exactly_as_unprepared(tiny_package, tmp_path):
         for path in paths:
             image, prepared = ahead.get_prepared(path)
             assert prepared is not None and prepared.space.array.ndim == 3
+            _, space = segmenter.model_space_probabilities(image, Options(), lambda f, m: None, None, prepared)
+            assert space is prepared.space  # the preparation made ahead is the one used
             ahead_labels = sitk.GetArrayFromImage(segmenter.segment(image, Options(), prepared=prepared))
             plain = sitk.GetArrayFromImage(segmenter.segment(sitk.ReadImage(str(path)), Options()))
             assert np.array_equal(ahead_labels, plain)

@@ -12,6 +12,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,7 +66,7 @@ def main(argv=None):
     print(f"{card.name} ({precision}); timing input: {label}; model-space box {array.shape}")
     original = inference.inferer_for
     for cap in args.caps:
-        base = inferer_for(card)
+        base = replace(inferer_for(card), fit_multiple=0)  # the card's roi as it was, unfitted
         infer = Fitted(base, None if cap == "card" else [int(c) for c in cap.split(",")], SlidingWindow)
         times = []
         for _ in range(args.repeats):
