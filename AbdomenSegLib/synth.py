@@ -57,6 +57,10 @@ class SynthParams:
     percentiles: tuple = (0.5, 99.5)
     background_classes: tuple = (0, AIR_OUTSIDE)  # outside the body for the normalisation percentiles
     ink_prob: float = 0.0  # opposed-phase "India ink" edges (below); 0 = never, as the first models trained
+    # Each non-air class, with this probability, gets an air-dark mean (dark_mean): organs can give almost no
+    # signal (kidneys and spleen on T1 opposed-phase, iron-laden liver on T2*), and a network that only ever saw
+    # air that dark takes such an organ for gas and labels the bright fat around it instead. 0 = never.
+    dark_prob: float = 0.0
     ink_factor: tuple = (0.0, 0.3)
 
 
@@ -119,9 +123,16 @@ def synthesize(
     dark = np.array([c for c in p.dark_classes if c < count], dtype=np.int64)
     means[dark] = rng.uniform(*p.dark_mean, size=dark.size)
     stds[dark] = rng.uniform(*p.dark_std, size=dark.size)
+    if p.dark_prob > 0:  # no draw when off: older configs keep their random stream
+        darkened = np.flatnonzero(rng.uniform(size=count) < p.dark_prob)
+        darkened = darkened[~np.isin(darkened, dark)]
+        means[darkened] = rng.uniform(*p.dark_mean, size=darkened.size)
+        info_dark = darkened
+    else:
+        info_dark = np.zeros(0, dtype=np.int64)
     index = labels.astype(np.intp, copy=False)
     image = means[index] + stds[index] * rng.standard_normal(labels.shape, dtype=np.float32)
-    info = {"means": means, "stds": stds}
+    info = {"means": means, "stds": stds, "darkened": info_dark}
     if p.ink_prob > 0 and rng.uniform() < p.ink_prob:  # no draw when off: older configs keep their stream
         # Opposed-phase (out-of-phase Dixon / GRE) images cancel fat and water signal in voxels holding both:
         # a black line around every organ that borders fat, e.g. the kidneys in their perirenal fat. Darken

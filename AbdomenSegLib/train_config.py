@@ -74,7 +74,8 @@ DEFAULT_CONFIG = {
         "trainer": "standard",
         # slab_prob: how often a crop is cut to a thin slab padded as a short volume is (synth.SlabTransform);
         # ink_prob: how often a synthetic image gets opposed-phase dark fat/water edges (synth.synthesize)
-        "synth": {"prob": 0.6, "slab_prob": 0.0, "ink_prob": 0.0},
+        # dark_prob: how often a tissue class is drawn as dark as air (synth.SynthParams.dark_prob)
+        "synth": {"prob": 0.6, "slab_prob": 0.0, "ink_prob": 0.0, "dark_prob": 0.0},
         "augment": {
             "affine_prob": 0.2,
             "rotate": 0.2,
@@ -258,6 +259,7 @@ def _check_sources(config):
     _real(config["train"]["synth"]["prob"], "train.synth.prob", 0.0, 1.0)
     _real(config["train"]["synth"]["slab_prob"], "train.synth.slab_prob", 0.0, 1.0)
     _real(config["train"]["synth"]["ink_prob"], "train.synth.ink_prob", 0.0, 1.0)
+    _real(config["train"]["synth"]["dark_prob"], "train.synth.dark_prob", 0.0, 1.0)
 
 
 def validation_data(data: dict) -> dict:

@@ -77,7 +77,7 @@ class SynthTrainer(Trainer):
             SynthTransform(
                 spacing=m["spacing"][::-1],
                 prob=t["synth"]["prob"],
-                params=SynthParams(ink_prob=t["synth"]["ink_prob"]),
+                params=SynthParams(ink_prob=t["synth"]["ink_prob"], dark_prob=t["synth"]["dark_prob"]),
             ),
             _LabelLookup(organs_to_channels(self.labels)),
         ]

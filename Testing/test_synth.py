@@ -288,3 +288,31 @@ def test_ink_edges_darken_the_fat_side_of_fat_water_interfaces_only():
     # the organ's own voxels are the plain synthesis's (up to the final percentile rescaling)
     assert np.corrcoef(plain[organ], inked[organ])[0, 1] > 0.999
     assert not np.array_equal(plain, inked)
+
+
+def test_dark_draws_make_some_tissue_classes_as_dark_as_air_and_leave_labels_alone():
+    """dark_prob: over many samples each non-air class is sometimes drawn air-dark (and air always is); with 0, no
+    class is, and the image equals the plain synthesis."""
+    from dataclasses import replace
+
+    from AbdomenSegLib.synth import DEFAULT
+
+    labels = np.random.default_rng(0).integers(0, tl.LAST_TISSUE + 1, (8, 24, 24)).astype(np.uint8)
+    before = labels.copy()
+    darkened = set()
+    for seed in range(40):
+        _, info = synthesize(
+            labels, (5.0, 2.5, 2.5), np.random.default_rng(seed), replace(DEFAULT, dark_prob=0.2), True
+        )
+        for c in info["darkened"]:
+            assert DEFAULT.dark_mean[0] <= info["means"][c] <= DEFAULT.dark_mean[1]
+            assert c not in DEFAULT.dark_classes
+        darkened |= set(int(c) for c in info["darkened"])
+    assert np.array_equal(labels, before)
+    assert len(darkened) > 15  # many different classes, organs and tissues alike
+    _, off = synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(1), DEFAULT, True)
+    assert off["darkened"].size == 0
+    assert np.array_equal(
+        synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(1)),
+        synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(1), replace(DEFAULT, dark_prob=0.0)),
+    )
