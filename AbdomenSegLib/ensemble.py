@@ -70,7 +70,8 @@ class EnsembleSegmenter(Segmenter):
         self.finest.timings = Timings(device=self.finest.device)
         labels = self.finest.labels_from(probabilities, space, image, options, progress)
         self.last_confidence = self.finest.last_confidence
-        self.timings.add("resample_back", self.finest.timings.stages.get("resample_back", 0.0))
+        for stage in ("resample_back", "postprocess"):
+            self.timings.add(stage, self.finest.timings.stages.get(stage, 0.0))
         return labels
 
 

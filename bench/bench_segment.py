@@ -7,7 +7,7 @@ The input is a real BTCV case (../shared/data) converted to HU and resampled to 
 or the synthetic phantom at that size when the data are absent. Each run is a fresh process, so its
 peak RSS and its start-up belong to that run alone:
 - stages (one process per precision): start-up (Python + the engine's imports), model load, read,
-  preprocess, infer, resample back + post-processing, write;
+  preprocess, infer, resample back, post-processing, result check, write;
 - whole process: `python -m AbdomenSegLib segment IN OUT` timed from outside, best of --repeats;
   --compare-with another checkout (e.g. a git worktree of an earlier commit) runs its CLI on the same
   input, interleaved, for a before/after table on the same machine.
@@ -74,6 +74,7 @@ def run_once(input_path: str, output_path: str, device: str, model, precision="a
 
     from AbdomenSegLib.inference import Options, get_segmenter
     from AbdomenSegLib.io import read_image, write_labels
+    from AbdomenSegLib.qc_outputs import assess_result
 
     times = {"startup_imports": time.perf_counter() - _STARTED}
     t = time.perf_counter()
@@ -83,8 +84,12 @@ def run_once(input_path: str, output_path: str, device: str, model, precision="a
     t = time.perf_counter()
     image = read_image(input_path)
     times["read"] = time.perf_counter() - t
-    labels = segmenter.segment(image, Options(precision=precision))
+    options = Options(precision=precision)
+    labels = segmenter.segment(image, options)
     times.update(segmenter.timings.stages)
+    t = time.perf_counter()
+    assess_result(segmenter, labels, options)  # the result check the command runs before writing
+    times["result_check"] = time.perf_counter() - t
     t = time.perf_counter()
     write_labels(labels, output_path)
     times["write"] = time.perf_counter() - t
