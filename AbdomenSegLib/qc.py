@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .organs import BY_LABEL, BY_NAME
 from .postprocess import connected_pieces
@@ -144,28 +143,30 @@ class QCReport:
 # -- measurements -------------------------------------------------------------------------------------
 def organ_volumes_and_centroids(labels: sitk.Image) -> tuple:
     """({organ: mL}, {organ: LPS centroid in mm}) for every organ present."""
-    array = sitk.GetArrayViewFromImage(labels)
-    # Slice by slice: bincount converts its input to int64, which for a whole 512x512x200 map is 420 MB and 0.7 s.
-    counts = np.zeros(256, dtype=np.int64)
-    for plane in np.asarray(array):
-        counts += np.bincount(plane.ravel(), minlength=256)[:256]
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    present = [v for v in np.flatnonzero(counts) if v in BY_LABEL]
-    volumes = {BY_LABEL[v].name: float(counts[v]) * voxel_ml for v in present}
-    if not present:
-        return volumes, {}
-    # A million or two voxels are plenty for a centroid: every 3rd voxel of a 512x512x200 CT (0.07 s, not 0.25).
-    step = max(1, min(int(round((array.size / 1.5e6) ** (1 / 3))), min(array.shape) // 4))
-    sub = np.asarray(array[::step, ::step, ::step])
-    with np.errstate(invalid="ignore", divide="ignore"):  # organs too small to survive the subsampling
-        centres = ndimage.center_of_mass(np.ones_like(sub, dtype=np.uint8), sub, present)
-    centroids = {}
-    for value, (z, y, x) in zip(present, centres):
-        if np.isfinite(z):
-            centroids[BY_LABEL[value].name] = np.array(
-                labels.TransformContinuousIndexToPhysicalPoint((x * step, y * step, z * step))
-            )
+    volumes, centroids, _ = organ_shapes(labels)
     return volumes, centroids
+
+
+def organ_shapes(labels: sitk.Image) -> tuple:
+    """({organ: mL}, {organ: LPS centroid in mm}, {organ: box as array slices (z, y, x)}) for every organ present,
+    from one pass of ITK's label statistics (multi-threaded C++; 0.02 s on a 512x512x200 map where NumPy's
+    bincount, SciPy's centre of mass and find_objects took 0.2 s)."""
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.ComputePerimeterOff()  # only counts, centroids and boxes are needed
+    shapes.ComputeFeretDiameterOff()
+    shapes.ComputeOrientedBoundingBoxOff()
+    shapes.Execute(labels)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    volumes, centroids, boxes = {}, {}, {}
+    for value in sorted(shapes.GetLabels()):
+        if value not in BY_LABEL:
+            continue
+        name = BY_LABEL[value].name
+        volumes[name] = float(shapes.GetNumberOfPixels(value)) * voxel_ml
+        centroids[name] = np.array(shapes.GetCentroid(value))  # physical (LPS) mm, as the image's geometry says
+        x, y, z, sx, sy, sz = shapes.GetBoundingBox(value)
+        boxes[name] = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
+    return volumes, centroids, boxes
 
 
 def _pieces_and_borders(array: np.ndarray, value: int, box, voxel_ml: float, faces: list, single: bool) -> tuple:
@@ -384,7 +385,7 @@ def assess(
     model's calibrated threshold (card qc.confidence.low_below) under which a note is raised.
     single_piece: organ names the post-processing reduced to their largest piece (their pieces are not counted).
     """
-    volumes, centroids = organ_volumes_and_centroids(labels)
+    volumes, centroids, boxes = organ_shapes(labels)
     report = QCReport()
     if not volumes:
         what = ", ".join(asked) if asked else "any organ"
@@ -400,13 +401,10 @@ def assess(
     array = np.asarray(sitk.GetArrayViewFromImage(labels))
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     faces = _face_names(labels)
-    boxes = ndimage.find_objects(array)  # every organ's box in one pass over the volume
     confidence = confidence or {}
     for name, volume in volumes.items():
         value = BY_NAME[name].label
-        pieces, outside, touched = _pieces_and_borders(
-            array, value, boxes[value - 1], voxel_ml, faces, name in single_piece
-        )
+        pieces, outside, touched = _pieces_and_borders(array, value, boxes[name], voxel_ml, faces, name in single_piece)
         report.organs[name] = OrganQC(volume, pieces, outside, touched, confidence.get(name), VOLUME_BANDS_ML.get(name))
     cut = {name for name, organ in report.organs.items() if organ.at_border}
     usable = _usable(centroids, volumes)
