@@ -85,6 +85,11 @@ class Prepared:
 def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "native") -> Prepared:
     """Check `image` for the model `card` (clear refusal before any long work), then resample and normalise it
     into the model's space. Needs no torch: it can run while torch is being imported."""
+    _check_for(card, image, input_intensity)
+    return Prepared(_to_model_space(card, image, input_intensity), input_intensity, _model_key(card))
+
+
+def _check_for(card, image: sitk.Image, input_intensity: str) -> None:
     check_input(
         image,
         card["modality"],
@@ -92,7 +97,6 @@ def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "na
         model_spacing=card["spacing"],
         channels=card.out_channels,
     )
-    return Prepared(_to_model_space(card, image, input_intensity), input_intensity, _model_key(card))
 
 
 def _to_model_space(card, image: sitk.Image, input_intensity: str):
@@ -174,13 +178,7 @@ class Segmenter:
 
             check_tta(card)
         if not _prepared_for(prepared, card, options):  # else prepare_input checked it already
-            check_input(
-                image,
-                card["modality"],
-                input_intensity=options.input_intensity,
-                model_spacing=card["spacing"],
-                channels=card.out_channels,
-            )
+            _check_for(card, image, options.input_intensity)
 
     def model_space_probabilities(self, image, options, progress, cancel, prepared: Prepared | None = None) -> tuple:
         """(softmax probabilities (C, z, y, x) of the body box, the ModelSpace) of `image` in this model's grid;

@@ -19,10 +19,14 @@ from .train_config import load_config
 from .trainer import Trainer
 
 
-def validation_rows(card, root=None, log: LogCallback = print, precision="fp32") -> tuple[list, list]:
+def validation_rows(
+    card, root=None, log: LogCallback = print, precision="fp32", segmenter=None, overlap=None
+) -> tuple[list, list]:
     """The card's validation protocol: segment each validation case from its original file, in its own grid,
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
-    figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py)."""
+    figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py).
+    `segmenter` runs another model (or an ensemble) on this card's protocol, `overlap` another window overlap
+    (bench/bench_ensemble.py)."""
     from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
     from .metrics import evaluate
@@ -30,14 +34,15 @@ def validation_rows(card, root=None, log: LogCallback = print, precision="fp32")
 
     data = validation_data(card["training"]["config"]["data"])
     val_names = set(card["training"]["validation_cases"])
-    segmenter = Segmenter(card, "cpu", log=log)
+    segmenter = segmenter or Segmenter(card, "cpu", log=log)
     rows, seconds = [], []
     for name, image_path, label_path in find_cases(root or data["root"]):
         if data["prefix"] + name not in val_names:
             continue
         image, label = read_case(image_path, label_path, data.get("direction"))
         start = time.time()
-        prediction = segmenter.segment(image, Options(input_intensity=data["input_intensity"], precision=precision))
+        options = Options(input_intensity=data["input_intensity"], precision=precision, overlap=overlap)
+        prediction = segmenter.segment(image, options)
         seconds.append(time.time() - start)
         rows += evaluate(
             prediction,

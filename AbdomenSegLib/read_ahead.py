@@ -11,11 +11,10 @@ from .io import read_image
 
 
 class ReadAhead:
-    """`get(path)` returns `read_image(path, segmentation_ok=False)` (or raises its error), read in the background
-    if it was in `paths`; the next path of the list starts reading at once. With `prepare(image)`, the thread
-    also prepares each image for the model (check and model space: inference.prepare_input, which needs no torch,
-    so the first scan's ~0.2 s of resampling also hides under torch's import); `get_prepared(path)` returns
-    (image, prepared)."""
+    """`get_prepared(path)` returns (`read_image(path, segmentation_ok=False)`, `prepare(image)` or None), or raises
+    their error, made in the background if `path` was in `paths`; the next path of the list starts at once.
+    `prepare` (inference.prepare_input: the check and the model space, no torch needed) lets the first scan's
+    ~0.2 s of resampling hide under torch's import too."""
 
     def __init__(self, paths: list, prepare=None):
         self._paths = [Path(p) for p in paths]
@@ -31,9 +30,6 @@ class ReadAhead:
     def _read(self, path: Path) -> tuple:
         image = read_image(path, segmentation_ok=False)
         return image, self._prepare(image) if self._prepare else None
-
-    def get(self, path):
-        return self.get_prepared(path)[0]
 
     def get_prepared(self, path) -> tuple:
         path = Path(path)

@@ -123,16 +123,14 @@ def synthesize(
     dark = np.array([c for c in p.dark_classes if c < count], dtype=np.int64)
     means[dark] = rng.uniform(*p.dark_mean, size=dark.size)
     stds[dark] = rng.uniform(*p.dark_std, size=dark.size)
+    darkened = np.zeros(0, dtype=np.int64)
     if p.dark_prob > 0:  # no draw when off: older configs keep their random stream
         darkened = np.flatnonzero(rng.uniform(size=count) < p.dark_prob)
         darkened = darkened[~np.isin(darkened, dark)]
         means[darkened] = rng.uniform(*p.dark_mean, size=darkened.size)
-        info_dark = darkened
-    else:
-        info_dark = np.zeros(0, dtype=np.int64)
     index = labels.astype(np.intp, copy=False)
     image = means[index] + stds[index] * rng.standard_normal(labels.shape, dtype=np.float32)
-    info = {"means": means, "stds": stds, "darkened": info_dark}
+    info = {"means": means, "stds": stds, "darkened": darkened}
     if p.ink_prob > 0 and rng.uniform() < p.ink_prob:  # no draw when off: older configs keep their stream
         # Opposed-phase (out-of-phase Dixon / GRE) images cancel fat and water signal in voxels holding both:
         # a black line around every organ that borders fat, e.g. the kidneys in their perirenal fat. Darken

@@ -7,7 +7,6 @@ per case, so that an ensemble (`a+b`) is compared with its members on the same c
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def main(argv=None):
@@ -20,32 +19,21 @@ def main(argv=None):
 
     import numpy as np
 
-    from AbdomenSegLib.datasets import find_cases, read_case
-    from AbdomenSegLib.inference import Options, get_segmenter
-    from AbdomenSegLib.metrics import evaluate, summarize
+    from AbdomenSegLib.inference import get_segmenter
+    from AbdomenSegLib.metrics import summarize
     from AbdomenSegLib.models import find_model
-    from AbdomenSegLib.train_config import validation_data
+    from AbdomenSegLib.package_export import validation_rows
 
     protocol = find_model(args.protocol)
-    data = validation_data(protocol["training"]["config"]["data"])
-    names = set(protocol["training"]["validation_cases"])
-    cases = [c for c in find_cases(data["root"]) if data["prefix"] + c[0] in names]
     print(
-        f"protocol: {protocol.name}'s {len(cases)} validation cases, full pipeline, precision {args.precision}, "
-        f"overlap {args.overlap if args.overlap is not None else 'of the card'}"
+        f"protocol: {protocol.name}'s {len(protocol['training']['validation_cases'])} validation cases, full "
+        f"pipeline, precision {args.precision}, overlap {args.overlap if args.overlap is not None else 'of the card'}"
     )
     for spec in args.models:
-        card = find_model(spec)
-        segmenter = get_segmenter(card, "cpu", log=lambda m: None)
-        rows, seconds = [], []
-        for name, image_path, label_path in cases:
-            image, label = read_case(image_path, label_path, data.get("direction"))
-            start = time.time()
-            options = Options(input_intensity=data["input_intensity"], precision=args.precision, overlap=args.overlap)
-            prediction = segmenter.segment(image, options)
-            seconds.append(time.time() - start)
-            organs = list(protocol["labels"].values())
-            rows += evaluate(prediction, label, reference_convention=data["convention"], organs=organs, case=name)
+        segmenter = get_segmenter(find_model(spec), "cpu", log=lambda m: None)
+        rows, seconds = validation_rows(
+            protocol, log=lambda m: None, precision=args.precision, segmenter=segmenter, overlap=args.overlap
+        )
         dice = {s["organ"]: s["dice_mean"] for s in summarize(rows)}
         print(
             f"{spec}: mean {np.mean(list(dice.values())):.4f}, {np.mean(seconds):.1f} s/case | "
