@@ -68,14 +68,17 @@ class AbdomenSeg(ScriptedLoadableModule):
 # How the fields reach the widgets (Slicer v5.6.2 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py):
 # a str with Choice on a QComboBox (QComboBoxToStringableConnector, :351-396) clears the combo and fills it
 # with the choices, so the choice strings are what the user sees; a float on a QDoubleSpinBox (:286-348) takes
-# WithinRange as the spin box's minimum and maximum, so a negative tolerance cannot be entered. `model` has no
-# Choice (the installed models are known only at run time) and is bound by hand (_showParameterNodeModel).
+# WithinRange as the spin box's minimum and maximum, so a negative tolerance cannot be entered; a bool on a
+# QCheckBox (QCheckBoxToBoolConnector, :162-192 at 583e9b37) follows its checked state. `model` has no Choice (the
+# installed models are known only at run time) and no connector reads a list of checked items, so it is bound by
+# hand (_showParameterNodeModel); it holds the engine's model argument: one name, or `a+b` for an ensemble.
 @parameterNodeWrapper
 class AbdomenSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
-    model: str = ""  # bound by hand to the model combo box (its items carry the name as data)
+    model: str = ""  # the checked models of segmentModelsListWidget, as model_choice.argument() joins them
+    tta: bool = False  # test-time mirroring; off (and its box disabled) unless every checked model allows it
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     largestComponent: Annotated[str, Choice(list(LARGEST_COMPONENT))] = "model"
     fillHoles: bool = False
@@ -94,6 +97,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cards = {}
+        self._selection = None  # AbdomenSegLib.model_choice.Selection of the checked models
         self._run = None  # the background run in progress (AbdomenSegLib.slicer_runs.BackgroundRun)
         self._runKind = None  # "segment" or "compare"
         self._timer = qt.QTimer()
@@ -114,65 +118,101 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.compareModelsButton.connect("clicked(bool)", self.onCompareModelsButton)
-        # Connected before the combo is filled, so the organ list follows the first model shown.
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
+        # Checkable items, as this panel's organ list and Slicer's own LoadModulesDialog
+        # (Modules/Scripted/ExtensionWizard/ExtensionWizardLib/LoadModulesDialog.py:107-113 at 583e9b37).
+        self.ui.segmentModelsListWidget.connect("itemChanged(QListWidgetItem*)", self._onModelsChecked)
         self.ui.organsListWidget.connect("itemChanged(QListWidgetItem*)", self._checkCanApply)
         self.ui.modelsListWidget.connect("itemSelectionChanged()", self._checkCanApply)
         self._fillModels()
         self.initializeParameterNode()
 
     def _fillModels(self):
-        """Catalog entries (reads JSON only; no torch); broken packages are named in the tooltip."""
+        """Catalog entries, ensemble entries included (reads JSON only; no torch); broken packages are logged."""
         from AbdomenSegLib.errors import AbdomenSegError
-        from AbdomenSegLib.models import catalog_with_problems, default_model_name
+        from AbdomenSegLib.model_choice import default_names, label
+        from AbdomenSegLib.models import catalog_with_problems
 
         try:
             self._cards, broken = catalog_with_problems()
         except AbdomenSegError as exc:  # a malformed catalog.json: say so in the panel, do not fail to open
             self._cards, broken = {}, {}
             self.ui.statusLabel.text = _("No model can be listed: {error}").format(error=exc)
-        self.ui.modelComboBox.clear()
+        models = self.ui.segmentModelsListWidget
+        models.blockSignals(True)
+        models.clear()
         self.ui.modelsListWidget.clear()
         for name, card in self._cards.items():
-            t = card.get("timing", {})
-            label = f"{name} ({card['modality']}, {card['dimensions']}D, CPU ~{t.get('cpu_seconds', '?')} s)"
-            self.ui.modelComboBox.addItem(label, name)
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.summary(), qt.Qt.ToolTipRole)
+            item = qt.QListWidgetItem(label(card))
+            item.setData(qt.Qt.UserRole, name)
+            item.setToolTip(card.summary())
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Unchecked)
+            models.addItem(item)
             self.ui.modelsListWidget.addItem(name)
+        models.blockSignals(False)
         for name, error in broken.items():
             logging.warning(f"AbdomenSeg: model package '{name}' is broken: {error}")
-        if self._cards:
-            names = list(self._cards)
-            try:
-                default = default_model_name()  # a broken default is not in the list: show the first working one
-            except Exception as exc:  # a catalog without a usable default must not stop the panel from opening
-                logging.warning(f"AbdomenSeg: {exc}")
-                default = None
-            self.ui.modelComboBox.setCurrentIndex(names.index(default) if default in names else 0)
+        self._checkModels(default_names(self._cards))
 
-    def _onModelChanged(self, index):
-        name = self.ui.modelComboBox.itemData(index)
-        if self._parameterNode and name and self._parameterNode.model != name:
-            self._parameterNode.model = name
-        self.ui.organsListWidget.clear()
-        card = self._cards.get(name)
-        for organ in card["labels"].values() if card else []:
+    def _modelItems(self):
+        models = self.ui.segmentModelsListWidget
+        return [models.item(i) for i in range(models.count)]
+
+    def _checkModels(self, names):
+        """Check exactly `names` in the list, then act on the new selection once."""
+        self.ui.segmentModelsListWidget.blockSignals(True)
+        for item in self._modelItems():
+            item.setCheckState(qt.Qt.Checked if item.data(qt.Qt.UserRole) in names else qt.Qt.Unchecked)
+        self.ui.segmentModelsListWidget.blockSignals(False)
+        self._onModelsChecked()
+
+    def _onModelsChecked(self, *args):
+        """The checked models: into the parameter node, the organ list, the mirroring box, and the status line
+        (where a choice the engine refuses is named, with the command line's `error: <problem>. <fix>`)."""
+        from AbdomenSegLib.model_choice import select
+
+        names = [i.data(qt.Qt.UserRole) for i in self._modelItems() if i.checkState() == qt.Qt.Checked]
+        before = self._selection
+        self._selection = selection = select(names)
+        p = self._parameterNode
+        if p and p.model != selection.model:
+            p.model = selection.model
+        self._showOrgans(selection.card or (self._cards.get(names[0]) if names else None))
+        self.ui.ttaCheckBox.enabled = selection.tta_allowed
+        self.ui.ttaCheckBox.toolTip = selection.tta_tip
+        if p and p.tta and not selection.tta_allowed:
+            p.tta = False
+        if selection.error or (before is not None and before.error and self.ui.statusLabel.text == before.error):
+            self.ui.statusLabel.text = selection.error
+        self._checkCanApply()
+
+    def _showOrgans(self, card):
+        """The organs of the checked models (an ensemble's members segment the same ones); the checks stay when
+        the organs do."""
+        organs = list(card["labels"].values()) if card else []
+        shown = self.ui.organsListWidget
+        if [shown.item(i).text() for i in range(shown.count)] == organs:
+            return
+        shown.clear()
+        for organ in organs:
             item = qt.QListWidgetItem(organ)
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
             item.setCheckState(qt.Qt.Checked)
             self.ui.organsListWidget.addItem(item)
-        self._checkCanApply()
 
-    def _showParameterNodeModel(self):
-        """The combo shows the parameter node's model (after a scene load, the saved one)."""
+    def _showParameterNodeModel(self, initial=False):
+        """The list shows the parameter node's models (after a scene load, the saved ones; none installed: the
+        default)."""
+        from AbdomenSegLib.model_choice import default_names, names_in
+
         p = self._parameterNode
         if p is None:
             return
-        index = self.ui.modelComboBox.findData(p.model) if p.model else -1
-        if index < 0:
-            p.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
-        elif index != self.ui.modelComboBox.currentIndex:
-            self.ui.modelComboBox.setCurrentIndex(index)
+        names = names_in(p.model, self._cards) or (default_names(self._cards) if initial else [])
+        if self._selection is None or tuple(names) != self._selection.names or p.model != self._selection.model:
+            self._checkModels(names)
+        elif p.tta and not self._selection.tta_allowed:  # e.g. a scene saved when the model allowed it
+            p.tta = False
 
     def _checkedOrgans(self):
         items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]
@@ -225,7 +265,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            self._showParameterNodeModel()
+            self._showParameterNodeModel(initial=True)
         self._checkCanApply()
 
     def _onParameterNodeModified(self, caller=None, event=None):
@@ -237,11 +277,16 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         busy = self._run is not None
         chosen, _total = self._checkedOrgans()
+        selection = self._selection
         missing = (
             _("Select an input volume")
             if not (p and p.inputVolume)
             else _("No model is installed")
+            if not self._cards
+            else _("Check a model")
             if not (p and p.model)
+            else selection.error  # a choice the engine refuses (e.g. models of two modalities), as it says
+            if selection and selection.error
             else _("Check at least one organ")
             if not chosen
             else ""
@@ -259,7 +304,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     # -- background runs -------------------------------------------------------------------------
-    def _start(self, kind, models, segmentationNode=None, replace=False):
+    def _start(self, kind, models, segmentationNode=None, replace=False, tta=False):
         p = self._parameterNode
         device = self.logic.resolveDevice(p.device, models[0], confirmCpu=self._confirmCpu)
         if device is None:
@@ -274,6 +319,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             replaceExisting=replace,
             largestComponent=p.largestComponent,
             fillHoles=p.fillHoles,
+            tta=tta,
         )
         self._runKind = kind
         self.ui.progressBar.value = 0
@@ -369,7 +415,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             self.logic.ensureDependencies(interactive=True)
-            self._start("segment", [p.model], segmentationNode=output, replace=replace)
+            # One model argument: a checked model, or `a+b`, the checked ones as one ensemble (as the command line).
+            tta = p.tta and self._selection.tta_allowed
+            self._start("segment", [p.model], segmentationNode=output, replace=replace, tta=tta)
 
     def _confirmCpu(self, seconds):
         return slicer.util.confirmOkCancelDisplay(
@@ -450,7 +498,10 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         replaceExisting=False,
         largestComponent="model",
         fillHoles=False,
+        tta=False,
     ):
+        """`models`: each a name, a package folder or an ensemble `a+b`, run one after the other (a comparison
+        when several); `tta`: test-time mirroring, refused (AbdomenSegError) for a model trained without."""
         from AbdomenSegLib.slicer_runs import BackgroundRun, shared_worker
 
         return BackgroundRun(
@@ -463,6 +514,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
             replace_existing=replaceExisting,
             largest_component=largestComponent,
             fill_holes=fillHoles,
+            tta=tta,
             temp_root=slicer.app.temporaryPath,
             worker=shared_worker(temp_root=slicer.app.temporaryPath),
         )
@@ -480,8 +532,10 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         progress=None,
         cancel=None,
         confirmCpu=None,
+        tta=False,
     ):
-        """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run)."""
+        """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run).
+        `model`: a name, a package folder or an ensemble `a+b`; `tta`: test-time mirroring."""
         from AbdomenSegLib.errors import Cancelled
 
         device = self.resolveDevice(device, model, confirmCpu)
@@ -499,6 +553,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
                 fill_holes=fillHoles,
                 progress=progress,
                 cancel=cancel,
+                tta=tta,
             )
         except Cancelled:
             logging.info("AbdomenSeg: segmentation cancelled")

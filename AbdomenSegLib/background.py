@@ -97,6 +97,7 @@ def build_command(
     largest_component="model",
     fill_holes=False,
     input_intensity="native",
+    tta=False,
 ) -> list:
     """The documented command line of a background run."""
     command = [
@@ -120,6 +121,8 @@ def build_command(
         command += ["--organs", ",".join(organs)]
     if fill_holes:
         command.append("--fill-holes")
+    if tta:
+        command.append("--tta")
     return command
 
 
@@ -217,6 +220,7 @@ class SegmentationProcess:
         largest_component="model",
         fill_holes=False,
         input_intensity="native",
+        tta=False,
         python=None,
         env=None,
         temp_root=None,
@@ -246,6 +250,7 @@ class SegmentationProcess:
                 largest_component=largest_component,
                 fill_holes=fill_holes,
                 input_intensity=input_intensity,
+                tta=tta,
             )
             if self._worker is not None:
                 self._started = time.monotonic()

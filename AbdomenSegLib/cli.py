@@ -96,7 +96,7 @@ def _organ_names(text, allowed=None) -> list | None:
 def _segment(args) -> int:
     from .batch import expand_inputs, plan_outputs
     from .io import check_output_type, prepare_output, sweep_partials
-    from .models import find_model
+    from .model_choice import resolve
 
     _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
     cases, batch = expand_inputs(args.input)
@@ -124,11 +124,8 @@ def _segment(args) -> int:
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
-    card = find_model(args.model)
-    if args.tta:  # a model trained without mirroring is refused before any scan is read
-        from .tta import check_tta
-
-        check_tta(card)
+    # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
+    card = resolve(args.model, args.tta)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead

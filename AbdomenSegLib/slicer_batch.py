@@ -25,7 +25,16 @@ def parse(argv):
     parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and metrics.csv")
     parser.add_argument("--reference", help="folder of reference label maps named like the inputs")
     parser.add_argument("--reference-labels", default="abdomenseg", help="label convention of the references")
-    parser.add_argument("--model", help="installed model name (default: the catalog default)")
+    parser.add_argument(
+        "--model",
+        help="installed model name or package folder (default: the catalog default); several joined by '+' (a+b) "
+        "run as an ensemble, as the command line's --model a+b",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time mirroring, as the command line's --tta (refused for models trained without mirroring)",
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
@@ -35,9 +44,11 @@ def parse(argv):
 
 
 def run(argv, scene, log: LogCallback = print) -> int:
+    from .model_choice import resolve
     from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image
 
     args = parse(argv)
+    card = resolve(args.model, args.tta)  # a choice the engine refuses fails once, before any case is read
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .qc_outputs import QCFiles
@@ -58,7 +69,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
             image = read_image(path)
             volume = scalar_volume_node_from_image(scene, image, name)
             nodes.append(volume)
-            seg = core.segment(volume, model=args.model, device=args.device)
+            seg = core.segment(volume, model=card, device=args.device, tta=args.tta)
             nodes.append(seg)
             _write_segmentation(scene, seg, target)
             report = qc_report(seg) or {}

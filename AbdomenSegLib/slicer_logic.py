@@ -478,6 +478,7 @@ class AbdomenSegCore:
         fill_holes=False,
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
+        tta=False,
     ):
         """Segment `volume_node` in this process (blocking; scripts and tests); returns the segmentation
         node (a new one unless one is given). The panel runs the same steps with the network in a
@@ -486,11 +487,12 @@ class AbdomenSegCore:
         An existing segmentation's segments are never replaced unless `replace_existing` is True.
         """
         from .inference import Options, get_segmenter
+        from .model_choice import resolve
         from .qc_outputs import assess_result
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
-        segmenter = get_segmenter(model, device, log=self.log)
-        options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes)
+        segmenter = get_segmenter(resolve(model, tta), device, log=self.log)  # refused before a network loads
+        options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
         report = assess_result(segmenter, labels, options).as_dict(
             model=segmenter.card.name, modality=segmenter.card["modality"]

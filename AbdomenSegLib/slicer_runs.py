@@ -15,6 +15,7 @@ from __future__ import annotations
 from .background import SegmentationProcess
 from .engine_worker import EngineWorker
 from .errors import AbdomenSegError
+from .model_choice import resolve
 
 _SHARED_WORKER: EngineWorker | None = None
 
@@ -49,17 +50,23 @@ class BackgroundRun:
         replace_existing=False,
         largest_component="model",
         fill_holes=False,
+        tta=False,
         temp_root=None,
         process_factory=None,
         worker: EngineWorker | None = None,
     ):
         # Everything a run needs is checked before any process starts (no volume, no organ, existing
-        # segments, a non-linear transform), and the volume is captured where it lies now.
+        # segments, a non-linear transform, a model choice the engine refuses: an ensemble of models that cannot
+        # be averaged, mirroring for a model trained without), and the volume is captured where it lies now.
         self.core, self.volumeNode, self.models = core, volume_node, list(models)
         if not self.models:
             raise AbdomenSegError("no model is selected", "select at least one model")
+        for model in self.models:  # each a name, a package folder or an ensemble `a+b`, as `--model` takes
+            resolve(model, tta)
         self.image = core.prepare(volume_node, organs, segmentation_node, replace_existing)
-        self.options = dict(device=device, organs=organs, largest_component=largest_component, fill_holes=fill_holes)
+        self.options = dict(
+            device=device, organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta
+        )
         self.segmentation_node, self.replace_existing = segmentation_node, replace_existing
         self.temp_root = temp_root  # Slicer's own temporary folder in the app
         # With a worker, each model is a request to it (unless another run holds it: then a process of its own).

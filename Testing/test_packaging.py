@@ -147,7 +147,13 @@ def test_panel_inputs_and_buttons_are_guarded():
         "def _checkCanApply" in source and "applyButton.enabled" in source and "compareModelsButton.enabled" in source
     )
     setup = source[source.index("def setup(self)") : source.index("def _fillModels")]
-    assert setup.index('modelComboBox.connect("currentIndexChanged(int)"') < setup.index("self._fillModels()")
+    assert setup.index('segmentModelsListWidget.connect("itemChanged(QListWidgetItem*)"') < setup.index(
+        "self._fillModels()"
+    )
+    # The filled list checks the default model and acts on it (organ list, mirroring box) at once.
+    fill = source[source.index("def _fillModels") : source.index("def _modelItems")]
+    assert fill.rstrip().endswith("self._checkModels(default_names(self._cards))")
+    assert "self._onModelsChecked()" in source[source.index("def _checkModels") : source.index("def _onModelsChecked")]
     assert "print(" not in source and "_cancelRequested" not in source
     assert (ROOT / "Resources" / "Icons" / "AbdomenSeg.png").is_file() and "checkout_icon" in source
 

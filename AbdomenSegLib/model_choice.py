@@ -1,0 +1,92 @@
+"""Which model a run uses, checked before any work: one name, several joined by '+' (an ensemble, ensemble_card.py),
+with or without test-time mirroring (tta.py). The command line, the Slicer panel and its batch script resolve their
+model option here, so they accept and refuse the same choices with the same `<problem>. <fix>` message.
+
+The panel checks models in a list; `select(names)` says what the checked names make: the model argument (`a`, or
+`a+b` as the command line's `--model a+b`), the error that refuses it, and whether the mirroring box may be ticked
+(and if not, why). The parameter node stores that argument, so a saved scene holds what the command line would be
+given, and a scene saved with one model name reads back unchanged. Nothing here touches Qt or MRML, and nothing
+loads a network: cards are JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import AbdomenSegError
+from .models import ModelCard, default_model_name, find_model
+from .tta import check_tta
+
+TTA_TIP = (
+    "Average the result over mirror images of the scan along the axes the model was trained to mirror "
+    "(2^k passes: that much slower)"
+)
+
+
+def resolve(model=None, tta: bool = False, models_dir=None) -> ModelCard:
+    """The card `model` names (a name, a package folder, `a+b`, a card already read; None: the default), refused
+    where the engine would refuse it: an ensemble of models that cannot be averaged, or mirroring (`tta`) for a
+    model trained without."""
+    card = model if isinstance(model, ModelCard) else find_model(model, models_dir)
+    if tta:
+        check_tta(card)
+    return card
+
+
+def argument(names) -> str:
+    """The model argument of the checked names: the name itself, or `a+b` (an ensemble); "" for none."""
+    return "+".join(names)
+
+
+def names_in(model: str, installed) -> list:
+    """The names of `installed` (in its order) that a stored model argument checks; names no longer installed
+    are left out."""
+    parts = {part.strip() for part in (model or "").split("+")}
+    return [name for name in installed if name in parts]
+
+
+def default_names(cards) -> list:
+    """What the list checks first: the catalog's default model, or the first working one of `cards` when the
+    default is broken or the catalog names none."""
+    if not cards:
+        return []
+    try:
+        default = default_model_name()
+    except (AbdomenSegError, KeyError):  # no usable catalog default must not keep the panel from opening
+        default = None
+    return [default if default in cards else next(iter(cards))]
+
+
+def label(card: ModelCard) -> str:
+    """A model's line in the panel's list: name, modality, 2D/3D or ensemble, expected CPU time."""
+    kind = "ensemble" if card.members else f"{card['dimensions']}D"
+    seconds = card.get("timing", {}).get("cpu_seconds")
+    cpu = "CPU time not measured" if seconds is None else f"CPU ~{seconds} s"
+    return f"{card.name} ({card['modality']}, {kind}, {cpu})"
+
+
+@dataclass(frozen=True)
+class Selection:
+    names: tuple  # the checked models, in list order
+    model: str  # the engine's model argument (argument(names))
+    card: ModelCard | None  # what runs; None when nothing is checked or the choice is refused
+    error: str  # "error: <problem>. <fix>", the command line's line for the same --model; "" when it can run
+    tta_allowed: bool  # every model in the choice was trained with mirroring
+    tta_tip: str  # the mirroring box's tooltip: what it does, or why it is off
+
+
+def select(names, models_dir=None) -> Selection:
+    """What the checked `names` make (see Selection); never raises for a choice the user can fix."""
+    names = tuple(names)
+    model = argument(names)
+    if not names:
+        return Selection(names, model, None, "", False, "Check a model first")
+    try:
+        card = resolve(model, models_dir=models_dir)
+    except AbdomenSegError as exc:
+        return Selection(names, model, None, f"error: {exc}", False, f"Unavailable: {exc.problem}")
+    try:
+        check_tta(card)
+    except AbdomenSegError as exc:
+        return Selection(names, model, card, "", False, f"Unavailable: {exc.problem}")
+    return Selection(names, model, card, "", True, TTA_TIP)
