@@ -37,9 +37,11 @@ def tissue_case(
     intensity,
     direction=None,
     orientation=pp.CANONICAL_ORIENTATION,
+    perirenal: bool = False,
 ) -> tuple:
-    """(uint8 model-space image or None for CT, uint8 model-space tissue map) of one dataset case."""
-    from .tissue_labels import ct_tissue_labels, mr_tissue_labels
+    """(uint8 model-space image or None for CT, uint8 model-space tissue map) of one dataset case. `perirenal`:
+    CT maps get the perirenal fat and renal fascia classes (tissue_labels.perirenal_classes)."""
+    from .tissue_labels import ct_tissue_labels, mr_tissue_labels, perirenal_classes
 
     image, label = read_case(image_path, label_path, direction)
     array, organs = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
@@ -59,11 +61,22 @@ def tissue_case(
         grid = pp.resample_to_spacing(pp.reorient(sitk.Cast(image, sitk.sitkFloat32), orientation), spacing)
         model_image = None
     tissue_model = sitk.GetArrayFromImage(pp.resample_to_reference(tissue_image, grid, is_label=True))
+    if (
+        kind == "ct" and perirenal
+    ):  # on the model grid, where the one-voxel fascia survives (tissue_labels.perirenal_classes)
+        tissue_model = perirenal_classes(tissue_model, grid.GetSpacing()[::-1])
     return model_image, tissue_model.astype(np.uint8)
 
 
 def build_synth_cache(
-    sources: list, cache_file, *, spacing, intensity, orientation=pp.CANONICAL_ORIENTATION, log=print
+    sources: list,
+    cache_file,
+    *,
+    spacing,
+    intensity,
+    orientation=pp.CANONICAL_ORIENTATION,
+    perirenal: bool = False,
+    log=print,
 ) -> dict:
     """{name: (uint8 image or None, uint8 tissue map, kind)} over every source; the .npz is reused when it was
     built with the same settings. Case names are prefixed by the source's `name` (e.g. 'btcv/img0001')."""
@@ -76,6 +89,7 @@ def build_synth_cache(
             orientation,
             "tissue-v1",
         )
+        + (("perirenal",) if perirenal else ())  # without: the settings of caches made before the option
     )
     arrays = None
     if cache_file.is_file():
@@ -96,6 +110,7 @@ def build_synth_cache(
                     intensity=intensity,
                     direction=source.get("direction"),
                     orientation=orientation,
+                    perirenal=perirenal,
                 )
                 arrays[f"tissue/{name}"] = tissue
                 arrays[f"kind/{name}"] = np.array(source["kind"])

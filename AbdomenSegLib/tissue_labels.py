@@ -73,7 +73,9 @@ BOWEL_CONTRAST = 26
 MR_DARK = 27
 MR_MID = 28
 MR_BRIGHT = 29
-LAST_TISSUE = 29
+PERIRENAL_FAT = 30
+RENAL_FASCIA = 31
+LAST_TISSUE = 31
 TISSUE_NAMES = {
     AIR_OUTSIDE: "air_outside",
     AIR_INSIDE: "air_inside",
@@ -85,6 +87,8 @@ TISSUE_NAMES = {
     MR_DARK: "mr_dark",
     MR_MID: "mr_mid",
     MR_BRIGHT: "mr_bright",
+    PERIRENAL_FAT: "perirenal_fat",
+    RENAL_FASCIA: "renal_fascia",
 }
 # Classes that are (almost) no signal on any MR sequence: synth.py keeps them dark.
 DARK_CLASSES = (AIR_OUTSIDE, AIR_INSIDE)
@@ -103,6 +107,9 @@ SPINE_BEHIND_MM = 10.0  # the zone starts this far behind the aorta's centre (it
 RIB_MAX_CM2 = 8.0  # a superficial bright part larger than this in a slice is a bowel loop, not a rib
 MARROW_MAX_CM2 = 25.0  # holes of the bone mask up to this area (a vertebral body: ~10-15 cm2) are marrow
 AORTA = 8  # abdomenseg label of the aorta
+KIDNEYS = (3, 4)  # abdomenseg labels of the kidneys
+PERIRENAL_MM = 15.0  # how far from the kidney fat counts as perirenal (the fat of the renal fascia's cone)
+SINUS_CLOSING = 3  # in-plane closing iterations (7.5 mm at 2.5 mm) that shut the hilum: the renal sinus inside
 
 
 def uint8_to_hu(v):
@@ -188,6 +195,33 @@ def ct_tissue_labels(image: np.ndarray, organs: np.ndarray, spacing, convention:
             cls[np.concatenate([[False], small])[hole_parts]] = BONE
         out[z][cls > 0] = cls[cls > 0]
     out[labelled] = organ[labelled]
+    return out
+
+
+def perirenal_classes(tissue: np.ndarray, spacing) -> np.ndarray:
+    """A copy of a CT tissue map where the fat around each kidney is PERIRENAL_FAT, wrapped in a one-voxel
+    RENAL_FASCIA shell; apply it on the model grid (a one-voxel fascia at native resolution vanishes when the map
+    is resampled).
+
+    Why: on MR with bright fat (T1, opposed-phase) the renal fascia draws a thin dark line around the perirenal
+    fat, which then looks like a kidney-shaped organ with the (dark) kidney inside it, and networks trained on
+    maps where that fat runs on into all other fat label the whole compartment as kidney (TotalSegmentator's
+    example MR). With the compartment and its fascia as classes of their own, the synthesis draws that pattern
+    as background. Approximate: the compartment is fat within PERIRENAL_MM of the kidney (the real cone is
+    thicker behind and below the kidney); the renal sinus (fat inside the kidney's in-plane closing) stays FAT.
+    """
+    out = np.array(tissue, copy=True)
+    kidney = np.isin(out, KIDNEYS)
+    if not kidney.any():
+        return out
+    spacing = np.asarray(spacing, dtype=np.float64)
+    near = ndimage.distance_transform_edt(~kidney, sampling=spacing) <= PERIRENAL_MM
+    cross = ndimage.generate_binary_structure(2, 1)[None]
+    sinus = ndimage.binary_closing(kidney, structure=cross, iterations=SINUS_CLOSING, border_value=0)
+    peri = (out == FAT) & near & ~sinus
+    fascia = ndimage.binary_dilation(peri) & ~peri & np.isin(out, (FAT, FLUID, SOFT_TISSUE))
+    out[peri] = PERIRENAL_FAT
+    out[fascia] = RENAL_FASCIA
     return out
 
 

@@ -30,6 +30,8 @@ DEFAULT_CONFIG = {
         # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
         # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
         "sources": None,
+        # synth trainer: CT tissue maps get perirenal fat and renal fascia classes (tissue_labels.py)
+        "perirenal": False,
         "val_source": None,
     },
     "model": {
@@ -75,7 +77,17 @@ DEFAULT_CONFIG = {
         # slab_prob: how often a crop is cut to a thin slab padded as a short volume is (synth.SlabTransform);
         # ink_prob: how often a synthetic image gets opposed-phase dark fat/water edges (synth.synthesize)
         # dark_prob: how often a tissue class is drawn as dark as air (synth.SynthParams.dark_prob)
-        "synth": {"prob": 0.6, "slab_prob": 0.0, "ink_prob": 0.0, "dark_prob": 0.0},
+        # min_contrast: organs hidden from most of their surface (means closer than this) are redrawn
+        # (synth.SynthParams.min_contrast); 0 = plain SynthSeg draws
+        # perirenal_as_fat: how often the perirenal fat takes the other fat's intensity (synth.SynthParams)
+        "synth": {
+            "prob": 0.6,
+            "slab_prob": 0.0,
+            "ink_prob": 0.0,
+            "dark_prob": 0.0,
+            "min_contrast": 0.0,
+            "perirenal_as_fat": 0.0,
+        },
         "augment": {
             "affine_prob": 0.2,
             "rotate": 0.2,
@@ -185,6 +197,8 @@ def _check_data(config):
     from .pipeline import INPUT_INTENSITIES
 
     d = config["data"]
+    if not isinstance(d["perirenal"], bool):
+        raise AbdomenSegError(f"config data.perirenal is {d['perirenal']!r}", "set it to true or false")
     if config["train"]["trainer"] == "synth":
         _check_sources(config)
     elif not d["root"] or not Path(d["root"]).is_dir():
@@ -260,6 +274,8 @@ def _check_sources(config):
     _real(config["train"]["synth"]["slab_prob"], "train.synth.slab_prob", 0.0, 1.0)
     _real(config["train"]["synth"]["ink_prob"], "train.synth.ink_prob", 0.0, 1.0)
     _real(config["train"]["synth"]["dark_prob"], "train.synth.dark_prob", 0.0, 1.0)
+    _real(config["train"]["synth"]["min_contrast"], "train.synth.min_contrast", 0.0, 0.5)
+    _real(config["train"]["synth"]["perirenal_as_fat"], "train.synth.perirenal_as_fat", 0.0, 1.0)
 
 
 def validation_data(data: dict) -> dict:

@@ -42,6 +42,7 @@ class SynthTrainer(Trainer):
             spacing=m["spacing"],
             intensity=m["intensity"],
             orientation=m["orientation"],
+            perirenal=d.get("perirenal", False),
             log=self.log,
         )
         prefix = f"{d['val_source']}/"
@@ -77,7 +78,12 @@ class SynthTrainer(Trainer):
             SynthTransform(
                 spacing=m["spacing"][::-1],
                 prob=t["synth"]["prob"],
-                params=SynthParams(ink_prob=t["synth"]["ink_prob"], dark_prob=t["synth"]["dark_prob"]),
+                params=SynthParams(
+                    ink_prob=t["synth"]["ink_prob"],
+                    dark_prob=t["synth"]["dark_prob"],
+                    min_contrast=t["synth"]["min_contrast"],
+                    perirenal_as_fat=t["synth"]["perirenal_as_fat"],
+                ),
             ),
             _LabelLookup(organs_to_channels(self.labels)),
         ]

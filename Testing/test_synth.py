@@ -316,3 +316,98 @@ def test_dark_draws_make_some_tissue_classes_as_dark_as_air_and_leave_labels_alo
         synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(1)),
         synthesize(labels, (5.0, 2.5, 2.5), np.random.default_rng(1), replace(DEFAULT, dark_prob=0.0)),
     )
+
+
+def test_surface_contacts_count_shared_voxel_faces():
+    from AbdomenSegLib.synth import surface_contacts
+
+    index = np.zeros((2, 3, 4), dtype=np.intp)
+    index[:, :, 2:] = 1  # two 2x3x2 blocks side by side along x: 2 * 3 faces between them
+    index[1, 0, 0] = 2  # one voxel of class 2 in the class-0 block: 3 faces with 0 (x, y, z), 0 with class 1
+    contacts = surface_contacts(index, 3)
+    assert np.array_equal(contacts, contacts.T) and np.all(np.diag(contacts) == 0)
+    assert contacts[0, 1] == 6 and contacts[0, 2] == 3 and contacts[1, 2] == 0
+
+
+def test_min_contrast_keeps_every_organ_visible_against_most_of_its_surface():
+    """min_contrast: no sample leaves an organ within min_contrast of the classes holding more than max_hidden of
+    its surface (plain draws do, often); labels untouched; 0 gives the plain synthesis, draw for draw."""
+    from dataclasses import replace
+
+    from AbdomenSegLib.synth import DEFAULT, surface_contacts
+
+    label = toy_map()
+    before = label.copy()
+    contacts = surface_contacts(label.astype(np.intp), tl.MR_BRIGHT + 1)  # the classes a toy map draws
+    params = replace(DEFAULT, min_contrast=0.15)
+
+    def hidden(means, organ):
+        return contacts[organ][np.abs(means - means[organ]) < 0.15].sum() / contacts[organ].sum()
+
+    plain_hidden = redrawn = 0
+    for seed in range(60):
+        _, plain = synthesize(label, SPACING, np.random.default_rng(seed), DEFAULT, True)
+        _, info = synthesize(label, SPACING, np.random.default_rng(seed), params, True)
+        for organ in (LIVER, SPLEEN, KIDNEY_R):
+            plain_hidden += hidden(plain["means"], organ) > 0.5
+            assert hidden(info["means"], organ) <= 0.5
+        redrawn += len(info["redrawn"])
+    assert plain_hidden >= 5 and redrawn >= plain_hidden  # the constraint had work to do, and did it
+    assert np.array_equal(label, before)
+    assert np.array_equal(
+        synthesize(label, SPACING, np.random.default_rng(2)),
+        synthesize(label, SPACING, np.random.default_rng(2), replace(DEFAULT, min_contrast=0.0)),
+    )
+
+
+def kidney_in_fat() -> np.ndarray:
+    """A 12x48x48 map: fat, soft tissue at the edges, a kidney (label 3) 10 px wide with a fat-filled sinus."""
+    z, y, x = np.indices((12, 48, 48))
+    label = np.full((12, 48, 48), tl.FAT, dtype=np.uint8)
+    label[:, :, :4] = tl.SOFT_TISSUE
+    label[((y - 24) ** 2 + (x - 24) ** 2 <= 25) & (z >= 3) & (z <= 8)] = KIDNEY_R
+    label[((y - 24) ** 2 + (x - 24) ** 2 <= 2) & (z >= 5) & (z <= 6)] = tl.FAT  # renal sinus
+    return label
+
+
+def test_perirenal_classes_wrap_the_kidney_in_its_fat_and_a_one_voxel_fascia():
+    from scipy import ndimage
+
+    label = kidney_in_fat()
+    before = label.copy()
+    spacing = (5.0, 2.5, 2.5)
+    out = tl.perirenal_classes(label, spacing)
+    assert np.array_equal(label, before)  # a copy
+    kidney = label == KIDNEY_R
+    assert np.array_equal(out == KIDNEY_R, kidney)  # organs untouched
+    distance = ndimage.distance_transform_edt(~kidney, sampling=spacing)
+    peri = out == tl.PERIRENAL_FAT
+    assert peri.any() and np.all(label[peri] == tl.FAT) and distance[peri].max() <= tl.PERIRENAL_MM
+    # the fat around the kidney is perirenal; the sinus, enclosed by the kidney, stays fat
+    assert out[5, 24, 24] == tl.FAT
+    assert np.all(peri[(label == tl.FAT) & (distance <= tl.PERIRENAL_MM) & (distance > 5.0)])
+    # the fascia: exactly the voxels just outside the compartment (all fat here), one voxel thick
+    fascia = out == tl.RENAL_FASCIA
+    shell = ndimage.binary_dilation(peri) & ~peri & ~kidney
+    assert fascia.any() and np.array_equal(fascia, shell)
+    assert not np.any(ndimage.binary_erosion(fascia))  # nowhere thicker than a voxel
+    assert np.all(distance[fascia] > tl.PERIRENAL_MM - 5.0)  # at the compartment's edge, not inside it
+    assert np.array_equal(tl.perirenal_classes(np.full_like(label, tl.FAT), spacing), np.full_like(label, tl.FAT))
+
+
+def test_perirenal_fat_takes_the_fat_intensity_when_drawn_so_and_old_maps_keep_their_stream():
+    from dataclasses import replace
+
+    from AbdomenSegLib.synth import DEFAULT
+
+    label = tl.perirenal_classes(kidney_in_fat(), (5.0, 2.5, 2.5))
+    same = replace(DEFAULT, perirenal_as_fat=1.0)
+    for seed in range(5):
+        _, info = synthesize(label, (5.0, 2.5, 2.5), np.random.default_rng(seed), same, True)
+        assert info["means"][tl.PERIRENAL_FAT] == info["means"][tl.FAT]
+    _, own = synthesize(label, (5.0, 2.5, 2.5), np.random.default_rng(0), DEFAULT, True)
+    assert own["means"][tl.PERIRENAL_FAT] != own["means"][tl.FAT]
+    # a map without the new classes draws as many means as before they existed: same image, draw for draw
+    old = kidney_in_fat()
+    _, info = synthesize(old, (5.0, 2.5, 2.5), np.random.default_rng(4), DEFAULT, True)
+    assert info["means"].size == tl.MR_BRIGHT + 1
