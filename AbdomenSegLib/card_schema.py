@@ -88,12 +88,27 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
         "abdomenseg_version": _abdomenseg_version,
         "validation": _validation,
         "timing": _timing,
+        "cascade": lambda v: _cascade(v, labels),
     }
     for key, check in checks.items():
         if key in data:
             problems += check(data[key])
     if dims == 3:
         problems += _roi_fits_network(data)
+    return problems
+
+
+def _cascade(value: Any, labels: Any) -> Problems:
+    """A second-stage model's block (cascade_card.py): its first stage and the region it re-segments."""
+    from .region import region_problems
+
+    problems = region_problems(value, "cascade")
+    if not problems:
+        problems += [f"cascade.first_stage: {p}" for p in _name(value.get("first_stage"))]
+        names = labels.values() if isinstance(labels, dict) else []
+        stray = [o for o in value["organs"] if o not in names]
+        if stray:
+            problems.append(f"cascade.organs {stray} are not among the model's labels")
     return problems
 
 

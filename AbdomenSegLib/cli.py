@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import AbdomenSegError, Cancelled
-from .options import DEVICES, INPUT_INTENSITIES, LARGEST_COMPONENT, OUTPUT_FORMATS, PRECISIONS
+from .options import DEVICES, INPUT_INTENSITIES, LARGEST_COMPONENT, OUTPUT_FORMATS, PRECISIONS, QUALITIES
 
 
 def _log(message: str):
@@ -126,6 +126,7 @@ def _segment(args) -> int:
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
     card = resolve(args.model, args.tta)
+    stages = _cascade_stages(card, args.quality, distributed)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead
@@ -133,11 +134,26 @@ def _segment(args) -> int:
     def prepare(image):  # in the read-ahead thread: no torch needed
         from .inference import prepare_input
 
-        return prepare_input(card, image, args.input_intensity)
+        return prepare_input(stages[0] if stages else card, image, args.input_intensity)
 
     # (an ensemble's members each prepare the scan for their own grid)
     with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
+
+
+def _cascade_stages(card, quality, distributed):
+    """The (first, second) stage cards of a cascade run (cascade_card.py), None for one model; refused before any
+    work, as is a cascade on a Dask cluster."""
+    from .cascade_card import cascade_stages
+
+    stages = cascade_stages(card, quality)
+    if stages and distributed:
+        raise AbdomenSegError(
+            "a two-stage run (--quality high, or a second-stage model) runs on this machine only, not on a Dask "
+            "cluster",
+            "leave out --workers/--scheduler, or leave out --quality high",
+        )
+    return stages
 
 
 def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) -> int:
@@ -160,9 +176,14 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
         segmenter, device = None, ""
         _log(f"model {card.name} on the Dask workers (--device {args.device})")
     else:
-        segmenter = get_segmenter(card, args.device, log=_log)
+        segmenter = get_segmenter(card, args.device, log=_log, quality=args.quality)
         precision = resolve_precision(args.precision, segmenter.device, card)  # a refused bf16 fails before any work
-        _log(f"model {segmenter.card.name} on {segmenter.device}" + (" (bfloat16)" if precision == "bf16" else ""))
+        fine = getattr(segmenter, "second", None)
+        _log(
+            f"model {segmenter.card.name} on {segmenter.device}"
+            + (" (bfloat16)" if precision == "bf16" else "")
+            + (f", fine second stage {fine.card.name} on the small organs' region" if fine else "")
+        )
         device = device_label(segmenter.device)
     if json_lines:
         json_lines.model, json_lines.device = card.name, segmenter.device if segmenter else args.device
@@ -707,6 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes inside each organ")
     _tta_option(p)
+    p.add_argument(
+        "--quality",
+        default="standard",
+        choices=QUALITIES,
+        help="high: after the model, its fine second-stage model (installed, trained behind it) re-segments the box "
+        "around the small organs (pancreas, adrenals, gallbladder, ...) at a finer spacing: slower",
+    )
     p.add_argument("--format", default=".nii.gz", choices=OUTPUT_FORMATS, help="output type for folder/glob inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.add_argument(

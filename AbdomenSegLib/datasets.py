@@ -105,8 +105,16 @@ def cache_case(
     input_intensity="native",
     orientation=pp.CANONICAL_ORIENTATION,
     direction=None,
+    region=None,
 ):
+    """(uint8 model-space image, organ labels) of a case; with a `region` (region.py: {"organs", "margin_mm"}) only
+    the box around those organs of its reference, the way a cascade's second stage sees it (cascade.py)."""
     image, label = read_case(image_path, label_path, direction)
+    if region:
+        from .region import reference_crop
+
+        image, label = reference_crop(image, label, convention, region)
+        convention = "abdomenseg"  # reference_crop gives our organ table
     space = to_model_space(image, spacing, intensity, orientation=orientation, input_intensity=input_intensity)
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)
@@ -139,13 +147,17 @@ def build_cache(
     input_intensity="native",
     orientation=pp.CANONICAL_ORIENTATION,
     direction=None,
+    region=None,
     log=print,
 ) -> dict:
-    """Cache every case of a dataset; reuse the file when it was built with the same settings."""
+    """Cache every case of a dataset (with a `region`, its box only: cache_case); reuse the file when it was built
+    with the same settings."""
     cache_file = Path(cache_file)
     settings = repr((str(Path(root).resolve()), list(spacing), intensity, convention, input_intensity))
     if orientation != pp.CANONICAL_ORIENTATION or direction is not None:  # older caches stay valid
         settings = repr((settings, orientation, list(direction) if direction is not None else None))
+    if region:
+        settings = repr((settings, {k: region[k] for k in ("organs", "margin_mm")}))
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as cached:
             if str(cached["settings"]) == settings:
@@ -161,6 +173,7 @@ def build_cache(
             input_intensity=input_intensity,
             orientation=orientation,
             direction=direction,
+            region=region,
         )
         arrays[f"image/{name}"], arrays[f"label/{name}"] = image, labels
         log(f"cached {name}: {image.shape}")

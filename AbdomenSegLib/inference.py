@@ -27,6 +27,7 @@ from .options import (
     LogCallback,
     Precision,
     ProgressCallback,
+    Quality,
 )
 from .pipeline import check_input, to_model_space
 from .precision import resolve_precision
@@ -82,10 +83,12 @@ class Prepared:
     model: str  # the card's name and sha256: a preparation for another model is not used
 
 
-def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "native") -> Prepared:
+def prepare_input(card, image: sitk.Image, input_intensity: InputIntensity = "native", check: bool = True) -> Prepared:
     """Check `image` for the model `card` (clear refusal before any long work), then resample and normalise it
-    into the model's space. Needs no torch: it can run while torch is being imported."""
-    _check_for(card, image, input_intensity)
+    into the model's space. Needs no torch: it can run while torch is being imported. `check=False`: a crop of
+    an input already checked whole (cascade.py), which need not look like a whole scan."""
+    if check:
+        _check_for(card, image, input_intensity)
     return Prepared(_to_model_space(card, image, input_intensity), input_intensity, _model_key(card))
 
 
@@ -125,14 +128,24 @@ def _prepared_for(prepared: Prepared | None, card, options) -> bool:
     )
 
 
-def get_segmenter(model=None, device: Device = "auto", log: LogCallback = print) -> Segmenter:
+def get_segmenter(
+    model=None, device: Device = "auto", log: LogCallback = print, quality: Quality = "standard"
+) -> Segmenter:
     """Segmenters stay loaded, keyed by (model, device), so re-running a model is fast. An ensemble's card gets
-    an ensemble.EnsembleSegmenter (same interface), whose members are cached here too."""
+    an ensemble.EnsembleSegmenter (same interface), whose members are cached here too. A second-stage card, or
+    quality "high", gets a cascade.CascadeSegmenter (same interface; its stages found and checked first)."""
+    from .cascade_card import cascade_stages
+
     card = model if isinstance(model, ModelCard) else find_model(model)
+    stages = cascade_stages(card, quality)  # a cascade that cannot run is refused before any network loads
     resolved = resolve_device(device, log)
-    key = (str(card.path), resolved)
+    key = (str(card.path), resolved) if stages is None else tuple(str(c.path) for c in stages) + (resolved,)
     if key not in _CACHE:
-        if card.members:
+        if stages is not None:
+            from .cascade import CascadeSegmenter
+
+            _CACHE[key] = CascadeSegmenter(*stages, resolved, log=log)
+        elif card.members:
             from .ensemble import EnsembleSegmenter
 
             _CACHE[key] = EnsembleSegmenter(card, resolved, log=log)

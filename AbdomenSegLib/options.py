@@ -19,6 +19,8 @@ LargestComponent = Literal["model", "all", "none"]
 """Keep only the largest piece of: the organs the card names (anatomically single), every organ, or none."""
 OutputFormat = Literal[".nii.gz", ".nrrd", ".seg.nrrd", ".dcm"]
 """Output type of folder runs (.dcm: a DICOM SEG, for DICOM series inputs)."""
+Quality = Literal["standard", "high"]
+"""standard: the model alone; high: a fine second-stage model re-segments the small organs' region (cascade.py)."""
 LabelConvention = Literal["abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr"]
 """Label numbering of a reference or prediction label map (organs.CONVENTIONS)."""
 
@@ -28,6 +30,7 @@ INPUT_INTENSITIES: tuple = get_args(InputIntensity)
 LARGEST_COMPONENT: tuple = get_args(LargestComponent)
 OUTPUT_FORMATS: tuple = get_args(OutputFormat)
 LABEL_CONVENTIONS: tuple = get_args(LabelConvention)
+QUALITIES: tuple = get_args(Quality)
 
 FROM_COLOR_NAMES = "colour table names"
 """The Slicer panel's default reference convention: organs named by the reference's colour table / segments."""

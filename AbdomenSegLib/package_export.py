@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AbdomenSegError
 from .io import write_json
 from .options import LogCallback
 from .train_config import load_config
@@ -26,7 +27,9 @@ def validation_rows(
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
     figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py).
     `segmenter` runs another model (or an ensemble) on this card's protocol, `overlap` another window overlap
-    (bench/bench_ensemble.py)."""
+    (bench/bench_ensemble.py). A second-stage model's card (cascade.py) is validated on the region its training
+    saw: each case cut to the box around its reference's region organs (region.reference_crop)."""
+    from .cascade import segment_crop
     from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
     from .metrics import evaluate
@@ -40,14 +43,20 @@ def validation_rows(
         if data["prefix"] + name not in val_names:
             continue
         image, label = read_case(image_path, label_path, data.get("direction"))
+        convention, region = data["convention"], card.get("cascade")
+        if region:
+            from .region import reference_crop
+
+            image, label = reference_crop(image, label, convention, region)
+            convention = "abdomenseg"
         start = time.time()
         options = Options(input_intensity=data["input_intensity"], precision=precision, overlap=overlap)
-        prediction = segmenter.segment(image, options)
+        prediction = segment_crop(segmenter, image, options) if region else segmenter.segment(image, options)
         seconds.append(time.time() - start)
         rows += evaluate(
             prediction,
             label,
-            reference_convention=data["convention"],
+            reference_convention=convention,
             organs=list(card["labels"].values()),
             case=name,
             model=card.name,
@@ -56,15 +65,24 @@ def validation_rows(
     return rows, seconds
 
 
-def validate_package(card, log: LogCallback = print) -> dict:
-    """Full-pipeline validation summary for the card (per-organ means over the validation cases)."""
+MEAN = "mean over cases where the organ is present in prediction or reference"
+WHOLE_PROTOCOL = "full pipeline on the original validation files (input grid), never trained on; " + MEAN
+REGION_PROTOCOL = (
+    "region crop, not the whole scan: the second stage alone on each validation case (never trained on) cut from its "
+    "original file to the box around its reference's cascade.organs plus cascade.margin_mm, full pipeline in the "
+    "crop's grid (whole scans behind the first stage: validation_cascade); " + MEAN
+)
+
+
+def validate_package(card, log: LogCallback = print, segmenter=None) -> dict:
+    """Full-pipeline validation summary for the card (per-organ means over the validation cases); `segmenter`
+    runs another model on the card's protocol (validate_cascade)."""
     from .metrics import summarize
 
-    rows, seconds = validation_rows(card, log=log)
+    rows, seconds = validation_rows(card, log=log, segmenter=segmenter)
     summary = {s["organ"]: s for s in summarize(rows)}
     return {
-        "protocol": "full pipeline on the original validation files (input grid), never trained on; "
-        "mean over cases where the organ is present in prediction or reference",
+        "protocol": REGION_PROTOCOL if card.get("cascade") else WHOLE_PROTOCOL,
         "cases": sorted(card["training"]["validation_cases"]),
         **{
             metric: {o: round(s[f"{metric}_mean"], 4) for o, s in summary.items()}
@@ -73,6 +91,18 @@ def validate_package(card, log: LogCallback = print) -> dict:
         "dice_std": {o: round(s["dice_std"], 4) for o, s in summary.items()},
         "cpu_seconds_per_case": round(float(np.mean(seconds)), 1) if seconds else None,
     }
+
+
+def validate_cascade(card, log: LogCallback = print) -> dict:
+    """The second-stage model `card` behind its first stage, on the first stage's validation protocol (its cases,
+    whole scans): validate_package's summary of the cascade's output."""
+    from .cascade import CascadeSegmenter
+    from .cascade_card import cascade_stages
+
+    first, second = cascade_stages(card)
+    summary = validate_package(first, log=log, segmenter=CascadeSegmenter(first, second, "cpu", log=log))
+    summary["protocol"] = f"cascade behind {first.name}, on its validation protocol: " + summary["protocol"]
+    return summary
 
 
 def trainer_class(config: dict) -> type:
@@ -145,9 +175,17 @@ def train_and_export(
     card = export_package(network, card_data, target, register_in=export_to, make_default=make_default)
     log(f"exported {target}; validating on {card['training']['validation_cases']}")
     card.data["validation"] = validate_package(card, log=log)
+    whole, note = card.data["validation"], "full pipeline"
+    if card.get("cascade"):  # figures for the region crop above; the whole scans through the first stage here
+        try:
+            whole = card.data["validation_cascade"] = validate_cascade(card, log=log)
+            note = "full pipeline, both stages"
+        except AbdomenSegError as error:
+            log(f"cascade validation skipped: {error} (run bench/bench_cascade.py once the first stage is installed)")
+            note = "second stage alone on the region crop"
     card.data["timing"] = {
-        "cpu_seconds": card.data["validation"]["cpu_seconds_per_case"],
-        "cpu_note": f"mean seconds per validation case, full pipeline, CPU with {torch.get_num_threads()} threads",
+        "cpu_seconds": whole["cpu_seconds_per_case"],
+        "cpu_note": f"mean seconds per validation case, {note}, CPU with {torch.get_num_threads()} threads",
         "gpu_seconds": None,
     }
     write_json(card.data, target / "card.json")

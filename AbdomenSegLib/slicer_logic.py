@@ -479,10 +479,12 @@ class AbdomenSegCore:
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
         tta=False,
+        quality="standard",
     ):
         """Segment `volume_node` in this process (blocking; scripts and tests); returns the segmentation
         node (a new one unless one is given). The panel runs the same steps with the network in a
         background process (`background.SegmentationProcess`): `prepare`, then `import_result`.
+        `quality` "high": the model's fine second stage re-segments the small organs' region (cascade.py).
 
         An existing segmentation's segments are never replaced unless `replace_existing` is True.
         """
@@ -491,7 +493,7 @@ class AbdomenSegCore:
         from .qc_outputs import assess_result
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
-        segmenter = get_segmenter(resolve(model, tta), device, log=self.log)  # refused before a network loads
+        segmenter = get_segmenter(resolve(model, tta), device, log=self.log, quality=quality)  # refused before loading
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
         report = assess_result(segmenter, labels, options).as_dict(

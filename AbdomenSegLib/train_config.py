@@ -27,6 +27,10 @@ DEFAULT_CONFIG = {
         "cache": ".cache/{name}.npz",
         # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
         "direction": None,
+        # A fine second-stage model (cascade.py): {"first_stage": model name, "organs": [...], "margin_mm": [x, y,
+        # z]}; the cache holds only the box around those organs of each reference (region.py); checked as the
+        # card's "cascade" block (_check_card).
+        "region": None,
         # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
         # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
         "sources": None,
@@ -433,6 +437,7 @@ def draft_card(config: dict) -> dict:
         "inference": inference_block(m["dimensions"], t["patch"], t["augment"]["flip_axes"]),
         "postprocess": m["postprocess"],
         **({"sequence": m["sequence"]} if m["sequence"] else {}),
+        **({"cascade": config["data"]["region"]} if config["data"]["region"] else {}),
     }
 
 

@@ -137,6 +137,7 @@ class Trainer:
             input_intensity=d["input_intensity"],
             orientation=m["orientation"],
             direction=d["direction"],
+            region=d["region"],
             log=self.log,
         )
         if self.rank == 0:

@@ -1,0 +1,118 @@
+"""A two-stage run (nnU-Net's cascade idea, applied to a region): the first model segments the whole scan, a
+fine second model (cascade_card.py) re-segments the box around the small organs it found.
+
+The box is the first stage's region organs plus the card's margin, in the input's grid (region.py); the input
+is cropped to it with its geometry exact, and the second model runs on the crop through the same predictor as
+any model (inference.Segmenter: its preprocessing, sliding window and resampling back to the crop's grid).
+Inside the box the region organs take the second stage's labels: a voxel the first stage called a region organ
+and the second does not becomes background, another organ's voxel keeps its first-stage label unless the
+second stage calls it a region organ. Outside the box nothing changes, and the output is in the input's grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import SimpleITK as sitk
+
+from .inference import Options, Segmenter, Timings, get_segmenter, prepare_input
+from .inferer import check_cancel
+from .options import LogCallback
+from .precision import resolve_precision
+from .region import crop, organ_values, region_box
+
+FIRST_SHARE = 0.5  # of the progress bar; the second stage runs on a crop, the region step is quick
+
+
+class CascadeSegmenter:
+    """inference.Segmenter's `segment(image, options, progress, cancel, prepared)` for a first stage and its
+    fine second stage. `card` is the first stage's: it names the organs of the output."""
+
+    def __init__(self, first_card, second_card, device: str = "cpu", log: LogCallback = print):
+        self.first = get_segmenter(first_card, device, log=log)
+        self.second = Segmenter(second_card, self.first.device, log=log)  # the plain model: only on crops
+        self.card, self.device, self.log = self.first.card, self.first.device, log
+        self.region = second_card["cascade"]
+        self.timings = Timings(device=self.device)
+        self.last_confidence = {}
+        self.precision = "fp32"
+        self.last_box = None  # region.Box of the last segment(); None when the second stage was skipped
+
+    def largest_component_organs(self, choice) -> list:
+        return self.first.largest_component_organs(choice)
+
+    def check(self, image, options, prepared=None) -> None:
+        """Both stages' refusals before any work (the second runs on a crop of this image, checked whole)."""
+        self.first.check(image, options, prepared)
+        resolve_precision(options.precision, self.device, self.second.card)
+        if options.tta:
+            from .tta import check_tta
+
+            check_tta(self.second.card)
+
+    def segment(self, image: sitk.Image, options: Options | None = None, progress=None, cancel=None, prepared=None):
+        options = options or Options()
+        progress = progress or (lambda fraction, message: None)
+        self.check(image, options, prepared)
+        self.timings = Timings(device=self.device)
+        whole = replace(options, organs=None)  # the user's organ choice applies to the merged result
+        first = self.first.segment(image, whole, _share(progress, 0.0, FIRST_SHARE), cancel, prepared)
+        self._add_timings(self.first, "")
+        self.last_confidence, self.precision = dict(self.first.last_confidence), self.first.precision
+        labels = sitk.GetArrayFromImage(first)
+        t = time.perf_counter()
+        self.last_box = region_box(first, self.region["organs"], self.region["margin_mm"])
+        self.timings.add("region", time.perf_counter() - t)
+        if self.last_box is None:
+            self.log(
+                f"note: the first stage found none of {', '.join(self.region['organs'])}; the fine second stage "
+                f"'{self.second.card.name}' was skipped"
+            )
+        else:
+            check_cancel(cancel)
+            share = _share(progress, FIRST_SHARE, 0.98, f"fine stage {self.second.card.name}: ")
+            fine = segment_crop(self.second, crop(image, self.last_box), whole, share, cancel)
+            self._add_timings(self.second, "fine_")
+            t = time.perf_counter()
+            merge(labels, sitk.GetArrayViewFromImage(fine), self.last_box, self.region["organs"])
+            self.timings.add("region", time.perf_counter() - t)
+            fine_confidence = self.second.last_confidence
+            for organ in self.region["organs"]:
+                self.last_confidence.pop(organ, None)
+                if organ in fine_confidence:
+                    self.last_confidence[organ] = fine_confidence[organ]
+        labels = self.first._finish_labels(labels, Options(organs=options.organs, largest_component="none"))
+        out = sitk.GetImageFromArray(labels)
+        out.CopyInformation(image)
+        progress(1.0, "done")
+        return out
+
+    def _add_timings(self, stage, prefix):
+        for name, seconds in stage.timings.stages.items():
+            self.timings.add(prefix + name, seconds)
+
+
+def segment_crop(segmenter, image: sitk.Image, options: Options, progress=None, cancel=None) -> sitk.Image:
+    """A single model's labels on a crop of an input that was checked whole (a crop need not look like a whole
+    scan: it may hold no air, or be narrow), in the crop's grid."""
+    prepared = prepare_input(segmenter.card, image, options.input_intensity, check=False)
+    return segmenter.segment(image, options, progress, cancel, prepared=prepared)
+
+
+def merge(labels: np.ndarray, fine: np.ndarray, box, organs) -> None:
+    """In place: inside `box` of `labels` (the first stage, input grid), the region `organs` take the labels of
+    `fine` (the second stage on the box's crop); elsewhere nothing changes."""
+    values = organ_values(organs)
+    inside = labels[box.slices]
+    inside[np.isin(inside, values)] = 0
+    wins = np.isin(fine, values)
+    inside[wins] = fine[wins]
+
+
+def _share(progress, low, high, prefix=""):
+    def report(fraction, message):
+        progress(low + (high - low) * min(max(float(fraction), 0.0), 1.0), prefix + message)
+
+    return report
