@@ -34,7 +34,7 @@ for _candidate in (_here, os.path.dirname(_here)):
         break
 
 # The option values the engine and the command line use (standard library only: nothing heavy loads with Slicer).
-from AbdomenSegLib.options import DEVICES, LARGEST_COMPONENT, REFERENCE_CONVENTIONS  # noqa: E402
+from AbdomenSegLib.options import DEVICES, LARGEST_COMPONENT, QUALITIES, REFERENCE_CONVENTIONS  # noqa: E402
 
 DOCUMENTATION = "https://github.com/abdomenseg/SlicerAbdomenSeg#readme"
 
@@ -80,6 +80,8 @@ class AbdomenSegParameterNode:
     model: str = ""  # the checked models of segmentModelsListWidget, as model_choice.argument() joins them
     tta: bool = False  # test-time mirroring; off (and its box disabled) unless every checked model allows it
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    # high: the model's fine second stage re-segments the small organs' region (refused where none is installed)
+    quality: Annotated[str, Choice(list(QUALITIES))] = "standard"
     largestComponent: Annotated[str, Choice(list(LARGEST_COMPONENT))] = "model"
     fillHoles: bool = False
     referenceConvention: Annotated[str, Choice(list(REFERENCE_CONVENTIONS))] = REFERENCE_CONVENTIONS[0]
@@ -304,7 +306,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     # -- background runs -------------------------------------------------------------------------
-    def _start(self, kind, models, segmentationNode=None, replace=False, tta=False):
+    def _start(self, kind, models, segmentationNode=None, replace=False, tta=False, quality="standard"):
         p = self._parameterNode
         device = self.logic.resolveDevice(p.device, models[0], confirmCpu=self._confirmCpu)
         if device is None:
@@ -320,6 +322,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             largestComponent=p.largestComponent,
             fillHoles=p.fillHoles,
             tta=tta,
+            quality=quality,
         )
         self._runKind = kind
         self.ui.progressBar.value = 0
@@ -417,7 +420,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.ensureDependencies(interactive=True)
             # One model argument: a checked model, or `a+b`, the checked ones as one ensemble (as the command line).
             tta = p.tta and self._selection.tta_allowed
-            self._start("segment", [p.model], segmentationNode=output, replace=replace, tta=tta)
+            self._start("segment", [p.model], segmentationNode=output, replace=replace, tta=tta, quality=p.quality)
 
     def _confirmCpu(self, seconds):
         return slicer.util.confirmOkCancelDisplay(
@@ -499,9 +502,11 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         largestComponent="model",
         fillHoles=False,
         tta=False,
+        quality="standard",
     ):
         """`models`: each a name, a package folder or an ensemble `a+b`, run one after the other (a comparison
-        when several); `tta`: test-time mirroring, refused (AbdomenSegError) for a model trained without."""
+        when several); `tta`: test-time mirroring, refused (AbdomenSegError) for a model trained without;
+        `quality` "high": the model's fine second stage too (cascade.py), refused where none is installed."""
         from AbdomenSegLib.slicer_runs import BackgroundRun, shared_worker
 
         return BackgroundRun(
@@ -515,6 +520,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
             largest_component=largestComponent,
             fill_holes=fillHoles,
             tta=tta,
+            quality=quality,
             temp_root=slicer.app.temporaryPath,
             worker=shared_worker(temp_root=slicer.app.temporaryPath),
         )
@@ -533,9 +539,11 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         cancel=None,
         confirmCpu=None,
         tta=False,
+        quality="standard",
     ):
         """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run).
-        `model`: a name, a package folder or an ensemble `a+b`; `tta`: test-time mirroring."""
+        `model`: a name, a package folder or an ensemble `a+b`; `tta`: test-time mirroring; `quality` "high":
+        the model's fine second stage too."""
         from AbdomenSegLib.errors import Cancelled
 
         device = self.resolveDevice(device, model, confirmCpu)
@@ -554,6 +562,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
                 progress=progress,
                 cancel=cancel,
                 tta=tta,
+                quality=quality,
             )
         except Cancelled:
             logging.info("AbdomenSeg: segmentation cancelled")

@@ -98,6 +98,7 @@ def build_command(
     fill_holes=False,
     input_intensity="native",
     tta=False,
+    quality="standard",
 ) -> list:
     """The documented command line of a background run."""
     command = [
@@ -123,6 +124,8 @@ def build_command(
         command.append("--fill-holes")
     if tta:
         command.append("--tta")
+    if quality != "standard":
+        command += ["--quality", quality]
     return command
 
 
@@ -221,6 +224,7 @@ class SegmentationProcess:
         fill_holes=False,
         input_intensity="native",
         tta=False,
+        quality="standard",
         python=None,
         env=None,
         temp_root=None,
@@ -251,6 +255,7 @@ class SegmentationProcess:
                 fill_holes=fill_holes,
                 input_intensity=input_intensity,
                 tta=tta,
+                quality=quality,
             )
             if self._worker is not None:
                 self._started = time.monotonic()

@@ -13,6 +13,7 @@ Segment skips Python start-up and model loading; a run that finds it busy runs i
 from __future__ import annotations
 
 from .background import SegmentationProcess
+from .cascade_card import cascade_stages
 from .engine_worker import EngineWorker
 from .errors import AbdomenSegError
 from .model_choice import resolve
@@ -51,6 +52,7 @@ class BackgroundRun:
         largest_component="model",
         fill_holes=False,
         tta=False,
+        quality="standard",
         temp_root=None,
         process_factory=None,
         worker: EngineWorker | None = None,
@@ -62,10 +64,15 @@ class BackgroundRun:
         if not self.models:
             raise AbdomenSegError("no model is selected", "select at least one model")
         for model in self.models:  # each a name, a package folder or an ensemble `a+b`, as `--model` takes
-            resolve(model, tta)
+            cascade_stages(resolve(model, tta), quality)  # a fine second stage that cannot run, too
         self.image = core.prepare(volume_node, organs, segmentation_node, replace_existing)
         self.options = dict(
-            device=device, organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta
+            device=device,
+            organs=organs,
+            largest_component=largest_component,
+            fill_holes=fill_holes,
+            tta=tta,
+            quality=quality,
         )
         self.segmentation_node, self.replace_existing = segmentation_node, replace_existing
         self.temp_root = temp_root  # Slicer's own temporary folder in the app

@@ -180,7 +180,12 @@ def test_the_command_line_is_the_documented_one(tmp_path):
     from AbdomenSegLib.cli import build_parser
 
     args = build_parser().parse_args(command[3:])
-    assert args.progress_json and args.organs == "liver,spleen" and args.fill_holes
+    assert args.progress_json and args.organs == "liver,spleen" and args.fill_holes and args.quality == "standard"
+    # the fine second stage and mirroring reach the engine as the CLI's options
+    high = build_command("python", "in.nrrd", "out.nrrd", quality="high", tta=True)
+    assert high[-3:] == ["--tta", "--quality", "high"]
+    args = build_parser().parse_args(high[3:])
+    assert args.quality == "high" and args.tta
     # the engine is importable from the child's working directory (the package's parent folder)
     assert (background.PACKAGE_PARENT / "AbdomenSegLib" / "__main__.py").is_file()
 

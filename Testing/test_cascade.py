@@ -75,6 +75,8 @@ def models(tmp_path_factory):
         (_card("lonely"), None),
         (_card("fine-mr", **fine, modality="MR", cascade={"first_stage": "first"}), None),
         (_card("fine-orphan", **fine, cascade={"first_stage": "absent"}), None),
+        (_card("first-gb"), "gallbladder"),  # a region organ everywhere: its fine stage runs on the whole image
+        (_card("fine-gb", **fine, cascade={"first_stage": "first-gb"}), "pancreas"),
     ]
     for index, (card, answer) in enumerate(packages):
         export_package(_network(answer), card, folder / card["name"], register_in=folder, make_default=index == 0)
@@ -252,3 +254,40 @@ def test_a_second_stage_is_validated_on_the_region_crop_of_each_case(models, tmp
     # pancreas everywhere in the crop: Dice 2|P| / (|P| + |crop|) (the crop's edge may answer background)
     assert dice == pytest.approx(2 * pancreas_ml / (pancreas_ml + crop_ml), rel=0.15)
     assert dice > 2 * pancreas_ml / (pancreas_ml + np.prod(ct.GetSize()) * np.prod(ct.GetSpacing()) / 1000) * 1.5
+
+
+def test_the_slicer_panels_quality_high_runs_the_cli_cascade_in_its_engine_process(models, tmp_path, monkeypatch):
+    """Quality "high" in the panel reaches the engine process as the command line's --quality high: the same
+    labels (the fine stage's pancreas over the first stage's gallbladder), where "standard" keeps the first's."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt) provides Slicer's MRML")
+    from test_slicer_logic import volume_node
+    from test_slicer_panel import _run_to_end
+
+    from AbdomenSegLib import slicer_logic as sl
+    from AbdomenSegLib.engine_worker import EngineWorker
+    from AbdomenSegLib.slicer_runs import BackgroundRun
+
+    monkeypatch.setattr("AbdomenSegLib.models.MODELS_DIR", models)
+    monkeypatch.setenv("ABDOMENSEG_MODELS", str(models))  # the engine process the panel starts
+    ct, _ = make_phantom(size=(30, 28, 10), spacing=(9.0, 8.5, 15.0))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
+    cli = {}
+    for quality in ("standard", "high"):
+        out = tmp_path / f"{quality}.nrrd"
+        args = ["segment", str(tmp_path / "ct.nrrd"), str(out), "--model", "first-gb", "--device", "cpu"]
+        assert main(args + ["--quality", quality, "--no-qc-png"]) in (0, 3)
+        cli[quality] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert (cli["standard"] == GALLBLADDER).all() and (cli["high"] == PANCREAS).all()
+    scene = slicer.mrmlScene = slicer.vtkMRMLScene()
+    worker = EngineWorker()
+    try:
+        vol = volume_node(scene, ct)
+        core = sl.AbdomenSegCore(scene, log=lambda m: None)
+        run = _run_to_end(BackgroundRun(core, vol, ["first-gb"], device="cpu", quality="high", worker=worker), 600)
+        assert run.error is None, run.error
+        ((name, seg),) = run.results.items()
+        panel = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
+    finally:
+        worker.stop()
+        scene.Clear(1)
+    np.testing.assert_array_equal(panel, cli["high"])

@@ -196,6 +196,9 @@ def test_mirroring_reaches_the_engine_process(installed, scene, tmp_path):
     assert not np.array_equal(mirrored, _cli_labels(tmp_path, ct, selection.model))  # mirroring did change it
     with pytest.raises(AbdomenSegError, match="model 'tiny-a' was not trained with mirroring"):
         BackgroundRun(sl.AbdomenSegCore(scene), volume_node(scene, ct), ["tiny-a"], tta=True)
+    # the panel's Quality "high" with no fine second stage installed: refused before any process starts
+    with pytest.raises(AbdomenSegError, match="no fine second-stage model is installed for 'tiny-a'"):
+        BackgroundRun(sl.AbdomenSegCore(scene), volume_node(scene, ct), ["tiny-a"], quality="high")
 
 
 # -- the parameter node -------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ def _parameter_fields() -> dict:
 def test_the_choice_survives_a_saved_scene(installed, scene, tmp_path):
     fields = _parameter_fields()
     assert fields["model"] == ("str", "''") and fields["tta"] == ("bool", "False")
+    assert fields["quality"] == ("Annotated[str, Choice(list(QUALITIES))]", "'standard'")
     selection = select(["tiny-mirrored", "tiny-mirrored-b"])
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
     node.SetSingletonTag("AbdomenSeg")  # as ScriptedLoadableModuleLogic.getParameterNode makes it
