@@ -97,7 +97,11 @@ class CascadeSegmenter:
 def segment_crop(segmenter, image: sitk.Image, options: Options, progress=None, cancel=None) -> sitk.Image:
     """A single model's labels on a crop of an input that was checked whole (a crop need not look like a whole
     scan: it may hold no air, or be narrow), in the crop's grid."""
-    prepared = prepare_input(segmenter.card, image, options.input_intensity, check=False)
+    from .pipeline import check_memory_for
+
+    card = segmenter.card  # the crop need not look like a scan, but it must fit in memory at this card's spacing
+    check_memory_for(image, card["spacing"], card.out_channels, "the small organs' region")
+    prepared = prepare_input(card, image, options.input_intensity, check=False)
     return segmenter.segment(image, options, progress, cancel, prepared=prepared)
 
 

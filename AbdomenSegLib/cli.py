@@ -125,7 +125,7 @@ def _segment(args) -> int:
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
-    card = resolve(args.model, args.tta)
+    card = resolve(args.model, args.tta, quality=args.quality)
     stages = _cascade_stages(card, args.quality, distributed)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]

@@ -64,6 +64,12 @@ def _check_members(name, members) -> None:
             f"ensemble '{name}' has ensembles among its members ({', '.join(nested)})",
             "list their single models instead",
         )
+    fine = [m.name for m in members if m.get("cascade")]
+    if fine:  # trained on crops around the small organs: it would run on whole scans here
+        raise AbdomenSegError(
+            f"ensemble '{name}' has fine second-stage models among its members ({', '.join(fine)})",
+            "run a second stage behind its first stage (--quality high) instead",
+        )
     paths = [Path(m.path).resolve() for m in members]
     if len(set(paths)) != len(paths):
         raise AbdomenSegError(f"ensemble '{name}' lists a model twice", "list each member once")

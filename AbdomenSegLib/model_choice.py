@@ -23,13 +23,18 @@ TTA_TIP = (
 )
 
 
-def resolve(model=None, tta: bool = False, models_dir=None) -> ModelCard:
+def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "standard") -> ModelCard:
     """The card `model` names (a name, a package folder, `a+b`, a card already read; None: the default), refused
-    where the engine would refuse it: an ensemble of models that cannot be averaged, or mirroring (`tta`) for a
-    model trained without."""
+    where the engine would refuse it: an ensemble of models that cannot be averaged, a fine second stage that
+    cannot run (`quality` "high", or a second-stage card named directly), or mirroring (`tta`) for a model, or
+    either stage, trained without."""
+    from .cascade_card import cascade_stages
+
     card = model if isinstance(model, ModelCard) else find_model(model, models_dir)
+    stages = cascade_stages(card, quality, models_dir)
     if tta:
-        check_tta(card)
+        for stage in stages or (card,):
+            check_tta(stage)
     return card
 
 

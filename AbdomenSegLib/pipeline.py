@@ -43,7 +43,7 @@ def check_input(
     channel count, also inputs whose model-space grid would not fit the memory limit (`limits`)."""
     limits.check_geometry(image.GetSize(), image.GetSpacing(), name)
     if model_spacing is not None:
-        limits.check_memory(image.GetSize(), image.GetSpacing(), _per_image_axis(image, model_spacing), channels, name)
+        check_memory_for(image, model_spacing, channels, name)
     array = sitk.GetArrayViewFromImage(image)
     if array.size == 0 or min(image.GetSize()) < 2:
         raise AbdomenSegError(
@@ -117,7 +117,12 @@ def _check_zero_filled_tail(array: np.ndarray, name: str) -> None:
         )
 
 
-def _per_image_axis(image: sitk.Image, model_spacing) -> list:
+def check_memory_for(image: sitk.Image, model_spacing, channels: int, name: str = "input") -> None:
+    """Refuse an image whose model-space grid at `model_spacing` (x, y, z mm) would not fit the memory limit."""
+    limits.check_memory(image.GetSize(), image.GetSpacing(), per_image_axis(image, model_spacing), channels, name)
+
+
+def per_image_axis(image: sitk.Image, model_spacing) -> list:
     """The model's spacing along each of the image's axes (the image may store them in another order)."""
     direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
     return [float(model_spacing[int(direction[:, axis].argmax())]) for axis in range(3)]

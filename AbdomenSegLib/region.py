@@ -40,7 +40,7 @@ def organ_values(organs) -> list:
 def region_box(labels: sitk.Image, organs, margin_mm) -> Box | None:
     """The index box of `labels`' voxels labelled one of `organs`, widened by `margin_mm` (x, y, z world mm, each
     rounded up to whole voxels) and clipped to the image; None when none of the organs is there."""
-    from .pipeline import _per_image_axis
+    from .pipeline import per_image_axis
 
     mask = np.isin(sitk.GetArrayViewFromImage(labels), organ_values(organs)).astype(np.uint8)
     if not mask.any():
@@ -51,7 +51,7 @@ def region_box(labels: sitk.Image, organs, margin_mm) -> Box | None:
     shape.Execute(binary)
     bounds = shape.GetBoundingBox(1)  # x, y, z index, then x, y, z size
     start, size = bounds[:3], bounds[3:]
-    margin = _per_image_axis(labels, margin_mm)  # mm along each image axis
+    margin = per_image_axis(labels, margin_mm)  # mm along each image axis
     low, high = [], []
     for axis, extent in enumerate(labels.GetSize()):
         voxels = math.ceil(margin[axis] / labels.GetSpacing()[axis] - 1e-6)

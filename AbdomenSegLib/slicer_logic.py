@@ -493,7 +493,9 @@ class AbdomenSegCore:
         from .qc_outputs import assess_result
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
-        segmenter = get_segmenter(resolve(model, tta), device, log=self.log, quality=quality)  # refused before loading
+        segmenter = get_segmenter(
+            resolve(model, tta, quality=quality), device, log=self.log, quality=quality
+        )  # before loading
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
         report = assess_result(segmenter, labels, options).as_dict(

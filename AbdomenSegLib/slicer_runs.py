@@ -13,7 +13,6 @@ Segment skips Python start-up and model loading; a run that finds it busy runs i
 from __future__ import annotations
 
 from .background import SegmentationProcess
-from .cascade_card import cascade_stages
 from .engine_worker import EngineWorker
 from .errors import AbdomenSegError
 from .model_choice import resolve
@@ -64,7 +63,7 @@ class BackgroundRun:
         if not self.models:
             raise AbdomenSegError("no model is selected", "select at least one model")
         for model in self.models:  # each a name, a package folder or an ensemble `a+b`, as `--model` takes
-            cascade_stages(resolve(model, tta), quality)  # a fine second stage that cannot run, too
+            resolve(model, tta, quality=quality)  # a fine second stage that cannot run, too
         self.image = core.prepare(volume_node, organs, segmentation_node, replace_existing)
         self.options = dict(
             device=device,

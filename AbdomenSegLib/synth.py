@@ -44,6 +44,7 @@ from .tissue_labels import (
     FIRST_TISSUE,
     MR_BRIGHT,
     PERIRENAL_FAT,
+    RENAL_FASCIA,
 )
 
 
@@ -193,8 +194,9 @@ def synthesize(
         # Opposed-phase (out-of-phase Dixon / GRE) images cancel fat and water signal in voxels holding both:
         # a black line around every organ that borders fat, e.g. the kidneys in their perirenal fat. Darken
         # the fat-side voxel of each fat/water interface; the organ's own voxels and its label stay as they are.
-        water = ~np.isin(labels, (0, AIR_OUTSIDE, AIR_INSIDE, FAT, BONE))
-        edge = (labels == FAT) & ndimage.binary_dilation(water)
+        fat = np.isin(labels, (FAT, PERIRENAL_FAT))
+        water = ~fat & ~np.isin(labels, (0, AIR_OUTSIDE, AIR_INSIDE, BONE, RENAL_FASCIA))
+        edge = fat & ndimage.binary_dilation(water)
         image[edge] *= rng.uniform(*p.ink_factor)
         info["ink"] = int(edge.sum())
 

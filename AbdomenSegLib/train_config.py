@@ -203,6 +203,11 @@ def _check_data(config):
     d = config["data"]
     if not isinstance(d["perirenal"], bool):
         raise AbdomenSegError(f"config data.perirenal is {d['perirenal']!r}", "set it to true or false")
+    synth = config["train"]["trainer"] == "synth"
+    if d["perirenal"] and not synth:  # only tissue maps have a perirenal class
+        raise AbdomenSegError("config data.perirenal is set for a standard trainer", 'use train.trainer "synth"')
+    if d["region"] and synth:  # the synth trainer caches whole tissue maps: a card would claim crops it never saw
+        raise AbdomenSegError("config data.region (a second stage) is set for a synth trainer", "leave one out")
     if config["train"]["trainer"] == "synth":
         _check_sources(config)
     elif not d["root"] or not Path(d["root"]).is_dir():

@@ -13,6 +13,7 @@ from AbdomenSegLib.cascade import CascadeSegmenter, segment_crop
 from AbdomenSegLib.cli import main
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.inference import Options, Segmenter, get_segmenter
+from AbdomenSegLib.model_choice import resolve
 from AbdomenSegLib.models import export_package, find_model
 from AbdomenSegLib.organs import BY_NAME
 from AbdomenSegLib.phantom import make_phantom, rotation
@@ -24,7 +25,7 @@ ARCH = {"class": "UNet", "args": {"channels": [4, 8, 16], "strides": [2, 2], "nu
 PANCREAS, GALLBLADDER, LIVER = (BY_NAME[o].label for o in ("pancreas", "gallbladder", "liver"))
 
 
-def _card(name, *, spacing=(4.0, 4.0, 5.0), modality="CT", cascade=None):
+def _card(name, *, spacing=(4.0, 4.0, 5.0), modality="CT", cascade=None, tta=False):
     intensity = {"mode": "ct_window", "window": [-125, 275]} if modality == "CT" else {"mode": "mr_percentile"}
     card = {
         "name": name,
@@ -38,6 +39,8 @@ def _card(name, *, spacing=(4.0, 4.0, 5.0), modality="CT", cascade=None):
         "intensity": intensity,
         "inference": {"roi_size": [32, 32, 32], "overlap": 0.25, "mode": "gaussian"},
     }
+    if tta:
+        card["inference"]["tta_mirror_axes"] = ["x"]
     if cascade:
         card["cascade"] = {"organs": REGION, "margin_mm": [10, 10, 200], **cascade}
     return card
@@ -75,6 +78,8 @@ def models(tmp_path_factory):
         (_card("lonely"), None),
         (_card("fine-mr", **fine, modality="MR", cascade={"first_stage": "first"}), None),
         (_card("fine-orphan", **fine, cascade={"first_stage": "absent"}), None),
+        (_card("first-mirrored", tta=True), None),
+        (_card("fine-plain", **fine, cascade={"first_stage": "first-mirrored"}), None),
         (_card("first-gb"), "gallbladder"),  # a region organ everywhere: its fine stage runs on the whole image
         (_card("fine-gb", **fine, cascade={"first_stage": "first-gb"}), "pancreas"),
     ]
@@ -169,6 +174,8 @@ def test_no_region_organ_in_the_first_stage_skips_the_second_with_a_note(models)
         ("fine-mr", "standard", "it is for MR but its first stage 'first' is CT"),
         ("fine-orphan", "standard", "needs its first stage 'absent', which cannot be used"),
         ("first+lonely", "high", "runs one first-stage model, not the ensemble"),
+        ("first+fine-pancreas", "standard", "has fine second-stage models among its members"),
+        ("first-mirrored", "high", "model 'fine-plain' was not trained with mirroring"),
     ],
 )
 def test_missing_or_unfit_stages_are_refused_before_any_work(
@@ -179,12 +186,13 @@ def test_missing_or_unfit_stages_are_refused_before_any_work(
 
     monkeypatch.setattr("AbdomenSegLib.models.MODELS_DIR", models)
     monkeypatch.setattr("AbdomenSegLib.inference.load_network", no_network)
+    tta = model == "first-mirrored"  # its first stage allows mirroring; its second stage does not
     with pytest.raises(AbdomenSegError, match=message):
-        get_segmenter(find_model(model, models), "cpu", quality=quality)
+        resolve(model, tta, models, quality=quality)
     ct, _ = _rotated_phantom()
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
     args = ["segment", str(tmp_path / "ct.nii.gz"), str(tmp_path / "out.nii.gz"), "--model", model]
-    assert main(args + ["--quality", quality, "--device", "cpu"]) == 2
+    assert main(args + ["--quality", quality, "--device", "cpu"] + ["--tta"] * tta) == 2
     assert not (tmp_path / "out.nii.gz").exists()
     assert "error: " in capsys.readouterr().err
 
@@ -291,3 +299,34 @@ def test_the_slicer_panels_quality_high_runs_the_cli_cascade_in_its_engine_proce
         worker.stop()
         scene.Clear(1)
     np.testing.assert_array_equal(panel, cli["high"])
+
+
+def test_the_fine_stage_crop_must_fit_in_memory_at_its_own_spacing(models, monkeypatch):
+    """The whole scan fits at the first stage's spacing but its region (here the whole image) not at the second
+    stage's finer one: refused with the memory error, not an out-of-memory crash."""
+    from AbdomenSegLib.limits import estimate_memory
+
+    ct, _ = _rotated_phantom()
+    size, spacing = ct.GetSize(), ct.GetSpacing()
+    channels = len(ORGANS) + 1
+    whole = estimate_memory(size, spacing, (4.0, 4.0, 5.0), channels)
+    fine = estimate_memory(size, spacing, (2.5, 2.5, 3.0), channels)
+    assert fine > 1.5 * whole
+    monkeypatch.setenv("ABDOMENSEG_MAX_MEMORY_GB", str((whole + fine) / 2 / 1e9))
+    cascade = get_segmenter(find_model("first-gb", models), "cpu", log=lambda m: None, quality="high")
+    with pytest.raises(AbdomenSegError, match="segmenting the small organs' region would need about"):
+        cascade.segment(ct, Options())
+
+
+@pytest.mark.parametrize(
+    "config, trainer, message",
+    [("btcv_ct_3d_fine.json", "synth", "data.region"), ("mr_any_3d_stage7.json", "standard", "data.perirenal")],
+)
+def test_config_options_a_trainer_would_ignore_are_refused(config, trainer, message):
+    from AbdomenSegLib.train_config import check_config, load_config
+    from helpers import ROOT
+
+    loaded = load_config(ROOT / "Resources" / "configs" / config)
+    loaded["train"]["trainer"] = trainer  # refused before the data are looked at (no ../shared needed)
+    with pytest.raises(AbdomenSegError, match=message):
+        check_config(loaded)
