@@ -94,6 +94,13 @@ class CascadeSegmenter:
             self.timings.add(prefix + name, seconds)
 
 
+def made_by(segmenter) -> tuple:
+    """(name, sha256) of what a segmenter's labels come from: a two-stage run names both models ("first>fine"),
+    so its records are not taken for the first model's alone."""
+    cards = [segmenter.card, segmenter.second.card] if isinstance(segmenter, CascadeSegmenter) else [segmenter.card]
+    return ">".join(c.name for c in cards), ">".join(c.get("sha256", "") for c in cards)
+
+
 def segment_crop(segmenter, image: sitk.Image, options: Options, progress=None, cancel=None) -> sitk.Image:
     """A single model's labels on a crop of an input that was checked whole (a crop need not look like a whole
     scan: it may hold no air, or be narrow), in the crop's grid."""

@@ -185,11 +185,15 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
             + (f", fine second stage {fine.card.name} on the small organs' region" if fine else "")
         )
         device = device_label(segmenter.device)
+    model = {"model": card.name, "sha256": card.get("sha256", "")}
+    if segmenter:
+        from .cascade import made_by
+
+        model["model"], model["sha256"] = made_by(segmenter)  # a two-stage run: "first>fine"
     if json_lines:
-        json_lines.model, json_lines.device = card.name, segmenter.device if segmenter else args.device
+        json_lines.model, json_lines.device = model["model"], segmenter.device if segmenter else args.device
     qc_files = _qc_files(args, output, batch)
     manifest = Manifest(output) if batch else None  # read before any work: an unreadable one refuses the run
-    model = {"model": card.name, "sha256": card.get("sha256", "")}
     failures, flagged, written, skipped, todo = [], [], 0, 0, []
     try:
         for index, (name, src, dst) in enumerate(targets, start=1):

@@ -488,6 +488,7 @@ class AbdomenSegCore:
 
         An existing segmentation's segments are never replaced unless `replace_existing` is True.
         """
+        from .cascade import made_by
         from .inference import Options, get_segmenter
         from .model_choice import resolve
         from .qc_outputs import assess_result
@@ -498,15 +499,14 @@ class AbdomenSegCore:
         )  # before loading
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
-        report = assess_result(segmenter, labels, options).as_dict(
-            model=segmenter.card.name, modality=segmenter.card["modality"]
-        )
+        name = made_by(segmenter)[0]  # a two-stage run: "first>fine"
+        report = assess_result(segmenter, labels, options).as_dict(model=name, modality=segmenter.card["modality"])
         self.last_labels = labels
         return self.import_result(
             volume_node,
             labels,
             segmentation_node,
-            model=segmenter.card.name,
+            model=name,
             device=segmenter.device,
             organs=organs,
             qc=report,

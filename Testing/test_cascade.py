@@ -295,6 +295,8 @@ def test_the_slicer_panels_quality_high_runs_the_cli_cascade_in_its_engine_proce
         assert run.error is None, run.error
         ((name, seg),) = run.results.items()
         panel = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
+        # the result names both models, so it is not taken for the first model's alone
+        assert name == seg.GetAttribute("AbdomenSeg.model") == "first-gb>fine-gb"
     finally:
         worker.stop()
         scene.Clear(1)
