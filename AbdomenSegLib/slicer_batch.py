@@ -16,7 +16,7 @@ from .batch import expand_inputs, find_reference
 from .errors import AbdomenSegError
 from .io import read_image
 from .metrics import write_csv
-from .options import LogCallback
+from .options import QUALITIES, LogCallback
 
 
 def parse(argv):
@@ -35,6 +35,12 @@ def parse(argv):
         action="store_true",
         help="test-time mirroring, as the command line's --tta (refused for models trained without mirroring)",
     )
+    parser.add_argument(
+        "--quality",
+        default="standard",
+        choices=QUALITIES,
+        help="high: the model's fine second stage too, as the command line's --quality high",
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
@@ -48,7 +54,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
     from .slicer_logic import AbdomenSegCore, labelmap_node_from_image, scalar_volume_node_from_image
 
     args = parse(argv)
-    card = resolve(args.model, args.tta)  # a choice the engine refuses fails once, before any case is read
+    card = resolve(args.model, args.tta, quality=args.quality)  # refused once, before any case is read
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .qc_outputs import QCFiles
@@ -69,7 +75,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
             image = read_image(path)
             volume = scalar_volume_node_from_image(scene, image, name)
             nodes.append(volume)
-            seg = core.segment(volume, model=card, device=args.device, tta=args.tta)
+            seg = core.segment(volume, model=card, device=args.device, tta=args.tta, quality=args.quality)
             nodes.append(seg)
             _write_segmentation(scene, seg, target)
             report = qc_report(seg) or {}

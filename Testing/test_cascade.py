@@ -297,6 +297,12 @@ def test_the_slicer_panels_quality_high_runs_the_cli_cascade_in_its_engine_proce
         panel = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
         # the result names both models, so it is not taken for the first model's alone
         assert name == seg.GetAttribute("AbdomenSeg.model") == "first-gb>fine-gb"
+        # the in-process core (the batch script's path) runs the same cascade
+        inline = core.segment(vol, model="first-gb", device="cpu", quality="high")
+        assert inline.GetAttribute("AbdomenSeg.model") == "first-gb>fine-gb"
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, inline, vol)), cli["high"]
+        )
     finally:
         worker.stop()
         scene.Clear(1)

@@ -252,6 +252,10 @@ def test_batch_script_takes_an_ensemble_and_refuses_a_bad_one_before_any_case(in
         run(["--input", str(images), "--output", str(tmp_path / "bad"), "--model", "tiny-a+tiny-mr"], scene)
     with pytest.raises(AbdomenSegError, match="model 'tiny-a' was not trained with mirroring"):
         run(["--input", str(images), "--output", str(tmp_path / "bad"), "--model", "tiny-a", "--tta"], scene)
+    with pytest.raises(AbdomenSegError, match="no fine second-stage model is installed for 'tiny-a'"):
+        run(
+            ["--input", str(images), "--output", str(tmp_path / "bad"), "--model", "tiny-a", "--quality", "high"], scene
+        )
     assert not (tmp_path / "bad").exists()
     args = ["--input", str(images), "--output", str(tmp_path / "out"), "--device", "cpu", "--no-qc-png"]
     assert run(args + ["--model", "tiny-mirrored+tiny-mirrored-b", "--tta"], scene, log=lambda m: None) == 0
