@@ -338,3 +338,20 @@ def test_config_options_a_trainer_would_ignore_are_refused(config, trainer, mess
     loaded["train"]["trainer"] = trainer  # refused before the data are looked at (no ../shared needed)
     with pytest.raises(AbdomenSegError, match=message):
         check_config(loaded)
+
+
+def test_the_margin_follows_the_world_axis_each_image_axis_lies_along():
+    """Image axes swapped against the world (i along y, j along x) and unequal margins: each image axis gets the
+    margin of its own world axis, in its own voxels, clipped at the border."""
+    from AbdomenSegLib.region import region_box
+
+    labels = np.zeros((20, 40, 50), dtype=np.uint8)  # z, j, i
+    labels[8:11, 15:18, 20:24] = PANCREAS
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((2.0, 3.0, 4.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))  # i along world y, j along world x, k along z
+    box = region_box(image, ["pancreas", "gallbladder"], [5.0, 20.0, 40.0])  # world x, y, z mm
+    # i: 20 mm of world y at 2 mm -> 10 voxels; j: 5 mm of world x at 3 mm -> 2; k: 40 mm at 4 mm -> 10, clipped
+    # to the 20 slices at both ends
+    assert box == Box((20 - 10, 15 - 2, 0), ((24 + 10) - 10, (18 + 2) - 13, 20))
+    assert region_box(image, ["gallbladder"], [5.0, 5.0, 5.0]) is None
