@@ -9,10 +9,8 @@ card names it). Cards are JSON: nothing here loads a network.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .errors import AbdomenSegError
-from .models import ModelCard, catalog, find_model
+from .models import ModelCard, catalog, find_model, partners_dir
 from .options import QUALITIES
 
 TRAIN_FIX = (
@@ -41,16 +39,10 @@ def cascade_stages(card: ModelCard, quality: str = "standard", models_dir=None) 
     return pair
 
 
-def _catalog_dir(card: ModelCard, models_dir):
-    """Where a package's partners are listed: the catalog of the folder holding it, else the models folder."""
-    around = Path(card.path).resolve().parent
-    return around if (around / "catalog.json").is_file() else models_dir
-
-
 def _first_stage_of(second: ModelCard, models_dir) -> ModelCard:
     name = second["cascade"]["first_stage"]
     try:
-        return find_model(name, _catalog_dir(second, models_dir))
+        return find_model(name, partners_dir(second.path, models_dir))
     except AbdomenSegError as error:
         raise AbdomenSegError(
             f"the second-stage model '{second.name}' needs its first stage '{name}', which cannot be used "
@@ -62,7 +54,7 @@ def _first_stage_of(second: ModelCard, models_dir) -> ModelCard:
 def _second_stage_for(first: ModelCard, models_dir) -> ModelCard:
     found = [
         card
-        for card in catalog(_catalog_dir(first, models_dir)).values()
+        for card in catalog(partners_dir(first.path, models_dir)).values()
         if (card.get("cascade") or {}).get("first_stage") == first.name
     ]
     if not found:

@@ -113,8 +113,7 @@ def cache_case(
     if region:
         from .region import reference_crop
 
-        image, label = reference_crop(image, label, convention, region)
-        convention = "abdomenseg"  # reference_crop gives our organ table
+        image, label, convention = reference_crop(image, label, convention, region)
     space = to_model_space(image, spacing, intensity, orientation=orientation, input_intensity=input_intensity)
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)

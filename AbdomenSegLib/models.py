@@ -223,6 +223,13 @@ def default_model_name(models_dir=None) -> str:
     return index["default"]
 
 
+def partners_dir(package, models_dir=None):
+    """Where a package's partner models (an ensemble's members, a cascade's other stage) are looked up: the catalog
+    of the folder holding it, else the models folder."""
+    around = Path(package).resolve().parent
+    return around if (around / "catalog.json").is_file() else models_dir
+
+
 def find_model(name_or_path=None, models_dir=None) -> ModelCard:
     """A model by catalog name, or by the path of a package folder; None -> the default model. `a+b` (names or
     folders joined by '+') is an ensemble of those models (ensemble_card.py)."""
@@ -230,9 +237,7 @@ def find_model(name_or_path=None, models_dir=None) -> ModelCard:
         card = read_card(name_or_path)
         if card.get("ensemble") is None:
             return card
-        # A package folder's members come from the catalog of the folder holding it (else the models folder).
-        around = Path(name_or_path).resolve().parent
-        catalog_dir = around if (around / "catalog.json").is_file() else models_dir
+        catalog_dir = partners_dir(name_or_path, models_dir)
         return _resolve_ensemble(card, lambda member: find_model(member, catalog_dir))
     if name_or_path and "+" in str(name_or_path):
         from .ensemble_card import ensemble_of

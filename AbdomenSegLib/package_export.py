@@ -47,8 +47,7 @@ def validation_rows(
         if region:
             from .region import reference_crop
 
-            image, label = reference_crop(image, label, convention, region)
-            convention = "abdomenseg"
+            image, label, convention = reference_crop(image, label, convention, region)
         start = time.time()
         options = Options(input_intensity=data["input_intensity"], precision=precision, overlap=overlap)
         prediction = segment_crop(segmenter, image, options) if region else segmenter.segment(image, options)

@@ -66,8 +66,8 @@ def crop(image: sitk.Image, box: Box) -> sitk.Image:
 
 
 def reference_crop(image: sitk.Image, label: sitk.Image, convention: str, region: dict) -> tuple:
-    """(image, organ labels in our table) of a dataset case cut to the region around its reference labels, both
-    in the image's grid; the whole case when none of the region's organs is labelled."""
+    """(image, organ labels, "abdomenseg": their convention, our table) of a dataset case cut to the region around
+    its reference labels, both in the image's grid; the whole case when none of the region's organs is labelled."""
     from .io import _same_geometry
     from .organs import convert_labels
     from .preprocess import resample_to_reference
@@ -78,8 +78,8 @@ def reference_crop(image: sitk.Image, label: sitk.Image, convention: str, region
         organs = resample_to_reference(organs, image, is_label=True)
     box = region_box(organs, region["organs"], region["margin_mm"])
     if box is None:
-        return image, organs
-    return crop(image, box), crop(organs, box)
+        return image, organs, "abdomenseg"
+    return crop(image, box), crop(organs, box), "abdomenseg"
 
 
 def region_problems(region, field: str = "region") -> list:
