@@ -184,6 +184,11 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.ttaCheckBox.toolTip = selection.tta_tip
         if p and p.tta and not selection.tta_allowed:
             p.tta = False
+        # Quality "high" only where a fine second stage is installed for the choice (else standard, and why)
+        self.ui.qualityComboBox.enabled = selection.high_allowed
+        self.ui.qualityComboBox.toolTip = selection.high_tip
+        if p and p.quality != "standard" and not selection.high_allowed:
+            p.quality = "standard"
         if selection.error or (before is not None and before.error and self.ui.statusLabel.text == before.error):
             self.ui.statusLabel.text = selection.error
         self._checkCanApply()
@@ -213,8 +218,11 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         names = names_in(p.model, self._cards) or (default_names(self._cards) if initial else [])
         if self._selection is None or tuple(names) != self._selection.names or p.model != self._selection.model:
             self._checkModels(names)
-        elif p.tta and not self._selection.tta_allowed:  # e.g. a scene saved when the model allowed it
-            p.tta = False
+        else:  # e.g. a scene saved when the model allowed these
+            if p.tta and not self._selection.tta_allowed:
+                p.tta = False
+            if p.quality != "standard" and not self._selection.high_allowed:
+                p.quality = "standard"
 
     def _checkedOrgans(self):
         items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]

@@ -23,6 +23,12 @@ TTA_TIP = (
 )
 
 
+QUALITY_TIP = (
+    "high: after the model, its fine second-stage model re-segments the small organs' region (pancreas, adrenals, "
+    "gallbladder, esophagus, portal/splenic vein) at a finer spacing; slower"
+)
+
+
 def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "standard") -> ModelCard:
     """The card `model` names (a name, a package folder, `a+b`, a card already read; None: the default), refused
     where the engine would refuse it: an ensemble of models that cannot be averaged, a fine second stage that
@@ -78,6 +84,8 @@ class Selection:
     error: str  # "error: <problem>. <fix>", the command line's line for the same --model; "" when it can run
     tta_allowed: bool  # every model in the choice was trained with mirroring
     tta_tip: str  # the mirroring box's tooltip: what it does, or why it is off
+    high_allowed: bool = False  # a fine second stage is installed for the choice (quality "high" can run)
+    high_tip: str = "Check a model first"  # the Quality choice's tooltip: what high does, or why it is off
 
 
 def select(names, models_dir=None) -> Selection:
@@ -90,8 +98,15 @@ def select(names, models_dir=None) -> Selection:
         card = resolve(model, models_dir=models_dir)
     except AbdomenSegError as exc:
         return Selection(names, model, None, f"error: {exc}", False, f"Unavailable: {exc.problem}")
+    from .cascade_card import cascade_stages
+
+    try:
+        cascade_stages(card, "high", models_dir)
+        high = (True, QUALITY_TIP)
+    except AbdomenSegError as exc:
+        high = (False, f"high unavailable: {exc.problem}")
     try:
         check_tta(card)
     except AbdomenSegError as exc:
-        return Selection(names, model, card, "", False, f"Unavailable: {exc.problem}")
-    return Selection(names, model, card, "", True, TTA_TIP)
+        return Selection(names, model, card, "", False, f"Unavailable: {exc.problem}", *high)
+    return Selection(names, model, card, "", True, TTA_TIP, *high)

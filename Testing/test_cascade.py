@@ -355,3 +355,13 @@ def test_the_margin_follows_the_world_axis_each_image_axis_lies_along():
     # to the 20 slices at both ends
     assert box == Box((20 - 10, 15 - 2, 0), ((24 + 10) - 10, (18 + 2) - 13, 20))
     assert region_box(image, ["gallbladder"], [5.0, 5.0, 5.0]) is None
+
+
+def test_the_panels_quality_choice_opens_only_where_a_fine_second_stage_is_installed(models):
+    from AbdomenSegLib.model_choice import QUALITY_TIP, select
+
+    with_fine, lonely = select(["first-gb"], models), select(["lonely"], models)
+    assert with_fine.error == "" and with_fine.high_allowed and with_fine.high_tip == QUALITY_TIP
+    assert lonely.error == "" and not lonely.high_allowed
+    assert lonely.high_tip == "high unavailable: no fine second-stage model is installed for 'lonely'"
+    assert not select(["first", "lonely"], models).high_allowed  # an ensemble has no second stage

@@ -164,6 +164,9 @@ def test_mirroring_is_off_for_the_shipped_models_and_says_why():
         selection = select([name], RESOURCES / "models")
         assert selection.error == "" and not selection.tta_allowed
         assert selection.tta_tip.startswith(f"Unavailable: model '{name}' was not trained with mirroring")
+        # no fine second stage ships: the Quality choice stays at standard and says why
+        assert not selection.high_allowed
+        assert selection.high_tip == f"high unavailable: no fine second-stage model is installed for '{name}'"
     pair = select(SHIPPED_PAIR, RESOURCES / "models")
     assert pair.error == "" and not pair.tta_allowed
     mixed = select(["btcv-ct-3d-unet", "chaos-mr-t2-3d-unet"], RESOURCES / "models")
