@@ -141,6 +141,16 @@ def _segment(args) -> int:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
+def _identity(segmenter):
+    """The card a DICOM SEG names as its algorithm; a two-stage run names both models ("first>fine")."""
+    from .cascade import made_by
+
+    name, sha256 = made_by(segmenter)
+    if name == segmenter.card.name:
+        return segmenter.card
+    return {"name": name, "sha256": sha256, "version": segmenter.card.get("version")}
+
+
 def _cascade_stages(card, quality, distributed):
     """The (first, second) stage cards of a cascade run (cascade_card.py), None for one model; refused before any
     work, as is a cascade on a Dask cluster."""
@@ -398,7 +408,7 @@ def _segment_one(
                 bar.close()
         if before_write:
             before_write(image, labels)
-        write_labels(labels, dst, protect=[src], overwrite=overwrite, source=src, model=segmenter.card)
+        write_labels(labels, dst, protect=[src], overwrite=overwrite, source=src, model=_identity(segmenter))
     return image, labels
 
 

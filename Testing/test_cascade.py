@@ -365,3 +365,18 @@ def test_the_panels_quality_choice_opens_only_where_a_fine_second_stage_is_insta
     assert lonely.error == "" and not lonely.high_allowed
     assert lonely.high_tip == "high unavailable: no fine second-stage model is installed for 'lonely'"
     assert not select(["first", "lonely"], models).high_allowed  # an ensemble has no second stage
+
+
+def test_a_two_stage_dicom_seg_names_both_models_as_its_algorithm(models, tmp_path, monkeypatch):
+    import highdicom as hd
+    from test_dicom_seg import _write_series
+
+    monkeypatch.setattr("AbdomenSegLib.models.MODELS_DIR", models)
+    ct, _ = make_phantom(size=(30, 28, 10), spacing=(9.0, 8.5, 15.0))
+    hu = sitk.GetArrayFromImage(ct)
+    _write_series(tmp_path / "series", hu, ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+    out = tmp_path / "organs.dcm"
+    args = ["segment", str(tmp_path / "series"), str(out), "--model", "first-gb", "--quality", "high"]
+    assert main(args + ["--device", "cpu", "--no-qc-png"]) in (0, 3)
+    algorithm = hd.seg.segread(out).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "first-gb>fine-gb"
