@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .inference import Options, Segmenter, Timings, get_segmenter, prepare_input
-from .inferer import check_cancel
+from .inferer import check_cancel, progress_span
 from .options import LogCallback
 from .precision import resolve_precision
 from .region import crop, organ_values, region_box
@@ -58,7 +58,7 @@ class CascadeSegmenter:
         self.check(image, options, prepared)
         self.timings = Timings(device=self.device)
         whole = replace(options, organs=None)  # the user's organ choice applies to the merged result
-        first = self.first.segment(image, whole, _share(progress, 0.0, FIRST_SHARE), cancel, prepared)
+        first = self.first.segment(image, whole, progress_span(progress, 0.0, FIRST_SHARE), cancel, prepared)
         self._add_timings(self.first, "")
         self.last_confidence, self.precision = dict(self.first.last_confidence), self.first.precision
         labels = sitk.GetArrayFromImage(first)
@@ -72,7 +72,7 @@ class CascadeSegmenter:
             )
         else:
             check_cancel(cancel)
-            share = _share(progress, FIRST_SHARE, 0.98, f"fine stage {self.second.card.name}: ")
+            share = progress_span(progress, FIRST_SHARE, 0.98, f"fine stage {self.second.card.name}: ")
             fine = segment_crop(self.second, crop(image, self.last_box), whole, share, cancel)
             self._add_timings(self.second, "fine_")
             t = time.perf_counter()
@@ -120,10 +120,3 @@ def merge(labels: np.ndarray, fine: np.ndarray, box, organs) -> None:
     inside[np.isin(inside, values)] = 0
     wins = np.isin(fine, values)
     inside[wins] = fine[wins]
-
-
-def _share(progress, low, high, prefix=""):
-    def report(fraction, message):
-        progress(low + (high - low) * min(max(float(fraction), 0.0), 1.0), prefix + message)
-
-    return report

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from .ensemble_card import finest
 from .inference import Segmenter, Timings
-from .inferer import check_cancel
+from .inferer import check_cancel, progress_span
 from .options import LogCallback
 
 
@@ -50,7 +50,9 @@ class EnsembleSegmenter(Segmenter):
         order = [self.finest] + [m for m in self.members if m is not self.finest]
         for index, member in enumerate(order):
             member.timings = Timings(device=member.device)
-            report = _share(progress, index, count, member.card.name)
+            # member `index` reports in its share of 0..0.9 (the finest member finishes 0.9..1)
+            span = (0.9 * index / count, 0.9 * (index + 1) / count)
+            report = progress_span(progress, *span, f"{member.card.name} ({index + 1}/{count}): ", inner=(0.0, 0.9))
             probabilities, space = member.model_space_probabilities(image, options, report, cancel)
             if grid is None:
                 grid = space  # the finest member's, first
@@ -103,12 +105,3 @@ def _box_image(space, shape, array=None) -> sitk.Image:
     image.SetDirection(space.image.GetDirection())
     image.SetOrigin(space.image.TransformIndexToPhysicalPoint(start))
     return image
-
-
-def _share(progress, index, count, name):
-    """Member `index` of `count` reports in its share of 0..0.9 (the finest member finishes 0.9..1)."""
-
-    def report(fraction, message):
-        progress(0.9 * (index + min(fraction, 0.9) / 0.9) / count, f"{name} ({index + 1}/{count}): {message}")
-
-    return report

@@ -49,18 +49,16 @@ def inferer_for(card, overlap: float | None = None, tta: bool = False):
 
 
 def _plain_inferer(card, overlap):
+    from .networks import divisor
+
     block = card.get("inference") or {}
     if card["dimensions"] == 3:
-        from .networks import divisor
-
         return SlidingWindow(
             roi=tuple(block.get("roi_size", DEFAULT_ROI_SIZE)),
             overlap=overlap if overlap is not None else block.get("overlap", OVERLAP),
             mode=block.get("mode", MODE),
             fit_multiple=divisor(card["architecture"]),
         )
-    from .networks import divisor
-
     return SliceWise(
         in_channels=int(card.get("in_channels", 1)),
         multiple=divisor(card["architecture"]),
@@ -198,6 +196,20 @@ def autocast(device: str, precision: str):
 def check_cancel(cancel) -> None:
     if cancel is not None and cancel():
         raise Cancelled()
+
+
+def progress_span(progress, low: float, high: float, prefix: str = "", inner=(0.0, 1.0)):
+    """`progress` for one part of a run (a mirror pass, an ensemble member, a cascade stage): the part's own
+    fractions from inner[0] to inner[1] land on low..high of the whole, its messages get `prefix`; None stays None."""
+    if progress is None:
+        return None
+    start, stop = inner
+
+    def report(fraction, message):
+        part = min(max((float(fraction) - start) / (stop - start), 0.0), 1.0)
+        progress(low + (high - low) * part, prefix + message)
+
+    return report
 
 
 def window_count(shape, roi, overlap) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import AbdomenSegError
+from .inferer import progress_span
 from .mirror import array_axis, channel_pairs, lateral_axis
 
 
@@ -65,7 +66,9 @@ class MirrorMean:
         passes = self.passes()
         total = None
         for index, flip in enumerate(passes):
-            report = _part(progress, index, len(passes))
+            # the inferer reports 0.05..0.9 for its pass; pass `index` takes its share of that range
+            span = (0.05 + 0.85 * index / len(passes), 0.05 + 0.85 * (index + 1) / len(passes))
+            report = progress_span(progress, *span, f"mirror {index + 1}/{len(passes)}: ", inner=(0.05, 0.9))
             view = np.ascontiguousarray(np.flip(array, flip)) if flip else array
             out = self.inner(network, view, device, precision, report, cancel)
             if flip:
@@ -77,15 +80,3 @@ class MirrorMean:
             else:
                 total += out
         return total / np.float32(len(passes))
-
-
-def _part(progress, index, count):
-    """The inferer reports 0.05..0.9 for its pass; pass `index` of `count` takes its share of that range."""
-    if progress is None:
-        return None
-
-    def report(fraction, message):
-        inner = (fraction - 0.05) / 0.85
-        progress(0.05 + 0.85 * (index + inner) / count, f"mirror {index + 1}/{count}: {message}")
-
-    return report
