@@ -51,13 +51,16 @@ def find_cases(root) -> list:
     return cases
 
 
-def split_cases(names: list, val_count: int, seed: int) -> tuple:
-    """Deterministic train/validation split (the validation cases are never trained on)."""
+def split_cases(names: list, val_count: int, seed: int, fold=None) -> tuple:
+    """Deterministic train/validation split (the validation cases are never trained on). `fold` ({"index": k,
+    "of": n}, data.fold) takes the k-th of n cross-validation folds instead of `val_count` cases: the cases
+    shuffled by `seed` and dealt round-robin, so the n folds are disjoint, cover every case once and differ in
+    size by at most one."""
     names = sorted(names)
     rng = random.Random(seed)
     shuffled = names[:]
     rng.shuffle(shuffled)
-    val = sorted(shuffled[:val_count])
+    val = sorted(shuffled[fold["index"] :: fold["of"]] if fold else shuffled[:val_count])
     return [n for n in names if n not in val], val
 
 

@@ -21,13 +21,13 @@ from .trainer import Trainer
 
 
 def validation_rows(
-    card, root=None, log: LogCallback = print, precision="fp32", segmenter=None, overlap=None
+    card, root=None, log: LogCallback = print, precision="fp32", segmenter=None, overlap=None, tta=False
 ) -> tuple[list, list]:
     """The card's validation protocol: segment each validation case from its original file, in its own grid,
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
     figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py).
-    `segmenter` runs another model (or an ensemble) on this card's protocol, `overlap` another window overlap
-    (bench/bench_ensemble.py). A second-stage model's card (cascade.py) is validated on the region its training
+    `segmenter` runs another model (or an ensemble) on this card's protocol, `overlap` another window overlap,
+    `tta` test-time mirroring (bench/bench_ensemble.py). A second-stage model's card (cascade.py) is validated on the region its training
     saw: each case cut to the box around its reference's region organs (region.reference_crop)."""
     from .cascade import segment_crop
     from .datasets import find_cases, read_case
@@ -49,7 +49,7 @@ def validation_rows(
 
             image, label, convention = reference_crop(image, label, convention, region)
         start = time.time()
-        options = Options(input_intensity=data["input_intensity"], precision=precision, overlap=overlap)
+        options = Options(input_intensity=data["input_intensity"], precision=precision, overlap=overlap, tta=tta)
         prediction = segment_crop(segmenter, image, options) if region else segmenter.segment(image, options)
         seconds.append(time.time() - start)
         rows += evaluate(

@@ -24,6 +24,9 @@ DEFAULT_CONFIG = {
         "input_intensity": "native",
         "val_count": 4,
         "seed": 0,
+        # Cross-validation: {"index": k, "of": n} validates on the k-th of n folds instead of val_count cases
+        # (datasets.split_cases; bench/cross_validate.py runs all n).
+        "fold": None,
         "cache": ".cache/{name}.npz",
         # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
         "direction": None,
@@ -226,6 +229,7 @@ def _check_data(config):
         )
     _whole(d["val_count"], "data.val_count", 1)
     _whole(d["seed"], "data.seed", 0)
+    _check_fold(d["fold"])
     try:
         cache = d["cache"].format(name=config["name"])
     except (AttributeError, KeyError, IndexError, ValueError):
@@ -237,6 +241,22 @@ def _check_data(config):
         )
     if d["direction"] is not None:
         check_direction(d["direction"])
+
+
+def _check_fold(fold):
+    if fold is None:
+        return
+    if not isinstance(fold, dict) or set(fold) != {"index", "of"}:
+        raise AbdomenSegError(
+            f"config data.fold {fold!r} is not a fold", 'give data.fold as {"index": 0, "of": 4}, or null for none'
+        )
+    _whole(fold["of"], "data.fold.of", 2)
+    _whole(fold["index"], "data.fold.index", 0)
+    if fold["index"] >= fold["of"]:
+        raise AbdomenSegError(
+            f"config data.fold index {fold['index']} is not one of {fold['of']} folds",
+            f"give an index from 0 to {fold['of'] - 1}",
+        )
 
 
 def _check_sources(config):

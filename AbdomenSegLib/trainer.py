@@ -143,7 +143,7 @@ class Trainer:
         if self.rank == 0:
             self._barrier()
         cases = cached_cases(arrays)
-        self.train_names, self.val_names = split_cases(list(cases), d["val_count"], d["seed"])
+        self.train_names, self.val_names = split_cases(list(cases), d["val_count"], d["seed"], d["fold"])
         lut = organs_to_channels(self.labels)
         self.cases = {n: (image, lut[organs]) for n, (image, organs) in cases.items()}
         self.log(f"train {len(self.train_names)} cases, validation {self.val_names}")

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenSegLib.datasets import cache_case, cached_cases, check_direction, decode_image, encode_image, read_case
+from AbdomenSegLib.datasets import (
+    cache_case,
+    cached_cases,
+    check_direction,
+    decode_image,
+    encode_image,
+    read_case,
+    split_cases,
+)
 from AbdomenSegLib.errors import AbdomenSegError
 from AbdomenSegLib.models import RESOURCES
 from AbdomenSegLib.organs import BY_NAME, convert_labels
@@ -99,3 +107,20 @@ def test_the_cache_encoding_round_trips_in_one_place():
 def test_a_bad_direction_override_is_refused(direction):
     with pytest.raises(AbdomenSegError, match="not a rotation or reflection"):
         check_direction(direction)
+
+
+def test_cross_validation_folds_are_disjoint_cover_every_case_and_never_train_on_their_own_cases():
+    names = [f"case{i:02d}" for i in range(24)]
+    folds = [split_cases(names, 4, seed=0, fold={"index": k, "of": 4}) for k in range(4)]
+    vals = [set(val) for _, val in folds]
+    assert [len(v) for v in vals] == [6, 6, 6, 6]
+    assert set().union(*vals) == set(names) and sum(map(len, vals)) == len(names)  # each case in exactly one fold
+    for train, val in folds:
+        assert not set(train) & set(val) and set(train) | set(val) == set(names)
+    # the same seed gives the same folds; another seed deals them otherwise
+    assert split_cases(names, 4, 0, {"index": 1, "of": 4}) == folds[1]
+    assert split_cases(names, 4, 1, {"index": 1, "of": 4}) != folds[1]
+    # 25 cases: sizes differ by at most one
+    assert sorted(len(split_cases(names + ["x"], 4, 0, {"index": k, "of": 4})[1]) for k in range(4)) == [6, 6, 6, 7]
+    # without a fold, val_count cases as before
+    assert len(split_cases(names, 4, 0)[1]) == 4

@@ -179,6 +179,9 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
         ({"train": {"augment": {"rotat": 0.1}}}, "unknown config key 'train.augment.rotat'"),
         ({"data": {"convention": "nnunet"}}, "data.convention 'nnunet' is not a known label convention"),
         ({"data": {"direction": [1, 0, 0]}}, "not a rotation or reflection"),
+        ({"data": {"fold": {"index": 4, "of": 4}}}, "data.fold index 4 is not one of 4 folds"),
+        ({"data": {"fold": {"index": 0, "of": 1}}}, "data.fold.of 1 must be a whole number >= 2"),
+        ({"data": {"fold": 2}}, "data.fold 2 is not a fold"),
         (
             {
                 "model": {

@@ -2,6 +2,8 @@
 per case, so that an ensemble (`a+b`) is compared with its members on the same cases.
 
     python bench/bench_ensemble.py --protocol btcv-ct-3d-unet btcv-ct-3d-unet btcv-ct-3d-unet+btcv-ct-2d-unet-r18
+
+A model written `name:tta` runs with test-time mirroring (--tta), so a model is compared with and without it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def main(argv=None):
 
     from AbdomenSegLib.inference import get_segmenter
     from AbdomenSegLib.metrics import summarize
+    from AbdomenSegLib.model_choice import resolve
     from AbdomenSegLib.models import find_model
     from AbdomenSegLib.package_export import validation_rows
 
@@ -30,9 +33,15 @@ def main(argv=None):
         f"pipeline, precision {args.precision}, overlap {args.overlap if args.overlap is not None else 'of the card'}"
     )
     for spec in args.models:
-        segmenter = get_segmenter(find_model(spec), "cpu", log=lambda m: None)
+        model, _, mode = spec.partition(":")
+        segmenter = get_segmenter(resolve(model, tta=mode == "tta"), "cpu", log=lambda m: None)
         rows, seconds = validation_rows(
-            protocol, log=lambda m: None, precision=args.precision, segmenter=segmenter, overlap=args.overlap
+            protocol,
+            log=lambda m: None,
+            precision=args.precision,
+            segmenter=segmenter,
+            overlap=args.overlap,
+            tta=mode == "tta",
         )
         dice = {s["organ"]: s["dice_mean"] for s in summarize(rows)}
         print(

@@ -1,0 +1,152 @@
+"""K-fold cross-validation of a training recipe (a chain of configs, each continuing the previous one), at a
+fraction of its steps, with the project's own `train`: a second estimate of a recipe's accuracy that no design
+choice has looked at (the fixed validation split has informed earlier choices).
+
+    python bench/cross_validate.py Resources/configs/btcv_ct_3d.json Resources/configs/btcv_ct_3d_stage2.json \
+        Resources/configs/btcv_ct_3d_stage3.json Resources/configs/btcv_ct_3d_stage4.json --folds 4 --step-scale 0.1
+
+For each fold k of n, every config of the chain is trained with `data.fold = {"index": k, "of": n}` (the cases
+shuffled by the config's data.seed and dealt round-robin, datasets.split_cases), `round(steps * step-scale)`
+steps, the previous stage's package as `init_from`, and validation only at its last step (so the fold's own
+validation cases pick no checkpoint). Each stage's package is validated by the full pipeline at export
+(package_export.validate_package), and the last stage's per-organ means are pooled over the folds. A stage whose
+package exists is not trained again: an interrupted run continues where it stopped. Prints the per-fold and the
+pooled per-organ Dice and writes them to <out>/cross_validation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
+from AbdomenSegLib.train_config import load_config  # noqa: E402
+
+
+def stage_config(config_path: Path, index: int, fold, folds: int, scale: float, init_from) -> dict:
+    """The derived config of one stage of one fold (it extends the recipe's file and states only the changes);
+    fold "split": the config's own validation split (data.val_count, data.seed), for comparison."""
+    merged = load_config(config_path)
+    steps = max(1, round(merged["train"]["steps"] * scale))
+    return {
+        "extends": str(config_path.resolve()),
+        "name": f"{merged['name']}-cv{fold}-s{index}",
+        "data": {"fold": None if fold == "split" else {"index": fold, "of": folds}},
+        "train": {"steps": steps, "val_every": steps, "init_from": init_from},
+    }
+
+
+def check_recipe(configs) -> None:
+    """Every stage's config is valid, and the first trains from scratch (weights trained on all cases would
+    have seen every fold's validation cases); before any training."""
+    for config_path in configs:
+        load_config(config_path)
+    start = load_config(configs[0])["train"]["init_from"]
+    if start:
+        raise AbdomenSegError(
+            f"the recipe's first config '{configs[0]}' starts from '{start}', which was trained on every fold's "
+            "validation cases",
+            "start the chain with a config that trains from scratch",
+        )
+
+
+def run_fold(configs, fold, folds: int, scale: float, out: Path) -> dict:
+    """Train the chain for one fold; the last stage's card validation."""
+    init_from = None
+    for index, config_path in enumerate(configs):
+        stage_dir = out / f"fold-{fold}" / f"stage-{index}"
+        package = stage_dir / "package"
+        if not (package / "card.json").is_file():
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            derived = stage_dir.with_suffix(".json")
+            derived.write_text(json.dumps(stage_config(config_path, index, fold, folds, scale, init_from), indent=1))
+            start = time.time()
+            with open(stage_dir.with_suffix(".log"), "w") as log:
+                result = subprocess.run(
+                    [sys.executable, "-m", "AbdomenSegLib", "train", str(derived), "--out", str(stage_dir)],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            if result.returncode:
+                raise SystemExit(f"error: fold {fold} stage {index} failed. See {stage_dir.with_suffix('.log')}")
+            print(f"fold {fold} stage {index} ({config_path.name}): {time.time() - start:.0f} s", flush=True)
+        init_from = str(package)
+    card = json.loads((package / "card.json").read_text())
+    return {"cases": card["validation"]["cases"], "dice": card["validation"]["dice"]}
+
+
+def pooled(results: list) -> dict:
+    """Per organ: the mean over all validation cases of all folds (fold means weighted by case count) and the
+    standard deviation of the fold means."""
+    organs = list(results[0]["dice"])
+    weights = np.array([len(r["cases"]) for r in results], float)
+    out = {}
+    for organ in organs:
+        means = np.array([r["dice"][organ] for r in results])
+        out[organ] = {
+            "mean": round(float(means @ weights / weights.sum()), 4),
+            "fold_std": round(float(means.std()), 4),
+        }
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="+", type=Path, help="the recipe: configs in training order")
+    p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--step-scale", type=float, default=0.1, help="fraction of each config's steps")
+    p.add_argument("--only-fold", type=int, help="train this fold only (e.g. one per session or machine)")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="also train the scaled recipe on the configs' own validation split (reported apart, not pooled)",
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "cross-validation")
+    a = p.parse_args(argv)
+    if a.folds < 2 or not 0 < a.step_scale <= 1:
+        raise SystemExit("error: --folds must be at least 2 and --step-scale in (0, 1]. Fix the arguments")
+    try:
+        check_recipe(a.configs)
+        folds = [a.only_fold] if a.only_fold is not None else range(a.folds)
+        results = {k: run_fold(a.configs, k, a.folds, a.step_scale, a.out) for k in folds}
+        split = run_fold(a.configs, "split", a.folds, a.step_scale, a.out) if a.split else None
+    except AbdomenSegError as error:
+        raise SystemExit(f"error: {error}") from None
+    organs = list(next(iter(results.values()))["dice"])
+    print("organ".ljust(22) + "".join(f"fold {k}".rjust(8) for k in results) + "  pooled (fold std)")
+    summary = pooled(list(results.values())) if len(results) == a.folds else {}
+    for organ in organs + ["mean"]:
+        row = [np.mean(list(r["dice"].values())) if organ == "mean" else r["dice"][organ] for r in results.values()]
+        line = organ.ljust(22) + "".join(f"{v:8.3f}" for v in row)
+        if summary:
+            pool = np.mean([s["mean"] for s in summary.values()]) if organ == "mean" else summary[organ]["mean"]
+            line += f"  {pool:.3f} ({float(np.std(row)):.3f})"
+        if split:
+            own = np.mean(list(split["dice"].values())) if organ == "mean" else split["dice"][organ]
+            line += f"  own split {own:.3f}"
+        print(line)
+    a.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "recipe": [str(c) for c in a.configs],
+        "folds": a.folds,
+        "step_scale": a.step_scale,
+        "per_fold": {str(k): r for k, r in results.items()},
+        "pooled": summary,
+        "own_split": split,
+    }
+    (a.out / "cross_validation.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {a.out / 'cross_validation.json'}")
+
+
+if __name__ == "__main__":
+    main()
