@@ -146,10 +146,10 @@ def test_the_worker_ends_with_its_parent(tmp_path):
     script = (
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
         "from AbdomenSegLib.engine_worker import EngineWorker;"
-        "w = EngineWorker().start(); print(w.pid, flush=True); time.sleep(60)"
+        "w = EngineWorker(temp_root=sys.argv[2]).start(); print(w.pid, flush=True); time.sleep(60)"
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", script, str(os.getcwd())],
+    parent = subprocess.Popen(  # killed below, so its worker folder stays: in tmp_path, not the system's temp
+        [sys.executable, "-c", script, str(os.getcwd()), str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=str(tmp_path),
