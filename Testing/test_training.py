@@ -359,3 +359,16 @@ def test_loader_workers_make_the_same_batches_as_the_training_process(tmp_path):
     for (x0, y0), (x1, y1) in zip(serial, pooled):
         assert torch.equal(x0, x1) and torch.equal(y0, y1.long())
     assert not all(torch.equal(serial[0][0], x) for x, _ in serial[1:])  # the steps really differ
+
+
+def test_every_shipped_config_is_valid_with_what_it_extends(monkeypatch):
+    """A config that fails its own check is found here, not at the start of a (GPU) training run."""
+    from helpers import ROOT, shared
+
+    shared("btcv_ct"), shared("chaos_mr_t2")  # the configs' roots: ../shared/data/..., from the checkout's root
+    monkeypatch.chdir(ROOT)
+    configs = sorted((ROOT / "Resources" / "configs").glob("*.json"))
+    assert len(configs) >= 18
+    for path in configs:
+        config = load_config(path)
+        assert config["name"] and config["train"]["steps"] >= 1, path.name
