@@ -46,7 +46,9 @@ class SynthTrainer(Trainer):
             log=self.log,
         )
         prefix = f"{d['val_source']}/"
-        _, val = split_cases([n[len(prefix) :] for n in cases if n.startswith(prefix)], d["val_count"], d["seed"], d["fold"])
+        _, val = split_cases(
+            [n[len(prefix) :] for n in cases if n.startswith(prefix)], d["val_count"], d["seed"], d["fold"]
+        )
         self.val_names = [prefix + n for n in val]
         self.train_names = [n for n in cases if n not in self.val_names]
         lut = organs_to_channels(self.labels)
