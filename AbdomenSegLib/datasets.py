@@ -61,6 +61,11 @@ def split_cases(names: list, val_count: int, seed: int, fold=None) -> tuple:
     shuffled = names[:]
     rng.shuffle(shuffled)
     val = sorted(shuffled[fold["index"] :: fold["of"]] if fold else shuffled[:val_count])
+    if fold and not val:
+        raise AbdomenSegError(
+            f"fold {fold['index']} of {fold['of']} holds no case: the dataset has only {len(names)}",
+            "use fewer folds (data.fold.of)",
+        )
     return [n for n in names if n not in val], val
 
 

@@ -60,12 +60,22 @@ def test_each_fold_trains_the_chain_on_its_own_split_and_pools_the_last_stage(tm
         assert entry["mean"] == pytest.approx(sum(fold_means) / 2, abs=1e-4)
     printed = capsys.readouterr().out
     assert "pooled (fold std)" in printed and "own split" in printed
-    # run again: every stage's package exists, nothing is trained again, the same figures come back
-    before = (out / "fold-1" / "stage-1" / "package" / "card.json").stat().st_mtime_ns
+    # run again with an export cut off while validating (its card has no validation yet): only that stage runs
+    # again, from its last checkpoint; the finished ones are kept, and the same figures come back
+    cut = out / "fold-1" / "stage-1" / "package" / "card.json"
+    card = json.loads(cut.read_text())
+    del card["validation"]
+    cut.write_text(json.dumps(card))
+    before = (out / "fold-0" / "stage-1" / "package" / "card.json").stat().st_mtime_ns
     bench.main([*recipe, "--folds", "2", "--step-scale", "0.5", "--out", str(out)])
-    assert (out / "fold-1" / "stage-1" / "package" / "card.json").stat().st_mtime_ns == before
-    assert "stage 0" not in capsys.readouterr().out
+    assert (out / "fold-0" / "stage-1" / "package" / "card.json").stat().st_mtime_ns == before
+    printed = capsys.readouterr().out
+    assert "fold 1 stage 1" in printed and "stage 0" not in printed and "fold 0 stage 1" not in printed
+    assert json.loads(cut.read_text())["validation"]["dice"] == record["per_fold"]["1"]["dice"]
     assert json.loads((out / "cross_validation.json").read_text())["pooled"] == pooled
+    # the same folder with other settings is refused: its packages were trained on other splits
+    with pytest.raises(SystemExit, match="another folds, step_scale"):
+        bench.main([*recipe, "--folds", "3", "--step-scale", "0.4", "--out", str(out)])
 
 
 def test_a_first_stage_that_starts_from_trained_weights_is_refused_before_training(tmp_path):
@@ -73,4 +83,15 @@ def test_a_first_stage_that_starts_from_trained_weights_is_refused_before_traini
     package = ROOT / "Resources" / "models" / "btcv-ct-3d-unet"
     with pytest.raises(SystemExit, match="trained on every fold's validation cases"):
         bench.main([*_recipe(tmp_path, first_init_from=str(package)), "--out", str(tmp_path / "cv")])
+    assert not (tmp_path / "cv").exists()
+
+
+def test_stages_that_would_deal_other_folds_are_refused_before_training(tmp_path):
+    bench = _bench()
+    recipe = _recipe(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps({"extends": "a.json", "data": {"seed": 3}}))
+    with pytest.raises(SystemExit, match="has another data.seed"):
+        bench.main([recipe[0], str(tmp_path / "c.json"), "--out", str(tmp_path / "cv")])
+    with pytest.raises(SystemExit, match="--only-fold 4 is not one of 4 folds"):
+        bench.main([*recipe, "--only-fold", "4", "--out", str(tmp_path / "cv")])
     assert not (tmp_path / "cv").exists()

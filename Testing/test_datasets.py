@@ -124,3 +124,5 @@ def test_cross_validation_folds_are_disjoint_cover_every_case_and_never_train_on
     assert sorted(len(split_cases(names + ["x"], 4, 0, {"index": k, "of": 4})[1]) for k in range(4)) == [6, 6, 6, 7]
     # without a fold, val_count cases as before
     assert len(split_cases(names, 4, 0)[1]) == 4
+    with pytest.raises(AbdomenSegError, match="fold 3 of 4 holds no case: the dataset has only 3"):
+        split_cases(names[:3], 4, 0, {"index": 3, "of": 4})

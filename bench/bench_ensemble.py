@@ -34,6 +34,8 @@ def main(argv=None):
     )
     for spec in args.models:
         model, _, mode = spec.partition(":")
+        if mode not in ("", "tta"):
+            raise SystemExit(f"error: '{spec}' has an unknown suffix ':{mode}'. Write a model as NAME or NAME:tta")
         segmenter = get_segmenter(resolve(model, tta=mode == "tta"), "cpu", log=lambda m: None)
         rows, seconds = validation_rows(
             protocol,
