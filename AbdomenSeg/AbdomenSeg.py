@@ -209,13 +209,14 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showParameterNodeModel(self, initial=False):
         """The list shows the parameter node's models (after a scene load, the saved ones; none installed: the
-        default)."""
-        from AbdomenSegLib.model_choice import default_names, names_in
+        default), and the status line names any saved model that is not installed here."""
+        from AbdomenSegLib.model_choice import default_names, missing_note, names_in
 
         p = self._parameterNode
         if p is None:
             return
         names = names_in(p.model, self._cards) or (default_names(self._cards) if initial else [])
+        note = missing_note(p.model, self._cards, names)  # a saved scene's model not installed here: say so
         if self._selection is None or tuple(names) != self._selection.names or p.model != self._selection.model:
             self._checkModels(names)
         else:  # e.g. a scene saved when the model allowed these
@@ -223,6 +224,8 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.tta = False
             if p.quality != "standard" and not self._selection.high_allowed:
                 p.quality = "standard"
+        if note:
+            self.ui.statusLabel.text = note
 
     def _checkedOrgans(self):
         items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]

@@ -56,6 +56,17 @@ def names_in(model: str, installed) -> list:
     return [name for name in installed if name in parts]
 
 
+def missing_note(model: str, installed, checked) -> str:
+    """The panel's line when a stored model argument (a saved scene's) names models not installed here, so that
+    the list's other check (`checked`) is never silent; "" when all are installed."""
+    parts = [part.strip() for part in (model or "").split("+") if part.strip()]
+    missing = [part for part in parts if part not in installed]
+    if not missing:
+        return ""
+    now = f"{argument(checked)} is checked instead" if checked else "check a model"
+    return f"The scene's model {', '.join(repr(m) for m in missing)} is not installed here: {now}."
+
+
 def default_names(cards) -> list:
     """What the list checks first: the catalog's default model, or the first working one of `cards` when the
     default is broken or the catalog names none."""

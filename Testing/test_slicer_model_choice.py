@@ -22,7 +22,14 @@ from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.cli import main  # noqa: E402
 from AbdomenSegLib.engine_worker import EngineWorker  # noqa: E402
 from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
-from AbdomenSegLib.model_choice import TTA_TIP, default_names, label, names_in, select  # noqa: E402
+from AbdomenSegLib.model_choice import (  # noqa: E402
+    TTA_TIP,
+    default_names,
+    label,
+    missing_note,
+    names_in,
+    select,
+)
 from AbdomenSegLib.models import RESOURCES, catalog, export_package  # noqa: E402
 from AbdomenSegLib.phantom import make_phantom  # noqa: E402
 from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
@@ -243,6 +250,15 @@ def test_the_choice_survives_a_saved_scene(installed, scene, tmp_path):
     assert names_in("tiny-b", installed_cards) == ["tiny-b"]
     assert names_in("tiny-b+gone", installed_cards) == ["tiny-b"]
     assert names_in("gone", installed_cards) == [] and default_names(installed_cards) == ["tiny-a"]
+    # and the panel says so, rather than quietly running fewer models than the scene asked for
+    assert missing_note("tiny-b+gone", installed_cards, ["tiny-b"]) == (
+        "The scene's model 'gone' is not installed here: tiny-b is checked instead."
+    )
+    assert missing_note("gone", installed_cards, ["tiny-a"]) == (
+        "The scene's model 'gone' is not installed here: tiny-a is checked instead."
+    )
+    assert missing_note("gone", installed_cards, []).endswith("not installed here: check a model.")
+    assert missing_note(selection.model, installed_cards, names) == "" and missing_note("", installed_cards, []) == ""
 
 
 # -- the batch script ---------------------------------------------------------------------------------
