@@ -73,6 +73,16 @@ def test_each_fold_trains_the_chain_on_its_own_split_and_pools_the_last_stage(tm
     assert "fold 1 stage 1" in printed and "stage 0" not in printed and "fold 0 stage 1" not in printed
     assert json.loads(cut.read_text())["validation"]["dice"] == record["per_fold"]["1"]["dice"]
     assert json.loads((out / "cross_validation.json").read_text())["pooled"] == pooled
+    # the pooled figures go into a package's card beside its own validation
+    import shutil
+
+    target = shutil.copytree(out / "fold-0" / "stage-1" / "package", tmp_path / "shipped")
+    bench.main([*recipe, "--folds", "2", "--step-scale", "0.5", "--out", str(out), "--record-in", str(target)])
+    card = json.loads((target / "card.json").read_text())
+    assert card["cross_validation"]["dice"] == {o: v["mean"] for o, v in pooled.items()}
+    assert card["cross_validation"]["fold_cases"] == {k: record["per_fold"][k]["cases"] for k in ("0", "1")}
+    source = json.loads((out / "fold-0" / "stage-1" / "package" / "card.json").read_text())
+    assert "2-fold" in card["cross_validation"]["protocol"] and card["validation"] == source["validation"]
     # the same folder with other settings is refused: its packages were trained on other splits
     with pytest.raises(SystemExit, match="another folds, step_scale"):
         bench.main([*recipe, "--folds", "3", "--step-scale", "0.4", "--out", str(out)])

@@ -152,9 +152,16 @@ def main(argv=None):
         help="also train the scaled recipe on the configs' own validation split (reported apart, not pooled)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "cross-validation")
+    p.add_argument(
+        "--record-in",
+        type=Path,
+        help="a package folder whose card gets the pooled figures as its `cross_validation` block (all folds only)",
+    )
     a = p.parse_args(argv)
     if a.folds < 2 or not 0 < a.step_scale <= 1:
         raise SystemExit("error: --folds must be at least 2 and --step-scale in (0, 1]. Fix the arguments")
+    if a.record_in is not None and (a.only_fold is not None or not (a.record_in / "card.json").is_file()):
+        raise SystemExit(f"error: --record-in '{a.record_in}' needs a package folder and all folds. Fix the arguments")
     if a.only_fold is not None and not 0 <= a.only_fold < a.folds:
         raise SystemExit(f"error: --only-fold {a.only_fold} is not one of {a.folds} folds. Give 0 to {a.folds - 1}")
     a.configs, a.out = [c.resolve() for c in a.configs], a.out.resolve()
@@ -194,6 +201,28 @@ def main(argv=None):
     name = "cross_validation.json" if a.only_fold is None else f"cross_validation-fold-{a.only_fold}.json"
     (a.out / name).write_text(json.dumps(record, indent=1))
     print(f"wrote {a.out / name}")
+    if a.record_in is not None:
+        record_in_card(a.record_in, record, argv)
+
+
+def record_in_card(package: Path, record: dict, argv) -> None:
+    """The pooled figures as the card's `cross_validation` block (the card's own `validation` stays)."""
+    from AbdomenSegLib.io import write_json
+
+    card_path = package / "card.json"
+    card = json.loads(card_path.read_text())
+    card["cross_validation"] = {
+        "protocol": f"{record['folds']}-fold cross-validation of the recipe {[Path(c).name for c in record['recipe']]} "
+        f"at {record['step_scale']:g} of its steps, trained from scratch per fold; full-pipeline Dice of each "
+        "fold's last stage on its own cases, fold means weighted by case count",
+        "command": "python bench/cross_validate.py " + " ".join(str(x) for x in (argv or sys.argv[1:])),
+        "dice": {o: v["mean"] for o, v in record["pooled"].items()},
+        "dice_fold_std": {o: v["fold_std"] for o, v in record["pooled"].items()},
+        "fold_cases": {k: r["cases"] for k, r in record["per_fold"].items()},
+        **({"own_split_dice": record["own_split"]["dice"]} if record["own_split"] else {}),
+    }
+    write_json(card, card_path)
+    print(f"recorded in {card_path}")
 
 
 if __name__ == "__main__":
