@@ -219,7 +219,7 @@ def record_in_card(package: Path, record: dict, argv) -> None:
         "dice": {o: v["mean"] for o, v in record["pooled"].items()},
         "dice_fold_std": {o: v["fold_std"] for o, v in record["pooled"].items()},
         "fold_cases": {k: r["cases"] for k, r in record["per_fold"].items()},
-        **({"own_split_dice": record["own_split"]["dice"]} if record["own_split"] else {}),
+        **({"own_split_dice_at_same_scale": record["own_split"]["dice"]} if record["own_split"] else {}),
     }
     write_json(card, card_path)
     print(f"recorded in {card_path}")
