@@ -27,8 +27,9 @@ def validation_rows(
     and score it. Returns (metric rows, seconds per case). `root` overrides the card's data folder. The card's
     figures are fp32; `precision="bf16"` re-validates the model in bfloat16 (bench/validate_bf16.py).
     `segmenter` runs another model (or an ensemble) on this card's protocol, `overlap` another window overlap,
-    `tta` test-time mirroring (bench/bench_ensemble.py). A second-stage model's card (cascade.py) is validated on the region its training
-    saw: each case cut to the box around its reference's region organs (region.reference_crop)."""
+    `tta` test-time mirroring (bench/bench_ensemble.py). A second-stage model's card (cascade.py) is validated
+    on the region its training saw: each case cut to the box around its reference's region organs
+    (region.reference_crop)."""
     from .cascade import segment_crop
     from .datasets import find_cases, read_case
     from .inference import Options, Segmenter

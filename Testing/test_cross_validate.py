@@ -3,6 +3,7 @@ stage continuing the previous one's package, an interrupted run continued, a lea
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def _bench():
 
 def _recipe(tmp_path, first_init_from=None):
     root = tmp_path / "data"
-    images, refs = write_phantom_dataset(root, cases=4)
+    _, refs = write_phantom_dataset(root, cases=4)
     refs.rename(root / "labels")
     first = {
         "name": "tiny-cv",
@@ -74,8 +75,6 @@ def test_each_fold_trains_the_chain_on_its_own_split_and_pools_the_last_stage(tm
     assert json.loads(cut.read_text())["validation"]["dice"] == record["per_fold"]["1"]["dice"]
     assert json.loads((out / "cross_validation.json").read_text())["pooled"] == pooled
     # the pooled figures go into a package's card beside its own validation
-    import shutil
-
     target = shutil.copytree(out / "fold-0" / "stage-1" / "package", tmp_path / "shipped")
     bench.main([*recipe, "--folds", "2", "--step-scale", "0.5", "--out", str(out), "--record-in", str(target)])
     card = json.loads((target / "card.json").read_text())

@@ -33,8 +33,10 @@ def main(argv=None):
         f"pipeline, precision {args.precision}, overlap {args.overlap if args.overlap is not None else 'of the card'}"
     )
     for spec in args.models:
-        model, _, mode = spec.partition(":")
-        if mode not in ("", "tta"):
+        model, sep, mode = spec.rpartition(":")
+        if not sep or any(c in mode for c in "/\\"):  # no suffix (a Windows path's drive colon is none)
+            model, mode = spec, ""
+        elif mode != "tta":
             raise SystemExit(f"error: '{spec}' has an unknown suffix ':{mode}'. Write a model as NAME or NAME:tta")
         segmenter = get_segmenter(resolve(model, tta=mode == "tta"), "cpu", log=lambda m: None)
         rows, seconds = validation_rows(
