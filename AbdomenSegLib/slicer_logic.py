@@ -494,9 +494,8 @@ class AbdomenSegCore:
         from .qc_outputs import assess_result
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
-        segmenter = get_segmenter(
-            resolve(model, tta, quality=quality), device, log=self.log, quality=quality
-        )  # before loading
+        card = resolve(model, tta, quality=quality)  # a choice the engine refuses fails before any network loads
+        segmenter = get_segmenter(card, device, log=self.log, quality=quality)
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
         name = made_by(segmenter)[0]  # a two-stage run: "first>fine"

@@ -61,9 +61,8 @@ def tissue_case(
         grid = pp.resample_to_spacing(pp.reorient(sitk.Cast(image, sitk.sitkFloat32), orientation), spacing)
         model_image = None
     tissue_model = sitk.GetArrayFromImage(pp.resample_to_reference(tissue_image, grid, is_label=True))
-    if (
-        kind == "ct" and perirenal
-    ):  # on the model grid, where the one-voxel fascia survives (tissue_labels.perirenal_classes)
+    # on the model grid, where the one-voxel fascia survives (tissue_labels.perirenal_classes)
+    if kind == "ct" and perirenal:
         tissue_model = perirenal_classes(tissue_model, grid.GetSpacing()[::-1])
     return model_image, tissue_model.astype(np.uint8)
 

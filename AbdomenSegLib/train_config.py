@@ -211,7 +211,7 @@ def _check_data(config):
         raise AbdomenSegError("config data.perirenal is set for a standard trainer", 'use train.trainer "synth"')
     if d["region"] and synth:  # the synth trainer caches whole tissue maps: a card would claim crops it never saw
         raise AbdomenSegError("config data.region (a second stage) is set for a synth trainer", "leave one out")
-    if config["train"]["trainer"] == "synth":
+    if synth:
         _check_sources(config)
     elif not d["root"] or not Path(d["root"]).is_dir():
         raise AbdomenSegError(

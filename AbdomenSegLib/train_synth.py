@@ -42,7 +42,7 @@ class SynthTrainer(Trainer):
             spacing=m["spacing"],
             intensity=m["intensity"],
             orientation=m["orientation"],
-            perirenal=d.get("perirenal", False),
+            perirenal=d["perirenal"],
             log=self.log,
         )
         prefix = f"{d['val_source']}/"
