@@ -38,6 +38,8 @@ MAX_OVERLAP = 0.9  # beyond, the window count explodes (0.99: some 700 000 windo
 MAX_LABEL = 255  # output label maps are uint8
 ENHANCEMENTS = ("none", "histeq", "clahe")
 WINDOW_MODES = ("gaussian", "constant")
+# How a window pads axes the volume is shorter along: zeros, or the edge slices repeated (MONAI's padding_mode).
+PADDING_MODES = ("constant", "replicate")
 AXIS_PAIRS = ("LR", "AP", "SI")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+([.+-][0-9A-Za-z.+-]*)?")  # 0.1.0, 1.2.3.dev4, 1.0.0+local
@@ -352,6 +354,8 @@ def _inference_block(block: dict, data: dict) -> Problems:
         problems += _number(block["overlap"], "inference.overlap", (0.0, MAX_OVERLAP))
     if "mode" in block:
         problems += _one_of(block["mode"], "inference.mode", WINDOW_MODES)
+    if "padding_mode" in block:
+        problems += _one_of(block["padding_mode"], "inference.padding_mode", PADDING_MODES)
     if "batch_size" in block:
         problems += _int(block["batch_size"], "inference.batch_size", 1, 256)
     return problems

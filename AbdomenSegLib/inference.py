@@ -58,6 +58,7 @@ class Options:
     fill_holes: bool = False
     smooth_resample: bool = True  # resample probabilities (linear) back, not labels (nearest)
     overlap: float | None = None  # sliding-window overlap; None = the card's
+    padding: str | None = None  # how windows pad a volume shorter than themselves; None = the card's
     precision: Precision = "auto"  # CPU: fp32, bf16 or auto (bf16 where the CPU has it and the card validated it)
     tta: bool = False  # average over the mirror axes the model was trained with (tta.py)
 
@@ -235,7 +236,7 @@ class Segmenter:
         stays on its device, so the next call (and the cache entry keyed by that device) is on the GPU again."""
         import torch
 
-        inferer = inferer_for(self.card, overlap=options.overlap, tta=options.tta)
+        inferer = inferer_for(self.card, overlap=options.overlap, tta=options.tta, padding=options.padding)
         try:
             return inferer(self.network, array, self.device, self.precision, progress, cancel)
         except torch.cuda.OutOfMemoryError:

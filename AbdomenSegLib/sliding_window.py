@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .card_schema import PADDING_MODES
+
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     """Start of each window along one axis (MONAI's _get_scan_interval + dense_patch_slices).
@@ -53,12 +55,19 @@ def importance_map(roi, mode: str = "gaussian", sigma_scale: float = 0.125, devi
 
 
 def sliding_window(
-    x: torch.Tensor, roi, sw_batch: int, predictor, overlap: float = 0.25, mode: str = "gaussian"
+    x: torch.Tensor,
+    roi,
+    sw_batch: int,
+    predictor,
+    overlap: float = 0.25,
+    mode: str = "gaussian",
+    padding_mode: str = "constant",
 ) -> torch.Tensor:
     """`predictor` run over roi-sized windows of `x` (N, C, *spatial), blended into one (N, C_out, *spatial).
 
-    Axes shorter than the window are first padded with zeros, half before and the rest after (MONAI's
-    constant padding), and the padding is cut off the result. Windows go to `predictor` `sw_batch` at a
+    Axes shorter than the window are first padded, half before and the rest after, with zeros
+    (`padding_mode="constant"`) or by repeating the edge voxels ("replicate"), as MONAI's `padding_mode` does,
+    and the padding is cut off the result. Windows go to `predictor` `sw_batch` at a
     time in MONAI's order (last axis fastest, then the next volume); each prediction is multiplied by the
     importance map and added into the output, which is divided by the summed weights at the end.
     The result has x's dtype and device, like MONAI's."""
@@ -68,11 +77,18 @@ def sliding_window(
         raise ValueError(f"roi {roi} does not match the input's {len(spatial)} spatial axes")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
     before = [max(r - n, 0) // 2 for n, r in zip(spatial, roi)]
     after = [max(r - n, 0) - b for n, r, b in zip(spatial, roi, before)]
     if any(before) or any(after):
         # F.pad takes (before, after) pairs starting from the last axis.
-        x = F.pad(x, [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)], mode="constant", value=0.0)
+        pads = [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)]
+        x = (
+            F.pad(x, pads, mode="constant", value=0.0)
+            if padding_mode == "constant"
+            else F.pad(x, pads, mode=padding_mode)
+        )
     size = list(x.shape[2:])
 
     windows = [

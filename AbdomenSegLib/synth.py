@@ -35,6 +35,8 @@ import numpy as np
 from scipy import ndimage
 
 from .augment import _ImageLabelTransform
+from .card_schema import PADDING_MODES
+from .inferer import PADDING
 from .tissue_labels import (
     AIR_INSIDE,
     AIR_OUTSIDE,
@@ -284,17 +286,20 @@ class SynthTransform(_ImageLabelTransform):
 
 class SlabTransform(_ImageLabelTransform):
     """With probability `prob`, keep only a slab of `min_slices`.. (z - 1) slices of the patch, at a random
-    position, and set the rest to what the sliding window pads a short volume with (image 0, label background).
+    position, and fill the rest as the sliding window pads a volume shorter than itself (inferer.PADDING):
+    "replicate" repeats the slab's edge slices, image and label alike; "constant" sets image 0 and background.
 
-    Why: MR series often cover only a few centimetres (a 20-slice, 60 mm T1 slab is common), and a volume
-    shorter than the window is padded with zeros (sliding_window.py). A network that only ever saw full-height
-    crops meets that padding, and the cut-off anatomy, for the first time in use (TotalSegmentator's 20-slice
-    example MR: kidneys grown into the perirenal fat). Place it last in the chain, after the intensity
-    augmentation, so that the padding stays exactly 0 as in inference."""
+    Why: MR series often cover only a few centimetres (a 20-slice, 60 mm T1 slab is common), and such a volume is
+    padded to the window (sliding_window.py). A network that only ever saw full-height crops meets that padding,
+    and the cut-off anatomy, for the first time in use. Place it last in the chain, after the intensity
+    augmentation, so that the padding is exactly what inference makes of the slab."""
 
-    def __init__(self, image_key="image", label_key="label", *, prob=0.3, min_slices=4):
+    def __init__(self, image_key="image", label_key="label", *, prob=0.3, min_slices=4, padding=None):
         super().__init__(image_key, label_key, prob)
         self.min_slices = int(min_slices)
+        self.padding = padding or PADDING
+        if self.padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {', '.join(PADDING_MODES)}, got {self.padding!r}")
 
     def apply(self, d: dict, image: np.ndarray, label: np.ndarray) -> dict:
         depth = image.shape[1]
@@ -302,6 +307,12 @@ class SlabTransform(_ImageLabelTransform):
             return d
         keep = int(self.R.randint(self.min_slices, depth))  # at most depth - 1 slices: some padding always
         start = int(self.R.randint(0, depth - keep + 1))
+        if self.padding == "replicate":
+            # Each slice outside the slab takes the nearest slab slice, as edge padding does.
+            nearest = np.clip(np.arange(depth), start, start + keep - 1)
+            d[self.image_key] = np.ascontiguousarray(image[:, nearest])
+            d[self.label_key] = np.ascontiguousarray(np.asarray(label)[:, nearest])
+            return d
         outside = np.ones(depth, dtype=bool)
         outside[start : start + keep] = False
         image, label = image.copy(), np.array(label, copy=True)

@@ -122,7 +122,8 @@ ROI = (16, 24, 20)
 )
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 @pytest.mark.parametrize("overlap,sw_batch", [(0.25, 2), (0.5, 3), (0.0, 1)])
-def test_sliding_window_matches_monai(shape, mode, overlap, sw_batch):
+@pytest.mark.parametrize("padding_mode", ["constant", "replicate"])
+def test_sliding_window_matches_monai(shape, mode, overlap, sw_batch, padding_mode):
     from monai.inferers import sliding_window_inference
 
     net = _predictor()
@@ -135,11 +136,27 @@ def test_sliding_window_matches_monai(shape, mode, overlap, sw_batch):
         return net(batch)
 
     with torch.inference_mode():
-        ours = sliding_window(x, ROI, sw_batch, counted, overlap=overlap, mode=mode)
-        theirs = sliding_window_inference(x, ROI, sw_batch, net, overlap=overlap, mode=mode)
+        ours = sliding_window(x, ROI, sw_batch, counted, overlap=overlap, mode=mode, padding_mode=padding_mode)
+        theirs = sliding_window_inference(x, ROI, sw_batch, net, overlap=overlap, mode=mode, padding_mode=padding_mode)
     assert ours.shape == theirs.shape == (1, 3) + shape and ours.dtype == theirs.dtype
     assert _max_diff(ours, theirs) <= 1e-5
     assert sum(calls) == window_count([max(n, r) for n, r in zip(shape, ROI)], ROI, overlap)
+
+
+def test_padding_modes_differ_only_where_a_volume_is_shorter_than_the_window():
+    """Replicated edge slices change the result of a volume shorter than the window and nothing else."""
+    net = _predictor()
+    short, tall = torch.randn(1, 1, 9, 30, 24), torch.randn(1, 1, 40, 30, 24)
+    with torch.inference_mode():
+        assert (
+            _max_diff(sliding_window(short, ROI, 2, net), sliding_window(short, ROI, 2, net, padding_mode="replicate"))
+            > 1e-3
+        )
+        assert torch.equal(
+            sliding_window(tall, ROI, 2, net), sliding_window(tall, ROI, 2, net, padding_mode="replicate")
+        )
+    with pytest.raises(ValueError, match="padding_mode"):
+        sliding_window(tall, ROI, 2, net, padding_mode="reflect")
 
 
 def test_sliding_window_matches_monai_on_a_batch():

@@ -6,7 +6,15 @@ import pytest
 import SimpleITK as sitk
 
 from AbdomenSegLib import inference
-from AbdomenSegLib.inferer import OVERLAP, SLICE_BATCH, SliceWise, SlidingWindow, inference_block, inferer_for
+from AbdomenSegLib.inferer import (
+    OVERLAP,
+    PADDING,
+    SLICE_BATCH,
+    SliceWise,
+    SlidingWindow,
+    inference_block,
+    inferer_for,
+)
 from AbdomenSegLib.phantom import make_phantom
 
 
@@ -18,6 +26,10 @@ def test_the_inferer_comes_from_the_card():
     }
     assert inferer_for(card) == SlidingWindow(roi=(32, 48, 48), overlap=0.5, mode="constant", fit_multiple=2)
     assert inferer_for(card, overlap=0.1).overlap == 0.1  # the user's choice over the card's
+    assert PADDING == "replicate" and inferer_for(card).padding_mode == PADDING  # cards that give none
+    padded = dict(card, inference=dict(card["inference"], padding_mode="constant"))
+    assert inferer_for(padded).padding_mode == "constant"
+    assert inferer_for(padded, padding="replicate").padding_mode == "replicate"  # Options.padding over the card
     assert inferer_for(dict(card, inference={})) == SlidingWindow(roi=(64, 96, 96), overlap=OVERLAP, fit_multiple=2)
     flat = {"dimensions": 2, "in_channels": 3, "architecture": {"class": "Unet", "args": {"encoder_depth": 4}}}
     assert inferer_for(flat) == SliceWise(in_channels=3, multiple=16, batch=SLICE_BATCH)
@@ -47,7 +59,12 @@ def test_training_validates_with_the_inferer_users_run(tmp_path, monkeypatch):
     monkeypatch.setattr(SlidingWindow, "__call__", recording)
     config = _config(tmp_path / "data", tmp_path / "cache.npz", steps=2, val_every=2)
     card = train_and_export(config, out=tmp_path / "run", device="cpu", log=lambda m: None)
-    assert used and card["inference"] == {"roi_size": [16, 32, 32], "overlap": OVERLAP, "mode": "gaussian"}
+    assert used and card["inference"] == {
+        "roi_size": [16, 32, 32],
+        "overlap": OVERLAP,
+        "mode": "gaussian",
+        "padding_mode": PADDING,
+    }
     trained_with = set(used)
     used.clear()
     Segmenter(card, "cpu", log=lambda m: None).segment(read_image(tmp_path / "data" / "images" / "case0.nii.gz"))
@@ -140,7 +157,9 @@ def test_slice_inferer_leaves_the_input_untouched_and_sums_to_one(tmp_path):
     np.testing.assert_array_equal(array, before)
 
 
-@pytest.mark.parametrize("bad", [{"roi_size": [32, 32]}, {"overlap": 0.95}, {"mode": "median"}])
+@pytest.mark.parametrize(
+    "bad", [{"roi_size": [32, 32]}, {"overlap": 0.95}, {"mode": "median"}, {"padding_mode": "reflect"}]
+)
 def test_a_card_with_a_bad_inference_block_is_refused_when_read(bad):
     from AbdomenSegLib.card_schema import card_problems
 

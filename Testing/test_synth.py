@@ -239,24 +239,37 @@ def test_synth_configs_are_checked_before_any_cache(tmp_path, data, message):
 
 
 def test_slab_keeps_a_thin_slab_and_pads_the_rest_as_inference_does():
-    """Every cut keeps 4..z-1 whole slices untouched and sets the others to image 0 / background, as the
-    sliding window pads a short volume; over many draws thickness and position vary."""
+    """Every cut keeps 4..z-1 whole slices untouched and fills the others as the sliding window pads a short
+    volume: by default each takes the nearest slab slice (image and label); with "constant" padding image 0 and
+    background. Over many draws thickness and position vary."""
+    from AbdomenSegLib.inferer import PADDING
+
     rng = np.random.default_rng(0)
     image = rng.uniform(0.1, 1.0, (1, 32, 24, 24)).astype(np.float32)
     label = rng.integers(1, 5, (1, 32, 24, 24))
-    slab = SlabTransform(prob=1.0, min_slices=4)
-    slab.set_random_state(seed=1)
-    kept = []
-    for _ in range(50):
-        out = slab({"image": image, "label": label})
-        inside = (out["image"][0] != 0).any(axis=(1, 2))
-        first, last = np.flatnonzero(inside)[[0, -1]]
-        assert inside[first : last + 1].all() and 4 <= inside.sum() <= 31  # one contiguous slab
-        assert np.array_equal(out["image"][:, inside], image[:, inside])
-        assert np.array_equal(out["label"][:, inside], label[:, inside])
-        assert not out["image"][:, ~inside].any() and not out["label"][:, ~inside].any()
-        kept.append((first, inside.sum()))
-    assert len(set(kept)) > 20
+    assert SlabTransform().padding == PADDING == "replicate"
+    for padding in ("replicate", "constant"):
+        slab = SlabTransform(prob=1.0, min_slices=4, padding=padding)
+        slab.set_random_state(seed=1)
+        kept = []
+        for _ in range(50):
+            out = slab({"image": image, "label": label})
+            # A slice is the slab's own where it equals the input's slice at that position.
+            inside = np.array([np.array_equal(out["image"][:, z], image[:, z]) for z in range(32)])
+            first, last = np.flatnonzero(inside)[[0, -1]]
+            assert inside[first : last + 1].all() and 4 <= inside.sum() <= 31  # one contiguous slab
+            assert np.array_equal(out["label"][:, inside], label[:, inside])
+            for z in np.flatnonzero(~inside):
+                if padding == "constant":
+                    assert not out["image"][:, z].any() and not out["label"][:, z].any()
+                else:
+                    edge = first if z < first else last
+                    assert np.array_equal(out["image"][:, z], image[:, edge])
+                    assert np.array_equal(out["label"][:, z], label[:, edge])
+            kept.append((first, inside.sum()))
+        assert len(set(kept)) > 20
+    with pytest.raises(ValueError, match="padding"):
+        SlabTransform(padding="reflect")
     assert np.array_equal(SlabTransform(prob=0.0)({"image": image, "label": label})["image"], image)
 
 

@@ -74,7 +74,7 @@ def main(argv=None):
             infer(network, array, "cpu", precision)
             times.append(time.perf_counter() - t)
         roi = base.roi if infer.cap is None else fitted(array.shape, infer.cap)
-        inference.inferer_for = lambda card_, overlap=None, tta=False, infer=infer: infer
+        inference.inferer_for = lambda card_, overlap=None, tta=False, padding=None, infer=infer: infer
         try:
             rows, _ = validation_rows(card, log=lambda m: None, precision=precision)
         finally:
