@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import postprocess
+from .card_schema import PADDING_MODES
 from .channels import channels_to_organs
 from .confidence import organ_confidence
 from .errors import AbdomenSegError
@@ -187,6 +188,10 @@ class Segmenter:
         self.precision = resolve_precision(options.precision, self.device, card)
         if options.organs is not None and not list(options.organs):
             raise AbdomenSegError("no organ is selected", "select at least one organ to segment")
+        if options.padding is not None and options.padding not in PADDING_MODES:
+            raise AbdomenSegError(
+                f"window padding '{options.padding}' is unknown", f"use one of: {', '.join(PADDING_MODES)}"
+            )
         if options.tta:
             from .tta import check_tta
 

@@ -85,8 +85,10 @@ class SlidingWindow:
     # In-plane axes narrower than the roi get a window only as wide as the volume rounded up to this multiple
     # (the network's down-sampling), instead of the roi: less padding to compute, and the padding is what the
     # body-box crop leaves around the body anyway (air). The default CT model's validation Dice was identical to
-    # 3 decimals for every organ, and a 512x512x200 CT's inference 14% faster (bench/bench_windows.py). z keeps
-    # the card's roi: models are trained and validated with short volumes padded to a full window there.
+    # 3 decimals for every organ, and a 512x512x200 CT's inference 14% faster (bench/bench_windows.py; measured
+    # with zero padding). z keeps the card's roi: models are validated with short volumes padded to a full window
+    # there. Training pads a case shorter than its patch with zeros (train_recipe.py, MONAI's SpatialPadd): rare,
+    # since training cases are whole scans; the edge padding above was measured on networks trained so.
     fit_multiple: int = 0
 
     def window_roi(self, shape) -> tuple:

@@ -256,3 +256,26 @@ def test_sliding_window_sees_the_volume_as_training_did(segmenter):
     np.testing.assert_allclose(ours, torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
     small = segmenter._infer(array[: roi[0] // 2], Options(), lambda f, m: None, None)  # under the roi: MONAI pads
     assert small.shape[1:] == (roi[0] // 2, *shape[1:])
+
+
+def test_a_volume_shorter_than_the_window_is_padded_as_the_options_and_card_say(segmenter):
+    """Default: the edge slices repeated (inferer.PADDING), as MONAI's padding_mode="replicate"; Options.padding
+    "constant" gives MONAI's zeros; an unknown padding is refused by the check, before any work."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    roi = segmenter.card["inference"]["roi_size"]
+    array = np.random.default_rng(1).random([roi[0] // 2, *roi[1:]], dtype=np.float32)
+    for padding, options in (("replicate", Options()), ("constant", Options(padding="constant"))):
+        ours = segmenter._infer(array, options, lambda f, m: None, None)
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                torch.as_tensor(array[None, None]), roi, 2, segmenter.network, mode="gaussian", padding_mode=padding
+            )
+        np.testing.assert_allclose(ours, torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
+    edge = segmenter._infer(array, Options(), lambda f, m: None, None)
+    zeros = segmenter._infer(array, Options(padding="constant"), lambda f, m: None, None)
+    assert np.abs(edge - zeros).max() > 1e-3
+    image, _ = make_phantom(size=(40, 40, 12))
+    with pytest.raises(AbdomenSegError, match="window padding 'reflect' is unknown"):
+        segmenter.check(image, Options(padding="reflect"))

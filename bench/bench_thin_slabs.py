@@ -32,8 +32,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="model names or folders (3D)")
     p.add_argument("--slab-mm", type=float, default=60.0, help="slab thickness (default 60 mm)")
-    p.add_argument("--root", default=None, help="data folder instead of the card's (e.g. ../shared/data/...)")
+    p.add_argument("--root", default=None, help="data folder instead of the card's (give one model with it)")
     args = p.parse_args(argv)
+    if args.root and len(args.models) > 1:
+        raise SystemExit("error: --root replaces every model's data folder. Give one model with --root")
 
     import numpy as np
 
@@ -74,6 +76,9 @@ def main(argv=None):
                             dice[mode][row["organ"]].append(row["dice"])
                         else:
                             false_ml[mode] += row["volume_pred_ml"]
+        if not count:
+            print(f"\n{card.name}: no validation case holds its organs over {args.slab_mm:g} mm; nothing to show")
+            continue
         spacing = f"{args.slab_mm:g} mm slabs"
         print(f"\n{card.name}: {count} {spacing} from {len(wanted)} validation cases, full pipeline, fp32")
         print(f"{'organ':24s} {'slabs':>5s} " + " ".join(f"{m:>10s}" for m in PADDING_MODES))
