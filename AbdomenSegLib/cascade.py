@@ -4,9 +4,10 @@ fine second model (cascade_card.py) re-segments the box around the small organs 
 The box is the first stage's region organs plus the card's margin, in the input's grid (region.py); the input
 is cropped to it with its geometry exact, and the second model runs on the crop through the same predictor as
 any model (inference.Segmenter: its preprocessing, sliding window and resampling back to the crop's grid).
-Inside the box the region organs take the second stage's labels: a voxel the first stage called a region organ
-and the second does not becomes background, another organ's voxel keeps its first-stage label unless the
-second stage calls it a region organ. Outside the box nothing changes, and the output is in the input's grid.
+Inside the box the region organs the card's `take` names (default: all of them) take the second stage's labels:
+a voxel the first stage called such an organ and the second does not becomes background, another organ's voxel
+keeps its first-stage label unless the second stage calls it such an organ. Outside the box nothing changes, and
+the output is in the input's grid.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class CascadeSegmenter:
         self.last_confidence = {}
         self.precision = "fp32"
         self.last_box = None  # region.Box of the last segment(); None when the second stage was skipped
+        # The region organs whose labels the second stage gives (cascade.take; default all of them): the others
+        # define the box but keep the first stage's labels, where the second stage measured worse.
+        self.taken = list(self.region.get("take") or self.region["organs"])
 
     def largest_component_organs(self, choice) -> list:
         return self.first.largest_component_organs(choice)
@@ -76,10 +80,10 @@ class CascadeSegmenter:
             fine = segment_crop(self.second, crop(image, self.last_box), whole, share, cancel)
             self._add_timings(self.second, "fine_")
             t = time.perf_counter()
-            merge(labels, sitk.GetArrayViewFromImage(fine), self.last_box, self.region["organs"])
+            merge(labels, sitk.GetArrayViewFromImage(fine), self.last_box, self.taken)
             self.timings.add("region", time.perf_counter() - t)
             fine_confidence = self.second.last_confidence
-            for organ in self.region["organs"]:
+            for organ in self.taken:
                 self.last_confidence.pop(organ, None)
                 if organ in fine_confidence:
                     self.last_confidence[organ] = fine_confidence[organ]

@@ -33,6 +33,8 @@ def check_and_record(files, segmenter, name, image, labels, options, *, output, 
     row of qc.csv); `extra` goes into the JSON (a Dask worker adds where it ran). Returns (report, its JSON)."""
     import time
 
+    from .cascade import made_by
+
     report = assess_result(segmenter, labels, options)
     qc = files.add(
         name,
@@ -40,7 +42,7 @@ def check_and_record(files, segmenter, name, image, labels, options, *, output, 
         labels,
         report,
         output=str(output),
-        model=segmenter.card.name,
+        model=made_by(segmenter)[0],  # a two-stage run names both models ("first>fine")
         modality=segmenter.card["modality"],
         seconds=round(time.time() - started, 1),
         **extra,

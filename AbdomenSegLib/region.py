@@ -83,8 +83,8 @@ def reference_crop(image: sitk.Image, label: sitk.Image, convention: str, region
 
 
 def region_problems(region, field: str = "region") -> list:
-    """Every problem of a region block ({"organs", "margin_mm"}; for a card's cascade block also
-    "first_stage"), [] when it is valid."""
+    """Every problem of a region block ({"organs", "margin_mm"}, optionally "take": the region organs whose
+    labels the second stage gives, default all; for a card's cascade block also "first_stage"), [] when valid."""
     if not isinstance(region, dict):
         return [f"{field} must be an object with organs and margin_mm"]
     problems = []
@@ -98,4 +98,10 @@ def region_problems(region, field: str = "region") -> list:
         or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 200 for m in margin)
     ):
         problems.append(f"{field}.margin_mm {margin!r} must be 3 numbers of mm (x, y, z), 0 to 200")
+    if "take" in region:
+        take = region["take"]
+        if not isinstance(take, list) or not take or not all(isinstance(o, str) for o in take):
+            problems.append(f"{field}.take {take!r} must be a non-empty list of organ names")
+        elif isinstance(organs, list) and [o for o in take if o not in organs]:
+            problems.append(f"{field}.take {[o for o in take if o not in organs]} are not among {field}.organs")
     return problems

@@ -4,6 +4,7 @@ exact grid; a first stage without region organs skips it with a note; missing or
 any work; the training cache of a region config holds the box around the reference region."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -367,7 +368,7 @@ def test_the_panels_quality_choice_opens_only_where_a_fine_second_stage_is_insta
     assert not select(["first", "lonely"], models).high_allowed  # an ensemble has no second stage
 
 
-def test_a_two_stage_dicom_seg_names_both_models_as_its_algorithm(models, tmp_path, monkeypatch):
+def test_a_two_stage_dicom_seg_and_result_check_name_both_models(models, tmp_path, monkeypatch):
     import highdicom as hd
     from test_dicom_seg import _write_series
 
@@ -377,6 +378,32 @@ def test_a_two_stage_dicom_seg_names_both_models_as_its_algorithm(models, tmp_pa
     _write_series(tmp_path / "series", hu, ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
     out = tmp_path / "organs.dcm"
     args = ["segment", str(tmp_path / "series"), str(out), "--model", "first-gb", "--quality", "high"]
-    assert main(args + ["--device", "cpu", "--no-qc-png"]) in (0, 3)
+    assert main(args + ["--device", "cpu", "--no-qc-png", "--qc", str(tmp_path / "qc.json")]) in (0, 3)
     algorithm = hd.seg.segread(out).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "first-gb>fine-gb"
+    assert json.loads((tmp_path / "qc.json").read_text())["model"] == "first-gb>fine-gb"  # the result check too
+
+
+def test_take_limits_the_organs_the_second_stage_labels(models, tmp_path, monkeypatch):
+    """cascade.take ["gallbladder"]: the box is still the region organs' (pancreas and gallbladder), but the
+    first stage's pancreas stays where the second stage (pancreas everywhere) would have replaced it, and the
+    second stage's pancreas is not written; a take outside the region organs is refused when the card is read."""
+    card = json.loads((models / "fine-pancreas" / "card.json").read_text())
+    card["name"] = "fine-take"
+    card["cascade"]["take"] = ["gallbladder"]
+    folder = tmp_path / "fine-take"
+    shutil.copytree(models / "fine-pancreas", folder)
+    (folder / "card.json").write_text(json.dumps(card))
+    ct, reference = _rotated_phantom()
+    cascade = CascadeSegmenter(find_model("first", models), find_model(str(folder)), "cpu", log=lambda m: None)
+    _perfect_first_stage(monkeypatch, cascade, reference)
+    out = sitk.GetArrayFromImage(cascade.segment(ct, Options()))
+    assert cascade.last_box == _expected_box(reference, [10, 10, 200])
+    first = sitk.GetArrayFromImage(reference)
+    assert (first == PANCREAS).any() and (first == GALLBLADDER).any()
+    np.testing.assert_array_equal(out == PANCREAS, first == PANCREAS)  # kept, and nothing added
+    assert not (out == GALLBLADDER).any()  # the second stage's own answer (pancreas) claims no gallbladder
+    card["cascade"]["take"] = ["liver"]
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(AbdomenSegError, match=r"cascade.take \['liver'\] are not among cascade.organs"):
+        find_model(str(folder))

@@ -23,6 +23,7 @@ from AbdomenSegLib.cli import main  # noqa: E402
 from AbdomenSegLib.engine_worker import EngineWorker  # noqa: E402
 from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
 from AbdomenSegLib.model_choice import (  # noqa: E402
+    QUALITY_TIP,
     TTA_TIP,
     default_names,
     label,
@@ -171,9 +172,13 @@ def test_mirroring_is_off_for_the_shipped_models_and_says_why():
         selection = select([name], RESOURCES / "models")
         assert selection.error == "" and not selection.tta_allowed
         assert selection.tta_tip.startswith(f"Unavailable: model '{name}' was not trained with mirroring")
-        # no fine second stage ships: the Quality choice stays at standard and says why
-        assert not selection.high_allowed
-        assert selection.high_tip == f"high unavailable: no fine second-stage model is installed for '{name}'"
+        # The one fine second stage ships behind the default model: Quality high opens for the two of them only
+        # (naming the second stage runs its cascade), and elsewhere stays at standard and says why.
+        if name in ("btcv-ct-3d-unet", "btcv-ct-3d-fine-unet"):
+            assert selection.high_allowed and selection.high_tip == QUALITY_TIP
+        else:
+            assert not selection.high_allowed
+            assert selection.high_tip == f"high unavailable: no fine second-stage model is installed for '{name}'"
     pair = select(SHIPPED_PAIR, RESOURCES / "models")
     assert pair.error == "" and not pair.tta_allowed
     mixed = select(["btcv-ct-3d-unet", "chaos-mr-t2-3d-unet"], RESOURCES / "models")
