@@ -2,9 +2,10 @@
 
 A second-stage model's card carries `"cascade": {"first_stage": name, "organs": [...], "margin_mm": [x, y, z]}`
 and optionally `"take": [...]` (the region organs whose labels it gives; default all): it was trained on the box
-around those organs (plus the margin) at a finer spacing, and re-segments that box of the first stage's result. A run is a cascade when its model is such a second stage (its first stage is found by
-name), or when quality "high" is asked of a first-stage model (its second stage is the installed model whose
-card names it). Cards are JSON: nothing here loads a network.
+around those organs (plus the margin) at a finer spacing, and re-segments that box of the first stage's result.
+A run is a cascade when its model is such a second stage (its first stage is found by name), or when quality
+"high" is asked of a first-stage model (its second stage is the installed model whose card names it). Cards are
+JSON: nothing here loads a network.
 """
 
 from __future__ import annotations

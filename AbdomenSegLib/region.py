@@ -102,6 +102,8 @@ def region_problems(region, field: str = "region") -> list:
         take = region["take"]
         if not isinstance(take, list) or not take or not all(isinstance(o, str) for o in take):
             problems.append(f"{field}.take {take!r} must be a non-empty list of organ names")
-        elif isinstance(organs, list) and [o for o in take if o not in organs]:
-            problems.append(f"{field}.take {[o for o in take if o not in organs]} are not among {field}.organs")
+        else:
+            stray = [o for o in take if not isinstance(organs, list) or o not in organs]
+            if stray:
+                problems.append(f"{field}.take {stray} are not among {field}.organs")
     return problems
