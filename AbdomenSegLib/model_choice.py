@@ -50,18 +50,22 @@ def argument(names) -> str:
     return "+".join(names)
 
 
+def _parts(model: str) -> list:
+    """The names a stored model argument holds (argument's inverse): `a+b` -> [a, b]; "" or None -> []."""
+    return [part.strip() for part in (model or "").split("+") if part.strip()]
+
+
 def names_in(model: str, installed) -> list:
     """The names of `installed` (in its order) that a stored model argument checks; names no longer installed
     are left out."""
-    parts = {part.strip() for part in (model or "").split("+")}
+    parts = set(_parts(model))
     return [name for name in installed if name in parts]
 
 
 def missing_note(model: str, installed, checked) -> str:
     """The panel's line when a stored model argument (a saved scene's) names models not installed here, so that
     the list's other check (`checked`) is never silent; "" when all are installed."""
-    parts = [part.strip() for part in (model or "").split("+") if part.strip()]
-    missing = [part for part in parts if part not in installed]
+    missing = [part for part in _parts(model) if part not in installed]
     if not missing:
         return ""
     now = f"{argument(checked)} is checked instead" if checked else "check a model"

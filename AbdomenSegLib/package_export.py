@@ -31,19 +31,14 @@ def validation_rows(
     on the region its training saw: each case cut to the box around its reference's region organs
     (region.reference_crop)."""
     from .cascade import segment_crop
-    from .datasets import find_cases, read_case
     from .inference import Options, Segmenter
     from .metrics import evaluate
     from .train_config import validation_data
 
     data = validation_data(card["training"]["config"]["data"])
-    val_names = set(card["training"]["validation_cases"])
     segmenter = segmenter or Segmenter(card, "cpu", log=log)
     rows, seconds = [], []
-    for name, image_path, label_path in find_cases(root or data["root"]):
-        if data["prefix"] + name not in val_names:
-            continue
-        image, label = read_case(image_path, label_path, data.get("direction"))
+    for name, image, label in validation_cases(card, root):
         convention, region = data["convention"], card.get("cascade")
         if region:
             from .region import reference_crop
@@ -63,6 +58,19 @@ def validation_rows(
         )
         log(f"validated {name} ({seconds[-1]:.1f} s)")
     return rows, seconds
+
+
+def validation_cases(card, root=None):
+    """(name, image, label) of each of the card's validation cases, read from its original files (the card's
+    data folder, or `root`) with the true direction where the card's data gives one."""
+    from .datasets import find_cases, read_case
+    from .train_config import validation_data
+
+    data = validation_data(card["training"]["config"]["data"])
+    wanted = set(card["training"]["validation_cases"])
+    for name, image_path, label_path in find_cases(root or data["root"]):
+        if data["prefix"] + name in wanted:
+            yield (name, *read_case(image_path, label_path, data.get("direction")))
 
 
 MEAN = "mean over cases where the organ is present in prediction or reference"

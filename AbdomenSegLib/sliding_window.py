@@ -84,11 +84,7 @@ def sliding_window(
     if any(before) or any(after):
         # F.pad takes (before, after) pairs starting from the last axis.
         pads = [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)]
-        x = (
-            F.pad(x, pads, mode="constant", value=0.0)
-            if padding_mode == "constant"
-            else F.pad(x, pads, mode=padding_mode)
-        )
+        x = F.pad(x, pads, mode=padding_mode)  # "constant" pads with 0
     size = list(x.shape[2:])
 
     windows = [

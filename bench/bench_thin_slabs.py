@@ -40,11 +40,11 @@ def main(argv=None):
     import numpy as np
 
     from AbdomenSegLib.card_schema import PADDING_MODES
-    from AbdomenSegLib.datasets import find_cases, read_case
     from AbdomenSegLib.inference import Options, Segmenter
     from AbdomenSegLib.metrics import evaluate
     from AbdomenSegLib.models import find_model
     from AbdomenSegLib.organs import CONVENTIONS
+    from AbdomenSegLib.package_export import validation_cases
     from AbdomenSegLib.train_config import validation_data
 
     for spec in args.models:
@@ -54,15 +54,11 @@ def main(argv=None):
         data = validation_data(card["training"]["config"]["data"])
         organs = list(card["labels"].values())
         values = [v for v, name in CONVENTIONS[data["convention"]].items() if name in organs]
-        wanted = set(card["training"]["validation_cases"])
         segmenter = Segmenter(card, "cpu", log=lambda message: None)
         dice = {mode: {o: [] for o in organs} for mode in PADDING_MODES}
         false_ml = {mode: 0.0 for mode in PADDING_MODES}
         count = 0
-        for name, image_path, label_path in find_cases(args.root or data["root"]):
-            if data["prefix"] + name not in wanted:
-                continue
-            image, label = read_case(image_path, label_path, data.get("direction"))
+        for _, image, label in validation_cases(card, args.root):
             for first, stop in slabs(label, values, args.slab_mm):
                 count += 1
                 for mode in PADDING_MODES:
@@ -79,8 +75,8 @@ def main(argv=None):
         if not count:
             print(f"\n{card.name}: no validation case holds its organs over {args.slab_mm:g} mm; nothing to show")
             continue
-        spacing = f"{args.slab_mm:g} mm slabs"
-        print(f"\n{card.name}: {count} {spacing} from {len(wanted)} validation cases, full pipeline, fp32")
+        cases = len(card["training"]["validation_cases"])
+        print(f"\n{card.name}: {count} {args.slab_mm:g} mm slabs from {cases} validation cases, full pipeline, fp32")
         print(f"{'organ':24s} {'slabs':>5s} " + " ".join(f"{m:>10s}" for m in PADDING_MODES))
         for organ in organs:
             n = len(dice[PADDING_MODES[0]][organ])
