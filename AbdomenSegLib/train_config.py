@@ -72,6 +72,9 @@ DEFAULT_CONFIG = {
         "loss": "dice_ce",
         "val_every": 250,
         "background_ratio": 1.0,
+        # organ name -> how often crops centre on it relative to the others (default 1 each): more crops of the
+        # organs the model gets wrong most, as RandCropByLabelClasses' ratios
+        "organ_ratios": {},
         "seed": 0,
         "threads": 2,
         # Processes that make the batches ahead of the network (a torch DataLoader); 0 = in the training
@@ -185,6 +188,7 @@ def check_config(config: dict) -> None:
     _check_data(config)
     _check_model(config)
     _check_train(config["train"], config["model"]["dimensions"])
+    _check_organ_ratios(config["train"]["organ_ratios"], config["model"]["organs"])
     _check_augment(config["train"]["augment"], config["model"])
     _check_card(config)
 
@@ -393,6 +397,20 @@ def _check_train(t, dims):
             f"config train.init_from {t['init_from']!r} is not a folder path",
             "give the folder of an exported package, or null",
         )
+
+
+def _check_organ_ratios(ratios, organs):
+    if not isinstance(ratios, dict):
+        raise AbdomenSegError(
+            f"config train.organ_ratios {ratios!r} is not a mapping", 'give e.g. {"pancreas": 2.0}, or {}'
+        )
+    for organ, ratio in ratios.items():
+        if organ not in organs:
+            raise AbdomenSegError(
+                f"config train.organ_ratios names '{organ}', which is not one of the model's organs",
+                f"use names from model.organs: {', '.join(organs)}",
+            )
+        _real(ratio, f"train.organ_ratios.{organ}", 0.0, math.inf)
 
 
 def _check_augment(a, m):
