@@ -188,7 +188,7 @@ def check_config(config: dict) -> None:
     _check_data(config)
     _check_model(config)
     _check_train(config["train"], config["model"]["dimensions"])
-    _check_organ_ratios(config["train"]["organ_ratios"], config["model"]["organs"])
+    _check_organ_ratios(config["train"], config["model"]["organs"])
     _check_augment(config["train"]["augment"], config["model"])
     _check_card(config)
 
@@ -399,7 +399,8 @@ def _check_train(t, dims):
         )
 
 
-def _check_organ_ratios(ratios, organs):
+def _check_organ_ratios(t, organs):
+    ratios = t["organ_ratios"]
     if not isinstance(ratios, dict):
         raise AbdomenSegError(
             f"config train.organ_ratios {ratios!r} is not a mapping", 'give e.g. {"pancreas": 2.0}, or {}'
@@ -411,6 +412,11 @@ def _check_organ_ratios(ratios, organs):
                 f"use names from model.organs: {', '.join(organs)}",
             )
         _real(ratio, f"train.organ_ratios.{organ}", 0.0, math.inf)
+    if t["background_ratio"] == 0 and all(ratios.get(o, 1.0) == 0 for o in organs):
+        raise AbdomenSegError(
+            "config train.background_ratio and train.organ_ratios are all 0, so no crop can be drawn",
+            "give the organs to train on a ratio above 0",
+        )
 
 
 def _check_augment(a, m):

@@ -63,11 +63,12 @@ def test_crops_centre_on_the_organs_in_their_ratios():
         ({"liver": -1.0}, "train.organ_ratios.liver"),
         ({"liver": "2"}, "train.organ_ratios.liver"),
         (["liver"], "is not a mapping"),
+        ({"liver": 0, "spleen": 0.0}, "no crop can be drawn"),
     ],
 )
 def test_organ_ratios_are_checked(tmp_path, ratios, message):
     config = {"data": {"root": str(tmp_path)}, "model": {"organs": ["liver", "spleen"]}}
-    config["train"] = {"organ_ratios": ratios}
+    config["train"] = {"organ_ratios": ratios, "background_ratio": 0.0}
     with pytest.raises(AbdomenSegError, match=message):
         load_config(config)
     assert load_config({**config, "train": {"organ_ratios": {"spleen": 3}}})["train"]["organ_ratios"] == {"spleen": 3}
