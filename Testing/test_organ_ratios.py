@@ -3,26 +3,16 @@ sampler (RandCropByLabelClasses' ratios)."""
 
 import numpy as np
 import pytest
+from test_mirroring import _config as mirroring_config
 
 from AbdomenSegLib.errors import AbdomenSegError
-from AbdomenSegLib.train_config import DEFAULT_CONFIG, _merge, load_config
+from AbdomenSegLib.train_config import load_config
 
 
 def _config(organ_ratios, background_ratio=1.0):
-    augment = {k: 0.0 for k, v in DEFAULT_CONFIG["train"]["augment"].items() if not isinstance(v, list)}
-    return _merge(
-        DEFAULT_CONFIG,
-        {
-            "model": {"organs": ["liver", "spleen"]},
-            "train": {
-                "patch": [16, 16, 16],
-                "batch_size": 1,
-                "background_ratio": background_ratio,
-                "organ_ratios": organ_ratios,
-                "augment": augment,
-            },
-        },
-    )
+    config = mirroring_config([], organs=("liver", "spleen"))  # 16^3 crops, no augmentation
+    config["train"].update(background_ratio=background_ratio, organ_ratios=organ_ratios)
+    return config
 
 
 def _organs_in_crops(config, draws=60):

@@ -15,24 +15,18 @@ import argparse
 
 
 def model_space_fractions(label, values, spacing):
-    """(C, z, y, x) float32 on a grid of `spacing` over the label's extent (its origin and direction): channel 0
-    the background, channel k the fraction of label value values[k-1] (linear resampling of its mask)."""
+    """(C, z, y, x) float32 on the pipeline's grid of `spacing` over the label's extent
+    (preprocess.resample_to_spacing), and that grid: channel 0 the background, channel k the fraction of label
+    value values[k-1] (linear resampling of its mask)."""
     import numpy as np
     import SimpleITK as sitk
 
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(label.GetSize(), label.GetSpacing(), spacing)]
-    grid = sitk.Image(size, sitk.sitkUInt8)
-    grid.SetOrigin(label.GetOrigin())
-    grid.SetSpacing([float(s) for s in spacing])
-    grid.SetDirection(label.GetDirection())
-    organs = [
-        sitk.GetArrayFromImage(
-            sitk.Resample(sitk.Cast(label == v, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
-        )
-        for v in values
-    ]
+    from AbdomenSegLib.preprocess import resample_to_spacing
+
+    masks = [resample_to_spacing(sitk.Cast(label == v, sitk.sitkFloat32), spacing) for v in values]
+    organs = [sitk.GetArrayFromImage(m) for m in masks]
     background = np.clip(1.0 - np.sum(organs, axis=0), 0.0, 1.0)
-    return np.stack([background, *organs]).astype(np.float32), grid
+    return np.stack([background, *organs]).astype(np.float32), masks[0]
 
 
 def main(argv=None):
@@ -53,12 +47,9 @@ def main(argv=None):
     from AbdomenSegLib.train_config import validation_data
 
     card = find_model(args.model)
-    spacings = [tuple(s) for s in args.spacing] if args.spacing else [tuple(card["spacing"]), (1.5, 1.5, 2.0)]
-    if not args.spacing:
-        spacings.append((1.0, 1.0, 1.5))
+    spacings = [tuple(s) for s in args.spacing or [card["spacing"], (1.5, 1.5, 2.0), (1.0, 1.0, 1.5)]]
     convention = CONVENTIONS[validation_data(card["training"]["config"]["data"])["convention"]]
-    organs = [o for o in card["labels"].values() if o in convention.values()]
-    values = [next(v for v, name in convention.items() if name == o) for o in organs]
+    values, organs = zip(*[(v, o) for v, o in convention.items() if o in card["labels"].values()])
     print(f"protocol: {card.name}'s validation cases {card['training']['validation_cases']}; spacings {spacings}")
     dice = {s: {o: [] for o in organs} for s in spacings}
     for name, _image, label in validation_cases(card):
