@@ -1,6 +1,6 @@
 """AbdomenSeg: abdominal organ segmentation (CT/MR, 2D/3D U-Nets) with per-organ Dice/IoU.
 
-Thin Slicer layer: all behaviour lives in AbdomenSegLib (engine) and AbdomenSegLib.slicer_logic /
+Thin Slicer layer: all behaviour lives in AbdomenSegLib (engine) and AbdomenSegLib.slicer.logic /
 slicer_runs (MRML operations and background runs, tested outside Slicer). Nothing here imports torch,
 shows dialogs or downloads at import or in setup(), so Slicer's generic module tests pass without
 PyTorch installed. Segmentation runs in a background process (as SlicerTotalSegmentator and
@@ -34,7 +34,7 @@ for _candidate in (_here, os.path.dirname(_here)):
         break
 
 # The option values the engine and the command line use (standard library only: nothing heavy loads with Slicer).
-from AbdomenSegLib.options import DEVICES, LARGEST_COMPONENT, QUALITIES, REFERENCE_CONVENTIONS  # noqa: E402
+from AbdomenSegLib.core.options import DEVICES, LARGEST_COMPONENT, QUALITIES, REFERENCE_CONVENTIONS  # noqa: E402
 
 DOCUMENTATION = "https://github.com/abdomenseg/SlicerAbdomenSeg#readme"
 
@@ -99,8 +99,8 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cards = {}
-        self._selection = None  # AbdomenSegLib.model_choice.Selection of the checked models
-        self._run = None  # the background run in progress (AbdomenSegLib.slicer_runs.BackgroundRun)
+        self._selection = None  # AbdomenSegLib.models.choice.Selection of the checked models
+        self._run = None  # the background run in progress (AbdomenSegLib.slicer.runs.BackgroundRun)
         self._runKind = None  # "segment" or "compare"
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
@@ -108,7 +108,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        from AbdomenSegLib.models import RESOURCES
+        from AbdomenSegLib.models.packages import RESOURCES
 
         uiWidget = slicer.util.loadUI(str(RESOURCES / "UI" / "AbdomenSeg.ui"))
         self.layout.addWidget(uiWidget)
@@ -130,9 +130,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillModels(self):
         """Catalog entries, ensemble entries included (reads JSON only; no torch); broken packages are logged."""
-        from AbdomenSegLib.errors import AbdomenSegError
-        from AbdomenSegLib.model_choice import default_names, label
-        from AbdomenSegLib.models import catalog_with_problems
+        from AbdomenSegLib.core.errors import AbdomenSegError
+        from AbdomenSegLib.models.choice import default_names, label
+        from AbdomenSegLib.models.packages import catalog_with_problems
 
         try:
             self._cards, broken = catalog_with_problems()
@@ -171,7 +171,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelsChecked(self, *args):
         """The checked models: into the parameter node, the organ list, the mirroring box, and the status line
         (where a choice the engine refuses is named, with the command line's `error: <problem>. <fix>`)."""
-        from AbdomenSegLib.model_choice import select
+        from AbdomenSegLib.models.choice import select
 
         names = [i.data(qt.Qt.UserRole) for i in self._modelItems() if i.checkState() == qt.Qt.Checked]
         before = self._selection
@@ -210,7 +210,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showParameterNodeModel(self, initial=False):
         """The list shows the parameter node's models (after a scene load, the saved ones; none installed: the
         default), and the status line names any saved model that is not installed here."""
-        from AbdomenSegLib.model_choice import default_names, missing_note, names_in
+        from AbdomenSegLib.models.choice import default_names, missing_note, names_in
 
         p = self._parameterNode
         if p is None:
@@ -241,7 +241,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRun()
         self._timer.stop()
         self.removeObservers()
-        runs = sys.modules.get("AbdomenSegLib.slicer_runs")  # loaded only if a run was ever started
+        runs = sys.modules.get("AbdomenSegLib.slicer.runs")  # loaded only if a run was ever started
         if runs is not None:
             runs.stop_shared_worker()  # the engine process and the models it holds in memory
 
@@ -477,13 +477,13 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
     @property
     def core(self):
         if self._core is None:
-            from AbdomenSegLib.slicer_logic import AbdomenSegCore
+            from AbdomenSegLib.slicer.logic import AbdomenSegCore
 
             self._core = AbdomenSegCore(slicer.mrmlScene, log=logging.info)
         return self._core
 
     def ensureDependencies(self, interactive=False):
-        from AbdomenSegLib.install import ensure_dependencies
+        from AbdomenSegLib.slicer.install import ensure_dependencies
 
         confirm = slicer.util.confirmOkCancelDisplay if interactive else None
         return ensure_dependencies(confirm=confirm, log=logging.info)
@@ -498,7 +498,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
             return device
         if confirmCpu is None:
             return "cpu"
-        from AbdomenSegLib.models import find_model
+        from AbdomenSegLib.models.packages import find_model
 
         return "cpu" if confirmCpu(find_model(model or None).get("timing", {}).get("cpu_seconds", "?")) else None
 
@@ -518,7 +518,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         """`models`: each a name, a package folder or an ensemble `a+b`, run one after the other (a comparison
         when several); `tta`: test-time mirroring, refused (AbdomenSegError) for a model trained without;
         `quality` "high": the model's fine second stage too (cascade.py), refused where none is installed."""
-        from AbdomenSegLib.slicer_runs import BackgroundRun, shared_worker
+        from AbdomenSegLib.slicer.runs import BackgroundRun, shared_worker
 
         return BackgroundRun(
             self.core,
@@ -555,7 +555,7 @@ class AbdomenSegLogic(ScriptedLoadableModuleLogic):
         """Segment a volume, blocking; returns the segmentation node (None if the user declined a CPU run).
         `model`: a name, a package folder or an ensemble `a+b`; `tta`: test-time mirroring; `quality` "high":
         the model's fine second stage too."""
-        from AbdomenSegLib.errors import Cancelled
+        from AbdomenSegLib.core.errors import Cancelled
 
         device = self.resolveDevice(device, model, confirmCpu)
         if device is None:
@@ -632,7 +632,7 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
         self.test_segment_phantom()
 
     def test_segment_phantom(self):
-        from AbdomenSegLib.install import missing_packages
+        from AbdomenSegLib.slicer.install import missing_packages
 
         missing = missing_packages()
         if missing:  # Slicer's generic tests run this without the extension's Python packages
@@ -640,8 +640,8 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
                 f"Python packages {', '.join(missing)} are not installed: skipping the segmentation self-test"
             )
             return
-        from AbdomenSegLib.phantom import make_phantom
-        from AbdomenSegLib.slicer_logic import scalar_volume_node_from_image, segmentation_to_labels
+        from AbdomenSegLib.io.phantom import make_phantom
+        from AbdomenSegLib.slicer.logic import scalar_volume_node_from_image, segmentation_to_labels
 
         ct, _labels = make_phantom()
         volume = scalar_volume_node_from_image(slicer.mrmlScene, ct, "synthetic phantom CT")

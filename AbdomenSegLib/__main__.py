@@ -1,3 +1,3 @@
-from .cli import run
+from AbdomenSegLib.cli import run
 
 run()

@@ -12,34 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AbdomenSegError, Cancelled
-from .options import DEVICES, INPUT_INTENSITIES, LARGEST_COMPONENT, OUTPUT_FORMATS, PRECISIONS, QUALITIES
+from AbdomenSegLib.cohort.runner import segment_one
+from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled
+from AbdomenSegLib.core.options import (
+    DEVICES,
+    INPUT_INTENSITIES,
+    LARGEST_COMPONENT,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    QUALITIES,
+)
 
 
 def _log(message: str):
     print(message, file=sys.stderr, flush=True)
-
-
-class _Bar:
-    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback."""
-
-    def __init__(self, desc):
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=100,
-            desc=desc,
-            file=sys.stderr,
-            leave=False,
-            bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {postfix}",
-        )
-
-    def __call__(self, fraction, message):
-        self.bar.n = int(round(fraction * 100))
-        self.bar.set_postfix_str(message, refresh=True)
-
-    def close(self):
-        self.bar.close()
 
 
 class _JsonLines:
@@ -73,7 +59,7 @@ EXIT_FLAGGED = 3
 
 def _organ_names(text, allowed=None) -> list | None:
     """Comma-separated organ names, checked before any work (a typo must not cost a run)."""
-    from .organs import BY_NAME
+    from AbdomenSegLib.core.organs import BY_NAME
 
     if not text:
         return None
@@ -94,9 +80,10 @@ def _organ_names(text, allowed=None) -> list | None:
 
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
-    from .batch import expand_inputs, plan_outputs
-    from .io import check_output_type, prepare_output, sweep_partials
-    from .model_choice import resolve
+    from AbdomenSegLib.cohort.batch import expand_inputs, plan_outputs
+    from AbdomenSegLib.io.files import prepare_output, sweep_partials
+    from AbdomenSegLib.io.images import check_output_type
+    from AbdomenSegLib.models.choice import resolve
 
     _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
     cases, batch = expand_inputs(args.input)
@@ -129,10 +116,10 @@ def _segment(args) -> int:
     stages = _cascade_stages(card, args.quality, distributed)
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
-    from .read_ahead import ReadAhead
+    from AbdomenSegLib.io.read_ahead import ReadAhead
 
     def prepare(image):  # in the read-ahead thread: no torch needed
-        from .inference import prepare_input
+        from AbdomenSegLib.inference.segmenter import prepare_input
 
         return prepare_input(stages[0] if stages else card, image, args.input_intensity)
 
@@ -141,20 +128,10 @@ def _segment(args) -> int:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
-def _identity(segmenter):
-    """The card a DICOM SEG names as its algorithm; a two-stage run names both models ("first>fine")."""
-    from .cascade import made_by
-
-    name, sha256 = made_by(segmenter)
-    if name == segmenter.card.name:
-        return segmenter.card
-    return {"name": name, "sha256": sha256, "version": segmenter.card.get("version")}
-
-
 def _cascade_stages(card, quality, distributed):
     """The (first, second) stage cards of a cascade run (cascade_card.py), None for one model; refused before any
     work, as is a cascade on a Dask cluster."""
-    from .cascade_card import cascade_stages
+    from AbdomenSegLib.models.cascade_card import cascade_stages
 
     stages = cascade_stages(card, quality)
     if stages and distributed:
@@ -167,10 +144,11 @@ def _cascade_stages(card, quality, distributed):
 
 
 def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) -> int:
-    from .inference import Options, get_segmenter
-    from .manifest import Manifest, case_row, device_label
-    from .precision import resolve_precision
-    from .qc_outputs import check_and_record, summary_lines
+    from AbdomenSegLib.cohort.manifest import Manifest, case_row, device_label
+    from AbdomenSegLib.core.precision import resolve_precision
+    from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.inference.segmenter import Options
+    from AbdomenSegLib.qc.outputs import check_and_record, summary_lines
 
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(
@@ -197,7 +175,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
         device = device_label(segmenter.device)
     model = {"model": card.name, "sha256": card.get("sha256", "")}
     if segmenter:
-        from .cascade import made_by
+        from AbdomenSegLib.inference.cascade import made_by
 
         model["model"], model["sha256"] = made_by(segmenter)  # a two-stage run: "first>fine"
     if json_lines:
@@ -224,7 +202,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 continue
             start = time.time()
             try:
-                image, labels = _segment_one(
+                image, labels = segment_one(
                     segmenter,
                     src,
                     dst,
@@ -310,8 +288,8 @@ def _on_cluster(args, batch) -> bool:
 def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, json_lines, failures, flagged) -> int:
     """The cases of `todo` [(index, name, input, output)] on a Dask cluster; each worker writes its outputs and
     result checks, the client records the manifest rows it sends back. Returns the number written."""
-    from .cohort import segment_cases
-    from .manifest import case_row
+    from AbdomenSegLib.cohort.cluster import segment_cases
+    from AbdomenSegLib.cohort.manifest import case_row
 
     written, finished = [0], [0]
 
@@ -351,7 +329,7 @@ def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, js
 
 def _check_qc_paths(args, batch, inputs):
     """--qc / --qc-png name files of the right kind that replace no input; checked before any work."""
-    from .io import prepare_output
+    from AbdomenSegLib.io.files import prepare_output
 
     if batch and args.qc_png:
         raise AbdomenSegError(
@@ -374,51 +352,20 @@ def _check_qc_paths(args, batch, inputs):
 def _qc_files(args, output, batch):
     """Folder runs: qc/ beside the outputs (per case JSON and picture, qc.csv, an index); single files: the
     paths --qc and --qc-png name."""
-    from .qc_outputs import QCFiles
+    from AbdomenSegLib.qc.outputs import QCFiles
 
     if batch:
         return QCFiles(Path(args.qc) if args.qc else output / "qc", pictures=not args.no_qc_png)
     return QCFiles(json_path=args.qc, png_path=args.qc_png)
 
 
-def _segment_one(
-    segmenter, src, dst, options, overwrite, tag, report=None, *, bar=True, before_write=None, read=None
-) -> tuple:
-    """Read, segment, write one case while holding its output; returns (image, labels). Dask workers
-    (cohort.py) draw no bar and write the result check in `before_write(image, labels)`, before the output.
-    `read(src)`: where the scan (and its preparation for the model, or None) comes from
-    (read_ahead.ReadAhead.get_prepared), else read here."""
-    from .io import check_output_can_hold, claim_output, read_image, write_labels
-
-    with claim_output(dst, overwrite=overwrite):
-        image, prepared = read(src) if read else (read_image(src, segmentation_ok=False), None)
-        check_output_can_hold(image.GetDirection(), dst)
-        bar = _Bar(tag) if bar else None
-
-        def progress(fraction, message):
-            if bar:
-                bar(fraction, message)
-            if report:
-                report(fraction, message)
-
-        try:
-            labels = segmenter.segment(image, options, progress=progress, prepared=prepared)
-        finally:
-            if bar:
-                bar.close()
-        if before_write:
-            before_write(image, labels)
-        write_labels(labels, dst, protect=[src], overwrite=overwrite, source=src, model=_identity(segmenter))
-    return image, labels
-
-
 # -- evaluate -----------------------------------------------------------------------------------
 def _evaluate(args) -> int:
     import math
 
-    from .batch import expand_inputs, find_reference
-    from .io import read_image
-    from .metrics import check_convention, evaluate, format_table, summarize, write_csv
+    from AbdomenSegLib.cohort.batch import expand_inputs, find_reference
+    from AbdomenSegLib.evaluation.metrics import check_convention, evaluate, format_table, summarize, write_csv
+    from AbdomenSegLib.io.images import read_image
 
     if not math.isfinite(args.tolerance) or args.tolerance <= 0:
         raise AbdomenSegError(
@@ -496,8 +443,8 @@ def _evaluate(args) -> int:
 
 def _evaluate_case(prediction, reference, settings) -> list:
     """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
-    from .io import read_image
-    from .metrics import evaluate
+    from AbdomenSegLib.evaluation.metrics import evaluate
+    from AbdomenSegLib.io.images import read_image
 
     return evaluate(read_image(prediction), read_image(reference), **settings)
 
@@ -505,7 +452,7 @@ def _evaluate_case(prediction, reference, settings) -> list:
 def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
     """`evaluate --workers/--scheduler`: one task per case [(index, name, prediction, reference)]; the rows come
     back in the cases' order, as a sequential run gives them."""
-    from .cohort import map_cases
+    from AbdomenSegLib.cohort.cluster import map_cases
 
     results = {}
     items = [
@@ -539,7 +486,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
 
 def _check_csv_outputs(args, inputs) -> list:
     """The metrics CSV and its summary: .csv files that replace no input and, unasked, no existing file."""
-    from .io import prepare_output
+    from AbdomenSegLib.io.files import prepare_output
 
     if not args.csv:
         return []
@@ -557,7 +504,7 @@ def _check_csv_outputs(args, inputs) -> list:
 
 # -- models / phantom / train -------------------------------------------------------------------
 def _models(args) -> int:
-    from .models import catalog_with_problems, default_model_name
+    from AbdomenSegLib.models.packages import catalog_with_problems, default_model_name
 
     cards, broken = catalog_with_problems()
     if args.json:
@@ -577,8 +524,8 @@ def _models(args) -> int:
 
 
 def _phantom(args) -> int:
-    from .io import write_image
-    from .phantom import make_phantom
+    from AbdomenSegLib.io.images import write_image
+    from AbdomenSegLib.io.phantom import make_phantom
 
     for path in filter(None, (args.output, args.labels)):
         if Path(path).exists() and not args.overwrite:
@@ -592,7 +539,7 @@ def _phantom(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import run_comparison
+    from AbdomenSegLib.evaluation.compare import run_comparison
 
     summary = run_comparison(
         [m.strip() for m in args.models.split(",")],
@@ -608,7 +555,7 @@ def _compare(args) -> int:
         log=_log,
         mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
     )
-    from .compare import markdown_table
+    from AbdomenSegLib.evaluation.compare import markdown_table
 
     print(markdown_table(summary))
     _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
@@ -618,7 +565,7 @@ def _compare(args) -> int:
 def _cluster_mapper(args):
     """`compare --workers/--scheduler`: each (model, case) pair one task; any failure fails the comparison, as it
     does when run here, but only once every pair has ended."""
-    from .cohort import map_cases
+    from AbdomenSegLib.cohort.cluster import map_cases
 
     def mapper(fn, items, names):
         results, errors = {}, []
@@ -643,7 +590,7 @@ def _cluster_mapper(args):
 
 
 def _train(args) -> int:
-    from .training import train_and_export
+    from AbdomenSegLib.training.run import train_and_export
 
     train_and_export(
         args.config,

@@ -59,7 +59,7 @@ def _lines(stream, out: queue.Queue) -> None:
 
 
 def _serve_one(request: dict) -> None:
-    from . import cli
+    from AbdomenSegLib import cli
 
     argv = request.get("argv")
     if not (isinstance(argv, list) and argv and argv[0] == "segment" and "--progress-json" in argv):
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     # Import what every request needs now, while the user has not clicked yet (or before the first request's
     # bytes are read): torch and the inference engine.
-    from . import cli, inference  # noqa: F401
+    from AbdomenSegLib.inference import segmenter as inference  # noqa: F401
 
     requests: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(sys.stdin, requests), name="stdin reader", daemon=True).start()

@@ -20,8 +20,8 @@ def tiny_package(tmp_path_factory):
     """An untrained, tiny 3D model exported as a real package (for geometry/plumbing, not accuracy)."""
     import torch
 
-    from AbdomenSegLib.models import export_package
-    from AbdomenSegLib.networks import build_network
+    from AbdomenSegLib.models.networks import build_network
+    from AbdomenSegLib.models.packages import export_package
 
     torch.manual_seed(0)
     arch = {"class": "UNet", "args": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}}
@@ -50,8 +50,8 @@ def background_only_package(tiny_package, tmp_path_factory):
     empty result."""
     import torch
 
-    from AbdomenSegLib.models import export_package
-    from AbdomenSegLib.networks import build_network
+    from AbdomenSegLib.models.networks import build_network
+    from AbdomenSegLib.models.packages import export_package
 
     card = dict(tiny_package.data, name="background-only")
     channels = len(card["labels"]) + 1
@@ -67,6 +67,6 @@ def background_only_package(tiny_package, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_card():
-    from AbdomenSegLib.models import find_model
+    from AbdomenSegLib.models.packages import find_model
 
     return find_model()

@@ -20,9 +20,9 @@ def shared(*parts) -> Path:
 @functools.cache
 def validation_rows(name: str) -> tuple:
     """A shipped model's card protocol re-run on the untouched validation files (once per session and model)."""
-    from AbdomenSegLib.models import find_model
-    from AbdomenSegLib.train_config import validation_data
-    from AbdomenSegLib.training import validation_rows as run_protocol
+    from AbdomenSegLib.models.packages import find_model
+    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.training.run import validation_rows as run_protocol
 
     card = find_model(name)
     root = shared(validation_data(card["training"]["config"]["data"])["root"].split("/")[-1])
@@ -33,7 +33,7 @@ def write_phantom_dataset(root: Path, cases: int = 2, ref_suffix: str = ".nii.gz
     """images/ and refs/ folders of small phantom cases (CT in HU + organ labels); returns both folders."""
     import SimpleITK as sitk
 
-    from AbdomenSegLib.phantom import make_phantom
+    from AbdomenSegLib.io.phantom import make_phantom
 
     images, refs = root / "images", root / "refs"
     images.mkdir(parents=True), refs.mkdir(parents=True)
@@ -51,8 +51,8 @@ def segment_with_both_networks(card, image, options=None, before_library=None):
     import SimpleITK as sitk
     from safetensors.torch import load_file
 
-    from AbdomenSegLib.inference import Segmenter
-    from AbdomenSegLib.networks import build_network
+    from AbdomenSegLib.inference.segmenter import Segmenter
+    from AbdomenSegLib.models.networks import build_network
 
     weights = load_file(str(card.weights_path))
     segmenter = Segmenter(card, "cpu", log=lambda m: None)

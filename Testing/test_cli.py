@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from AbdomenSegLib.cli import main
-from AbdomenSegLib.phantom import make_phantom
+from AbdomenSegLib.io.phantom import make_phantom
 from helpers import ROOT, shared, write_phantom_dataset
 
 

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from AbdomenSegLib import qc_sheet
-from AbdomenSegLib.organs import BY_LABEL, BY_NAME
-from AbdomenSegLib.phantom import make_phantom, rotation
+from AbdomenSegLib.core.organs import BY_LABEL, BY_NAME
+from AbdomenSegLib.io.phantom import make_phantom, rotation
+from AbdomenSegLib.qc import sheet as qc_sheet
 
 SIZE, SPACING = (96, 80, 40), (4.0, 4.0, 6.0)
 WARNING_RGB = (255, 92, 77)  # qc_sheet.WARNING

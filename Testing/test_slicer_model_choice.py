@@ -1,4 +1,4 @@
-"""The panel's model choice (AbdomenSegLib.model_choice, wired by AbdomenSeg/AbdomenSeg.py): several checked models
+"""The panel's model choice (AbdomenSegLib.models.choice, wired by AbdomenSeg/AbdomenSeg.py): several checked models
 run as the command line's `--model a+b` ensemble, on real MRML (slicer-core) and the panel's engine process; a
 choice the engine refuses is named with its `error: <problem>. <fix>` line before any work; the test-time mirroring
 box is open only to models trained with mirroring; the choice survives a saved scene; the batch script takes both."""
@@ -14,15 +14,14 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt) provides Slicer's MRML")
 
-from test_ensemble import ARCH, ORGANS, _card  # noqa: E402  (the tiny CT/MR cards of the ensemble tests)
+from test_inference_ensemble import ARCH, ORGANS, _card  # noqa: E402  (the tiny CT/MR cards of the ensemble tests)
 from test_slicer_logic import scene, volume_node  # noqa: E402,F401  (the same MRML scene fixture)
 from test_slicer_panel import _run_to_end  # noqa: E402
 
-from AbdomenSegLib import slicer_logic as sl  # noqa: E402
 from AbdomenSegLib.cli import main  # noqa: E402
-from AbdomenSegLib.engine_worker import EngineWorker  # noqa: E402
-from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
-from AbdomenSegLib.model_choice import (  # noqa: E402
+from AbdomenSegLib.core.errors import AbdomenSegError  # noqa: E402
+from AbdomenSegLib.io.phantom import make_phantom  # noqa: E402
+from AbdomenSegLib.models.choice import (  # noqa: E402
     QUALITY_TIP,
     TTA_TIP,
     default_names,
@@ -31,9 +30,10 @@ from AbdomenSegLib.model_choice import (  # noqa: E402
     names_in,
     select,
 )
-from AbdomenSegLib.models import RESOURCES, catalog, export_package  # noqa: E402
-from AbdomenSegLib.phantom import make_phantom  # noqa: E402
-from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
+from AbdomenSegLib.models.packages import RESOURCES, catalog, export_package  # noqa: E402
+from AbdomenSegLib.slicer import logic as sl  # noqa: E402
+from AbdomenSegLib.slicer.engine_worker import EngineWorker  # noqa: E402
+from AbdomenSegLib.slicer.runs import BackgroundRun  # noqa: E402
 from helpers import ROOT  # noqa: E402
 
 SHIPPED_PAIR = ["btcv-ct-3d-unet", "btcv-ct-2d-unet-r18"]  # both CT, the same 13 organs, 3D and 2D grids
@@ -45,7 +45,7 @@ def models(tmp_path_factory):
     fewer organs, both CT grids once more with cards saying they were trained mirrored, and an ensemble entry."""
     import torch
 
-    from AbdomenSegLib.networks import build_network
+    from AbdomenSegLib.models.networks import build_network
 
     folder = tmp_path_factory.mktemp("models")
     a, b = _card("tiny-a"), _card("tiny-b", organs=ORGANS[::-1], spacing=(6.0, 6.5, 7.0))
@@ -70,7 +70,7 @@ def models(tmp_path_factory):
 @pytest.fixture()
 def installed(models, monkeypatch):
     """`models` is what is installed, here and in the engine processes the panel starts."""
-    monkeypatch.setattr("AbdomenSegLib.models.MODELS_DIR", models)
+    monkeypatch.setattr("AbdomenSegLib.models.packages.MODELS_DIR", models)
     monkeypatch.setenv("ABDOMENSEG_MODELS", str(models))
     return models
 
@@ -110,7 +110,7 @@ def _panel_labels(scene, ct, model, tta=False):
 )
 def test_two_checked_models_give_the_command_lines_ensemble(which, scene, models, monkeypatch, tmp_path):
     if which == "tiny":
-        monkeypatch.setattr("AbdomenSegLib.models.MODELS_DIR", models)
+        monkeypatch.setattr("AbdomenSegLib.models.packages.MODELS_DIR", models)
         monkeypatch.setenv("ABDOMENSEG_MODELS", str(models))
         names, ct = ["tiny-a", "tiny-b"], _phantom()
     else:
@@ -268,7 +268,7 @@ def test_the_choice_survives_a_saved_scene(installed, scene, tmp_path):
 
 # -- the batch script ---------------------------------------------------------------------------------
 def test_batch_script_takes_an_ensemble_and_refuses_a_bad_one_before_any_case(installed, scene, tmp_path):
-    from AbdomenSegLib.slicer_batch import run
+    from AbdomenSegLib.slicer.batch import run
     from helpers import write_phantom_dataset
 
     images, _ = write_phantom_dataset(tmp_path)

@@ -12,12 +12,12 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt
 
 from test_slicer_logic import scene, volume_node  # noqa: E402,F401  (the same MRML scene fixture)
 
-from AbdomenSegLib import slicer_logic as sl  # noqa: E402
-from AbdomenSegLib.errors import AbdomenSegError  # noqa: E402
-from AbdomenSegLib.metrics import evaluate  # noqa: E402
-from AbdomenSegLib.organs import CONVENTIONS, convert_labels  # noqa: E402
-from AbdomenSegLib.phantom import make_phantom  # noqa: E402
-from AbdomenSegLib.slicer_runs import BackgroundRun  # noqa: E402
+from AbdomenSegLib.core.errors import AbdomenSegError  # noqa: E402
+from AbdomenSegLib.core.organs import CONVENTIONS, convert_labels  # noqa: E402
+from AbdomenSegLib.evaluation.metrics import evaluate  # noqa: E402
+from AbdomenSegLib.io.phantom import make_phantom  # noqa: E402
+from AbdomenSegLib.slicer import logic as sl  # noqa: E402
+from AbdomenSegLib.slicer.runs import BackgroundRun  # noqa: E402
 from helpers import shared  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_empty_result_is_a_message_and_leaves_no_stray_nodes(scene, background_o
 
 
 def test_empty_case_does_not_stop_the_batch(scene, background_only_package, tmp_path):
-    from AbdomenSegLib.slicer_batch import run
+    from AbdomenSegLib.slicer.batch import run
     from helpers import write_phantom_dataset
 
     images, _ = write_phantom_dataset(tmp_path)
@@ -81,7 +81,7 @@ def test_no_organ_selected_is_refused_not_all(scene, tiny_package):
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
     with pytest.raises(AbdomenSegError, match="no organ is selected"):
         core.segment(vol, model=tiny_package, device="cpu", organs=[])  # [] used to mean every organ
-    from AbdomenSegLib.inference import Options, Segmenter
+    from AbdomenSegLib.inference.segmenter import Options, Segmenter
 
     with pytest.raises(AbdomenSegError, match="no organ is selected"):
         Segmenter(tiny_package, "cpu").segment(ct, Options(organs=[]))
@@ -161,7 +161,7 @@ def test_volume_under_a_linear_transform_is_segmented_where_it_is_shown(scene, t
     core = sl.AbdomenSegCore(scene, log=lambda m: None)
     seg = core.segment(vol, model=tiny_package, device="cpu")
     assert seg.GetTransformNodeID() == transform.GetID()  # shown with the volume, in the same place
-    from AbdomenSegLib.inference import Segmenter
+    from AbdomenSegLib.inference.segmenter import Segmenter
 
     expected = sitk.GetArrayFromImage(Segmenter(tiny_package, "cpu").segment(world))
     assert np.array_equal(sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol)), expected)
@@ -225,7 +225,7 @@ def test_background_run_gives_the_in_process_result(scene, tiny_package):
 def test_panel_runs_reuse_one_engine_process(scene, tiny_package):
     """The panel's second Segment goes to the engine process the first one started (no start-up, no model
     load); a run that finds it busy gets a process of its own; the results are the in-process ones."""
-    from AbdomenSegLib.engine_worker import EngineWorker
+    from AbdomenSegLib.slicer.engine_worker import EngineWorker
 
     ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
     vol = _volume(scene, ct)
@@ -319,7 +319,7 @@ def test_background_run_brings_the_child_processes_report(scene, tiny_package):
 
 
 def test_batch_script_writes_the_result_check(scene, tiny_package, tmp_path):
-    from AbdomenSegLib.slicer_batch import run
+    from AbdomenSegLib.slicer.batch import run
     from helpers import write_phantom_dataset
 
     images, _ = write_phantom_dataset(tmp_path)

@@ -25,11 +25,11 @@ def main(argv=None):
 
     import numpy as np
 
-    from AbdomenSegLib.cascade_card import cascade_stages
-    from AbdomenSegLib.inference import get_segmenter
-    from AbdomenSegLib.metrics import summarize
-    from AbdomenSegLib.models import find_model
-    from AbdomenSegLib.package_export import validation_rows
+    from AbdomenSegLib.evaluation.metrics import summarize
+    from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.models.cascade_card import cascade_stages
+    from AbdomenSegLib.models.packages import find_model
+    from AbdomenSegLib.training.export import validation_rows
 
     first, second = cascade_stages(find_model(args.model), "high")
     print(

@@ -35,7 +35,7 @@ def make_inputs(folder: Path, count: int) -> list:
         return ["--input-intensity", "btcv_uint8"]
     import SimpleITK as sitk
 
-    from AbdomenSegLib.phantom import make_phantom
+    from AbdomenSegLib.io.phantom import make_phantom
 
     ct, _ = make_phantom(size=(256, 256, 120), spacing=(1.5, 1.5, 3.0), seed=0)
     for i in range(count):

@@ -31,7 +31,7 @@ def make_case(name: str, size):
     import SimpleITK as sitk
     from scipy import ndimage
 
-    from AbdomenSegLib.organs import CONVENTIONS
+    from AbdomenSegLib.core.organs import CONVENTIONS
 
     source = sitk.ReadImage(str(DATA / f"{name}.nii.gz"))
     spacing = [sp * n / m for sp, n, m in zip(source.GetSpacing(), source.GetSize(), size)]
@@ -92,9 +92,9 @@ def evaluate_before(
     import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
 
-    from AbdomenSegLib.metrics import align_reference
-    from AbdomenSegLib.organs import BY_NAME, CONVENTIONS, convert_labels
-    from AbdomenSegLib.preprocess import bounding_box
+    from AbdomenSegLib.core.organs import BY_NAME, CONVENTIONS, convert_labels
+    from AbdomenSegLib.evaluation.metrics import align_reference
+    from AbdomenSegLib.preprocessing.preprocess import bounding_box
 
     reference = align_reference(reference, prediction)
     pred = convert_labels(sitk.GetArrayViewFromImage(prediction), prediction_convention)
@@ -161,7 +161,7 @@ def main():
 
     import torch
 
-    from AbdomenSegLib import metrics
+    from AbdomenSegLib.evaluation import metrics
 
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")  # MONAI's "prediction is all 0" for the dropped organ

@@ -32,9 +32,10 @@ def infer_once(source: Path, tmp: Path) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from AbdomenSegLib.inference import Options, get_segmenter
-    from AbdomenSegLib.io import read_image
-    from AbdomenSegLib.pipeline import to_model_space
+    from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.inference.segmenter import Options
+    from AbdomenSegLib.io.images import read_image
+    from AbdomenSegLib.preprocessing.pipeline import to_model_space
 
     segmenter = get_segmenter(None, "cpu", log=lambda m: None)
     card = segmenter.card
@@ -59,9 +60,9 @@ def run_method(method: str, source: Path, tmp: Path, repeat: int) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from AbdomenSegLib.inference import get_segmenter
-    from AbdomenSegLib.io import read_image
-    from AbdomenSegLib.pipeline import ModelSpace
+    from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.io.images import read_image
+    from AbdomenSegLib.preprocessing.pipeline import ModelSpace
 
     segmenter = get_segmenter(None, "cpu", log=lambda m: None)
     segmenter.resample_back = method

@@ -35,7 +35,7 @@ def make_input(path: Path, slices: int) -> str:
     source = ROOT.parent / "shared" / "data" / "btcv_ct" / "images" / "btcv_img0001.nii.gz"
     if source.is_file():
         image = sitk.ReadImage(str(source))
-        from AbdomenSegLib.models import (
+        from AbdomenSegLib.models.packages import (
             find_model,  # the BTCV copy's header fix, as the default model's config gives it
         )
 
@@ -47,7 +47,7 @@ def make_input(path: Path, slices: int) -> str:
         real.CopyInformation(image)
         label = f"BTCV case btcv_img0001 in HU, resampled to 512x512x{slices}"
     else:
-        from AbdomenSegLib.phantom import make_phantom
+        from AbdomenSegLib.io.phantom import make_phantom
 
         real, _ = make_phantom(size=(128, 128, 50), spacing=(3.0, 3.0, 8.0))
         label = f"SYNTHETIC phantom resampled to 512x512x{slices} (no ../shared/data)"
@@ -72,9 +72,10 @@ def make_input(path: Path, slices: int) -> str:
 def run_once(input_path: str, output_path: str, device: str, model, precision="auto") -> dict:
     import torch
 
-    from AbdomenSegLib.inference import Options, get_segmenter
-    from AbdomenSegLib.io import read_image, write_labels
-    from AbdomenSegLib.qc_outputs import assess_result
+    from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.inference.segmenter import Options
+    from AbdomenSegLib.io.images import read_image, write_labels
+    from AbdomenSegLib.qc.outputs import assess_result
 
     times = {"startup_imports": time.perf_counter() - _STARTED}
     t = time.perf_counter()
@@ -137,7 +138,7 @@ def main():
         return
     import torch
 
-    from AbdomenSegLib.precision import cpu_has_native_bf16
+    from AbdomenSegLib.core.precision import cpu_has_native_bf16
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     precisions = [p for p in args.precision.split(",") if p != "bf16" or cpu_has_native_bf16()]

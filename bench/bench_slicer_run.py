@@ -30,9 +30,9 @@ def main():
     import slicer
     from bench_segment import make_input
 
-    from AbdomenSegLib import slicer_logic as sl
-    from AbdomenSegLib.engine_worker import EngineWorker
-    from AbdomenSegLib.slicer_runs import BackgroundRun
+    from AbdomenSegLib.slicer import logic as sl
+    from AbdomenSegLib.slicer.engine_worker import EngineWorker
+    from AbdomenSegLib.slicer.runs import BackgroundRun
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ct.nii.gz"

@@ -13,15 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import numpy as np  # noqa: E402
 
-from AbdomenSegLib.synth import synthesize  # noqa: E402
-from AbdomenSegLib.tissue_labels import FIRST_TISSUE, LAST_TISSUE  # noqa: E402
+from AbdomenSegLib.training.synth import synthesize  # noqa: E402
+from AbdomenSegLib.training.tissue_labels import FIRST_TISSUE, LAST_TISSUE  # noqa: E402
 
 
 def patch_labels(real: bool) -> np.ndarray:
     if real:
         import SimpleITK as sitk
 
-        from AbdomenSegLib.tissue_labels import ct_tissue_labels
+        from AbdomenSegLib.training.tissue_labels import ct_tissue_labels
 
         data = ROOT.parent / "shared" / "data" / "btcv_ct"
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "images" / "btcv_img0001.nii.gz")))

@@ -286,7 +286,7 @@ def main():
 
     from bench_segment import make_input  # noqa: E402  (the same input as the stage benchmark)
 
-    from AbdomenSegLib.precision import cpu_has_native_bf16  # noqa: E402
+    from AbdomenSegLib.core.precision import cpu_has_native_bf16  # noqa: E402
 
     ts_version = subprocess.run(
         [

@@ -911,7 +911,7 @@ def dice_by_organ(result, reference, physical: bool = False) -> tuple[dict[str, 
     import numpy as np
     import SimpleITK as sitk
 
-    from AbdomenSegLib.organs import BY_NAME
+    from AbdomenSegLib.core.organs import BY_NAME
 
     if physical:
         result = sitk.Resample(result, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, result.GetPixelID())

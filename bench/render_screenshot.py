@@ -11,10 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from skimage import segmentation as skseg
 
-from AbdomenSegLib.inference import get_segmenter
-from AbdomenSegLib.organs import BY_LABEL
-from AbdomenSegLib.phantom import make_phantom
-from AbdomenSegLib.preprocess import reorient
+from AbdomenSegLib.core.organs import BY_LABEL
+from AbdomenSegLib.inference.predictor import get_segmenter
+from AbdomenSegLib.io.phantom import make_phantom
+from AbdomenSegLib.preprocessing.preprocess import reorient
 
 ct, _ = make_phantom()
 labels = get_segmenter(None, "cpu").segment(ct)

@@ -34,8 +34,8 @@ def main(argv=None):
     import torch
     from safetensors.torch import save_file
 
-    from AbdomenSegLib.package_export import trainer_class
-    from AbdomenSegLib.train_config import load_config
+    from AbdomenSegLib.training.config import load_config
+    from AbdomenSegLib.training.export import trainer_class
 
     start = time.time()
     deadline = start + args.minutes * 60

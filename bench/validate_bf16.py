@@ -16,12 +16,12 @@ TOLERANCE = 0.01  # mean Dice per organ, bf16 vs fp32
 
 
 def main(argv=None) -> int:
-    from AbdomenSegLib.io import write_json
-    from AbdomenSegLib.metrics import summarize
-    from AbdomenSegLib.models import catalog
-    from AbdomenSegLib.precision import cpu_has_native_bf16
-    from AbdomenSegLib.train_config import validation_data
-    from AbdomenSegLib.training import validation_rows
+    from AbdomenSegLib.core.precision import cpu_has_native_bf16
+    from AbdomenSegLib.evaluation.metrics import summarize
+    from AbdomenSegLib.io.files import write_json
+    from AbdomenSegLib.models.packages import catalog
+    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.training.run import validation_rows
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", help="comma-separated model names (default: every installed model)")

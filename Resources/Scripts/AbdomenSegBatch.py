@@ -23,9 +23,9 @@ if os.path.isdir(os.path.join(_root, "AbdomenSegLib")) and _root not in sys.path
     sys.path.insert(0, _root)
 
 if __name__ == "__main__":
-    from AbdomenSegLib.errors import AbdomenSegError
-    from AbdomenSegLib.install import ensure_dependencies
-    from AbdomenSegLib.slicer_batch import run
+    from AbdomenSegLib.core.errors import AbdomenSegError
+    from AbdomenSegLib.slicer.batch import run
+    from AbdomenSegLib.slicer.install import ensure_dependencies
 
     try:
         ensure_dependencies(confirm=None)

@@ -1,0 +1,119 @@
+"""What the engine accepts, as numbers: checked from the header before any pixel is read or allocated.
+
+These are the documented limits (README, "Limits and guarantees"). They exist so that a corrupt or
+absurd header fails in a second with a clear message instead of after minutes, or by exhausting memory:
+- voxel spacing outside [MIN_SPACING_MM, MAX_SPACING_MM]: no CT or MR reconstruction is coarser than
+  ~10 mm slices, and below 0.1 mm an abdomen would need tens of thousands of voxels per axis, so such a
+  spacing is a broken header (a 0.01 mm spacing made the whole body 5 mm wide and the result empty);
+- a physical extent over MAX_EXTENT_MM along any axis: longer than any patient (50 mm slices x 200 gave a
+  10 m "body" and a 10 GB model grid);
+- a field of view under MIN_FIELD_MM across in its two widest directions: no abdomen is that small (a spacing
+  shrunk tenfold made the body 36 mm wide and the result a few stray voxels);
+- more than MAX_INPUT_VOXELS voxels (a 2 MB gzip can declare 2 GiB of voxels);
+- a model-space grid whose estimated peak memory exceeds `max_memory_bytes()` (default 16 GB,
+  ABDOMENSEG_MAX_MEMORY_GB overrides).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from AbdomenSegLib.core.errors import AbdomenSegError
+
+MIN_SPACING_MM = 0.1
+MAX_SPACING_MM = 20.0
+MAX_EXTENT_MM = 2500.0
+MIN_FIELD_MM = 80.0
+MAX_INPUT_VOXELS = 2**29  # 536,870,912: e.g. 512 x 512 x 2048, ~1 GiB of int16
+DEFAULT_MAX_MEMORY_GB = 16.0
+
+# Peak bytes per voxel, measured on the pipeline as written (inference.Segmenter): input grid = the
+# input pixels, a float32 copy, the reoriented float32 copy, the best-probability float32 and two uint8
+# label arrays; model grid = raw and normalised float32 plus, per output channel, the float32
+# probabilities and their full-grid copy.
+_INPUT_BYTES_PER_VOXEL = 4 + 4 + 4 + 1 + 1
+_MODEL_BYTES_PER_VOXEL = 4 + 4
+_MODEL_BYTES_PER_VOXEL_PER_CHANNEL = 4 + 4
+
+
+def max_memory_bytes() -> float:
+    value = os.environ.get("ABDOMENSEG_MAX_MEMORY_GB", "")
+    try:
+        gb = float(value) if value else DEFAULT_MAX_MEMORY_GB
+    except ValueError:
+        raise AbdomenSegError(
+            f"ABDOMENSEG_MAX_MEMORY_GB is '{value}', not a number",
+            "set it to the memory in GB the tool may use, e.g. 16",
+        ) from None
+    if not math.isfinite(gb) or gb <= 0:
+        raise AbdomenSegError(f"ABDOMENSEG_MAX_MEMORY_GB is {value}", "set it to a positive number of GB, e.g. 16")
+    return gb * 1e9
+
+
+def check_geometry(size, spacing, name: str = "input") -> None:
+    """Spacing, extent and voxel count of an image header (size and spacing in x, y, z)."""
+    for axis, s in zip("xyz", spacing):
+        if not (math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM):
+            raise AbdomenSegError(
+                f"{name} has a voxel spacing of {s:g} mm along {axis}, outside the supported "
+                f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm",
+                "the header's spacing is probably wrong: check it (e.g. in 3D Slicer's Volumes module) and fix it",
+            )
+    for axis, n, s in zip("xyz", size, spacing):
+        if n * s > MAX_EXTENT_MM:
+            raise AbdomenSegError(
+                f"{name} is {n * s:.0f} mm long along {axis} ({n} voxels x {s:g} mm), longer than any patient "
+                f"(limit {MAX_EXTENT_MM:.0f} mm)",
+                "the header's spacing or size is probably wrong: check and fix it",
+            )
+    check_voxel_count(size, name)
+
+
+def check_field_of_view(size, spacing, name: str = "input") -> None:
+    """An image to segment must be at least MIN_FIELD_MM across in its two widest directions."""
+    widths = sorted(n * s for n, s in zip(size, spacing))[-2:]
+    if min(widths) < MIN_FIELD_MM:
+        raise AbdomenSegError(
+            f"{name} covers only {widths[1]:.0f} x {widths[0]:.0f} mm across, too small for an abdomen (at least "
+            f"{MIN_FIELD_MM:.0f} mm)",
+            "the header's spacing is probably wrong, or the image is cropped: check it",
+        )
+
+
+def check_voxel_count(size, name: str = "input") -> None:
+    voxels = math.prod(int(n) for n in size)
+    if voxels > MAX_INPUT_VOXELS:
+        raise AbdomenSegError(
+            f"{name} has {voxels:,} voxels ({' x '.join(str(n) for n in size)}), more than the supported "
+            f"{MAX_INPUT_VOXELS:,}",
+            "crop or downsample the volume first (e.g. 3D Slicer's Crop Volume module)",
+        )
+
+
+def model_grid_size(size, spacing, model_spacing) -> list:
+    """Voxels per axis of the model-space grid covering the input's extent (as preprocess resamples it)."""
+    return [max(1, int(round(n * s / t))) for n, s, t in zip(size, spacing, model_spacing)]
+
+
+def estimate_memory(size, spacing, model_spacing, channels: int) -> float:
+    """Peak bytes for segmenting an image of `size`/`spacing` with a model at `model_spacing`."""
+    model_voxels = math.prod(model_grid_size(size, spacing, model_spacing))
+    input_voxels = math.prod(int(n) for n in size)
+    return (
+        input_voxels * _INPUT_BYTES_PER_VOXEL
+        + model_voxels * _MODEL_BYTES_PER_VOXEL
+        + model_voxels * channels * _MODEL_BYTES_PER_VOXEL_PER_CHANNEL
+    )
+
+
+def check_memory(size, spacing, model_spacing, channels: int, name: str = "input") -> None:
+    need, limit = estimate_memory(size, spacing, model_spacing, channels), max_memory_bytes()
+    if need > limit:
+        grid = model_grid_size(size, spacing, model_spacing)
+        raise AbdomenSegError(
+            f"segmenting {name} would need about {need / 1e9:.1f} GB of memory (model grid "
+            f"{' x '.join(map(str, grid))} voxels), over the limit of {limit / 1e9:.1f} GB",
+            "crop the volume to the abdomen first, or raise the limit with ABDOMENSEG_MAX_MEMORY_GB if this machine "
+            "has the memory",
+        )

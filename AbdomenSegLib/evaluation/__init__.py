@@ -1,0 +1,1 @@
+"""Scoring against a reference: per-organ metrics and the comparison of models."""

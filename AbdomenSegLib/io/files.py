@@ -1,0 +1,195 @@
+"""Outputs that are whole or absent: atomic writes, per-output locks, and the sweeping of abandoned temporary files.
+
+Every file the engine writes goes through `atomic_output` (temp file + rename), so an interrupted run never leaves a
+half-written file that a later `--overwrite`-less run would skip; `claim_output` holds an output for one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from AbdomenSegLib.core.errors import AbdomenSegError
+
+# The umask can only be read by setting it; do that once at import, not during writes that may run on a
+# worker thread (Slicer) while other threads create files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+# Temporary files carry this host and process so that a later run can tell an abandoned one (writer
+# killed with -9, power cut) from one being written right now, and remove only the former.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+PARTIAL_PREFIX = ".part-"
+_ABANDONED_AFTER_S = 24 * 3600  # any host: nothing takes a day to write
+
+
+def _partial_prefix() -> str:
+    return f"{PARTIAL_PREFIX}{_HOST_TAG}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap check: rely on age alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_gone(host_tag: str, pid: int) -> bool:
+    return host_tag == _HOST_TAG and pid != os.getpid() and not _pid_alive(pid)
+
+
+def sweep_partials(folder) -> list:
+    """Remove temporary files in `folder` left by writers that no longer run; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(PARTIAL_PREFIX + "*"):
+        parts = path.name[len(PARTIAL_PREFIX) :].split("-")
+        try:
+            gone = len(parts) >= 3 and _owner_gone(parts[0], int(parts[1]))
+            if gone or time.time() - path.stat().st_mtime > _ABANDONED_AFTER_S:
+                path.unlink()
+                removed.append(path)
+        except (ValueError, OSError):
+            continue
+    return removed
+
+
+def prepare_output(path, *, overwrite: bool) -> Path:
+    """Check, before any work, that `path` can be written: no file in the way of its folders, a folder
+    we may write in, and (without `overwrite`) no existing file of that name."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AbdomenSegError(
+                    f"cannot write '{path}': '{parent}' is a file, not a folder",
+                    "choose an output path inside a folder",
+                )
+            break
+    if path.is_dir():
+        raise AbdomenSegError(f"output '{path}' is a folder", "give an output file name such as organs.nii.gz")
+    if path.exists() and not overwrite:
+        raise AbdomenSegError(f"output '{path}' exists", "pass --overwrite to replace it, or choose another name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AbdomenSegError(
+            f"cannot create the output folder '{path.parent}' ({exc.strerror})",
+            "choose an output folder you can write to",
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def claim_output(path, *, overwrite: bool = False):
+    """Hold `path` for this process while it is computed: a lock file beside it, created atomically
+    (O_EXCL), so that a second run aimed at the same output refuses at once instead of both writing it.
+    Creating the lock also proves, before any work, that the folder is writable."""
+    path = prepare_output(path, overwrite=overwrite)
+    lock = path.parent / f".{path.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if not _remove_stale_lock(lock):
+                raise AbdomenSegError(
+                    f"output '{path}' is being written by another AbdomenSeg run ({_lock_owner(lock)})",
+                    f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
+                ) from None
+        except OSError as exc:
+            raise AbdomenSegError(
+                f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
+                "choose an output folder you can write to",
+            ) from None
+    else:
+        raise AbdomenSegError(f"output '{path}' is claimed by another run", "wait for it to finish")
+    try:
+        os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()}\n".encode())
+        os.close(fd)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        tag, pid, host = lock.read_text(encoding="utf-8").split()[:3]
+        return f"process {pid} on {host}"
+    except (OSError, ValueError):
+        return "owner unknown"
+
+
+def _remove_stale_lock(lock: Path) -> bool:
+    try:
+        tag, pid = lock.read_text(encoding="utf-8").split()[:2]
+        stale = _owner_gone(tag, int(pid)) or time.time() - lock.stat().st_mtime > _ABANDONED_AFTER_S
+    except (OSError, ValueError):
+        return False
+    if stale:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix="", *, overwrite: bool = True):
+    """Yield a temporary path beside `path`; on success it becomes `path` in one step, else it is removed.
+
+    With `overwrite=False` the last step is a hard link, which fails if `path` appeared meanwhile, so an
+    existing file is never replaced unasked, even by a race. mkstemp creates files readable by their owner
+    only; outputs get the permissions any new file would (0666 minus the umask) so colleagues sharing a
+    results folder can read them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AbdomenSegError(
+            f"output '{path}' appeared while this run was working (another process wrote it)",
+            "pass --overwrite to replace it, or choose another name",
+        ) from None
+    except OSError:  # file systems without hard links (FAT, some network shares)
+        if path.exists():
+            raise AbdomenSegError(
+                f"output '{path}' appeared while this run was working",
+                "pass --overwrite to replace it, or choose another name",
+            ) from None
+        os.replace(tmp, path)
+
+
+def write_json(data, path) -> Path:
+    """A JSON file (cards, catalogs) written whole or not at all."""
+    with atomic_output(path, ".json") as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return Path(path)

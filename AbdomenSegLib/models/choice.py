@@ -1,0 +1,128 @@
+"""Which model a run uses, checked before any work: one name, several joined by '+' (an ensemble, ensemble_card.py),
+with or without test-time mirroring (tta.py). The command line, the Slicer panel and its batch script resolve their
+model option here, so they accept and refuse the same choices with the same `<problem>. <fix>` message.
+
+The panel checks models in a list; `select(names)` says what the checked names make: the model argument (`a`, or
+`a+b` as the command line's `--model a+b`), the error that refuses it, and whether the mirroring box may be ticked
+(and if not, why). The parameter node stores that argument, so a saved scene holds what the command line would be
+given, and a scene saved with one model name reads back unchanged. Nothing here touches Qt or MRML, and nothing
+loads a network: cards are JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.models.mirroring import check_tta
+from AbdomenSegLib.models.packages import ModelCard, default_model_name, find_model
+
+TTA_TIP = (
+    "Average the result over mirror images of the scan along the axes the model was trained to mirror "
+    "(2^k passes: that much slower)"
+)
+
+
+QUALITY_TIP = (
+    "high: after the model, its fine second-stage model re-segments the box around the small organs (pancreas, "
+    "adrenals, gallbladder, esophagus, portal/splenic vein) at a finer spacing and relabels those its card takes "
+    "(the shipped one: adrenals, gallbladder, esophagus); about 3-5x slower"
+)
+
+
+def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "standard") -> ModelCard:
+    """The card `model` names (a name, a package folder, `a+b`, a card already read; None: the default), refused
+    where the engine would refuse it: an ensemble of models that cannot be averaged, a fine second stage that
+    cannot run (`quality` "high", or a second-stage card named directly), or mirroring (`tta`) for a model, or
+    either stage, trained without."""
+    from AbdomenSegLib.models.cascade_card import cascade_stages
+
+    card = model if isinstance(model, ModelCard) else find_model(model, models_dir)
+    stages = cascade_stages(card, quality, models_dir)
+    if tta:
+        for stage in stages or (card,):
+            check_tta(stage)
+    return card
+
+
+def argument(names) -> str:
+    """The model argument of the checked names: the name itself, or `a+b` (an ensemble); "" for none."""
+    return "+".join(names)
+
+
+def _parts(model: str) -> list:
+    """The names a stored model argument holds (argument's inverse): `a+b` -> [a, b]; "" or None -> []."""
+    return [part.strip() for part in (model or "").split("+") if part.strip()]
+
+
+def names_in(model: str, installed) -> list:
+    """The names of `installed` (in its order) that a stored model argument checks; names no longer installed
+    are left out."""
+    parts = set(_parts(model))
+    return [name for name in installed if name in parts]
+
+
+def missing_note(model: str, installed, checked) -> str:
+    """The panel's line when a stored model argument (a saved scene's) names models not installed here, so that
+    the list's other check (`checked`) is never silent; "" when all are installed."""
+    missing = [part for part in _parts(model) if part not in installed]
+    if not missing:
+        return ""
+    now = f"{argument(checked)} is checked instead" if checked else "check a model"
+    return f"The scene's model {', '.join(repr(m) for m in missing)} is not installed here: {now}."
+
+
+def default_names(cards) -> list:
+    """What the list checks first: the catalog's default model, or the first working one of `cards` when the
+    default is broken or the catalog names none."""
+    if not cards:
+        return []
+    try:
+        default = default_model_name()
+    except (AbdomenSegError, KeyError):  # no usable catalog default must not keep the panel from opening
+        default = None
+    return [default if default in cards else next(iter(cards))]
+
+
+def label(card: ModelCard) -> str:
+    """A model's line in the panel's list: name, modality, 2D/3D or ensemble, expected CPU time."""
+    kind = "ensemble" if card.members else f"{card['dimensions']}D"
+    seconds = card.get("timing", {}).get("cpu_seconds")
+    cpu = "CPU time not measured" if seconds is None else f"CPU ~{seconds} s"
+    return f"{card.name} ({card['modality']}, {kind}, {cpu})"
+
+
+@dataclass(frozen=True)
+class Selection:
+    names: tuple  # the checked models, in list order
+    model: str  # the engine's model argument (argument(names))
+    card: ModelCard | None  # what runs; None when nothing is checked or the choice is refused
+    error: str  # "error: <problem>. <fix>", the command line's line for the same --model; "" when it can run
+    tta_allowed: bool  # every model in the choice was trained with mirroring
+    tta_tip: str  # the mirroring box's tooltip: what it does, or why it is off
+    high_allowed: bool = False  # a fine second stage is installed for the choice (quality "high" can run)
+    high_tip: str = "Check a model first"  # the Quality choice's tooltip: what high does, or why it is off
+
+
+def select(names, models_dir=None) -> Selection:
+    """What the checked `names` make (see Selection); never raises for a choice the user can fix."""
+    names = tuple(names)
+    model = argument(names)
+    if not names:
+        return Selection(names, model, None, "", False, "Check a model first")
+    try:
+        card = resolve(model, models_dir=models_dir)
+    except AbdomenSegError as exc:
+        return Selection(names, model, None, f"error: {exc}", False, f"Unavailable: {exc.problem}")
+    from AbdomenSegLib.models.cascade_card import cascade_stages
+
+    try:
+        cascade_stages(card, "high", models_dir)
+        high = (True, QUALITY_TIP)
+    except AbdomenSegError as exc:
+        high = (False, f"high unavailable: {exc.problem}")
+    try:
+        check_tta(card)
+    except AbdomenSegError as exc:
+        return Selection(names, model, card, "", False, f"Unavailable: {exc.problem}", *high)
+    return Selection(names, model, card, "", True, TTA_TIP, *high)

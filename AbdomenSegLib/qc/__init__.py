@@ -1,0 +1,1 @@
+"""The result check: anatomy and confidence notes on a segmentation, its pictures, and qc.json/qc.csv."""

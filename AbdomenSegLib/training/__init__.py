@@ -1,0 +1,1 @@
+"""Training models: configs and recipes, augmentation, synthetic data, the trainers and the export of a package."""

@@ -1,0 +1,563 @@
+"""Bad or unusual input to `segment` and `evaluate`: refused before any work with one `error: <problem>. <fix>`
+line (exit 2), or written but flagged (exit 3); never a traceback, never a temp file left behind, never
+an existing file changed. One table row per case; each row's maker writes the input and returns the
+command line. Cases that need the real example CT skip without ../shared/data.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_io_dicom_series import write_ct_series
+
+from AbdomenSegLib.cli import EXIT_FLAGGED, main
+from AbdomenSegLib.io.phantom import make_phantom
+from helpers import ROOT, shared
+
+EXAMPLE_CT = ("totalseg_example", "example_ct.nii.gz")
+EXAMPLE_LABELS = ("totalseg_example", "example_seg_fast_force_split.nii.gz")
+
+
+def _phantom(tmp, name="ct.nii.gz", size=(64, 56, 24), spacing=(6.0, 6.0, 10.0)):
+    ct, labels = make_phantom(size=size, spacing=spacing)
+    sitk.WriteImage(ct, str(tmp / name))
+    return tmp / name, labels
+
+
+def _write(image, path):
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+# -- makers: (tmp_path, model_dir) -> argv ------------------------------------------------------------
+def truncated_gz(tmp, model):
+    src = shared(*EXAMPLE_CT)
+    data = src.read_bytes()
+    (tmp / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    return ["segment", str(tmp / "t.nii.gz"), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def truncated_nii(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 5000])
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def dicom_missing_slice(tmp, model):
+    files = write_ct_series(tmp / "series")
+    files[len(files) // 2].unlink()
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def dicom_duplicated_slice(tmp, model):
+    files = write_ct_series(tmp / "series")
+    shutil.copy(files[5], tmp / "series" / "copy_of_slice005.dcm")
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def thick_slices(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    ct.SetSpacing((6.0, 6.0, 50.0))
+    return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def tiny_spacing(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    ct.SetSpacing((0.01, 0.01, 0.01))
+    return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def gzip_bomb(tmp, model):
+    # A few MB on disk whose header declares 2048 x 2048 x 512 voxels (4 GiB): refused from the header.
+    big = sitk.Image([2048, 2048, 512], sitk.sitkInt16)
+    path = tmp / "bomb.nrrd"
+    sitk.WriteImage(big, str(path), useCompression=True)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def over_memory_limit(tmp, model):
+    path, _ = _phantom(tmp)
+    os.environ["ABDOMENSEG_MAX_MEMORY_GB"] = "0.001"
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def output_under_a_file(tmp, model):
+    path, _ = _phantom(tmp)
+    (tmp / "afile").write_text("x")
+    return ["segment", str(path), str(tmp / "afile" / "sub" / "out.nii.gz"), "--model", model]
+
+
+def unknown_organ_segment(tmp, model):
+    path, _ = _phantom(tmp)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model, "--organs", "livre"]
+
+
+def organ_the_model_lacks(tmp, model):
+    path, _ = _phantom(tmp)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model, "--organs", "esophagus"]
+
+
+def sheared_to_nifti(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    tilt = np.deg2rad(15)
+    ct.SetDirection([1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt)])  # gantry tilt: z leans towards y
+    return ["segment", str(_write(ct, tmp / "tilted.nrrd")), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def _labels_pair(tmp):
+    _, labels = _phantom(tmp)
+    return _write(labels, tmp / "pred.nii.gz"), _write(labels, tmp / "ref.nii.gz")
+
+
+def negative_tolerance(tmp, model):
+    pred, ref = _labels_pair(tmp)
+    return ["evaluate", str(pred), str(ref), "--tolerance", "-5"]
+
+
+def nan_tolerance(tmp, model):
+    pred, ref = _labels_pair(tmp)
+    return ["evaluate", str(pred), str(ref), "--tolerance", "nan"]
+
+
+def unknown_organ_evaluate(tmp, model):
+    pred, ref = _labels_pair(tmp)
+    return ["evaluate", str(pred), str(ref), "--organs", "livre"]
+
+
+def csv_over_prediction(tmp, model):
+    pred, ref = _labels_pair(tmp)
+    return ["evaluate", str(pred), str(ref), "--csv", str(pred), "--overwrite"]
+
+
+def ct_as_reference(tmp, model):
+    pred, _ = _labels_pair(tmp)
+    ct, _ = _phantom(tmp)
+    return ["evaluate", str(pred), str(ct)]
+
+
+def reference_in_another_convention(tmp, model):
+    ref = shared(*EXAMPLE_LABELS)
+    return ["evaluate", str(ref), str(ref), "--prediction-labels", "totalseg"]
+
+
+def truncated_reference(tmp, model):
+    pred, ref = _labels_pair(tmp)
+    data = ref.read_bytes()
+    ref.write_bytes(data[: len(data) * 2 // 3])
+    return ["evaluate", str(pred), str(ref)]
+
+
+# Found by bench/fuzz_inputs.py: each was answered with exit 0 before.
+def _nifti_edit(tmp, edit, name="ct.nii"):
+    """The phantom CT as NIfTI with one header edit made through nibabel (the voxel data untouched)."""
+    import nibabel as nib
+
+    path, _ = _phantom(tmp, name)
+    image = nib.load(str(path), mmap=False)  # the file is rewritten in place: no memory map onto it
+    header = image.header.copy()
+    edit(header)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, header), str(path))
+    return path
+
+
+def nii_cut_inside_last_352_bytes(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    path.write_bytes(path.read_bytes()[:-100])  # was missed: nibabel's loaded header reports offset 0
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_pixdim_zero(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    data = bytearray(path.read_bytes())
+    data[84:88] = np.float32(0).tobytes()  # pixdim[2]: ITK read 1 mm where the sform says 6 mm
+    path.write_bytes(bytes(data))
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_qform_sform_disagree(tmp, model):
+    def edit(header):
+        sform = header.get_sform()
+        sform[:3, 3] += [40.0, 0.0, 0.0]
+        header.set_sform(sform, code=1)
+        header.set_qform(header.get_qform(), code=1)
+
+    return ["segment", str(_nifti_edit(tmp, edit)), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nii_more_data_than_declared(tmp, model):
+    path, _ = _phantom(tmp, "ct.nii")
+    data = bytearray(path.read_bytes())
+    data[42:44] = (int.from_bytes(data[42:44], "little") - 1).to_bytes(2, "little")  # dim[1] - 1, data unchanged
+    path.write_bytes(bytes(data))
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def nrrd_more_data_than_declared(tmp, model):
+    path, _ = _phantom(tmp, "ct.nrrd")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), useCompression=False)
+    text = path.read_bytes()
+    head, body = text.split(b"\n\n", 1)
+    head = head.replace(b"sizes: 64 56 24", b"sizes: 63 56 24")
+    path.write_bytes(head + b"\n\n" + body)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def hu_scaled_by_100(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    return [
+        "segment",
+        str(_write(sitk.Cast(ct, sitk.sitkFloat32) * 100.0, tmp / "ct.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
+
+
+def hu_shifted_by_1000(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    return [
+        "segment",
+        str(_write(sitk.Cast(ct, sitk.sitkFloat32) - 1000.0, tmp / "ct.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
+
+
+def zero_filled_tail(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    array = sitk.GetArrayFromImage(ct)
+    array[-3:] = 0  # what ITK gives for a file whose last slices are missing
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(ct)
+    return ["segment", str(_write(out, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def field_of_view_too_small(tmp, model):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    ct.SetSpacing((0.6, 0.6, 1.0))  # a spacing shrunk tenfold: the body is 38 mm wide
+    return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def dicom_middle_of_three_deleted(tmp, model):
+    source = shared("dcmqi_ct3slice", "ct-3slice")
+    shutil.copytree(source, tmp / "series")
+    (tmp / "series" / "02.dcm").unlink()  # the two left are evenly spaced: only the numbering shows the hole
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def truncated_reference_with_extension(tmp, model):
+    """TotalSegmentator writes a NIfTI header extension; the check once gave up on such headers."""
+    import nibabel as nib
+
+    pred, ref = _labels_pair(tmp)
+    image = nib.load(str(ref), mmap=False)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"labels written by another tool"))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header), str(ref))
+    data = ref.read_bytes()
+    ref.write_bytes(data[: len(data) // 2])
+    return ["evaluate", str(pred), str(ref)]
+
+
+def nifti_pair_cut_short(tmp, model):
+    """.hdr + .img: ITK zero-fills a cut .img and says nothing; the pair format is refused outright."""
+    _, labels = _phantom(tmp)
+    sitk.WriteImage(labels, str(tmp / "ref.hdr"))
+    img = tmp / "ref.img"
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    return ["evaluate", str(_write(labels, tmp / "pred.nii.gz")), str(tmp / "ref.hdr")]
+
+
+def nrrd_int16_t_more_data_than_declared(tmp, model):
+    """NRRD's own type names (int16_t) were not in the size check's table."""
+    path, _ = _phantom(tmp, "ct.nrrd")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), useCompression=False)
+    head, body = path.read_bytes().split(b"\n\n", 1)
+    head = head.replace(b"type: short", b"type: int16_t").replace(b"sizes: 64 56 24", b"sizes: 64 56 20")
+    path.write_bytes(head + b"\n\n" + body)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", model]
+
+
+# The cases handled before this table existed stay in it.
+def image_2d(tmp, model):
+    return [
+        "segment",
+        str(_write(sitk.Image([32, 32], sitk.sitkInt16), tmp / "s.nii.gz")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
+
+
+def image_4d(tmp, model):
+    path = _write(sitk.JoinSeries([sitk.Image([16, 16, 16], sitk.sitkInt16)] * 2), tmp / "d.nii.gz")
+    return ["segment", str(path), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def constant(tmp, model):
+    blank = sitk.Image([32, 32, 32], sitk.sitkInt16) - 1000
+    blank.SetSpacing((4.0, 4.0, 4.0))
+    path = _write(blank, tmp / "blank.nii.gz")
+    return ["segment", str(path), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def nan_voxel(tmp, model):
+    array = sitk.GetArrayFromImage(make_phantom(size=(32, 32, 16))[0]).astype(np.float32)
+    array[5, 5, 5] = np.nan
+    return [
+        "segment",
+        str(_write(sitk.GetImageFromArray(array), tmp / "nan.nrrd")),
+        str(tmp / "o.nii.gz"),
+        "--model",
+        model,
+    ]
+
+
+def label_map_as_input(tmp, model):
+    path = _write(make_phantom(size=(32, 32, 16))[1], tmp / "labels.nii.gz")
+    return ["segment", str(path), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def missing_file(tmp, model):
+    return ["segment", str(tmp / "nothing_here.nii.gz"), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def text_file(tmp, model):
+    (tmp / "report.nii.gz").write_text("this is a text file")
+    return ["segment", str(tmp / "report.nii.gz"), str(tmp / "o.nii.gz"), "--model", model]
+
+
+def output_is_input(tmp, model):
+    path, _ = _phantom(tmp)
+    return ["segment", str(path), str(path), "--model", model, "--overwrite"]
+
+
+REFUSED = [
+    (truncated_gz, "truncated"),
+    (truncated_nii, "truncated"),
+    (dicom_missing_slice, "missing between"),
+    (dicom_duplicated_slice, "copy_of_slice005.dcm"),
+    (thick_slices, "spacing"),
+    (tiny_spacing, "spacing"),
+    (gzip_bomb, "voxels"),
+    (over_memory_limit, "memory"),
+    (output_under_a_file, "is a file"),
+    (unknown_organ_segment, "livre"),
+    (organ_the_model_lacks, "does not segment esophagus"),
+    (sheared_to_nifti, "not perpendicular"),
+    (negative_tolerance, "tolerance"),
+    (nan_tolerance, "tolerance"),
+    (unknown_organ_evaluate, "livre"),
+    (csv_over_prediction, ".csv"),
+    (ct_as_reference, "not a label map"),
+    (reference_in_another_convention, "--reference-labels"),
+    (truncated_reference, "truncated"),
+    (image_2d, "2D image"),
+    (image_4d, "4D image"),
+    (constant, "constant"),
+    (nan_voxel, "NaN"),
+    (label_map_as_input, "label map"),
+    (missing_file, "does not exist"),
+    (text_file, "could not be read"),
+    (output_is_input, "overwrite the input"),
+    (nii_cut_inside_last_352_bytes, "truncated"),
+    (nii_pixdim_zero, "pixdim"),
+    (nii_qform_sform_disagree, "qform and sform disagree"),
+    (nii_more_data_than_declared, "more image data"),
+    (nrrd_more_data_than_declared, "more image data"),
+    (hu_scaled_by_100, "soft-tissue range"),
+    (hu_shifted_by_1000, "soft-tissue range"),
+    (zero_filled_tail, "exactly 0 HU"),
+    (field_of_view_too_small, "too small for an abdomen"),
+    (dicom_middle_of_three_deleted, "skips instance numbers"),
+    (truncated_reference_with_extension, "truncated"),
+    (nifti_pair_cut_short, "not a supported file type"),
+    (nrrd_int16_t_more_data_than_declared, "more image data"),
+]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _restore_memory_limit():
+    saved = os.environ.get("ABDOMENSEG_MAX_MEMORY_GB")
+    yield
+    if saved is None:
+        os.environ.pop("ABDOMENSEG_MAX_MEMORY_GB", None)
+    else:
+        os.environ["ABDOMENSEG_MAX_MEMORY_GB"] = saved
+
+
+@pytest.mark.parametrize("make,message", REFUSED, ids=[m.__name__ for m, _ in REFUSED])
+def test_refused_with_one_clear_error_and_nothing_written(tmp_path, tiny_package, capsys, make, message):
+    argv = make(tmp_path, str(tiny_package.path))
+    before = _snapshot(tmp_path)
+    start = time.perf_counter()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and err[-1].startswith("error: ") and ". " in err[-1] and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    # Refused before any long work (the bomb and the memory cases would take minutes or GBs otherwise).
+    assert time.perf_counter() - start < 30
+    assert _snapshot(tmp_path) == before, "an existing file changed or a new one appeared"
+    assert not list(tmp_path.rglob(".part-*")) and not list(tmp_path.rglob("*.lock"))
+
+
+# -- written, but flagged (exit 3) ------------------------------------------------------------------
+def test_mirrored_header_is_flagged_not_silent(tmp_path, capsys):
+    """Issue case: a real CT with a left-right mirrored header (liver 1191 -> 367 mL, spleen 271 -> 643 mL)."""
+    image = sitk.ReadImage(str(shared(*EXAMPLE_CT)))
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction[:, 0] *= -1
+    image.SetDirection(direction.ravel().tolist())
+    src = _write(image, tmp_path / "mirrored.nii.gz")
+    assert main(["segment", str(src), str(tmp_path / "out.nii.gz")]) == EXIT_FLAGGED
+    err = capsys.readouterr().err
+    assert "warning: mirrored:" in err and "mirrored left-right" in err
+    assert (tmp_path / "out.nii.gz").is_file()  # the output is still written, for the user to look at
+
+
+def test_intact_example_is_not_flagged(tmp_path, capsys):
+    assert main(["segment", str(shared(*EXAMPLE_CT)), str(tmp_path / "out.nii.gz")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_empty_result_is_said_and_flagged(tmp_path, background_only_package, capsys):
+    src, _ = _phantom(tmp_path)
+    code = main(["segment", str(src), str(tmp_path / "out.nii.gz"), "--model", str(background_only_package.path)])
+    assert code == EXIT_FLAGGED
+    assert "no organ was found" in capsys.readouterr().err
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz"))).any()
+
+
+# -- races, leftovers and re-runs ------------------------------------------------------------------
+def test_second_writer_of_the_same_output_refuses(tmp_path, tiny_package, capsys):
+    src, _ = _phantom(tmp_path)
+    out = tmp_path / "out.nii.gz"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[2]);"
+            "from AbdomenSegLib.io.files import claim_output\nwith claim_output(sys.argv[1]):\n"
+            " print('held', flush=True); time.sleep(60)",
+            str(out),
+            str(ROOT),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["segment", str(src), str(out), "--model", str(tiny_package.path)]) == 2
+        err = capsys.readouterr().err
+        assert "being written by another AbdomenSeg run" in err and f"process {holder.pid}" in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its lock is stale now (the holder was killed): the next run takes the output over.
+    assert main(["segment", str(src), str(out), "--model", str(tiny_package.path)]) in (0, EXIT_FLAGGED)
+    assert out.is_file() and not list(tmp_path.glob(".*.lock"))
+
+
+def test_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    from AbdomenSegLib.core.errors import AbdomenSegError
+    from AbdomenSegLib.io.images import write_image
+
+    image, _ = make_phantom(size=(16, 16, 8))
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"someone else's file")
+    with pytest.raises(AbdomenSegError, match="appeared while this run was working"):
+        write_image(image, out, overwrite=False)
+    assert out.read_bytes() == b"someone else's file" and not list(tmp_path.glob(".part-*"))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_killed_writers_leftovers_are_no_case_and_are_removed(tmp_path, tiny_package, capsys):
+    from AbdomenSegLib.io import files as io
+
+    (tmp_path / "in").mkdir()
+    _phantom(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    # What `kill -9` during a write leaves: a temp file named for this host and a process that is gone.
+    leftover = out / f"{io.PARTIAL_PREFIX}{io._HOST_TAG}-{_dead_pid()}-abc123.nii.gz"
+    leftover.write_bytes(b"half a file")
+    (tmp_path / "in" / leftover.name).write_bytes(b"half a file")  # and one among the inputs
+    code = main(["segment", str(tmp_path / "in"), str(out), "--model", str(tiny_package.path)])
+    assert code in (0, EXIT_FLAGGED)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ct.nii.gz",
+        "manifest.csv",
+        "qc",
+    ]  # leftover removed, not segmented
+    assert "left by an interrupted run" in capsys.readouterr().err
+
+
+def test_rerun_into_the_input_folder_skips_its_own_outputs(tmp_path, tiny_package, capsys):
+    _phantom(tmp_path, "a.nii.gz")
+    _phantom(tmp_path, "b.nii.gz")
+    args = ["segment", str(tmp_path), str(tmp_path), "--format", ".nrrd", "--model", str(tiny_package.path)]
+    assert main(args) in (0, EXIT_FLAGGED)
+    code = main(args)
+    assert code in (0, EXIT_FLAGGED)
+    outputs = lambda: {p: h for p, h in _snapshot(tmp_path).items() if "qc" not in p.parts}  # noqa: E731
+    first = outputs()
+    assert main(args) == code  # was exit 2: a.nrrd taken as an input that would overwrite itself
+    assert "2 skipped" in capsys.readouterr().err and outputs() == first
+
+
+def test_evaluate_folder_carries_on_past_an_unreadable_reference(tmp_path, capsys):
+    preds, refs = tmp_path / "preds", tmp_path / "refs"
+    preds.mkdir(), refs.mkdir()
+    _, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    for name in ("case0", "case1", "case2"):
+        _write(labels, preds / f"{name}.nii.gz")
+        _write(labels, refs / f"{name}.nii.gz")
+    (refs / "case1.nii.gz").write_text("not an image")
+    code = main(["evaluate", str(preds), str(refs), "--csv", str(tmp_path / "m.csv")])
+    assert code == 1
+    rows = (tmp_path / "m.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[0] for r in rows} == {"case0", "case2"}
+    assert "case1: error:" in capsys.readouterr().err
+
+
+def test_sheared_input_keeps_its_exact_grid_in_nrrd(tmp_path, tiny_package):
+    args = sheared_to_nifti(tmp_path, str(tiny_package.path))
+    args[2] = str(tmp_path / "out.nrrd")
+    assert main(args) in (0, EXIT_FLAGGED)
+    written, source = sitk.ReadImage(args[2]), sitk.ReadImage(args[1])
+    assert np.allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    assert written.GetSize() == source.GetSize() and np.allclose(written.GetOrigin(), source.GetOrigin())
+
+
+def test_immutable_output_folder_fails_before_any_work(tmp_path, tiny_package, capsys):
+    src, _ = _phantom(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        start = time.perf_counter()
+        assert main(["segment", str(src), str(locked / "o.nii.gz"), "--model", str(tiny_package.path)]) == 2
+        assert "cannot write in the output folder" in capsys.readouterr().err
+        assert time.perf_counter() - start < 10
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)])
