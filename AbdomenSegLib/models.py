@@ -198,6 +198,16 @@ def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
     name = entry["name"]
     folder = models_dir / entry.get("path", name)
     inside(folder, models_dir, f"package of model '{name}'")
+    if not folder.exists() and isinstance(entry.get("download"), dict):
+        # A package published apart from the extension (model_store.py): installed in the user's model folder?
+        from .model_store import installed_folder
+
+        folder = installed_folder(entry)
+        if folder is None:
+            raise AbdomenSegError(
+                f"model '{name}' is not installed (it is published separately)",
+                f"install it with `abdomenseg models install {name}` or from the AbdomenSeg panel",
+            )
     card = read_card(folder)
     if card.name != name:  # find_model(name) must return the model of that name, not another
         raise AbdomenSegError(
