@@ -61,7 +61,8 @@ def run(argv, scene, log: LogCallback = print) -> int:
     from .slicer_logic import qc_report
 
     core = AbdomenSegCore(scene, log=log)
-    qc_files = QCFiles(out_dir / "qc", pictures=not args.no_qc_png)
+    pictures = not args.no_qc_png and can_draw(log)
+    qc_files = QCFiles(out_dir / "qc", pictures=pictures)
     cases, _ = expand_inputs(args.input)
     rows, failures = [], []
     for index, (name, path) in enumerate(cases, start=1):
@@ -77,9 +78,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
             nodes.append(volume)
             seg = core.segment(volume, model=card, device=args.device, tta=args.tta, quality=args.quality)
             nodes.append(seg)
-            _write_segmentation(scene, seg, target)
-            report = qc_report(seg) or {}
-            _add_qc(qc_files, name, image, core.last_labels, report, str(target), log, f"[{index}/{len(cases)}]")
+            case_rows = []
             if args.reference:
                 ref_path = find_reference(Path(args.reference), name)
                 if ref_path is None:
@@ -91,7 +90,15 @@ def run(argv, scene, log: LogCallback = print) -> int:
                         seg, reference, volume_node=volume, reference_convention=args.reference_labels
                     )
                     nodes.append(table)
-                    rows += _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
+                    case_rows = _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
+            report = qc_report(seg) or {}
+            try:  # the result check is a by-product: it never fails a case that segmented
+                _add_qc(qc_files, name, image, core.last_labels, report, str(target), log, f"[{index}/{len(cases)}]")
+            except Exception as exc:
+                log(f"[{index}/{len(cases)}] {name}: warning: the result check could not be written ({exc})")
+            # Written last: an existing output means a finished case, which a re-run skips.
+            _write_segmentation(scene, seg, target)
+            rows += case_rows
             log(f"[{index}/{len(cases)}] {name} -> {target} ({time.time() - start:.1f} s)")
         except AbdomenSegError as exc:  # e.g. no organ found: this case fails, the others go on
             failures.append(name)
@@ -110,6 +117,21 @@ def run(argv, scene, log: LogCallback = print) -> int:
     if failures:
         log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
     return 1 if failures else 0
+
+
+def can_draw(log: LogCallback = print) -> bool:
+    """True when matplotlib (the result check's pictures) imports. Slicer does not ship it (no
+    SuperBuild/External_python-matplotlib.cmake in Slicer v5.6.2-v5.12.0): there the pictures are skipped with a
+    note, and the rest of the result check (JSON, qc.csv) and the metrics are written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log(
+            "note: result check pictures skipped: matplotlib is not installed in this Python "
+            "(slicer.util.pip_install('matplotlib') adds them; --no-qc-png silences this note)"
+        )
+        return False
+    return True
 
 
 def _add_qc(qc_files, name, image, labels, report: dict, output: str, log, tag):
