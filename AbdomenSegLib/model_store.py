@@ -4,9 +4,8 @@ checked, and installed atomically into the user's model folder.
 The trusted list is the shipped catalog (Resources/models/catalog.json). An entry may carry a `download` block:
 
     {"name": "btcv-ct-3d-unet", "path": "btcv-ct-3d-unet",
-     "download": {"url": "https://.../btcv-ct-3d-unet.zip", "sha256": "<zip's sha256>", "size": 17823456,
-                  "terms": {"licence": "research use only (BTCV)", "permissive": false,
-                            "text": "<what the user accepts>"}}}
+     "terms": {"licence": "research use only (BTCV)", "permissive": false, "text": "<what the user accepts>"},
+     "download": {"url": "https://.../btcv-ct-3d-unet.zip", "sha256": "<zip's sha256>", "size": 17823456}}
 
 `install(source)` takes a catalog name, an http(s) URL or a local .zip; whatever the source, the zip's sha256 must
 be one the catalog names (so a URL can only ever install a package the extension lists), its size must match, and
@@ -65,7 +64,8 @@ def downloadable(index_dir=None) -> dict:
 
 
 def terms_of(entry: dict) -> dict:
-    return entry.get("download", {}).get("terms") or {}
+    """The entry's terms block ({} when the catalog states none)."""
+    return entry.get("terms") or {}
 
 
 def needs_acceptance(entry: dict) -> bool:
@@ -86,7 +86,7 @@ def describe(entry: dict) -> str:
 
 
 # -- packing (publishing side) -----------------------------------------------------------------------------------------
-def pack(package_dir, out_dir, terms: dict | None = None) -> tuple[Path, dict]:
+def pack(package_dir, out_dir) -> tuple[Path, dict]:
     """Zip a model package as `<out_dir>/<name>.zip` (members `<name>/card.json`, `<name>/<weights>`) and return it
     with the catalog `download` block to publish it under (url left for the release's asset address)."""
     from .io import atomic_output
@@ -105,10 +105,7 @@ def pack(package_dir, out_dir, terms: dict | None = None) -> tuple[Path, dict]:
                 info.external_attr = 0o644 << 16
                 with open(path, "rb") as source, archive.open(info, "w") as target:
                     shutil.copyfileobj(source, target, CHUNK)
-    block = {"url": "", "sha256": sha256_of(out), "size": out.stat().st_size}
-    if terms:
-        block["terms"] = terms
-    return out, block
+    return out, {"url": "", "sha256": sha256_of(out), "size": out.stat().st_size}
 
 
 # -- fetching ------------------------------------------------------------------------------------------------------
@@ -311,3 +308,19 @@ def installed_folder(entry: dict) -> Path | None:
     if not (folder / "card.json").is_file():
         return None
     return inside(folder, home, f"package of model '{entry['name']}'")
+
+
+def catalog_entries(index_dir=None) -> dict:
+    """name -> entry of every model the shipped catalog lists."""
+    from .models import read_catalog
+
+    index = read_catalog(index_dir or shipped_catalog_dir()) or {}
+    return {e["name"]: e for e in index.get("models", [])}
+
+
+def terms_to_accept(model: str, accepted: dict, index_dir=None) -> list:
+    """The catalog entries behind `model` (a name, or names joined by '+') whose terms are not permissive and not yet
+    accepted (`accepted`: name -> the licence text the user accepted, e.g. kept in Slicer's settings)."""
+    entries = catalog_entries(index_dir)
+    wanted = [entries[n] for n in str(model or "").split("+") if n in entries]
+    return [e for e in wanted if needs_acceptance(e) and accepted.get(e["name"]) != terms_of(e).get("licence")]

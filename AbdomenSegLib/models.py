@@ -385,8 +385,12 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
         entries = index or {"default": card_data["name"], "models": []}
         entry = {"name": card_data["name"], "path": os.path.relpath(out_dir, register_in)}
         names = [e["name"] for e in entries["models"]]
-        if entry["name"] in names:  # re-export keeps the model's place in the list
-            entries["models"][names.index(entry["name"])] = entry
+        if entry["name"] in names:  # re-export keeps the model's place in the list, and its terms
+            old = entries["models"][names.index(entry["name"])]
+            # ... but not its download block: the published zip holds the weights exported before (model_store.py)
+            entries["models"][names.index(entry["name"])] = dict(
+                {k: v for k, v in old.items() if k != "download"}, **entry
+            )
         else:
             entries["models"].append(entry)
         if make_default:

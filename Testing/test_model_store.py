@@ -63,7 +63,7 @@ def store(tiny_package, tmp_path, monkeypatch):
     index = tmp_path / "index"
     index.mkdir()
     entry = {"name": "tiny-test", "path": "tiny-test", "download": dict(block, url=served.url("/tiny-test.zip"))}
-    entry["download"]["terms"] = RESEARCH
+    entry["terms"] = RESEARCH
     (index / "catalog.json").write_text(json.dumps({"default": "tiny-test", "models": [entry]}))
     home = tmp_path / "user models"
     monkeypatch.setenv("ABDOMENSEG_MODELS", str(home))
@@ -169,3 +169,30 @@ def test_a_shipped_entry_without_its_folder_is_found_in_the_user_folder(store, t
     monkeypatch.setenv("ABDOMENSEG_MODELS", str(tmp_path / "empty"))
     with pytest.raises(AbdomenSegError, match="not installed .*abdomenseg models install tiny-test"):
         find_model("tiny-test", store.index)
+
+
+def test_first_use_of_a_research_only_model_asks_for_its_terms():
+    # The shipped catalog states every model's terms; the BTCV-derived ones need explicit acceptance
+    # (ExtensionsIndex .github/PULL_REQUEST_TEMPLATE.md asks for approval of non-permissive parts).
+    entries = model_store.catalog_entries()
+    assert {n for n, e in entries.items() if model_store.needs_acceptance(e)} == {
+        "btcv-ct-3d-unet",
+        "btcv-ct-2d-unet-r18",
+        "btcv-ct-3d-fine-unet",
+        "mr-any-3d-unet",
+    }
+    asked = model_store.terms_to_accept("btcv-ct-3d-unet+chaos-mr-t2-3d-unet", accepted={})
+    assert [e["name"] for e in asked] == ["btcv-ct-3d-unet"]
+    accepted = {"btcv-ct-3d-unet": entries["btcv-ct-3d-unet"]["terms"]["licence"]}
+    assert model_store.terms_to_accept("btcv-ct-3d-unet", accepted) == []
+    # Accepted terms that changed since are asked again.
+    assert model_store.terms_to_accept("btcv-ct-3d-unet", {"btcv-ct-3d-unet": "older terms"}) != []
+
+
+def test_the_shipped_catalog_names_the_zips_models_pack_makes_of_the_shipped_packages(tmp_path):
+    # What a release publishes (docs/slicer.md): `models pack` of each package; the catalog must name exactly those.
+    for name, entry in model_store.catalog_entries().items():
+        path, block = model_store.pack(model_store.shipped_catalog_dir() / entry["path"], tmp_path)
+        assert (block["sha256"], block["size"]) == (entry["download"]["sha256"], entry["download"]["size"]), name
+        assert entry["download"]["url"].endswith(f"/{name}.zip")
+        path.unlink()
