@@ -571,8 +571,17 @@ def _models(args) -> int:
     default = default_model_name()
     for name, card in cards.items():
         print(card.summary() + ("\n  (default)" if name == default else ""))
+    from .model_store import downloadable, installed_folder, terms_of
+
+    published = downloadable()
     for name, err in broken.items():
-        print(f"{name}\n  broken: {err}")
+        entry = published.get(name)
+        if entry is not None and installed_folder(entry) is None:  # published apart, not installed here
+            size = entry["download"].get("size") or 0
+            terms = terms_of(entry).get("licence", "not stated")
+            print(f"{name}\n  not installed: `abdomenseg models install {name}` ({size / 1e6:.0f} MB; terms: {terms})")
+        else:
+            print(f"{name}\n  broken: {err}")
     return 0 if cards else 1
 
 

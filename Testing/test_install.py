@@ -405,3 +405,23 @@ def test_still_missing_after_pip_is_an_error(slicer_install, monkeypatch):
     monkeypatch.setattr(slicer_install.slicer.util, "launchConsoleProcess", pip_succeeds_but_installs_nothing)
     with pytest.raises(AbdomenSegError, match="still missing or too old after installation: nibabel"):
         install.ensure_dependencies(confirm=lambda message: True, log=lambda m: None, cards=[])
+
+
+def test_intel_mac_installs_numpy_below_2_unpinned_then_asks_for_a_restart(slicer_install, monkeypatch):
+    # Slicer 5.10 on an x86_64 macOS Python: numpy 2.0.2 shipped and loaded (it always is), torch 2.2.2 installed.
+    monkeypatch.setattr(install, "numpy_requirement", lambda *a: "<2")
+    monkeypatch.setattr(install, "TORCH_REQUIREMENT", ">=2.2,<2.3")
+    slicer_install.versions.update(torch="2.2.2", numpy="2.0.2")
+    real = slicer_install.slicer.util.launchConsoleProcess
+
+    def pip(args, *rest):
+        process = real(args, *rest)
+        slicer_install.versions.update(numpy="1.26.4", torch="2.2.2")  # pip kept the pinned torch
+        return process
+
+    monkeypatch.setattr(slicer_install.slicer.util, "launchConsoleProcess", pip)
+    with pytest.raises(AbdomenSegError, match="updated numpy, but the old version is still loaded. restart Slicer"):
+        install.ensure_dependencies(confirm=lambda message: True, log=lambda m: None, cards=[])
+    ((_, args, pins),) = slicer_install.calls
+    assert "numpy<2" in args and not any(p.startswith("numpy==") for p in pins) and "torch==2.2.2" in pins
+    assert list(slicer_install.temp.iterdir()) == []

@@ -196,3 +196,14 @@ def test_the_shipped_catalog_names_the_zips_models_pack_makes_of_the_shipped_pac
         assert (block["sha256"], block["size"]) == (entry["download"]["sha256"], entry["download"]["size"]), name
         assert entry["download"]["url"].endswith(f"/{name}.zip")
         path.unlink()
+
+
+def test_models_lists_a_published_model_that_is_not_installed_with_how_to_get_it(store, monkeypatch, capsys):
+    from AbdomenSegLib import models
+
+    monkeypatch.setattr(models, "MODELS_DIR", store.index)  # a packaged extension: catalog, no package folders
+    monkeypatch.setattr(model_store, "shipped_catalog_dir", lambda: store.index)
+    monkeypatch.setenv("ABDOMENSEG_MODELS", str(store.home))
+    assert main(["models"]) == 1
+    out = capsys.readouterr().out
+    assert "not installed: `abdomenseg models install tiny-test`" in out and "research use only (test)" in out

@@ -285,3 +285,40 @@ def test_a_weights_free_checkout_passes_the_extensions_index_size_check():
     weights = sum(s for n, s in sizes.items() if re.match(r"Resources/models/[^/]+/", n))
     assert weights > 100 * 2**20  # the development tree keeps its weights (tests, CI): too big for the index
     assert (sum(sizes.values()) - weights) < 20 * 2**20  # without them, room to spare for its .git history
+
+
+def test_no_question_and_no_install_behind_a_wait_cursor():
+    """Issue 30: the install's confirmation dialog and the minutes of pip ran inside
+    `tryWithErrorDisplay(..., waitCursor=True)` (Base/Python/slicer/util.py: tryWithErrorDisplay sets the override
+    cursor for the whole block). Questions and installs must sit outside every such block."""
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    asked_or_installed = {
+        "confirmOkCancelDisplay",
+        "confirmYesNoDisplay",
+        "ensureDependencies",
+        "_whenReady",
+        "_acceptTerms",
+        "_offerModel",
+        "start",
+        "install",
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.With):
+            continue
+        waits = any(
+            isinstance(item.context_expr, ast.Call)
+            and any(
+                k.arg == "waitCursor" and getattr(k.value, "value", False) is True for k in item.context_expr.keywords
+            )
+            for item in node.items
+        )
+        if waits:
+            for inner in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+                if isinstance(inner, ast.Call):
+                    name = getattr(inner.func, "attr", getattr(inner.func, "id", ""))
+                    if name in asked_or_installed:
+                        found.append(f"line {inner.lineno}: {name}")
+    assert found == []
+    source = MODULE.read_text(encoding="utf-8")
+    assert "self._installTimer.start()" in source  # pip is polled, not waited for
