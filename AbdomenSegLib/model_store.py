@@ -320,7 +320,9 @@ def catalog_entries(index_dir=None) -> dict:
 
 def terms_to_accept(model: str, accepted: dict, index_dir=None) -> list:
     """The catalog entries behind `model` (a name, or names joined by '+') whose terms are not permissive and not yet
-    accepted (`accepted`: name -> the licence text the user accepted, e.g. kept in Slicer's settings)."""
+    accepted (`accepted`: name -> the licence text the user accepted, e.g. kept in Slicer's settings). Terms accepted
+    for one model count for every model under the same licence text (the BTCV models, a cascade's fine stage)."""
     entries = catalog_entries(index_dir)
     wanted = [entries[n] for n in str(model or "").split("+") if n in entries]
-    return [e for e in wanted if needs_acceptance(e) and accepted.get(e["name"]) != terms_of(e).get("licence")]
+    agreed = {text for text in accepted.values() if text}
+    return [e for e in wanted if needs_acceptance(e) and terms_of(e).get("licence") not in agreed]

@@ -44,6 +44,11 @@ def parse(argv):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
+        "--accept-terms",
+        action="store_true",
+        help="accept the model's non-permissive terms (the BTCV models: research use only; Resources/models/TERMS.md)",
+    )
+    parser.add_argument(
         "--no-qc-png", action="store_true", help="skip the result check's pictures (about 1 s per case)"
     )
     return parser.parse_args(argv)
@@ -55,6 +60,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
 
     args = parse(argv)
     card = resolve(args.model, args.tta, quality=args.quality)  # refused once, before any case is read
+    _check_terms(card.name, args.accept_terms)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .qc_outputs import QCFiles
@@ -117,6 +123,19 @@ def run(argv, scene, log: LogCallback = print) -> int:
     if failures:
         log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
     return 1 if failures else 0
+
+
+def _check_terms(model: str, accepted: bool) -> None:
+    """Refuse a model whose terms are not permissive unless --accept-terms was given (the panel asks instead)."""
+    from .model_store import terms_of, terms_to_accept
+
+    pending = [] if accepted else terms_to_accept(model, {})
+    if pending:
+        licences = "; ".join(f"{e['name']}: {terms_of(e).get('licence', 'not stated')}" for e in pending)
+        raise AbdomenSegError(
+            f"the model's terms need your acceptance ({licences})",
+            "read Resources/models/TERMS.md and pass --accept-terms to accept them",
+        )
 
 
 def can_draw(log: LogCallback = print) -> bool:

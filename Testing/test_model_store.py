@@ -185,7 +185,10 @@ def test_first_use_of_a_research_only_model_asks_for_its_terms():
     assert [e["name"] for e in asked] == ["btcv-ct-3d-unet"]
     accepted = {"btcv-ct-3d-unet": entries["btcv-ct-3d-unet"]["terms"]["licence"]}
     assert model_store.terms_to_accept("btcv-ct-3d-unet", accepted) == []
-    # Accepted terms that changed since are asked again.
+    # The same licence accepted for one model covers the others under it (e.g. the fine second stage); another
+    # licence, or terms that changed since, are asked again.
+    assert model_store.terms_to_accept("btcv-ct-3d-fine-unet", accepted) == []
+    assert [e["name"] for e in model_store.terms_to_accept("mr-any-3d-unet", accepted)] == ["mr-any-3d-unet"]
     assert model_store.terms_to_accept("btcv-ct-3d-unet", {"btcv-ct-3d-unet": "older terms"}) != []
 
 

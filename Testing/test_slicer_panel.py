@@ -475,3 +475,18 @@ def test_organ_list_and_segments_show_the_same_translatable_names(scene, monkeyp
     # Translated names are still read back as organs (by their terminology).
     back = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
     assert np.array_equal(back, sitk.GetArrayFromImage(labels))
+
+
+def test_batch_refuses_a_research_only_model_until_its_terms_are_accepted(scene, tmp_path):
+    from AbdomenSegLib.slicer_batch import run
+
+    images = tmp_path / "images"
+    images.mkdir()
+    args = ["--input", str(images), "--output", str(tmp_path / "out"), "--model", "btcv-ct-3d-unet"]
+    with pytest.raises(AbdomenSegError, match=r"terms need your acceptance \(btcv-ct-3d-unet: research use only"):
+        run(args, scene, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    # Accepted: the run goes on (and here finds no case in the empty folder).
+    with pytest.raises(AbdomenSegError) as raised:
+        run(args + ["--accept-terms"], scene, log=lambda m: None)
+    assert "terms" not in str(raised.value)
