@@ -269,6 +269,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self._cancelRun()
         self._timer.stop()
+        self._installTimer.stop()  # a pip process under way finishes on its own
         self.removeObservers()
         runs = sys.modules.get("AbdomenSegLib.slicer_runs")  # loaded only if a run was ever started
         if runs is not None:
@@ -490,10 +491,10 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelRun()
             return
         models = [i.text() for i in self.ui.modelsListWidget.selectedItems()]
-        self._whenReady(models, lambda: self._start("compare", models))
+        self._whenReady(models, lambda: self._start("compare", models), _("Model comparison failed."))
 
     # -- before a run: terms, Python packages (no wait cursor: every question comes first) --------------------------
-    def _whenReady(self, models, then):
+    def _whenReady(self, models, then, failed=None):
         """Ask for the models' terms and for missing Python packages, each without a wait cursor, install them in
         the background (polled by a timer: Slicer 5.6-5.10's pip_install would block for minutes), then `then()`."""
         from AbdomenSegLib.errors import AbdomenSegError
@@ -518,10 +519,11 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()
             with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed.")):
                 installation.start()  # the PyTorch extension's step, if any, runs here; pip then runs in the background
-                self._installation, self._afterInstall = installation, then
+                self._installation, self._afterInstall = installation, (then, failed)
                 self._installTimer.start()
             return
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+        # `then` starts a background run (it returns at once) and may ask (CPU instead of CUDA): no wait cursor.
+        with slicer.util.tryWithErrorDisplay(failed or _("Segmentation failed.")):
             then()
 
     def _onInstallTimer(self):
@@ -543,8 +545,9 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Installing Python packages failed:") + f"\n{exc}")
             return
         self.ui.statusLabel.text = _("Python packages installed.")
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            self._afterInstall()
+        then, failed = self._afterInstall
+        with slicer.util.tryWithErrorDisplay(failed or _("Segmentation failed.")):
+            then()
 
     def _acceptTerms(self, model):
         """True when every non-permissive licence behind `model` is accepted (asked once per licence text, kept in
