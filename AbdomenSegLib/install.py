@@ -8,8 +8,8 @@ Intel-architecture macOS Python (Intel Macs, Rosetta) that is 2.2.x, with numpy 
 replaces what Slicer ships (SimpleITK, numpy, scipy, ...) or the torch PyTorchUtils installed.
 
 A torch already imported in Slicer's process is never replaced: the user is asked to restart first (on Windows its
-DLLs are locked; SlicerTotalSegmentator refuses an old loaded torch the same way, TotalSegmentator.py:880-887 @
-6a82370). The pip step runs in a child process the panel polls (`Installation`), so Slicer 5.6-5.10, whose
+DLLs are locked). SlicerTotalSegmentator never upgrades an installed torch either: it refuses an old one and points
+to the PyTorch Utils module (TotalSegmentator/TotalSegmentator.py:880-887 @ 6a82370). The pip step runs in a child process the panel polls (`Installation`), so Slicer 5.6-5.10, whose
 slicer.util.pip_install blocks until pip ends, stay responsive; Slicer >= 5.12's pip_ensure shows its own progress.
 
 Facts this relies on, read in Slicer's source (github.com/Slicer/Slicer) and SlicerPyTorch (fepegar/SlicerPyTorch):
@@ -107,6 +107,14 @@ def numpy_requirement(system: str | None = None, machine: str | None = None) -> 
 
 
 TORCH_REQUIREMENT = torch_requirement()
+
+
+def torchvision_requirement(system: str | None = None, machine: str | None = None) -> str | None:
+    """What PyTorchUtils is told for torchvision, which it always installs with torch (PyTorchUtils.py:235-240 @
+    e1c85cc; AbdomenSeg does not use it): the release that goes with torch 2.2 on an Intel-architecture macOS, so
+    pip does not have to backtrack through newer ones built for torch it cannot have; else None (light-the-torch's
+    choice)."""
+    return "<0.18" if intel_mac(system, machine) else None
 
 
 def architecture_requirements(cards) -> list:
@@ -361,7 +369,9 @@ def install_torch(requirement: str = None) -> None:
     requirement = TORCH_REQUIREMENT if requirement is None else requirement
     try:
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=requirement
+            askConfirmation=False,
+            torchVersionRequirement=requirement,
+            torchvisionVersionRequirement=torchvision_requirement(),
         )
     except Exception as exc:  # light-the-torch/pip failed: CalledProcessError, network errors
         raise AbdomenSegError(

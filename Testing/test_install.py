@@ -102,6 +102,8 @@ def test_a_package_the_pure_torch_builders_cannot_build_adds_its_library_with_a_
 def test_torch_and_numpy_follow_the_platform(system, machine, torch, numpy):
     assert install.torch_requirement(system, machine) == torch
     assert install.numpy_requirement(system, machine) == numpy
+    # torchvision 0.17.x is the release built for torch 2.2 (PyTorchUtils installs it alongside torch)
+    assert install.torchvision_requirement(system, machine) == ("<0.18" if numpy else None)
 
 
 def test_intel_mac_asks_for_torch_2_2_and_numpy_below_2():
