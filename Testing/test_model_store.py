@@ -210,3 +210,23 @@ def test_models_lists_a_published_model_that_is_not_installed_with_how_to_get_it
     assert main(["models"]) == 1
     out = capsys.readouterr().out
     assert "not installed: `abdomenseg models install tiny-test`" in out and "research use only (test)" in out
+
+
+@pytest.mark.parametrize(
+    "platform,env,expected",
+    [
+        ("win32", {"LOCALAPPDATA": "/L"}, "/L/AbdomenSeg/models"),
+        ("darwin", {}, "HOME/Library/Application Support/AbdomenSeg/models"),
+        ("linux", {"XDG_DATA_HOME": "/X"}, "/X/abdomenseg/models"),
+        ("linux", {}, "HOME/.local/share/abdomenseg/models"),
+        ("linux", {"ABDOMENSEG_MODELS": "/mine"}, "/mine"),
+    ],
+)
+def test_models_home_is_the_per_user_data_folder(platform, env, expected, monkeypatch, tmp_path):
+    for name in ("ABDOMENSEG_MODELS", "LOCALAPPDATA", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(model_store.sys, "platform", platform)
+    monkeypatch.setattr(model_store.Path, "home", staticmethod(lambda: tmp_path))
+    assert model_store.models_home().as_posix() == expected.replace("HOME", tmp_path.as_posix())
