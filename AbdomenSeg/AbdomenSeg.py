@@ -105,6 +105,12 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._timer.connect("timeout()", self._onTimer)
+        self._missing = {}  # name -> catalog entry of a listed model that is published apart and not installed
+        self._installation = None  # AbdomenSegLib.slicer.install.Installation whose pip step runs in the background
+        self._afterInstall = None  # what to do once it is done
+        self._installTimer = qt.QTimer()
+        self._installTimer.setInterval(self.POLL_MS * 5)
+        self._installTimer.connect("timeout()", self._onInstallTimer)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -133,6 +139,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from AbdomenSegLib.core.errors import AbdomenSegError
         from AbdomenSegLib.models.choice import default_names, label
         from AbdomenSegLib.models.packages import catalog_with_problems
+        from AbdomenSegLib.models.store import describe, downloadable
 
         try:
             self._cards, broken = catalog_with_problems()
@@ -151,9 +158,21 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setCheckState(qt.Qt.Unchecked)
             models.addItem(item)
             self.ui.modelsListWidget.addItem(name)
+        # Models the catalog lists but that are published apart (release assets) and not installed: listed, and
+        # checking one offers to download it (size and terms shown first).
+        self._missing = {n: e for n, e in downloadable().items() if n not in self._cards}
+        for name, entry in self._missing.items():
+            size = entry["download"].get("size") or 0
+            item = qt.QListWidgetItem(_("{name} (not installed, {mb} MB download)").format(name=name, mb=size // 10**6))
+            item.setData(qt.Qt.UserRole, name)
+            item.setToolTip(describe(entry))
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Unchecked)
+            models.addItem(item)
         models.blockSignals(False)
         for name, error in broken.items():
-            logging.warning(f"AbdomenSeg: model package '{name}' is broken: {error}")
+            if name not in self._missing:
+                logging.warning(f"AbdomenSeg: model package '{name}' is broken: {error}")
         self._checkModels(default_names(self._cards))
 
     def _modelItems(self):
@@ -174,6 +193,11 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from AbdomenSegLib.models.choice import select
 
         names = [i.data(qt.Qt.UserRole) for i in self._modelItems() if i.checkState() == qt.Qt.Checked]
+        wanted = [n for n in names if n in self._missing]
+        if wanted:  # checked a model that is not installed: offer it, then check it once it is there
+            self._checkModels([n for n in names if n not in self._missing])
+            self._offerModel(wanted[0])
+            return
         before = self._selection
         self._selection = selection = select(names)
         p = self._parameterNode
@@ -196,13 +220,18 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showOrgans(self, card):
         """The organs of the checked models (an ensemble's members segment the same ones); the checks stay when
         the organs do."""
+        from AbdomenSegLib.core.organs import organ_choices
+
         organs = list(card["labels"].values()) if card else []
         shown = self.ui.organsListWidget
-        if [shown.item(i).text() for i in range(shown.count)] == organs:
+        if [shown.item(i).data(qt.Qt.UserRole) for i in range(shown.count)] == organs:
             return
         shown.clear()
-        for organ in organs:
-            item = qt.QListWidgetItem(organ)
+        # The names the segments get, in the user's language (the `_()`/translate pattern); the engine gets the
+        # machine name kept in the item's data.
+        for organ, text in organ_choices(organs, translate):
+            item = qt.QListWidgetItem(text)
+            item.setData(qt.Qt.UserRole, organ)
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
             item.setCheckState(qt.Qt.Checked)
             self.ui.organsListWidget.addItem(item)
@@ -229,7 +258,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkedOrgans(self):
         items = [self.ui.organsListWidget.item(i) for i in range(self.ui.organsListWidget.count)]
-        return [i.text() for i in items if i.checkState() == qt.Qt.Checked], len(items)
+        return [i.data(qt.Qt.UserRole) for i in items if i.checkState() == qt.Qt.Checked], len(items)
 
     def _selectedOrgans(self):
         """None for every organ the model has; else the checked ones (never an empty list: Segment is off then)."""
@@ -240,6 +269,7 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self._cancelRun()
         self._timer.stop()
+        self._installTimer.stop()  # a pip process under way finishes on its own
         self.removeObservers()
         runs = sys.modules.get("AbdomenSegLib.slicer.runs")  # loaded only if a run was ever started
         if runs is not None:
@@ -427,11 +457,14 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             if not replace:
                 return
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            self.logic.ensureDependencies(interactive=True)
-            # One model argument: a checked model, or `a+b`, the checked ones as one ensemble (as the command line).
-            tta = p.tta and self._selection.tta_allowed
-            self._start("segment", [p.model], segmentationNode=output, replace=replace, tta=tta, quality=p.quality)
+        # One model argument: a checked model, or `a+b`, the checked ones as one ensemble (as the command line).
+        tta = p.tta and self._selection.tta_allowed
+        self._whenReady(
+            [p.model],
+            lambda: self._start(
+                "segment", [p.model], segmentationNode=output, replace=replace, tta=tta, quality=p.quality
+            ),
+        )
 
     def _confirmCpu(self, seconds):
         return slicer.util.confirmOkCancelDisplay(
@@ -458,9 +491,112 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelRun()
             return
         models = [i.text() for i in self.ui.modelsListWidget.selectedItems()]
-        with slicer.util.tryWithErrorDisplay(_("Model comparison failed."), waitCursor=True):
-            self.logic.ensureDependencies(interactive=True)
-            self._start("compare", models)
+        self._whenReady(models, lambda: self._start("compare", models), _("Model comparison failed."))
+
+    # -- before a run: terms, Python packages (no wait cursor: every question comes first) --------------------------
+    def _whenReady(self, models, then, failed=None):
+        """Ask for the models' terms and for missing Python packages, each without a wait cursor, install them in
+        the background (polled by a timer: Slicer 5.6-5.10's pip_install would block for minutes), then `then()`."""
+        from AbdomenSegLib.core.errors import AbdomenSegError
+        from AbdomenSegLib.slicer.install import Installation, confirm_message
+
+        if self._installation is not None:
+            return  # an installation is under way; its end starts the run
+        if not all(self._acceptTerms(model) for model in models):
+            return
+        try:
+            installation = Installation(self._cards.values(), log=logging.info)
+        except AbdomenSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        if installation.problems:
+            if not slicer.util.confirmOkCancelDisplay(
+                confirm_message(installation.problems), _("AbdomenSeg - Install Python packages")
+            ):
+                self.ui.statusLabel.text = str(installation.refuse())
+                return
+            self.ui.statusLabel.text = _("Installing Python packages (see the Python console)…")
+            slicer.app.processEvents()
+            with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed.")):
+                installation.start()  # the PyTorch extension's step, if any, runs here; pip then runs in the background
+                self._installation, self._afterInstall = installation, (then, failed)
+                self._installTimer.start()
+            return
+        # `then` starts a background run (it returns at once) and may ask (CPU instead of CUDA): no wait cursor.
+        with slicer.util.tryWithErrorDisplay(failed or _("Segmentation failed.")):
+            then()
+
+    def _onInstallTimer(self):
+        from AbdomenSegLib.core.errors import AbdomenSegError
+
+        installation = self._installation
+        try:
+            if not installation.poll():
+                line = installation.pip.last_line if installation.pip is not None else ""
+                self.ui.statusLabel.text = _("Installing Python packages…") + (f" {line[:100]}" if line else "")
+                return
+            self._installTimer.stop()
+            self._installation = None
+            installation.finish()
+        except AbdomenSegError as exc:
+            self._installTimer.stop()
+            self._installation = None
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Installing Python packages failed:") + f"\n{exc}")
+            return
+        self.ui.statusLabel.text = _("Python packages installed.")
+        then, failed = self._afterInstall
+        with slicer.util.tryWithErrorDisplay(failed or _("Segmentation failed.")):
+            then()
+
+    def _acceptTerms(self, model):
+        """True when every non-permissive licence behind `model` is accepted (asked once per licence text, kept in
+        Slicer's settings): the ExtensionsIndex asks for explicit approval of non-permissive parts."""
+        from AbdomenSegLib.models.store import catalog_entries, terms_of, terms_to_accept
+
+        settings = qt.QSettings()
+        accepted = {n: settings.value(f"AbdomenSeg/AcceptedTerms/{n}") for n in catalog_entries()}
+        for entry in terms_to_accept(model, accepted):
+            terms = terms_of(entry)
+            if not slicer.util.confirmOkCancelDisplay(
+                _("Model '{name}' comes under these terms: {licence}.\n\n{text}\n\nDo you accept them?").format(
+                    name=entry["name"], licence=terms.get("licence", ""), text=terms.get("text", "")
+                ),
+                _("AbdomenSeg - Model terms"),
+            ):
+                self.ui.statusLabel.text = _("The model's terms were not accepted.")
+                return False
+            settings.setValue(f"AbdomenSeg/AcceptedTerms/{entry['name']}", terms.get("licence", ""))
+        return True
+
+    def _offerModel(self, name):
+        """Download and install a listed model that is not installed, after showing its size and terms."""
+        from AbdomenSegLib.models.store import describe, install, needs_acceptance, terms_of
+
+        entry = self._missing[name]
+        question = _("Download and install this model into your model folder?") + "\n\n" + describe(entry)
+        if needs_acceptance(entry):
+            question += "\n\n" + _("Installing it means accepting these terms.")
+        if not slicer.util.confirmOkCancelDisplay(question, _("AbdomenSeg - Install model")):
+            return
+        if needs_acceptance(entry):
+            qt.QSettings().setValue(f"AbdomenSeg/AcceptedTerms/{name}", terms_of(entry).get("licence", ""))
+        progress = slicer.util.createProgressDialog(
+            labelText=_("Downloading {name}…").format(name=name), maximum=100, windowTitle=_("AbdomenSeg")
+        )
+
+        def step(done, total):
+            progress.setValue(int(100 * done / total) if total else 0)
+            slicer.app.processEvents()
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing the model failed.")):
+                install(name, accept_terms=True, progress=step, log=logging.info)
+        finally:
+            progress.close()
+        self._fillModels()
+        if name in self._cards:
+            self._checkModels([name])
 
 
 class AbdomenSegLogic(ScriptedLoadableModuleLogic):
@@ -639,6 +775,14 @@ class AbdomenSegTest(ScriptedLoadableModuleTest):
             self.delayDisplay(
                 f"Python packages {', '.join(missing)} are not installed: skipping the segmentation self-test"
             )
+            return
+        from AbdomenSegLib.core.errors import AbdomenSegError
+        from AbdomenSegLib.models.packages import find_model
+
+        try:
+            find_model(None)
+        except AbdomenSegError as exc:  # the packaged extension leaves the weights out (docs/slicer.md)
+            self.delayDisplay(f"The default model is not installed ({exc}): skipping the segmentation self-test")
             return
         from AbdomenSegLib.io.phantom import make_phantom
         from AbdomenSegLib.slicer.logic import scalar_volume_node_from_image, segmentation_to_labels

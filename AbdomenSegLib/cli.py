@@ -518,9 +518,40 @@ def _models(args) -> int:
     default = default_model_name()
     for name, card in cards.items():
         print(card.summary() + ("\n  (default)" if name == default else ""))
+    from AbdomenSegLib.models.locations import installed_folder
+    from AbdomenSegLib.models.store import downloadable, terms_of
+
+    published = downloadable()
     for name, err in broken.items():
-        print(f"{name}\n  broken: {err}")
+        entry = published.get(name)
+        if entry is not None and installed_folder(entry) is None:  # published apart, not installed here
+            size = entry["download"].get("size") or 0
+            terms = terms_of(entry).get("licence", "not stated")
+            print(f"{name}\n  not installed: `abdomenseg models install {name}` ({size / 1e6:.0f} MB; terms: {terms})")
+        else:
+            print(f"{name}\n  broken: {err}")
     return 0 if cards else 1
+
+
+def _models_install(args) -> int:
+    from AbdomenSegLib.models.store import install
+
+    def progress(done: int, total) -> None:
+        share = f" ({100 * done // total} %)" if total else ""
+        end = "\n" if total and done >= total else ""
+        print(f"\r{done / 1e6:.1f} MB{share}", end=end, file=sys.stderr, flush=True)
+
+    install(args.source, accept_terms=args.accept_terms, overwrite=args.overwrite, progress=progress, log=_log)
+    return 0
+
+
+def _models_pack(args) -> int:
+    from AbdomenSegLib.models.store import pack
+
+    path, block = pack(args.package, args.out)
+    _log(f"wrote {path}; publish it and put this block, with its address as url, in the catalog entry:")
+    print(json.dumps({"download": block}, indent=2))
+    return 0
 
 
 def _phantom(args) -> int:
@@ -751,9 +782,23 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("models", help="list installed models with their metadata")
+    p = sub.add_parser("models", help="list installed models with their metadata; install or pack packages")
     p.add_argument("--json", action="store_true", help="print the full model cards as JSON")
     p.set_defaults(func=_models)
+    models_sub = p.add_subparsers(dest="models_command")
+    q = models_sub.add_parser(
+        "install",
+        help="install a model package the catalog names (by name, URL or .zip) into the user's model folder "
+        "(ABDOMENSEG_MODELS, else a per-user data folder); its sha256 is checked",
+    )
+    q.add_argument("source", help="model name (see `models`), http(s) URL of its .zip, or a downloaded .zip")
+    q.add_argument("--accept-terms", action="store_true", help="accept the package's non-permissive terms")
+    q.add_argument("--overwrite", action="store_true", help="replace an installed package of the same name")
+    q.set_defaults(func=_models_install)
+    q = models_sub.add_parser("pack", help="zip a model package for publishing; prints its catalog download block")
+    q.add_argument("package", help="model package folder")
+    q.add_argument("--out", required=True, help="folder for <name>.zip")
+    q.set_defaults(func=_models_pack)
 
     p = sub.add_parser("phantom", help="write a SYNTHETIC abdominal CT phantom with known organ labels")
     p.add_argument("output", help="phantom CT file, e.g. synthetic_phantom_ct.nii.gz")

@@ -360,3 +360,133 @@ def test_a_failed_import_ends_the_run_and_is_not_retried(scene, tiny_package, mo
     run = _run_to_end(BackgroundRun(core, vol, [str(tiny_package.path)], device="cpu"))
     assert "MRML said no" in run.error and not run.running and not run.step()
     assert len(calls) == 1  # the same model is not started again
+
+
+# -- issue 30: review segments under a transform, no stray colour tables -------------------------------------------
+def _shifted(scene, node, shift_mm=100.0):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, shift_mm)
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def _ras_bounds(node):
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)  # world coordinates: parent transforms applied
+    return np.array(bounds)
+
+
+def test_review_segments_lie_on_the_organs_of_a_transformed_volume(scene):
+    ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    transform = _shifted(scene, vol)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    seg = core.import_result(vol, labels, model="test", device="cpu")
+    reference = volume_node(scene, labels, "reference", labelmap=True)
+    reference.SetAndObserveTransformNodeID(transform.GetID())
+    core.compare_with_reference(seg, reference, volume_node=vol, reference_convention="abdomenseg", review=True)
+    review = scene.GetFirstNodeByName(f"{seg.GetName()} review")
+    assert review.GetSegmentation().GetNumberOfSegments() >= 8  # a true-positive segment per organ
+    assert review.GetTransformNodeID() == transform.GetID()
+    # The review's true positives are the organs themselves: same place in the world (was 100 mm off).
+    assert np.allclose(_ras_bounds(review), _ras_bounds(seg), atol=1e-3)
+
+
+def test_comparisons_and_batch_cases_leave_no_colour_table_behind(scene, tiny_package, tmp_path):
+    ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    reference = volume_node(scene, labels, "reference", labelmap=True)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    seg = core.import_result(vol, labels, model="test", device="cpu")
+    before = _node_counts(scene)
+    for _ in range(2):
+        table = core.compare_with_reference(seg, reference, volume_node=vol, reference_convention="abdomenseg")
+        scene.RemoveNode(table)
+    # Each export made a '<segmentation>_ColorTable' (vtkSlicerSegmentationsModuleLogic.cxx:1235-1245 @ v5.10.0).
+    assert _node_counts(scene) == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeDisplayNode") == 0
+
+    from AbdomenSegLib.slicer.batch import run
+    from helpers import write_phantom_dataset
+
+    images, refs = write_phantom_dataset(tmp_path)
+    empty = slicer.vtkMRMLScene()
+    slicer.mrmlScene = empty
+    try:
+        args = ["--input", str(images), "--output", str(tmp_path / "out"), "--reference", str(refs)]
+        code = run(args + ["--model", str(tiny_package.path), "--device", "cpu", "--no-qc-png"], empty, log=print)
+        assert code == 0
+        assert empty.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
+    finally:
+        slicer.mrmlScene = scene
+
+
+def test_batch_in_a_stock_slicer_without_matplotlib_writes_every_case_and_the_metrics(
+    scene, tiny_package, tmp_path, monkeypatch
+):
+    import sys
+
+    from AbdomenSegLib.slicer.batch import run
+    from helpers import write_phantom_dataset
+
+    # Slicer ships no matplotlib (no SuperBuild/External_python-matplotlib.cmake, v5.6.2-v5.12.0): hide ours.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    images, refs = write_phantom_dataset(tmp_path)
+    out = tmp_path / "out"
+    messages = []
+    args = ["--input", str(images), "--output", str(out), "--reference", str(refs)]
+    code = run(args + ["--model", str(tiny_package.path), "--device", "cpu"], scene, log=messages.append)
+    assert code == 0, messages  # QC pictures are on by default: they used to fail every case
+    assert sorted(p.name for p in out.glob("*.seg.nrrd")) == ["case0.seg.nrrd", "case1.seg.nrrd"]
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 8
+    assert sorted(p.name for p in (out / "qc").glob("*.json")) == ["case0.json", "case1.json"]
+    assert not list((out / "qc").glob("*.png"))
+    assert sum("matplotlib is not installed" in m for m in messages) == 1
+
+
+def _french(context, text):
+    assert context == "AbdomenSeg"
+    return "[fr] " + text
+
+
+def test_organ_list_and_segments_show_the_same_translatable_names(scene, monkeypatch):
+    from AbdomenSegLib.core.organs import ORGANS, organ_choices, translated_display_names
+
+    # The literal texts lupdate extracts are the organ table's display names, organ for organ.
+    assert translated_display_names(lambda context, text: text) == {o.name: o.display_name for o in ORGANS}
+    # The panel lists display names (was: machine names such as kidney_right) and hands the engine machine names.
+    assert organ_choices(["liver", "kidney_right"], _french) == [
+        ("liver", "[fr] Liver"),
+        ("kidney_right", "[fr] Right kidney"),
+    ]
+    monkeypatch.setattr(sl, "slicer_translate", lambda: _french)  # real Slicer: slicer.i18n.translate
+    ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = _volume(scene, ct)
+    seg = sl.AbdomenSegCore(scene, log=lambda m: None).import_result(vol, labels, model="test", device="cpu")
+    segmentation = seg.GetSegmentation()
+    names = {segmentation.GetSegment(i).GetName() for i in sl.segment_ids(seg)}
+    assert "[fr] Right kidney" in names and all(n.startswith("[fr] ") for n in names)
+    # Translated names are still read back as organs (by their terminology).
+    back = sitk.GetArrayFromImage(sl.segmentation_to_labels(scene, seg, vol))
+    assert np.array_equal(back, sitk.GetArrayFromImage(labels))
+
+
+def test_batch_refuses_a_research_only_model_until_its_terms_are_accepted(scene, tmp_path):
+    from AbdomenSegLib.slicer.batch import run
+
+    images = tmp_path / "images"
+    images.mkdir()
+    args = ["--input", str(images), "--output", str(tmp_path / "out"), "--model", "btcv-ct-3d-unet"]
+    with pytest.raises(AbdomenSegError, match=r"terms need your acceptance \(btcv-ct-3d-unet: research use only"):
+        run(args, scene, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    # Accepted: the run goes on (and here finds no case in the empty folder).
+    with pytest.raises(AbdomenSegError) as raised:
+        run(args + ["--accept-terms"], scene, log=lambda m: None)
+    assert "terms" not in str(raised.value)

@@ -256,3 +256,38 @@ def convert_labels(labels: np.ndarray, convention: str) -> np.ndarray:
     inside = (labels >= 0) & (labels < len(lut))
     out[inside] = lut[labels[inside].astype(np.int64)]
     return out
+
+
+TRANSLATION_CONTEXT = "AbdomenSeg"
+
+
+def translated_display_names(translate=None) -> dict:
+    """Machine name -> display name in the user's language, through `translate(context, text)` (Slicer's
+    slicer.i18n.translate, Base/Python/slicer/i18n.py:13-20 @ v5.10.0; None: English). Each text is a literal in a
+    `translate(...)` call so Qt's lupdate, which Slicer's translation workflow runs over the sources, extracts it;
+    Testing/test_organs.py checks they equal the organ table's display names."""
+    if translate is None:
+        return {o.name: o.display_name for o in ORGANS}
+    return {
+        "liver": translate("AbdomenSeg", "Liver"),
+        "spleen": translate("AbdomenSeg", "Spleen"),
+        "kidney_right": translate("AbdomenSeg", "Right kidney"),
+        "kidney_left": translate("AbdomenSeg", "Left kidney"),
+        "pancreas": translate("AbdomenSeg", "Pancreas"),
+        "gallbladder": translate("AbdomenSeg", "Gallbladder"),
+        "stomach": translate("AbdomenSeg", "Stomach"),
+        "aorta": translate("AbdomenSeg", "Aorta"),
+        "inferior_vena_cava": translate("AbdomenSeg", "Inferior vena cava"),
+        "esophagus": translate("AbdomenSeg", "Esophagus"),
+        "portal_splenic_vein": translate("AbdomenSeg", "Portal and splenic vein"),
+        "adrenal_gland_right": translate("AbdomenSeg", "Right adrenal gland"),
+        "adrenal_gland_left": translate("AbdomenSeg", "Left adrenal gland"),
+        "urinary_bladder": translate("AbdomenSeg", "Urinary bladder"),
+    }
+
+
+def organ_choices(organ_names, translate=None) -> list:
+    """(machine name, shown name) for a model's organs, in its order: what the panel's organ list shows (the names
+    the segments get), while the engine is given the machine names."""
+    shown = translated_display_names(translate)
+    return [(name, shown.get(name, name)) for name in organ_names]

@@ -127,6 +127,16 @@ def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
     name = entry["name"]
     folder = models_dir / entry.get("path", name)
     inside(folder, models_dir, f"package of model '{name}'")
+    if not folder.exists() and isinstance(entry.get("download"), dict):
+        # A package published apart from the extension (model_store.py): installed in the user's model folder?
+        from AbdomenSegLib.models.locations import installed_folder
+
+        folder = installed_folder(entry)
+        if folder is None:
+            raise AbdomenSegError(
+                f"model '{name}' is not installed (it is published separately)",
+                f"install it with `abdomenseg models install {name}` or from the AbdomenSeg panel",
+            )
     card = read_card(folder)
     if card.name != name:  # find_model(name) must return the model of that name, not another
         raise AbdomenSegError(
@@ -304,8 +314,12 @@ def export_package(network, card_data: dict, out_dir, *, register_in=None, make_
         entries = index or {"default": card_data["name"], "models": []}
         entry = {"name": card_data["name"], "path": os.path.relpath(out_dir, register_in)}
         names = [e["name"] for e in entries["models"]]
-        if entry["name"] in names:  # re-export keeps the model's place in the list
-            entries["models"][names.index(entry["name"])] = entry
+        if entry["name"] in names:  # re-export keeps the model's place in the list, and its terms
+            old = entries["models"][names.index(entry["name"])]
+            # ... but not its download block: the published zip holds the weights exported before (model_store.py)
+            entries["models"][names.index(entry["name"])] = dict(
+                {k: v for k, v in old.items() if k != "download"}, **entry
+            )
         else:
             entries["models"].append(entry)
         if make_default:

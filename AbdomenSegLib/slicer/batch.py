@@ -44,6 +44,11 @@ def parse(argv):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
+        "--accept-terms",
+        action="store_true",
+        help="accept the model's non-permissive terms (the BTCV models: research use only; Resources/models/TERMS.md)",
+    )
+    parser.add_argument(
         "--no-qc-png", action="store_true", help="skip the result check's pictures (about 1 s per case)"
     )
     return parser.parse_args(argv)
@@ -55,13 +60,15 @@ def run(argv, scene, log: LogCallback = print) -> int:
 
     args = parse(argv)
     card = resolve(args.model, args.tta, quality=args.quality)  # refused once, before any case is read
+    _check_terms(card.name, args.accept_terms)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     from AbdomenSegLib.qc.outputs import QCFiles
     from AbdomenSegLib.slicer.logic import qc_report
 
     core = AbdomenSegCore(scene, log=log)
-    qc_files = QCFiles(out_dir / "qc", pictures=not args.no_qc_png)
+    pictures = not args.no_qc_png and can_draw(log)
+    qc_files = QCFiles(out_dir / "qc", pictures=pictures)
     cases, _ = expand_inputs(args.input)
     rows, failures = [], []
     for index, (name, path) in enumerate(cases, start=1):
@@ -77,9 +84,7 @@ def run(argv, scene, log: LogCallback = print) -> int:
             nodes.append(volume)
             seg = core.segment(volume, model=card, device=args.device, tta=args.tta, quality=args.quality)
             nodes.append(seg)
-            _write_segmentation(scene, seg, target)
-            report = qc_report(seg) or {}
-            _add_qc(qc_files, name, image, core.last_labels, report, str(target), log, f"[{index}/{len(cases)}]")
+            case_rows = []
             if args.reference:
                 ref_path = find_reference(Path(args.reference), name)
                 if ref_path is None:
@@ -91,7 +96,15 @@ def run(argv, scene, log: LogCallback = print) -> int:
                         seg, reference, volume_node=volume, reference_convention=args.reference_labels
                     )
                     nodes.append(table)
-                    rows += _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
+                    case_rows = _table_rows(table, name, seg.GetAttribute("AbdomenSeg.model"))
+            report = qc_report(seg) or {}
+            try:  # the result check is a by-product: it never fails a case that segmented
+                _add_qc(qc_files, name, image, core.last_labels, report, str(target), log, f"[{index}/{len(cases)}]")
+            except Exception as exc:
+                log(f"[{index}/{len(cases)}] {name}: warning: the result check could not be written ({exc})")
+            # Written last: an existing output means a finished case, which a re-run skips.
+            _write_segmentation(scene, seg, target)
+            rows += case_rows
             log(f"[{index}/{len(cases)}] {name} -> {target} ({time.time() - start:.1f} s)")
         except AbdomenSegError as exc:  # e.g. no organ found: this case fails, the others go on
             failures.append(name)
@@ -110,6 +123,34 @@ def run(argv, scene, log: LogCallback = print) -> int:
     if failures:
         log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
     return 1 if failures else 0
+
+
+def _check_terms(model: str, accepted: bool) -> None:
+    """Refuse a model whose terms are not permissive unless --accept-terms was given (the panel asks instead)."""
+    from AbdomenSegLib.models.store import terms_of, terms_to_accept
+
+    pending = [] if accepted else terms_to_accept(model, {})
+    if pending:
+        licences = "; ".join(f"{e['name']}: {terms_of(e).get('licence', 'not stated')}" for e in pending)
+        raise AbdomenSegError(
+            f"the model's terms need your acceptance ({licences})",
+            "read Resources/models/TERMS.md and pass --accept-terms to accept them",
+        )
+
+
+def can_draw(log: LogCallback = print) -> bool:
+    """True when matplotlib (the result check's pictures) imports. Slicer does not ship it (no
+    SuperBuild/External_python-matplotlib.cmake in Slicer v5.6.2-v5.12.0): there the pictures are skipped with a
+    note, and the rest of the result check (JSON, qc.csv) and the metrics are written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log(
+            "note: result check pictures skipped: matplotlib is not installed in this Python "
+            "(slicer.util.pip_install('matplotlib') adds them; --no-qc-png silences this note)"
+        )
+        return False
+    return True
 
 
 def _add_qc(qc_files, name, image, labels, report: dict, output: str, log, tag):

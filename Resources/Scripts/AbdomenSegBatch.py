@@ -1,6 +1,6 @@
 """Batch segmentation with 3D Slicer, no GUI:
 
-    Slicer --no-main-window --python-script <AbdomenSeg>/Resources/Scripts/AbdomenSegBatch.py --input DIR --output DIR [--reference DIR]
+    Slicer --no-main-window --python-script <AbdomenSeg>/Resources/Scripts/AbdomenSegBatch.py --input DIR --output DIR [--reference DIR] [--accept-terms]
 
 Writes <case>.seg.nrrd per input (and metrics.csv with --reference); exits non-zero if any case failed.
 
