@@ -130,24 +130,12 @@ class Trainer:
     def _load_data(self):
         """The cached cases, labels as network channels (self.cases: name -> (uint8 image, channel labels))."""
         from .channels import organs_to_channels
-        from .datasets import build_cache, cached_cases, split_cases
+        from .datasets import cached_cases, config_cache, split_cases
 
-        d, m = self.config["data"], self.config["model"]
-        cache_path = Path(d["cache"].format(name=self.config["name"]))
+        d = self.config["data"]
         if self.rank != 0:
             self._barrier()  # rank 0 builds the cache file first; the others then read it
-        arrays = build_cache(
-            d["root"],
-            cache_path,
-            spacing=m["spacing"],
-            intensity=m["intensity"],
-            convention=d["convention"],
-            input_intensity=d["input_intensity"],
-            orientation=m["orientation"],
-            direction=d["direction"],
-            region=d["region"],
-            log=self.log,
-        )
+        arrays = config_cache(self.config, log=self.log)
         if self.rank == 0:
             self._barrier()
         cases = cached_cases(arrays)
