@@ -12,6 +12,8 @@ change no parameter range: an organ's median (RandUnenhancedd) is read from a 25
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,7 @@ def draw_intensity(augment: dict, batch: int, g: torch.Generator, device) -> dic
     """Each sample's intensity augmentation parameters (see the module docstring for the ranges)."""
     a = augment
     return {
+        "blur_prob": a["blur_prob"],
         "scale_on": _coin(batch, a["intensity_prob"], g, device),
         "scale": _u(batch, -0.1, 0.1, g, device),
         "shift_on": _coin(batch, a["intensity_prob"], g, device),
@@ -71,7 +74,11 @@ def apply_intensity(image: torch.Tensor, p: dict, g: torch.Generator) -> torch.T
 
     image = torch.where(per_sample(p["scale_on"]), image * per_sample(1.0 + p["scale"]), image)
     image = torch.where(per_sample(p["shift_on"]), image + per_sample(p["shift"]), image)
-    if bool(p["blur_on"].any()):
+    if p["blur_prob"] > 0 and image.device.type == "cpu":  # the drawn samples alone (see ProjectAugmentations)
+        chosen = p["blur_on"].nonzero()[:, 0]
+        if chosen.numel():
+            image = image.index_copy(0, chosen, blur(image[chosen], p["blur_sigma"][chosen]))
+    elif p["blur_prob"] > 0:  # the config's probability: reading the draws back would wait for the GPU
         image = torch.where(per_sample(p["blur_on"]), blur(image, p["blur_sigma"]), image)
     low = image.amin((1, 2, 3, 4), keepdim=True)
     span = image.amax((1, 2, 3, 4), keepdim=True) - low
@@ -128,15 +135,28 @@ class ProjectAugmentations:
         }
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, p: dict, g: torch.Generator) -> tuple:
-        if self.prob["unenhanced"] > 0:
-            image = self._unenhance(image, label, p)
-        if self.prob["enlarge_spleen"] > 0 and self.spleen is not None:
-            image, label = self._enlarge(image, label, p)
-        if self.prob["renal_cyst"] > 0 and self.kidneys:
-            image, label = self._cyst(image, label, p, g)
+        for switch, prob, augmentation in (
+            ("unenhanced_on", self.prob["unenhanced"], self._unenhance),
+            ("enlarge_on", self.prob["enlarge_spleen"] if self.spleen is not None else 0.0, self._enlarge),
+            ("cyst_on", self.prob["renal_cyst"] if self.kidneys else 0.0, self._cyst),
+        ):
+            if prob <= 0:
+                continue
+            if image.device.type != "cpu":  # every sample, masked: choosing some would read the draws back
+                image, label = augmentation(image, label, p, g)
+                continue
+            # on the CPU the drawn samples alone: the arithmetic, not a GPU wait, is what costs there
+            chosen = p[switch].nonzero()[:, 0]
+            if chosen.numel():
+                batch = image.shape[0]
+                some = {
+                    k: v[chosen] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v for k, v in p.items()
+                }
+                done, moved = augmentation(image[chosen], label[chosen], some, g)
+                image, label = image.index_copy(0, chosen, done), label.index_copy(0, chosen, moved)
         return image, label
 
-    def _unenhance(self, image, label, p):
+    def _unenhance(self, image, label, p, g):
         """RandUnenhancedd: each enhanced organ pulled towards its unenhanced HU, its spread compressed, the
         change blurred by one voxel."""
         batch, c = label.shape[0], self.channels
@@ -160,9 +180,9 @@ class ProjectAugmentations:
         delta = at(alpha) * ((at(goal) - at(median)) + (at(p["squeeze"]) - 1.0) * (image - at(median)))
         delta = blur(delta, torch.ones(batch, 3, device=image.device))
         changed = (alpha > 0).any(1).reshape(-1, 1, 1, 1, 1)
-        return torch.where(changed, (image + delta).clamp(0.0, 1.0), image)
+        return torch.where(changed, (image + delta).clamp(0.0, 1.0), image), label
 
-    def _enlarge(self, image, label, p):
+    def _enlarge(self, image, label, p, g):
         """RandOrganEnlarged: a radial warp that magnifies the spleen by U(1.2, 1.9), fading out at `reach`."""
         batch, shape = label.shape[0], label.shape[1:]
         mm = mm_offsets(shape, self.spacing, label.device)
@@ -170,8 +190,10 @@ class ProjectAugmentations:
         n = organ.sum((1, 2, 3))
         centre = (organ[:, None] * mm[None]).sum((2, 3, 4)) / n.clamp(min=1)[:, None]
         offset = mm[None] - centre[:, :, None, None, None]
-        distance = offset.norm(dim=1) + 1e-6
-        bins = int(distance.max() / RADIUS_BIN_MM) + 2
+        distance = (offset**2).sum(1).sqrt() + 1e-6
+        bins = (
+            int(math.dist((0, 0, 0), [n * s for n, s in zip(shape, self.spacing)]) / RADIUS_BIN_MM) + 2
+        )  # no GPU read
         index = (distance / RADIUS_BIN_MM).long().reshape(batch, -1)
         hist = torch.zeros(batch, bins, device=label.device).scatter_add_(1, index, organ.reshape(batch, -1))
         radius = ((hist.cumsum(1) < 0.95 * n[:, None]).sum(1).float() + 0.5) * RADIUS_BIN_MM

@@ -124,6 +124,7 @@ def draw_spatial(augment: dict, flip_axes: list, batch: int, g: torch.Generator,
     sigma = _uniform(batch, 5.0, 8.0, g, device)
     magnitude = _uniform(batch, 50.0, 150.0, g, device)
     return {
+        "elastic_prob": a["elastic_prob"],
         "flips": flips,
         "affine": affine,
         "angles": angles,
@@ -156,7 +157,7 @@ def source_points(params: dict, starts: torch.Tensor, patch, spacing, g: torch.G
     a = a * mm[None, :, None].reciprocal() * mm[None, None, :]  # millimetres in, voxels out
     signs = 1.0 - 2.0 * params["flips"].float()
     points = torch.einsum("bij,zyxj->bzyxi", a, offsets) * signs[:, None, None, None, :]
-    if bool(params["elastic"].any()):
+    if params["elastic_prob"] > 0:  # the config's probability, not the draws: reading those would wait for the GPU
         coarse = [max(2, math.ceil(p / ELASTIC_SPACING) + 1) for p in patch]
         field = torch.randn(batch, 3, *coarse, generator=g, device=device)
         std = elastic_std(params["sigma"], params["magnitude"]) * params["elastic"]
@@ -236,7 +237,8 @@ class DevicePipeline:
 
         g = step_generator(self.seed, step, self.rank, self.device)
         b, d = self.batch_size, self.device
-        case = self.cases[int(torch.randint(len(self.cases), (1,), generator=g, device=d))]
+        # the case on the CPU (a draw on the GPU read back would make the CPU wait for the GPU every step)
+        case = self.cases[int(np.random.default_rng([self.seed, step, self.rank]).integers(len(self.cases)))]
         _, centres = draw_centres(case, self.ratios, b, g)
         spatial = draw_spatial(self.augment, self.flip_axes, b, g, d)
         intensity = draw_intensity(self.augment, b, g, d)

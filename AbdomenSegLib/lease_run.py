@@ -122,14 +122,15 @@ class LeaseRun:
             torch.cuda.synchronize()
 
 
-def _timed_steps(run: LeaseRun, first: int, count: int, peak: float) -> tuple:
+def _timed_steps(run: LeaseRun, first: int, count: int, warmup: int, peak: float) -> tuple:
     """(losses, steps/s over all but the first 5) of warm-up steps first..first+count-1."""
-    losses = [run.step(s, lease_lr(s, WARMUP, 10**9, peak)) for s in range(first, first + 5)]
+    untimed = min(5, count - 1)
+    losses = [run.step(s, lease_lr(s, warmup, 10**9, peak)) for s in range(first, first + untimed)]
     run.sync()
     start = time.perf_counter()
-    losses += [run.step(s, lease_lr(s, WARMUP, 10**9, peak)) for s in range(first + 5, first + count)]
+    losses += [run.step(s, lease_lr(s, warmup, 10**9, peak)) for s in range(first + untimed, first + count)]
     run.sync()
-    return losses, (count - 5) / (time.perf_counter() - start)
+    return losses, (count - untimed) / (time.perf_counter() - start)
 
 
 def run_lease(
@@ -139,6 +140,7 @@ def run_lease(
     device: str = "cuda",
     max_steps: int | None = None,
     validations: int = 4,
+    warmup: int = WARMUP,
     log=print,
 ) -> dict:
     """Train inside `budget_s` seconds from now and write the best weights (float32, in parts with a sha256
@@ -157,13 +159,13 @@ def run_lease(
     log(f"start: model-space Dice mean {best_mean:.4f} ({validation_s:.1f} s per validation)")
     train_s = 0.0
     t0 = time.time()
-    half = WARMUP // 2
-    losses, rate = _timed_steps(run, 0, half, peak)
+    half = warmup // 2
+    losses, rate = _timed_steps(run, 0, half, warmup, peak)
     probe = {"contiguous": round(rate, 3)}
     if run.device.type == "cuda":
         run.network.to(memory_format=torch.channels_last_3d)
         run.channels_last = True
-        more, rate_cl = _timed_steps(run, half, WARMUP - half, peak)
+        more, rate_cl = _timed_steps(run, half, warmup - half, warmup, peak)
         losses += more
         probe["channels_last_3d"] = round(rate_cl, 3)
         if rate_cl < rate:
@@ -171,22 +173,22 @@ def run_lease(
             run.channels_last = False
         rate = max(rate, rate_cl)
     else:
-        more, rate = _timed_steps(run, half, WARMUP - half, peak)
+        more, rate = _timed_steps(run, half, warmup - half, warmup, peak)
         losses += more
     train_s += time.time() - t0
-    total = WARMUP + plan_steps(deadline - time.time(), rate, validations, validation_s, RESERVE_S)
+    total = warmup + plan_steps(deadline - time.time(), rate, validations, validation_s, RESERVE_S)
     if max_steps:
         total = min(total, max_steps)
-    total = max(total, WARMUP)
-    val_every = max(1, (total - WARMUP) // validations)
+    total = max(total, warmup)
+    val_every = max(1, (total - warmup) // validations)
     log(f"step rate {probe} steps/s; training {total} steps, validating every {val_every}")
-    step, loss_log = WARMUP, [[s, float(v)] for s, v in enumerate(losses) if s % 10 == 0]
+    step, loss_log = warmup, [[s, float(v)] for s, v in enumerate(losses) if s % 10 == 0]
     while step < total and time.time() < deadline - RESERVE_S - validation_s:
         t0 = time.time()
         end = min(total, step + val_every)
         window = []
         while step < end and time.time() < deadline - RESERVE_S - validation_s:
-            window.append(run.step(step, lease_lr(step, WARMUP, total, peak)))
+            window.append(run.step(step, lease_lr(step, warmup, total, peak)))
             step += 1
             if step % 10 == 0:
                 loss_log.append([step, float(window[-1])])

@@ -148,9 +148,9 @@ def test_project_augmentations_change_what_they_should(tmp_path):
     y = torch.as_tensor(label, dtype=torch.long)[None]
     g = torch.Generator().manual_seed(3)
     p = project.draw(1, g)
-    washed = project._unenhance(x, y, p)
+    washed, _ = project._unenhance(x, y, p, g)
     assert washed[0, 0][y[0] == 1].median() < x[0, 0][y[0] == 1].median() - 0.2  # liver towards 55 HU
-    _, bigger = project._enlarge(x, y, p)
+    _, bigger = project._enlarge(x, y, p, g)
     assert (bigger == 2).sum() > 1.3 * (y == 2).sum()  # spleen x >= 1.2 linear: >= 1.7 x volume inside the patch
     painted, cyst = project._cyst(x, y, p, g)
     grew = (cyst != y) & (y == 0)

@@ -150,10 +150,10 @@ def test_a_lease_run_on_the_cpu_writes_what_comes_back(tmp_path):
     plan = {"config": config, "train_names": ["a", "b"], "val_names": ["c"], "cache": "cache.npz.xz"}
     plan |= {"weights": "init.safetensors", "init": {"name": "fresh"}}
     (lease / "plan.json").write_text(json.dumps(plan))
-    record = run_lease(lease, tmp_path / "out", budget_s=120, device="cpu", max_steps=34, log=lambda m: None)
+    record = run_lease(lease, tmp_path / "out", 120, "cpu", max_steps=14, warmup=12, log=lambda m: None)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["best.manifest.json", "best.part0", "curve.png", "history.json"]  # <= 8 files back
-    assert record["steps"] == 34 and [h["step"] for h in record["history"]][0] == 0
+    assert record["steps"] == 14 and [h["step"] for h in record["history"]][0] == 0
     back = reassemble(tmp_path / "out" / "best.manifest.json", tmp_path / "best.safetensors")
     from safetensors.torch import load_file
 

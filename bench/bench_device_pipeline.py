@@ -54,7 +54,9 @@ def network_step(trainer, x, y, dtype, channels_last: bool) -> float:
     return _timed(trainer.device, step)[1]
 
 
-def measure(config: dict, device: str, steps: int, warmup: int, workers: int, channels_last: bool) -> dict:
+def measure(
+    config: dict, device: str, steps: int, warmup: int, workers: int, channels_last: bool, batch_only: bool = False
+) -> dict:
     import torch
 
     from AbdomenSegLib.device_batches import DevicePipeline, autocast_dtype
@@ -74,13 +76,15 @@ def measure(config: dict, device: str, steps: int, warmup: int, workers: int, ch
         builds, nets = [], []
         for s in range(warmup + steps):
             (x, y), seconds = _timed(dev, lambda s=s, build=build: build(s))
-            net = network_step(trainer, x, y.long(), dtype, channels_last)
+            net = 0.0 if batch_only else network_step(trainer, x, y.long(), dtype, channels_last)
             if s >= warmup:
                 builds.append(seconds)
                 nets.append(net)
         b, n = sum(builds) / len(builds), sum(nets) / len(nets)
-        rows[name] = {
-            "batch_ms": round(1000 * b, 1),
+        rows[name] = {"batch_ms": round(1000 * b, 1)}
+        if batch_only:
+            continue
+        rows[name] |= {
             "network_ms": round(1000 * n, 1),
             "autocast": str(dtype).replace("torch.", "") if dtype else "float32",
             "steps_per_s_in_process": round(1 / (b + n), 3),
@@ -100,6 +104,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="override train.batch_size")
     p.add_argument("--patch", type=int, nargs=3, help="override train.patch (z y x)")
     p.add_argument("--channels-last", action="store_true", help="network and input in channels_last_3d")
+    p.add_argument("--batch-only", action="store_true", help="time the batches alone (no network step)")
     args = p.parse_args(argv)
 
     import torch
@@ -113,7 +118,7 @@ def main(argv=None):
     if args.patch:
         config["train"]["patch"] = args.patch
     torch.set_num_threads(int(config["train"]["threads"]))
-    rows = measure(config, args.device, args.steps, args.warmup, args.workers, args.channels_last)
+    rows = measure(config, args.device, args.steps, args.warmup, args.workers, args.channels_last, args.batch_only)
     hardware = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
     print(
         json.dumps(
@@ -125,6 +130,7 @@ def main(argv=None):
                 "batch_size": config["train"]["batch_size"],
                 "patch": config["train"]["patch"],
                 "channels_last": args.channels_last,
+                "augment": config["train"]["augment"],
                 **rows,
             },
             indent=1,

@@ -86,6 +86,9 @@ def prepare(config_path: str, aside: Path, log=print) -> dict:
         size = write_compact_cache(arrays, lease / "cache.npz.xz")
         log(f"compact cache: {len(names)} cases, {size / MIB:.1f} MiB ({time.time() - start:.0f} s)")
     wheel = _monai_wheel(lease / "wheels")
+    # each lease its own batches: a lease that is not kept leaves the same starting weights to the next one
+    leases = _logged_leases(ROOT / LOG)
+    config["train"]["seed"] = int(t["seed"]) + leases
     from AbdomenSegLib.lease import atomic_json
 
     atomic_json(
@@ -96,6 +99,7 @@ def prepare(config_path: str, aside: Path, log=print) -> dict:
             "val_names": val_names,
             "cache": "cache.npz.xz",
             "cache_settings": settings,
+            "lease_index": leases,
             "weights": "init.safetensors",
             "wheels": [f"wheels/{wheel.name}"],
             "init": {
@@ -116,6 +120,11 @@ def prepare(config_path: str, aside: Path, log=print) -> dict:
     )
     check_travel(size)
     return size
+
+
+def _logged_leases(path: Path) -> int:
+    """Rows of the campaign log (one per imported lease)."""
+    return sum(line.startswith("| 2") for line in path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _tracked(repo: Path) -> list:
