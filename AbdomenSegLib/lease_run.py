@@ -94,7 +94,8 @@ class LeaseRun:
         start = load_file(str(Path(lease_dir) / self.plan["weights"]))
         self.network.load_state_dict({k: v.float() for k, v in start.items()})
         self.optimizer = OPTIMIZERS[t["optimizer"]](self.network.parameters(), t)
-        self.loss = LOSSES[t["loss"]](len(self.organs) + 1, self.device, [])
+        train_labels = [self.cases[n][1] for n in self.plan["train_names"]]  # for losses that weigh the classes
+        self.loss = LOSSES[t["loss"]](len(self.organs) + 1, self.device, train_labels)
         self.pipeline = DevicePipeline(self.config, self.cases, self.plan["train_names"], self.device)
         self.inferer = inferer_for(draft_card(self.config))
         self.dtype = autocast_dtype(self.device)
