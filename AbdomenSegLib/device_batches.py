@@ -151,7 +151,8 @@ def source_points(params: dict, starts: torch.Tensor, patch, spacing, g: torch.G
     offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (pz, py, px, 3)
     mm = torch.as_tensor(spacing, dtype=torch.float32, device=device)
     shear = torch.eye(3, device=device).repeat(batch, 1, 1)
-    rows, cols = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 2, 0, 2, 0, 1])
+    rows = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    cols = torch.tensor([1, 2, 0, 2, 0, 1], device=device)
     shear[:, rows, cols] = params["shear"]
     a = rotation(params["angles"]) @ torch.diag_embed(params["scales"]) @ shear
     a = a * mm[None, :, None].reciprocal() * mm[None, None, :]  # millimetres in, voxels out

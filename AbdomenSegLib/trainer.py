@@ -176,10 +176,10 @@ class Trainer:
         if not hasattr(self, "_index_cache"):
             self._index_cache = {}
         if name not in self._index_cache:
-            from monai.transforms import map_classes_to_indices
+            from .train_recipe import crop_indices
 
             label = self.cases[name][1]
-            self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
+            self._index_cache[name] = crop_indices(label, self.config["train"]["patch"], self.channels)
         return self._index_cache[name]
 
     def item(self, name) -> dict:
