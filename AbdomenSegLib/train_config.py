@@ -403,6 +403,11 @@ def _check_train(t, dims):
             'config train.pipeline "device" builds 3D crops of cached real images only',
             'use train.pipeline "monai" for a 2D model or the synth trainer',
         )
+    if t["pipeline"] == "device" and t["loader_workers"]:
+        raise AbdomenSegError(
+            'config train.loader_workers is set for train.pipeline "device", which makes its batches on the device',
+            "set train.loader_workers to 0",
+        )
     if not isinstance(t["channels_last"], bool):
         raise AbdomenSegError(f"config train.channels_last is {t['channels_last']!r}", "set it to true or false")
     if t["init_from"] is not None and not isinstance(t["init_from"], str):

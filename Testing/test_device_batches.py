@@ -196,5 +196,7 @@ def test_the_device_pipeline_refuses_what_it_cannot_build(tmp_path):
         load_config(
             {"data": {"root": str(tmp_path)}, "model": two_d, "train": {"pipeline": "device", "patch": [3, 64, 64]}}
         )
+    with pytest.raises(AbdomenSegError, match="loader_workers to 0"):
+        load_config({"data": {"root": str(tmp_path)}, "train": {"pipeline": "device", "loader_workers": 4}})
     with pytest.raises(AbdomenSegError, match="train.pipeline"):
         load_config({"data": {"root": str(tmp_path)}, "train": {"pipeline": "gpu"}})
