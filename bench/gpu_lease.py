@@ -119,6 +119,7 @@ def prepare(config_path: str, aside: Path, log=print) -> dict:
         f" = {size['total']} bytes ({size['total'] / MIB:.2f} MiB of 64)"
     )
     check_travel(size)
+    log("after the lease, also if it fails: python bench/gpu_lease.py restore  (the weights are out of the checkout)")
     return size
 
 
