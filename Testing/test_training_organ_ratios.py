@@ -62,3 +62,20 @@ def test_organ_ratios_are_checked(tmp_path, ratios, message):
     with pytest.raises(AbdomenSegError, match=message):
         load_config(config)
     assert load_config({**config, "train": {"organ_ratios": {"spleen": 3}}})["train"]["organ_ratios"] == {"spleen": 3}
+
+
+def test_crops_of_a_case_smaller_than_the_patch_centre_on_their_class():
+    from monai import transforms as T
+
+    from AbdomenSegLib.training.recipe import crop_indices, sampling_and_spatial
+
+    config = _config({"spleen": 0.0}, background_ratio=0.0)  # every crop centred on the liver
+    label = np.zeros((1, 40, 10, 10), dtype=np.int64)  # padded to 16 in y and x, not in z
+    label[0, 30:34, 2:6, 2:6] = 1  # the liver at the far end in z
+    image = label.astype(np.float32)
+    chain = T.Compose(sampling_and_spatial(config))
+    indices = crop_indices(label[0], config["train"]["patch"], 3)
+    for seed in range(20):
+        chain.set_random_state(seed=seed)
+        out = chain({"image": image, "label": label, "label_cls_indices": indices})[0]
+        assert np.asarray(out["label"]).sum() > 0  # unpadded indices put all 20 crops far from it

@@ -187,3 +187,20 @@ def build_cache(
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(cache_file, **arrays)
     return arrays
+
+
+def config_cache(config: dict, log=print) -> dict:
+    """The cache of a training config (its data and model sections), as the trainer and a GPU lease build it."""
+    d, m = config["data"], config["model"]
+    return build_cache(
+        d["root"],
+        Path(d["cache"].format(name=config["name"])),
+        spacing=m["spacing"],
+        intensity=m["intensity"],
+        convention=d["convention"],
+        input_intensity=d["input_intensity"],
+        orientation=m["orientation"],
+        direction=d["direction"],
+        region=d["region"],
+        log=log,
+    )

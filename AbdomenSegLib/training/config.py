@@ -80,6 +80,11 @@ DEFAULT_CONFIG = {
         # Processes that make the batches ahead of the network (a torch DataLoader); 0 = in the training
         # process. Batch s is the same either way (seeded by the step), so a resumed run still matches.
         "loader_workers": 0,
+        # "monai": batches from the MONAI chain on the CPU (train_recipe.transforms); "device": the cache moved to
+        # the training device once and each batch built there with batched tensor ops (device_batches.py)
+        "pipeline": "monai",
+        # device pipeline: the network and its input in channels_last_3d (faster convolutions where measured so)
+        "channels_last": False,
         "init_from": None,
         # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
         # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
@@ -129,6 +134,7 @@ def choices() -> dict:
         ("train", "loss"): tuple(LOSSES),
         ("model", "modality"): ("CT", "MR"),
         ("train", "trainer"): ("standard", "synth"),
+        ("train", "pipeline"): ("monai", "device"),
     }
 
 
@@ -392,6 +398,18 @@ def _check_train(t, dims):
     _real(t["weight_decay"], "train.weight_decay", 0.0, math.inf)
     _real(t["background_ratio"], "train.background_ratio", 0.0, math.inf)
     _real(t["step_decay"]["gamma"], "train.step_decay.gamma", 0.0, 1.0, open_low=True)
+    if t["pipeline"] == "device" and (dims != 3 or t["trainer"] != "standard"):
+        raise AbdomenSegError(
+            'config train.pipeline "device" builds 3D crops of cached real images only',
+            'use train.pipeline "monai" for a 2D model or the synth trainer',
+        )
+    if t["pipeline"] == "device" and t["loader_workers"]:
+        raise AbdomenSegError(
+            'config train.loader_workers is set for train.pipeline "device", which makes its batches on the device',
+            "set train.loader_workers to 0",
+        )
+    if not isinstance(t["channels_last"], bool):
+        raise AbdomenSegError(f"config train.channels_last is {t['channels_last']!r}", "set it to true or false")
     if t["init_from"] is not None and not isinstance(t["init_from"], str):
         raise AbdomenSegError(
             f"config train.init_from {t['init_from']!r} is not a folder path",

@@ -110,6 +110,19 @@ def transforms(config: dict):
     )
 
 
+def crop_indices(label: np.ndarray, patch, channels: int) -> list:
+    """Each class's voxel indices for RandCropByLabelClasses' `indices_key`, in the volume as the chain hands it
+    over: padded to the patch first (SpatialPad, evenly), since the crop unravels these indices in the padded
+    shape. Indices of the unpadded volume put the crops of a case smaller than the patch elsewhere (the crop of
+    an organ near the far end of a 100 x 60 x 60 volume, padded to 80 in y and x, missed it 50 times in 50)."""
+    from monai.transforms import map_classes_to_indices
+
+    short = [max(0, int(p) - s) for p, s in zip(patch, label.shape)]
+    if any(short):
+        label = np.pad(label, [(d // 2, d - d // 2) for d in short])
+    return map_classes_to_indices(label[None], num_classes=channels)
+
+
 def sampling_and_spatial(config: dict, label_values: dict | None = None) -> list:
     """Padding to the patch, patches centred on each class in turn, and the spatial augmentations (image bilinear,
     label nearest). `label_values`: organ name -> its value in the label (default: the model's channels), for the

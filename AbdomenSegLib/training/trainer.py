@@ -62,8 +62,16 @@ class Trainer:
         self.loss = self.build_loss()
         self.step, self.best = 0, -1.0
         self.history = []
-        self.use_amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.use_amp, self.amp_dtype = self.device.type == "cuda", torch.float16
+        if t["pipeline"] == "device":
+            from AbdomenSegLib.training.device_batches import autocast_dtype
+
+            self.amp_dtype = autocast_dtype(self.device)
+            self.use_amp = self.amp_dtype is not None
+            if t["channels_last"]:
+                self.network.to(memory_format=torch.channels_last_3d)
+        # float16 needs loss scaling (its range is narrow); bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     # -- the recipe's seams ----------------------------------------------------------------------------------
     def build_network(self):
@@ -122,24 +130,12 @@ class Trainer:
     def _load_data(self):
         """The cached cases, labels as network channels (self.cases: name -> (uint8 image, channel labels))."""
         from AbdomenSegLib.core.channels import organs_to_channels
-        from AbdomenSegLib.preprocessing.datasets import build_cache, cached_cases, split_cases
+        from AbdomenSegLib.preprocessing.datasets import cached_cases, config_cache, split_cases
 
-        d, m = self.config["data"], self.config["model"]
-        cache_path = Path(d["cache"].format(name=self.config["name"]))
+        d = self.config["data"]
         if self.rank != 0:
             self._barrier()  # rank 0 builds the cache file first; the others then read it
-        arrays = build_cache(
-            d["root"],
-            cache_path,
-            spacing=m["spacing"],
-            intensity=m["intensity"],
-            convention=d["convention"],
-            input_intensity=d["input_intensity"],
-            orientation=m["orientation"],
-            direction=d["direction"],
-            region=d["region"],
-            log=self.log,
-        )
+        arrays = config_cache(self.config, log=self.log)
         if self.rank == 0:
             self._barrier()
         cases = cached_cases(arrays)
@@ -180,10 +176,10 @@ class Trainer:
         if not hasattr(self, "_index_cache"):
             self._index_cache = {}
         if name not in self._index_cache:
-            from monai.transforms import map_classes_to_indices
+            from AbdomenSegLib.training.recipe import crop_indices
 
             label = self.cases[name][1]
-            self._index_cache[name] = map_classes_to_indices(label[None], num_classes=self.channels)
+            self._index_cache[name] = crop_indices(label, self.config["train"]["patch"], self.channels)
         return self._index_cache[name]
 
     def item(self, name) -> dict:
@@ -226,8 +222,20 @@ class Trainer:
 
     def _batches(self, first: int, last: int):
         """(x, y) for steps first..last-1 in order: made here, or by `train.loader_workers` processes (worker w
-        makes the steps w, w + W, ...; the DataLoader hands them back in step order)."""
-        workers = int(self.config["train"].get("loader_workers", 0))
+        makes the steps w, w + W, ...; the DataLoader hands them back in step order), or on the device."""
+        import torch
+
+        t = self.config["train"]
+        if t["pipeline"] == "device":  # the cache moves to the device once, each batch is made there
+            if getattr(self, "device_pipeline", None) is None:
+                from AbdomenSegLib.training.device_batches import DevicePipeline
+
+                self.device_pipeline = DevicePipeline(self.config, self.cases, self.train_names, self.device, self.rank)
+            for step in range(first, last):
+                x, y = self.device_pipeline.batch(step)
+                yield (x.contiguous(memory_format=torch.channels_last_3d) if t["channels_last"] else x), y
+            return
+        workers = int(t.get("loader_workers", 0))
         if workers == 0:
             for step in range(first, last):
                 yield self.step_batch(step)
@@ -326,8 +334,9 @@ class Trainer:
         for x, y in self._batches(self.step, last):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).long()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
-                loss = self.loss(self.trainable(x), y)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = self.trainable(x)
+            loss = self.loss(logits.float(), y)  # softmax, log and Dice sums in float32
             self.scaler.scale(loss).backward()
             loss = loss.detach()
             self.scaler.step(self.optimizer)
