@@ -417,8 +417,9 @@ def _evaluate(args) -> int:
     import math
 
     from .batch import expand_inputs, find_reference
+    from .evaluation import REPORT_FIELDS, SUMMARY_FIELDS, evaluate_case, source_organs, summarize_apart
     from .io import read_image
-    from .metrics import check_convention, evaluate, format_table, summarize, write_csv
+    from .metrics import check_convention, format_table, write_csv
 
     if not math.isfinite(args.tolerance) or args.tolerance <= 0:
         raise AbdomenSegError(
@@ -426,7 +427,8 @@ def _evaluate(args) -> int:
             "give the surface Dice tolerance in mm, e.g. --tolerance 2",
         )
     organs = _organ_names(args.organs)
-    check_convention(args.reference_labels)
+    if args.reference_labels:
+        check_convention(args.reference_labels)
     check_convention(args.prediction_labels)
     predictions, batch = expand_inputs(args.prediction)
     distributed = _on_cluster(args, batch)
@@ -439,34 +441,34 @@ def _evaluate(args) -> int:
     if not batch and not ref.exists():
         raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
     csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
+    pairs = [(name, path, find_reference(ref, name) if batch else ref) for name, path in predictions]
+    # The references' numbering is named or detected (label_conventions.py) before any case is scored.
+    args.reference_labels = _reference_convention(args, [r for _, _, r in pairs if r is not None])
+    if organs is None:
+        from .organs import CONVENTIONS
+
+        defined = set(CONVENTIONS[args.reference_labels].values())
+        organs = [o for o in source_organs(args.prediction, args.prediction_labels) if o in defined]
     rows, failures, jobs = [], [], []
-    for index, (name, path) in enumerate(predictions, start=1):
-        ref_path = find_reference(ref, name) if batch else ref
+    for index, (name, path, ref_path) in enumerate(pairs, start=1):
+        tag = _case_tag(index, len(pairs), name)
         if ref_path is None:
-            _log(f"[{index}/{len(predictions)}] {name}: no reference in {ref}, skipped")
+            _log(f"{tag}: no reference in {ref}, skipped")
             continue
         if distributed:
             jobs.append((index, name, path, ref_path))
             continue
         try:
-            case_rows = evaluate(
-                read_image(path),
-                read_image(ref_path),
-                reference_convention=args.reference_labels,
-                prediction_convention=args.prediction_labels,
-                organs=organs,
-                tolerance_mm=args.tolerance,
-                case=name,
-                model=args.model_name,
-            )
+            case_rows = evaluate_case(read_image(path), read_image(ref_path), **_evaluate_settings(args, organs, name))
         except AbdomenSegError as exc:
             if not batch:
                 raise
             failures.append(name)
-            _log(f"[{index}/{len(predictions)}] {name}: error: {exc}")
+            _log(f"{tag}: error: {exc}")
             continue
         rows += case_rows
-        _log(f"[{index}/{len(predictions)}] {name} evaluated")
+        flags = case_rows[0].get("qc_flags") if case_rows else ""
+        _log(f"{tag} evaluated" + (f" FLAGGED: {flags}" if flags else ""))
         if not batch:
             print(format_table(case_rows))
     if jobs:
@@ -476,17 +478,17 @@ def _evaluate(args) -> int:
             "no prediction could be evaluated against a reference",
             "name references like the predictions" + (" and fix the errors above" if failures else ""),
         )
-    summary = summarize(rows)
+    summary = summarize_apart(rows)
     if batch:
-        print("organ                   cases  Dice mean±std    HD95 mm   NSD")
+        print("organ                      n  missed  extra  flagged  Dice mean±sd   HD95 mm   NSD")
         for s in summary:
             print(
-                f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
-                f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
+                f"{s['organ']:22s} {s['n']:5d}  {s['missed']:6d}  {s['extra']:5d}  {s['flagged']:7d}  "
+                f"{s['dice_mean']:.3f}±{s['dice_std']:.3f}  {s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
             )
     if csv_paths:
-        write_csv(rows, csv_paths[0])
-        write_csv(summary, csv_paths[1])
+        write_csv(rows, csv_paths[0], fields=list(REPORT_FIELDS))
+        write_csv(summary, csv_paths[1], fields=list(SUMMARY_FIELDS))
         _log(f"metrics: {csv_paths[0]}, summary: {csv_paths[1]}")
     if failures:
         _log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
@@ -494,12 +496,37 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _case_tag(index: int, total: int, name: str) -> str:
+    return f"[{index}/{total}] {name}"
+
+
+def _reference_convention(args, references) -> str:
+    """--reference-labels, or the convention the first reference shows (refused when it shows none or several)."""
+    from .io import read_image
+    from .label_conventions import resolve_convention
+
+    if args.reference_labels or not references:
+        return args.reference_labels or "abdomenseg"
+    return resolve_convention(read_image(references[0]), None, "reference", "--reference-labels", log=_log)
+
+
+def _evaluate_settings(args, organs, name) -> dict:
+    return {
+        "reference_convention": args.reference_labels,
+        "prediction_convention": args.prediction_labels,
+        "organs": organs,
+        "tolerance_mm": args.tolerance,
+        "case": name,
+        "model": args.model_name,
+    }
+
+
 def _evaluate_case(prediction, reference, settings) -> list:
     """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
+    from .evaluation import evaluate_case
     from .io import read_image
-    from .metrics import evaluate
 
-    return evaluate(read_image(prediction), read_image(reference), **settings)
+    return evaluate_case(read_image(prediction), read_image(reference), **settings)
 
 
 def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
@@ -509,18 +536,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
 
     results = {}
     items = [
-        (
-            str(Path(p).resolve()),
-            str(Path(r).resolve()),
-            {
-                "reference_convention": args.reference_labels,
-                "prediction_convention": args.prediction_labels,
-                "organs": organs,
-                "tolerance_mm": args.tolerance,
-                "case": name,
-                "model": args.model_name,
-            },
-        )
+        (str(Path(p).resolve()), str(Path(r).resolve()), _evaluate_settings(args, organs, name))
         for _, name, p, r in jobs
     ]
 
@@ -774,8 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="reference label map, or folder of them (matched by case name)")
     p.add_argument(
         "--reference-labels",
-        default="abdomenseg",
-        help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr",
+        default=None,
+        help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr (default: "
+        "detected from its values and its organs' places; refused when several or none fit)",
     )
     p.add_argument("--prediction-labels", default="abdomenseg", help="label convention of the prediction")
     p.add_argument("--organs", help="comma-separated organs to report (default: all the reference can hold)")

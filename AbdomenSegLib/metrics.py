@@ -139,20 +139,26 @@ def check_convention(convention: str) -> None:
         raise AbdomenSegError(f"unknown label convention '{convention}'", f"use one of: {', '.join(CONVENTIONS)}")
 
 
-def _check_label_map(image: sitk.Image, what: str, convention: str):
-    """Refuse an image that is not a label map of `convention`: a CT or MR given by mistake, or values
-    the convention does not define (scored as background they would give Dice 0 without a word).
-    Returns the map's value boxes (`_value_boxes`; None for a float map), which `evaluate` reuses."""
+def check_is_label_map(image: sitk.Image, what: str) -> tuple:
+    """(value boxes, distinct values) of a label map; a CT or MR given by mistake is refused."""
     array = sitk.GetArrayViewFromImage(image)
     boxes = _value_boxes(array)
     values = _distinct_values(array, boxes)
-    option = "--reference-labels" if what == "reference" else "--prediction-labels"
     if not np.all(values == np.round(values)) or values.min() < 0 or len(values) > _MAX_LABEL_VALUES:
         raise AbdomenSegError(
             f"the {what} is not a label map (values {values.min():g} to {values.max():g}, {len(values)} distinct): "
             "it looks like a scan",
             f"give the {what} as a label map with integer organ values",
         )
+    return boxes, values
+
+
+def _check_label_map(image: sitk.Image, what: str, convention: str):
+    """Refuse an image that is not a label map of `convention`: a CT or MR given by mistake, or values
+    the convention does not define (scored as background they would give Dice 0 without a word).
+    Returns the map's value boxes (`_value_boxes`; None for a float map), which `evaluate` reuses."""
+    boxes, values = check_is_label_map(image, what)
+    option = "--reference-labels" if what == "reference" else "--prediction-labels"
     top = int(values.max())
     if top > CONVENTION_MAX_VALUE[convention]:
         unknown = [int(v) for v in values if v > CONVENTION_MAX_VALUE[convention]]
@@ -396,8 +402,11 @@ def format_table(rows: list) -> str:
         f"{'organ':22s} {'status':12s} {'Dice':>6s} {'IoU':>6s} {'HD95mm':>7s} {'ASSDmm':>7s} {'NSD':>6s} {'Vpred mL':>9s} {'Vref mL':>9s}"
     ]
     for r in rows:
+        hd95, assd = (
+            f"{r[k]:7.{d}f}" if r[k] is not None else f"{'-':>7s}" for k, d in (("hd95_mm", 1), ("assd_mm", 2))
+        )
         lines.append(
-            f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {r['hd95_mm']:7.1f} "
-            f"{r['assd_mm']:7.2f} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}"
+            f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {hd95} "
+            f"{assd} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}"
         )
     return "\n".join(lines)

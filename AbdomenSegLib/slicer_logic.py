@@ -266,8 +266,9 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
 
     Segmentation nodes are matched segment by segment (terminology, then name). A labelmap's numbers
     mean nothing by themselves: BTCV's 1 is the spleen, ours the liver. They are read by the names in
-    its colour table (`FROM_COLOR_NAMES`, the default, refused when the table names no organ), or in
-    the dataset convention the user names; values the convention does not define are refused.
+    its colour table (`FROM_COLOR_NAMES`, the default), or in the dataset convention the user names; where the
+    table names no organ, the convention its values and organs' places fit (label_conventions.py), refused when
+    none or several fit. Values the convention does not define are refused.
     """
     from .metrics import _check_label_map, align_reference
     from .organs import convert_labels
@@ -282,9 +283,13 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
         )
     image = volume_node_to_image(reference_node)
     raw = sitk.GetArrayViewFromImage(image)
-    if convention == FROM_COLOR_NAMES:
-        array = _labels_by_color_names(reference_node, raw)
-    else:
+    array = _labels_by_color_names(reference_node, raw) if convention == FROM_COLOR_NAMES else None
+    if array is None:  # named, or detected from its values and organs' places (label_conventions.py)
+        from .label_conventions import resolve_convention
+
+        convention = resolve_convention(
+            image, None if convention == FROM_COLOR_NAMES else convention, "reference", "the reference labels choice"
+        )
         _check_label_map(image, "reference", convention)
         array = convert_labels(raw, convention)
     converted = sitk.GetImageFromArray(array)
@@ -303,13 +308,8 @@ def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
         if organ is not None:
             lut[value] = organ.label
             named[value] = organ.name
-    if not named:
-        what = f"colour table '{colors.GetName()}'" if colors is not None else "no colour table"
-        raise AbdomenSegError(
-            f"the reference labelmap '{labelmap_node.GetName()}' has {what}, which names none of its values "
-            "as an organ",
-            "choose the reference's label convention (abdomenseg, btcv, chaos, totalseg, totalseg_mr)",
-        )
+    if not named:  # the colour table names no organ: the caller names or detects the convention
+        return None
     out = np.zeros(raw.shape, dtype=np.uint8)
     inside = (raw > 0) & (raw < len(lut))
     out[inside] = lut[raw[inside].astype(np.int64)]

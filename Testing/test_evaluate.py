@@ -1,0 +1,130 @@
+"""Issue 27: `evaluate` and `compare` never give a silently wrong number (label conventions detected or named,
+missed/extra organs counted apart, the result check beside every case)."""
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AbdomenSegLib.cli import main
+from AbdomenSegLib.label_conventions import detect_convention, split_source
+from AbdomenSegLib.organs import convert_labels
+from helpers import shared
+
+TRUE_BTCV_DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _ours(reference: sitk.Image, convention: str) -> sitk.Image:
+    """A reference re-numbered into our organ table: a perfect 'prediction' in our convention."""
+    out = sitk.GetImageFromArray(convert_labels(sitk.GetArrayFromImage(reference), convention))
+    out.CopyInformation(reference)
+    return out
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_shared_reference_shows_its_own_convention():
+    """All 24 BTCV (raw headers, AP reversed), all 16 CHAOS and TotalSegmentator's CT and MR maps: detected as
+    their dataset's numbering, and our own numbering as ours."""
+    expected = {"btcv_ct": "btcv", "chaos_mr_t2": "chaos"}
+    for folder, convention in expected.items():
+        for path in sorted(shared(folder, "labels").iterdir()):
+            image = sitk.ReadImage(str(path))
+            assert detect_convention(image)[0] == convention, path.name
+            if folder == "btcv_ct" and path.name < "btcv_img0005":
+                assert detect_convention(_ours(image, "btcv"))[0] == "abdomenseg", path.name
+    assert detect_convention(sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz"))))[
+        0
+    ] == ("totalseg")
+    assert detect_convention(sitk.ReadImage(str(shared("totalseg_example", "example_seg_mr.nii.gz"))))[0] == (
+        "totalseg_mr"
+    )
+
+
+def test_btcv_reference_without_its_convention_is_not_scored_as_ours(tmp_path, capsys):
+    """The issue: `evaluate out/ ref/` on BTCV references gave liver, spleen, kidneys 0.000 with exit 0. Now the
+    references' numbering is detected (and said), so a perfect prediction scores 1."""
+    ref = shared("btcv_ct", "labels", "btcv_img0001.nii.gz")
+    reference = sitk.ReadImage(str(ref))
+    (tmp_path / "ref").mkdir(), (tmp_path / "out").mkdir()
+    sitk.WriteImage(reference, str(tmp_path / "ref" / "btcv_img0001.nii.gz"))
+    sitk.WriteImage(_ours(reference, "btcv"), str(tmp_path / "out" / "btcv_img0001.nii.gz"))
+    code = main(["evaluate", str(tmp_path / "out"), str(tmp_path / "ref"), "--csv", str(tmp_path / "y.csv")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "reference label convention: btcv" in err
+    rows = {r["organ"]: r for r in _read_csv(tmp_path / "y.csv")}
+    for organ in ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach"):
+        assert float(rows[organ]["dice"]) == pytest.approx(1.0), organ
+
+
+def test_a_reference_that_fits_several_conventions_is_refused_before_work(tmp_path, capsys):
+    """dcmqi's one-organ liver map (value 1): liver in ours and CHAOS's, spleen in BTCV's and TotalSegmentator's:
+    refused with the candidates, unless named."""
+    ref = shared("dcmqi_ct3slice", "liver_seg.nrrd")
+    code = main(["evaluate", str(ref), str(ref)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the reference's label convention cannot be told")
+    assert "abdomenseg and btcv and chaos" in err and "--reference-labels" in err
+    assert main(["evaluate", str(ref), str(ref), "--reference-labels", "abdomenseg"]) == 0
+
+
+def test_prediction_source_and_convention_parse():
+    assert split_source("/data/ts_out:totalseg") == ("/data/ts_out", "totalseg")
+    assert split_source("/data/with:colon") == ("/data/with:colon", None)
+    assert split_source("refs") == ("refs", None)
+
+
+def test_flipped_btcv_prediction_is_flagged_in_the_tables(tmp_path, capsys):
+    """A prediction whose header reverses the AP axis (BTCV's stored header) is marked by the result check in the
+    metrics CSV, not averaged in silently."""
+    ref = shared("btcv_ct", "labels", "btcv_img0001.nii.gz")
+    reference = sitk.ReadImage(str(ref))
+    (tmp_path / "ref").mkdir(), (tmp_path / "out").mkdir()
+    sitk.WriteImage(reference, str(tmp_path / "ref" / "a.nii.gz"))
+    sitk.WriteImage(_ours(reference, "btcv"), str(tmp_path / "out" / "a.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "ref"), "--csv", str(tmp_path / "y.csv")]) == 0
+    rows = _read_csv(tmp_path / "y.csv")
+    assert all(int(r["qc_warnings"]) > 0 for r in rows) and "anterior" in rows[0]["qc_flags"]
+    summary = _read_csv(tmp_path / "y_summary.csv")
+    assert all(int(s["flagged"]) == 1 for s in summary)
+    assert "FLAGGED" in capsys.readouterr().err
+    # With the true direction, nothing is flagged.
+    for folder in ("ref", "out"):
+        image = sitk.ReadImage(str(tmp_path / folder / "a.nii.gz"))
+        image.SetDirection(TRUE_BTCV_DIRECTION)
+        sitk.WriteImage(image, str(tmp_path / folder / "a.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "ref"), "--csv", str(tmp_path / "z.csv")]) == 0
+    assert all(r["qc_warnings"] == "0" for r in _read_csv(tmp_path / "z.csv"))
+
+
+def test_missed_and_extra_organs_are_counted_apart(tmp_path, capsys):
+    """One missed gallbladder made a cohort's HD95 mean 267.6 mm: now the gallbladder's mean is over the cases
+    that hold it in both maps, the miss is counted, and the missed row has no distance."""
+    names = ["btcv_img0001", "btcv_img0002", "btcv_img0003"]
+    (tmp_path / "ref").mkdir(), (tmp_path / "out").mkdir()
+    for i, name in enumerate(names):
+        reference = sitk.ReadImage(str(shared("btcv_ct", "labels", f"{name}.nii.gz")))
+        reference.SetDirection(TRUE_BTCV_DIRECTION)
+        ours = sitk.GetArrayFromImage(_ours(reference, "btcv"))
+        if i == 0:
+            ours[ours == 6] = 0  # the gallbladder missed
+        pred = sitk.GetImageFromArray(ours)
+        pred.CopyInformation(reference)
+        sitk.WriteImage(reference, str(tmp_path / "ref" / f"{name}.nii.gz"))
+        sitk.WriteImage(pred, str(tmp_path / "out" / f"{name}.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "ref"), "--csv", str(tmp_path / "y.csv")]) == 0
+    rows = {(r["case"], r["organ"]): r for r in _read_csv(tmp_path / "y.csv")}
+    missed = rows[(names[0], "gallbladder")]
+    assert missed["status"] == "missing_pred" and missed["hd95_mm"] == "" and missed["assd_mm"] == ""
+    summary = {s["organ"]: s for s in _read_csv(tmp_path / "y_summary.csv")}
+    gallbladder = summary["gallbladder"]
+    assert gallbladder["missed"] == "1" and gallbladder["n"] == str(len(names) - 1)
+    assert float(gallbladder["hd95_mm_mean"]) == pytest.approx(0.0) and float(gallbladder["dice_mean"]) == 1.0
+    assert "urinary_bladder" not in summary
+    out = capsys.readouterr().out
+    assert "missed" in out and np.isfinite(float(gallbladder["dice_mean"]))
