@@ -127,6 +127,16 @@ def _segment(args) -> int:
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
     card = resolve(args.model, args.tta, quality=args.quality)
     stages = _cascade_stages(card, args.quality, distributed)
+    if batch and not args.overwrite:  # a folder holding another run's outputs is refused before any work
+        from .manifest import check_same_run, run_options
+
+        check_same_run(
+            output,
+            model=card.name,
+            sha256=card.get("sha256", ""),
+            quality=args.quality,
+            options=run_options(_options(args, _organ_names(args.organs))),
+        )
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from .read_ahead import ReadAhead
@@ -139,6 +149,20 @@ def _segment(args) -> int:
     # (an ensemble's members each prepare the scan for their own grid)
     with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
+
+
+def _options(args, organs):
+    """The segmentation choices of a `segment` command (what the manifest records as the run's options)."""
+    from .inference import Options
+
+    return Options(
+        input_intensity=args.input_intensity,
+        organs=organs,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
+        precision=args.precision,
+        tta=args.tta,
+    )
 
 
 def _identity(segmenter):
@@ -167,20 +191,12 @@ def _cascade_stages(card, quality, distributed):
 
 
 def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) -> int:
-    from .inference import Options, get_segmenter
-    from .manifest import Manifest, case_row, device_label
+    from .inference import get_segmenter
+    from .manifest import Manifest, case_row, device_label, run_options
     from .precision import resolve_precision
     from .qc_outputs import check_and_record, summary_lines
 
-    organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
-    options = Options(
-        input_intensity=args.input_intensity,
-        organs=organs,
-        largest_component=args.largest_component,
-        fill_holes=args.fill_holes,
-        precision=args.precision,
-        tta=args.tta,
-    )
+    options = _options(args, _organ_names(args.organs, allowed=list(card["labels"].values())))
     json_lines = getattr(args, "json_lines", None)
     if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
         segmenter, device = None, ""
@@ -195,7 +211,12 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
             + (f", fine second stage {fine.card.name} on the small organs' region" if fine else "")
         )
         device = device_label(segmenter.device)
-    model = {"model": card.name, "sha256": card.get("sha256", "")}
+    model = {
+        "model": card.name,
+        "sha256": card.get("sha256", ""),
+        "quality": args.quality,
+        "options": run_options(options),
+    }
     if segmenter:
         from .cascade import made_by
 

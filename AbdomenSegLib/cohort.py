@@ -14,6 +14,7 @@ another worker, which takes over the dead worker's lock, and the run removes the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -231,7 +232,8 @@ def segment_case(name: str, src: str, dst: str, settings: dict) -> dict:
     from .manifest import case_row, device_label
 
     start = time.time()
-    common = {"model": settings["model_name"], "sha256": settings["sha256"]}
+    common = {"model": settings["model_name"], "sha256": settings["sha256"], "quality": settings.get("quality", "")}
+    common["options"] = json.dumps(settings["options"], sort_keys=True) if settings.get("options") else ""
     device = ""
     try:
         segmenter = _segmenter(settings)
@@ -495,6 +497,7 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
         "sha256": card.get("sha256", ""),
         "device": args.device,
         "options": asdict(options),
+        "quality": args.quality,
         "overwrite": args.overwrite,
         "qc_folder": str(Path(qc_folder).resolve()),
         "pictures": pictures,

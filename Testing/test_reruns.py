@@ -1,0 +1,39 @@
+"""Issue 27: a folder re-run cannot mix models. The issue's run (`segment u8/ out_a/ --model other` into a folder of
+another model's outputs) said "3 skipped", exit 0, and left the other model's outputs and manifest."""
+
+import json
+
+from AbdomenSegLib.cli import main
+from AbdomenSegLib.manifest import read_manifest
+from helpers import write_phantom_dataset
+
+
+def _stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.nii.gz")}
+
+
+def test_a_rerun_with_another_model_or_options_is_refused_before_work(
+    tmp_path, tiny_package, background_only_package, capsys
+):
+    images, _ = write_phantom_dataset(tmp_path)
+    out = tmp_path / "out"
+    args = ["segment", str(images), str(out), "--model", str(tiny_package.path), "--no-qc-png"]
+    assert main(args) in (0, 3)
+    rows = read_manifest(out / "manifest.csv")
+    assert {r["model"] for r in rows.values()} == {"tiny-test"}
+    assert {r["quality"] for r in rows.values()} == {"standard"}
+    assert json.loads(rows["case0"]["options"])["fill_holes"] is False
+    before, manifest = _stamps(out), (out / "manifest.csv").read_bytes()
+    capsys.readouterr()
+    # The same run again resumes (skips), as before.
+    assert main(args) in (0, 3) and "skipped" in capsys.readouterr().err
+    # Another model, or other options, into the same folder: refused, nothing touched.
+    other = ["segment", str(images), str(out), "--model", str(background_only_package.path), "--no-qc-png"]
+    for argv in (other, args + ["--fill-holes"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "holds outputs of another run" in err and "--overwrite" in err
+        assert _stamps(out) == before and (out / "manifest.csv").read_bytes() == manifest
+    # --overwrite replaces them, and the manifest says so.
+    assert main(other + ["--overwrite"]) in (0, 3)
+    assert {r["model"] for r in read_manifest(out / "manifest.csv").values()} == {"background-only"}
