@@ -629,26 +629,45 @@ def _phantom(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import run_comparison
+    from .compare import OUTPUTS, compare_predictions, markdown_table, run_comparison
 
-    summary = run_comparison(
-        [m.strip() for m in args.models.split(",")],
-        args.data,
-        args.labels,
-        args.out,
-        cases=args.cases.split(",") if args.cases else None,
-        cases_from=args.cases_from,
-        input_intensity=args.input_intensity,
-        device=args.device,
-        overwrite=args.overwrite,
-        tta=args.tta,
-        log=_log,
-        mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
-    )
-    from .compare import markdown_table
+    if bool(args.models) == bool(args.predictions):
+        raise AbdomenSegError(
+            "compare needs either --models (segment a dataset with our models) or --predictions (score existing "
+            "outputs)",
+            "give one of them: --models a,b --data DIR, or --predictions NAME=DIR[:convention] ... --reference DIR",
+        )
+    if args.predictions:
+        if not args.reference or args.data or args.keep_predictions:
+            raise AbdomenSegError(
+                "--predictions scores existing outputs against --reference (and takes no --data or "
+                "--keep-predictions)",
+                "give --reference DIR[:convention] with --predictions",
+            )
+        summary = compare_predictions(args.predictions, args.reference, args.out, overwrite=args.overwrite, log=_log)
+    else:
+        if not args.data:
+            raise AbdomenSegError("--models needs --data", "give the dataset folder (images/ + labels/) with --data")
+        summary = run_comparison(
+            [m.strip() for m in args.models.split(",")],
+            args.data,
+            args.labels,
+            args.out,
+            cases=args.cases.split(",") if args.cases else None,
+            cases_from=args.cases_from,
+            input_intensity=args.input_intensity,
+            device=args.device,
+            overwrite=args.overwrite,
+            tta=args.tta,
+            keep_predictions=args.keep_predictions,
+            log=_log,
+            mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
+        )
+    from .evaluation import wide_markdown
 
-    print(markdown_table(summary))
-    _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
+    print(wide_markdown(summary), end="")
+    print(markdown_table(summary), end="")
+    _log(f"written: {', '.join(f'{args.out}/{name}' for name in OUTPUTS)}")
     return 0
 
 
@@ -824,15 +843,40 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
+    p = sub.add_parser(
+        "compare",
+        help="score several models or tools on the same cases: tables (CSV, Markdown), paired tests, box plot",
+    )
     p.add_argument(
         "--models",
-        required=True,
-        help="comma-separated model names or package folders; a+b is an ensemble of a and b, compared as one model",
+        help="segment --data with these: comma-separated model names or package folders; a+b is an ensemble of a "
+        "and b, compared as one model",
     )
-    p.add_argument("--data", required=True, help="dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
-    p.add_argument("--labels", required=True, help="label convention of the dataset: abdomenseg, btcv, chaos, totalseg")
-    p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")
+    p.add_argument(
+        "--predictions",
+        action="append",
+        metavar="NAME=DIR[:convention]",
+        help="score existing outputs of any tool (repeat per source): label maps named like the reference's cases "
+        "(ours, nnU-Net, TotalSegmentator --ml, DICOM SEG), or per case a folder of one mask per structure "
+        "(TotalSegmentator's default); the convention is detected when not named",
+    )
+    p.add_argument("--reference", help="with --predictions: reference label maps, DIR[:convention] or one file")
+    p.add_argument("--data", help="with --models: dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
+    p.add_argument(
+        "--labels",
+        help="label convention of the dataset's labels: abdomenseg, btcv, chaos, totalseg, totalseg_mr (default: "
+        "detected; refused when several or none fit)",
+    )
+    p.add_argument(
+        "--keep-predictions",
+        action="store_true",
+        help="with --models: also write each model's labels to <out>/predictions/<model>/<case>.nii.gz",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for metrics.csv, comparison.csv/.md, comparison_wide.csv, paired_tests.csv, dice_boxplot.png",
+    )
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--cases-from", help="use this model's validation split (recorded in its card)")
     p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES)

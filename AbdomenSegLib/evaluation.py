@@ -26,6 +26,7 @@ SUMMARY_METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice", "volume_
 SUMMARY_FIELDS = (
     "model",
     "organ",
+    "cases",
     "n",
     "missed",
     "extra",
@@ -70,6 +71,7 @@ def summarize_apart(rows: list) -> list:
         entry = {
             "model": model,
             "organ": organ,
+            "cases": len(items),
             "n": len(both),
             "missed": sum(i["status"] == MISSED for i in items),
             "extra": sum(i["status"] == EXTRA for i in items),
@@ -154,7 +156,7 @@ def paired_tests(rows: list, metric: str = "dice") -> list:
     return tests
 
 
-def write_tables(rows: list, folder, *, summary_name: str = "comparison") -> dict:
+def write_tables(rows: list, folder, *, summary_name: str = "comparison", markdown_first=None) -> dict:
     """metrics.csv (case x organ x model), <summary_name>.csv (long), <summary_name>_wide.csv and .md (organ rows x
     model columns), paired_tests.csv; returns {name: path}."""
     folder = Path(folder)
@@ -166,7 +168,8 @@ def write_tables(rows: list, folder, *, summary_name: str = "comparison") -> dic
     columns, wide = wide_rows(summary)
     paths["wide"] = write_csv(wide, folder / f"{summary_name}_wide.csv", fields=columns)
     with atomic_output(folder / f"{summary_name}.md") as tmp:
-        Path(tmp).write_text(markdown_report(summary, rows), encoding="utf-8")
+        first = markdown_first(summary) + "\n" if markdown_first else ""
+        Path(tmp).write_text(first + markdown_report(summary, rows), encoding="utf-8")
     paths["markdown"] = folder / f"{summary_name}.md"
     paths["tests"] = write_csv(
         paired_tests(rows),
@@ -234,3 +237,20 @@ def evaluate_case(prediction: sitk.Image, reference: sitk.Image, **settings) -> 
     convention = settings.get("prediction_convention", "abdomenseg")
     organs = settings.get("organs") or [r["organ"] for r in rows]
     return report_rows(rows, case_check(prediction, convention, organs))
+
+
+class CaseClock:
+    """`[3/12] name (4.1 s; elapsed 12 s, about 37 s left)`: one line per case for logs a script reads."""
+
+    def __init__(self, total: int):
+        import time
+
+        self.total, self.start, self._time = total, time.monotonic(), time.monotonic
+        self.last = self.start
+
+    def line(self, index: int, name: str) -> str:
+        now = self._time()
+        case, elapsed = now - self.last, now - self.start
+        self.last = now
+        left = elapsed / index * (self.total - index) if index else 0.0
+        return f"[{index}/{self.total}] {name} ({case:.1f} s; elapsed {elapsed:.0f} s, about {left:.0f} s left)"

@@ -128,3 +128,105 @@ def test_missed_and_extra_organs_are_counted_apart(tmp_path, capsys):
     assert "urinary_bladder" not in summary
     out = capsys.readouterr().out
     assert "missed" in out and np.isfinite(float(gallbladder["dice_mean"]))
+
+
+# -- compare ------------------------------------------------------------------------------------------------------
+def _totalseg_layout(tmp_path):
+    """TotalSegmentator's example CT labels as the reference; as predictions: the same map as TotalSegmentator's
+    per-structure mask folder (its default output: `<structure>.nii.gz`) and as its multi-label file, and a map in
+    our numbering from a folder whose manifest names our 13-organ model (which segments no urinary bladder)."""
+    labels = sitk.ReadImage(str(shared("totalseg_example", "example_seg_fast_force_split.nii.gz")))
+    array = sitk.GetArrayFromImage(labels)
+    (tmp_path / "ref").mkdir(), (tmp_path / "ts_ml").mkdir(), (tmp_path / "ours").mkdir()
+    sitk.WriteImage(labels, str(tmp_path / "ref" / "example.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "ts_ml" / "example.nii.gz"))
+    masks = tmp_path / "ts_masks" / "example"
+    masks.mkdir(parents=True)
+    names = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 21: "urinary_bladder", 52: "aorta"}
+    names.update({4: "gallbladder", 6: "stomach", 7: "pancreas", 10: "lung_upper_lobe_left"})
+    for value, name in names.items():
+        mask = sitk.GetImageFromArray((array == value).astype(np.uint8))
+        mask.CopyInformation(labels)
+        sitk.WriteImage(mask, str(masks / f"{name}.nii.gz"))
+    ours = sitk.GetArrayFromImage(_ours(labels, "totalseg"))
+    ours[ours == 6] = 0  # our prediction misses the gallbladder
+    ours[ours == 14] = 0  # and holds no bladder (the model does not segment it)
+    pred = sitk.GetImageFromArray(ours)
+    pred.CopyInformation(labels)
+    sitk.WriteImage(pred, str(tmp_path / "ours" / "example.nii.gz"))
+    (tmp_path / "ours" / "manifest.csv").write_text(
+        "case,input,output,status,model,sha256\nexample,x,y,done,btcv-ct-3d-unet,\n", encoding="utf-8"
+    )
+    return tmp_path
+
+
+def test_compare_scores_other_tools_outputs_on_the_organs_both_define(tmp_path, capsys):
+    """The issue: against TotalSegmentator's labels, the urinary bladder (no shipped model segments it) entered the
+    tables as missed. Now each source is scored on the organs it and the reference define, one case is enough for
+    every table, and the paired test says its n."""
+    d = _totalseg_layout(tmp_path)
+    out = d / "cmp"
+    argv = ["compare", "--out", str(out), "--reference", str(d / "ref")]
+    argv += ["--predictions", f"ts-masks={d / 'ts_masks'}", "--predictions", f"ts-ml={d / 'ts_ml'}:totalseg"]
+    argv += ["--predictions", f"ours={d / 'ours'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "reference label convention: totalseg" in captured.err
+    rows = _read_csv(out / "metrics.csv")
+    by = {(r["model"], r["organ"]): r for r in rows}
+    assert float(by[("ts-masks", "urinary_bladder")]["dice"]) == 1.0 and float(by[("ts-ml", "liver")]["dice"]) == 1.0
+    assert ("ours", "urinary_bladder") not in by  # not an organ our model segments: not a miss
+    assert by[("ours", "gallbladder")]["status"] == "missing_pred" and by[("ours", "gallbladder")]["hd95_mm"] == ""
+    wide = _read_csv(out / "comparison_wide.csv")
+    assert [r["organ"] for r in wide][-1] == "mean" and set(wide[0]) == {"organ", "ts-masks", "ts-ml", "ours"}
+    gallbladder = next(r for r in wide if r["organ"] == "gallbladder")
+    assert gallbladder["ours"] == "– (n=0, 1 missed)" and gallbladder["ts-ml"].startswith("1.000 ± 0.000 (n=1")
+    tests = {(t["organ"], t["model_a"], t["model_b"]): t for t in _read_csv(out / "paired_tests.csv")}
+    assert tests[("liver", "ours", "ts-masks")]["n"] == "1" and tests[("liver", "ours", "ts-masks")]["wilcoxon_p"] in (
+        "",
+        "nan",
+    )
+    assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "comparison.md").read_text(encoding="utf-8")
+    assert md.startswith("| model | organ | n | missed |") and "| organ | ts-masks | ts-ml | ours |" in md
+    assert "| organ |" in captured.out
+
+
+def test_paired_wilcoxon_per_organ_with_n():
+    from scipy.stats import wilcoxon
+
+    from AbdomenSegLib.evaluation import paired_tests
+
+    a = [0.90, 0.85, 0.80, 0.95, 0.70]
+    b = [0.80, 0.84, 0.60, 0.90, 0.71]
+    rows = [{"case": f"c{i}", "organ": "liver", "model": "a", "status": "ok", "dice": v} for i, v in enumerate(a)]
+    rows += [{"case": f"c{i}", "organ": "liver", "model": "b", "status": "ok", "dice": v} for i, v in enumerate(b)]
+    rows.append({"case": "c9", "organ": "liver", "model": "a", "status": "ok", "dice": 0.5})  # b lacks it: unpaired
+    (test,) = paired_tests(rows)
+    assert test["n"] == 5 and test["wilcoxon_p"] == pytest.approx(wilcoxon(np.subtract(a, b)).pvalue)
+
+
+def test_compare_corrects_btcv_headers_as_segment_does():
+    """The issue's `compare --models btcv-ct-3d-unet --data btcv_ct` without --cases-from read the BTCV files with
+    their wrong header (kidneys 0.000): the direction fix now comes from the compared model's training config."""
+    from AbdomenSegLib.compare import _dataset_direction
+    from AbdomenSegLib.models import find_model
+
+    card = find_model("btcv-ct-3d-unet")
+    assert _dataset_direction(shared("btcv_ct"), [card], log=lambda m: None) == list(TRUE_BTCV_DIRECTION)
+    assert _dataset_direction(shared("chaos_mr_t2"), [card], log=lambda m: None) is None
+
+
+@pytest.mark.slow
+def test_compare_btcv_model_on_btcv_without_cases_from_scores_the_kidneys(tmp_path, capsys):
+    """End to end on one BTCV case with the shipped model, the issue's command (kidneys 0.000/0.000 before; with
+    the header fixed by hand 0.847/0.954)."""
+    argv = ["compare", "--models", "btcv-ct-3d-unet", "--data", str(shared("btcv_ct")), "--labels", "btcv"]
+    argv += ["--input-intensity", "btcv_uint8", "--cases", "btcv_img0001", "--out", str(tmp_path / "c")]
+    argv += ["--device", "cpu", "--keep-predictions"]
+    assert main(argv) == 0
+    rows = {r["organ"]: r for r in _read_csv(tmp_path / "c" / "metrics.csv")}
+    assert float(rows["kidney_right"]["dice"]) > 0.7 and float(rows["kidney_left"]["dice"]) > 0.7
+    kept = sitk.ReadImage(str(tmp_path / "c" / "predictions" / "btcv-ct-3d-unet" / "btcv_img0001.nii.gz"))
+    scan = sitk.ReadImage(str(shared("btcv_ct", "images", "btcv_img0001.nii.gz")))
+    assert kept.GetSize() == scan.GetSize() and kept.GetDirection() == scan.GetDirection()
