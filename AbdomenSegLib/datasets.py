@@ -118,6 +118,7 @@ def cache_case(
     """(uint8 model-space image, organ labels) of a case; with a `region` (region.py: {"organs", "margin_mm"}) only
     the box around those organs of its reference, the way a cascade's second stage sees it (cascade.py)."""
     image, label = read_case(image_path, label_path, direction)
+    check_mapped(label, convention, label_path)
     if region:
         from .region import reference_crop
 
@@ -126,6 +127,29 @@ def cache_case(
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)
     return encode_image(space.array), organs
+
+
+def check_mapped(label: sitk.Image, convention, path) -> None:
+    """Refuse a training label file holding a value its convention does not map to an organ: read as background
+    it would teach the network that the structure is background (a liver labelled 1 trained as 1 = spleen was the
+    other half of that mistake: the numbering must be named, label_conventions.training_labels)."""
+    from .metrics import _distinct_values
+    from .organs import CONVENTIONS, convention_map
+
+    mapping = convention_map(convention)
+    defined = set(mapping) | {0}
+    if isinstance(convention, str):  # a named dataset convention also defines the structures we do not train on
+        from .metrics import CONVENTION_MAX_VALUE
+
+        defined |= set(range(CONVENTION_MAX_VALUE.get(convention, max(CONVENTIONS[convention])) + 1))
+    values = [int(v) for v in _distinct_values(sitk.GetArrayViewFromImage(label))]
+    unmapped = [v for v in values if v not in defined]
+    if unmapped:
+        raise AbdomenSegError(
+            f"label file '{path}' holds value(s) {', '.join(map(str, unmapped[:8]))} that the config's label "
+            "numbering does not map to an organ",
+            "map every value in data.labels (or fix the label file); unmapped values are not read as background",
+        )
 
 
 def encode_image(array: np.ndarray) -> np.ndarray:

@@ -161,3 +161,80 @@ def split_source(text: str) -> tuple:
     if sep and tail in (*CONVENTIONS, AUTO) and head:
         return head, None if tail == AUTO else tail
     return str(text), None
+
+
+def training_labels(data: dict):
+    """The numbering of a training dataset's label files, named in its config and never assumed: data.convention
+    (a name of organs.CONVENTIONS), data.labels ({value: organ name}), or, with neither, the `labels` of an nnU-Net
+    dataset.json in data.root. Returns the convention name or the {value: organ name} mapping."""
+    from pathlib import Path
+
+    from .organs import convention_map
+
+    named = [k for k in ("convention", "labels") if data.get(k) is not None]
+    if len(named) == 2:
+        raise AbdomenSegError(
+            "config data names both a convention and labels", "keep one: data.convention or data.labels"
+        )
+    if data.get("labels") is not None:
+        if not isinstance(data["labels"], dict):
+            raise AbdomenSegError(
+                f"config data.labels {data['labels']!r} is not a mapping", 'give it as {"1": "liver", "2": "spleen"}'
+            )
+        return {str(v): n for v, n in convention_map(data["labels"]).items()}
+    if data.get("convention") is not None:
+        convention_map(data["convention"])
+        return data["convention"]
+    dataset_json = Path(str(data.get("root") or "")) / "dataset.json"
+    if data.get("root") and dataset_json.is_file():
+        return nnunet_labels(dataset_json)
+    raise AbdomenSegError(
+        "config data names no label numbering (which organ each label value is)",
+        f"set data.convention (one of: {', '.join(CONVENTIONS)}), or data.labels "
+        '{"1": "liver", ...}, or put an nnU-Net dataset.json with its "labels" in data.root',
+    )
+
+
+def nnunet_labels(path) -> dict:
+    """{value (text): organ name} from an nnU-Net dataset.json's `labels`: v2's {name: value} (nnU-Net's
+    documentation/dataset_format.md: "labels": {"background": 0, "PZ": 1, ...}) or v1/MSD's {"value": name}.
+    Region labels (a list of values) and names that are no organ of ours are refused."""
+    import json
+    from pathlib import Path
+
+    from .organs import organ_from_name
+
+    try:
+        labels = json.loads(Path(path).read_text(encoding="utf-8"))["labels"]
+        if not isinstance(labels, dict):
+            raise ValueError("labels is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AbdomenSegError(
+            f"'{path}' has no readable labels ({exc})", "give the dataset's numbering in data.labels instead"
+        ) from None
+    if all(str(k).isdigit() for k in labels):  # v1 / MSD: "0": "background"
+        pairs = [(int(k), str(v)) for k, v in labels.items()]
+    else:
+        pairs = []
+        for name, value in labels.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise AbdomenSegError(
+                    f"'{path}' label '{name}' is {value!r}, not one value (nnU-Net region labels)",
+                    "give the dataset's numbering in data.labels instead",
+                )
+            pairs.append((value, str(name)))
+    mapping, unknown = {}, []
+    for value, name in pairs:
+        if value == 0 and name.lower() == "background":
+            continue
+        organ = organ_from_name(name)
+        if organ is None or value < 1:
+            unknown.append(f"{value} '{name}'")
+        else:
+            mapping[str(value)] = organ.name
+    if unknown:
+        raise AbdomenSegError(
+            f"'{path}' labels {', '.join(unknown)} are not organs AbdomenSeg knows",
+            "give the dataset's numbering in data.labels, mapping each value to one of our organ names",
+        )
+    return mapping

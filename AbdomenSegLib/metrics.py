@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from .errors import AbdomenSegError
 from .io import atomic_output
-from .organs import BY_NAME, CONVENTIONS, conversion_lut, convert_labels
+from .organs import BY_NAME, CONVENTIONS, convention_map, conversion_lut, convert_labels
 from .preprocess import resample_to_reference
 
 FIELDS = (
@@ -134,9 +134,16 @@ def _distinct_values(array: np.ndarray, boxes=None) -> np.ndarray:
     return np.array(present, dtype=np.int64)
 
 
-def check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
+def check_convention(convention) -> None:
+    if isinstance(convention, dict):
+        convention_map(convention)  # a training config's own {value: organ} mapping, checked
+    elif convention not in CONVENTIONS:
         raise AbdomenSegError(f"unknown label convention '{convention}'", f"use one of: {', '.join(CONVENTIONS)}")
+
+
+def _max_value(convention) -> int:
+    """The largest value a convention defines (a {value: organ} mapping: its largest value)."""
+    return max(convention_map(convention)) if isinstance(convention, dict) else CONVENTION_MAX_VALUE[convention]
 
 
 def check_is_label_map(image: sitk.Image, what: str) -> tuple:
@@ -160,12 +167,12 @@ def _check_label_map(image: sitk.Image, what: str, convention: str):
     boxes, values = check_is_label_map(image, what)
     option = "--reference-labels" if what == "reference" else "--prediction-labels"
     top = int(values.max())
-    if top > CONVENTION_MAX_VALUE[convention]:
-        unknown = [int(v) for v in values if v > CONVENTION_MAX_VALUE[convention]]
+    if top > _max_value(convention):
+        unknown = [int(v) for v in values if v > _max_value(convention)]
         fits = [c for c, m in CONVENTION_MAX_VALUE.items() if m >= top]
         raise AbdomenSegError(
             f"the {what} holds label values {', '.join(map(str, unknown[:8]))}{' ...' if len(unknown) > 8 else ''} "
-            f"that the '{convention}' convention does not define (it uses 1-{CONVENTION_MAX_VALUE[convention]})",
+            f"that the '{convention}' convention does not define (it uses 1-{_max_value(convention)})",
             f"pass the {what}'s convention with {option} ({' or '.join(fits) or 'none of ours fits'})",
         )
     return boxes
@@ -226,7 +233,7 @@ def evaluate(
     shape = pred.array.shape
     spacing_zyx = tuple(float(s) for s in prediction.GetSpacing()[::-1])
     if organs is None:
-        organs = [name for name in BY_NAME if name in CONVENTIONS[reference_convention].values()]
+        organs = [name for name in BY_NAME if name in convention_map(reference_convention).values()]
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     diagonal = float(np.linalg.norm(np.array(shape) * np.array(spacing_zyx)))
     rows = []

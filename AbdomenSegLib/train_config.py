@@ -20,7 +20,11 @@ DEFAULT_CONFIG = {
     "title": "",
     "data": {
         "root": None,
-        "convention": "btcv",
+        # The label files' numbering, named, never assumed (label_conventions.training_labels): a convention of
+        # organs.CONVENTIONS, or data.labels {value: organ name}, or an nnU-Net dataset.json in data.root. A label
+        # value it does not map is refused when the cache is built (datasets.cache_case).
+        "convention": None,
+        "labels": None,
         "input_intensity": "native",
         "val_count": 4,
         "seed": 0,
@@ -221,7 +225,7 @@ def _check_data(config):
         raise AbdomenSegError(
             f"config data.root '{d['root']}' is not a folder", "set data.root to a dataset with images/ and labels/"
         )
-    if d["convention"] not in CONVENTIONS:
+    if not synth and isinstance(d["convention"], str) and d["convention"] not in CONVENTIONS:
         raise AbdomenSegError(
             f"config data.convention '{d['convention']}' is not a known label convention",
             f"use one of: {', '.join(sorted(CONVENTIONS))}",
@@ -245,6 +249,10 @@ def _check_data(config):
         )
     if d["direction"] is not None:
         check_direction(d["direction"])
+    if not synth:  # data.labels or a dataset.json become the convention every reader of the data uses (a mapping)
+        from .label_conventions import training_labels
+
+        d["convention"], d["labels"] = training_labels(d), None
 
 
 def _check_fold(fold):
