@@ -20,10 +20,23 @@ def _log(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
+def _interactive() -> bool:
+    """stderr is a terminal: progress bars may redraw there. Otherwise (a log file, a pipe, a script) only whole
+    lines are written: one per case, with its time, the time elapsed and an estimate of the time left."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Bar:
-    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback."""
+    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback; nothing where
+    stderr is not a terminal (`_interactive`)."""
 
     def __init__(self, desc):
+        self.bar = None
+        if not _interactive():
+            return
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -35,11 +48,13 @@ class _Bar:
         )
 
     def __call__(self, fraction, message):
-        self.bar.n = int(round(fraction * 100))
-        self.bar.set_postfix_str(message, refresh=True)
+        if self.bar is not None:
+            self.bar.n = int(round(fraction * 100))
+            self.bar.set_postfix_str(message, refresh=True)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _JsonLines:
@@ -226,6 +241,9 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     qc_files = _qc_files(args, output, batch)
     manifest = Manifest(output) if batch else None  # read before any work: an unreadable one refuses the run
     failures, flagged, written, skipped, todo = [], [], 0, 0, []
+    from .evaluation import CaseClock
+
+    clock = CaseClock(len(targets))
     try:
         for index, (name, src, dst) in enumerate(targets, start=1):
             tag = f"[{index}/{len(targets)}] {name}"
@@ -288,7 +306,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 json_lines.qc.append(qc)
             if report.warnings:
                 flagged.append(name)
-            _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
+            _log(clock.line(index, f"{name} -> {dst}") + (" FLAGGED" if report.warnings else ""))
         if todo:
             written += _segment_on_cluster(
                 args, card, options, todo, len(targets), qc_files, manifest, json_lines, failures, flagged
@@ -471,8 +489,11 @@ def _evaluate(args) -> int:
         defined = set(CONVENTIONS[args.reference_labels].values())
         organs = [o for o in source_organs(args.prediction, args.prediction_labels) if o in defined]
     rows, failures, jobs = [], [], []
+    from .evaluation import CaseClock
+
+    clock = CaseClock(len(pairs))
     for index, (name, path, ref_path) in enumerate(pairs, start=1):
-        tag = _case_tag(index, len(pairs), name)
+        tag = f"[{index}/{len(pairs)}] {name}"
         if ref_path is None:
             _log(f"{tag}: no reference in {ref}, skipped")
             continue
@@ -489,7 +510,7 @@ def _evaluate(args) -> int:
             continue
         rows += case_rows
         flags = case_rows[0].get("qc_flags") if case_rows else ""
-        _log(f"{tag} evaluated" + (f" FLAGGED: {flags}" if flags else ""))
+        _log(clock.line(index, f"{name} evaluated") + (f" FLAGGED: {flags}" if flags else ""))
         if not batch:
             print(format_table(case_rows))
     if jobs:
@@ -515,10 +536,6 @@ def _evaluate(args) -> int:
         _log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
         return 1
     return 0
-
-
-def _case_tag(index: int, total: int, name: str) -> str:
-    return f"[{index}/{total}] {name}"
 
 
 def _reference_convention(args, references) -> str:

@@ -402,7 +402,11 @@ class _Progress:
 
         self.done = self.failed = 0
         self.total, self.desc = total, desc
+        self.started = time.monotonic()
+        # Where stderr is not a terminal (a log file, a script), no bar redraws: one line per case (`write`).
+        self.interactive = sys.stderr.isatty()
         self.bar = tqdm(
+            disable=not self.interactive,
             total=total,
             unit="case",
             file=sys.stderr,
@@ -426,7 +430,13 @@ class _Progress:
         self.bar.update(1)
 
     def write(self, line):
-        self.bar.write(line, file=sys.stderr)
+        if self.interactive:
+            self.bar.write(line, file=sys.stderr)
+            return
+        finished = self.done + self.failed + 1  # the case this line reports is counted right after it
+        elapsed = time.monotonic() - self.started
+        left = elapsed / finished * (self.total - finished)
+        print(f"{line} (elapsed {elapsed:.0f} s, about {left:.0f} s left)", file=sys.stderr, flush=True)
 
     def close(self):
         self.bar.close()

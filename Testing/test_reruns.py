@@ -37,3 +37,20 @@ def test_a_rerun_with_another_model_or_options_is_refused_before_work(
     # --overwrite replaces them, and the manifest says so.
     assert main(other + ["--overwrite"]) in (0, 3)
     assert {r["model"] for r in read_manifest(out / "manifest.csv").values()} == {"background-only"}
+
+
+def test_logs_a_script_reads_one_line_per_case(tmp_path, tiny_package, capsys):
+    """stderr captured (not a terminal): no progress-bar redraws (carriage returns), one line per case with its time,
+    the time elapsed and an estimate of the time left; evaluate's table on stdout, its diagnostics on stderr."""
+    images, refs = write_phantom_dataset(tmp_path, cases=3)
+    out = tmp_path / "out"
+    assert main(["segment", str(images), str(out), "--model", str(tiny_package.path), "--no-qc-png"]) in (0, 3)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    lines = [line for line in err.splitlines() if " -> " in line]
+    assert len(lines) == 3 and all("elapsed" in line and "s left" in line for line in lines)
+    assert lines[0].startswith("[1/3] case0 -> ") and lines[-1].endswith(("left)", "FLAGGED"))
+    assert main(["evaluate", str(out), str(refs), "--reference-labels", "abdomenseg"]) == 0
+    captured = capsys.readouterr()
+    assert "Dice mean" in captured.out and "Dice mean" not in captured.err
+    assert "evaluated" in captured.err and "evaluated" not in captured.out
