@@ -234,6 +234,32 @@ def segment_organ(segment):
     return organ_from_terminology(terminology_entry_of(segment)) or organ_from_name(segment.GetName())
 
 
+ORGANS_ATTRIBUTE = "AbdomenSeg.organs"
+
+
+def _source_organs(segmentation_node) -> list:
+    """The organs a segmentation's source segments: its model's (our nodes name their model), else its segments'
+    organs (a TotalSegmentator or manual segmentation), in our organ table's order."""
+    from .organs import ORGANS
+
+    name = segmentation_node.GetAttribute("AbdomenSeg.model")
+    organs = set(filter(None, (segmentation_node.GetAttribute(ORGANS_ATTRIBUTE) or "").split(",")))
+    if name and not organs:
+        from .models import find_model
+
+        try:
+            organs = {o for part in name.split("+") for o in find_model(part.split(">")[0])["labels"].values()}
+        except AbdomenSegError:
+            organs = set()
+    if not organs:
+        segmentation = segmentation_node.GetSegmentation()
+        for segment_id in segment_ids(segmentation_node):
+            organ = segment_organ(segmentation.GetSegment(segment_id))
+            if organ is not None:
+                organs.add(organ.name)
+    return [o.name for o in ORGANS if o.name in organs]
+
+
 def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.Image:
     """Matched segments of any segmentation node as one label map (our table) in the reference grid."""
     slicer = _slicer()
@@ -501,7 +527,7 @@ class AbdomenSegCore:
         name = made_by(segmenter)[0]  # a two-stage run: "first>fine"
         report = assess_result(segmenter, labels, options).as_dict(model=name, modality=segmenter.card["modality"])
         self.last_labels = labels
-        return self.import_result(
+        node = self.import_result(
             volume_node,
             labels,
             segmentation_node,
@@ -510,6 +536,9 @@ class AbdomenSegCore:
             organs=organs,
             qc=report,
         )
+        # what the run segments (found or not): a comparison scores these (`_source_organs`)
+        node.SetAttribute(ORGANS_ATTRIBUTE, ",".join(organs or segmenter.card["labels"].values()))
+        return node
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
@@ -688,8 +717,11 @@ class AbdomenSegCore:
         tolerance_mm=2.0,
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
+        existing: dict | None = None,
     ):
-        """Run several models on one volume: segmentation per model, one table, a Dice bar chart."""
+        """Run several models on one volume: segmentation per model, one table, a Dice bar chart. `existing`
+        {column name: segmentation node} adds segmentations already in the scene (a TotalSegmentator result, a
+        manual one) as more columns, scored the same way."""
         segmentations = {}
         for index, model in enumerate(models):
 
@@ -699,6 +731,10 @@ class AbdomenSegCore:
 
             node = self.segment(volume_node, model=model, device=device, progress=step, cancel=cancel)
             segmentations[node.GetAttribute("AbdomenSeg.model")] = node  # the card's name, also for a path
+        for name, node in (existing or {}).items():
+            if name in segmentations:
+                raise AbdomenSegError(f"two columns are named '{name}'", "give the existing segmentation another name")
+            segmentations[name] = node
         table, chart = self.model_comparison(
             volume_node, segmentations, reference_node, reference_convention, tolerance_mm
         )
@@ -719,18 +755,22 @@ class AbdomenSegCore:
             if reference_node is not None
             else None
         )
+        in_reference = (
+            {BY_LABEL[int(v)].name for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v}
+            if reference is not None
+            else set()
+        )
         for model, node in segmentations.items():
             if reference is not None:
                 prediction = segmentation_to_labels(self.scene, node, volume_node)
+                # scored on the organs its source segments and the reference holds: an organ the model or tool
+                # does not segment is no miss (issue 27: TotalSegmentator's bladder against our models)
                 rows += evaluate(
                     prediction,
                     reference,
                     tolerance_mm=tolerance_mm,
                     model=model,
-                    organs=[
-                        BY_LABEL[v].name
-                        for v in sorted({int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v})
-                    ],
+                    organs=[o for o in _source_organs(node) if o in in_reference],
                 )
             else:
                 table = self.organ_volumes(node, volume_node)
