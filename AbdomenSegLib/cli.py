@@ -456,7 +456,7 @@ def _evaluate(args) -> int:
     import math
 
     from .batch import expand_inputs, find_reference
-    from .evaluation import REPORT_FIELDS, SUMMARY_FIELDS, evaluate_case, source_organs, summarize_apart
+    from .evaluation import REPORT_FIELDS, SUMMARY_FIELDS, evaluate_case, flagged_text, source_organs, summarize_apart
     from .io import read_image
     from .metrics import check_convention, format_table, write_csv
 
@@ -509,8 +509,7 @@ def _evaluate(args) -> int:
             _log(f"{tag}: error: {exc}")
             continue
         rows += case_rows
-        flags = case_rows[0].get("qc_flags") if case_rows else ""
-        _log(clock.line(index, f"{name} evaluated") + (f" FLAGGED: {flags}" if flags else ""))
+        _log(clock.line(index, f"{name} evaluated") + flagged_text(case_rows))
         if not batch:
             print(format_table(case_rows))
     if jobs:

@@ -152,14 +152,13 @@ def run_comparison(
             row for case_rows in mapper(compare_case, items, [f"{i[1]}: {i[3]}" for i in items]) for row in case_rows
         ]
     else:
-        from .evaluation import CaseClock
+        from .evaluation import CaseClock, flagged_text
 
         clock = CaseClock(len(items))
         for index, item in enumerate(items):
             case_rows = compare_case(*item, log=log)
             rows += case_rows
-            flags = case_rows[0].get("qc_flags") if case_rows else ""
-            log(clock.line(index + 1, f"{item[1]}: {item[3]}") + (f" FLAGGED: {flags}" if flags else ""))
+            log(clock.line(index + 1, f"{item[1]}: {item[3]}") + flagged_text(case_rows))
     return write_outputs(rows, out_dir)
 
 
@@ -171,7 +170,7 @@ def compare_predictions(
     case, or a folder named like it of one mask per structure), on the organs the source and the reference both
     define. Conventions not named are detected from the first file (label_conventions.py), before any case is
     scored. Returns the summary (evaluation.summarize_apart)."""
-    from .evaluation import CaseClock, evaluate_case
+    from .evaluation import CaseClock, evaluate_case, flagged_text
     from .label_conventions import resolve_convention, split_source
     from .organs import CONVENTIONS
 
@@ -235,8 +234,7 @@ def compare_predictions(
             )
             rows += case_rows
             done += 1
-            flags = case_rows[0].get("qc_flags") if case_rows else ""
-            log(clock.line(done, f"{name}: {case}") + (f" FLAGGED: {flags}" if flags else ""))
+            log(clock.line(done, f"{name}: {case}") + flagged_text(case_rows))
     return write_outputs(rows, out_dir)
 
 

@@ -35,27 +35,38 @@ SUMMARY_FIELDS = (
 )
 
 
-def case_check(prediction: sitk.Image, convention: str, organs) -> list:
-    """The result check's warnings (text) on a prediction read in `convention`, for the organs it should hold."""
+def case_check(prediction: sitk.Image, convention: str, organs) -> tuple:
+    """The result check on a prediction read in `convention`, for the organs it should hold: (warnings, notes) as
+    text (a note: e.g. an organ in several pieces, which explains a large HD95)."""
     from .organs import convert_labels
     from .qc import assess
 
     labels = sitk.GetImageFromArray(convert_labels(sitk.GetArrayViewFromImage(prediction), convention))
     labels.CopyInformation(prediction)
-    return [str(flag) for flag in assess(labels, expected=list(organs)).warnings]
+    report = assess(labels, expected=list(organs))
+    return [str(f) for f in report.warnings], [str(f) for f in report.notes]
 
 
-def report_rows(rows: list, warnings: list | None = None) -> list:
-    """metrics.evaluate rows for the tables: missed/extra organs without distances, the case's result check."""
+def report_rows(rows: list, warnings: list | None = None, notes: list | None = None) -> list:
+    """metrics.evaluate rows for the tables: missed/extra organs without distances, the case's result check
+    (qc_warnings counts its warnings, which flag the case; qc_flags holds them and its notes as text)."""
     out = []
     for row in rows:
         row = dict(row)
         if row["status"] in (MISSED, EXTRA):
             row.update(hd95_mm=None, assd_mm=None)
         if warnings is not None:
-            row.update(qc_warnings=len(warnings), qc_flags=" | ".join(warnings))
+            text = list(warnings) + [f"note: {n}" for n in notes or []]
+            row.update(qc_warnings=len(warnings), qc_flags=" | ".join(text))
         out.append(row)
     return out
+
+
+def flagged_text(case_rows: list) -> str:
+    """` FLAGGED: <warnings and notes>` for a log line when the case's result check warned, else ""."""
+    if case_rows and case_rows[0].get("qc_warnings"):
+        return f" FLAGGED: {case_rows[0]['qc_flags']}"
+    return ""
 
 
 def summarize_apart(rows: list) -> list:
@@ -236,7 +247,7 @@ def evaluate_case(prediction: sitk.Image, reference: sitk.Image, **settings) -> 
     rows = evaluate(prediction, reference, **settings)
     convention = settings.get("prediction_convention", "abdomenseg")
     organs = settings.get("organs") or [r["organ"] for r in rows]
-    return report_rows(rows, case_check(prediction, convention, organs))
+    return report_rows(rows, *case_check(prediction, convention, organs))
 
 
 class CaseClock:
