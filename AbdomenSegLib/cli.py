@@ -523,10 +523,12 @@ def _evaluate(args) -> int:
     if batch:
         print("organ                      n  missed  extra  flagged  Dice mean±sd   HD95 mm   NSD")
         for s in summary:
-            print(
-                f"{s['organ']:22s} {s['n']:5d}  {s['missed']:6d}  {s['extra']:5d}  {s['flagged']:7d}  "
+            scores = (
                 f"{s['dice_mean']:.3f}±{s['dice_std']:.3f}  {s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
+                if s["n"]
+                else f"{'-':11s}  {'-':>8s}  -"
             )
+            print(f"{s['organ']:22s} {s['n']:5d}  {s['missed']:6d}  {s['extra']:5d}  {s['flagged']:7d}  {scores}")
     if csv_paths:
         write_csv(rows, csv_paths[0], fields=list(REPORT_FIELDS))
         write_csv(summary, csv_paths[1], fields=list(SUMMARY_FIELDS))

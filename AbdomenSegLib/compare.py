@@ -201,7 +201,7 @@ def compare_predictions(
             )
         else:
             option = f"--predictions {name}={folder}:<convention>"
-            convention = resolve_convention(_read(first), convention, f"prediction '{name}'", option, log)
+            convention = resolve_convention(_read(first), convention, f"{name} prediction", option, log)
             from .evaluation import source_organs
 
             organs = source_organs(folder, convention)

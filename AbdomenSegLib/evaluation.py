@@ -21,7 +21,7 @@ from .io import atomic_output
 from .metrics import FIELDS, write_csv
 
 MISSED, EXTRA = "missing_pred", "missing_ref"
-REPORT_FIELDS = (*FIELDS, "qc_warnings", "qc_flags")
+REPORT_FIELDS = (*FIELDS, "pieces_pred", "qc_warnings", "qc_flags")
 SUMMARY_METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice", "volume_diff_ml")
 SUMMARY_FIELDS = (
     "model",
@@ -37,22 +37,26 @@ SUMMARY_FIELDS = (
 
 def case_check(prediction: sitk.Image, convention: str, organs) -> tuple:
     """The result check on a prediction read in `convention`, for the organs it should hold: (warnings, notes) as
-    text (a note: e.g. an organ in several pieces, which explains a large HD95)."""
+    text (a note: e.g. an organ in several pieces, which explains a large HD95) and {organ: connected pieces}."""
     from .organs import convert_labels
     from .qc import assess
 
     labels = sitk.GetImageFromArray(convert_labels(sitk.GetArrayViewFromImage(prediction), convention))
     labels.CopyInformation(prediction)
     report = assess(labels, expected=list(organs))
-    return [str(f) for f in report.warnings], [str(f) for f in report.notes]
+    pieces = {name: organ.pieces for name, organ in report.organs.items()}
+    return [str(f) for f in report.warnings], [str(f) for f in report.notes], pieces
 
 
-def report_rows(rows: list, warnings: list | None = None, notes: list | None = None) -> list:
+def report_rows(rows: list, warnings: list | None = None, notes: list | None = None, pieces=None) -> list:
     """metrics.evaluate rows for the tables: missed/extra organs without distances, the case's result check
-    (qc_warnings counts its warnings, which flag the case; qc_flags holds them and its notes as text)."""
+    (qc_warnings counts its warnings, which flag the case; qc_flags holds them and its notes as text) and the
+    predicted organ's connected pieces (islands far from the organ make a large HD95 with a good Dice)."""
     out = []
     for row in rows:
         row = dict(row)
+        if pieces is not None:
+            row["pieces_pred"] = pieces.get(row["organ"], 0)
         if row["status"] in (MISSED, EXTRA):
             row.update(hd95_mm=None, assd_mm=None)
         if warnings is not None:
@@ -63,9 +67,10 @@ def report_rows(rows: list, warnings: list | None = None, notes: list | None = N
 
 
 def flagged_text(case_rows: list) -> str:
-    """` FLAGGED: <warnings and notes>` for a log line when the case's result check warned, else ""."""
+    """` FLAGGED (...)` for a log line when the case's result check warned, else ""."""
     if case_rows and case_rows[0].get("qc_warnings"):
-        return f" FLAGGED: {case_rows[0]['qc_flags']}"
+        count, first = case_rows[0]["qc_warnings"], case_rows[0]["qc_flags"].split(" | ")[0]
+        return f" FLAGGED ({count} warning{'s' * (count > 1)}; first: {first}; all in the CSV's qc_flags)"
     return ""
 
 

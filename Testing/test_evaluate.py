@@ -92,7 +92,7 @@ def test_flipped_btcv_prediction_is_flagged_in_the_tables(tmp_path, capsys):
     assert all(int(r["qc_warnings"]) > 0 for r in rows) and "anterior" in rows[0]["qc_flags"]
     summary = _read_csv(tmp_path / "y_summary.csv")
     assert all(int(s["flagged"]) == 1 for s in summary)
-    assert "FLAGGED" in capsys.readouterr().err
+    assert "FLAGGED (" in capsys.readouterr().err
     # With the true direction, nothing is flagged.
     for folder in ("ref", "out"):
         image = sitk.ReadImage(str(tmp_path / folder / "a.nii.gz"))
@@ -230,3 +230,24 @@ def test_compare_btcv_model_on_btcv_without_cases_from_scores_the_kidneys(tmp_pa
     kept = sitk.ReadImage(str(tmp_path / "c" / "predictions" / "btcv-ct-3d-unet" / "btcv_img0001.nii.gz"))
     scan = sitk.ReadImage(str(shared("btcv_ct", "images", "btcv_img0001.nii.gz")))
     assert kept.GetSize() == scan.GetSize() and kept.GetDirection() == scan.GetDirection()
+
+
+def test_islands_behind_a_large_hd95_are_shown(tmp_path):
+    """The issue: spleen islands gave an HD95 of 182 mm with nothing beside it. A BTCV spleen with one small island
+    150 mm away: Dice stays high, and the row says the predicted spleen is in 2 pieces (what explains its HD95)."""
+    reference = sitk.ReadImage(str(shared("btcv_ct", "labels", "btcv_img0001.nii.gz")))
+    reference.SetDirection(TRUE_BTCV_DIRECTION)
+    ours = sitk.GetArrayFromImage(_ours(reference, "btcv"))
+    z, y, x = np.argwhere(ours == 2).mean(axis=0).astype(int)  # our spleen
+    shift = int(150 / reference.GetSpacing()[0])
+    ours[z - 2 : z + 2, y - 2 : y + 2, x - shift - 2 : x - shift + 2] = 2
+    pred = sitk.GetImageFromArray(ours)
+    pred.CopyInformation(reference)
+    (tmp_path / "ref").mkdir(), (tmp_path / "out").mkdir()
+    sitk.WriteImage(reference, str(tmp_path / "ref" / "a.nii.gz"))
+    sitk.WriteImage(pred, str(tmp_path / "out" / "a.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "ref"), "--csv", str(tmp_path / "y.csv")]) == 0
+    spleen = next(r for r in _read_csv(tmp_path / "y.csv") if r["organ"] == "spleen")
+    assert float(spleen["dice"]) > 0.99 and spleen["pieces_pred"] == "2"
+    liver = next(r for r in _read_csv(tmp_path / "y.csv") if r["organ"] == "liver")
+    assert liver["pieces_pred"] == "1"
