@@ -762,16 +762,17 @@ class AbdomenSegCore:
         )
         for model, node in segmentations.items():
             if reference is not None:
+                from .evaluation import case_check
+
                 prediction = segmentation_to_labels(self.scene, node, volume_node)
                 # scored on the organs its source segments and the reference holds: an organ the model or tool
                 # does not segment is no miss (issue 27: TotalSegmentator's bladder against our models)
-                rows += evaluate(
-                    prediction,
-                    reference,
-                    tolerance_mm=tolerance_mm,
-                    model=model,
-                    organs=[o for o in _source_organs(node) if o in in_reference],
-                )
+                organs = [o for o in _source_organs(node) if o in in_reference]
+                warnings = case_check(prediction, "abdomenseg", organs)[0]  # every column gets the result check
+                rows += [
+                    dict(row, flags=" | ".join(warnings))
+                    for row in evaluate(prediction, reference, tolerance_mm=tolerance_mm, model=model, organs=organs)
+                ]
             else:
                 table = self.organ_volumes(node, volume_node)
                 names, volumes = table_column(table, "Organ"), table_column(table, "Volume")
@@ -792,6 +793,7 @@ class AbdomenSegCore:
                 "volume_pred_ml",
                 "volume_ref_ml",
                 "volume_diff_ml",
+                "flags",
             ]
             if reference is not None
             else ["model", "organ", "volume_pred_ml"]

@@ -272,6 +272,8 @@ def test_model_comparison_adds_a_segmentation_already_in_the_scene(scene, tiny_p
     present = {o.name for o in ORGANS if o.label in set(np.unique(sitk.GetArrayViewFromImage(labels)))}
     assert set(theirs) == present and all(d == pytest.approx(1.0) for d in theirs.values())
     assert len([m for m, _, _ in rows if m == "tiny-test"]) == 5
+    flags = dict(zip(sl.table_column(table, "Model"), sl.table_column(table, "Result check")))
+    assert flags["TotalSegmentator"] == ""  # the phantom's anatomy passes the result check; each column has one
 
 
 def test_batch_script_refuses_a_reference_whose_convention_cannot_be_told(scene, tiny_package, tmp_path):
