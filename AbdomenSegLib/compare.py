@@ -200,9 +200,13 @@ def compare_predictions(
                 sorted(_mask_organs(first), key=list(CONVENTIONS["abdomenseg"].values()).index),
             )
         else:
-            option = f"--predictions {name}={folder}:<convention>"
-            convention = resolve_convention(_read(first), convention, f"{name} prediction", option, log)
             from .evaluation import source_organs
+            from .manifest import NAME, read_manifest
+
+            option = f"--predictions {name}={folder}:<convention>"
+            if convention is None and (first.name.lower().endswith(".dcm") or read_manifest(folder / NAME)):
+                convention = "abdomenseg"  # a DICOM SEG is read into our table; a folder with our manifest is ours
+            convention = resolve_convention(_read(first), convention, f"{name} prediction", option, log)
 
             organs = source_organs(folder, convention)
         scored = [o for o in organs if o in defined]

@@ -251,3 +251,25 @@ def test_islands_behind_a_large_hd95_are_shown(tmp_path):
     assert float(spleen["dice"]) > 0.99 and spleen["pieces_pred"] == "2"
     liver = next(r for r in _read_csv(tmp_path / "y.csv") if r["organ"] == "liver")
     assert liver["pieces_pred"] == "1"
+
+
+def test_compare_reads_a_dicom_seg_prediction(tmp_path, capsys):
+    """dcmqi's liver as a DICOM SEG object against the same liver as a label map (one organ: its numbering must be
+    named, `:abdomenseg`); the SEG is read into our organ table."""
+    import shutil
+
+    (tmp_path / "seg").mkdir(), (tmp_path / "ref").mkdir()
+    shutil.copy(shared("dcmqi_ct3slice", "liver.dcm"), tmp_path / "seg" / "liver.dcm")
+    shutil.copy(shared("dcmqi_ct3slice", "liver_seg.nrrd"), tmp_path / "ref" / "liver.nrrd")
+    argv = [
+        "compare",
+        "--predictions",
+        f"dicom-seg={tmp_path / 'seg'}",
+        "--reference",
+        f"{tmp_path / 'ref'}:abdomenseg",
+    ]
+    assert main(argv + ["--out", str(tmp_path / "cmp")]) == 0, capsys.readouterr().err
+    rows = {r["organ"]: r for r in _read_csv(tmp_path / "cmp" / "metrics.csv")}
+    assert float(rows["liver"]["dice"]) > 0.99 and rows["liver"]["status"] == "ok"
+    assert {r["status"] for o, r in rows.items() if o != "liver"} == {"absent_both"}
+    assert int(rows["liver"]["qc_warnings"]) == 1  # 3 slices: the result check finds no organ in a meaningful amount
