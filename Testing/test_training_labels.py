@@ -81,3 +81,26 @@ def test_shipped_configs_name_their_numbering():
         data = load_config(path)["data"]
         sources = data.get("sources") or []
         assert data["convention"] in ("btcv", "chaos") or all(s["convention"] for s in sources), path.name
+
+
+def test_tests_needing_the_shared_data_skip_where_it_is_hidden():
+    """The issue: without ../shared the README's test command failed test_cascade's two config-refusal tests. With
+    ABDOMENSEG_HIDE_SHARED (helpers.shared) they, like every test that needs the data, skip with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = dict(os.environ, ABDOMENSEG_HIDE_SHARED="1")
+    test = "Testing/test_cascade.py::test_config_options_a_trainer_would_ignore_are_refused"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "2 skipped" in done.stdout and "hidden by ABDOMENSEG_HIDE_SHARED" in done.stdout
