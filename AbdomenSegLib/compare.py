@@ -62,10 +62,10 @@ def compare_case(
 ) -> list:
     """One model on one case: its metric rows. Runs here or on a Dask worker (which keeps each model loaded)."""
     from .evaluation import evaluate_case
-    from .organs import CONVENTIONS
+    from .organs import convention_map
 
     segmenter = get_segmenter(find_model(model), device, log=log or print)
-    defined = set(CONVENTIONS[convention].values())
+    defined = set(convention_map(convention).values())
     organs = [o for o in segmenter.card["labels"].values() if o in defined]  # what both the model and reference hold
     image, reference = read_case(image_path, label_path, direction)
     prediction = segmenter.segment(image, Options(input_intensity=input_intensity, tta=tta))
@@ -127,6 +127,13 @@ def run_comparison(
     labels = [f"{label} {model}" if labels.count(label) > 1 else label for label, model in zip(labels, models)]
     keep = {label: str((out_dir / "predictions" / _safe(label)).resolve()) for label in labels}
     if keep_predictions:
+        kept = [Path(keep[label]) / f"{name}.nii.gz" for label in labels for name, _, _ in selected]
+        there = [p for p in kept if p.exists()]
+        if there and not overwrite:  # never replaced unasked, and refused before any case is segmented
+            raise AbdomenSegError(
+                f"{len(there)} kept prediction(s) already exist in '{out_dir / 'predictions'}' (e.g. {there[0].name})",
+                "pass --overwrite or choose another --out",
+            )
         for folder in keep.values():
             Path(folder).mkdir(parents=True, exist_ok=True)
     items = [

@@ -117,13 +117,24 @@ def check_same_run(folder, *, model: str, sha256: str, quality: str, options: st
             "quality": row.get("quality", ""),
             "options": row.get("options", ""),
         }
-        differ = [k for k, v in had.items() if v and asked[k] and v != asked[k]]
+        differ = [k for k, v in had.items() if v and asked[k] and not _same(k, v, asked[k])]
         if differ:
             shown = ", ".join(f"{k} {had[k]!r} there, {asked[k]!r} now" for k in differ)
             raise AbdomenSegError(
                 f"'{folder}' holds outputs of another run ({row['case']}: {shown})",
                 "pass --overwrite to replace them, or choose another output folder",
             )
+
+
+def _same(key: str, had: str, asked: str) -> bool:
+    """Options are compared choice by choice, on the choices both runs record (a newer engine may record more)."""
+    if key != "options":
+        return had == asked
+    try:
+        a, b = json.loads(had), json.loads(asked)
+    except ValueError:
+        return had == asked
+    return all(a[k] == b[k] for k in set(a) & set(b))
 
 
 def read_manifest(path) -> dict:
