@@ -542,10 +542,12 @@ def _evaluate(args) -> int:
 def _reference_convention(args, references) -> str:
     """--reference-labels, or the convention the first reference shows (refused when it shows none or several)."""
     from .io import read_image
-    from .label_conventions import resolve_convention
+    from .label_conventions import read_as_ours, resolve_convention
 
     if args.reference_labels or not references:
         return args.reference_labels or "abdomenseg"
+    if all(read_as_ours(r) for r in references):  # DICOM SEG references are read into our organ table
+        return "abdomenseg"
     return resolve_convention(read_image(references[0]), None, "reference", "--reference-labels", log=_log)
 
 

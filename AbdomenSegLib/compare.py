@@ -178,13 +178,15 @@ def compare_predictions(
     define. Conventions not named are detected from the first file (label_conventions.py), before any case is
     scored. Returns the summary (evaluation.summarize_apart)."""
     from .evaluation import CaseClock, evaluate_case, flagged_text
-    from .label_conventions import resolve_convention, split_source
+    from .label_conventions import read_as_ours, resolve_convention, split_source
     from .organs import CONVENTIONS
 
     out_dir = Path(out_dir)
     _check_outputs(out_dir, overwrite)
     ref_path, ref_convention = split_source(reference)
     cases = _reference_cases(Path(ref_path))
+    if ref_convention is None and all(read_as_ours(p) for _, p in cases):
+        ref_convention = "abdomenseg"  # DICOM SEG references are read into our organ table
     ref_convention = resolve_convention(
         _read(cases[0][1]), ref_convention, "reference", "--reference DIR:<convention>", log
     )
@@ -211,7 +213,7 @@ def compare_predictions(
             from .manifest import NAME, read_manifest
 
             option = f"--predictions {name}={folder}:<convention>"
-            if convention is None and (first.name.lower().endswith(".dcm") or read_manifest(folder / NAME)):
+            if convention is None and (read_as_ours(first) or read_manifest(folder / NAME)):
                 convention = "abdomenseg"  # a DICOM SEG is read into our table; a folder with our manifest is ours
             convention = resolve_convention(_read(first), convention, f"{name} prediction", option, log)
 

@@ -154,6 +154,15 @@ def resolve_convention(
     return found
 
 
+def read_as_ours(path) -> bool:
+    """A file whose numbering is known whatever its values: a DICOM SEG (`.dcm`), which io.read_image reads into our
+    organ table by its segments' codes and names (dicom_seg.py)."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.is_file() and path.name.lower().endswith(".dcm")
+
+
 def split_source(text: str) -> tuple:
     """`PATH[:convention]` -> (path, convention or None); a colon not followed by a known convention is part of
     the path."""

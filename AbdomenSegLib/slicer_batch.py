@@ -69,10 +69,12 @@ def run(argv, scene, log: LogCallback = print) -> int:
     qc_files = QCFiles(out_dir / "qc", pictures=not args.no_qc_png)
     cases, _ = expand_inputs(args.input)
     if args.reference and not args.reference_labels:  # named or detected before any case is segmented
-        from .label_conventions import resolve_convention
+        from .label_conventions import read_as_ours, resolve_convention
 
         first = next(filter(None, (find_reference(Path(args.reference), name) for name, _ in cases)), None)
-        if first is not None:
+        if first is not None and read_as_ours(first):  # a DICOM SEG is read into our organ table
+            args.reference_labels = "abdomenseg"
+        elif first is not None:
             args.reference_labels = resolve_convention(read_image(first), None, "reference", "--reference-labels", log)
     rows, failures = [], []
     for index, (name, path) in enumerate(cases, start=1):
