@@ -1,7 +1,7 @@
 """AbdomenSeg engine: abdominal organ segmentation and evaluation, importable without Slicer.
 
 The one-call API (api.py): `segment`, `evaluate`, `compare`, `list_models`, `default_model`. The subpackages, lowest
-layer first: core, io, models, preprocessing, inference, qc, evaluation, cohort, training, slicer; the command line
+layer first: core, io, models, preprocessing, inference, qc, cohort, evaluation, training, slicer; the command line
 (cli.py) and the engine worker (worker.py) sit on top (Testing/test_architecture.py keeps the imports in that order).
 """
 

@@ -114,6 +114,16 @@ def _segment(args) -> int:
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
     card = resolve(args.model, args.tta, quality=args.quality)
     stages = _cascade_stages(card, args.quality, distributed)
+    if batch and not args.overwrite:  # a folder holding another run's outputs is refused before any work
+        from AbdomenSegLib.cohort.manifest import check_same_run, run_options
+
+        check_same_run(
+            output,
+            model=card.name,
+            sha256=card.get("sha256", ""),
+            quality=args.quality,
+            options=run_options(_options(args, _organ_names(args.organs))),
+        )
     # The scans this process will read, in order; the first starts reading now, while torch is imported.
     reads = [src for _, src, dst in targets if not (batch and dst.exists() and not args.overwrite)]
     from AbdomenSegLib.io.read_ahead import ReadAhead
@@ -126,6 +136,20 @@ def _segment(args) -> int:
     # (an ensemble's members each prepare the scan for their own grid)
     with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
         return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
+
+
+def _options(args, organs):
+    """The segmentation choices of a `segment` command (what the manifest records as the run's options)."""
+    from AbdomenSegLib.inference.segmenter import Options
+
+    return Options(
+        input_intensity=args.input_intensity,
+        organs=organs,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
+        precision=args.precision,
+        tta=args.tta,
+    )
 
 
 def _cascade_stages(card, quality, distributed):
@@ -144,21 +168,12 @@ def _cascade_stages(card, quality, distributed):
 
 
 def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) -> int:
-    from AbdomenSegLib.cohort.manifest import Manifest, case_row, device_label
+    from AbdomenSegLib.cohort.manifest import Manifest, case_row, device_label, run_options
     from AbdomenSegLib.core.precision import resolve_precision
     from AbdomenSegLib.inference.predictor import get_segmenter
-    from AbdomenSegLib.inference.segmenter import Options
     from AbdomenSegLib.qc.outputs import check_and_record, summary_lines
 
-    organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
-    options = Options(
-        input_intensity=args.input_intensity,
-        organs=organs,
-        largest_component=args.largest_component,
-        fill_holes=args.fill_holes,
-        precision=args.precision,
-        tta=args.tta,
-    )
+    options = _options(args, _organ_names(args.organs, allowed=list(card["labels"].values())))
     json_lines = getattr(args, "json_lines", None)
     if distributed:  # the workers load the model (and refuse what it cannot do) before the first case
         segmenter, device = None, ""
@@ -173,7 +188,12 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
             + (f", fine second stage {fine.card.name} on the small organs' region" if fine else "")
         )
         device = device_label(segmenter.device)
-    model = {"model": card.name, "sha256": card.get("sha256", "")}
+    model = {
+        "model": card.name,
+        "sha256": card.get("sha256", ""),
+        "quality": args.quality,
+        "options": run_options(options),
+    }
     if segmenter:
         from AbdomenSegLib.inference.cascade import made_by
 
@@ -183,6 +203,9 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     qc_files = _qc_files(args, output, batch)
     manifest = Manifest(output) if batch else None  # read before any work: an unreadable one refuses the run
     failures, flagged, written, skipped, todo = [], [], 0, 0, []
+    from AbdomenSegLib.evaluation.reports import CaseClock
+
+    clock = CaseClock(len(targets))
     try:
         for index, (name, src, dst) in enumerate(targets, start=1):
             tag = f"[{index}/{len(targets)}] {name}"
@@ -245,7 +268,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 json_lines.qc.append(qc)
             if report.warnings:
                 flagged.append(name)
-            _log(f"{tag} -> {dst} ({time.time() - start:.1f} s)" + (" FLAGGED" if report.warnings else ""))
+            _log(clock.line(index, f"{name} -> {dst}") + (" FLAGGED" if report.warnings else ""))
         if todo:
             written += _segment_on_cluster(
                 args, card, options, todo, len(targets), qc_files, manifest, json_lines, failures, flagged
@@ -364,7 +387,15 @@ def _evaluate(args) -> int:
     import math
 
     from AbdomenSegLib.cohort.batch import expand_inputs, find_reference
-    from AbdomenSegLib.evaluation.metrics import check_convention, evaluate, format_table, summarize, write_csv
+    from AbdomenSegLib.evaluation.metrics import check_convention, format_table, write_csv
+    from AbdomenSegLib.evaluation.reports import (
+        REPORT_FIELDS,
+        SUMMARY_FIELDS,
+        evaluate_case,
+        flagged_text,
+        source_organs,
+        summarize_apart,
+    )
     from AbdomenSegLib.io.images import read_image
 
     if not math.isfinite(args.tolerance) or args.tolerance <= 0:
@@ -373,7 +404,8 @@ def _evaluate(args) -> int:
             "give the surface Dice tolerance in mm, e.g. --tolerance 2",
         )
     organs = _organ_names(args.organs)
-    check_convention(args.reference_labels)
+    if args.reference_labels:
+        check_convention(args.reference_labels)
     check_convention(args.prediction_labels)
     predictions, batch = expand_inputs(args.prediction)
     distributed = _on_cluster(args, batch)
@@ -386,34 +418,36 @@ def _evaluate(args) -> int:
     if not batch and not ref.exists():
         raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
     csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
+    pairs = [(name, path, find_reference(ref, name) if batch else ref) for name, path in predictions]
+    # The references' numbering is named or detected (label_conventions.py) before any case is scored.
+    args.reference_labels = _reference_convention(args, [r for _, _, r in pairs if r is not None])
+    if organs is None:
+        from AbdomenSegLib.core.organs import CONVENTIONS
+
+        defined = set(CONVENTIONS[args.reference_labels].values())
+        organs = [o for o in source_organs(args.prediction, args.prediction_labels) if o in defined]
     rows, failures, jobs = [], [], []
-    for index, (name, path) in enumerate(predictions, start=1):
-        ref_path = find_reference(ref, name) if batch else ref
+    from AbdomenSegLib.evaluation.reports import CaseClock
+
+    clock = CaseClock(len(pairs))
+    for index, (name, path, ref_path) in enumerate(pairs, start=1):
+        tag = f"[{index}/{len(pairs)}] {name}"
         if ref_path is None:
-            _log(f"[{index}/{len(predictions)}] {name}: no reference in {ref}, skipped")
+            _log(f"{tag}: no reference in {ref}, skipped")
             continue
         if distributed:
             jobs.append((index, name, path, ref_path))
             continue
         try:
-            case_rows = evaluate(
-                read_image(path),
-                read_image(ref_path),
-                reference_convention=args.reference_labels,
-                prediction_convention=args.prediction_labels,
-                organs=organs,
-                tolerance_mm=args.tolerance,
-                case=name,
-                model=args.model_name,
-            )
+            case_rows = evaluate_case(read_image(path), read_image(ref_path), **_evaluate_settings(args, organs, name))
         except AbdomenSegError as exc:
             if not batch:
                 raise
             failures.append(name)
-            _log(f"[{index}/{len(predictions)}] {name}: error: {exc}")
+            _log(f"{tag}: error: {exc}")
             continue
         rows += case_rows
-        _log(f"[{index}/{len(predictions)}] {name} evaluated")
+        _log(clock.line(index, f"{name} evaluated") + flagged_text(case_rows))
         if not batch:
             print(format_table(case_rows))
     if jobs:
@@ -423,17 +457,19 @@ def _evaluate(args) -> int:
             "no prediction could be evaluated against a reference",
             "name references like the predictions" + (" and fix the errors above" if failures else ""),
         )
-    summary = summarize(rows)
+    summary = summarize_apart(rows)
     if batch:
-        print("organ                   cases  Dice mean±std    HD95 mm   NSD")
+        print("organ                      n  missed  extra  flagged  Dice mean±sd   HD95 mm   NSD")
         for s in summary:
-            print(
-                f"{s['organ']:22s} {s['cases']:5d}  {s['dice_mean']:.3f}±{s['dice_std']:.3f}  "
-                f"{s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
+            scores = (
+                f"{s['dice_mean']:.3f}±{s['dice_std']:.3f}  {s['hd95_mm_mean']:8.1f}  {s['surface_dice_mean']:.3f}"
+                if s["n"]
+                else f"{'-':11s}  {'-':>8s}  -"
             )
+            print(f"{s['organ']:22s} {s['n']:5d}  {s['missed']:6d}  {s['extra']:5d}  {s['flagged']:7d}  {scores}")
     if csv_paths:
-        write_csv(rows, csv_paths[0])
-        write_csv(summary, csv_paths[1])
+        write_csv(rows, csv_paths[0], fields=list(REPORT_FIELDS))
+        write_csv(summary, csv_paths[1], fields=list(SUMMARY_FIELDS))
         _log(f"metrics: {csv_paths[0]}, summary: {csv_paths[1]}")
     if failures:
         _log(f"{len(failures)} case(s) failed: {', '.join(failures)}")
@@ -441,12 +477,35 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _evaluate_case(prediction, reference, settings) -> list:
-    """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
-    from AbdomenSegLib.evaluation.metrics import evaluate
+def _reference_convention(args, references) -> str:
+    """--reference-labels, or the convention the first reference shows (refused when it shows none or several)."""
+    from AbdomenSegLib.evaluation.conventions import read_as_ours, resolve_convention
     from AbdomenSegLib.io.images import read_image
 
-    return evaluate(read_image(prediction), read_image(reference), **settings)
+    if args.reference_labels or not references:
+        return args.reference_labels or "abdomenseg"
+    if all(read_as_ours(r) for r in references):  # DICOM SEG references are read into our organ table
+        return "abdomenseg"
+    return resolve_convention(read_image(references[0]), None, "reference", "--reference-labels", log=_log)
+
+
+def _evaluate_settings(args, organs, name) -> dict:
+    return {
+        "reference_convention": args.reference_labels,
+        "prediction_convention": args.prediction_labels,
+        "organs": organs,
+        "tolerance_mm": args.tolerance,
+        "case": name,
+        "model": args.model_name,
+    }
+
+
+def _evaluate_case(prediction, reference, settings) -> list:
+    """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
+    from AbdomenSegLib.evaluation.reports import evaluate_case
+    from AbdomenSegLib.io.images import read_image
+
+    return evaluate_case(read_image(prediction), read_image(reference), **settings)
 
 
 def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
@@ -456,18 +515,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
 
     results = {}
     items = [
-        (
-            str(Path(p).resolve()),
-            str(Path(r).resolve()),
-            {
-                "reference_convention": args.reference_labels,
-                "prediction_convention": args.prediction_labels,
-                "organs": organs,
-                "tolerance_mm": args.tolerance,
-                "case": name,
-                "model": args.model_name,
-            },
-        )
+        (str(Path(p).resolve()), str(Path(r).resolve()), _evaluate_settings(args, organs, name))
         for _, name, p, r in jobs
     ]
 
@@ -570,26 +618,45 @@ def _phantom(args) -> int:
 
 
 def _compare(args) -> int:
-    from AbdomenSegLib.evaluation.compare import run_comparison
+    from AbdomenSegLib.evaluation.compare import OUTPUTS, compare_predictions, markdown_table, run_comparison
 
-    summary = run_comparison(
-        [m.strip() for m in args.models.split(",")],
-        args.data,
-        args.labels,
-        args.out,
-        cases=args.cases.split(",") if args.cases else None,
-        cases_from=args.cases_from,
-        input_intensity=args.input_intensity,
-        device=args.device,
-        overwrite=args.overwrite,
-        tta=args.tta,
-        log=_log,
-        mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
-    )
-    from AbdomenSegLib.evaluation.compare import markdown_table
+    if bool(args.models) == bool(args.predictions):
+        raise AbdomenSegError(
+            "compare needs either --models (segment a dataset with our models) or --predictions (score existing "
+            "outputs)",
+            "give one of them: --models a,b --data DIR, or --predictions NAME=DIR[:convention] ... --reference DIR",
+        )
+    if args.predictions:
+        if not args.reference or args.data or args.keep_predictions:
+            raise AbdomenSegError(
+                "--predictions scores existing outputs against --reference (and takes no --data or "
+                "--keep-predictions)",
+                "give --reference DIR[:convention] with --predictions",
+            )
+        summary = compare_predictions(args.predictions, args.reference, args.out, overwrite=args.overwrite, log=_log)
+    else:
+        if not args.data:
+            raise AbdomenSegError("--models needs --data", "give the dataset folder (images/ + labels/) with --data")
+        summary = run_comparison(
+            [m.strip() for m in args.models.split(",")],
+            args.data,
+            args.labels,
+            args.out,
+            cases=args.cases.split(",") if args.cases else None,
+            cases_from=args.cases_from,
+            input_intensity=args.input_intensity,
+            device=args.device,
+            overwrite=args.overwrite,
+            tta=args.tta,
+            keep_predictions=args.keep_predictions,
+            log=_log,
+            mapper=_cluster_mapper(args) if _on_cluster(args, True) else None,
+        )
+    from AbdomenSegLib.evaluation.reports import wide_markdown
 
-    print(markdown_table(summary))
-    _log(f"written: {args.out}/metrics.csv, comparison.csv, comparison.md, dice_boxplot.png")
+    print(wide_markdown(summary), end="")
+    print(markdown_table(summary), end="")
+    _log(f"written: {', '.join(f'{args.out}/{name}' for name in OUTPUTS)}")
     return 0
 
 
@@ -752,8 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="reference label map, or folder of them (matched by case name)")
     p.add_argument(
         "--reference-labels",
-        default="abdomenseg",
-        help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr",
+        default=None,
+        help="label convention of the reference: abdomenseg, btcv, chaos, totalseg, totalseg_mr (default: "
+        "detected from its values and its organs' places; refused when several or none fit)",
     )
     p.add_argument("--prediction-labels", default="abdomenseg", help="label convention of the prediction")
     p.add_argument("--organs", help="comma-separated organs to report (default: all the reference can hold)")
@@ -764,15 +832,40 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("compare", help="evaluate several models on the same cases: table (CSV, Markdown) + box plot")
+    p = sub.add_parser(
+        "compare",
+        help="score several models or tools on the same cases: tables (CSV, Markdown), paired tests, box plot",
+    )
     p.add_argument(
         "--models",
-        required=True,
-        help="comma-separated model names or package folders; a+b is an ensemble of a and b, compared as one model",
+        help="segment --data with these: comma-separated model names or package folders; a+b is an ensemble of a "
+        "and b, compared as one model",
     )
-    p.add_argument("--data", required=True, help="dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
-    p.add_argument("--labels", required=True, help="label convention of the dataset: abdomenseg, btcv, chaos, totalseg")
-    p.add_argument("--out", required=True, help="folder for metrics.csv, comparison.csv/.md, dice_boxplot.png")
+    p.add_argument(
+        "--predictions",
+        action="append",
+        metavar="NAME=DIR[:convention]",
+        help="score existing outputs of any tool (repeat per source): label maps named like the reference's cases "
+        "(ours, nnU-Net, TotalSegmentator --ml, DICOM SEG), or per case a folder of one mask per structure "
+        "(TotalSegmentator's default); the convention is detected when not named",
+    )
+    p.add_argument("--reference", help="with --predictions: reference label maps, DIR[:convention] or one file")
+    p.add_argument("--data", help="with --models: dataset folder with images/ + labels/ (or imagesTr/ + labelsTr/)")
+    p.add_argument(
+        "--labels",
+        help="label convention of the dataset's labels: abdomenseg, btcv, chaos, totalseg, totalseg_mr (default: "
+        "detected; refused when several or none fit)",
+    )
+    p.add_argument(
+        "--keep-predictions",
+        action="store_true",
+        help="with --models: also write each model's labels to <out>/predictions/<model>/<case>.nii.gz",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for metrics.csv, comparison.csv/.md, comparison_wide.csv, paired_tests.csv, dice_boxplot.png",
+    )
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--cases-from", help="use this model's validation split (recorded in its card)")
     p.add_argument("--input-intensity", default="native", choices=INPUT_INTENSITIES)

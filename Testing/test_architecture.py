@@ -25,8 +25,8 @@ LAYERS = (
     "preprocessing",  # the model-space pipeline, resampling, regions of interest, labelled datasets
     "inference",  # inferers, sliding windows, mirroring, the segmenters, resampling back, post-processing
     "qc",  # the result check: anatomy, confidence notes, pictures, qc.json
-    "evaluation",  # metrics against a reference, comparing models
     "cohort",  # folders of cases: the per-case runner, manifests, Dask
+    "evaluation",  # metrics against a reference, label conventions, evaluating folders and comparing models
     "training",  # training configs and recipes, augmentation, synthetic data, trainers, export
     "slicer",  # the Slicer module's logic, background runs, the engine worker client, dependency install
     "",  # top: __init__, __main__, api, cli, worker

@@ -145,7 +145,8 @@ def ct_as_reference(tmp, model):
 
 def reference_in_another_convention(tmp, model):
     ref = shared(*EXAMPLE_LABELS)
-    return ["evaluate", str(ref), str(ref), "--prediction-labels", "totalseg"]
+    # named wrongly (unnamed, its convention is now detected: test_evaluate.py)
+    return ["evaluate", str(ref), str(ref), "--prediction-labels", "totalseg", "--reference-labels", "abdomenseg"]
 
 
 def truncated_reference(tmp, model):

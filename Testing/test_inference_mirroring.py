@@ -161,9 +161,14 @@ def test_training_flips_image_and_label_together_and_trades_left_and_right(value
 
 
 def test_flip_axes_are_checked_and_recorded_in_the_card(tmp_path):
-    config = load_config({"data": {"root": str(tmp_path)}, "train": {"augment": {"flip_axes": ["y", "x"]}}})
+    config = load_config(
+        {"data": {"root": str(tmp_path), "convention": "btcv"}, "train": {"augment": {"flip_axes": ["y", "x"]}}}
+    )
     assert draft_card(config)["inference"]["tta_mirror_axes"] == ["y", "x"]
-    assert "tta_mirror_axes" not in draft_card(load_config({"data": {"root": str(tmp_path)}}))["inference"]
+    assert (
+        "tta_mirror_axes"
+        not in draft_card(load_config({"data": {"root": str(tmp_path), "convention": "btcv"}}))["inference"]
+    )
     for axes, organs, message in [
         (["left"], ["liver"], "list of the model axes"),
         (["x"], ["liver", "kidney_left"], "needs both sides of kidney_left"),
@@ -171,7 +176,7 @@ def test_flip_axes_are_checked_and_recorded_in_the_card(tmp_path):
         with pytest.raises(AbdomenSegError, match=message):
             load_config(
                 {
-                    "data": {"root": str(tmp_path)},
+                    "data": {"root": str(tmp_path), "convention": "btcv"},
                     "model": {"organs": organs},
                     "train": {"augment": {"flip_axes": axes}},
                 }

@@ -6,6 +6,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (requirements-dev.txt) provides Slicer's MRML")
 
+from AbdomenSegLib.core.organs import ORGANS  # noqa: E402
 from AbdomenSegLib.evaluation.metrics import evaluate  # noqa: E402
 from AbdomenSegLib.io.phantom import make_phantom, rotation  # noqa: E402
 from AbdomenSegLib.slicer import logic as sl  # noqa: E402
@@ -196,7 +197,9 @@ def test_model_comparison_table_and_chart(scene, tiny_package, tmp_path):
     )
     assert len(segs) == 2 and all(s.GetSegmentation().GetNumberOfSegments() for s in segs.values())
     models = sl.table_column(table, "Model")
-    assert set(models) == {"tiny-test", "tiny-b"} and len(models) == 2 * 8
+    # the 5 organs the models segment, of the reference's 8 (its stomach, aorta, ... are no miss of a model that does
+    # not segment them: issue 27; this asserted 2 * 8 rows before)
+    assert set(models) == {"tiny-test", "tiny-b"} and len(models) == 2 * 5
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetPlotType() == series.PlotTypeBar and series.GetYColumnName() in {"tiny-test", "tiny-b"}
@@ -243,3 +246,50 @@ def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
     for row in got:
         assert float(row["dice"]) == pytest.approx(expected[row["organ"]]["dice"], abs=1e-5)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nodes cleaned up per case
+
+
+def test_model_comparison_adds_a_segmentation_already_in_the_scene(scene, tiny_package):
+    """A TotalSegmentator result (here: a segmentation whose segments carry its structure names, made from the
+    reference itself, and a bladder no model of ours segments) is one more column, scored on its own organs."""
+    ct, labels = make_phantom(size=(48, 40, 16), spacing=(8.0, 8.0, 14.0))
+    vol = volume_node(scene, ct)
+    ref = volume_node(scene, labels, "reference", labelmap=True)
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TotalSegmentator")
+    other.CreateDefaultDisplayNodes()
+    sl.import_labels(scene, labels, other, reference_volume=vol)
+    core = sl.AbdomenSegCore(scene, log=lambda m: None)
+    segs, table, chart = core.compare_models(
+        vol,
+        [str(tiny_package.path)],
+        device="cpu",
+        reference_node=ref,
+        reference_convention="abdomenseg",
+        existing={"TotalSegmentator": other},
+    )
+    assert set(segs) == {"tiny-test", "TotalSegmentator"} and chart.GetNumberOfPlotSeriesNodes() == 2
+    rows = list(zip(*(sl.table_column(table, c) for c in ("Model", "Organ", "Dice"))))
+    theirs = {organ: dice for model, organ, dice in rows if model == "TotalSegmentator"}
+    present = {o.name for o in ORGANS if o.label in set(np.unique(sitk.GetArrayViewFromImage(labels)))}
+    assert set(theirs) == present and all(d == pytest.approx(1.0) for d in theirs.values())
+    assert len([m for m, _, _ in rows if m == "tiny-test"]) == 5
+    flags = dict(zip(sl.table_column(table, "Model"), sl.table_column(table, "Result check")))
+    assert flags["TotalSegmentator"] == ""  # the phantom's anatomy passes the result check; each column has one
+
+
+def test_batch_script_refuses_a_reference_whose_convention_cannot_be_told(scene, tiny_package, tmp_path):
+    """The Slicer batch script read every plain reference as our numbering; now it is named or detected before any
+    case is segmented, and one that fits several conventions (dcmqi's liver-only map) is refused."""
+    import shutil
+
+    from AbdomenSegLib.core.errors import AbdomenSegError
+    from AbdomenSegLib.slicer.batch import run
+
+    images, refs = write_phantom_dataset(tmp_path)
+    for p in refs.iterdir():
+        p.unlink()
+    shutil.copy(shared("dcmqi_ct3slice", "liver_seg.nrrd"), refs / "case0.nrrd")
+    out = tmp_path / "out"
+    argv = ["--input", str(images), "--output", str(out), "--reference", str(refs), "--model", str(tiny_package.path)]
+    with pytest.raises(AbdomenSegError, match="label convention cannot be told.*abdomenseg and btcv"):
+        run(argv + ["--device", "cpu"], scene, log=lambda m: None)
+    assert not list(out.glob("*.seg.nrrd"))

@@ -125,8 +125,7 @@ def test_every_file_slicer_scans_for_modules_defines_its_module_class():
 def test_shared_option_values_match_the_engine():
     """The one list of each option value (options.py) agrees with what the engine can do."""
     from AbdomenSegLib.core import options
-    from AbdomenSegLib.core.organs import CONVENTIONS
-    from AbdomenSegLib.evaluation.metrics import CONVENTION_MAX_VALUE
+    from AbdomenSegLib.core.organs import CONVENTION_MAX_VALUE, CONVENTIONS
 
     assert options.REFERENCE_CONVENTIONS[0] == options.FROM_COLOR_NAMES
     assert set(options.LABEL_CONVENTIONS) == set(CONVENTION_MAX_VALUE) == set(CONVENTIONS)

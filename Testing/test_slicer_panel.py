@@ -116,9 +116,11 @@ def test_btcv_labelmap_reference_is_read_by_its_colour_names(scene):
     ref_img, pred, vol, seg, labelmap = _btcv_pair(scene)
     core = sl.AbdomenSegCore(scene)
     expected = {r["organ"]: r["dice"] for r in evaluate(pred, ref_img, reference_convention="btcv")}
-    # No colour table naming organs: refused, never read as our numbering.
-    with pytest.raises(AbdomenSegError, match="label convention"):
-        core.compare_with_reference(seg, labelmap, volume_node=vol)
+    # No colour table naming organs: never read as our numbering. Its values and organs' places fit BTCV's only
+    # (label_conventions.py), so it is read as BTCV (this test asserted a refusal before detection existed).
+    table = core.compare_with_reference(seg, labelmap, volume_node=vol)
+    got = dict(zip(sl.table_column(table, "Organ"), sl.table_column(table, "Dice")))
+    assert got["spleen"] == pytest.approx(expected["spleen"], abs=1e-9) and got["spleen"] > 0.5
     # The colour table of a BTCV file as Slicer loads it with its names: read by name.
     _name_values(scene, labelmap, {v: n for v, n in CONVENTIONS["btcv"].items()})
     table = core.compare_with_reference(seg, labelmap, volume_node=vol)

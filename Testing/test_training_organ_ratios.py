@@ -57,7 +57,7 @@ def test_crops_centre_on_the_organs_in_their_ratios():
     ],
 )
 def test_organ_ratios_are_checked(tmp_path, ratios, message):
-    config = {"data": {"root": str(tmp_path)}, "model": {"organs": ["liver", "spleen"]}}
+    config = {"data": {"root": str(tmp_path), "convention": "btcv"}, "model": {"organs": ["liver", "spleen"]}}
     config["train"] = {"organ_ratios": ratios, "background_ratio": 0.0}
     with pytest.raises(AbdomenSegError, match=message):
         load_config(config)

@@ -196,7 +196,7 @@ def test_scanner_variety_augmentations_change_images_not_labels(tmp_path, option
     ],
 )
 def test_config_errors_are_clear(tmp_path, change, message):
-    base = {"name": "x", "data": {"root": str(tmp_path)}}
+    base = {"name": "x", "data": {"root": str(tmp_path), "convention": "btcv"}}  # no default numbering (issue 27)
     for key, value in change.items():
         base[key] = {**base.get(key, {}), **value}
     with pytest.raises(AbdomenSegError, match=message):
@@ -209,7 +209,7 @@ def test_a_config_extends_another_and_states_only_its_changes(tmp_path):
         "base.json",
         {
             "name": "x",
-            "data": {"root": str(tmp_path)},
+            "data": {"root": str(tmp_path), "convention": "btcv"},
             "model": {"spacing": [2.0, 2.0, 3.0], "intensity": {"mode": "ct_window", "window": [-100, 200]}},
             "train": {"steps": 100, "lr": 0.002, "augment": {"blur_prob": 0.2}},
         },

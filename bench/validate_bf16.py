@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     from AbdomenSegLib.evaluation.metrics import summarize
     from AbdomenSegLib.io.files import write_json
     from AbdomenSegLib.models.packages import catalog
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import validation_data
     from AbdomenSegLib.training.run import validation_rows
 
     parser = argparse.ArgumentParser(description=__doc__)

@@ -14,6 +14,7 @@ another worker, which takes over the dead worker's lock, and the run removes the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -231,7 +232,8 @@ def segment_case(name: str, src: str, dst: str, settings: dict) -> dict:
     from AbdomenSegLib.cohort.manifest import case_row, device_label
 
     start = time.time()
-    common = {"model": settings["model_name"], "sha256": settings["sha256"]}
+    common = {"model": settings["model_name"], "sha256": settings["sha256"], "quality": settings.get("quality", "")}
+    common["options"] = json.dumps(settings["options"], sort_keys=True) if settings.get("options") else ""
     device = ""
     try:
         segmenter = _segmenter(settings)
@@ -400,7 +402,11 @@ class _Progress:
 
         self.done = self.failed = 0
         self.total, self.desc = total, desc
+        self.started = time.monotonic()
+        # Where stderr is not a terminal (a log file, a script), no bar redraws: one line per case (`write`).
+        self.interactive = sys.stderr.isatty()
         self.bar = tqdm(
+            disable=not self.interactive,
             total=total,
             unit="case",
             file=sys.stderr,
@@ -424,7 +430,13 @@ class _Progress:
         self.bar.update(1)
 
     def write(self, line):
-        self.bar.write(line, file=sys.stderr)
+        if self.interactive:
+            self.bar.write(line, file=sys.stderr)
+            return
+        finished = self.done + self.failed + 1  # the case this line reports is counted right after it
+        elapsed = time.monotonic() - self.started
+        left = elapsed / finished * (self.total - finished)
+        print(f"{line} (elapsed {elapsed:.0f} s, about {left:.0f} s left)", file=sys.stderr, flush=True)
 
     def close(self):
         self.bar.close()
@@ -495,6 +507,7 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
         "sha256": card.get("sha256", ""),
         "device": args.device,
         "options": asdict(options),
+        "quality": args.quality,
         "overwrite": args.overwrite,
         "qc_folder": str(Path(qc_folder).resolve()),
         "pictures": pictures,

@@ -1,14 +1,16 @@
 """`manifest.csv` in the output folder of a folder run: one row per case, for the sequential and the Dask path alike.
 
 Columns: case, input, output, status, seconds, worker (host:pid of the process that segmented it), device, model,
-sha256 (of the model's weights), error, then the result check's counts and flags and each organ's volume (mL) and
+sha256 (of the model's weights), error, quality and options (what the run was asked for, as JSON), then the result check's counts and flags and each organ's volume (mL) and
 confidence. Status is one of:
 
 - done: the output was written by this run, or by an earlier run this manifest recorded (its row is kept);
 - skipped: the output existed and no run recorded here made it; it was left alone (--overwrite replaces it);
 - failed: `error` says why; the other cases went on, and the next run retries it.
 
-Re-running resumes: existing outputs are skipped (their rows stay), failed and missing cases are done again.
+Re-running resumes: existing outputs are skipped (their rows stay), failed and missing cases are done again. A
+re-run with another model, weights, quality or options into the same folder is refused before any work
+(`check_same_run`): the folder would mix two models' outputs under one manifest.
 Rows of cases that are not part of a run (another glob into the same folder) are kept. The file is written
 whole or not at all (temp file + rename), every few seconds during a run and at its end.
 """
@@ -26,7 +28,20 @@ from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.io.files import atomic_output
 
 NAME = "manifest.csv"
-FIELDS = ("case", "input", "output", "status", "seconds", "worker", "device", "model", "sha256", "error")
+FIELDS = (
+    "case",
+    "input",
+    "output",
+    "status",
+    "seconds",
+    "worker",
+    "device",
+    "model",
+    "sha256",
+    "error",
+    "quality",
+    "options",
+)
 STATUSES = ("done", "skipped", "failed")
 _QC_FIELDS = ("qc_warnings", "qc_notes", "qc_flags")
 
@@ -45,7 +60,20 @@ def device_label(device: str) -> str:
 
 
 def case_row(
-    case, src, dst, status, *, seconds=None, worker=None, device="", model="", sha256="", error="", qc_columns=None
+    case,
+    src,
+    dst,
+    status,
+    *,
+    seconds=None,
+    worker=None,
+    device="",
+    model="",
+    sha256="",
+    error="",
+    qc_columns=None,
+    quality="",
+    options="",
 ) -> dict:
     """One manifest row; `qc_columns` are the result check's flat columns (QCReport.columns())."""
     if status not in STATUSES:
@@ -61,9 +89,52 @@ def case_row(
         "model": model,
         "sha256": sha256,
         "error": error,
+        "quality": quality,
+        "options": options,
     }
     row.update(qc_columns or {})
     return row
+
+
+def run_options(options) -> str:
+    """The `options` column: the choices that change a run's labels (an inference.Options), as sorted JSON."""
+    from dataclasses import asdict
+
+    return json.dumps(asdict(options), sort_keys=True)
+
+
+def check_same_run(folder, *, model: str, sha256: str, quality: str, options: str) -> None:
+    """Refuse a folder run whose earlier outputs (rows `done` in its manifest) another model, weights, quality or
+    options made: skipping them would leave one model's outputs under the other's name. Columns an older manifest
+    lacks are not compared."""
+    asked = {"model": model, "weights (sha256)": sha256, "quality": quality, "options": options}
+    for row in read_manifest(Path(folder) / NAME).values():
+        if row.get("status") != "done":
+            continue
+        had = {
+            "model": row.get("model", "").split(">")[0],
+            "weights (sha256)": row.get("sha256", "").split(">")[0],
+            "quality": row.get("quality", ""),
+            "options": row.get("options", ""),
+        }
+        differ = [k for k, v in had.items() if v and asked[k] and not _same(k, v, asked[k])]
+        if differ:
+            shown = ", ".join(f"{k} {had[k]!r} there, {asked[k]!r} now" for k in differ)
+            raise AbdomenSegError(
+                f"'{folder}' holds outputs of another run ({row['case']}: {shown})",
+                "pass --overwrite to replace them, or choose another output folder",
+            )
+
+
+def _same(key: str, had: str, asked: str) -> bool:
+    """Options are compared choice by choice, on the choices both runs record (a newer engine may record more)."""
+    if key != "options":
+        return had == asked
+    try:
+        a, b = json.loads(had), json.loads(asked)
+    except ValueError:
+        return had == asked
+    return all(a[k] == b[k] for k in set(a) & set(b))
 
 
 def read_manifest(path) -> dict:

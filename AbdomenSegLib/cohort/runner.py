@@ -9,10 +9,23 @@ from __future__ import annotations
 import sys
 
 
+def interactive() -> bool:
+    """stderr is a terminal: progress bars may redraw there. Otherwise (a log file, a pipe, a script) only whole
+    lines are written: one per case, with its time, the time elapsed and an estimate of the time left."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class ProgressBar:
-    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback."""
+    """Progress bar on stderr (tqdm), fed by the engine's progress(fraction, message) callback; nothing where
+    stderr is not a terminal (`interactive`)."""
 
     def __init__(self, desc):
+        self.bar = None
+        if not interactive():
+            return
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -24,11 +37,13 @@ class ProgressBar:
         )
 
     def __call__(self, fraction, message):
-        self.bar.n = int(round(fraction * 100))
-        self.bar.set_postfix_str(message, refresh=True)
+        if self.bar is not None:
+            self.bar.n = int(round(fraction * 100))
+            self.bar.set_postfix_str(message, refresh=True)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def model_identity(segmenter):

@@ -232,16 +232,38 @@ def organ_from_terminology(entry: str):
 _CODE_INDEX = {(o.snomed_type[:2], o.snomed_modifier[:2]): o for o in ORGANS}
 
 
-def conversion_lut(convention: str) -> np.ndarray:
-    """Lookup table converting a label map in `convention` to our organ labels."""
-    if convention not in CONVENTIONS:
-        from AbdomenSegLib.core.errors import AbdomenSegError
+# The largest value each named convention defines (the structures we do not segment included): a value above it
+# means the map is in another convention.
+CONVENTION_MAX_VALUE = {"abdomenseg": 14, "btcv": 13, "chaos": 4, "totalseg": 117, "totalseg_mr": 57}
 
+
+def convention_map(convention) -> dict:
+    """{value: organ name} of a convention: a name of CONVENTIONS, or a training config's own mapping (data.labels,
+    an nnU-Net dataset.json: {value: organ name}, values as numbers or their text, as JSON keeps them)."""
+    from AbdomenSegLib.core.errors import AbdomenSegError
+
+    if isinstance(convention, dict):
+        try:
+            mapping = {int(value): name for value, name in convention.items()}
+        except (TypeError, ValueError):
+            mapping = None
+        if mapping is None or any(v < 1 or n not in BY_NAME for v, n in mapping.items()):
+            raise AbdomenSegError(
+                f"label mapping {convention!r} is not {{value: organ name}} with values 1 or more",
+                f"map label values to organ names from: {', '.join(BY_NAME)}",
+            )
+        return mapping
+    if convention not in CONVENTIONS:
         raise AbdomenSegError(
             f"unknown label convention '{convention}'",
             f"use one of: {', '.join(sorted(CONVENTIONS))}",
         )
-    mapping = CONVENTIONS[convention]
+    return CONVENTIONS[convention]
+
+
+def conversion_lut(convention) -> np.ndarray:
+    """Lookup table converting a label map in `convention` (a name, or a {value: organ} mapping) to our labels."""
+    mapping = convention_map(convention)
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for value, name in mapping.items():
         lut[value] = BY_NAME[name].label

@@ -20,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from AbdomenSegLib.core.errors import AbdomenSegError
-from AbdomenSegLib.core.organs import BY_NAME, CONVENTIONS, conversion_lut, convert_labels
+from AbdomenSegLib.core.organs import (
+    BY_NAME,
+    CONVENTION_MAX_VALUE,
+    CONVENTIONS,
+    convention_map,
+    conversion_lut,
+    convert_labels,
+)
 from AbdomenSegLib.io.tables import write_table
+from AbdomenSegLib.preprocessing.label_values import distinct_values, value_boxes
 from AbdomenSegLib.preprocessing.preprocess import resample_to_reference
 
 FIELDS = (
@@ -103,62 +110,49 @@ def _overlaps(a: sitk.Image, b: sitk.Image) -> bool:
 
 # The largest value each convention defines (TotalSegmentator's tasks hold many structures we do not
 # score: their values are valid there and map to background).
-CONVENTION_MAX_VALUE = {"abdomenseg": 14, "btcv": 13, "chaos": 4, "totalseg": 117, "totalseg_mr": 57}
 # No label convention has this many distinct values; a scan has thousands.
 _MAX_LABEL_VALUES = 200
 
 
-def _value_boxes(array: np.ndarray):
-    """Bounding box (slices) of every value 1..max of a non-negative integer map, None for values not
-    present (scipy's find_objects: one pass in C); None when the map is not of that kind."""
-    array = np.asarray(array)
-    if not (np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize <= 4 and array.size):
-        return None
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high >= 1 << 16:
-        return None
-    return ndimage.find_objects(array, max_label=high) if high > 0 else []
-
-
-def _distinct_values(array: np.ndarray, boxes=None) -> np.ndarray:
-    """Every value present (from the value boxes for integer maps: one pass, no sort); other images are
-    sampled."""
-    array = np.asarray(array)
-    boxes = _value_boxes(array) if boxes is None else boxes
-    if boxes is None:
-        return np.unique(array[::2, ::2, ::2])
-    present = [value for value, box in enumerate(boxes, start=1) if box is not None]
-    if np.count_nonzero(array) < array.size:
-        present.insert(0, 0)
-    return np.array(present, dtype=np.int64)
-
-
-def check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
+def check_convention(convention) -> None:
+    if isinstance(convention, dict):
+        convention_map(convention)  # a training config's own {value: organ} mapping, checked
+    elif convention not in CONVENTIONS:
         raise AbdomenSegError(f"unknown label convention '{convention}'", f"use one of: {', '.join(CONVENTIONS)}")
 
 
-def _check_label_map(image: sitk.Image, what: str, convention: str):
-    """Refuse an image that is not a label map of `convention`: a CT or MR given by mistake, or values
-    the convention does not define (scored as background they would give Dice 0 without a word).
-    Returns the map's value boxes (`_value_boxes`; None for a float map), which `evaluate` reuses."""
+def _max_value(convention) -> int:
+    """The largest value a convention defines (a {value: organ} mapping: its largest value)."""
+    return max(convention_map(convention)) if isinstance(convention, dict) else CONVENTION_MAX_VALUE[convention]
+
+
+def check_is_label_map(image: sitk.Image, what: str) -> tuple:
+    """(value boxes, distinct values) of a label map; a CT or MR given by mistake is refused."""
     array = sitk.GetArrayViewFromImage(image)
-    boxes = _value_boxes(array)
-    values = _distinct_values(array, boxes)
-    option = "--reference-labels" if what == "reference" else "--prediction-labels"
+    boxes = value_boxes(array)
+    values = distinct_values(array, boxes)
     if not np.all(values == np.round(values)) or values.min() < 0 or len(values) > _MAX_LABEL_VALUES:
         raise AbdomenSegError(
             f"the {what} is not a label map (values {values.min():g} to {values.max():g}, {len(values)} distinct): "
             "it looks like a scan",
             f"give the {what} as a label map with integer organ values",
         )
+    return boxes, values
+
+
+def _check_label_map(image: sitk.Image, what: str, convention: str):
+    """Refuse an image that is not a label map of `convention`: a CT or MR given by mistake, or values
+    the convention does not define (scored as background they would give Dice 0 without a word).
+    Returns the map's value boxes (`label_values.value_boxes`; None for a float map), which `evaluate` reuses."""
+    boxes, values = check_is_label_map(image, what)
+    option = "--reference-labels" if what == "reference" else "--prediction-labels"
     top = int(values.max())
-    if top > CONVENTION_MAX_VALUE[convention]:
-        unknown = [int(v) for v in values if v > CONVENTION_MAX_VALUE[convention]]
+    if top > _max_value(convention):
+        unknown = [int(v) for v in values if v > _max_value(convention)]
         fits = [c for c, m in CONVENTION_MAX_VALUE.items() if m >= top]
         raise AbdomenSegError(
             f"the {what} holds label values {', '.join(map(str, unknown[:8]))}{' ...' if len(unknown) > 8 else ''} "
-            f"that the '{convention}' convention does not define (it uses 1-{CONVENTION_MAX_VALUE[convention]})",
+            f"that the '{convention}' convention does not define (it uses 1-{_max_value(convention)})",
             f"pass the {what}'s convention with {option} ({' or '.join(fits) or 'none of ours fits'})",
         )
     return boxes
@@ -175,7 +169,7 @@ class _LabelMap:
         if boxes is None:  # a float map with integer values (checked): our labels, then boxes
             self.array = convert_labels(self.array, convention)
             self.lut = conversion_lut("abdomenseg")
-            boxes = _value_boxes(self.array)
+            boxes = value_boxes(self.array)
         self.boxes = boxes
 
     def organ(self, label: int):
@@ -213,13 +207,13 @@ def evaluate(
     ref_boxes = _check_label_map(reference, "reference", reference_convention)
     aligned = align_reference(reference, prediction)
     if aligned is not reference:  # resampled: its boxes are those of the new grid
-        ref_boxes = _value_boxes(sitk.GetArrayViewFromImage(aligned))
+        ref_boxes = value_boxes(sitk.GetArrayViewFromImage(aligned))
     pred = _LabelMap(prediction, prediction_convention, pred_boxes)
     ref = _LabelMap(aligned, reference_convention, ref_boxes)
     shape = pred.array.shape
     spacing_zyx = tuple(float(s) for s in prediction.GetSpacing()[::-1])
     if organs is None:
-        organs = [name for name in BY_NAME if name in CONVENTIONS[reference_convention].values()]
+        organs = [name for name in BY_NAME if name in convention_map(reference_convention).values()]
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     diagonal = float(np.linalg.norm(np.array(shape) * np.array(spacing_zyx)))
     rows = []
@@ -387,8 +381,11 @@ def format_table(rows: list) -> str:
         f"{'organ':22s} {'status':12s} {'Dice':>6s} {'IoU':>6s} {'HD95mm':>7s} {'ASSDmm':>7s} {'NSD':>6s} {'Vpred mL':>9s} {'Vref mL':>9s}"
     ]
     for r in rows:
+        hd95, assd = (
+            f"{r[k]:7.{d}f}" if r[k] is not None else f"{'-':>7s}" for k, d in (("hd95_mm", 1), ("assd_mm", 2))
+        )
         lines.append(
-            f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {r['hd95_mm']:7.1f} "
-            f"{r['assd_mm']:7.2f} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}"
+            f"{r['organ']:22s} {r['status']:12s} {r['dice']:6.3f} {r['iou']:6.3f} {hd95} "
+            f"{assd} {r['surface_dice']:6.3f} {r['volume_pred_ml']:9.1f} {r['volume_ref_ml']:9.1f}"
         )
     return "\n".join(lines)

@@ -118,6 +118,7 @@ def cache_case(
     """(uint8 model-space image, organ labels) of a case; with a `region` (region.py: {"organs", "margin_mm"}) only
     the box around those organs of its reference, the way a cascade's second stage sees it (cascade.py)."""
     image, label = read_case(image_path, label_path, direction)
+    check_mapped(label, convention, label_path)
     if region:
         from AbdomenSegLib.preprocessing.region import reference_crop
 
@@ -126,6 +127,27 @@ def cache_case(
     label = pp.resample_to_reference(label, space.image, is_label=True)
     organs = convert_labels(sitk.GetArrayFromImage(label), convention)
     return encode_image(space.array), organs
+
+
+def check_mapped(label: sitk.Image, convention, path) -> None:
+    """Refuse a training label file holding a value its convention does not map to an organ: read as background
+    it would teach the network that the structure is background (a liver labelled 1 trained as 1 = spleen was the
+    other half of that mistake: the numbering must be named, label_conventions.training_labels)."""
+    from AbdomenSegLib.core.organs import CONVENTION_MAX_VALUE, CONVENTIONS, convention_map
+    from AbdomenSegLib.preprocessing.label_values import distinct_values
+
+    mapping = convention_map(convention)
+    defined = set(mapping) | {0}
+    if isinstance(convention, str):  # a named dataset convention also defines the structures we do not train on
+        defined |= set(range(CONVENTION_MAX_VALUE.get(convention, max(CONVENTIONS[convention])) + 1))
+    values = [int(v) for v in distinct_values(sitk.GetArrayViewFromImage(label))]
+    unmapped = [v for v in values if v not in defined]
+    if unmapped:
+        raise AbdomenSegError(
+            f"label file '{path}' holds value(s) {', '.join(map(str, unmapped[:8]))} that the config's label "
+            "numbering does not map to an organ",
+            "map every value in data.labels (or fix the label file); unmapped values are not read as background",
+        )
 
 
 def encode_image(array: np.ndarray) -> np.ndarray:
@@ -204,3 +226,24 @@ def config_cache(config: dict, log=print) -> dict:
         region=d["region"],
         log=log,
     )
+
+
+def validation_data(data: dict) -> dict:
+    """Where a run's validation cases come from: data itself, or for a synth run the validating source (with
+    the prefix its case names carry in the run's split)."""
+    if data.get("sources"):
+        source = next(s for s in data["sources"] if s["name"] == data["val_source"])
+        return {
+            "root": source["root"],
+            "convention": source["convention"],
+            "input_intensity": "native",
+            "direction": source.get("direction"),
+            "prefix": f"{source['name']}/",
+        }
+    return {
+        "root": data["root"],
+        "convention": data["convention"],
+        "input_intensity": data["input_intensity"],
+        "direction": data.get("direction"),
+        "prefix": "",
+    }

@@ -24,7 +24,12 @@ def parse(argv):
     parser.add_argument("--input", required=True, help="folder (or quoted glob) of volumes or DICOM series folders")
     parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and metrics.csv")
     parser.add_argument("--reference", help="folder of reference label maps named like the inputs")
-    parser.add_argument("--reference-labels", default="abdomenseg", help="label convention of the references")
+    parser.add_argument(
+        "--reference-labels",
+        default=None,
+        help="label convention of the references (default: detected from the first reference, refused when "
+        "several or none fit)",
+    )
     parser.add_argument(
         "--model",
         help="installed model name or package folder (default: the catalog default); several joined by '+' (a+b) "
@@ -70,6 +75,14 @@ def run(argv, scene, log: LogCallback = print) -> int:
     pictures = not args.no_qc_png and can_draw(log)
     qc_files = QCFiles(out_dir / "qc", pictures=pictures)
     cases, _ = expand_inputs(args.input)
+    if args.reference and not args.reference_labels:  # named or detected before any case is segmented
+        from AbdomenSegLib.evaluation.conventions import read_as_ours, resolve_convention
+
+        first = next(filter(None, (find_reference(Path(args.reference), name) for name, _ in cases)), None)
+        if first is not None and read_as_ours(first):  # a DICOM SEG is read into our organ table
+            args.reference_labels = "abdomenseg"
+        elif first is not None:
+            args.reference_labels = resolve_convention(read_image(first), None, "reference", "--reference-labels", log)
     rows, failures = [], []
     for index, (name, path) in enumerate(cases, start=1):
         target = out_dir / f"{name}.seg.nrrd"

@@ -251,6 +251,32 @@ def segment_organ(segment):
     return organ_from_terminology(terminology_entry_of(segment)) or organ_from_name(segment.GetName())
 
 
+ORGANS_ATTRIBUTE = "AbdomenSeg.organs"
+
+
+def _source_organs(segmentation_node) -> list:
+    """The organs a segmentation's source segments: its model's (our nodes name their model), else its segments'
+    organs (a TotalSegmentator or manual segmentation), in our organ table's order."""
+    from AbdomenSegLib.core.organs import ORGANS
+
+    name = segmentation_node.GetAttribute("AbdomenSeg.model")
+    organs = set(filter(None, (segmentation_node.GetAttribute(ORGANS_ATTRIBUTE) or "").split(",")))
+    if name and not organs:
+        from AbdomenSegLib.models.packages import find_model
+
+        try:
+            organs = {o for part in name.split("+") for o in find_model(part.split(">")[0])["labels"].values()}
+        except AbdomenSegError:
+            organs = set()
+    if not organs:
+        segmentation = segmentation_node.GetSegmentation()
+        for segment_id in segment_ids(segmentation_node):
+            organ = segment_organ(segmentation.GetSegment(segment_id))
+            if organ is not None:
+                organs.add(organ.name)
+    return [o.name for o in ORGANS if o.name in organs]
+
+
 def segmentation_to_labels(scene, segmentation_node, reference_volume) -> sitk.Image:
     """Matched segments of any segmentation node as one label map (our table) in the reference grid."""
     slicer = _slicer()
@@ -298,8 +324,9 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
 
     Segmentation nodes are matched segment by segment (terminology, then name). A labelmap's numbers
     mean nothing by themselves: BTCV's 1 is the spleen, ours the liver. They are read by the names in
-    its colour table (`FROM_COLOR_NAMES`, the default, refused when the table names no organ), or in
-    the dataset convention the user names; values the convention does not define are refused.
+    its colour table (`FROM_COLOR_NAMES`, the default), or in the dataset convention the user names; where the
+    table names no organ, the convention its values and organs' places fit (label_conventions.py), refused when
+    none or several fit. Values the convention does not define are refused.
     """
     from AbdomenSegLib.core.organs import convert_labels
     from AbdomenSegLib.evaluation.metrics import _check_label_map, align_reference
@@ -314,9 +341,13 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
         )
     image = volume_node_to_image(reference_node)
     raw = sitk.GetArrayViewFromImage(image)
-    if convention == FROM_COLOR_NAMES:
-        array = _labels_by_color_names(reference_node, raw)
-    else:
+    array = _labels_by_color_names(reference_node, raw) if convention == FROM_COLOR_NAMES else None
+    if array is None:  # named, or detected from its values and organs' places (label_conventions.py)
+        from AbdomenSegLib.evaluation.conventions import resolve_convention
+
+        convention = resolve_convention(
+            image, None if convention == FROM_COLOR_NAMES else convention, "reference", "the reference labels choice"
+        )
         _check_label_map(image, "reference", convention)
         array = convert_labels(raw, convention)
     converted = sitk.GetImageFromArray(array)
@@ -335,13 +366,8 @@ def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
         if organ is not None:
             lut[value] = organ.label
             named[value] = organ.name
-    if not named:
-        what = f"colour table '{colors.GetName()}'" if colors is not None else "no colour table"
-        raise AbdomenSegError(
-            f"the reference labelmap '{labelmap_node.GetName()}' has {what}, which names none of its values "
-            "as an organ",
-            "choose the reference's label convention (abdomenseg, btcv, chaos, totalseg, totalseg_mr)",
-        )
+    if not named:  # the colour table names no organ: the caller names or detects the convention
+        return None
     out = np.zeros(raw.shape, dtype=np.uint8)
     inside = (raw > 0) & (raw < len(lut))
     out[inside] = lut[raw[inside].astype(np.int64)]
@@ -534,7 +560,7 @@ class AbdomenSegCore:
         name = made_by(segmenter)[0]  # a two-stage run: "first>fine"
         report = assess_result(segmenter, labels, options).as_dict(model=name, modality=segmenter.card["modality"])
         self.last_labels = labels
-        return self.import_result(
+        node = self.import_result(
             volume_node,
             labels,
             segmentation_node,
@@ -543,6 +569,9 @@ class AbdomenSegCore:
             organs=organs,
             qc=report,
         )
+        # what the run segments (found or not): a comparison scores these (`_source_organs`)
+        node.SetAttribute(ORGANS_ATTRIBUTE, ",".join(organs or segmenter.card["labels"].values()))
+        return node
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
@@ -725,8 +754,11 @@ class AbdomenSegCore:
         tolerance_mm=2.0,
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
+        existing: dict | None = None,
     ):
-        """Run several models on one volume: segmentation per model, one table, a Dice bar chart."""
+        """Run several models on one volume: segmentation per model, one table, a Dice bar chart. `existing`
+        {column name: segmentation node} adds segmentations already in the scene (a TotalSegmentator result, a
+        manual one) as more columns, scored the same way."""
         segmentations = {}
         for index, model in enumerate(models):
 
@@ -736,6 +768,10 @@ class AbdomenSegCore:
 
             node = self.segment(volume_node, model=model, device=device, progress=step, cancel=cancel)
             segmentations[node.GetAttribute("AbdomenSeg.model")] = node  # the card's name, also for a path
+        for name, node in (existing or {}).items():
+            if name in segmentations:
+                raise AbdomenSegError(f"two columns are named '{name}'", "give the existing segmentation another name")
+            segmentations[name] = node
         table, chart = self.model_comparison(
             volume_node, segmentations, reference_node, reference_convention, tolerance_mm
         )
@@ -756,19 +792,24 @@ class AbdomenSegCore:
             if reference_node is not None
             else None
         )
+        in_reference = (
+            {BY_LABEL[int(v)].name for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v}
+            if reference is not None
+            else set()
+        )
         for model, node in segmentations.items():
             if reference is not None:
+                from AbdomenSegLib.evaluation.reports import case_check
+
                 prediction = segmentation_to_labels(self.scene, node, volume_node)
-                rows += evaluate(
-                    prediction,
-                    reference,
-                    tolerance_mm=tolerance_mm,
-                    model=model,
-                    organs=[
-                        BY_LABEL[v].name
-                        for v in sorted({int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v})
-                    ],
-                )
+                # scored on the organs its source segments and the reference holds: an organ the model or tool
+                # does not segment is no miss (issue 27: TotalSegmentator's bladder against our models)
+                organs = [o for o in _source_organs(node) if o in in_reference]
+                warnings = case_check(prediction, "abdomenseg", organs)[0]  # every column gets the result check
+                rows += [
+                    dict(row, flags=" | ".join(warnings))
+                    for row in evaluate(prediction, reference, tolerance_mm=tolerance_mm, model=model, organs=organs)
+                ]
             else:
                 table = self.organ_volumes(node, volume_node)
                 names, volumes = table_column(table, "Organ"), table_column(table, "Volume")
@@ -789,6 +830,7 @@ class AbdomenSegCore:
                 "volume_pred_ml",
                 "volume_ref_ml",
                 "volume_diff_ml",
+                "flags",
             ]
             if reference is not None
             else ["model", "organ", "volume_pred_ml"]

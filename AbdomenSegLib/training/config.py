@@ -20,7 +20,11 @@ DEFAULT_CONFIG = {
     "title": "",
     "data": {
         "root": None,
-        "convention": "btcv",
+        # The label files' numbering, named, never assumed (label_conventions.training_labels): a convention of
+        # organs.CONVENTIONS, or data.labels {value: organ name}, or an nnU-Net dataset.json in data.root. A label
+        # value it does not map is refused when the cache is built (datasets.cache_case).
+        "convention": None,
+        "labels": None,
         "input_intensity": "native",
         "val_count": 4,
         "seed": 0,
@@ -227,7 +231,7 @@ def _check_data(config):
         raise AbdomenSegError(
             f"config data.root '{d['root']}' is not a folder", "set data.root to a dataset with images/ and labels/"
         )
-    if d["convention"] not in CONVENTIONS:
+    if not synth and isinstance(d["convention"], str) and d["convention"] not in CONVENTIONS:
         raise AbdomenSegError(
             f"config data.convention '{d['convention']}' is not a known label convention",
             f"use one of: {', '.join(sorted(CONVENTIONS))}",
@@ -251,6 +255,10 @@ def _check_data(config):
         )
     if d["direction"] is not None:
         check_direction(d["direction"])
+    if not synth:  # data.labels or a dataset.json become the convention every reader of the data uses (a mapping)
+        from AbdomenSegLib.evaluation.conventions import training_labels
+
+        d["convention"], d["labels"] = training_labels(d), None
 
 
 def _check_fold(fold):
@@ -315,27 +323,6 @@ def _check_sources(config):
     _real(config["train"]["synth"]["dark_prob"], "train.synth.dark_prob", 0.0, 1.0)
     _real(config["train"]["synth"]["min_contrast"], "train.synth.min_contrast", 0.0, 0.5)
     _real(config["train"]["synth"]["perirenal_as_fat"], "train.synth.perirenal_as_fat", 0.0, 1.0)
-
-
-def validation_data(data: dict) -> dict:
-    """Where a run's validation cases come from: data itself, or for a synth run the validating source (with
-    the prefix its case names carry in the run's split)."""
-    if data.get("sources"):
-        source = next(s for s in data["sources"] if s["name"] == data["val_source"])
-        return {
-            "root": source["root"],
-            "convention": source["convention"],
-            "input_intensity": "native",
-            "direction": source.get("direction"),
-            "prefix": f"{source['name']}/",
-        }
-    return {
-        "root": data["root"],
-        "convention": data["convention"],
-        "input_intensity": data["input_intensity"],
-        "direction": data.get("direction"),
-        "prefix": "",
-    }
 
 
 def _check_model(config):

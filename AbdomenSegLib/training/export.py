@@ -33,7 +33,7 @@ def validation_rows(
     from AbdomenSegLib.evaluation.metrics import evaluate
     from AbdomenSegLib.inference.cascade import segment_crop
     from AbdomenSegLib.inference.segmenter import Options, Segmenter
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import validation_data
 
     data = validation_data(card["training"]["config"]["data"])
     segmenter = segmenter or Segmenter(card, "cpu", log=log)
@@ -63,8 +63,7 @@ def validation_rows(
 def validation_cases(card, root=None):
     """(name, image, label) of each of the card's validation cases, read from its original files (the card's
     data folder, or `root`) with the true direction where the card's data gives one."""
-    from AbdomenSegLib.preprocessing.datasets import find_cases, read_case
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import find_cases, read_case, validation_data
 
     data = validation_data(card["training"]["config"]["data"])
     wanted = set(card["training"]["validation_cases"])
