@@ -215,7 +215,7 @@ def install_requirements(constraints: str, path=None) -> None:
         slicer.util.pip_install(["-r", str(path), "-c", str(constraints)])
 
 
-def install_torch(requirement: str = None) -> None:
+def install_torch(requirement: str | None = None) -> None:
     """torch and torchvision through the PyTorch extension (it picks the CUDA or CPU build)."""
     try:
         import PyTorchUtils

@@ -61,7 +61,7 @@ class Trainer:
         self._load_data()
         self.loss = self.build_loss()
         self.step, self.best = 0, -1.0
-        self.history = []
+        self.history: list[dict] = []
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
@@ -336,6 +336,7 @@ class Trainer:
             self.step += 1
             if self.rank != 0:
                 continue  # validation, logs and checkpoints are rank 0's
+            assert writer is not None  # rank 0 has one
             writer.add_scalar("loss/train", float(loss), self.step)
             if progress:
                 progress(self.step, t["steps"], float(loss))
@@ -362,6 +363,7 @@ class Trainer:
         if self.rank == 0:
             if self.step % t["val_every"]:
                 self.save_checkpoint()
+            assert writer is not None  # rank 0 has one
             writer.close()
         self._barrier()
         return self.history
