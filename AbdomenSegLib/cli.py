@@ -214,6 +214,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
                 if earlier:
                     flagged.append(name)
+                assert manifest is not None  # a batch has one
                 manifest.skipped(name, src, dst, qc_json=qc_files.folder / f"{name}.json")
                 _log(
                     f"{tag}: {dst} exists, skipped (--overwrite replaces it)"
@@ -240,6 +241,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 if not batch:
                     raise
                 failures.append(name)
+                assert manifest is not None  # a batch has one
                 manifest.record(
                     case_row(
                         name, src, dst, "failed", seconds=time.time() - start, device=device, error=str(exc), **model
@@ -279,6 +281,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     for path in qc_files.finish():
         _log(f"result check: {path}")
     if batch:
+        assert manifest is not None
         _log(f"manifest: {manifest.path}")
         _log(f"{written} written ({len(flagged)} with warnings), {skipped} skipped, {len(failures)} failed")
     if failures:

@@ -78,7 +78,8 @@ def plan_outputs(cases: list, out_dir: Path, suffix: str) -> list:
     producers: dict = {}
     for src, dst in targets.items():
         producers.setdefault(dst.resolve(), []).append(src)
-    plan, seen = [], {}
+    plan = []
+    seen: dict[Path, Path] = {}
     for name, src in cases:
         src = Path(src)
         dst = targets[src.resolve()]

@@ -153,7 +153,7 @@ def _log_dashboard(client, log):
 try:
     from distributed import WorkerPlugin as _WorkerPlugin
 except ImportError:  # Dask is only needed for --workers / --scheduler
-    _WorkerPlugin = object
+    _WorkerPlugin = object  # type: ignore[misc,assignment]  # a plain base class when Dask is not installed
 
 
 class AbdomenSegWorker(_WorkerPlugin):

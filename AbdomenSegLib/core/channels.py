@@ -12,17 +12,17 @@ import numpy as np
 from AbdomenSegLib.core.organs import BY_NAME
 
 
-def card_labels(organs: list) -> dict:
+def card_labels(organs: list[str]) -> dict[str, str]:
     """The card's `labels` block for a model trained on `organs` (in that order, from channel 1)."""
     return {str(channel): organ for channel, organ in enumerate(organs, start=1)}
 
 
-def channel_organs(labels: dict) -> dict:
+def channel_organs(labels: dict[str, str]) -> dict[int, int]:
     """Output channel -> organ label value, from a card's `labels` block."""
     return {int(channel): BY_NAME[name].label for channel, name in labels.items()}
 
 
-def channels_to_organs(labels: dict) -> np.ndarray:
+def channels_to_organs(labels: dict[str, str]) -> np.ndarray:
     """uint8 lookup table: `lut[channel]` is that channel's organ label (0 for background and unused)."""
     lut = np.zeros(256, dtype=np.uint8)
     for channel, organ in channel_organs(labels).items():
@@ -30,7 +30,7 @@ def channels_to_organs(labels: dict) -> np.ndarray:
     return lut
 
 
-def organs_to_channels(labels: dict) -> np.ndarray:
+def organs_to_channels(labels: dict[str, str]) -> np.ndarray:
     """uint8 lookup table: `lut[organ label]` is its channel; organs the model does not segment map to 0."""
     lut = np.zeros(256, dtype=np.uint8)
     for channel, organ in channel_organs(labels).items():

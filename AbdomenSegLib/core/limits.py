@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 
@@ -51,7 +52,7 @@ def max_memory_bytes() -> float:
     return gb * 1e9
 
 
-def check_geometry(size, spacing, name: str = "input") -> None:
+def check_geometry(size: Sequence[int], spacing: Sequence[float], name: str = "input") -> None:
     """Spacing, extent and voxel count of an image header (size and spacing in x, y, z)."""
     for axis, s in zip("xyz", spacing):
         if not (math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM):
@@ -70,7 +71,7 @@ def check_geometry(size, spacing, name: str = "input") -> None:
     check_voxel_count(size, name)
 
 
-def check_field_of_view(size, spacing, name: str = "input") -> None:
+def check_field_of_view(size: Sequence[int], spacing: Sequence[float], name: str = "input") -> None:
     """An image to segment must be at least MIN_FIELD_MM across in its two widest directions."""
     widths = sorted(n * s for n, s in zip(size, spacing))[-2:]
     if min(widths) < MIN_FIELD_MM:
@@ -81,7 +82,7 @@ def check_field_of_view(size, spacing, name: str = "input") -> None:
         )
 
 
-def check_voxel_count(size, name: str = "input") -> None:
+def check_voxel_count(size: Sequence[int], name: str = "input") -> None:
     voxels = math.prod(int(n) for n in size)
     if voxels > MAX_INPUT_VOXELS:
         raise AbdomenSegError(
@@ -91,12 +92,14 @@ def check_voxel_count(size, name: str = "input") -> None:
         )
 
 
-def model_grid_size(size, spacing, model_spacing) -> list:
+def model_grid_size(size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float]) -> list[int]:
     """Voxels per axis of the model-space grid covering the input's extent (as preprocess resamples it)."""
     return [max(1, int(round(n * s / t))) for n, s, t in zip(size, spacing, model_spacing)]
 
 
-def estimate_memory(size, spacing, model_spacing, channels: int) -> float:
+def estimate_memory(
+    size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float], channels: int
+) -> float:
     """Peak bytes for segmenting an image of `size`/`spacing` with a model at `model_spacing`."""
     model_voxels = math.prod(model_grid_size(size, spacing, model_spacing))
     input_voxels = math.prod(int(n) for n in size)
@@ -107,7 +110,9 @@ def estimate_memory(size, spacing, model_spacing, channels: int) -> float:
     )
 
 
-def check_memory(size, spacing, model_spacing, channels: int, name: str = "input") -> None:
+def check_memory(
+    size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float], channels: int, name: str = "input"
+) -> None:
     need, limit = estimate_memory(size, spacing, model_spacing, channels), max_memory_bytes()
     if need > limit:
         grid = model_grid_size(size, spacing, model_spacing)

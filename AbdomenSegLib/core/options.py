@@ -24,17 +24,17 @@ Quality = Literal["standard", "high"]
 LabelConvention = Literal["abdomenseg", "btcv", "chaos", "totalseg", "totalseg_mr"]
 """Label numbering of a reference or prediction label map (organs.CONVENTIONS)."""
 
-DEVICES: tuple = get_args(Device)
-PRECISIONS: tuple = get_args(Precision)
-INPUT_INTENSITIES: tuple = get_args(InputIntensity)
-LARGEST_COMPONENT: tuple = get_args(LargestComponent)
-OUTPUT_FORMATS: tuple = get_args(OutputFormat)
-LABEL_CONVENTIONS: tuple = get_args(LabelConvention)
-QUALITIES: tuple = get_args(Quality)
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+INPUT_INTENSITIES: tuple[str, ...] = get_args(InputIntensity)
+LARGEST_COMPONENT: tuple[str, ...] = get_args(LargestComponent)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+LABEL_CONVENTIONS: tuple[str, ...] = get_args(LabelConvention)
+QUALITIES: tuple[str, ...] = get_args(Quality)
 
 FROM_COLOR_NAMES = "colour table names"
 """The Slicer panel's default reference convention: organs named by the reference's colour table / segments."""
-REFERENCE_CONVENTIONS: tuple = (FROM_COLOR_NAMES, *LABEL_CONVENTIONS)
+REFERENCE_CONVENTIONS: tuple[str, ...] = (FROM_COLOR_NAMES, *LABEL_CONVENTIONS)
 
 ProgressCallback = Callable[[float, str], None]
 """progress(fraction, message): fraction of the whole job done (0..1, never decreasing), what runs now."""

@@ -33,13 +33,13 @@ class Organ:
     label: int
     name: str  # machine name, used in files, CSVs and on the command line
     display_name: str  # human name, used for Slicer segment names
-    color: tuple  # RGB 0-255, close to Slicer's GenericAnatomyColors
-    snomed_type: tuple  # (scheme, code, meaning)
-    snomed_modifier: tuple = _EMPTY  # laterality where the type is paired
+    color: tuple[int, int, int]  # RGB 0-255, close to Slicer's GenericAnatomyColors
+    snomed_type: tuple[str, str, str]  # (scheme, code, meaning)
+    snomed_modifier: tuple[str, str, str] = _EMPTY  # laterality where the type is paired
     terminology_context: str = GENERAL_ANATOMY_CONTEXT  # the Slicer list that holds snomed_type
 
     @property
-    def color_float(self) -> tuple:
+    def color_float(self) -> tuple[float, ...]:
         return tuple(c / 255.0 for c in self.color)
 
     def terminology_entry(self) -> str:
@@ -64,14 +64,14 @@ class Organ:
         )
 
 
-def _code(triple) -> str:
+def _code(triple: tuple[str, str, str]) -> str:
     return "^".join(triple)
 
 
 _RIGHT = ("SCT", "24028007", "Right")
 _LEFT = ("SCT", "7771000", "Left")
 
-ORGANS: tuple = (
+ORGANS: tuple[Organ, ...] = (
     Organ(1, "liver", "Liver", (221, 130, 101), ("SCT", "10200004", "Liver")),
     Organ(2, "spleen", "Spleen", (157, 108, 162), ("SCT", "78961009", "Spleen")),
     Organ(3, "kidney_right", "Right kidney", (185, 102, 83), ("SCT", "64033007", "Kidney"), _RIGHT),
@@ -112,7 +112,7 @@ BY_NAME = {o.name: o for o in ORGANS}
 MAX_LABEL = max(BY_LABEL)
 
 # Dataset label conventions -> our organ names. Values not listed map to background.
-CONVENTIONS: dict = {
+CONVENTIONS: dict[str, dict[int, str]] = {
     "abdomenseg": {o.label: o.name for o in ORGANS},
     "btcv": {
         1: "spleen",
@@ -162,7 +162,7 @@ CONVENTIONS: dict = {
 }
 
 # Names other tools give the same structures (matched case-insensitively, spaces/underscores folded).
-ALIASES: dict = {
+ALIASES: dict[str, list[str]] = {
     "kidney_right": ["right kidney", "kidney r", "r kidney", "right_kidney", "organ_right_kidney"],
     "kidney_left": ["left kidney", "kidney l", "l kidney", "left_kidney", "organ_left_kidney"],
     "adrenal_gland_right": ["right adrenal gland", "right_adrenal_gland", "adrenal r", "adrenal gland right"],
@@ -185,13 +185,13 @@ def _fold(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-_NAME_INDEX = {}
+_NAME_INDEX: dict[str, Organ] = {}
 for _o in ORGANS:
     for _alias in [_o.name, _o.display_name, *ALIASES.get(_o.name, [])]:
         _NAME_INDEX[_fold(_alias)] = _o
 
 
-def organ_from_name(name: str):
+def organ_from_name(name: str) -> Organ | None:
     """Our organ for a segment/structure name from any supported convention, or None."""
     return _NAME_INDEX.get(_fold(name))
 
@@ -202,12 +202,12 @@ def organ_from_name(name: str):
 _EXTRA_TYPE_CODES = {("SCT", "110765007"): "portal_splenic_vein"}
 
 
-def _scheme_value(field: str) -> tuple:
+def _scheme_value(field: str) -> tuple[str, str]:
     parts = field.split("^")
     return (parts[0], parts[1]) if len(parts) == 3 else ("", "")
 
 
-def organ_from_terminology(entry: str):
+def organ_from_terminology(entry: str) -> Organ | None:
     """Our organ for a Slicer terminology entry string (the segment's "TerminologyEntry" tag), or None.
 
     Reads the entry the way vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry does: exactly 7

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import functools
 import platform
+from typing import Any, Protocol
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class CardLike(Protocol):
+    """What this module reads of a model card (models.card.ModelCard, a layer above: not imported here)."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,7 +42,7 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_precision(requested: str, device: str, card) -> str:
+def resolve_precision(requested: str, device: str, card: CardLike) -> str:
     """'fp32' or 'bf16' for a run on `device` with the model `card`."""
     if requested not in PRECISIONS:
         raise AbdomenSegError(f"unknown precision '{requested}'", f"use one of {', '.join(PRECISIONS)}")

@@ -280,7 +280,7 @@ def _edges(mask: np.ndarray) -> np.ndarray:
         before[axis], after[axis] = slice(None, -2), slice(2, None)
         inner[tuple(body)] &= mask[tuple(before)] & mask[tuple(after)]
         for end in (0, -1):
-            face = [slice(None)] * mask.ndim
+            face: list[slice | int] = [slice(None)] * mask.ndim
             face[axis] = end
             inner[tuple(face)] = False
     return mask & ~inner
@@ -353,7 +353,7 @@ def surface_metrics(p: np.ndarray, r: np.ndarray, spacing, tolerance_mm: float, 
 
 def summarize(rows: list) -> list:
     """Mean and std per (model, organ) over cases, leaving out organs absent from both maps."""
-    groups = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         if row["status"] != "absent_both":
             groups.setdefault((row.get("model", ""), row["organ"]), []).append(row)

@@ -22,7 +22,7 @@ from AbdomenSegLib.core.options import LogCallback
 from AbdomenSegLib.core.precision import resolve_precision
 from AbdomenSegLib.core.progress import check_cancel, progress_span
 from AbdomenSegLib.inference.segmenter import Options, Segmenter, Timings, prepare_input
-from AbdomenSegLib.preprocessing.region import crop, organ_values, region_box
+from AbdomenSegLib.preprocessing.region import Box, crop, organ_values, region_box
 
 FIRST_SHARE = 0.5  # of the progress bar; the second stage runs on a crop, the region step is quick
 
@@ -38,9 +38,9 @@ class CascadeSegmenter:
         self.card, self.device, self.log = self.first.card, self.first.device, log
         self.region = second_card["cascade"]
         self.timings = Timings(device=self.device)
-        self.last_confidence = {}
+        self.last_confidence: dict[str, float] = {}
         self.precision = "fp32"
-        self.last_box = None  # region.Box of the last segment(); None when the second stage was skipped
+        self.last_box: Box | None = None  # region.Box of the last segment(); None when the second stage was skipped
         # The region organs whose labels the second stage gives (cascade.take; default all of them): the others
         # define the box but keep the first stage's labels, where the second stage measured worse.
         self.taken = list(self.region.get("take") or self.region["organs"])

@@ -86,7 +86,7 @@ def confidence_measures(probabilities: np.ndarray, channel_organs: dict, measure
             name = BY_LABEL[organ].name
             if organs is None or name in organs:
                 names[c] = name
-    out = {m: {} for m in measures}
+    out: dict[str, dict[str, float]] = {m: {} for m in measures}
     if not names:
         return out
     if "expected_dice" in measures:

@@ -63,6 +63,7 @@ class EnsembleSegmenter(Segmenter):
             for stage, seconds in member.timings.stages.items():
                 self.timings.add(stage, seconds)
             check_cancel(cancel)
+        assert total is not None  # a card has at least one member
         total /= np.float32(count)
         self.precision = self.finest.precision
         return total, grid

@@ -199,6 +199,7 @@ class SliceWise:
                 out[:, start:stop] = probabilities.permute(1, 0, 2, 3).cpu().numpy()
                 if progress:
                     progress(0.05 + 0.85 * stop / slices, f"segmenting slices {stop}/{slices}")
+        assert out is not None  # the image has at least one slice
         return out[(slice(None),) + unpad]
 
 

@@ -11,8 +11,9 @@ from AbdomenSegLib.core.options import Device, LogCallback, Quality
 from AbdomenSegLib.inference.cascade import CascadeSegmenter
 from AbdomenSegLib.inference.ensemble import EnsembleSegmenter
 from AbdomenSegLib.inference.segmenter import Segmenter, resolve_device
+from AbdomenSegLib.models.card import ModelCard
 from AbdomenSegLib.models.cascade_card import cascade_stages
-from AbdomenSegLib.models.packages import ModelCard, find_model
+from AbdomenSegLib.models.packages import find_model
 
 _CACHE: dict = {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,13 +30,14 @@ from AbdomenSegLib.core.progress import check_cancel
 from AbdomenSegLib.inference import postprocess
 from AbdomenSegLib.inference.confidence import organ_confidence
 from AbdomenSegLib.inference.inferer import inferer_for
+from AbdomenSegLib.models.card import ModelCard
 from AbdomenSegLib.models.card_schema import PADDING_MODES
-from AbdomenSegLib.models.packages import ModelCard, cpu_copy, load_network
-from AbdomenSegLib.preprocessing.pipeline import check_input, to_model_space
+from AbdomenSegLib.models.packages import cpu_copy, load_network
+from AbdomenSegLib.preprocessing.pipeline import ModelSpace, check_input, to_model_space
 from AbdomenSegLib.preprocessing.preprocess import bounding_box
 
 
-def resolve_device(device: Device = "auto", log: LogCallback = print) -> str:
+def resolve_device(device: Device = "auto", log: LogCallback = print) -> Literal["cpu", "cuda"]:
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
@@ -77,7 +79,7 @@ class Timings:
 class Prepared:
     """An input checked against a card and brought into its model space (`prepare_input`)."""
 
-    space: object  # pipeline.ModelSpace
+    space: ModelSpace
     input_intensity: str
     model: str  # the card's name and sha256: a preparation for another model is not used
 
@@ -133,7 +135,7 @@ class Segmenter:
         self.card, self.device, self.log = card, device, log
         self.network = load_network(card, device)
         self.timings = Timings(device=device)
-        self.last_confidence = {}  # {organ: confidence} of the last segment() (confidence.py)
+        self.last_confidence: dict[str, float] = {}  # {organ: confidence} of the last segment() (confidence.py)
         self.precision = "fp32"  # of the last segment() (precision.py)
 
     # -- public -------------------------------------------------------------------------------
@@ -178,6 +180,7 @@ class Segmenter:
         self.check(image, options, prepared)
         progress(0.02, "preprocessing")
         if _prepared_for(prepared, card, options):
+            assert prepared is not None  # _prepared_for checked it
             space = prepared.space
         else:
             space = _to_model_space(card, image, options.input_intensity)

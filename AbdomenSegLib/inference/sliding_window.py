@@ -50,6 +50,7 @@ def importance_map(roi, mode: str = "gaussian", sigma_scale: float = 0.125, devi
             weights = g if weights is None else weights.unsqueeze(-1) * g[(None,) * axis]
     else:
         raise ValueError(f"unknown blending mode '{mode}' (use gaussian or constant)")
+    assert weights is not None  # gaussian: the roi has at least one axis
     floor = max(weights.min().item(), 1e-3)
     return weights.clamp_(min=floor)
 
@@ -107,6 +108,7 @@ def sliding_window(
         pred *= weights  # in place, keeping the prediction's dtype (float16 under autocast) as MONAI does
         for p, (n, w) in zip(pred, batch):
             out[(n, slice(None)) + w] += p
+    assert out is not None  # at least one window
     out /= total
     crop = tuple(slice(b, b + n) for b, n in zip(before, spatial))
     return out[(slice(None), slice(None)) + crop]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def mirrored(card, inferer) -> MirrorMean:
 
 @dataclass(frozen=True)
 class MirrorMean:
-    inner: object  # the card's plain inferer (SlidingWindow or SliceWise)
+    inner: Callable[..., np.ndarray]  # the card's plain inferer (SlidingWindow or SliceWise)
     axes: tuple  # array axes (0 = z) to mirror along
     lateral: int | None  # the array axis that runs left-right, when it is one of `axes`
     channels: tuple  # channel order of a left-right mirrored output put back: out[c] = p[channels[c]]
@@ -56,11 +57,12 @@ class MirrorMean:
             view = np.ascontiguousarray(np.flip(array, flip)) if flip else array
             out = self.inner(network, view, device, precision, report, cancel)
             if flip:
-                out = np.flip(out, [a + 1 for a in flip])  # (C, z, y, x): channel axis first
+                out = np.flip(out, tuple(a + 1 for a in flip))  # (C, z, y, x): channel axis first
                 if self.lateral in flip:
                     out = out[list(self.channels)]
             if total is None:
                 total = np.array(out, dtype=np.float32, copy=True)
             else:
                 total += out
+        assert total is not None  # the original pass at least
         return total / np.float32(len(passes))

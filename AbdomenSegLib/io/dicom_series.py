@@ -299,16 +299,21 @@ def _refuse_mixed_sizes(folder: Path, headers: list[_Header]) -> None:
         )
 
 
+def _orientation(header: _Header) -> np.ndarray:
+    assert header.orientation is not None  # _refuse_missing_geometry refused headers without one
+    return header.orientation
+
+
 def _refuse_mixed_orientations(folder: Path, headers: list[_Header]) -> np.ndarray:
     """Every slice must share the orientation of most slices; returns the unit slice normal.
 
     The majority, not the first file, is the reference, so that a stray localizer sorted first is the
     one named rather than every real slice.
     """
-    votes = Counter(tuple(np.round(h.orientation, 3)) for h in headers)
+    votes = Counter(tuple(np.round(_orientation(h), 3)) for h in headers)
     majority = votes.most_common(1)[0][0]
-    first = next(h for h in headers if tuple(np.round(h.orientation, 3)) == majority)
-    odd = [h.name for h in headers if np.max(np.abs(h.orientation - first.orientation)) > ORIENTATION_TOLERANCE]
+    first = next(h for h in headers if tuple(np.round(_orientation(h), 3)) == majority)
+    odd = [h.name for h in headers if np.max(np.abs(_orientation(h) - _orientation(first))) > ORIENTATION_TOLERANCE]
     if odd:
         raise AbdomenSegError(
             f"DICOM series '{folder}' mixes slice orientations: {_names(odd)} "
@@ -317,12 +322,12 @@ def _refuse_mixed_orientations(folder: Path, headers: list[_Header]) -> np.ndarr
             "put each orientation (e.g. localizers, sagittal/coronal reformats) in its own folder and segment "
             "the axial series",
         )
-    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    normal = np.cross(_orientation(first)[:3], _orientation(first)[3:])
     length = float(np.linalg.norm(normal))
     if length < 0.5:
         raise AbdomenSegError(
             f"slice '{first.name}' in '{folder}' has an invalid ImageOrientationPatient "
-            f"({', '.join(f'{v:g}' for v in first.orientation)})",
+            f"({', '.join(f'{v:g}' for v in _orientation(first))})",
             "re-export the series from the scanner or PACS",
         )
     return normal / length

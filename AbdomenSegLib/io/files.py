@@ -13,7 +13,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 
@@ -51,7 +53,7 @@ def _owner_gone(host_tag: str, pid: int) -> bool:
 
 def sweep_partials(folder) -> list:
     """Remove temporary files in `folder` left by writers that no longer run; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
@@ -147,7 +149,7 @@ def _remove_stale_lock(lock: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(path, suffix="", *, overwrite: bool = True):
+def atomic_output(path: str | os.PathLike[str], suffix: str = "", *, overwrite: bool = True) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it becomes `path` in one step, else it is removed.
 
     With `overwrite=False` the last step is a hard link, which fails if `path` appeared meanwhile, so an
@@ -188,7 +190,7 @@ def _publish_new(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def write_json(data, path) -> Path:
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """A JSON file (cards, catalogs) written whole or not at all."""
     with atomic_output(path, ".json") as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

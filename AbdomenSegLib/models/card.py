@@ -7,28 +7,34 @@ packages.py reads cards and catalogs from disk; this module is what the rest of 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 from AbdomenSegLib.core.channels import channel_organs
 from AbdomenSegLib.core.errors import AbdomenSegError
+
+StrPath = Union[str, "os.PathLike[str]"]  # a file or folder given as text or as a path
 
 
 @dataclass
 class ModelCard:
     path: Path  # the package folder
-    data: dict = field(default_factory=dict)
-    members: tuple = ()  # an ensemble's member cards (ensemble_card.py); () for a single model
+    data: dict[str, Any] = field(default_factory=dict)
+    members: tuple[ModelCard, ...] = ()  # an ensemble's member cards (ensemble_card.py); () for a single model
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
     @property
     def name(self) -> str:
-        return self.data["name"]
+        name: str = self.data["name"]
+        return name
 
     @property
     def weights_path(self) -> Path:
@@ -36,7 +42,7 @@ class ModelCard:
         return inside(self.path / self.data["weights"], self.path, f"weights of model '{self.name}'")
 
     @property
-    def channel_organs(self) -> dict:
+    def channel_organs(self) -> dict[int, int]:
         """Output channel -> our organ label value (channel 0 is background)."""
         return channel_organs(self.data["labels"])
 
@@ -64,7 +70,7 @@ class ModelCard:
         )
 
 
-def _seconds(value) -> str:
+def _seconds(value: object) -> str:
     return "not measured" if value is None else f"{value} s"
 
 
@@ -82,13 +88,13 @@ def inside(path: Path, folder: Path, what: str) -> Path:
     return resolved
 
 
-def finest(members) -> int:
+def finest(members: Sequence[ModelCard]) -> int:
     """Index of the member with the smallest voxel volume (the first of equals): the grid of the average."""
     volumes = [math.prod(float(s) for s in m["spacing"]) for m in members]
     return volumes.index(min(volumes))
 
 
-def _ensemble_summary(card) -> str:
+def _ensemble_summary(card: ModelCard) -> str:
     """The `models` listing's text of an ensemble card."""
     members = card.members
     best = members[finest(members)]

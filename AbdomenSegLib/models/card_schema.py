@@ -48,7 +48,7 @@ LABEL_KEY = re.compile(r"[1-9][0-9]*")  # decimal, no sign, no leading zero: "01
 Problems = list[str]  # one clear sentence per problem
 
 
-def validate_card(data: Any, where: str, *, pending: tuple = ()) -> None:
+def validate_card(data: Any, where: str, *, pending: tuple[str, ...] = ()) -> None:
     """Raise one AbdomenSegError listing every problem of the card `data`; `where` names it in the message.
 
     `pending`: required keys not filled in yet (export checks a card before its weights' sha256 exists)."""
@@ -61,7 +61,7 @@ def validate_card(data: Any, where: str, *, pending: tuple = ()) -> None:
         )
 
 
-def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
+def card_problems(data: Any, *, pending: tuple[str, ...] = ()) -> Problems:
     """Every problem of a card's values, [] when it is valid."""
     if not isinstance(data, dict):
         return [f"the card must be a JSON object, not {_kind(data)}"]
@@ -71,7 +71,7 @@ def card_problems(data: Any, *, pending: tuple = ()) -> Problems:
     problems = [f"lacks {', '.join(missing)}"] if missing else []
     dims = data.get("dimensions")
     labels = data.get("labels")
-    checks = {
+    checks: dict[str, Callable[[Any], Problems]] = {
         "name": _name,
         "dimensions": _dimensions,
         "architecture": lambda v: _architecture(v, dims),
@@ -112,7 +112,7 @@ def _cascade(value: Any, labels: Any) -> Problems:
     return problems
 
 
-def _ensemble_card(data: dict) -> Problems:
+def _ensemble_card(data: dict[str, Any]) -> Problems:
     """An ensemble's card (ensemble_card.py): a name, a title and its members' names; every model value comes
     from the members, so a card that states one would say something the ensemble does not do."""
     problems = _name(data["name"]) if "name" in data else ["lacks name"]
@@ -165,7 +165,7 @@ def _int(value: Any, field: str, low: int, high: int) -> Problems:
     return []
 
 
-def _number(value: Any, field: str, bounds: tuple, unit: str = "") -> Problems:
+def _number(value: Any, field: str, bounds: tuple[float, float], unit: str = "") -> Problems:
     if not _is_number(value):
         return [f"{field} {_show(value)} must be a finite number"]
     low, high = bounds
@@ -174,7 +174,7 @@ def _number(value: Any, field: str, bounds: tuple, unit: str = "") -> Problems:
     return []
 
 
-def _numbers(value: Any, field: str, length: int, bounds: tuple, unit: str = "") -> Problems:
+def _numbers(value: Any, field: str, length: int, bounds: tuple[float, float], unit: str = "") -> Problems:
     if not isinstance(value, (list, tuple)) or len(value) != length:
         return [f"{field} {_show(value)} must be a list of {length} numbers"]
     return [p for i, v in enumerate(value) for p in _number(v, f"{field}[{i}]", bounds, unit)]
@@ -187,13 +187,13 @@ def _ints(value: Any, field: str, low: int, high: int, length: int | None = None
     return [p for i, v in enumerate(value) for p in _int(v, f"{field}[{i}]", low, high)]
 
 
-def _one_of(value: Any, field: str, allowed: tuple) -> Problems:
+def _one_of(value: Any, field: str, allowed: tuple[Any, ...]) -> Problems:
     if isinstance(value, str) and value in allowed:
         return []
     return [f"{field} {_show(value)} must be one of {', '.join(allowed)}"]
 
 
-def _section(value: Any, field: str, check: Callable[[dict], Problems]) -> Problems:
+def _section(value: Any, field: str, check: Callable[[dict[str, Any]], Problems]) -> Problems:
     """`check` the block when it is an object; otherwise say it must be one."""
     return check(value) if isinstance(value, dict) else [f"{field} must be an object, not {_kind(value)}"]
 
@@ -216,7 +216,7 @@ def _architecture(value: Any, dims: Any) -> Problems:
     return _section(value, "architecture", lambda arch: _architecture_block(arch, dims))
 
 
-def _architecture_block(arch: dict, dims: Any) -> Problems:
+def _architecture_block(arch: dict[str, Any], dims: Any) -> Problems:
     name = arch.get("class")
     if name not in MONAI_3D + SMP_2D:
         return [f"architecture.class {_show(name)} must be one of {', '.join(MONAI_3D + SMP_2D)}"]
@@ -236,7 +236,7 @@ def _architecture_block(arch: dict, dims: Any) -> Problems:
     return problems
 
 
-def _monai_unet_args(args: dict) -> Problems:
+def _monai_unet_args(args: dict[str, Any]) -> Problems:
     field = "architecture.args"
     if "channels" not in args or "strides" not in args:
         return [f"{field} must give channels and strides for a UNet"]
@@ -260,7 +260,7 @@ def _monai_unet_args(args: dict) -> Problems:
     return problems
 
 
-def _smp_args(args: dict) -> Problems:
+def _smp_args(args: dict[str, Any]) -> Problems:
     field = "architecture.args"
     problems = []
     if "encoder_name" in args and not (isinstance(args["encoder_name"], str) and args["encoder_name"]):
@@ -317,7 +317,7 @@ def _intensity(value: Any) -> Problems:
     return _section(value, "intensity", _intensity_block)
 
 
-def _intensity_block(block: dict) -> Problems:
+def _intensity_block(block: dict[str, Any]) -> Problems:
     mode = block.get("mode")
     problems = _one_of(mode, "intensity.mode", ("ct_window", "mr_percentile"))
     if mode == "ct_window":
@@ -333,18 +333,18 @@ def _intensity_block(block: dict) -> Problems:
     return problems
 
 
-def _ordered_pair(value: Any, field: str, bounds: tuple) -> Problems:
+def _ordered_pair(value: Any, field: str, bounds: tuple[float, float]) -> Problems:
     problems = _numbers(value, field, 2, bounds)
     if not problems and value[0] >= value[1]:
         problems.append(f"{field} {_show(value)} must be [low, high] with low < high")
     return problems
 
 
-def _inference(value: Any, data: dict) -> Problems:
+def _inference(value: Any, data: dict[str, Any]) -> Problems:
     return _section(value, "inference", lambda block: _inference_block(block, data))
 
 
-def _inference_block(block: dict, data: dict) -> Problems:
+def _inference_block(block: dict[str, Any], data: dict[str, Any]) -> Problems:
     problems = _mirror_axes(block["tta_mirror_axes"], data) if "tta_mirror_axes" in block else []
     if "roi_size" in block:
         problems += _ints(block["roi_size"], "inference.roi_size", 1, MAX_ROI, 3)
@@ -359,7 +359,7 @@ def _inference_block(block: dict, data: dict) -> Problems:
     return problems
 
 
-def _mirror_axes(axes: Any, data: dict) -> Problems:
+def _mirror_axes(axes: Any, data: dict[str, Any]) -> Problems:
     """inference.tta_mirror_axes: model axes; the left-right one only with both sides of each paired organ, whose
     channels test-time augmentation trades back (mirror.py). Sides judged once orientation and labels are valid."""
     from AbdomenSegLib.models.mirroring import AXES, mirror_axes_problems
@@ -372,7 +372,7 @@ def _mirror_axes(axes: Any, data: dict) -> Problems:
     return [f"inference.tta_mirror_axes: {p}" for p in mirror_axes_problems(axes, orientation, labels.values())]
 
 
-def _roi_fits_network(data: dict) -> Problems:
+def _roi_fits_network(data: dict[str, Any]) -> Problems:
     """A 3D window must be a multiple of the network's total down-sampling, or the U-Net's skip connections
     do not line up. Judged only when the window and the architecture are themselves valid."""
     inference = data.get("inference", {})
@@ -381,6 +381,7 @@ def _roi_fits_network(data: dict) -> Problems:
     arch = data.get("architecture")
     if _ints(roi, "", 1, MAX_ROI, 3) or _architecture(arch, 3):
         return []
+    assert isinstance(arch, dict)  # _architecture found it valid
     stride = divisor(arch)
     if not any(r % stride for r in roi):
         return []
@@ -395,7 +396,7 @@ def _postprocess(value: Any, labels: Any) -> Problems:
     return _section(value, "postprocess", lambda block: _postprocess_block(block, labels))
 
 
-def _postprocess_block(block: dict, labels: Any) -> Problems:
+def _postprocess_block(block: dict[str, Any], labels: Any) -> Problems:
     if "largest_component" not in block:
         return []
     organs = block["largest_component"]
@@ -439,7 +440,7 @@ def _validation(value: Any) -> Problems:
     return _section(value, "validation", _validation_block)
 
 
-def _validation_block(block: dict) -> Problems:
+def _validation_block(block: dict[str, Any]) -> Problems:
     # The `models` listing prints these; NaN is allowed (an organ absent from every validation case).
     dice = block.get("dice", {})
     if not isinstance(dice, dict) or not all(_is_real(v) for v in dice.values()):
@@ -451,7 +452,7 @@ def _timing(value: Any) -> Problems:
     return _section(value, "timing", _timing_block)
 
 
-def _timing_block(block: dict) -> Problems:
+def _timing_block(block: dict[str, Any]) -> Problems:
     bad = [k for k in ("cpu_seconds", "gpu_seconds") if not (block.get(k) is None or _is_real(block[k]))]
     return [f"timing.{k} {_show(block[k])} must be a number of seconds or null" for k in bad]
 
@@ -489,7 +490,7 @@ def _catalog_entry(entry: Any, field: str) -> Problems:
     return problems
 
 
-def region_problems(region, field: str = "region") -> list:
+def region_problems(region: Any, field: str = "region") -> Problems:
     """Every problem of a region block ({"organs", "margin_mm"}, optionally "take": the region organs whose
     labels the second stage gives, default all; for a card's cascade block also "first_stage"), [] when valid."""
     if not isinstance(region, dict):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.options import QUALITIES
-from AbdomenSegLib.models.packages import ModelCard, catalog, find_model, partners_dir
+from AbdomenSegLib.models.card import ModelCard, StrPath
+from AbdomenSegLib.models.packages import catalog, find_model, partners_dir
 
 TRAIN_FIX = (
     "train one with `python -m AbdomenSegLib train Resources/configs/btcv_ct_3d_fine.json --export <models folder>`, "
@@ -20,7 +21,9 @@ TRAIN_FIX = (
 )
 
 
-def cascade_stages(card: ModelCard, quality: str = "standard", models_dir=None) -> tuple | None:
+def cascade_stages(
+    card: ModelCard, quality: str = "standard", models_dir: StrPath | None = None
+) -> tuple[ModelCard, ModelCard] | None:
     """(first-stage card, second-stage card) of a run of `card` at `quality`; None for a single-model run.
     Raises AbdomenSegError ('<problem>. <fix>') for a cascade that cannot run."""
     if quality not in QUALITIES:
@@ -40,7 +43,7 @@ def cascade_stages(card: ModelCard, quality: str = "standard", models_dir=None) 
     return pair
 
 
-def _first_stage_of(second: ModelCard, models_dir) -> ModelCard:
+def _first_stage_of(second: ModelCard, models_dir: StrPath | None) -> ModelCard:
     name = second["cascade"]["first_stage"]
     try:
         return find_model(name, partners_dir(second.path, models_dir))
@@ -52,7 +55,7 @@ def _first_stage_of(second: ModelCard, models_dir) -> ModelCard:
         ) from None
 
 
-def _second_stage_for(first: ModelCard, models_dir) -> ModelCard:
+def _second_stage_for(first: ModelCard, models_dir: StrPath | None) -> ModelCard:
     found = [
         card
         for card in catalog(partners_dir(first.path, models_dir)).values()

@@ -11,11 +11,13 @@ loads a network: cards are JSON.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.models.card import ModelCard, StrPath
 from AbdomenSegLib.models.mirroring import check_tta
-from AbdomenSegLib.models.packages import ModelCard, default_model_name, find_model
+from AbdomenSegLib.models.packages import default_model_name, find_model
 
 TTA_TIP = (
     "Average the result over mirror images of the scan along the axes the model was trained to mirror "
@@ -30,7 +32,12 @@ QUALITY_TIP = (
 )
 
 
-def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "standard") -> ModelCard:
+def resolve(
+    model: ModelCard | StrPath | None = None,
+    tta: bool = False,
+    models_dir: StrPath | None = None,
+    quality: str = "standard",
+) -> ModelCard:
     """The card `model` names (a name, a package folder, `a+b`, a card already read; None: the default), refused
     where the engine would refuse it: an ensemble of models that cannot be averaged, a fine second stage that
     cannot run (`quality` "high", or a second-stage card named directly), or mirroring (`tta`) for a model, or
@@ -45,24 +52,24 @@ def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "stan
     return card
 
 
-def argument(names) -> str:
+def argument(names: Iterable[str]) -> str:
     """The model argument of the checked names: the name itself, or `a+b` (an ensemble); "" for none."""
     return "+".join(names)
 
 
-def _parts(model: str) -> list:
+def _parts(model: str | None) -> list[str]:
     """The names a stored model argument holds (argument's inverse): `a+b` -> [a, b]; "" or None -> []."""
     return [part.strip() for part in (model or "").split("+") if part.strip()]
 
 
-def names_in(model: str, installed) -> list:
+def names_in(model: str, installed: Iterable[str]) -> list[str]:
     """The names of `installed` (in its order) that a stored model argument checks; names no longer installed
     are left out."""
     parts = set(_parts(model))
     return [name for name in installed if name in parts]
 
 
-def missing_note(model: str, installed, checked) -> str:
+def missing_note(model: str, installed: Collection[str], checked: Iterable[str]) -> str:
     """The panel's line when a stored model argument (a saved scene's) names models not installed here, so that
     the list's other check (`checked`) is never silent; "" when all are installed."""
     missing = [part for part in _parts(model) if part not in installed]
@@ -72,7 +79,7 @@ def missing_note(model: str, installed, checked) -> str:
     return f"The scene's model {', '.join(repr(m) for m in missing)} is not installed here: {now}."
 
 
-def default_names(cards) -> list:
+def default_names(cards: Collection[str]) -> list[str]:
     """What the list checks first: the catalog's default model, or the first working one of `cards` when the
     default is broken or the catalog names none."""
     if not cards:
@@ -81,7 +88,7 @@ def default_names(cards) -> list:
         default = default_model_name()
     except (AbdomenSegError, KeyError):  # no usable catalog default must not keep the panel from opening
         default = None
-    return [default if default in cards else next(iter(cards))]
+    return [default if default is not None and default in cards else next(iter(cards))]
 
 
 def label(card: ModelCard) -> str:
@@ -94,7 +101,7 @@ def label(card: ModelCard) -> str:
 
 @dataclass(frozen=True)
 class Selection:
-    names: tuple  # the checked models, in list order
+    names: tuple[str, ...]  # the checked models, in list order
     model: str  # the engine's model argument (argument(names))
     card: ModelCard | None  # what runs; None when nothing is checked or the choice is refused
     error: str  # "error: <problem>. <fix>", the command line's line for the same --model; "" when it can run
@@ -104,7 +111,7 @@ class Selection:
     high_tip: str = "Check a model first"  # the Quality choice's tooltip: what high does, or why it is off
 
 
-def select(names, models_dir=None) -> Selection:
+def select(names: Iterable[str], models_dir: StrPath | None = None) -> Selection:
     """What the checked `names` make (see Selection); never raises for a choice the user can fix."""
     names = tuple(names)
     model = argument(names)

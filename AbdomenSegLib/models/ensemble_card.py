@@ -15,21 +15,20 @@ labels, spacing...), taken from its finest member (smallest voxel), in whose gri
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
-from AbdomenSegLib.models.card import finest
+from AbdomenSegLib.models.card import ModelCard, finest
 
 # What an ensemble's card takes from its finest member: the grid, labels and post-processing the output has.
 FROM_FINEST = ("dimensions", "modality", "labels", "spacing", "orientation", "postprocess", "sequence")
 
 
-def ensemble_of(members, name: str, title: str = "", path: Path | None = None):
+def ensemble_of(members: Sequence[ModelCard], name: str, title: str = "", path: Path | None = None) -> ModelCard:
     """The ensemble card of resolved member cards (models.ModelCard); `path`: its package folder, or None for
     `a+b` given on the command line (then its path joins the members' folders with '+', which find_model reads
     back)."""
-    from AbdomenSegLib.models.card import ModelCard
-
     _check_members(name, members)
     best = members[finest(members)]
     data = {key: best.data[key] for key in FROM_FINEST if key in best.data}
@@ -49,7 +48,7 @@ def ensemble_of(members, name: str, title: str = "", path: Path | None = None):
     return ModelCard(Path(path), data, members=tuple(members))
 
 
-def _check_members(name, members) -> None:
+def _check_members(name: str, members: Sequence[ModelCard]) -> None:
     if not members:
         raise AbdomenSegError(f"ensemble '{name}' has no members", "name at least one model")
     nested = [m.name for m in members if m.get("ensemble") is not None]

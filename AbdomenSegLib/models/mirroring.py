@@ -8,10 +8,16 @@ from the organ table (same SNOMED type, one Right and one Left modifier), so a n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.organs import ORGANS
+
+if TYPE_CHECKING:
+    from AbdomenSegLib.models.card import ModelCard
 
 AXES = ("z", "y", "x")  # model-space array axes, in array order
 
@@ -26,30 +32,30 @@ def lateral_axis(orientation: str) -> str:
     return "xyz"[letter]
 
 
-def side_pairs() -> list:
+def side_pairs() -> list[tuple[str, str]]:
     """[(right organ name, left organ name)] of the organ table's paired organs."""
     right = {o.snomed_type: o.name for o in ORGANS if o.snomed_modifier[2] == "Right"}
     left = {o.snomed_type: o.name for o in ORGANS if o.snomed_modifier[2] == "Left"}
     return [(right[t], left[t]) for t in right if t in left]
 
 
-def unpaired_sides(organs) -> list:
+def unpaired_sides(organs: Iterable[str]) -> list[str]:
     """Organs of `organs` whose other side is not among them: a left-right mirror cannot label those."""
     organs = list(organs)
     return [a for pair in side_pairs() for a, b in (pair, pair[::-1]) if a in organs and b not in organs]
 
 
-def value_pairs(value_of: dict) -> list:
+def value_pairs(value_of: dict[str, int]) -> list[tuple[int, int]]:
     """[(value, value)] to trade on a left-right mirror, for labels whose values are `value_of[organ name]`."""
     return [(value_of[a], value_of[b]) for a, b in side_pairs() if a in value_of and b in value_of]
 
 
-def channel_pairs(labels: dict) -> list:
+def channel_pairs(labels: dict[str, str]) -> list[tuple[int, int]]:
     """Channel pairs to trade for a card's `labels` block ({"1": "liver", ...})."""
     return value_pairs({name: int(channel) for channel, name in labels.items()})
 
 
-def swap_values(label, pairs):
+def swap_values(label: Any, pairs: Iterable[tuple[int, int]]) -> Any:
     """`label` (NumPy array or torch tensor) with the values of each pair traded."""
     out = label.clone() if hasattr(label, "clone") else np.array(label, copy=True)
     for a, b in pairs:
@@ -58,7 +64,7 @@ def swap_values(label, pairs):
     return out
 
 
-def mirror_axes_problems(axes, orientation: str, organs) -> list:
+def mirror_axes_problems(axes: object, orientation: str, organs: Iterable[str]) -> list[str]:
     """Problems of a list of mirror axes for a model with `orientation` and `organs` ([] when fine)."""
     if not isinstance(axes, (list, tuple)) or any(a not in AXES for a in axes):
         return [f"mirror axes {axes!r} must be a list of the model axes z, y, x"]
@@ -73,11 +79,11 @@ def mirror_axes_problems(axes, orientation: str, organs) -> list:
     return []
 
 
-def mirror_axes(card) -> list:
+def mirror_axes(card: ModelCard) -> list[str]:
     return list((card.get("inference") or {}).get("tta_mirror_axes") or [])
 
 
-def check_tta(card) -> None:
+def check_tta(card: ModelCard) -> None:
     """Refuse test-time mirroring for a model (or an ensemble member) trained without mirroring."""
     for model in getattr(card, "members", None) or [card]:
         if not mirror_axes(model):

@@ -15,11 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from AbdomenSegLib.core.errors import AbdomenSegError
-from AbdomenSegLib.models.card import ModelCard, inside
+from AbdomenSegLib.models.card import ModelCard, StrPath, inside
 from AbdomenSegLib.models.card_schema import catalog_problems, validate_card
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _resources() -> Path:
@@ -41,7 +47,7 @@ CATALOG_FIX = (
 REEXPORT = "re-export the model with `python -m AbdomenSegLib train <config> --export-only` or reinstall its package"
 
 
-def _read_json(path: Path, what: str, fix: str):
+def _read_json(path: Path, what: str, fix: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -50,7 +56,7 @@ def _read_json(path: Path, what: str, fix: str):
         raise AbdomenSegError(f"{what} '{path}' cannot be read ({exc.strerror or exc})", fix) from None
 
 
-def read_card(package_dir) -> ModelCard:
+def read_card(package_dir: StrPath) -> ModelCard:
     """The package's card, its values validated (card_schema): one error lists every bad field."""
     package_dir = Path(package_dir)
     if not (package_dir / "card.json").is_file():
@@ -64,26 +70,27 @@ def read_card(package_dir) -> ModelCard:
     return ModelCard(package_dir, data)
 
 
-def read_catalog(models_dir=None) -> dict | None:
+def read_catalog(models_dir: StrPath | None = None) -> dict[str, Any] | None:
     """catalog.json, its structure checked ({"default", "models": [{"name", "path"}]}); None when absent."""
     index = Path(models_dir or MODELS_DIR) / "catalog.json"
     if not index.is_file():
         return None
-    entries = _read_json(index, "model catalog", CATALOG_FIX)
+    entries: dict[str, Any] = _read_json(index, "model catalog", CATALOG_FIX)  # catalog_problems checks it is
     problems = catalog_problems(entries)
     if problems:
         raise AbdomenSegError(f"model catalog '{index}' is invalid: {'; '.join(problems)}", CATALOG_FIX)
     return entries
 
 
-def catalog_with_problems(models_dir=None) -> tuple[dict[str, ModelCard], dict[str, AbdomenSegError]]:
+def catalog_with_problems(models_dir: StrPath | None = None) -> tuple[dict[str, ModelCard], dict[str, AbdomenSegError]]:
     """(name -> ModelCard for every usable package, name -> the error of every broken one), in catalog order.
 
     One broken package (a hand-edited card, missing files) must not take the other models down with it;
     a malformed catalog.json itself is an AbdomenSegError, as nothing in it can be trusted."""
     models_dir = Path(models_dir or MODELS_DIR)
     index = read_catalog(models_dir)
-    cards, broken = {}, {}
+    cards: dict[str, ModelCard] = {}
+    broken: dict[str, AbdomenSegError] = {}
     for entry in (index or {}).get("models", []):
         try:
             cards[entry["name"]] = _read_entry(models_dir, entry)
@@ -100,7 +107,9 @@ def catalog_with_problems(models_dir=None) -> tuple[dict[str, ModelCard], dict[s
     return {n: c for n, c in cards.items() if n not in broken}, broken
 
 
-def _member(name: str, singles: dict, broken: dict, cards: dict) -> ModelCard:
+def _member(
+    name: str, singles: dict[str, ModelCard], broken: dict[str, AbdomenSegError], cards: dict[str, ModelCard]
+) -> ModelCard:
     if name in singles:
         return singles[name]
     if name in broken:
@@ -110,7 +119,7 @@ def _member(name: str, singles: dict, broken: dict, cards: dict) -> ModelCard:
     raise AbdomenSegError(f"its member '{name}' is not installed", f"installed models: {', '.join(singles) or 'none'}")
 
 
-def _resolve_ensemble(card: ModelCard, lookup) -> ModelCard:
+def _resolve_ensemble(card: ModelCard, lookup: Callable[[str], ModelCard]) -> ModelCard:
     """An ensemble package's card with its members (`lookup(name)` -> ModelCard) resolved and checked."""
     from AbdomenSegLib.models.ensemble_card import ensemble_of
 
@@ -123,7 +132,7 @@ def _resolve_ensemble(card: ModelCard, lookup) -> ModelCard:
     return ensemble_of(members, card.name, card.get("title", ""), card.path)
 
 
-def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
+def _read_entry(models_dir: Path, entry: dict[str, Any]) -> ModelCard:
     name = entry["name"]
     folder = models_dir / entry.get("path", name)
     inside(folder, models_dir, f"package of model '{name}'")
@@ -146,30 +155,31 @@ def _read_entry(models_dir: Path, entry: dict) -> ModelCard:
     return card
 
 
-def catalog(models_dir=None) -> dict[str, ModelCard]:
+def catalog(models_dir: StrPath | None = None) -> dict[str, ModelCard]:
     """name -> ModelCard for every usable package listed in catalog.json (broken ones left out:
     see catalog_with_problems)."""
     return catalog_with_problems(models_dir)[0]
 
 
-def default_model_name(models_dir=None) -> str:
+def default_model_name(models_dir: StrPath | None = None) -> str:
     models_dir = Path(models_dir or MODELS_DIR)
     index = read_catalog(models_dir)
     if index is None:
         raise AbdomenSegError(
             f"no model catalog at '{models_dir / 'catalog.json'}'", "reinstall AbdomenSeg or set ABDOMENSEG_MODELS"
         )
-    return index["default"]
+    name: str = index["default"]
+    return name
 
 
-def partners_dir(package, models_dir=None):
+def partners_dir(package: StrPath, models_dir: StrPath | None = None) -> StrPath | None:
     """Where a package's partner models (an ensemble's members, a cascade's other stage) are looked up: the catalog
     of the folder holding it, else the models folder."""
     around = Path(package).resolve().parent
     return around if (around / "catalog.json").is_file() else models_dir
 
 
-def find_model(name_or_path=None, models_dir=None) -> ModelCard:
+def find_model(name_or_path: StrPath | None = None, models_dir: StrPath | None = None) -> ModelCard:
     """A model by catalog name, or by the path of a package folder; None -> the default model. `a+b` (names or
     folders joined by '+') is an ensemble of those models (ensemble_card.py)."""
     if name_or_path and Path(name_or_path).is_dir():
@@ -188,18 +198,19 @@ def find_model(name_or_path=None, models_dir=None) -> ModelCard:
         return ensemble_of(members, "+".join(m.name for m in members))
     name = name_or_path or default_model_name(models_dir)
     cards, broken = catalog_with_problems(models_dir)
-    if name in broken:
-        raise AbdomenSegError(f"model '{name}' is installed but broken: {broken[name].problem}", broken[name].fix)
+    if name in broken:  # then a catalog name, a str: a path that is no package folder is no key
+        error = broken[str(name)]
+        raise AbdomenSegError(f"model '{name}' is installed but broken: {error.problem}", error.fix)
     if name not in cards:
         raise AbdomenSegError(
             f"model '{name}' is not installed",
             f"installed models: {', '.join(cards) or 'none'} (see `python -m AbdomenSegLib models`); "
             "or give the path of a model package folder",
         )
-    return cards[name]
+    return cards[str(name)]  # a catalog name, as above
 
 
-def sha256_of(path) -> str:
+def sha256_of(path: StrPath) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -207,7 +218,7 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
-def load_network(card: ModelCard, device: str = "cpu"):
+def load_network(card: ModelCard, device: str = "cpu") -> nn.Module:
     """Build the card's network and load its weights after checking the sha256."""
     path = card.weights_path  # refuses weights outside the package before anything is opened
     if not path.is_file():
@@ -223,7 +234,7 @@ def load_network(card: ModelCard, device: str = "cpu"):
     return network.to(device).eval()
 
 
-def cpu_copy(card: ModelCard, network):
+def cpu_copy(card: ModelCard, network: nn.Module) -> nn.Module:
     """A CPU twin of `network` (the card's architecture, `network`'s current weights), for finishing one call
     on the CPU after the GPU ran out of memory: `network` itself stays where it is (inference.Segmenter)."""
     twin = _build(card)
@@ -231,7 +242,7 @@ def cpu_copy(card: ModelCard, network):
     return twin.eval()
 
 
-def _build(card: ModelCard):
+def _build(card: ModelCard) -> nn.Module:
     from AbdomenSegLib.models.networks import build_network
 
     try:
@@ -246,7 +257,7 @@ def _build(card: ModelCard):
         ) from None
 
 
-def _read_tensors(path: Path, card: ModelCard) -> dict:
+def _read_tensors(path: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -259,7 +270,7 @@ def _read_tensors(path: Path, card: ModelCard) -> dict:
         ) from None
 
 
-def _load_weights(network, state: dict, card: ModelCard) -> None:
+def _load_weights(network: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
     """Strict loading: every tensor the card's network has, with its shape, and no others."""
     try:
         network.load_state_dict(state, strict=True)
@@ -272,7 +283,7 @@ def _load_weights(network, state: dict, card: ModelCard) -> None:
         ) from None
 
 
-def _mismatch(expected: dict, found: dict) -> str:
+def _mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
     """The difference between two state dicts in a sentence (torch's message lists every tensor)."""
     reshaped = [k for k in expected if k in found and expected[k].shape != found[k].shape]
     missing = [k for k in expected if k not in found]
@@ -291,7 +302,14 @@ def _mismatch(expected: dict, found: dict) -> str:
     return "; ".join(parts)
 
 
-def export_package(network, card_data: dict, out_dir, *, register_in=None, make_default=False) -> ModelCard:
+def export_package(
+    network: nn.Module,
+    card_data: dict[str, Any],
+    out_dir: StrPath,
+    *,
+    register_in: StrPath | None = None,
+    make_default: bool = False,
+) -> ModelCard:
     """Write weights (safetensors) + card with sha256; optionally list it in a catalog."""
     from safetensors.torch import save_file
 

@@ -23,6 +23,9 @@ smp too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,14 +49,18 @@ SUPPORTED_ARGS = {
     "activation",
     "aux_params",
 }
-SMP_DEFAULTS = {"encoder_name": "resnet34", "encoder_depth": 5, "decoder_channels": (256, 128, 64, 32, 16)}
+SMP_DEFAULTS: dict[str, Any] = {
+    "encoder_name": "resnet34",
+    "encoder_depth": 5,
+    "decoder_channels": (256, 128, 64, 32, 16),
+}
 
 
-def _positive_int(value) -> bool:
+def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _batchnorm(args: dict) -> bool:
+def _batchnorm(args: dict[str, Any]) -> bool:
     """smp 0.6.0: the deprecated decoder_use_batchnorm, when given (not None), replaces decoder_use_norm
     (default "batchnorm"); True and "batchnorm" (any case) mean nn.BatchNorm2d with default parameters."""
     norm = args.get("decoder_use_norm", "batchnorm")
@@ -62,7 +69,7 @@ def _batchnorm(args: dict) -> bool:
     return norm is True or (isinstance(norm, str) and norm.lower() == "batchnorm")
 
 
-def supports(args: dict) -> bool:
+def supports(args: dict[str, Any]) -> bool:
     """True when `args` (a card's smp Unet args) describe a network this module builds exactly like smp."""
     if set(args) - SUPPORTED_ARGS:
         return False
@@ -86,7 +93,7 @@ def supports(args: dict) -> bool:
     )
 
 
-def _conv3x3(inc, outc, stride=1):
+def _conv3x3(inc: int, outc: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(inc, outc, 3, stride, padding=1, bias=False)
 
 
@@ -94,30 +101,31 @@ class BasicBlock(nn.Module):
     """torchvision's BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, plus the input (or its 1x1 strided conv + BN
     under `downsample` when the shape changes), then ReLU."""
 
-    def __init__(self, inc, outc, stride=1):
+    def __init__(self, inc: int, outc: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = _conv3x3(inc, outc, stride)
         self.bn1 = nn.BatchNorm2d(outc)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(outc, outc)
         self.bn2 = nn.BatchNorm2d(outc)
-        self.downsample = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or inc != outc:
             self.downsample = nn.Sequential(nn.Conv2d(inc, outc, 1, stride, bias=False), nn.BatchNorm2d(outc))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out += identity
-        return self.relu(out)
+        result: torch.Tensor = self.relu(out)
+        return result
 
 
 class ResNetEncoder(nn.Module):
     """smp's ResNetEncoder (torchvision's ResNet without avgpool and fc). Every stage exists whatever the depth
     (their weights are in the state_dict), but forward stops after `depth` stages, as smp's does."""
 
-    def __init__(self, in_channels: int, layers, depth: int):
+    def __init__(self, in_channels: int, layers: Sequence[int], depth: int) -> None:
         super().__init__()
         self.depth = depth
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, padding=3, bias=False)
@@ -132,7 +140,7 @@ class ResNetEncoder(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*stage))
             inc = outc
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[input, stage 1, ..., stage depth]: each stage half the size of the one before (rounded up)."""
         features = [x]
         x = self.relu(self.bn1(self.conv1(x)))
@@ -145,7 +153,7 @@ class ResNetEncoder(nn.Module):
         return features
 
 
-def _conv_bn_relu(inc, outc):
+def _conv_bn_relu(inc: int, outc: int) -> nn.Sequential:
     """smp's Conv2dReLU with batchnorm: Sequential(conv 3x3 without bias, BatchNorm2d, ReLU) -> keys 0.*, 1.*."""
     return nn.Sequential(nn.Conv2d(inc, outc, 3, padding=1, bias=False), nn.BatchNorm2d(outc), nn.ReLU(inplace=True))
 
@@ -154,22 +162,23 @@ class DecoderBlock(nn.Module):
     """smp's UnetDecoderBlock without attention (its Identity attention modules hold no weights): nearest
     up-sampling to the skip's size, concatenation with the skip (the last block has none), two conv-BN-ReLU."""
 
-    def __init__(self, inc, skip, outc):
+    def __init__(self, inc: int, skip: int, outc: int) -> None:
         super().__init__()
         self.conv1 = _conv_bn_relu(inc + skip, outc)
         self.conv2 = _conv_bn_relu(outc, outc)
 
-    def forward(self, x, size, skip=None):
+    def forward(self, x: torch.Tensor, size: torch.Size, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="nearest")
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        out: torch.Tensor = self.conv2(self.conv1(x))
+        return out
 
 
 class UnetDecoder(nn.Module):
     """smp's UnetDecoder for a ResNet encoder (no center block: smp adds one only for VGG encoders)."""
 
-    def __init__(self, encoder_channels, decoder_channels):
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int]) -> None:
         super().__init__()
         encoder_channels = list(encoder_channels[1:])[::-1]  # deepest first, without the input itself
         in_channels = [encoder_channels[0]] + list(decoder_channels[:-1])
@@ -178,7 +187,7 @@ class UnetDecoder(nn.Module):
             DecoderBlock(inc, skip, outc) for inc, skip, outc in zip(in_channels, skip_channels, decoder_channels)
         )
 
-    def forward(self, features):
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         sizes = [f.shape[2:] for f in features][::-1]  # deepest first, ending with the input's size
         features = features[1:][::-1]
         x, skips = features[0], features[1:]
@@ -197,9 +206,9 @@ class Unet2D(nn.Module):
         classes: int,
         encoder_name: str = "resnet34",
         encoder_depth: int = 5,
-        decoder_channels=(256, 128, 64, 32, 16),
-        **smp_only,
-    ):
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        **smp_only: Any,
+    ) -> None:
         super().__init__()
         # The other supported args (encoder_weights=None, batchnorm, no attention, nearest, no activation) are
         # what this class is; anything else is refused rather than silently built differently from smp.
@@ -211,5 +220,6 @@ class Unet2D(nn.Module):
         self.decoder = UnetDecoder(encoder_channels, decoder_channels)
         self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], classes, 3, padding=1))
 
-    def forward(self, x):
-        return self.segmentation_head(self.decoder(self.encoder(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.segmentation_head(self.decoder(self.encoder(x)))
+        return out

@@ -16,6 +16,8 @@ and monai/networks/layers/simplelayers.py (SkipConnection). Training keeps using
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
@@ -23,12 +25,14 @@ from torch import nn
 # UNet arguments this class reproduces; a card with any other argument is built by MONAI (networks.py).
 SUPPORTED_ARGS = {"channels", "strides", "num_res_units"}
 
+Stride = Union[int, Sequence[int]]  # one stride for every axis, or one per axis (z, y, x)
 
-def _positive_int(value) -> bool:
+
+def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def supports(args: dict) -> bool:
+def supports(args: dict[str, Any]) -> bool:
     """True when `args` (a card's UNet args) describe a network this module builds exactly like MONAI."""
     if set(args) - SUPPORTED_ARGS:
         return False
@@ -52,8 +56,9 @@ def supports(args: dict) -> bool:
     )
 
 
-def _axes(stride) -> tuple:
-    return tuple(stride) if isinstance(stride, (list, tuple)) else (stride,) * 3
+def _axes(stride: Stride) -> tuple[int, int, int]:
+    axes = tuple(stride) if isinstance(stride, (list, tuple)) else (stride,) * 3
+    return cast("tuple[int, int, int]", axes)  # supports() lets only three per-axis strides through
 
 
 class ConvUnit(nn.Sequential):
@@ -62,15 +67,18 @@ class ConvUnit(nn.Sequential):
     Dropout (MONAI's "D", p=0.0) is left out: it holds no weights and does nothing at p=0. The transposed
     convolution uses output_padding = stride - 1 so that it exactly undoes a stride-s down-sampling."""
 
-    def __init__(self, in_channels, out_channels, stride=1, transposed=False, conv_only=False):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: Stride = 1, transposed: bool = False, conv_only: bool = False
+    ) -> None:
         super().__init__()
-        stride = _axes(stride)
+        axes = _axes(stride)
+        self.conv: nn.Module
         if transposed:
             self.conv = nn.ConvTranspose3d(
-                in_channels, out_channels, 3, stride, padding=1, output_padding=tuple(s - 1 for s in stride)
+                in_channels, out_channels, 3, axes, padding=1, output_padding=(axes[0] - 1, axes[1] - 1, axes[2] - 1)
             )
         else:
-            self.conv = nn.Conv3d(in_channels, out_channels, 3, stride, padding=1)
+            self.conv = nn.Conv3d(in_channels, out_channels, 3, axes, padding=1)
         if not conv_only:
             # Instance norm without affine weights or running statistics (torch's defaults), then one PReLU slope.
             self.adn = nn.Sequential(OrderedDict(N=nn.InstanceNorm3d(out_channels), A=nn.PReLU()))
@@ -80,11 +88,14 @@ class ResidualUnit(nn.Module):
     """MONAI's `ResidualUnit`: `subunits` ConvUnits (only the first strided) plus a residual path, which is
     the identity, or a 1x1x1 convolution when only the channel count changes, or a strided 3x3x3 one."""
 
-    def __init__(self, in_channels, out_channels, stride=1, subunits=2, last_conv_only=False):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: Stride = 1, subunits: int = 2, last_conv_only: bool = False
+    ) -> None:
         super().__init__()
         subunits = max(1, subunits)
         self.conv = nn.Sequential()
         channels, unit_stride = in_channels, stride
+        self.residual: nn.Module
         for i in range(subunits):
             self.conv.add_module(
                 f"unit{i}",
@@ -98,18 +109,19 @@ class ResidualUnit(nn.Module):
         else:
             self.residual = nn.Identity()
 
-    def forward(self, x):
-        return self.conv(x) + self.residual(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x) + self.residual(x)
+        return out
 
 
 class SkipConnection(nn.Module):
     """The UNet's skip: the input concatenated (channels) with what the level below makes of it."""
 
-    def __init__(self, submodule):
+    def __init__(self, submodule: nn.Module) -> None:
         super().__init__()
         self.submodule = submodule
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.submodule(x)], dim=1)
 
 
@@ -118,13 +130,21 @@ class UNet3D(nn.Module):
     each level is Sequential(down, SkipConnection(level below), up), from the top level down to a
     stride-1 bottom layer, kept under the attribute `model` as MONAI does."""
 
-    def __init__(self, in_channels: int, out_channels: int, channels, strides, num_res_units: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[Stride],
+        num_res_units: int = 0,
+    ) -> None:
         super().__init__()
         self.num_res_units = num_res_units
         self.model = self._level(in_channels, out_channels, list(channels), list(strides), is_top=True)
 
-    def _level(self, inc, outc, channels, strides, is_top):
+    def _level(self, inc: int, outc: int, channels: list[int], strides: list[Stride], is_top: bool) -> nn.Sequential:
         c, s = channels[0], strides[0]
+        below: nn.Module
         if len(channels) > 2:
             below = self._level(c, c, channels[1:], strides[1:], is_top=False)
             up_in = 2 * c  # this level's c channels + the c the level below returns
@@ -133,17 +153,18 @@ class UNet3D(nn.Module):
             up_in = c + channels[1]
         return nn.Sequential(self._down(inc, c, s), SkipConnection(below), self._up(up_in, outc, s, is_top))
 
-    def _down(self, inc, outc, stride):
+    def _down(self, inc: int, outc: int, stride: Stride) -> nn.Module:
         if self.num_res_units > 0:
             return ResidualUnit(inc, outc, stride, subunits=self.num_res_units)
         return ConvUnit(inc, outc, stride)
 
-    def _up(self, inc, outc, stride, is_top):
+    def _up(self, inc: int, outc: int, stride: Stride, is_top: bool) -> nn.Module:
         # The top level's output is raw logits: no norm/activation after its last convolution.
         conv = ConvUnit(inc, outc, stride, transposed=True, conv_only=is_top and self.num_res_units == 0)
         if self.num_res_units > 0:
             return nn.Sequential(conv, ResidualUnit(outc, outc, 1, subunits=1, last_conv_only=is_top))
         return conv
 
-    def forward(self, x):
-        return self.model(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)
+        return out

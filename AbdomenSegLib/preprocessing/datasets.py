@@ -207,7 +207,7 @@ def build_cache(
         arrays[f"image/{name}"], arrays[f"label/{name}"] = image, labels
         log(f"cached {name}: {image.shape}")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cache_file, **arrays)
+    np.savez_compressed(cache_file, **arrays)  # type: ignore[arg-type]  # numpy's stub checks **kwds against allow_pickle too; no key here is that
     return arrays
 
 

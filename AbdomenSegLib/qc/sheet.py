@@ -299,10 +299,11 @@ def _flag_lines(warnings, notes, width_chars: int, empty: bool):
     with_fixes = [line for main, fixes in blocks for line in main + fixes]
     if len(with_fixes) <= MAX_FLAG_LINES:
         return with_fixes
-    lines = [line for main, _ in blocks for line in main]
-    if len(lines) <= MAX_FLAG_LINES:
-        return lines
-    shown, count = [], 0
+    mains = [line for main, _ in blocks for line in main]
+    if len(mains) <= MAX_FLAG_LINES:
+        return mains
+    shown: list[tuple[str, str, str]] = []
+    count = 0
     for main, _ in blocks:
         if len(shown) + len(main) > MAX_FLAG_LINES - 1:
             break
@@ -320,7 +321,7 @@ def _organ_rows(report: dict, labels: np.ndarray, voxel_ml: float):
         flat = np.asarray(labels).ravel()
         counts = np.bincount(flat if flat.dtype.kind == "u" else np.clip(flat.astype(np.int64), 0, None))
         organs = {
-            BY_LABEL[v].name: {"volume_ml": float(counts[v]) * voxel_ml}
+            BY_LABEL[int(v)].name: {"volume_ml": float(counts[v]) * voxel_ml}
             for v in np.flatnonzero(counts)
             if v in BY_LABEL
         }
@@ -404,7 +405,7 @@ def _draw_table(fig, rows, x0: float, top: float, width: float, bottom: float, f
                 transform=fig.transFigure,
             )
         )
-        name_colour = {"warning": WARNING, "note": ORANGE}.get(flagged.get(name), TEXT)
+        name_colour = {"warning": WARNING, "note": ORANGE}.get(flagged.get(name, ""), TEXT)
         text(columns["name"], yy, display, color=name_colour)
         volume = _number(entry.get("volume_ml"))
         marks, ml_colour = [], TEXT

@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import SimpleITK as sitk
 
@@ -147,8 +147,8 @@ def launch_engine(command: list, log_path, env=None, *, stdin=subprocess.DEVNULL
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
-    kwargs = {}
-    if _WINDOWS:
+    kwargs: dict[str, Any] = {}
+    if _WINDOWS and sys.platform == "win32":  # the same test twice: type checkers see Windows' names only there
         # Hide the console window: Slicer's launchConsoleProcess uses STARTUPINFO with SW_HIDE
         # (util.py:4275-4280); CREATE_NO_WINDOW keeps a console from being created at all.
         info = subprocess.STARTUPINFO()
@@ -218,8 +218,9 @@ class SegmentationProcess:
         self._exited = threading.Event()  # the process has exited and all its output is read
         self._lock = threading.Lock()
         self._error: str | None = None
-        self._grid = None  # the input's (size, spacing, origin, direction); not the pixels, which can be large
-        self._started = None
+        # the input's (size, spacing, origin, direction); not the pixels, which can be large
+        self._grid: tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
+        self._started: float | None = None
 
     # -- starting -------------------------------------------------------------------------------
     def start(
@@ -352,7 +353,7 @@ class SegmentationProcess:
     # -- the caller's (main) thread -------------------------------------------------------------
     def poll(self) -> list:
         """All events that arrived since the last call; never blocks."""
-        events = []
+        events: list[dict] = []
         while True:
             try:
                 event = self._events.get_nowait()
@@ -414,6 +415,7 @@ class SegmentationProcess:
                 self.error or "the segmentation has no result (yet)",
                 "wait until it has finished, and read the result before cleanup()",
             )
+        assert self.temp_dir is not None and self._grid is not None  # set by start(), kept until cleanup()
         labels = sitk.ReadImage(str(self.temp_dir / OUTPUT_NAME))
         size, spacing, origin, direction = self._grid
         if tuple(labels.GetSize()) != tuple(size):

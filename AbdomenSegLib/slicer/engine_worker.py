@@ -57,7 +57,7 @@ class EngineWorker:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self.alive else None
+        return self._process.pid if self._process is not None and self.alive else None
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, run: SegmentationProcess, cli_args: list, log_path, *, python=None, env=None) -> None:
@@ -76,6 +76,7 @@ class EngineWorker:
         with self._lock:
             self._current = run
         request = json.dumps({"argv": [str(a) for a in cli_args], "log": str(log_path)}) + "\n"
+        assert self._process is not None and self._process.stdin is not None  # _start() made it with a stdin pipe
         try:
             self._process.stdin.write(request)
             self._process.stdin.flush()
@@ -110,6 +111,7 @@ class EngineWorker:
     # -- the reader thread ----------------------------------------------------------------------
     def _read(self, process: subprocess.Popen) -> None:
         try:
+            assert process.stdout is not None  # launch_engine pipes it
             for line in process.stdout:
                 with self._lock:
                     run = self._current if self._process is process else None
@@ -133,6 +135,8 @@ class EngineWorker:
                 run._on_end(returncode, extra_log=self._log_tail())
 
     def _log_tail(self, lines=20) -> str:
+        if self._folder is None:
+            return ""  # never started
         try:
             text = (self._folder / WORKER_LOG).read_text(encoding="utf-8", errors="replace")
         except (OSError, TypeError):
@@ -149,6 +153,7 @@ class EngineWorker:
                 if kill:
                     SegmentationProcess._signal_tree(process, kill=False)
                 else:
+                    assert process.stdin is not None  # _start() made it with a stdin pipe
                     try:
                         process.stdin.close()  # worker.py exits at EOF
                     except (OSError, ValueError):

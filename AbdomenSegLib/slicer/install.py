@@ -357,7 +357,7 @@ class PipRun:
             raise subprocess.CalledProcessError(code, self.process.args)
 
 
-def install_torch(requirement: str = None) -> None:
+def install_torch(requirement: str | None = None) -> None:
     """torch through the PyTorch extension (it picks the CUDA or CPU build; it also installs torchvision)."""
     try:
         import PyTorchUtils

@@ -86,7 +86,7 @@ class BackgroundRun:
         self.cancelled = False
         self.progress = (0.0, "starting")
         self._index = -1
-        self._process = None
+        self._process: SegmentationProcess | None = None
 
     @property
     def running(self) -> bool:

@@ -107,7 +107,9 @@ def validate_cascade(card, log: LogCallback = print) -> dict:
     from AbdomenSegLib.inference.predictor import get_segmenter
     from AbdomenSegLib.models.cascade_card import cascade_stages
 
-    first, second = cascade_stages(card)
+    stages = cascade_stages(card)
+    assert stages is not None  # a second-stage card runs behind its first stage
+    first, second = stages
     summary = validate_package(
         first, log=log, segmenter=CascadeSegmenter(get_segmenter(first, "cpu", log), second, log=log)
     )
@@ -152,11 +154,12 @@ def train_and_export(
     if export_only:
         trainer.load_checkpoint()
     else:
-        trainer.run(
-            resume=resume,
-            progress=lambda s, n, loss: (s % 20 == 0 or s == n)
-            and log(f"step {s}/{n} loss {loss:.4f} ({time.time() - start:.0f} s)"),
-        )
+
+        def progress(s: int, n: int, loss: float) -> None:
+            if s % 20 == 0 or s == n:
+                log(f"step {s}/{n} loss {loss:.4f} ({time.time() - start:.0f} s)")
+
+        trainer.run(resume=resume, progress=progress)
     if trainer.world > 1:
         import torch.distributed as dist
 

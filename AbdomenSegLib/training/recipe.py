@@ -198,7 +198,7 @@ def project_augmentations(config: dict) -> list:
     organs = m["organs"]
     window = m["intensity"]["window"] if m["intensity"]["mode"] == "ct_window" else None
     spacing = m["spacing"][::-1]  # (z, y, x) like the arrays
-    chain = []
+    chain: list = []
     if a["unenhanced_prob"] > 0:
         from AbdomenSegLib.training.augment import RandUnenhancedd
 

@@ -52,16 +52,16 @@ from AbdomenSegLib.training.tissue_labels import (
 
 @dataclass(frozen=True)
 class SynthParams:
-    mean: tuple = (0.0, 1.0)
-    std: tuple = (0.01, 0.12)
-    dark_mean: tuple = (0.0, 0.08)
-    dark_std: tuple = (0.0, 0.03)
+    mean: tuple[float, float] = (0.0, 1.0)
+    std: tuple[float, float] = (0.01, 0.12)
+    dark_mean: tuple[float, float] = (0.0, 0.08)
+    dark_std: tuple[float, float] = (0.0, 0.03)
     dark_classes: tuple = (0,) + tuple(DARK_CLASSES)
     thick_prob: float = 0.7
     thick_axis_p: tuple = (0.7, 0.15, 0.15)  # z, y, x
     thick_max_mm: float = 9.0
     thick_max_factor: float = 3.0
-    blur_sigma: tuple = (0.0, 0.8)  # voxels, per axis
+    blur_sigma: tuple[float, float] = (0.0, 0.8)  # voxels, per axis
     bias_grid: tuple = (4, 4, 4)
     bias_std: tuple = (0.0, 0.35)
     noise_std: tuple = (0.0, 0.05)
@@ -73,7 +73,7 @@ class SynthParams:
     # signal (kidneys and spleen on T1 opposed-phase, iron-laden liver on T2*), and a network that only ever saw
     # air that dark takes such an organ for gas and labels the bright fat around it instead. 0 = never.
     dark_prob: float = 0.0
-    ink_factor: tuple = (0.0, 0.3)
+    ink_factor: tuple[float, float] = (0.0, 0.3)
     # Visible organs: an organ whose mean lies within `min_contrast` of the classes that hold more than
     # `max_hidden` of its surface is redrawn (up to `redraws` times). Plain SynthSeg draws let, say, a kidney
     # and its perirenal fat share one intensity in ~20 % of samples; the loss then rewards painting a kidney
@@ -141,8 +141,8 @@ def surface_contacts(index: np.ndarray, count: int) -> np.ndarray:
         differ = lo != hi
         pairs = lo[differ] * count + hi[differ]
         contacts += np.bincount(pairs, minlength=count * count)
-    contacts = contacts.reshape(count, count)
-    return contacts + contacts.T
+    matrix = contacts.reshape(count, count)
+    return matrix + matrix.T
 
 
 def _make_organs_visible(index: np.ndarray, means: np.ndarray, rng: np.random.Generator, p) -> list:

@@ -61,7 +61,7 @@ class Trainer:
         self._load_data()
         self.loss = self.build_loss()
         self.step, self.best = 0, -1.0
-        self.history = []
+        self.history: list[dict] = []
         self.use_amp, self.amp_dtype = self.device.type == "cuda", torch.float16
         if t["pipeline"] == "device":
             from AbdomenSegLib.training.device_batches import autocast_dtype
@@ -345,6 +345,7 @@ class Trainer:
             self.step += 1
             if self.rank != 0:
                 continue  # validation, logs and checkpoints are rank 0's
+            assert writer is not None  # rank 0 has one
             writer.add_scalar("loss/train", float(loss), self.step)
             if progress:
                 progress(self.step, t["steps"], float(loss))
@@ -371,6 +372,7 @@ class Trainer:
         if self.rank == 0:
             if self.step % t["val_every"]:
                 self.save_checkpoint()
+            assert writer is not None  # rank 0 has one
             writer.close()
         self._barrier()
         return self.history
