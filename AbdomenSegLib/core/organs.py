@@ -7,7 +7,9 @@ BTCV, CHAOS or TotalSegmentator numbering can be evaluated without conversion by
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -237,7 +239,7 @@ _CODE_INDEX = {(o.snomed_type[:2], o.snomed_modifier[:2]): o for o in ORGANS}
 CONVENTION_MAX_VALUE = {"abdomenseg": 14, "btcv": 13, "chaos": 4, "totalseg": 117, "totalseg_mr": 57}
 
 
-def convention_map(convention) -> dict:
+def convention_map(convention: str | Mapping[Any, str]) -> dict[int, str]:
     """{value: organ name} of a convention: a name of CONVENTIONS, or a training config's own mapping (data.labels,
     an nnU-Net dataset.json: {value: organ name}, values as numbers or their text, as JSON keeps them)."""
     from AbdomenSegLib.core.errors import AbdomenSegError
@@ -261,7 +263,7 @@ def convention_map(convention) -> dict:
     return CONVENTIONS[convention]
 
 
-def conversion_lut(convention) -> np.ndarray:
+def conversion_lut(convention: str | Mapping[Any, str]) -> np.ndarray:
     """Lookup table converting a label map in `convention` (a name, or a {value: organ} mapping) to our labels."""
     mapping = convention_map(convention)
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
@@ -270,7 +272,7 @@ def conversion_lut(convention) -> np.ndarray:
     return lut
 
 
-def convert_labels(labels: np.ndarray, convention: str) -> np.ndarray:
+def convert_labels(labels: np.ndarray, convention: str | Mapping[Any, str]) -> np.ndarray:
     """Map a label array from a dataset convention to our organ table (unknown values -> 0)."""
     lut = conversion_lut(convention)
     labels = np.asarray(labels)
@@ -283,7 +285,7 @@ def convert_labels(labels: np.ndarray, convention: str) -> np.ndarray:
 TRANSLATION_CONTEXT = "AbdomenSeg"
 
 
-def translated_display_names(translate=None) -> dict:
+def translated_display_names(translate: Callable[[str, str], str] | None = None) -> dict[str, str]:
     """Machine name -> display name in the user's language, through `translate(context, text)` (Slicer's
     slicer.i18n.translate, Base/Python/slicer/i18n.py:13-20 @ v5.10.0; None: English). Each text is a literal in a
     `translate(...)` call so Qt's lupdate, which Slicer's translation workflow runs over the sources, extracts it;
@@ -308,7 +310,9 @@ def translated_display_names(translate=None) -> dict:
     }
 
 
-def organ_choices(organ_names, translate=None) -> list:
+def organ_choices(
+    organ_names: Iterable[str], translate: Callable[[str, str], str] | None = None
+) -> list[tuple[str, str]]:
     """(machine name, shown name) for a model's organs, in its order: what the panel's organ list shows (the names
     the segments get), while the engine is given the machine names."""
     shown = translated_display_names(translate)

@@ -195,8 +195,8 @@ def compare_predictions(
     sources = []
     for spec in predictions:
         name, folder, convention = _prediction_source(spec)
-        found = [(case, _find_prediction(folder, case, len(cases) == 1)) for case, _ in cases]
-        found = {case: path for case, path in found if path is not None}
+        paths = [(case, _find_prediction(folder, case, len(cases) == 1)) for case, _ in cases]
+        found = {case: path for case, path in paths if path is not None}
         if not found:
             raise AbdomenSegError(
                 f"--predictions {name}: '{folder}' holds no prediction named like the reference's cases "
@@ -335,14 +335,18 @@ def _read_masks(folder: Path) -> sitk.Image:
 
     from AbdomenSegLib.core.organs import BY_NAME
 
-    out, grid = None, None
+    out: np.ndarray | None = None
+    grid: sitk.Image | None = None
     for organ, path in _mask_files(folder).items():
         mask = _read(path)
         if grid is None:
             grid, out = mask, np.zeros(sitk.GetArrayViewFromImage(mask).shape, np.uint8)
         elif mask.GetSize() != grid.GetSize() or not np.allclose(mask.GetOrigin(), grid.GetOrigin(), atol=1e-3):
             raise AbdomenSegError(f"'{path}' is not in the grid of the other masks in '{folder}'", "check the folder")
+        assert out is not None  # made with `grid` from the first mask
         out[sitk.GetArrayViewFromImage(mask) > 0] = BY_NAME[organ].label
+    if out is None or grid is None:
+        raise AbdomenSegError(f"'{folder}' holds no organ masks", "give a folder of one mask per organ (name.nii.gz)")
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(grid)
     return image

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from AbdomenSegLib.models.card import inside
 
@@ -27,7 +28,7 @@ def models_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "abdomenseg" / "models"
 
 
-def installed_folder(entry: dict) -> Path | None:
+def installed_folder(entry: dict[str, Any]) -> Path | None:
     """Where models_home() holds a catalog entry's package, or None."""
     home = models_home()
     folder = home / entry.get("path", entry["name"])

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Any, Callable
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.models.locations import models_home
@@ -41,7 +41,7 @@ def shipped_catalog_dir() -> Path:
     return RESOURCES / "models"
 
 
-def downloadable(index_dir=None) -> dict:
+def downloadable(index_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """name -> catalog entry for every entry of the shipped catalog that has a download block."""
     from AbdomenSegLib.models.packages import read_catalog
 
@@ -49,17 +49,17 @@ def downloadable(index_dir=None) -> dict:
     return {e["name"]: e for e in index.get("models", []) if isinstance(e.get("download"), dict)}
 
 
-def terms_of(entry: dict) -> dict:
+def terms_of(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry's terms block ({} when the catalog states none)."""
     return entry.get("terms") or {}
 
 
-def needs_acceptance(entry: dict) -> bool:
+def needs_acceptance(entry: dict[str, Any]) -> bool:
     """True unless the entry's terms say they are permissive."""
     return not terms_of(entry).get("permissive", False)
 
 
-def describe(entry: dict) -> str:
+def describe(entry: dict[str, Any]) -> str:
     """What the user is shown before an installation: the model, its download size and its terms."""
     download = entry["download"]
     size = download.get("size")
@@ -72,7 +72,7 @@ def describe(entry: dict) -> str:
 
 
 # -- packing (publishing side) -----------------------------------------------------------------------------------------
-def pack(package_dir, out_dir) -> tuple[Path, dict]:
+def pack(package_dir: str | Path, out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """Zip a model package as `<out_dir>/<name>.zip` (members `<name>/card.json`, `<name>/<weights>`) and return it
     with the catalog `download` block to publish it under (url left for the release's asset address)."""
     from AbdomenSegLib.io.files import atomic_output
@@ -99,7 +99,9 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def download(url: str, target: Path, expected_size: int | None = None, progress: DownloadProgress | None = None):
+def download(
+    url: str, target: Path, expected_size: int | None = None, progress: DownloadProgress | None = None
+) -> None:
     """`url` into the file `target`, refused (AbdomenSegError) when it arrives short of its Content-Length or of
     `expected_size`."""
     import http.client
@@ -136,13 +138,13 @@ def download(url: str, target: Path, expected_size: int | None = None, progress:
 
 
 # -- installing ---------------------------------------------------------------------------------------------------
-def _entry_for(source: str, catalog: dict) -> dict | None:
+def _entry_for(source: str, catalog: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     if source in catalog:
         return catalog[source]
     return next((e for e in catalog.values() if e["download"].get("url") == source), None)
 
 
-def _check_members(archive: zipfile.ZipFile, name: str) -> list:
+def _check_members(archive: zipfile.ZipFile, name: str) -> list[zipfile.ZipInfo]:
     """The zip's file members, refused unless all lie in `<name>/` as plain files with safe names."""
     members, total = [], 0
     for info in archive.infolist():
@@ -169,7 +171,7 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> list:
     return members
 
 
-def _unpack(zip_path: Path, entry: dict, staging: Path) -> Path:
+def _unpack(zip_path: Path, entry: dict[str, Any], staging: Path) -> Path:
     """Unpack into `staging/<name>` and check it is the package the catalog entry names (card, weights sha256)."""
     from AbdomenSegLib.models.packages import read_card
 
@@ -190,7 +192,7 @@ def _unpack(zip_path: Path, entry: dict, staging: Path) -> Path:
         )
     if sha256_of(card.weights_path) != card["sha256"]:
         raise AbdomenSegError(f"the weights in the package of '{name}' do not match its card", "download it again")
-    return staging / name
+    return Path(staging / name)
 
 
 def install(
@@ -198,8 +200,8 @@ def install(
     *,
     accept_terms: bool = False,
     overwrite: bool = False,
-    target_dir=None,
-    index_dir=None,
+    target_dir: str | Path | None = None,
+    index_dir: str | Path | None = None,
     progress: DownloadProgress | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -251,7 +253,7 @@ def install(
                 "read them (`abdomenseg models`, Resources/models/TERMS.md) and pass --accept-terms to accept them",
             )
         unpacked = _unpack(zip_path, entry, staging / "unpacked")
-        final = target_dir / entry.get("path", entry["name"])
+        final = Path(target_dir / entry.get("path", entry["name"]))
         _place(unpacked, final, overwrite, staging)
     _register(target_dir, entry)
     log(f"installed model '{entry['name']}' in {final}")
@@ -269,7 +271,7 @@ def _place(unpacked: Path, final: Path, overwrite: bool, staging: Path) -> None:
     os.replace(unpacked, final)
 
 
-def _register(target_dir: Path, entry: dict) -> None:
+def _register(target_dir: Path, entry: dict[str, Any]) -> None:
     """List the package in the target folder's catalog.json (created, with the shipped default, if absent)."""
     from AbdomenSegLib.io.files import write_json
     from AbdomenSegLib.models.packages import default_model_name, read_catalog
@@ -285,7 +287,7 @@ def _register(target_dir: Path, entry: dict) -> None:
     write_json(index, target_dir / "catalog.json")
 
 
-def catalog_entries(index_dir=None) -> dict:
+def catalog_entries(index_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """name -> entry of every model the shipped catalog lists."""
     from AbdomenSegLib.models.packages import read_catalog
 
@@ -293,7 +295,7 @@ def catalog_entries(index_dir=None) -> dict:
     return {e["name"]: e for e in index.get("models", [])}
 
 
-def terms_to_accept(model: str, accepted: dict, index_dir=None) -> list:
+def terms_to_accept(model: str, accepted: dict[str, str], index_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """The catalog entries behind `model` (a name, or names joined by '+') whose terms are not permissive and not yet
     accepted (`accepted`: name -> the licence text the user accepted, e.g. kept in Slicer's settings). Terms accepted
     for one model count for every model under the same licence text (the BTCV models, a cascade's fine stage)."""

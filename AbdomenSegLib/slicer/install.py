@@ -127,7 +127,7 @@ def architecture_requirements(cards) -> list:
     for card in cards:
         for one in getattr(card, "members", ()) or (card,):
             architecture = one.get("architecture") or {}
-            name = architecture.get("class")
+            name = str(architecture.get("class"))
             if name in pure and pure[name](architecture.get("args", {})):
                 continue
             requirement = ARCHITECTURE_PACKAGES.get(name)
@@ -400,8 +400,8 @@ class Installation:
     def __init__(self, cards=(), log: LogCallback = print):
         self.cards, self.log = tuple(cards), log
         self.problems = dependency_problems(cards=self.cards)
-        self.pip = None
-        self._constraints = None
+        self.pip: PipRun | None = None
+        self._constraints: str | None = None
         self._loaded: list = []
 
     def start(self) -> None:

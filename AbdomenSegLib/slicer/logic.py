@@ -355,7 +355,7 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
     return align_reference(converted, volume_node_to_image(geometry_volume))
 
 
-def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray:
+def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray | None:
     display = labelmap_node.GetDisplayNode()
     colors = display.GetColorNode() if display is not None else None
     values = [int(v) for v in np.unique(raw) if v > 0]

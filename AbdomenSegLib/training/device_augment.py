@@ -123,15 +123,15 @@ class ProjectAugmentations:
         d, u = self.device, self.unenhanced
         return {
             "unenhanced_on": _coin(batch, self.prob["unenhanced"], g, d),
-            "alpha": _u(batch, *u.strength, g, d),
+            "alpha": _u(batch, u.strength[0], u.strength[1], g, d),
             "goal_jitter": _u((batch, self.channels), -u.jitter, u.jitter, g, d),
-            "squeeze": _u((batch, self.channels), *u.spread, g, d),
+            "squeeze": _u((batch, self.channels), u.spread[0], u.spread[1], g, d),
             "enlarge_on": _coin(batch, self.prob["enlarge_spleen"], g, d),
-            "enlarge_scale": _u(batch, *self.enlarge.scale, g, d),
+            "enlarge_scale": _u(batch, self.enlarge.scale[0], self.enlarge.scale[1], g, d),
             "cyst_on": _coin(batch, self.prob["renal_cyst"], g, d),
             "cyst_kidney": torch.rand((batch, max(1, len(self.kidneys))), generator=g, device=d),
-            "cyst_radii": _u((batch, 3), *self.cyst.radius, g, d),
-            "cyst_fluid": _u(batch, *self.cyst.fluid, g, d),
+            "cyst_radii": _u((batch, 3), self.cyst.radius[0], self.cyst.radius[1], g, d),
+            "cyst_fluid": _u(batch, self.cyst.fluid[0], self.cyst.fluid[1], g, d),
         }
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, p: dict, g: torch.Generator) -> tuple:

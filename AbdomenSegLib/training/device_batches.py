@@ -224,7 +224,7 @@ class DevicePipeline:
         organs = m["organs"]
         self.channels = len(organs) + 1
         self.spacing = [float(s) for s in m["spacing"][::-1]]  # (z, y, x) like the arrays
-        self.cases = [DeviceCase(*cases[n], self.channels, self.device) for n in names]
+        self.cases = [DeviceCase(cases[n][0], cases[n][1], self.channels, self.device) for n in names]
         ratios = [t["background_ratio"]] + [float(t["organ_ratios"].get(o, 1.0)) for o in organs]
         self.ratios = torch.tensor(ratios, dtype=torch.float32, device=self.device)
         self.flip_axes = [array_axis(a) for a in self.augment["flip_axes"]]

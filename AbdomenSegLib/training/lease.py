@@ -172,7 +172,7 @@ def write_compact_cache(arrays: dict, path, names=None) -> int:
         if k == "settings" or names is None or k.split("/", 1)[1] in names
     }
     buffer = io.BytesIO()
-    np.savez(buffer, **keep)
+    np.savez(buffer, **keep)  # type: ignore[arg-type]  # numpy's stub reads **kwds as its allow_pickle
     data = lzma.compress(buffer.getvalue(), preset=6)
     atomic_bytes(Path(path), data)
     return len(data)

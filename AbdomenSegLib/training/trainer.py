@@ -62,7 +62,8 @@ class Trainer:
         self.loss = self.build_loss()
         self.step, self.best = 0, -1.0
         self.history: list[dict] = []
-        self.use_amp, self.amp_dtype = self.device.type == "cuda", torch.float16
+        self.use_amp = self.device.type == "cuda"
+        self.amp_dtype: torch.dtype | None = torch.float16
         if t["pipeline"] == "device":
             from AbdomenSegLib.training.device_batches import autocast_dtype
 
