@@ -19,7 +19,7 @@ QUIET = {"affine_prob": 0.0, "intensity_prob": 0.0}
 def _config(tmp_path, augment=None, **train):
     return load_config(
         {
-            "data": {"root": str(tmp_path)},
+            "data": {"root": str(tmp_path), "convention": "btcv"},
             "model": {"organs": ORGANS, "orientation": "LAS", "spacing": [2.0, 2.0, 3.0]},
             "train": {"pipeline": "device", "batch_size": 4, "patch": [32, 48, 48], **train}
             | {"augment": {**QUIET, **(augment or {})}},
@@ -194,9 +194,18 @@ def test_the_device_pipeline_refuses_what_it_cannot_build(tmp_path):
     two_d = {"dimensions": 2, "architecture": {"class": "Unet", "args": {"encoder_name": "resnet18"}}}
     with pytest.raises(AbdomenSegError, match="3D crops"):
         load_config(
-            {"data": {"root": str(tmp_path)}, "model": two_d, "train": {"pipeline": "device", "patch": [3, 64, 64]}}
+            {
+                "data": {"root": str(tmp_path), "convention": "btcv"},
+                "model": two_d,
+                "train": {"pipeline": "device", "patch": [3, 64, 64]},
+            }
         )
     with pytest.raises(AbdomenSegError, match="loader_workers to 0"):
-        load_config({"data": {"root": str(tmp_path)}, "train": {"pipeline": "device", "loader_workers": 4}})
+        load_config(
+            {
+                "data": {"root": str(tmp_path), "convention": "btcv"},
+                "train": {"pipeline": "device", "loader_workers": 4},
+            }
+        )
     with pytest.raises(AbdomenSegError, match="train.pipeline"):
-        load_config({"data": {"root": str(tmp_path)}, "train": {"pipeline": "gpu"}})
+        load_config({"data": {"root": str(tmp_path), "convention": "btcv"}, "train": {"pipeline": "gpu"}})

@@ -131,7 +131,7 @@ def test_a_lease_run_on_the_cpu_writes_what_comes_back(tmp_path):
     architecture = {"class": "UNet", "args": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
     config = load_config(
         {
-            "data": {"root": str(tmp_path)},
+            "data": {"root": str(tmp_path), "convention": "btcv"},
             "model": {"architecture": architecture, "organs": ["liver", "spleen"], "spacing": [8.0, 8.0, 14.0]},
             "train": {"pipeline": "device", "patch": [16, 32, 32], "lr": 0.01},
         }

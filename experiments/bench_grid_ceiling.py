@@ -43,7 +43,7 @@ def main(argv=None):
     from AbdomenSegLib.core.organs import CONVENTIONS
     from AbdomenSegLib.inference.resample_back import labels_on_input_grid
     from AbdomenSegLib.models.packages import find_model
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import validation_data
     from AbdomenSegLib.training.export import validation_cases
 
     card = find_model(args.model)

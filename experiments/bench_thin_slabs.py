@@ -44,7 +44,7 @@ def main(argv=None):
     from AbdomenSegLib.inference.segmenter import Options, Segmenter
     from AbdomenSegLib.models.card_schema import PADDING_MODES
     from AbdomenSegLib.models.packages import find_model
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import validation_data
     from AbdomenSegLib.training.export import validation_cases
 
     for spec in args.models:

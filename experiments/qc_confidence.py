@@ -44,7 +44,7 @@ THRESHOLD_RULE = (
 
 def data_root(card) -> Path:
     """The card's dataset folder under ../shared/data (as Testing/conftest.py finds it)."""
-    from AbdomenSegLib.training.config import validation_data
+    from AbdomenSegLib.preprocessing.datasets import validation_data
 
     return DATA / validation_data(card["training"]["config"]["data"])["root"].split("/")[-1]
 
