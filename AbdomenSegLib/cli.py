@@ -148,7 +148,8 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     from AbdomenSegLib.core.precision import resolve_precision
     from AbdomenSegLib.inference.predictor import get_segmenter
     from AbdomenSegLib.inference.segmenter import Options
-    from AbdomenSegLib.qc.outputs import check_and_record, summary_lines
+    from AbdomenSegLib.qc.outputs import check_and_record, organ_table, summary_lines
+    from AbdomenSegLib.qc.statistics import intensity_unit
 
     organs = _organ_names(args.organs, allowed=list(card["labels"].values()))
     options = Options(
@@ -240,6 +241,9 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 )
             for line in summary_lines(name, report):
                 _log(line)
+            if not batch and not json_lines:  # one case: its organs on stdout (folder runs: qc/qc.csv)
+                for line in organ_table(report, intensity_unit(segmenter.card["modality"])):
+                    print(line, flush=True)
             if json_lines:
                 json_lines.flags += [(f"{name}: " if batch else "") + str(f) for f in report.warnings]
                 json_lines.qc.append(qc)

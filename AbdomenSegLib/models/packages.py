@@ -33,6 +33,8 @@ def _resources() -> Path:
 
 
 RESOURCES = _resources()
+# The sample scan of the quick start: TotalSegmentator's example CT (Apache-2.0, Resources/Samples/NOTICE).
+SAMPLE_CT = RESOURCES / "Samples" / "example_ct.nii.gz"
 MODELS_DIR = Path(os.environ.get("ABDOMENSEG_MODELS", RESOURCES / "models"))
 CATALOG_FIX = (
     'catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
