@@ -111,6 +111,13 @@ def _segment(args) -> int:
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
+    if args.model is None and not batch:  # an MR scan gets the recommended MR model, said on one line
+        from AbdomenSegLib.io.images import read_image
+        from AbdomenSegLib.models.choice import model_for_image
+
+        args.model, line = model_for_image(read_image(targets[0][1], segmentation_ok=False))
+        if line:
+            _log(line)
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
     card = resolve(args.model, args.tta, quality=args.quality)
     stages = _cascade_stages(card, args.quality, distributed)
@@ -508,7 +515,12 @@ def _check_csv_outputs(args, inputs) -> list:
 
 # -- models / phantom / train -------------------------------------------------------------------
 def _models(args) -> int:
-    from AbdomenSegLib.models.packages import catalog_with_problems, default_model_name
+    from AbdomenSegLib.models.packages import (
+        catalog_with_problems,
+        default_model_name,
+        model_purposes,
+        recommended_models,
+    )
 
     cards, broken = catalog_with_problems()
     if args.json:
@@ -520,8 +532,19 @@ def _models(args) -> int:
         print("no models installed")
         return 1
     default = default_model_name()
-    for name, card in cards.items():
-        print(card.summary() + ("\n  (default)" if name == default else ""))
+    purposes = model_purposes()
+    recommended = [n for n in recommended_models() if n in cards]
+    if recommended:  # what to use, one line each, before the full cards
+        width = max(len(n) for n in recommended) + len(" (default)")
+        print("Recommended:")
+        for name in recommended:
+            label = name + (" (default)" if name == default else "")
+            print(f"  {label:<{width}}  {purposes.get(name) or cards[name].get('title', '')}")
+        print()
+    for name in sorted(cards, key=lambda n: (n not in recommended, recommended.index(n) if n in recommended else 0)):
+        card = cards[name]
+        line = f"\n  for: {purposes[name]}" if purposes.get(name) else ""
+        print(card.summary() + line + ("\n  (default)" if name == default else ""))
     for name, err in broken.items():
         print(f"{name}\n  broken: {err}")
     return 0 if cards else 1

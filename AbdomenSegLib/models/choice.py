@@ -45,6 +45,52 @@ def resolve(model=None, tta: bool = False, models_dir=None, quality: str = "stan
     return card
 
 
+MODALITY_TAG = "0008|0060"  # DICOM Modality, kept on images read from a DICOM series (io/images.py)
+
+
+def looks_like_mr(image) -> bool:
+    """An image that fails the CT-in-HU check the way an MR scan does: nothing near air's -1000 HU (the lowest
+    value above -200), not an 8-bit windowed CT (BTCV's 0-255 files), and not unrescaled CT (0..4095, where soft
+    tissue piles up at 1024 + 0..100: at least 15% of the voxels in 974-1124). TotalSegmentator's example MR
+    (-47..833) and the CHAOS T2 scans (0..~1000) pass; its example CT (-1207..3382) and BTCV (0..255) do not."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0:
+        return False
+    low, high = float(array.min()), float(array.max())
+    if low <= -200 or high <= 255:
+        return False
+    sample = np.asarray(array[::4, ::4, ::4], dtype=np.float64)
+    unrescaled_ct = np.count_nonzero((sample >= 974) & (sample <= 1124)) / max(sample.size, 1)
+    return unrescaled_ct < 0.15
+
+
+def image_modality(image, dicom_modality: str = "") -> str:
+    """ "MR", "CT" or "" (unknown) for a scan: its DICOM Modality where known (`dicom_modality`, or the tag kept
+    on a series read by io/images.py), else "MR" when its values look like MR (looks_like_mr)."""
+    tag = dicom_modality or (image.GetMetaData(MODALITY_TAG) if image.HasMetaDataKey(MODALITY_TAG) else "")
+    tag = tag.strip().upper()
+    if tag in ("MR", "CT"):
+        return tag
+    return "MR" if looks_like_mr(image) else ""
+
+
+def model_for_image(image, dicom_modality: str = "", models_dir=None) -> tuple:
+    """(model name, line to show) when no model is named: an MR scan gets the catalog's recommended MR model
+    (said on one line); anything else the default model, with no line."""
+    from AbdomenSegLib.models.packages import recommended_model
+
+    modality = image_modality(image, dicom_modality)
+    if modality == "MR":
+        name = recommended_model("MR", models_dir)
+        if name and name != default_model_name(models_dir):
+            why = "DICOM Modality MR" if (dicom_modality or image.HasMetaDataKey(MODALITY_TAG)) else "MR-like values"
+            return name, f"the scan is MR ({why}): using the recommended MR model {name} (--model names another)"
+    return default_model_name(models_dir), ""
+
+
 def argument(names) -> str:
     """The model argument of the checked names: the name itself, or `a+b` (an ensemble); "" for none."""
     return "+".join(names)

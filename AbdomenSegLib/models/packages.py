@@ -154,6 +154,26 @@ def default_model_name(models_dir=None) -> str:
     return index["default"]
 
 
+def recommended_model(modality: str, models_dir=None) -> str:
+    """The catalog's recommended model for a modality ("recommended": {"CT": name, "MR": name}); the default
+    model for CT or when the catalog names none."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    return (index.get("recommended") or {}).get(modality.upper()) or index.get("default", "")
+
+
+def recommended_models(models_dir=None) -> list:
+    """The catalog's recommended models, default first (the `models` listing puts them first)."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    names = [index.get("default"), *(index.get("recommended") or {}).values()]
+    return [n for i, n in enumerate(names) if n and n not in names[:i]]
+
+
+def model_purposes(models_dir=None) -> dict:
+    """{name: what the model is for}, the catalog entries' "for" lines."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    return {e["name"]: e["for"] for e in index.get("models", []) if isinstance(e, dict) and e.get("for")}
+
+
 def partners_dir(package, models_dir=None):
     """Where a package's partner models (an ensemble's members, a cascade's other stage) are looked up: the catalog
     of the folder holding it, else the models folder."""

@@ -212,6 +212,24 @@ def _import_through_slicer(scene, labelmap, values, segmentation_node, prefix) -
     return new_ids
 
 
+def dicom_modality(volume_node) -> str:
+    """The DICOM Modality (0008,0060) of a volume loaded from Slicer's DICOM database ("" when not from DICOM):
+    the volume's "DICOM.instanceUIDs" attribute, looked up in the database; a "DICOM.Modality" attribute wins."""
+    direct = volume_node.GetAttribute("DICOM.Modality") if volume_node is not None else None
+    if direct:
+        return direct.strip()
+    uids = ((volume_node.GetAttribute("DICOM.instanceUIDs") if volume_node is not None else None) or "").split()
+    if not uids:
+        return ""
+    try:
+        import slicer
+
+        database = slicer.dicomDatabase
+        return (database.fileValue(database.fileForInstance(uids[0]), "0008,0060") or "").strip()
+    except Exception:  # noqa: BLE001 - no database (a script, a test), a removed file: unknown
+        return ""
+
+
 def segment_ids(segmentation_node) -> list:
     """The segment IDs of a segmentation node, in order."""
     ids = vtk.vtkStringArray()
@@ -495,6 +513,10 @@ class AbdomenSegCore:
         from AbdomenSegLib.qc.outputs import assess_result
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
+        if model is None:  # no model named: an MR volume gets the recommended MR model, said on one line
+            model, line = self.model_for_volume(volume_node, image)
+            if line:
+                self.log(line)
         card = resolve(model, tta, quality=quality)  # a choice the engine refuses fails before any network loads
         segmenter = get_segmenter(card, device, log=self.log, quality=quality)
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
@@ -511,6 +533,15 @@ class AbdomenSegCore:
             organs=organs,
             qc=report,
         )
+
+    def model_for_volume(self, volume_node, image=None) -> tuple:
+        """(model name, line to show) for a volume when the user has not chosen a model: an MR volume (its DICOM
+        Modality, or values that fail the CT check the way MR does) gets the recommended MR model, anything else
+        the default; the same rule as the command line (models/choice.py)."""
+        from AbdomenSegLib.models.choice import model_for_image
+
+        image = image if image is not None else volume_node_to_image(volume_node, world=False)
+        return model_for_image(image, dicom_modality(volume_node))
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
