@@ -243,3 +243,23 @@ def test_batch_entry_point_on_a_folder(scene, tiny_package, tmp_path):
     for row in got:
         assert float(row["dice"]) == pytest.approx(expected[row["organ"]]["dice"], abs=1e-5)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nodes cleaned up per case
+
+
+def test_organ_table_has_intensity_statistics_in_hu(scene, segmented):
+    """Issue 28: mean, SD and median under each organ (HU for CT), as Segment Statistics gives them, from the
+    stored report; and the same figures when the segmentation has no report (computed from the volume)."""
+    core, vol, seg, ct, _ = segmented
+    table = core.organ_volumes(seg, vol)
+    organs = sl.table_column(table, "Organ")
+    means = dict(zip(organs, sl.table_column(table, "Mean")))
+    medians = dict(zip(organs, sl.table_column(table, "Median")))
+    assert table.GetColumnUnitLabel("Mean") == "HU" and table.GetColumnUnitLabel("SD") == "HU"
+    labels = sitk.GetArrayFromImage(core.last_labels)
+    values = sitk.GetArrayFromImage(ct).astype(float)
+    for organ in organs:
+        inside = values[labels == sl.BY_NAME[organ].label]
+        assert means[organ] == pytest.approx(inside.mean(), abs=1e-6)
+        assert medians[organ] == pytest.approx(np.median(inside), abs=1e-6)
+    seg.RemoveAttribute(sl.QC_ATTRIBUTE)  # a segmentation from elsewhere: the statistics are computed now
+    again = core.organ_volumes(seg, vol, name="again")
+    assert dict(zip(sl.table_column(again, "Organ"), sl.table_column(again, "Mean"))) == pytest.approx(means)
