@@ -116,3 +116,21 @@ def test_quick_start_picture_cuts_through_kidneys_and_pancreas(quick_start):
     from PIL import Image
 
     assert Image.open(out / "qc.png").size == (1400, 800)
+
+
+def test_shipped_pictures_show_the_real_result_in_the_organ_colours():
+    """The extension's screenshot and the README picture are the example CT's result (bench/render_screenshot.py),
+    drawn in the current organ colours (outlines of the liver, both kidneys, the pancreas)."""
+    from PIL import Image
+
+    root = RESOURCES.parent
+    for path, size in (
+        (root / "Resources" / "Screenshots" / "AbdomenSeg-result.png", (900, 468)),
+        (root / "docs" / "images" / "example_ct_result.png", (1400, 800)),
+    ):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert pixels.shape[1::-1] == size, path
+        colours = {tuple(c) for c in pixels.reshape(-1, 3)[::1]}
+        for organ in ("liver", "kidney_right", "kidney_left", "pancreas", "inferior_vena_cava"):
+            assert BY_NAME[organ].color in colours, (path.name, organ)
+    assert "example_ct" in (root / "bench" / "render_screenshot.py").read_text()
