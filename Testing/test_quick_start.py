@@ -134,3 +134,23 @@ def test_shipped_pictures_show_the_real_result_in_the_organ_colours():
         for organ in ("liver", "kidney_right", "kidney_left", "pancreas", "inferior_vena_cava"):
             assert BY_NAME[organ].color in colours, (path.name, organ)
     assert "example_ct" in (root / "bench" / "render_screenshot.py").read_text()
+
+
+def test_small_islands_go_large_pieces_and_exempt_organs_stay():
+    """postprocess.remove_small_islands: non-largest pieces under the size go; a large second piece, a piece touching
+    the main body by a corner (26-connected) and organs not listed stay. The default card switches it on."""
+    from AbdomenSegLib.inference.postprocess import remove_small_islands
+    from AbdomenSegLib.models.packages import find_model
+
+    labels = np.zeros((30, 30, 30), np.uint8)
+    spleen, vein = BY_NAME["spleen"].label, BY_NAME["portal_splenic_vein"].label
+    labels[2:12, 2:12, 2:12] = spleen  # main body, 1000 voxels
+    labels[20:22, 20:22, 20:22] = spleen  # 8-voxel island
+    labels[12, 12, 12] = spleen  # touches the main body's corner: the same piece
+    labels[15:22, 2:12, 2:12] = spleen  # 700-voxel second half
+    labels[25:27, 2:4, 2:4] = vein  # island of an organ not listed
+    out = remove_small_islands(labels.copy(), voxel_ml=1.0 / 1000.0, max_ml=0.5, organs=[spleen])
+    assert (out[20:22, 20:22, 20:22] == 0).all() and out[12, 12, 12] == spleen
+    assert (out[15:22, 2:12, 2:12] == spleen).all() and (out[25:27, 2:4, 2:4] == vein).all()
+    post = find_model()["postprocess"]
+    assert post["remove_islands_ml"] == 5.0 and post["keep_islands"] == ["portal_splenic_vein"]

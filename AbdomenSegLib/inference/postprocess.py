@@ -11,12 +11,14 @@ from scipy import ndimage
 
 from AbdomenSegLib.preprocessing.preprocess import bounding_box
 
-# By default every organ the card does not already reduce to its largest piece loses its pieces (other than the
-# largest) under ISLAND_ML mL: stray false positives. Measured with bench/bench_qc_notes.py --islands on the
-# default model's 4 validation cases (docs/result_check.md): no organ's mean Dice drops up to 10 mL (spleen
-# 0.9263 -> 0.9307, pancreas 0.6595 -> 0.6737), 20 mL cuts real pancreas (0.6550); 5 mL keeps a margin.
-# The portal/splenic vein is a vessel tree whose branches come apart in real results: removing its pieces lowered
-# its Dice from 1 mL on (0.5025 -> 0.4996), so they stay.
+# A card's `postprocess.remove_islands_ml` (the default model's: ISLAND_ML) removes, for every organ the card does
+# not already reduce to its largest piece, the pieces other than the largest under that size: stray false
+# positives; `postprocess.keep_islands` names organs exempt (ISLANDS_KEPT). Measured with bench/bench_qc_notes.py
+# --islands on the default model's 4 validation cases (docs/result_check.md): no organ's mean Dice drops up to
+# 10 mL (spleen 0.9263 -> 0.9307, pancreas 0.6595 -> 0.6737), 20 mL cuts real pancreas (0.6550); 5 mL keeps a
+# margin. The portal/splenic vein is a vessel tree whose branches come apart in real results: removing its pieces
+# lowered its Dice from 1 mL on (0.5025 -> 0.4996), so they stay. Other models are not measured: their cards leave
+# it off.
 ISLAND_ML = 5.0
 ISLANDS_KEPT = ("portal_splenic_vein",)
 

@@ -340,15 +340,18 @@ class Segmenter:
         organs = self.largest_component_organs(options.largest_component)
         if organs:
             postprocess.keep_largest_component(labels, organs)
-        if voxel_ml and options.largest_component != "none":  # "none": the network's labels untouched
+        post = self.card.get("postprocess", {})
+        island_ml = float(post.get("remove_islands_ml", 0) or 0)
+        if voxel_ml and island_ml > 0 and options.largest_component != "none":  # "none": the network's labels
             from AbdomenSegLib.core.organs import BY_NAME
 
+            kept = set(post.get("keep_islands", []))
             islands = [
                 BY_NAME[n].label
                 for n in self.card["labels"].values()
-                if BY_NAME[n].label not in organs and n not in postprocess.ISLANDS_KEPT
+                if BY_NAME[n].label not in organs and n not in kept
             ]
-            postprocess.remove_small_islands(labels, voxel_ml, postprocess.ISLAND_ML, islands)
+            postprocess.remove_small_islands(labels, voxel_ml, island_ml, islands)
         if options.fill_holes:
             postprocess.fill_holes(labels)
         return labels
