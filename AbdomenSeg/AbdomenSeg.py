@@ -313,7 +313,29 @@ class AbdomenSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None):
         self._showParameterNodeModel()
+        self._suggestModelForInput()
         self._checkCanApply()
+
+    def _suggestModelForInput(self):
+        """A new input volume while the default model is checked: an MR volume gets the recommended MR model,
+        said on the status line (as the command line does when no --model is given)."""
+        from AbdomenSegLib.models.choice import default_names
+
+        p = self._parameterNode
+        volume = p.inputVolume if p else None
+        if volume is None or volume is getattr(self, "_suggestedFor", None):
+            return
+        self._suggestedFor = volume
+        if self._selection is None or list(self._selection.names) != default_names(self._cards):
+            return  # the user chose a model: keep it
+        try:
+            name, line = self.logic.core().model_for_volume(volume)
+        except Exception as exc:  # noqa: BLE001 - a suggestion must never break the panel
+            logging.warning(f"AbdomenSeg: no model suggestion for '{volume.GetName()}': {exc}")
+            return
+        if line and name in self._cards:
+            self._checkModels([name])
+            self.ui.statusLabel.text = line
 
     def _checkCanApply(self, *args):
         """Buttons are enabled only when their inputs are there; the tooltip says what is missing."""

@@ -111,6 +111,13 @@ def _segment(args) -> int:
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
+    if args.model is None and not batch:  # an MR scan gets the recommended MR model, said on one line
+        from AbdomenSegLib.io.images import read_image
+        from AbdomenSegLib.models.choice import model_for_image
+
+        args.model, line = model_for_image(read_image(targets[0][1], segmentation_ok=False))
+        if line:
+            _log(line)
     # An ensemble that cannot be averaged, or mirroring for a model trained without, is refused before any scan is read.
     card = resolve(args.model, args.tta, quality=args.quality)
     stages = _cascade_stages(card, args.quality, distributed)
@@ -171,7 +178,8 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     from AbdomenSegLib.cohort.manifest import Manifest, case_row, device_label, run_options
     from AbdomenSegLib.core.precision import resolve_precision
     from AbdomenSegLib.inference.predictor import get_segmenter
-    from AbdomenSegLib.qc.outputs import check_and_record, summary_lines
+    from AbdomenSegLib.qc.outputs import check_and_record, organ_table, summary_lines
+    from AbdomenSegLib.qc.statistics import intensity_unit
 
     options = _options(args, _organ_names(args.organs, allowed=list(card["labels"].values())))
     json_lines = getattr(args, "json_lines", None)
@@ -265,6 +273,9 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 )
             for line in summary_lines(name, report):
                 _log(line)
+            if not batch and not json_lines and segmenter is not None:  # one case: its organs on stdout
+                for line in organ_table(report, intensity_unit(segmenter.card["modality"])):
+                    print(line, flush=True)
             if json_lines:
                 json_lines.flags += [(f"{name}: " if batch else "") + str(f) for f in report.warnings]
                 json_lines.qc.append(qc)
@@ -555,7 +566,12 @@ def _check_csv_outputs(args, inputs) -> list:
 
 # -- models / phantom / train -------------------------------------------------------------------
 def _models(args) -> int:
-    from AbdomenSegLib.models.packages import catalog_with_problems, default_model_name
+    from AbdomenSegLib.models.packages import (
+        catalog_with_problems,
+        default_model_name,
+        model_purposes,
+        recommended_models,
+    )
 
     cards, broken = catalog_with_problems()
     if args.json:
@@ -567,8 +583,19 @@ def _models(args) -> int:
         print("no models installed")
         return 1
     default = default_model_name()
-    for name, card in cards.items():
-        print(card.summary() + ("\n  (default)" if name == default else ""))
+    purposes = model_purposes()
+    recommended = [n for n in recommended_models() if n in cards]
+    if recommended:  # what to use, one line each, before the full cards
+        width = max(len(n) for n in recommended) + len(" (default)")
+        print("Recommended:")
+        for name in recommended:
+            label = name + (" (default)" if name == default else "")
+            print(f"  {label:<{width}}  {purposes.get(name) or cards[name].get('title', '')}")
+        print()
+    for name in sorted(cards, key=lambda n: (n not in recommended, recommended.index(n) if n in recommended else 0)):
+        card = cards[name]
+        line = f"\n  for: {purposes[name]}" if purposes.get(name) else ""
+        print(card.summary() + line + ("\n  (default)" if name == default else ""))
     from AbdomenSegLib.models.locations import installed_folder
     from AbdomenSegLib.models.store import downloadable, terms_of
 

@@ -67,6 +67,9 @@ def test_folders_skip_existing_and_write_one_csv(tmp_path, tiny_package, capsys)
     }
     rows = (qc / "qc.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,output,model,seconds,qc_warnings,qc_notes,qc_flags") and len(rows) == 3
+    # Per-organ intensity statistics beside volume and confidence (issue 28), e.g. liver_mean, liver_sd, liver_median.
+    organ = rows[0].split(",")[7].rsplit("_ml", 1)[0]
+    assert {f"{organ}_mean", f"{organ}_sd", f"{organ}_median"} <= set(rows[0].split(","))
     report = json.loads((qc / "case0.json").read_text(encoding="utf-8"))
     assert report["case"] == "case0" and {"warnings", "notes", "organs"} <= set(report)
     stamp = (outs / "case0.nii.gz").stat().st_mtime_ns

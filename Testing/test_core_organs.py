@@ -194,3 +194,22 @@ def test_organ_from_terminology_round_trips(organ):
 def test_organ_from_terminology_reads_other_entries(entry, organ):
     found = organ_from_terminology(entry)
     assert (found.name if found else None) == organ
+
+
+def test_organ_colours_are_distinct_at_a_glance():
+    """No two organs within MIN_COLOUR_DISTANCE in CIE Lab (issue 28: liver, stomach and esophagus shared a
+    salmon, IVC and portal vein a blue), so the sheet's outlines and Slicer's segments tell organs apart."""
+    import itertools
+
+    import numpy as np
+    from skimage.color import rgb2lab
+
+    from AbdomenSegLib.core.organs import MIN_COLOUR_DISTANCE
+
+    lab = {o.name: rgb2lab(np.array(o.color, float)[None, None] / 255.0)[0, 0] for o in ORGANS}
+    close = [
+        (a, b, round(float(np.linalg.norm(lab[a] - lab[b])), 1))
+        for a, b in itertools.combinations(lab, 2)
+        if np.linalg.norm(lab[a] - lab[b]) < MIN_COLOUR_DISTANCE
+    ]
+    assert close == []

@@ -259,3 +259,18 @@ def test_one_pass_organ_shapes_equal_the_numpy_and_scipy_measures():
         z, y, x = ndimage.center_of_mass(array == value)
         expected = labels.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
         assert np.allclose(centroids[name], expected, atol=1e-6)
+
+
+def test_rounding_never_contradicts_the_threshold_and_tubes_get_no_border_note():
+    """Issue 28: "confidence 0.90 < 0.90" on the sheet; aorta and IVC noted as cut in every scan."""
+    import re
+
+    image = _labels()
+    image = _paint(image, "liver", (100, 120, 100), 70)
+    image = _paint(image, "aorta", (150, 150, 10), 12)  # touches the inferior border, as the aorta always does
+    report = assess(image, confidence={"liver": 0.9019, "aorta": 0.95}, confidence_low=0.902)
+    low = [f for f in report.flags if f.code == "low_confidence"]
+    assert [f.organ for f in low] == ["liver"]
+    a, b = (float(v) for v in re.search(r"confidence ([\d.]+) < ([\d.]+)", low[0].problem).groups())
+    assert a < b
+    assert report.organs["aorta"].at_border and ("cut_by_border", "aorta") not in _codes(report)

@@ -293,3 +293,23 @@ def test_batch_script_refuses_a_reference_whose_convention_cannot_be_told(scene,
     with pytest.raises(AbdomenSegError, match="label convention cannot be told.*abdomenseg and btcv"):
         run(argv + ["--device", "cpu"], scene, log=lambda m: None)
     assert not list(out.glob("*.seg.nrrd"))
+
+
+def test_organ_table_has_intensity_statistics_in_hu(scene, segmented):
+    """Issue 28: mean, SD and median under each organ (HU for CT), as Segment Statistics gives them, from the
+    stored report; and the same figures when the segmentation has no report (computed from the volume)."""
+    core, vol, seg, ct, _ = segmented
+    table = core.organ_volumes(seg, vol)
+    organs = sl.table_column(table, "Organ")
+    means = dict(zip(organs, sl.table_column(table, "Mean")))
+    medians = dict(zip(organs, sl.table_column(table, "Median")))
+    assert table.GetColumnUnitLabel("Mean") == "HU" and table.GetColumnUnitLabel("SD") == "HU"
+    labels = sitk.GetArrayFromImage(core.last_labels)
+    values = sitk.GetArrayFromImage(ct).astype(float)
+    for organ in organs:
+        inside = values[labels == sl.BY_NAME[organ].label]
+        assert means[organ] == pytest.approx(inside.mean(), abs=1e-6)
+        assert medians[organ] == pytest.approx(np.median(inside), abs=1e-6)
+    seg.RemoveAttribute(sl.QC_ATTRIBUTE)  # a segmentation from elsewhere: the statistics are computed now
+    again = core.organ_volumes(seg, vol, name="again")
+    assert dict(zip(sl.table_column(again, "Organ"), sl.table_column(again, "Mean"))) == pytest.approx(means)

@@ -238,6 +238,8 @@ def test_the_wheel_installs_the_command_and_its_models(tmp_path):
         timeout=300,
     )
     assert Path(found.stdout.strip()) == target / "AbdomenSegLib" / "resources" / "models"
+    samples = target / "AbdomenSegLib" / "resources" / "Samples"  # the quick start's scan, with its licence
+    assert all((samples / n).is_file() for n in ("example_ct.nii.gz", "LICENSE", "NOTICE", "README.md"))
     helped = subprocess.run(command + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert helped.stdout.startswith("usage: abdomenseg")
     ct, out = tmp_path / "ct.nii.gz", tmp_path / "organs.nii.gz"

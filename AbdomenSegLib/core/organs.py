@@ -35,7 +35,10 @@ class Organ:
     label: int
     name: str  # machine name, used in files, CSVs and on the command line
     display_name: str  # human name, used for Slicer segment names
-    color: tuple[int, int, int]  # RGB 0-255, close to Slicer's GenericAnatomyColors
+    # RGB 0-255: display colours (label maps, .seg.nrrd, Slicer segments, DICOM SEG, the result pictures), chosen
+    # so that no two organs lie within MIN_COLOUR_DISTANCE (CIE76 delta E) of each other: Slicer's
+    # GenericAnatomyColors gave liver, stomach and esophagus one salmon and IVC and portal vein one blue.
+    color: tuple[int, int, int]
     snomed_type: tuple[str, str, str]  # (scheme, code, meaning)
     snomed_modifier: tuple[str, str, str] = _EMPTY  # laterality where the type is paired
     terminology_context: str = GENERAL_ANATOMY_CONTEXT  # the Slicer list that holds snomed_type
@@ -75,22 +78,22 @@ _LEFT = ("SCT", "7771000", "Left")
 
 ORGANS: tuple[Organ, ...] = (
     Organ(1, "liver", "Liver", (221, 130, 101), ("SCT", "10200004", "Liver")),
-    Organ(2, "spleen", "Spleen", (157, 108, 162), ("SCT", "78961009", "Spleen")),
-    Organ(3, "kidney_right", "Right kidney", (185, 102, 83), ("SCT", "64033007", "Kidney"), _RIGHT),
-    Organ(4, "kidney_left", "Left kidney", (212, 126, 151), ("SCT", "64033007", "Kidney"), _LEFT),
-    Organ(5, "pancreas", "Pancreas", (249, 180, 111), ("SCT", "15776009", "Pancreas")),
-    Organ(6, "gallbladder", "Gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder")),
-    Organ(7, "stomach", "Stomach", (216, 132, 105), ("SCT", "69695003", "Stomach")),
-    Organ(8, "aorta", "Aorta", (224, 97, 76), ("SCT", "15825003", "Aorta")),
+    Organ(2, "spleen", "Spleen", (140, 90, 190), ("SCT", "78961009", "Spleen")),
+    Organ(3, "kidney_right", "Right kidney", (255, 160, 200), ("SCT", "64033007", "Kidney"), _RIGHT),
+    Organ(4, "kidney_left", "Left kidney", (250, 70, 210), ("SCT", "64033007", "Kidney"), _LEFT),
+    Organ(5, "pancreas", "Pancreas", (255, 190, 60), ("SCT", "15776009", "Pancreas")),
+    Organ(6, "gallbladder", "Gallbladder", (50, 180, 60), ("SCT", "28231008", "Gallbladder")),
+    Organ(7, "stomach", "Stomach", (250, 250, 150), ("SCT", "69695003", "Stomach")),
+    Organ(8, "aorta", "Aorta", (230, 30, 30), ("SCT", "15825003", "Aorta")),
     Organ(
         9,
         "inferior_vena_cava",
         "Inferior vena cava",
-        (0, 151, 206),
+        (40, 90, 255),
         ("SCT", "64131007", "Inferior vena cava"),
         terminology_context=DICOM_MASTER_CONTEXT,
     ),
-    Organ(10, "esophagus", "Esophagus", (211, 171, 143), ("SCT", "32849002", "Esophagus")),
+    Organ(10, "esophagus", "Esophagus", (130, 80, 20), ("SCT", "32849002", "Esophagus")),
     # No list Slicer ships has a code for portal + splenic vein together (the DICOM master list has "Portal vein"
     # :8345 and "Splenic vein" :8411 apart; SCT 110765007 "Portal vein and splenic vein" exists only in the
     # TotalSegmentator extension's own list). Coded as the portal vein: an approximation, the label holds both.
@@ -98,16 +101,20 @@ ORGANS: tuple[Organ, ...] = (
         11,
         "portal_splenic_vein",
         "Portal and splenic vein",
-        (0, 112, 165),
+        (0, 220, 230),
         ("SCT", "32764006", "Portal vein"),
         terminology_context=DICOM_MASTER_CONTEXT,
     ),
     Organ(
-        12, "adrenal_gland_right", "Right adrenal gland", (244, 214, 49), ("SCT", "23451007", "Adrenal gland"), _RIGHT
+        12, "adrenal_gland_right", "Right adrenal gland", (190, 255, 60), ("SCT", "23451007", "Adrenal gland"), _RIGHT
     ),
-    Organ(13, "adrenal_gland_left", "Left adrenal gland", (226, 198, 28), ("SCT", "23451007", "Adrenal gland"), _LEFT),
-    Organ(14, "urinary_bladder", "Urinary bladder", (222, 154, 132), ("SCT", "89837001", "Bladder")),
+    Organ(13, "adrenal_gland_left", "Left adrenal gland", (120, 140, 20), ("SCT", "23451007", "Adrenal gland"), _LEFT),
+    Organ(14, "urinary_bladder", "Urinary bladder", (150, 200, 255), ("SCT", "89837001", "Bladder")),
 )
+
+# The smallest CIE76 colour distance (Lab delta E) between two organs' colours (Testing/test_core_organs.py);
+# about 2.3 is just noticeable side by side, 30 tells outlines apart at a glance. The palette above reaches 31.
+MIN_COLOUR_DISTANCE = 30.0
 
 BY_LABEL = {o.label: o for o in ORGANS}
 BY_NAME = {o.name: o for o in ORGANS}

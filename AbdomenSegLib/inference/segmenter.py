@@ -200,7 +200,7 @@ class Segmenter:
         labels = self._to_input_grid(probabilities, space, image, options.smooth_resample)
         self.timings.add("resample_back", time.perf_counter() - t)
         t = time.perf_counter()
-        labels = self._finish_labels(labels, options)
+        labels = self._finish_labels(labels, options, float(np.prod(image.GetSpacing())) / 1000.0)
         self.timings.add("postprocess", time.perf_counter() - t)
         out = sitk.GetImageFromArray(labels)
         out.CopyInformation(image)
@@ -330,7 +330,7 @@ class Segmenter:
             names = self.card.get("postprocess", {}).get("largest_component", [])
         return [BY_NAME[n].label for n in names]
 
-    def _finish_labels(self, labels, options):
+    def _finish_labels(self, labels, options, voxel_ml=None):
         if options.organs:
             from AbdomenSegLib.core.organs import BY_NAME
 
@@ -343,6 +343,18 @@ class Segmenter:
         organs = self.largest_component_organs(options.largest_component)
         if organs:
             postprocess.keep_largest_component(labels, organs)
+        post = self.card.get("postprocess", {})
+        island_ml = float(post.get("remove_islands_ml", 0) or 0)
+        if voxel_ml and island_ml > 0 and options.largest_component != "none":  # "none": the network's labels
+            from AbdomenSegLib.core.organs import BY_NAME
+
+            kept = set(post.get("keep_islands", []))
+            islands = [
+                BY_NAME[n].label
+                for n in self.card["labels"].values()
+                if BY_NAME[n].label not in organs and n not in kept
+            ]
+            postprocess.remove_small_islands(labels, voxel_ml, island_ml, islands)
         if options.fill_holes:
             postprocess.fill_holes(labels)
         return labels

@@ -160,6 +160,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.SetFileNames(files)
     image = reader.Execute()
     check_read_spacing(image, spacing, Path(folder))
+    if first.HasMetaDataKey("0008|0060"):  # Modality: an MR series gets the MR model (models/choice.py)
+        image.SetMetaData("0008|0060", first.GetMetaData("0008|0060").strip())
     return image
 
 

@@ -397,6 +397,12 @@ def _postprocess(value: Any, labels: Any) -> Problems:
 
 
 def _postprocess_block(block: dict[str, Any], labels: Any) -> Problems:
+    islands = block.get("remove_islands_ml", 0)
+    if isinstance(islands, bool) or not isinstance(islands, (int, float)) or not 0 <= islands < 1e6:
+        return [f"postprocess.remove_islands_ml {_show(islands)} must be a size in mL, 0 or more"]
+    kept = block.get("keep_islands", [])
+    if not isinstance(kept, list) or not all(isinstance(o, str) for o in kept):
+        return [f"postprocess.keep_islands {_show(kept)} must be a list of organ names"]
     if "largest_component" not in block:
         return []
     organs = block["largest_component"]

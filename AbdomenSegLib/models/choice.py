@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.models.card import ModelCard, StrPath
 from AbdomenSegLib.models.mirroring import check_tta
 from AbdomenSegLib.models.packages import default_model_name, find_model
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 TTA_TIP = (
     "Average the result over mirror images of the scan along the axes the model was trained to mirror "
@@ -50,6 +54,59 @@ def resolve(
         for stage in stages or (card,):
             check_tta(stage)
     return card
+
+
+MODALITY_TAG = "0008|0060"  # DICOM Modality, kept on images read from a DICOM series (io/images.py)
+
+
+def looks_like_mr(image: sitk.Image) -> bool:
+    """An image that fails the CT-in-HU check the way an MR scan does: nothing near air's -1000 HU (the lowest
+    value above -200), not an 8-bit windowed CT (BTCV's 0-255 files), and not unrescaled CT (0..4095, where soft
+    tissue piles up at 1024 + 0..100: at least 15% of the voxels in 974-1124). TotalSegmentator's example MR
+    (-47..833) and the CHAOS T2 scans (0..~1000) pass; its example CT (-1207..3382) and BTCV (0..255) do not."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0:
+        return False
+    low, high = float(array.min()), float(array.max())
+    if low <= -200 or high <= 255:
+        return False
+    sample = np.asarray(array[::4, ::4, ::4], dtype=np.float64)
+    unrescaled_ct = np.count_nonzero((sample >= 974) & (sample <= 1124)) / max(sample.size, 1)
+    return bool(unrescaled_ct < 0.15)
+
+
+def _modality_tag(image: sitk.Image) -> str:
+    """The DICOM Modality a series read by io/images.py kept, or ""."""
+    # SimpleITK's methods carry no annotations (SWIG): typed here, once.
+    has = image.HasMetaDataKey(MODALITY_TAG)  # type: ignore[no-untyped-call]
+    return str(image.GetMetaData(MODALITY_TAG)) if has else ""  # type: ignore[no-untyped-call]
+
+
+def image_modality(image: sitk.Image, dicom_modality: str = "") -> str:
+    """ "MR", "CT" or "" (unknown) for a scan: its DICOM Modality where known (`dicom_modality`, or the tag kept
+    on a series read by io/images.py), else "MR" when its values look like MR (looks_like_mr)."""
+    tag = dicom_modality or _modality_tag(image)
+    tag = tag.strip().upper()
+    if tag in ("MR", "CT"):
+        return tag
+    return "MR" if looks_like_mr(image) else ""
+
+
+def model_for_image(image: sitk.Image, dicom_modality: str = "", models_dir: StrPath | None = None) -> tuple[str, str]:
+    """(model name, line to show) when no model is named: an MR scan gets the catalog's recommended MR model
+    (said on one line); anything else the default model, with no line."""
+    from AbdomenSegLib.models.packages import recommended_model
+
+    modality = image_modality(image, dicom_modality)
+    if modality == "MR":
+        name = recommended_model("MR", models_dir)
+        if name and name != default_model_name(models_dir):
+            why = "DICOM Modality MR" if (dicom_modality or _modality_tag(image)) else "MR-like values"
+            return name, f"the scan is MR ({why}): using the recommended MR model {name} (--model names another)"
+    return default_model_name(models_dir), ""
 
 
 def argument(names: Iterable[str]) -> str:

@@ -39,6 +39,8 @@ def _resources() -> Path:
 
 
 RESOURCES = _resources()
+# The sample scan of the quick start: TotalSegmentator's example CT (Apache-2.0, Resources/Samples/NOTICE).
+SAMPLE_CT = RESOURCES / "Samples" / "example_ct.nii.gz"
 MODELS_DIR = Path(os.environ.get("ABDOMENSEG_MODELS", RESOURCES / "models"))
 CATALOG_FIX = (
     'catalog.json must read {"default": "<name>", "models": [{"name": "<name>", "path": "<folder>"}]}; '
@@ -170,6 +172,26 @@ def default_model_name(models_dir: StrPath | None = None) -> str:
         )
     name: str = index["default"]
     return name
+
+
+def recommended_model(modality: str, models_dir: StrPath | None = None) -> str:
+    """The catalog's recommended model for a modality ("recommended": {"CT": name, "MR": name}); the default
+    model for CT or when the catalog names none."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    return str((index.get("recommended") or {}).get(modality.upper()) or index.get("default", ""))
+
+
+def recommended_models(models_dir: StrPath | None = None) -> list[str]:
+    """The catalog's recommended models, default first (the `models` listing puts them first)."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    names = [index.get("default"), *(index.get("recommended") or {}).values()]
+    return [n for i, n in enumerate(names) if n and n not in names[:i]]
+
+
+def model_purposes(models_dir: StrPath | None = None) -> dict[str, str]:
+    """{name: what the model is for}, the catalog entries' "for" lines."""
+    index = read_catalog(Path(models_dir or MODELS_DIR)) or {}
+    return {e["name"]: e["for"] for e in index.get("models", []) if isinstance(e, dict) and e.get("for")}
 
 
 def partners_dir(package: StrPath, models_dir: StrPath | None = None) -> StrPath | None:

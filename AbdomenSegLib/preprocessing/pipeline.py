@@ -72,10 +72,20 @@ def check_input(
             raise AbdomenSegError(
                 f"{name} does not look like CT in Hounsfield units (values {low:g} to {high:g}; "
                 "air should be near -1000)",
-                "for BTCV's 0-255 windowed files pass --input-intensity btcv_uint8; for MR use an MR model",
+                "for BTCV's 0-255 windowed files pass --input-intensity btcv_uint8; for an MR scan use "
+                f"--model {_mr_model()} (the recommended MR model)",
             )
         _check_hu_scale(sample, name)
         _check_zero_filled_tail(array, name)
+
+
+def _mr_model() -> str:
+    from AbdomenSegLib.models.packages import recommended_model
+
+    try:
+        return recommended_model("MR") or "mr-any-3d-unet"
+    except Exception:  # noqa: BLE001 - a broken catalog must not hide the refusal itself
+        return "mr-any-3d-unet"
 
 
 # Soft tissue, fluid and fat (-250..250 HU) fill a large part of any abdominal CT, air around the body

@@ -26,7 +26,11 @@ import SimpleITK as sitk
 from AbdomenSegLib.core.organs import BY_LABEL, BY_NAME
 from AbdomenSegLib.inference.postprocess import connected_pieces
 from AbdomenSegLib.qc.anatomy import ANCHORS, EXPECTED_WHEN_COVERED, NOTED_WHEN_MISSING, OFFSETS_MM, VOLUME_BANDS_ML
+from AbdomenSegLib.qc.statistics import organ_intensities
 
+# An organ under this volume is a few stray voxels: listed as "not found" (the CLI's table, the picture), without a
+# confidence note; _missing says "not found" below it too.
+TRACE_ML = 0.5
 MIN_ML = 5.0  # organs smaller than this (a few stray voxels) say nothing about position
 PIECES_NOTE_FRACTION = 0.10  # volume outside the largest piece worth a note (and at least PIECES_NOTE_ML)
 PIECES_NOTE_ML = 5.0
@@ -76,6 +80,9 @@ class OrganQC:
     at_border: list = field(default_factory=list)
     confidence: float | None = None
     normal_range_ml: tuple | None = None
+    mean: float | None = None  # intensity under the organ (qc/statistics.py): HU for CT
+    sd: float | None = None
+    median: float | None = None
 
 
 @dataclass
@@ -93,7 +100,15 @@ class QCReport:
 
     def as_dict(self, **extra) -> dict:
         """JSON-ready (qc.json, the Slicer node attribute, the picture): see README 'Result check'."""
-        flag = lambda f: {"code": f.code, "problem": f.problem, "fix": f.fix, "organ": f.organ}  # noqa: E731
+
+        def flag(f):
+            return {
+                "code": f.code,
+                "problem": f.problem,
+                "fix": f.fix,
+                "organ": f.organ,
+            }
+
         organs = {
             name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()}
             for name, o in self.organs.items()
@@ -121,6 +136,9 @@ class QCReport:
                 list(o.get("at_border", [])),
                 o.get("confidence"),
                 tuple(o["normal_range_ml"]) if o.get("normal_range_ml") else None,
+                o.get("mean"),
+                o.get("sd"),
+                o.get("median"),
             )
             for name, o in data.get("organs", {}).items()
         }
@@ -137,6 +155,9 @@ class QCReport:
             row[f"{name}_ml"] = round(organ.volume_ml, 2)
             if organ.confidence is not None:
                 row[f"{name}_confidence"] = round(organ.confidence, 4)
+            for stat in ("mean", "sd", "median"):
+                if getattr(organ, stat) is not None:
+                    row[f"{name}_{stat}"] = round(getattr(organ, stat), 1)
         return row
 
 
@@ -318,7 +339,7 @@ def _missing(labels: sitk.Image, expected, volumes: dict, usable: dict) -> list:
         if guess is None or not _covers(labels, *guess):
             continue
         found = volumes.get(name, 0.0)
-        what = f"only {found:.0f} mL of {name} was found" if found >= 0.5 else f"{name} was not found"
+        what = f"only {found:.0f} mL of {name} was found" if found >= TRACE_ML else f"{name} was not found"
         if name in EXPECTED_WHEN_COVERED:
             flags.append(
                 Flag(
@@ -374,8 +395,47 @@ def _no_large_organ(expected, usable: dict) -> list:
     ]
 
 
+# Vessels and the esophagus run through any abdominal field of view: their volume is the field's, and that they
+# touch the border says nothing (the 4 BTCV validation cases: aorta, IVC and esophagus touch it in every one).
+PASS_THROUGH = ("aorta", "inferior_vena_cava", "esophagus", "portal_splenic_vein")
+
+
+def _cut_by_border(organs: dict) -> list:
+    """A note per organ the image border cuts (not the PASS_THROUGH tubes); the summary line and the picture show
+    them as one line (outputs.summary_lines, sheet._flag_lines)."""
+    return [
+        Flag(
+            "cut_by_border",
+            f"{name} touches the image border ({', '.join(organ.at_border)}): its volume is incomplete",
+            "extend the scan range if the whole organ matters",
+            NOTE,
+            name,
+        )
+        for name, organ in organs.items()
+        if organ.at_border and name not in PASS_THROUGH
+    ]
+
+
+def _below(value: float, threshold: float) -> str:
+    """ "value < threshold" with as many decimals as it takes for the rounding not to contradict it (never
+    "0.90 < 0.90")."""
+    for decimals in (2, 3, 4, 6):
+        a, b = f"{value:.{decimals}f}", f"{threshold:.{decimals}f}"
+        if float(a) < float(b):
+            return f"{a} < {b}"
+    return f"{value:.6g} < {threshold:.6g}"
+
+
 def assess(
-    labels: sitk.Image, *, expected=None, asked=None, confidence=None, confidence_low=None, single_piece=()
+    labels: sitk.Image,
+    *,
+    expected=None,
+    asked=None,
+    confidence=None,
+    confidence_low=None,
+    single_piece=(),
+    image=None,
+    input_intensity="native",
 ) -> QCReport:
     """Check a label map in our organ table.
 
@@ -384,6 +444,8 @@ def assess(
     confidence: organ name -> the network's confidence (confidence.organ_confidence); confidence_low: the
     model's calibrated threshold (card qc.confidence.low_below) under which a note is raised.
     single_piece: organ names the post-processing reduced to their largest piece (their pieces are not counted).
+    image: the scan in the label map's grid: each organ gets the mean, SD and median intensity under it
+    (qc/statistics.py; `input_intensity` "btcv_uint8" converts a windowed file back to HU).
     """
     volumes, centroids, boxes = organ_shapes(labels)
     report = QCReport()
@@ -402,10 +464,19 @@ def assess(
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     faces = _face_names(labels)
     confidence = confidence or {}
+    intensities = organ_intensities(image, labels, boxes, input_intensity) if image is not None else {}
     for name, volume in volumes.items():
         value = BY_NAME[name].label
         pieces, outside, touched = _pieces_and_borders(array, value, boxes[name], voxel_ml, faces, name in single_piece)
-        report.organs[name] = OrganQC(volume, pieces, outside, touched, confidence.get(name), VOLUME_BANDS_ML.get(name))
+        report.organs[name] = OrganQC(
+            volume,
+            pieces,
+            outside,
+            touched,
+            confidence.get(name),
+            VOLUME_BANDS_ML.get(name),
+            *intensities.get(name, ()),
+        )
     cut = {name for name, organ in report.organs.items() if organ.at_border}
     usable = _usable(centroids, volumes)
     report.flags += _orientation(usable)
@@ -414,17 +485,8 @@ def assess(
     report.flags += _misplaced(usable)
     report.flags += _no_large_organ(expected or [], usable)
     report.flags += _volume_bands(volumes, cut)
+    report.flags += _cut_by_border(report.organs)
     for name, organ in report.organs.items():
-        if organ.at_border:
-            report.flags.append(
-                Flag(
-                    "cut_by_border",
-                    f"{name} touches the image border ({', '.join(organ.at_border)}):" " its volume is incomplete",
-                    "extend the scan range if the whole organ matters",
-                    NOTE,
-                    name,
-                )
-            )
         if organ.outside_largest_ml > max(PIECES_NOTE_ML, PIECES_NOTE_FRACTION * organ.volume_ml):
             report.flags.append(
                 Flag(
@@ -437,11 +499,16 @@ def assess(
                     name,
                 )
             )
-        if confidence_low is not None and organ.confidence is not None and organ.confidence < confidence_low:
+        if (
+            confidence_low is not None
+            and organ.confidence is not None
+            and organ.confidence < confidence_low
+            and organ.volume_ml >= TRACE_ML
+        ):
             report.flags.append(
                 Flag(
                     "low_confidence",
-                    f"{name}: the network is unsure (confidence " f"{organ.confidence:.2f} < {confidence_low:.2f})",
+                    f"{name}: the network is unsure (confidence {_below(organ.confidence, confidence_low)})",
                     "its outline is likely inaccurate: look at it",
                     NOTE,
                     name,

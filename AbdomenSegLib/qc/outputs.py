@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 from AbdomenSegLib.io.files import atomic_output
-from AbdomenSegLib.qc.check import QCReport, assess
+from AbdomenSegLib.qc.check import TRACE_ML, QCReport, assess
+from AbdomenSegLib.qc.statistics import intensity_unit
 
 
-def assess_result(segmenter, labels, options=None) -> QCReport:
+def assess_result(segmenter, labels, options=None, image=None) -> QCReport:
     """The result check of a label map the segmenter just made: the organs it could have found (those the
-    model segments and the user kept), its confidence and the model's calibrated threshold."""
+    model segments and the user kept), its confidence and the model's calibrated threshold; with the `image`
+    (its grid), each organ's intensity statistics."""
     card = segmenter.card
     asked = getattr(options, "organs", None)
     expected = [n for n in card["labels"].values() if not asked or n in asked]
@@ -24,7 +26,14 @@ def assess_result(segmenter, labels, options=None) -> QCReport:
         BY_LABEL[v].name for v in segmenter.largest_component_organs(getattr(options, "largest_component", "model"))
     ]
     return assess(
-        labels, expected=expected, asked=asked, confidence=confidence, confidence_low=low, single_piece=single
+        labels,
+        expected=expected,
+        asked=asked,
+        confidence=confidence,
+        confidence_low=low,
+        single_piece=single,
+        image=image,
+        input_intensity=getattr(options, "input_intensity", "native") or "native",
     )
 
 
@@ -35,7 +44,7 @@ def check_and_record(files, segmenter, name, image, labels, options, *, output, 
 
     from AbdomenSegLib.inference.cascade import made_by
 
-    report = assess_result(segmenter, labels, options)
+    report = assess_result(segmenter, labels, options, image)
     qc = files.add(
         name,
         image,
@@ -44,6 +53,7 @@ def check_and_record(files, segmenter, name, image, labels, options, *, output, 
         output=str(output),
         model=made_by(segmenter)[0],  # a two-stage run names both models ("first>fine")
         modality=segmenter.card["modality"],
+        intensity_unit=intensity_unit(segmenter.card["modality"]),
         seconds=round(time.time() - started, 1),
         **extra,
     )
@@ -76,6 +86,31 @@ def summary_lines(case: str, report: QCReport) -> list:
     return lines
 
 
+def organ_table(report: QCReport, unit: str = "HU") -> list:
+    """The per-organ summary a single-case run prints on stdout: organ, volume, intensity under it (mean, SD,
+    median; `unit` HU for CT) and the network's confidence, in the organ table's order. Organs the check
+    counts as not found are listed as such, without a volume."""
+    from AbdomenSegLib.core.organs import ORGANS
+
+    missed = {f.organ for f in report.flags if f.code in ("not_found", "missing_organ")}
+    head = f"mean {unit}" if unit else "mean"
+    lines = [f"{'organ':<22} {'volume mL':>10} {head:>9} {'SD':>7} {'median':>8} {'confidence':>10}"]
+    for organ in ORGANS:
+        entry = report.organs.get(organ.name)
+        if organ.name in missed or (entry is not None and entry.volume_ml < TRACE_ML):
+            lines.append(f"{organ.name:<22} {'not found':>10}")
+            continue
+        if entry is None:
+            continue
+        stat = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+        conf = "-" if entry.confidence is None else f"{entry.confidence:.2f}"
+        lines.append(
+            f"{organ.name:<22} {entry.volume_ml:>10.1f} {stat(entry.mean):>9} {stat(entry.sd):>7} "
+            f"{stat(entry.median):>8} {conf:>10}"
+        )
+    return lines
+
+
 class QCFiles:
     """Per case `<case>.json` and `<case>.png` in `folder` (folder runs), or the paths given (single case);
     `finish()` adds `qc.csv` and the picture index (index.html, contact_sheet.png) to the folder."""
@@ -98,7 +133,13 @@ class QCFiles:
             from AbdomenSegLib.qc.sheet import render_case_sheet
 
             render_case_sheet(image, labels, data, png_path, title=f"{case} ({extra.get('model', '')})")
-        self.rows.append({"case": case, **{k: v for k, v in extra.items() if k != "modality"}, **report.columns()})
+        self.rows.append(
+            {
+                "case": case,
+                **{k: v for k, v in extra.items() if k not in ("modality", "intensity_unit")},
+                **report.columns(),
+            }
+        )
         self.entries.append(
             {
                 "case": case,

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from AbdomenSegLib.core.organs import BY_LABEL, BY_NAME, ORGANS
 from AbdomenSegLib.io.files import atomic_output
+from AbdomenSegLib.qc.check import TRACE_ML
 
 WIDTH_PX, HEIGHT_PX, DPI = 1400, 800, 100
 CT_WINDOW = (-160.0, 240.0)  # soft tissue, HU
@@ -145,16 +146,40 @@ def _stride(shape, budget: int) -> int:
     return max(1, int(np.ceil((total / budget) ** (1.0 / 3.0)))) if total > budget else 1
 
 
+# The axial view goes through these organs when the result has them (the level of the kidneys' hila and the
+# pancreas, where most abdominal organs show together); the coronal and sagittal views through the most organ.
+AXIAL_ORGANS = ("kidney_right", "kidney_left", "pancreas")
+
+
+def _axial_level(mask: np.ndarray, labels: np.ndarray, step: int) -> int | None:
+    """The axial slice (subsampled index) that shows the most of AXIAL_ORGANS found, ties broken by the number of
+    organs in it and then by labelled voxels; None when none of them is in the result."""
+    values = [BY_NAME[n].label for n in AXIAL_ORGANS]
+    present = [np.asarray(labels == v).sum(axis=(1, 2)) for v in values]
+    if not any(p.any() for p in present):
+        return None
+    # An organ counts in a slice from a tenth of its largest cross-section (not a few stray voxels).
+    shown = sum((p >= max(1, 0.1 * p.max())) for p in present if p.any())
+    organs_in = np.array([len(np.unique(labels[z])) for z in range(labels.shape[0])])
+    score = shown.astype(np.float64) * 1e9 + organs_in * 1e6 + mask.sum(axis=(1, 2))
+    return int(np.argmax(score))
+
+
 def _centre_slices(labels: np.ndarray):
-    """(z, y, x) of the slices with the most labelled voxels along each axis; the middle when empty."""
+    """(z, y, x) of the slices to show: axial through the kidneys and pancreas (AXIAL_ORGANS) when found, else
+    the slice with the most labelled voxels, as along the other axes; the middle when empty."""
     step = _stride(labels.shape, _PROFILE_VOXELS)
-    mask = np.asarray(labels[::step, ::step, ::step]) > 0
+    sub = np.asarray(labels[::step, ::step, ::step])
+    mask = sub > 0
     if not mask.any():
         return tuple(n // 2 for n in labels.shape), False
     centre = []
     for axis, n in enumerate(labels.shape):
         profile = mask.sum(axis=tuple(a for a in range(3) if a != axis))
         centre.append(min(n - 1, int(np.argmax(profile)) * step))
+    level = _axial_level(mask, sub, step)
+    if level is not None:
+        centre[0] = min(labels.shape[0] - 1, level * step)
     return tuple(centre), True
 
 
@@ -290,8 +315,23 @@ def _flag_lines(warnings, notes, width_chars: int, empty: bool):
             textwrap.wrap("\u2192 " + fix, width_chars, initial_indent="   ", subsequent_indent="     ") if fix else []
         )
         blocks.append(([(t, WARNING, "bold") for t in lines], [(t, WARNING_FIX, "normal") for t in fix_lines]))
+    grouped = {  # one line per kind for the notes about many organs
+        code: [str(_field(f, "organ")) for f in notes if _field(f, "code") == code and _field(f, "organ")]
+        for code in ("low_confidence", "cut_by_border")
+    }
     for flag in notes:
-        problem = _text(flag, "problem").strip() or "note"
+        code, organ = _field(flag, "code"), str(_field(flag, "organ"))
+        if len(grouped.get(code, ())) > 1:
+            if organ != grouped[code][0]:
+                continue
+            names = ", ".join(grouped[code])
+            problem = (
+                f"the network is unsure of {names} (confidence under the model's threshold)"
+                if code == "low_confidence"
+                else f"{names} touch the image border: their volumes are incomplete"
+            )
+        else:
+            problem = _text(flag, "problem").strip() or "note"
         lines = textwrap.wrap("\u2022 " + problem, width_chars, subsequent_indent="   ")
         blocks.append(([(t, NOTE, "normal") for t in lines], []))
     if not blocks:
@@ -313,9 +353,14 @@ def _flag_lines(warnings, notes, width_chars: int, empty: bool):
     return shown
 
 
-def _organ_rows(report: dict, labels: np.ndarray, voxel_ml: float):
+def _missed(flags) -> set:
+    """Organs a flag calls not found or missing: the table lists them as such, never with a volume."""
+    return {str(_field(f, "organ")) for f in flags if _field(f, "code") in ("not_found", "missing_organ")}
+
+
+def _organ_rows(report: dict, labels: np.ndarray, voxel_ml: float, missed=frozenset()):
     """[(name, display name, colour, organ entry)] in the organ table's order; volumes from the label map
-    when the report has none."""
+    when the report has none. Organs in `missed` (a flag says they were not found) get {"missed": True}."""
     organs = (report or {}).get("organs")
     if not isinstance(organs, dict):
         flat = np.asarray(labels).ravel()
@@ -330,6 +375,9 @@ def _organ_rows(report: dict, labels: np.ndarray, voxel_ml: float):
     for name in sorted(organs, key=lambda n: (order.get(str(n), len(order)), str(n))):
         organ = BY_NAME.get(str(name))
         entry = organs[name] if isinstance(organs[name], dict) else {"volume_ml": organs[name]}
+        volume = _number(entry.get("volume_ml"))
+        if str(name) in missed or (volume is not None and volume < TRACE_ML):
+            entry = {"missed": True}
         rows.append(
             (
                 str(name),
@@ -407,6 +455,9 @@ def _draw_table(fig, rows, x0: float, top: float, width: float, bottom: float, f
         )
         name_colour = {"warning": WARNING, "note": ORANGE}.get(flagged.get(name, ""), TEXT)
         text(columns["name"], yy, display, color=name_colour)
+        if entry.get("missed"):
+            text(columns["ml"], yy, "not found", ha="right", color=DIM)
+            continue
         volume = _number(entry.get("volume_ml"))
         marks, ml_colour = [], TEXT
         bounds = entry.get("normal_range_ml")
@@ -469,8 +520,9 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     flagged = {}
     for kind, items in (("note", notes), ("warning", warnings)):
         for item in items:
-            if _field(item, "organ"):
-                flagged[str(_field(item, "organ"))] = kind
+            for organ in [_field(item, "organ"), *(_field(item, "organs") or [])]:
+                if organ:
+                    flagged[str(organ)] = kind
 
     fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor=BACKGROUND)
     canvas = FigureCanvasAgg(fig)
@@ -524,7 +576,7 @@ def render_case_sheet(image: sitk.Image, labels: sitk.Image, report: dict, path,
     table_x = WIDTH_PX - MARGIN - TABLE_WIDTH
     _draw_table(
         fig,
-        _organ_rows(report, label_array, voxel_ml),
+        _organ_rows(report, label_array, voxel_ml, _missed(warnings + notes)),
         table_x,
         content_top,
         TABLE_WIDTH,

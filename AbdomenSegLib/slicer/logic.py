@@ -229,6 +229,24 @@ def _import_through_slicer(scene, labelmap, values, segmentation_node, prefix) -
     return new_ids
 
 
+def dicom_modality(volume_node) -> str:
+    """The DICOM Modality (0008,0060) of a volume loaded from Slicer's DICOM database ("" when not from DICOM):
+    the volume's "DICOM.instanceUIDs" attribute, looked up in the database; a "DICOM.Modality" attribute wins."""
+    direct = volume_node.GetAttribute("DICOM.Modality") if volume_node is not None else None
+    if direct:
+        return direct.strip()
+    uids = ((volume_node.GetAttribute("DICOM.instanceUIDs") if volume_node is not None else None) or "").split()
+    if not uids:
+        return ""
+    try:
+        import slicer
+
+        database = slicer.dicomDatabase
+        return (database.fileValue(database.fileForInstance(uids[0]), "0008,0060") or "").strip()
+    except Exception:  # noqa: BLE001 - no database (a script, a test), a removed file: unknown
+        return ""
+
+
 def segment_ids(segmentation_node) -> list:
     """The segment IDs of a segmentation node, in order."""
     ids = vtk.vtkStringArray()
@@ -388,9 +406,19 @@ COLUMN_TITLES = {
     "volume_diff_ml": "Volume difference",
     "model": "Model",
     "confidence": "Confidence",
+    "mean": "Mean",
+    "sd": "SD",
+    "median": "Median",
     "pieces": "Pieces",
     "at_border": "At image border",
     "flags": "Result check",
+}
+
+
+INTENSITY_DESCRIPTIONS = {
+    "mean": "Mean intensity of the volume under the organ (HU for CT), as Segment Statistics gives it",
+    "sd": "Standard deviation of the intensity under the organ",
+    "median": "Median intensity under the organ",
 }
 
 
@@ -551,14 +579,21 @@ class AbdomenSegCore:
         from AbdomenSegLib.inference.segmenter import Options
         from AbdomenSegLib.models.choice import resolve
         from AbdomenSegLib.qc.outputs import assess_result
+        from AbdomenSegLib.qc.statistics import intensity_unit
 
         image = self.prepare(volume_node, organs, segmentation_node, replace_existing)
+        if model is None:  # no model named: an MR volume gets the recommended MR model, said on one line
+            model, line = self.model_for_volume(volume_node, image)
+            if line:
+                self.log(line)
         card = resolve(model, tta, quality=quality)  # a choice the engine refuses fails before any network loads
         segmenter = get_segmenter(card, device, log=self.log, quality=quality)
         options = Options(organs=organs, largest_component=largest_component, fill_holes=fill_holes, tta=tta)
         labels = segmenter.segment(image, options, progress=progress, cancel=cancel)
         name = made_by(segmenter)[0]  # a two-stage run: "first>fine"
-        report = assess_result(segmenter, labels, options).as_dict(model=name, modality=segmenter.card["modality"])
+        report = assess_result(segmenter, labels, options, image).as_dict(
+            model=name, modality=segmenter.card["modality"], intensity_unit=intensity_unit(segmenter.card["modality"])
+        )
         self.last_labels = labels
         node = self.import_result(
             volume_node,
@@ -572,6 +607,15 @@ class AbdomenSegCore:
         # what the run segments (found or not): a comparison scores these (`_source_organs`)
         node.SetAttribute(ORGANS_ATTRIBUTE, ",".join(organs or segmenter.card["labels"].values()))
         return node
+
+    def model_for_volume(self, volume_node, image=None) -> tuple:
+        """(model name, line to show) for a volume when the user has not chosen a model: an MR volume (its DICOM
+        Modality, or values that fail the CT check the way MR does) gets the recommended MR model, anything else
+        the default; the same rule as the command line (models/choice.py)."""
+        from AbdomenSegLib.models.choice import model_for_image
+
+        image = image if image is not None else volume_node_to_image(volume_node, world=False)
+        return model_for_image(image, dicom_modality(volume_node))
 
     def prepare(self, volume_node, organs=None, segmentation_node=None, replace_existing=False) -> sitk.Image:
         """Check what a run needs before any work and return the volume as an image where it lies (its
@@ -647,13 +691,24 @@ class AbdomenSegCore:
 
         # The engine's report (stored on the node at import) already holds every column; exporting the
         # segments back to a label map costs seconds on a 512x512x300 scan and is done only without one.
-        report = (
-            qc_report(segmentation_node)
-            or assess(segmentation_to_labels(self.scene, segmentation_node, volume_node)).as_dict()
-        )
+        report = qc_report(segmentation_node)
+        organs = (report or {}).get("organs", {})
+        if not report or any(o.get("mean") is None for o in organs.values()):
+            # No stored report, or one from before the intensity statistics: the check (and the statistics
+            # under each organ, in the volume's grid) now.
+            labels = segmentation_to_labels(self.scene, segmentation_node, volume_node)
+            image = volume_node_to_image(volume_node)
+            fresh = assess(labels, image=image).as_dict()
+            if report:
+                for organ_name, organ in organs.items():
+                    for stat in ("mean", "sd", "median"):
+                        organ[stat] = fresh["organs"].get(organ_name, {}).get(stat)
+            else:
+                report = fresh
         flags = {}
         for flag in report.get("warnings", []) + report.get("notes", []):
             flags.setdefault(flag.get("organ"), []).append(flag["code"])
+        nan = float("nan")
         rows = []
         for organ_name, organ in report.get("organs", {}).items():
             confidence = organ.get("confidence")
@@ -661,7 +716,10 @@ class AbdomenSegCore:
                 {
                     "organ": organ_name,
                     "volume_pred_ml": float(organ["volume_ml"]),
-                    "confidence": float("nan") if confidence is None else float(confidence),
+                    "mean": nan if organ.get("mean") is None else float(organ["mean"]),
+                    "sd": nan if organ.get("sd") is None else float(organ["sd"]),
+                    "median": nan if organ.get("median") is None else float(organ["median"]),
+                    "confidence": nan if confidence is None else float(confidence),
                     "pieces": float(organ.get("pieces", 1)),
                     "at_border": ", ".join(organ.get("at_border", [])),
                     "flags": ", ".join(flags.get(organ_name, [])),
@@ -669,12 +727,20 @@ class AbdomenSegCore:
             )
         order = list(BY_NAME)
         rows.sort(key=lambda r: order.index(r["organ"]))
-        return rows_to_table(
+        table = rows_to_table(
             self.scene,
             rows,
             name or f"{segmentation_node.GetName()} volumes",
-            ["organ", "volume_pred_ml", "confidence", "pieces", "at_border", "flags"],
+            ["organ", "volume_pred_ml", "mean", "sd", "median", "confidence", "pieces", "at_border", "flags"],
         )
+        unit = report.get("intensity_unit")
+        if unit is None:  # a report from before the unit was stored: HU when the volume holds CT values
+            unit = "HU" if str(report.get("modality", "")).upper() == "CT" else ""
+        for key in ("mean", "sd", "median"):
+            if unit:
+                table.SetColumnUnitLabel(COLUMN_TITLES[key], unit)
+            table.SetColumnDescription(COLUMN_TITLES[key], INTENSITY_DESCRIPTIONS[key])
+        return table
 
     def compare_with_reference(
         self,
