@@ -64,3 +64,25 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "pip install -r requirements-dev.txt" in readme and "-r requirements-dev.txt" in ci
     assert "-m pytest -q Testing" in readme and "-m pytest -q Testing" in ci
+
+
+@pytest.mark.slow
+def test_the_readme_training_example_trains_and_exports(tmp_path, monkeypatch):
+    """The README's minimal config, as printed there, trains on two phantoms and exports a package that segments."""
+    import json
+
+    from AbdomenSegLib.cli import main
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Training your own model", 1)[1]
+    config = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    monkeypatch.chdir(tmp_path)
+    for i, case in enumerate(("case1", "case2")):
+        assert (
+            main(["phantom", f"data/images/{case}.nii.gz", "--labels", f"data/labels/{case}.nii.gz", "--seed", str(i)])
+            == 0
+        )
+    (tmp_path / "my_config.json").write_text(json.dumps(config))
+    assert main(["train", "my_config.json", "--out", "runs/tiny"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "package" / "card.json").is_file()
+    assert main(["segment", "data/images/case2.nii.gz", "out.nii.gz", "--model", "runs/tiny/package"]) in (0, 3)
