@@ -209,12 +209,12 @@ def test_paired_wilcoxon_per_organ_with_n():
 def test_compare_corrects_btcv_headers_as_segment_does():
     """The issue's `compare --models btcv-ct-3d-unet --data btcv_ct` without --cases-from read the BTCV files with
     their wrong header (kidneys 0.000): the direction fix now comes from the compared model's training config."""
-    from AbdomenSegLib.evaluation.compare import _dataset_direction
+    from AbdomenSegLib.evaluation.compare import dataset_direction
     from AbdomenSegLib.models.packages import find_model
 
     card = find_model("btcv-ct-3d-unet")
-    assert _dataset_direction(shared("btcv_ct"), [card], log=lambda m: None) == list(TRUE_BTCV_DIRECTION)
-    assert _dataset_direction(shared("chaos_mr_t2"), [card], log=lambda m: None) is None
+    assert dataset_direction(shared("btcv_ct"), [card], log=lambda m: None) == list(TRUE_BTCV_DIRECTION)
+    assert dataset_direction(shared("chaos_mr_t2"), [card], log=lambda m: None) is None
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import time
 import types
 
 import pytest
+from packaging.requirements import Requirement
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.slicer import install
@@ -233,7 +234,7 @@ def slicer_install(monkeypatch, tmp_path):
         if outcome["exit"] == 0:
             versions.update(GOOD)
             named = [a for i, a in enumerate(install_args) if a[0] != "-" and install_args[i - 1] not in ("-r", "-c")]
-            versions.update({install._requirement(a).name: "99.0" for a in named})
+            versions.update({Requirement(a).name: "99.0" for a in named})
         script = f"print('pip ran'); raise SystemExit({outcome['exit']})"
         return subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True

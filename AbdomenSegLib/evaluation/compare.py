@@ -111,7 +111,7 @@ def run_comparison(
     selected = select_cases(data_root, cases, cases_from)
     cards = [find_model(model) for model in models]
     if direction is None:
-        direction = _dataset_direction(data_root, [find_model(cases_from)] if cases_from else cards, log)
+        direction = dataset_direction(data_root, [find_model(cases_from)] if cases_from else cards, log)
     if convention is None:
         from AbdomenSegLib.evaluation.conventions import resolve_convention
 
@@ -364,7 +364,7 @@ def _check_outputs(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _dataset_direction(data_root, cards, log: LogCallback):
+def dataset_direction(data_root, cards, log: LogCallback):
     """The header fix (data.direction) the cards' training configs give for a dataset of `data_root`'s folder
     name, as `segment` users get it from the same configs; None when no card was trained on such a dataset;
     refused when two cards give different ones."""
