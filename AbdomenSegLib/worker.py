@@ -13,6 +13,10 @@ stdout: {"ready": true, "pid": N} once the engine is imported, then for each req
 `segment --progress-json` prints (cli._JsonLines), ending with its outcome line ({"done": ...} or {"error": ...}).
 The request's stderr (log, progress bar, warnings) goes to its LOG_PATH, so each run's log stays its own.
 
+A request line the worker cannot serve (not JSON, too large or too deep, not an object, no argv, an argv that is not
+a list of strings or not such a segment command, a log path in a missing folder or that is a folder) is answered with
+one {"error": "<problem>. <fix>"} line (parse_request) and the worker reads the next one.
+
 It exits when stdin closes (the parent, Slicer, went away: no orphan keeps the model in memory), on "quit", and
 after --idle-exit seconds without a request (default 15 min) so that an idle session gives its memory back.
 Requests run in this process's main thread; a cancel is a kill of this process by the parent (background.py):
@@ -90,6 +94,8 @@ def parse_request(line: str) -> dict:
         raise AbdomenSegError(
             "the request's argv is not a `segment ... --progress-json` command", "the worker runs only those"
         )
+    if {"-h", "--help", "--version"} & set(argv):  # argparse would print text into the JSON lines of stdout
+        raise AbdomenSegError("the request's argv asks for help or the version", "run `abdomenseg segment --help`")
     log = request.get("log")
     if log is not None:
         if not isinstance(log, str) or not log or "\0" in log:

@@ -67,6 +67,7 @@ BAD_REQUESTS = [
     ("argv_a_string", lambda tmp: json.dumps({"argv": "segment a b"}).encode(), "not a list of strings"),
     ("argv_numbers", lambda tmp: json.dumps({"argv": ["segment", 1, 2]}).encode(), "not a list of strings"),
     ("argv_not_segment", lambda tmp: json.dumps({"argv": ["models", "--progress-json"]}).encode(), "segment"),
+    ("argv_help", lambda tmp: json.dumps({"argv": ["segment", "--help", "--progress-json"]}).encode(), "help"),
     ("invalid_json", lambda tmp: b'{"argv": ["segment", ', "is not valid JSON"),
     ("not_utf8", lambda tmp: b'{"argv": "\xff\xfe"}', "not a list of strings"),
     ("nested_deep", lambda tmp: b"[" * 100_000 + b"]" * 100_000, "levels deep"),
