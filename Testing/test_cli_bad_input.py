@@ -384,6 +384,18 @@ def scheduler_file_without_address(tmp, model):
     return _with_scheduler_file(tmp, model, '{"type": "Scheduler"}')
 
 
+def scheduler_file_a_fifo(tmp, model):
+    argv = _with_scheduler_file(tmp, model, "")
+    (tmp / "scheduler.json").unlink()
+    os.mkfifo(tmp / "scheduler.json")
+    return argv
+
+
+def training_config_a_fifo(tmp, model):
+    os.mkfifo(tmp / "config.json")
+    return ["train", str(tmp / "config.json"), "--out", str(tmp / "run")]
+
+
 def training_config_nested_deep(tmp, model):
     (tmp / "config.json").write_text('{"data": ' + DEEP_JSON + "}")
     return ["train", str(tmp / "config.json"), "--out", str(tmp / "run")]
@@ -431,6 +443,8 @@ HOSTILE = [
     (scheduler_file_nested_deep, "levels deep"),
     (scheduler_file_without_address, "holds no scheduler address"),
     (training_config_nested_deep, "levels deep"),
+    (scheduler_file_a_fifo, "is a named pipe (FIFO), not a regular file. give the path of a file"),
+    (training_config_a_fifo, "is a named pipe (FIFO), not a regular file"),
     (input_fifo, "named pipe (FIFO), not a regular file"),
     (input_socket, "a socket, not a regular file"),
     (input_device, "a device, not a regular file"),

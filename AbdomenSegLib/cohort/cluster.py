@@ -126,7 +126,7 @@ def connect(
     from distributed import Client, LocalCluster
 
     if scheduler or scheduler_file:
-        if scheduler_file and not Path(scheduler_file).is_file():
+        if scheduler_file and not os.path.lexists(scheduler_file):  # a FIFO or folder: the loader says what it is
             raise AbdomenSegError(
                 f"scheduler file '{scheduler_file}' does not exist",
                 "start the scheduler first (dask scheduler --scheduler-file FILE) on a shared "

@@ -76,7 +76,7 @@ def load_json(
     """Read and parse the JSON file `path` (a regular file, at most `max_bytes`); errors name it as `what`."""
     path = Path(path)
     label = f"{what} '{printable(str(path))}'"
-    require_regular_file(path, what, fix)
+    require_regular_file(path, what)  # its own fix: the content's fix does not apply to a FIFO or folder
     try:
         with open(path, "rb") as stream:
             data = stream.read(max_bytes + 1)

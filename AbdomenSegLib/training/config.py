@@ -165,7 +165,7 @@ def _merge(base: dict, override: dict, path="", strict=True) -> dict:
 def read_config(path: Path, seen=()) -> dict:
     """A JSON config file; `"extends": "other.json"` (relative to this file) starts from that config, so a
     continuation stage only states what it changes."""
-    if not path.is_file():
+    if not path.exists():  # a folder or FIFO: the loader says what it is
         raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
     if path.resolve() in seen:
         raise AbdomenSegError(
