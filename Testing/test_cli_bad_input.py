@@ -737,6 +737,22 @@ def test_workers_are_capped_by_the_cores_and_the_memory(monkeypatch):
     assert cluster.capped_workers(3, 50e9, cpus=8, memory=10e9)[0] == 1  # never none
 
 
+def test_a_worker_needs_the_largest_case_and_the_model(tmp_path, tiny_package):
+    from AbdomenSegLib.cohort import cluster
+    from AbdomenSegLib.core import limits
+    from AbdomenSegLib.models.packages import read_card
+
+    card = read_card(tiny_package.path)
+    small, _ = _phantom(tmp_path, "small.nii.gz", size=(32, 28, 12), spacing=(12.0, 12.0, 20.0))
+    large, _ = _phantom(tmp_path, "large.nii.gz", size=(96, 84, 36), spacing=(4.0, 4.0, 6.66))
+    (tmp_path / "broken.nii.gz").write_text("not an image")
+    weights = sum(p.stat().st_size for p in tiny_package.path.glob("*.safetensors"))
+    expected = limits.estimate_memory((96, 84, 36), (4.0, 4.0, 6.66), card["spacing"], card.out_channels) + 2 * weights
+    need = cluster.worker_memory(card, [small, tmp_path / "broken.nii.gz", large])
+    assert need == pytest.approx(expected, rel=1e-3) and weights > 0
+    assert cluster.worker_memory(card, [tmp_path / "broken.nii.gz"]) is None
+
+
 def test_workers_12_on_2_cores_starts_2(tmp_path, tiny_package, monkeypatch, capsys):
     pytest.importorskip("distributed")
     from AbdomenSegLib.cohort import cluster

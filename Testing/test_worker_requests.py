@@ -114,7 +114,8 @@ def test_after_the_bad_requests_a_valid_one_is_served_by_the_same_process(tmp_pa
     assert outcome.get("done") and outcome["exit"] in (0, 3), outcome
     assert (tmp_path / "out.nrrd").is_file() and "model tiny-test on cpu" in log.read_text()
     assert worker.process.poll() is None and worker.process.pid == pid
-    assert not list(tmp_path.glob(".*.lock")) and not list(tmp_path.glob(".part-*"))
+    # it wrote where it was told and nowhere else: no lock, no temporary file, nothing beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out.nrrd", "run.log"]
 
 
 def test_a_request_with_a_nul_byte_in_a_path_is_refused(tmp_path, worker):
