@@ -22,10 +22,16 @@ from AbdomenSegLib.core.options import (
     PRECISIONS,
     QUALITIES,
 )
+from AbdomenSegLib.core.untrusted import printable_lines
 
 
 def _log(message: str):
-    print(message, file=sys.stderr, flush=True)
+    print(printable_lines(message), file=sys.stderr, flush=True)  # file names and card text: no escape sequences
+
+
+def _say(text: str = "", **kw) -> None:
+    """stdout for text that holds card fields (titles, organ names, purposes) or file names."""
+    print(printable_lines(text), **kw)
 
 
 class _JsonLines:
@@ -81,13 +87,14 @@ def _organ_names(text, allowed=None) -> list | None:
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
     from AbdomenSegLib.cohort.batch import expand_inputs, plan_outputs
-    from AbdomenSegLib.io.files import prepare_output, sweep_partials
+    from AbdomenSegLib.io.files import check_name_length, prepare_output, sweep_partials
     from AbdomenSegLib.io.images import check_output_type
     from AbdomenSegLib.models.choice import resolve
 
     _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
     cases, batch = expand_inputs(args.input)
     output = Path(args.output)
+    check_name_length(output)  # before anything looks at it: the file system refuses such a name with an OSError
     distributed = _on_cluster(args, batch)
     if batch:
         if output.exists() and not output.is_dir():
@@ -100,6 +107,8 @@ def _segment(args) -> int:
             raise AbdomenSegError(
                 f"no inputs left in '{args.input}' once earlier outputs are set aside", "give a folder of scans"
             )
+        for _, _, dst in targets:
+            check_name_length(dst)
         prepare_output(output / ".probe", overwrite=True)
         for path in sweep_partials(output):
             _log(f"removed {path.name}, left by an interrupted run")
@@ -366,8 +375,10 @@ def _segment_on_cluster(args, card, options, todo, total, qc_files, manifest, js
 
 def _check_qc_paths(args, batch, inputs):
     """--qc / --qc-png name files of the right kind that replace no input; checked before any work."""
-    from AbdomenSegLib.io.files import prepare_output
+    from AbdomenSegLib.io.files import prepare_folder, prepare_output
 
+    if batch:  # the result check's folder: a file of that name in its place is refused now, not after the first case
+        prepare_folder(Path(args.qc) if args.qc else Path(args.output) / "qc", "the result check's folder")
     if batch and args.qc_png:
         raise AbdomenSegError(
             "--qc-png names one picture but the input is a set of cases",
@@ -577,25 +588,25 @@ def _models(args) -> int:
     if args.json:
         listing = {name: card.data for name, card in cards.items()}
         listing.update({name: {"broken": str(err)} for name, err in broken.items()})
-        print(json.dumps(listing, indent=2))
+        print(json.dumps(listing, indent=2))  # JSON escapes control characters itself
         return 0
     if not cards and not broken:
-        print("no models installed")
+        _say("no models installed")
         return 1
     default = default_model_name()
     purposes = model_purposes()
     recommended = [n for n in recommended_models() if n in cards]
     if recommended:  # what to use, one line each, before the full cards
         width = max(len(n) for n in recommended) + len(" (default)")
-        print("Recommended:")
+        _say("Recommended:")
         for name in recommended:
             label = name + (" (default)" if name == default else "")
-            print(f"  {label:<{width}}  {purposes.get(name) or cards[name].get('title', '')}")
-        print()
+            _say(f"  {label:<{width}}  {purposes.get(name) or cards[name].get('title', '')}")
+        _say()
     for name in sorted(cards, key=lambda n: (n not in recommended, recommended.index(n) if n in recommended else 0)):
         card = cards[name]
         line = f"\n  for: {purposes[name]}" if purposes.get(name) else ""
-        print(card.summary() + line + ("\n  (default)" if name == default else ""))
+        _say(card.summary() + line + ("\n  (default)" if name == default else ""))
     from AbdomenSegLib.models.locations import installed_folder
     from AbdomenSegLib.models.store import downloadable, terms_of
 
@@ -605,9 +616,9 @@ def _models(args) -> int:
         if entry is not None and installed_folder(entry) is None:  # published apart, not installed here
             size = entry["download"].get("size") or 0
             terms = terms_of(entry).get("licence", "not stated")
-            print(f"{name}\n  not installed: `abdomenseg models install {name}` ({size / 1e6:.0f} MB; terms: {terms})")
+            _say(f"{name}\n  not installed: `abdomenseg models install {name}` ({size / 1e6:.0f} MB; terms: {terms})")
         else:
-            print(f"{name}\n  broken: {err}")
+            _say(f"{name}\n  broken: {err}")
     return 0 if cards else 1
 
 
@@ -965,7 +976,7 @@ def main(argv=None) -> int:
             )
         return code
     except AbdomenSegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable_lines(str(exc))}", file=sys.stderr)
         if json_lines:
             json_lines.emit(error=str(exc))
         return 2

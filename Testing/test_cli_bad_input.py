@@ -341,6 +341,117 @@ def output_is_input(tmp, model):
     return ["segment", str(path), str(path), "--model", model, "--overwrite"]
 
 
+# Hostile files (issue 31): nothing the engine reads may crash it, hang it or leave a lock behind.
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # was a RecursionError
+
+
+def _phantom_folder(tmp):
+    (tmp / "cases").mkdir()
+    _phantom(tmp / "cases")
+    return tmp / "cases"
+
+
+def card_nested_deep(tmp, model):
+    path, _ = _phantom(tmp)
+    (tmp / "deep_model").mkdir()
+    (tmp / "deep_model" / "card.json").write_text(DEEP_JSON)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", str(tmp / "deep_model")]
+
+
+def card_not_json(tmp, model):
+    path, _ = _phantom(tmp)
+    (tmp / "bad_model").mkdir()
+    (tmp / "bad_model" / "card.json").write_text('{"name": ')
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", str(tmp / "bad_model")]
+
+
+def _with_scheduler_file(tmp, model, content):
+    pytest.importorskip("distributed")
+    (tmp / "scheduler.json").write_text(content)
+    cases = str(_phantom_folder(tmp))
+    return ["segment", cases, str(tmp / "out"), "--model", model, "--scheduler-file", str(tmp / "scheduler.json")]
+
+
+def scheduler_file_not_json(tmp, model):
+    return _with_scheduler_file(tmp, model, "{not json")  # was an AssertionError inside Dask
+
+
+def scheduler_file_nested_deep(tmp, model):
+    return _with_scheduler_file(tmp, model, DEEP_JSON)
+
+
+def scheduler_file_without_address(tmp, model):
+    return _with_scheduler_file(tmp, model, '{"type": "Scheduler"}')
+
+
+def scheduler_file_a_fifo(tmp, model):
+    argv = _with_scheduler_file(tmp, model, "")
+    (tmp / "scheduler.json").unlink()
+    os.mkfifo(tmp / "scheduler.json")
+    return argv
+
+
+def training_config_a_fifo(tmp, model):
+    os.mkfifo(tmp / "config.json")
+    return ["train", str(tmp / "config.json"), "--out", str(tmp / "run")]
+
+
+def training_config_nested_deep(tmp, model):
+    (tmp / "config.json").write_text('{"data": ' + DEEP_JSON + "}")
+    return ["train", str(tmp / "config.json"), "--out", str(tmp / "run")]
+
+
+def input_fifo(tmp, model):
+    os.mkfifo(tmp / "ct.nii.gz")  # opening it blocked forever, holding the output's lock
+    return ["segment", str(tmp / "ct.nii.gz"), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def input_socket(tmp, model):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp / "ct.nrrd"))
+    server.close()  # the socket file stays
+    return ["segment", str(tmp / "ct.nrrd"), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def input_device(tmp, model):
+    return ["segment", "/dev/zero", str(tmp / "out.nii.gz"), "--model", model]
+
+
+def fifo_among_the_cases_by_glob(tmp, model):
+    os.mkfifo(tmp / "a.nii.gz")
+    return ["segment", str(tmp / "*.nii.gz"), str(tmp / "out"), "--model", model]
+
+
+def output_name_over_255_bytes(tmp, model):
+    path, _ = _phantom(tmp)
+    return ["segment", str(path), str(tmp / ("o" * 250 + ".nii.gz")), "--model", model]
+
+
+def file_where_the_qc_folder_goes(tmp, model):
+    cases = _phantom_folder(tmp)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "qc").write_text("a file named qc")
+    return ["segment", str(cases), str(tmp / "out"), "--model", model]
+
+
+HOSTILE = [
+    (card_nested_deep, "levels deep"),
+    (card_not_json, "not valid JSON"),
+    (scheduler_file_not_json, "scheduler file"),
+    (scheduler_file_nested_deep, "levels deep"),
+    (scheduler_file_without_address, "holds no scheduler address"),
+    (training_config_nested_deep, "levels deep"),
+    (scheduler_file_a_fifo, "is a named pipe (FIFO), not a regular file. give the path of a file"),
+    (training_config_a_fifo, "is a named pipe (FIFO), not a regular file"),
+    (input_fifo, "named pipe (FIFO), not a regular file"),
+    (input_socket, "a socket, not a regular file"),
+    (input_device, "a device, not a regular file"),
+    (output_name_over_255_bytes, "more than the 255"),
+    (file_where_the_qc_folder_goes, "is a file, not a folder"),
+]
+
 REFUSED = [
     (truncated_gz, "truncated"),
     (truncated_nii, "truncated"),
@@ -382,6 +493,7 @@ REFUSED = [
     (truncated_reference_with_extension, "truncated"),
     (nifti_pair_cut_short, "not a supported file type"),
     (nrrd_int16_t_more_data_than_declared, "more image data"),
+    *HOSTILE,
 ]
 
 
@@ -562,3 +674,123 @@ def test_immutable_output_folder_fails_before_any_work(tmp_path, tiny_package, c
         assert time.perf_counter() - start < 10
     finally:
         subprocess.run(["chattr", "-i", str(locked)])
+
+
+# -- hostile files and services (issue 31) ---------------------------------------------------------
+def test_a_fifo_among_the_cases_fails_its_case_only(tmp_path, tiny_package, capsys):
+    os.mkfifo(tmp_path / "a.nii.gz")
+    _phantom(tmp_path, "b.nii.gz")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "*.nii.gz"), str(out), "--model", str(tiny_package.path)]) == 1
+    err = capsys.readouterr().err
+    assert "a: error: input" in err and "is a named pipe (FIFO), not a regular file" in err
+    assert (out / "b.nii.gz").is_file() and not (out / "a.nii.gz").exists()
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(".part-*"))
+
+
+def test_a_250_character_output_name_is_written_and_its_lock_fits(tmp_path, tiny_package):
+    from AbdomenSegLib.io.files import NAME_MAX_BYTES, claim_output, lock_path
+
+    src, _ = _phantom(tmp_path)
+    out = tmp_path / ("o" * 243 + ".nii.gz")  # 250 characters; `.<name>.lock` would be 256
+    assert len(out.name) == 250
+    long_lock, other = lock_path(out), lock_path(tmp_path / ("o" * 243 + ".nrrd.gz"))
+    assert len(long_lock.name.encode()) <= NAME_MAX_BYTES and long_lock != other and long_lock.parent == tmp_path
+    assert lock_path(tmp_path / "o.nii.gz").name == ".o.nii.gz.lock"  # short names keep the readable lock
+    with claim_output(out):
+        assert long_lock.is_file()  # really claimed: a second writer would find it
+    assert main(["segment", str(src), str(out), "--model", str(tiny_package.path)]) in (0, EXIT_FLAGGED)
+    assert out.is_file() and not list(tmp_path.glob(".*.lock")) and not list(tmp_path.glob(".part-*"))
+
+
+def test_card_text_and_file_names_reach_the_terminal_without_escape_sequences(
+    tmp_path, tiny_package, monkeypatch, capsys
+):
+    import json
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_package.path, models / "evil")
+    card = json.loads((models / "evil" / "card.json").read_text())
+    card.update(name="evil", title="\x1b]0;owned\x07\x1b[2J\x1b[31mred title\rX")
+    (models / "evil" / "card.json").write_text(json.dumps(card))
+    catalog = {"default": "evil", "models": [{"name": "evil", "for": "scans \x1b[5mblinking"}]}
+    (models / "catalog.json").write_text(json.dumps(catalog))
+    monkeypatch.setattr("AbdomenSegLib.models.packages.MODELS_DIR", models)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\x1b[31mred title\\rX" in out and "scans \\x1b[5mblinking" in out
+    # a file name with an escape sequence, in an error
+    bad = tmp_path / "scan\x1b[2J.nii.gz"
+    assert main(["segment", str(bad), str(tmp_path / "o.nii.gz"), "--model", str(tiny_package.path)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "scan\\x1b[2J.nii.gz" in err and err.startswith("error: ")
+
+
+def test_workers_are_capped_by_the_cores_and_the_memory(monkeypatch):
+    from AbdomenSegLib.cohort import cluster
+
+    assert cluster.capped_workers(12, cpus=2, memory=64e9) == (2, "this process may use 2 CPU core(s)")
+    count, why = cluster.capped_workers(4, 3e9, cpus=8, memory=7e9)
+    assert count == 2 and "3.0 GB" in why and "7.0 GB are available" in why
+    assert cluster.capped_workers(2, 1e9, cpus=8, memory=64e9) == (2, "")
+    assert cluster.capped_workers(3, 50e9, cpus=8, memory=10e9)[0] == 1  # never none
+
+
+def test_a_worker_needs_the_largest_case_and_the_model(tmp_path, tiny_package):
+    from AbdomenSegLib.cohort import cluster
+    from AbdomenSegLib.core import limits
+    from AbdomenSegLib.models.packages import read_card
+
+    card = read_card(tiny_package.path)
+    small, _ = _phantom(tmp_path, "small.nii.gz", size=(32, 28, 12), spacing=(12.0, 12.0, 20.0))
+    large, _ = _phantom(tmp_path, "large.nii.gz", size=(96, 84, 36), spacing=(4.0, 4.0, 6.66))
+    (tmp_path / "broken.nii.gz").write_text("not an image")
+    weights = sum(p.stat().st_size for p in tiny_package.path.glob("*.safetensors"))
+    expected = limits.estimate_memory((96, 84, 36), (4.0, 4.0, 6.66), card["spacing"], card.out_channels) + 2 * weights
+    need = cluster.worker_memory(card, [small, tmp_path / "broken.nii.gz", large])
+    assert need == pytest.approx(expected, rel=1e-3) and weights > 0
+    assert cluster.worker_memory(card, [tmp_path / "broken.nii.gz"]) is None
+
+
+def test_workers_12_on_2_cores_starts_2(tmp_path, tiny_package, monkeypatch, capsys):
+    pytest.importorskip("distributed")
+    from AbdomenSegLib.cohort import cluster
+
+    monkeypatch.setattr(cluster, "available_cpus", lambda: 2)
+    (tmp_path / "cases").mkdir()
+    _phantom(tmp_path / "cases", "a.nii.gz")
+    out = tmp_path / "out"
+    code = main(["segment", str(tmp_path / "cases"), str(out), "--model", str(tiny_package.path), "--workers", "12"])
+    err = capsys.readouterr().err
+    assert code in (0, EXIT_FLAGGED), err
+    assert "--workers 12: starting 2, as this process may use 2 CPU core(s)" in err
+    assert "local Dask cluster: 2 worker process(es)" in err and (out / "a.nii.gz").is_file()
+
+
+def test_a_web_server_at_the_scheduler_address_fails_in_bounded_time(tmp_path, tiny_package, monkeypatch, capsys):
+    pytest.importorskip("distributed")
+    import http.server
+    import threading
+
+    from AbdomenSegLib.cohort import cluster
+
+    monkeypatch.setattr(cluster, "_HANDSHAKE_TIMEOUT_S", 1.0)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "cases").mkdir()
+        _phantom(tmp_path / "cases")
+        before = _snapshot(tmp_path)
+        address = f"tcp://127.0.0.1:{server.server_port}"
+        start = time.perf_counter()
+        code = main(["segment", str(tmp_path / "cases"), str(tmp_path / "out"), "--model", str(tiny_package.path),
+                     "--scheduler", address])  # fmt: skip
+        elapsed = time.perf_counter() - start
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and elapsed < 15, (code, elapsed)  # was: waiting past 200 s
+    assert err[-1].startswith(f"error: the service at {address} is not a Dask scheduler: it sent no handshake")
+    assert _snapshot(tmp_path) == before and not list(tmp_path.rglob("*.lock"))

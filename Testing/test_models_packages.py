@@ -307,6 +307,7 @@ MALFORMED_CATALOGS = {
     "entry without name": {"default": "good", "models": [{"path": "good"}]},
     "path a number": {"default": "good", "models": [{"name": "good", "path": 5}]},
     "name twice": {"default": "good", "models": [{"name": "good"}, {"name": "good"}]},
+    "nested 100,000 deep": "[" * 100_000 + "]" * 100_000,  # was a RecursionError
 }
 
 

@@ -10,6 +10,7 @@ import glob
 from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.untrusted import require_regular_file
 from AbdomenSegLib.io.images import IMAGE_SUFFIXES, case_name, image_suffix
 
 
@@ -59,6 +60,8 @@ def expand_inputs(spec: str) -> tuple:
                 "give an image file, a DICOM series folder or a folder of images",
             )
         return cases, True
+    if path.exists() and not path.is_dir():  # refused before any work (io.images.read_image refuses it too)
+        require_regular_file(path, "input", "give an image file or a DICOM series folder")
     return [(case_name(path), path)], False
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -27,9 +28,11 @@ from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled
 from AbdomenSegLib.core.options import LogCallback
+from AbdomenSegLib.core.untrusted import load_json
 
 _logger = logging.getLogger("abdomenseg.cohort")
 _CONNECT_TIMEOUT_S = 30
+_HANDSHAKE_TIMEOUT_S = 5.0
 
 
 def available_cpus() -> int:
@@ -53,22 +56,88 @@ def local_gpus(device: str) -> list:
 
 
 # -- the cluster ---------------------------------------------------------------------------------------------------
+def _available_memory() -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - unknown: no cap by memory
+        return None
+
+
+def capped_workers(asked: int, worker_bytes: float | None = None, *, cpus=None, memory=None) -> tuple:
+    """(worker processes to start, why fewer than asked or ""): at most one per CPU core this process may use, and
+    no more than the available memory holds at `worker_bytes` each (a model copy and a case in memory)."""
+    cpus = available_cpus() if cpus is None else cpus
+    count, why = asked, ""
+    if count > cpus:
+        count, why = cpus, f"this process may use {cpus} CPU core(s)"
+    memory = _available_memory() if memory is None else memory
+    if worker_bytes and memory:
+        fit = max(1, int(memory // worker_bytes))
+        if fit < count:
+            count = fit
+            why = f"each worker may need about {worker_bytes / 1e9:.1f} GB and {memory / 1e9:.1f} GB are available"
+    return count, why
+
+
+def worker_memory(card, sources, most: int = 50) -> float | None:
+    """Estimated peak bytes of one worker: the largest of the first `most` cases (from their headers, limits.py) plus
+    the model's weights; None when no header can be read."""
+    import SimpleITK as sitk
+
+    from AbdomenSegLib.core import limits
+
+    need = []
+    for src in list(sources)[:most]:
+        try:
+            if Path(src).is_dir() or not Path(src).is_file():
+                continue
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(src))
+            reader.ReadImageInformation()
+            size, spacing = reader.GetSize()[:3], reader.GetSpacing()[:3]
+            need.append(limits.estimate_memory(size, spacing, card["spacing"], card.out_channels))
+        except Exception:  # noqa: BLE001 - an unreadable case is refused by its own task
+            continue
+    if not need:
+        return None
+    try:
+        weights = sum(p.stat().st_size for p in Path(card.path).glob("*.safetensors"))
+    except (OSError, TypeError):
+        weights = 0
+    return max(need) + 2 * weights
+
+
 @contextlib.contextmanager
-def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto", gpus=None, log: LogCallback = print):
+def connect(
+    *,
+    workers=None,
+    scheduler=None,
+    scheduler_file=None,
+    device="auto",
+    gpus=None,
+    worker_bytes=None,
+    log: LogCallback = print,
+):
     """A `distributed.Client`: on a local cluster of `workers` processes, or on the running cluster that `scheduler`
-    (an address) or `scheduler_file` names. Yields (client, settings for the workers: torch threads, pinning)."""
+    (an address) or `scheduler_file` names. Yields (client, settings for the workers: torch threads, pinning).
+    A local cluster has at most one worker per CPU core and as many as the memory holds at `worker_bytes` each."""
     from distributed import Client, LocalCluster
 
     if scheduler or scheduler_file:
-        if scheduler_file and not Path(scheduler_file).is_file():
+        if scheduler_file and not os.path.lexists(scheduler_file):  # a FIFO or folder: the loader says what it is
             raise AbdomenSegError(
                 f"scheduler file '{scheduler_file}' does not exist",
                 "start the scheduler first (dask scheduler --scheduler-file FILE) on a shared "
                 "filesystem, or give its address with --scheduler",
             )
         where = scheduler or scheduler_file
+        if scheduler_file:  # read here, bounded (Dask's own reading failed with an AssertionError on bad JSON)
+            scheduler = _scheduler_file_address(scheduler_file)
+        _check_is_scheduler(scheduler, where)
         try:
-            client = Client(scheduler, scheduler_file=scheduler_file, timeout=f"{_CONNECT_TIMEOUT_S}s")
+            client = Client(scheduler, timeout=f"{_CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError, ValueError) as exc:
             raise AbdomenSegError(
                 f"cannot reach the Dask scheduler at {where} ({str(exc).splitlines()[0][:200]})",
@@ -94,6 +163,11 @@ def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto",
             f"--workers {workers} but this machine has {len(gpus)} GPU(s)",
             f"use --workers {len(gpus)} or fewer: one worker per GPU (or --device cpu)",
         )
+    if not gpus:  # `--workers 12` on 2 cores started 12 model copies
+        count, why = capped_workers(workers, worker_bytes)
+        if count < workers:
+            log(f"--workers {workers}: starting {count}, as {why}")
+            workers = count
     cpus = available_cpus()
     threads = max(1, cpus // workers)
     dashboard = ":0" if _has_dashboard() else None
@@ -125,6 +199,59 @@ def connect(*, workers=None, scheduler=None, scheduler_file=None, device="auto",
             client.close()
     finally:
         cluster.close()
+
+
+_SCHEDULER_FILE_FIX = (
+    "give the JSON file that `dask scheduler --scheduler-file FILE` wrote, or the address with --scheduler"
+)
+
+
+def _scheduler_file_address(path) -> str:
+    info = load_json(path, "scheduler file", _SCHEDULER_FILE_FIX, max_bytes=1024 * 1024)
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or not address:
+        raise AbdomenSegError(f"scheduler file '{path}' holds no scheduler address", _SCHEDULER_FILE_FIX)
+    return address
+
+
+def _check_is_scheduler(address: str, where: str) -> None:
+    """A Dask scheduler speaks first: on a new connection it sends its handshake, a message framed as
+    <total bytes, uint64><number of frames, uint64>... (distributed/comm/tcp.py). Anything else listening there (a web
+    server waits for a request) would leave Dask's handshake waiting without a time limit, so this probe, bounded by
+    _HANDSHAKE_TIMEOUT_S, refuses it first. Only plain TCP addresses are probed (tls:// and others go to Dask as they are)."""
+    text = address.strip()
+    if "://" in text:
+        protocol, text = text.split("://", 1)
+        if protocol != "tcp":
+            return
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # Dask says what is wrong with the address
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S) as sock:
+            sock.settimeout(_HANDSHAKE_TIMEOUT_S)
+            head = b""
+            deadline = time.monotonic() + _HANDSHAKE_TIMEOUT_S
+            while len(head) < 16 and time.monotonic() < deadline:
+                chunk = sock.recv(16 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        head = b""
+    except OSError as exc:
+        raise AbdomenSegError(
+            f"cannot reach the Dask scheduler at {where} ({exc.strerror or exc})",
+            "start it first (dask scheduler), or check the address or scheduler file",
+        ) from None
+    total, frames = struct.unpack("<QQ", head) if len(head) == 16 else (0, 0)
+    if not (0 < total < 2**24 and 0 < frames < 2**16):
+        said = f": it answered {head[:16]!r}" if head else f": it sent no handshake within {_HANDSHAKE_TIMEOUT_S:g} s"
+        raise AbdomenSegError(
+            f"the service at {address} is not a Dask scheduler{said}",
+            "check the address and port (the scheduler listens on 8786 by default), or start it with dask scheduler",
+        )
 
 
 def _has_dashboard() -> bool:
@@ -334,7 +461,9 @@ def _take_over_lock(dst: Path, settings: dict) -> None:
     already takes over locks of dead processes on this host; here also (a) a dead process not yet reaped by its
     nanny (a zombie) and (b) a process on another host that is not a worker of this cluster and took the lock after
     this run began: a node that was lost."""
-    lock = dst.parent / f".{dst.name}.lock"
+    from AbdomenSegLib.io.files import lock_path
+
+    lock = lock_path(dst)
     try:
         fields = lock.read_text(encoding="utf-8").split()
         pid, host = int(fields[1]), fields[2]
@@ -377,11 +506,9 @@ def _identity():
 
 
 def _read_json(path):
-    import json
-
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_json(path, "result check", "")
+    except AbdomenSegError:
         return None
 
 
@@ -515,7 +642,12 @@ def segment_cases(args, card, options, todo, *, qc_folder, pictures, on_result, 
     }
     output = Path(args.output)
     with connect(
-        workers=args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file, device=args.device, log=log
+        workers=args.workers,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
+        device=args.device,
+        worker_bytes=worker_memory(card, [src for _, _, src, _ in todo]) if args.workers else None,
+        log=log,
     ) as (client, cluster_settings):
         settings.update(cluster_settings)
         plugin = register(client, settings)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.untrusted import load_json
 from AbdomenSegLib.io.files import atomic_output
 
 NAME = "manifest.csv"
@@ -241,6 +242,6 @@ def _read_json(path):
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_json(path, "run record", "")
+    except AbdomenSegError:
         return None

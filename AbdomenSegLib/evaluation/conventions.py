@@ -208,13 +208,12 @@ def nnunet_labels(path) -> dict:
     """{value (text): organ name} from an nnU-Net dataset.json's `labels`: v2's {name: value} (nnU-Net's
     documentation/dataset_format.md: "labels": {"background": 0, "PZ": 1, ...}) or v1/MSD's {"value": name}.
     Region labels (a list of values) and names that are no organ of ours are refused."""
-    import json
-    from pathlib import Path
-
     from AbdomenSegLib.core.organs import organ_from_name
+    from AbdomenSegLib.core.untrusted import load_json
 
+    fix = "give the dataset's numbering in data.labels instead"
     try:
-        labels = json.loads(Path(path).read_text(encoding="utf-8"))["labels"]
+        labels = load_json(path, "dataset file", fix)["labels"]
         if not isinstance(labels, dict):
             raise ValueError("labels is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.untrusted import printable
 
 # The umask can only be read by setting it; do that once at import, not during writes that may run on a
 # worker thread (Slicer) while other threads create files.
@@ -69,10 +70,51 @@ def sweep_partials(folder) -> list:
     return removed
 
 
-def prepare_output(path, *, overwrite: bool) -> Path:
-    """Check, before any work, that `path` can be written: no file in the way of its folders, a folder
-    we may write in, and (without `overwrite`) no existing file of that name."""
+# The longest file name (in bytes) of ext4, XFS, btrfs, APFS and NTFS (255 UTF-16 units there).
+NAME_MAX_BYTES = 255
+
+
+def check_name_length(path) -> None:
+    """An output whose name the file system cannot hold is refused before any work (it was an OSError at the end)."""
+    name = Path(path).name
+    size = len(os.fsencode(name))
+    if size > NAME_MAX_BYTES:
+        raise AbdomenSegError(
+            f"output name '{printable(name[:40])}...' is {size} bytes long, more than the {NAME_MAX_BYTES} a file "
+            "name can have",
+            "choose a shorter output name",
+        )
+
+
+def lock_path(path) -> Path:
+    """The lock file that claims `path`: `.<name>.lock` beside it, or, for a name too long to carry the prefix and
+    suffix, `.<start of the name>-<hash>.lock` (the hash of the whole name keeps two long names apart)."""
     path = Path(path)
+    lock = f".{path.name}.lock"
+    if len(os.fsencode(lock)) <= NAME_MAX_BYTES:
+        return path.parent / lock
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+    start = os.fsencode(path.name)[:100].decode("utf-8", "ignore")
+    return path.parent / f".{start}-{digest}.lock"
+
+
+def prepare_folder(path, what: str) -> Path:
+    """A folder the run will write into (the result check's qc/): refused before any work when a file is in its
+    place."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AbdomenSegError(
+            f"{what} '{printable(str(path))}' is a file, not a folder",
+            "move that file away, or name another folder",
+        )
+    return path
+
+
+def prepare_output(path, *, overwrite: bool) -> Path:
+    """Check, before any work, that `path` can be written: a name the file system can hold, no file in the way of
+    its folders, a folder we may write in, and (without `overwrite`) no existing file of that name."""
+    path = Path(path)
+    check_name_length(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -101,7 +143,7 @@ def claim_output(path, *, overwrite: bool = False):
     (O_EXCL), so that a second run aimed at the same output refuses at once instead of both writing it.
     Creating the lock also proves, before any work, that the folder is writable."""
     path = prepare_output(path, overwrite=overwrite)
-    lock = path.parent / f".{path.name}.lock"
+    lock = lock_path(path)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from AbdomenSegLib.core import limits
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.organs import BY_LABEL
+from AbdomenSegLib.core.untrusted import require_regular_file
 from AbdomenSegLib.io import integrity
 from AbdomenSegLib.io.files import atomic_output
 
@@ -47,6 +48,8 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise AbdomenSegError(f"input '{path}' does not exist", "check the path and spelling")
+    if not path.is_dir():  # a FIFO would block the reader forever, a device or socket is no image
+        require_regular_file(path, "input", "give an image file or a DICOM series folder")
     try:
         if path.is_dir():
             image = _read_dicom_series(path)

@@ -13,13 +13,13 @@ broken package is kept aside with its error instead of taking the whole catalog 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.untrusted import load_json
 from AbdomenSegLib.models.card import ModelCard, StrPath, inside
 from AbdomenSegLib.models.card_schema import catalog_problems, validate_card
 
@@ -50,12 +50,7 @@ REEXPORT = "re-export the model with `python -m AbdomenSegLib train <config> --e
 
 
 def _read_json(path: Path, what: str, fix: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AbdomenSegError(f"{what} '{path}' is not valid JSON ({exc})", fix) from None
-    except OSError as exc:
-        raise AbdomenSegError(f"{what} '{path}' cannot be read ({exc.strerror or exc})", fix) from None
+    return load_json(path, what, fix)  # bounded in size and depth (core/untrusted.py)
 
 
 def read_card(package_dir: StrPath) -> ModelCard:

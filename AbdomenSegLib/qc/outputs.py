@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.untrusted import load_json
 from AbdomenSegLib.io.files import atomic_output
 from AbdomenSegLib.qc.check import TRACE_ML, QCReport, assess
 from AbdomenSegLib.qc.statistics import intensity_unit
@@ -157,9 +159,9 @@ class QCFiles:
         if path is None or not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = load_json(path, "result check", "")
             report = QCReport.from_dict(data)
-        except (ValueError, KeyError, TypeError):
+        except (AbdomenSegError, ValueError, KeyError, TypeError):
             return None
         extra = {k: data[k] for k in ("output", "model", "seconds") if k in data}
         self.rows.append({"case": case, **extra, **report.columns()})

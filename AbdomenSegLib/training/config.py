@@ -8,12 +8,12 @@ whose exported card would be refused) must fail here, not after the caching or a
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.organs import BY_NAME
+from AbdomenSegLib.core.untrusted import load_json
 
 DEFAULT_CONFIG = {
     "name": "my-model",
@@ -165,17 +165,16 @@ def _merge(base: dict, override: dict, path="", strict=True) -> dict:
 def read_config(path: Path, seen=()) -> dict:
     """A JSON config file; `"extends": "other.json"` (relative to this file) starts from that config, so a
     continuation stage only states what it changes."""
-    if not path.is_file():
+    if not path.exists():  # a folder or FIFO: the loader says what it is
         raise AbdomenSegError(f"config '{path}' does not exist", "give the path of a JSON training config")
     if path.resolve() in seen:
         raise AbdomenSegError(
             f"config '{path}' extends itself (through {', '.join(p.name for p in seen)})",
             "remove the circular 'extends'",
         )
-    try:
-        source = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AbdomenSegError(f"config '{path}' is not valid JSON ({exc})", "fix the JSON syntax") from None
+    source = load_json(path, "config", "fix the JSON syntax")
+    if not isinstance(source, dict):
+        raise AbdomenSegError(f"config '{path}' is not a JSON object", 'write it as {"data": ..., ...}')
     parent = source.pop("extends", None)
     if parent is None:
         return source
