@@ -1,7 +1,7 @@
 """AbdomenSeg: abdominal organ segmentation (CT/MR, 2D/3D U-Nets) with per-organ Dice/IoU.
 
 Thin Slicer layer: all behaviour lives in AbdomenSegLib (engine) and AbdomenSegLib.slicer.logic /
-slicer_runs (MRML operations and background runs, tested outside Slicer). Nothing here imports torch,
+slicer/runs.py (MRML operations and background runs, tested outside Slicer). Nothing here imports torch,
 shows dialogs or downloads at import or in setup(), so Slicer's generic module tests pass without
 PyTorch installed. Segmentation runs in a background process (as SlicerTotalSegmentator and
 SlicerMONAIAuto3DSeg do), polled by a timer on the main thread, so the panel never freezes.
@@ -77,7 +77,7 @@ class AbdomenSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     referenceNode: Optional[Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]] = None
-    model: str = ""  # the checked models of segmentModelsListWidget, as model_choice.argument() joins them
+    model: str = ""  # the checked models of segmentModelsListWidget, as models.choice.argument() joins them
     tta: bool = False  # test-time mirroring; off (and its box disabled) unless every checked model allows it
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     # high: the model's fine second stage re-segments the small organs' region (refused where none is installed)

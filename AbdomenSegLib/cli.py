@@ -310,8 +310,8 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
 
 
 def _on_cluster(args, batch) -> bool:
-    """--workers / --scheduler / --scheduler-file: the cases go to a Dask cluster (cohort.py)."""
-    # Not through cohort.py: importing it loads Dask (0.14 s), which a run on this machine alone never needs.
+    """--workers / --scheduler / --scheduler-file: the cases go to a Dask cluster (cohort/cluster.py)."""
+    # Not through cohort/cluster.py: importing it loads Dask (0.14 s), which a run on this machine alone never needs.
     if not (
         getattr(args, "workers", None) or getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None)
     ):
@@ -444,7 +444,7 @@ def _evaluate(args) -> int:
         raise AbdomenSegError(f"reference '{ref}' does not exist", "check the path and spelling")
     csv_paths = _check_csv_outputs(args, [p for _, p in predictions] + [ref])
     pairs = [(name, path, find_reference(ref, name) if batch else ref) for name, path in predictions]
-    # The references' numbering is named or detected (label_conventions.py) before any case is scored.
+    # The references' numbering is named or detected (evaluation/conventions.py) before any case is scored.
     args.reference_labels = _reference_convention(args, [r for _, _, r in pairs if r is not None])
     if organs is None:
         from AbdomenSegLib.core.organs import CONVENTIONS
@@ -526,7 +526,7 @@ def _evaluate_settings(args, organs, name) -> dict:
 
 
 def _evaluate_case(prediction, reference, settings) -> list:
-    """One case's metric rows, on a Dask worker (cohort.py): it reads both label maps itself."""
+    """One case's metric rows, on a Dask worker (cohort/cluster.py): it reads both label maps itself."""
     from AbdomenSegLib.evaluation.reports import evaluate_case
     from AbdomenSegLib.io.images import read_image
 
@@ -755,7 +755,7 @@ def _workers(text) -> int:
 
 
 def _cluster_options(p):
-    """Folders and globs of cases on a Dask cluster (cohort.py); without these, one case after another here."""
+    """Folders and globs of cases on a Dask cluster (cohort/cluster.py); without these, one case after another here."""
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--workers",

@@ -1,4 +1,4 @@
-"""Cohorts on a Dask cluster (AbdomenSegLib/cohort.py, manifest.py): real clusters on localhost.
+"""Cohorts on a Dask cluster (AbdomenSegLib/cohort/cluster.py, manifest.py): real clusters on localhost.
 
 A LocalCluster of 2 worker processes, a `dask scheduler` with two `dask worker` processes started as a user on a
 cluster would, and a worker killed in the middle of a case. Outputs must be the sequential run's, voxel for voxel.

@@ -242,7 +242,7 @@ def test_the_region_cache_holds_the_box_around_the_reference_region(tmp_path):
 
 
 def test_a_second_stage_is_validated_on_the_region_crop_of_each_case(models, tmp_path):
-    """package_export.validation_rows cuts each validation case to its reference region before the second stage
+    """export.validation_rows cuts each validation case to its reference region before the second stage
     runs: a second stage answering pancreas everywhere predicts the crop's volume, not the scan's."""
     from AbdomenSegLib.models.packages import ModelCard
     from AbdomenSegLib.training.export import REGION_PROTOCOL, validate_package

@@ -117,7 +117,7 @@ def test_btcv_labelmap_reference_is_read_by_its_colour_names(scene):
     core = sl.AbdomenSegCore(scene)
     expected = {r["organ"]: r["dice"] for r in evaluate(pred, ref_img, reference_convention="btcv")}
     # No colour table naming organs: never read as our numbering. Its values and organs' places fit BTCV's only
-    # (label_conventions.py), so it is read as BTCV (this test asserted a refusal before detection existed).
+    # (evaluation/conventions.py), so it is read as BTCV (this test asserted a refusal before detection existed).
     table = core.compare_with_reference(seg, labelmap, volume_node=vol)
     got = dict(zip(sl.table_column(table, "Organ"), sl.table_column(table, "Dice")))
     assert got["spleen"] == pytest.approx(expected["spleen"], abs=1e-9) and got["spleen"] > 0.5

@@ -140,7 +140,7 @@ def test_chaos_tissue_classes():
     assert a[tissue == tl.AIR_OUTSIDE].mean() < means[0]
 
 
-# -- the synth trainer (train_synth.py, synth_data.py) on phantom datasets ---------------------------------------
+# -- the synth trainer (training/synth_trainer.py, synth_data.py) on phantom datasets ---------------------------------------
 def _synth_config(tmp_path, **data):
     from AbdomenSegLib.training.run import load_config
     from helpers import write_phantom_dataset

@@ -9,7 +9,7 @@ For each fold k of n, every config of the chain is trained with `data.fold = {"i
 shuffled by the config's data.seed and dealt round-robin, datasets.split_cases), `round(steps * step-scale)`
 steps, the previous stage's package as `init_from`, and validation only at its last step (so the fold's own
 validation cases pick no checkpoint). Each stage's package is validated by the full pipeline at export
-(package_export.validate_package), and the last stage's per-organ means are pooled over the folds (the fold
+(export.validate_package), and the last stage's per-organ means are pooled over the folds (the fold
 means weighted by their case counts). A stage whose validated package exists is not trained again, so an
 interrupted run goes on with the stage it stopped in (that stage starts again; with validation only at the last
 step it has no earlier checkpoint). <out>/settings.json keeps the recipe, folds and scale: another one for the

@@ -4,7 +4,7 @@ Two ways in: `run_comparison` segments a dataset's cases with our models (`compa
 scores predictions that exist already, from any tool (`compare --predictions NAME=DIR[:convention]`): our outputs,
 an nnU-Net folder, TotalSegmentator's multi-label file (`--ml`) or its folder of one mask per structure (named
 `<structure>.nii.gz`, as totalsegmentator/nnunet.py writes them), DICOM SEG. Each source is scored on the organs it
-and the reference both define; every case gets the result check (evaluation.py), missed and extra organs are
+and the reference both define; every case gets the result check (evaluation/reports.py), missed and extra organs are
 counted apart, and the tables say n per cell.
 """
 
@@ -102,7 +102,7 @@ def run_comparison(
     """`direction` corrects the dataset files' headers (datasets.read_case); by default it is the one the training
     config of `cases_from`, or of the compared models, gives for a dataset of the same folder name (as `segment`
     gets it from the same configs), refused when they disagree. `convention` None: detected from the first
-    reference (label_conventions.py). `mapper(compare_case, items, names)` runs the (model, case) pairs elsewhere,
+    reference (evaluation/conventions.py). `mapper(compare_case, items, names)` runs the (model, case) pairs elsewhere,
     e.g. on a Dask cluster (cli: --workers / --scheduler), and returns their rows in the items' order. `tta`: every
     model with test-time mirroring (each must have been trained with it: checked before any case runs).
     `keep_predictions`: each model's labels also go to <out>/predictions/<model>/<case>.nii.gz."""
@@ -176,7 +176,7 @@ def compare_predictions(
     """Score existing predictions of any tool against one reference (`compare --predictions NAME=DIR[:convention]
     ... --reference DIR[:convention]`): every case of the reference that a source holds (a label map named like the
     case, or a folder named like it of one mask per structure), on the organs the source and the reference both
-    define. Conventions not named are detected from the first file (label_conventions.py), before any case is
+    define. Conventions not named are detected from the first file (evaluation/conventions.py), before any case is
     scored. Returns the summary (evaluation.summarize_apart)."""
     from AbdomenSegLib.core.organs import CONVENTIONS
     from AbdomenSegLib.evaluation.conventions import read_as_ours, resolve_convention, split_source

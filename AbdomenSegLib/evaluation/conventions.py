@@ -8,7 +8,7 @@ fit the evidence:
 
 - values: every value present must be one the convention defines (organs.CONVENTION_MAX_VALUE);
 - anatomy: read in that convention, organs of at least qc.MIN_ML must lie where the result check's atlas puts
-  them relative to the liver, spleen and kidneys (qc_anatomy.OFFSETS_MM), within FIT_SD standard deviations or
+  them relative to the liver, spleen and kidneys (anatomy.OFFSETS_MM), within FIT_SD standard deviations or
   qc.MISPLACED_MM, along the left-right and head-foot axes only: some datasets' headers reverse the
   anterior-posterior axis (BTCV), and the label map's numbering must not be refused for its header.
 

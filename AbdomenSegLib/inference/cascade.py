@@ -1,7 +1,7 @@
 """A two-stage run (nnU-Net's cascade idea, applied to a region): the first model segments the whole scan, a
 fine second model (cascade_card.py) re-segments the box around the small organs it found.
 
-The box is the first stage's region organs plus the card's margin, in the input's grid (region.py); the input
+The box is the first stage's region organs plus the card's margin, in the input's grid (preprocessing/region.py); the input
 is cropped to it with its geometry exact, and the second model runs on the crop through the same predictor as
 any model (inference.Segmenter: its preprocessing, sliding window and resampling back to the crop's grid).
 Inside the box the region organs the card's `take` names (default: all of them) take the second stage's labels:

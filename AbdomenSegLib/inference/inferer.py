@@ -87,7 +87,7 @@ class SlidingWindow:
     # body-box crop leaves around the body anyway (air). The default CT model's validation Dice was identical to
     # 3 decimals for every organ, and a 512x512x200 CT's inference 14% faster (experiments/bench_windows.py; measured
     # with zero padding). z keeps the card's roi: models are validated with short volumes padded to a full window
-    # there. Training pads a case shorter than its patch with zeros (train_recipe.py, MONAI's SpatialPadd): rare,
+    # there. Training pads a case shorter than its patch with zeros (training/recipe.py, MONAI's SpatialPadd): rare,
     # since training cases are whole scans; the edge padding above was measured on networks trained so.
     fit_multiple: int = 0
 

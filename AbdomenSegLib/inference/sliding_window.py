@@ -1,7 +1,7 @@
 """Sliding-window inference in plain torch, giving the same result as MONAI's `sliding_window_inference`.
 
 Written so that 3D inference does not `import monai` (which loads all of MONAI, ~3 s). It reproduces,
-for what inference.py asks of it (N volumes x C channels x 3D, the network's output the size of its input,
+for what inference/segmenter.py asks of it (N volumes x C channels x 3D, the network's output the size of its input,
 overlap in [0, 1), "gaussian" or "constant" blending), MONAI 1.x (Apache-2.0) as read in:
   monai/inferers/utils.py  sliding_window_inference (padding of small inputs, window order, batching,
                            weighted sum divided by the summed weights) and _get_scan_interval;

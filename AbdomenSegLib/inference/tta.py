@@ -5,7 +5,7 @@ anatomy it never saw (a liver on the left) and average that in. So the axes come
 (`inference.tta_mirror_axes`, written by the trainer from train.augment.flip_axes), and a card without them is
 refused (`check_tta`) before any work. Every combination of those axes is run (2**k passes, the original
 included); each output is mirrored back and, where the left-right axis was mirrored, its paired left/right organ
-channels traded back (mirror.py), then all are averaged.
+channels traded back (models/mirroring.py), then all are averaged.
 """
 
 from __future__ import annotations

@@ -361,7 +361,7 @@ def _inference_block(block: dict[str, Any], data: dict[str, Any]) -> Problems:
 
 def _mirror_axes(axes: Any, data: dict[str, Any]) -> Problems:
     """inference.tta_mirror_axes: model axes; the left-right one only with both sides of each paired organ, whose
-    channels test-time augmentation trades back (mirror.py). Sides judged once orientation and labels are valid."""
+    channels test-time augmentation trades back (models/mirroring.py). Sides judged once orientation and labels are valid."""
     from AbdomenSegLib.models.mirroring import AXES, mirror_axes_problems
 
     orientation, labels = data.get("orientation", "LPS"), data.get("labels")

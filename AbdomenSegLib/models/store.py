@@ -12,7 +12,7 @@ be one the catalog names (so a URL can only ever install a package the extension
 non-permissive terms must be accepted. The package lands in `models_home()` (ABDOMENSEG_MODELS, else a per-user data
 folder) under its catalog path, registered in that folder's catalog.json; nothing is half-installed: the download
 and the unpacked folder are temporaries beside the target, renamed into place only after every check passed.
-models.py looks a shipped catalog entry whose folder is absent up in models_home().
+models/packages.py looks a shipped catalog entry whose folder is absent up in models_home().
 """
 
 from __future__ import annotations

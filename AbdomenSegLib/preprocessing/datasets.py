@@ -115,7 +115,7 @@ def cache_case(
     direction=None,
     region=None,
 ):
-    """(uint8 model-space image, organ labels) of a case; with a `region` (region.py: {"organs", "margin_mm"}) only
+    """(uint8 model-space image, organ labels) of a case; with a `region` (preprocessing/region.py: {"organs", "margin_mm"}) only
     the box around those organs of its reference, the way a cascade's second stage sees it (cascade.py)."""
     image, label = read_case(image_path, label_path, direction)
     check_mapped(label, convention, label_path)
@@ -132,7 +132,7 @@ def cache_case(
 def check_mapped(label: sitk.Image, convention, path) -> None:
     """Refuse a training label file holding a value its convention does not map to an organ: read as background
     it would teach the network that the structure is background (a liver labelled 1 trained as 1 = spleen was the
-    other half of that mistake: the numbering must be named, label_conventions.training_labels)."""
+    other half of that mistake: the numbering must be named, conventions.training_labels)."""
     from AbdomenSegLib.core.organs import CONVENTION_MAX_VALUE, CONVENTIONS, convention_map
     from AbdomenSegLib.preprocessing.label_values import distinct_values
 

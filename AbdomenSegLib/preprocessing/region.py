@@ -5,7 +5,7 @@ A region is {"organs": [names], "margin_mm": [x, y, z]}: the margin along the wo
 image axis is closest to, so a rotated or reordered image gets the same millimetres. The crop is SimpleITK's
 RegionOfInterest: the same voxels, spacing and direction, its origin moved to the box's first voxel, so a result
 on the crop lies exactly on the input's grid. Training caches (datasets.py) and the validation of a second-stage
-model (package_export.py) crop around the reference labels the way inference crops around the first stage's.
+model (training/export.py) crop around the reference labels the way inference crops around the first stage's.
 """
 
 from __future__ import annotations

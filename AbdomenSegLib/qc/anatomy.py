@@ -1,4 +1,4 @@
-"""Reference anatomy for the result check (qc.py): organ volume bands and where organs lie relative to each other.
+"""Reference anatomy for the result check (qc/check.py): organ volume bands and where organs lie relative to each other.
 
 Volumes (mL, adults). The bands are deliberately wider than the normal ranges of the studies cited, so that
 a value outside them is atypical by any standard; they also contain every reference organ of the 24 BTCV and

@@ -13,7 +13,7 @@ Positions are compared in patient coordinates (ITK's LPS: +x towards the patient
 +z superior), from the label map and its geometry, so they hold for any voxel order or direction matrix.
 The relations used hold in normal adult anatomy (situs solitus); each was checked on the 24 BTCV reference
 label maps and on TotalSegmentator's example CT (Testing/test_qc_check.py). Volume bands and the atlas of organ
-offsets are in qc_anatomy.py, with their sources.
+offsets are in qc/anatomy.py, with their sources.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _liver_spleen(volumes: dict) -> list:
     liver, spleen = volumes.get("liver", 0.0), volumes.get("spleen", 0.0)
     if liver < MIN_ML or spleen < MIN_ML or spleen <= liver:
         return []
-    # Not excused by a cut liver: the spleen lies at the liver's level (qc_anatomy.OFFSETS_MM), so a field of
+    # Not excused by a cut liver: the spleen lies at the liver's level (anatomy.OFFSETS_MM), so a field of
     # view that cuts one cuts the other too.
     if liver < VOLUME_BANDS_ML["liver"][0]:
         return [

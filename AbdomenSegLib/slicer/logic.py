@@ -343,7 +343,7 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
     Segmentation nodes are matched segment by segment (terminology, then name). A labelmap's numbers
     mean nothing by themselves: BTCV's 1 is the spleen, ours the liver. They are read by the names in
     its colour table (`FROM_COLOR_NAMES`, the default), or in the dataset convention the user names; where the
-    table names no organ, the convention its values and organs' places fit (label_conventions.py), refused when
+    table names no organ, the convention its values and organs' places fit (evaluation/conventions.py), refused when
     none or several fit. Values the convention does not define are refused.
     """
     from AbdomenSegLib.core.organs import convert_labels
@@ -360,7 +360,7 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
     image = volume_node_to_image(reference_node)
     raw = sitk.GetArrayViewFromImage(image)
     array = _labels_by_color_names(reference_node, raw) if convention == FROM_COLOR_NAMES else None
-    if array is None:  # named, or detected from its values and organs' places (label_conventions.py)
+    if array is None:  # named, or detected from its values and organs' places (evaluation/conventions.py)
         from AbdomenSegLib.evaluation.conventions import resolve_convention
 
         convention = resolve_convention(

@@ -20,7 +20,7 @@ DEFAULT_CONFIG = {
     "title": "",
     "data": {
         "root": None,
-        # The label files' numbering, named, never assumed (label_conventions.training_labels): a convention of
+        # The label files' numbering, named, never assumed (conventions.training_labels): a convention of
         # organs.CONVENTIONS, or data.labels {value: organ name}, or an nnU-Net dataset.json in data.root. A label
         # value it does not map is refused when the cache is built (datasets.cache_case).
         "convention": None,
@@ -35,10 +35,10 @@ DEFAULT_CONFIG = {
         # The files' true direction matrix where their headers are wrong (datasets.read_case); None: trust them.
         "direction": None,
         # A fine second-stage model (cascade.py): {"first_stage": model name, "organs": [...], "margin_mm": [x, y,
-        # z]}; the cache holds only the box around those organs of each reference (region.py); checked as the
+        # z]}; the cache holds only the box around those organs of each reference (preprocessing/region.py); checked as the
         # card's "cascade" block (_check_card).
         "region": None,
-        # train.trainer "synth" (train_synth.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
+        # train.trainer "synth" (training/synth_trainer.py): several datasets, each {"name", "root", "kind": "ct"|"mr",
         # "convention", "direction"}, and the one whose real images validate (split by val_count and seed).
         "sources": None,
         # synth trainer: CT tissue maps get perirenal fat and renal fascia classes (tissue_labels.py)
@@ -84,14 +84,14 @@ DEFAULT_CONFIG = {
         # Processes that make the batches ahead of the network (a torch DataLoader); 0 = in the training
         # process. Batch s is the same either way (seeded by the step), so a resumed run still matches.
         "loader_workers": 0,
-        # "monai": batches from the MONAI chain on the CPU (train_recipe.transforms); "device": the cache moved to
+        # "monai": batches from the MONAI chain on the CPU (recipe.transforms); "device": the cache moved to
         # the training device once and each batch built there with batched tensor ops (device_batches.py)
         "pipeline": "monai",
         # device pipeline: the network and its input in channels_last_3d (faster convolutions where measured so)
         "channels_last": False,
         "init_from": None,
         # "standard": the cached images as they are; "synth": contrast-agnostic, images painted from tissue
-        # maps (train_synth.py), real images of "mr" sources kept with probability 1 - synth.prob.
+        # maps (training/synth_trainer.py), real images of "mr" sources kept with probability 1 - synth.prob.
         "trainer": "standard",
         # slab_prob: how often a crop is cut to a thin slab padded as a short volume is (synth.SlabTransform);
         # ink_prob: how often a synthetic image gets opposed-phase dark fat/water edges (synth.synthesize)
@@ -121,7 +121,7 @@ DEFAULT_CONFIG = {
             "enlarge_spleen_prob": 0.0,
             "renal_cyst_prob": 0.0,
             # Model axes ("z", "y", "x") to mirror along, each with probability 0.5; the left-right one trades
-            # the paired organs' labels (mirror.py). The card records them: the only axes --tta may mirror.
+            # the paired organs' labels (models/mirroring.py). The card records them: the only axes --tta may mirror.
             "flip_axes": [],
         },
     },
@@ -277,7 +277,7 @@ def _check_fold(fold):
 
 
 def _check_sources(config):
-    """data.sources and data.val_source of a synth run (train_synth.py, synth_data.py)."""
+    """data.sources and data.val_source of a synth run (training/synth_trainer.py, synth_data.py)."""
     from AbdomenSegLib.core.organs import CONVENTIONS
     from AbdomenSegLib.preprocessing.datasets import check_direction
     from AbdomenSegLib.training.synth_data import KINDS

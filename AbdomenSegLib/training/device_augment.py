@@ -1,5 +1,5 @@
 """The device pipeline's intensity and project augmentations (device_batches.py): batched torch ports of the
-MONAI intensity transforms the recipe names (train_recipe.intensity_augmentations) and of augment.py's own.
+MONAI intensity transforms the recipe names (recipe.intensity_augmentations) and of augment.py's own.
 
 Each sample draws its parameters from the step's generator, all of them every step (so a step's draws do not
 depend on which augmentations fired), with the probabilities and ranges of the MONAI chain:
@@ -96,7 +96,7 @@ def mm_offsets(shape, spacing, device) -> torch.Tensor:
 
 class ProjectAugmentations:
     """augment.py's RandUnenhancedd, RandOrganEnlarged (spleen) and RandRenalCystd for a batch, with the
-    recipe's probabilities and the classes' default ranges (train_recipe.project_augmentations builds them so)."""
+    recipe's probabilities and the classes' default ranges (recipe.project_augmentations builds them so)."""
 
     def __init__(self, config: dict, device):
         from AbdomenSegLib.training.augment import RandOrganEnlarged, RandRenalCystd, RandUnenhancedd

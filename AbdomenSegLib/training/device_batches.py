@@ -1,7 +1,7 @@
 """Training batches made on the training device (train.pipeline "device"): the cache moved there once, every
 step's crops and spatial augmentation one warp of the whole batch.
 
-The MONAI chain (train_recipe.transforms) builds each crop with NumPy in loader processes; on a GPU those
+The MONAI chain (recipe.transforms) builds each crop with NumPy in loader processes; on a GPU those
 processes, not the network, set the step rate (3.4 steps/s with 14 workers on an H100). Here the cached cases
 live on the device as uint8, and a step is a handful of batched tensor operations:
 
@@ -106,7 +106,7 @@ def rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def draw_spatial(augment: dict, flip_axes: list, batch: int, g: torch.Generator, device) -> dict:
-    """Each sample's spatial parameters as the MONAI chain draws them (train_recipe.sampling_and_spatial):
+    """Each sample's spatial parameters as the MONAI chain draws them (recipe.sampling_and_spatial):
     RandFlip p 0.5 per axis in `flip_axes` (array axes); RandAffine with affine_prob, angles U(+-rotate) in-plane
     and U(+-0.05) out of plane, scale 1 + U(+-scale) per axis, shear U(+-shear); Rand3DElastic with elastic_prob,
     sigma U(5, 8) voxels, magnitude U(50, 150)."""

@@ -118,7 +118,7 @@ def validate_cascade(card, log: LogCallback = print) -> dict:
 
 
 def trainer_class(config: dict) -> type:
-    """The Trainer of config's train.trainer: the standard one, or the contrast-agnostic one (train_synth.py)."""
+    """The Trainer of config's train.trainer: the standard one, or the contrast-agnostic one (training/synth_trainer.py)."""
     if config["train"]["trainer"] == "synth":
         from AbdomenSegLib.training.synth_trainer import SynthTrainer
 

@@ -1,7 +1,7 @@
 """The training recipe's parts by name: losses, optimizers, learning-rate schedules and the augmentation chain.
 
 A config names its loss, optimizer and schedule; the names are the keys of the tables here, which the config
-check (train_config.py) accepts and the trainer's `build_*` seams look up, so a new loss is one entry here.
+check (training/config.py) accepts and the trainer's `build_*` seams look up, so a new loss is one entry here.
 torch and MONAI are imported only when a part is built, so checking a config stays light.
 """
 
@@ -98,7 +98,7 @@ SCHEDULERS = {"poly": _poly, "step": _step, "none": _constant}
 
 # -- augmentation -----------------------------------------------------------------------------------------------
 def transforms(config: dict):
-    """The augmentation chain of `config` (checked by train_config.check_config, which refuses options the
+    """The augmentation chain of `config` (checked by config.check_config, which refuses options the
     model cannot use, e.g. a renal cyst for a model without kidneys): crops around every class, then the
     augmentations whose probability is above 0."""
     from monai import transforms as T

@@ -1,5 +1,5 @@
-"""Training, as the command line and older code import it: the config (train_config.py), the trainer
-(trainer.py, its recipe's parts in train_recipe.py) and the export of a validated package (package_export.py)."""
+"""Training, as the command line and older code import it: the config (training/config.py), the trainer
+(trainer.py, its recipe's parts in training/recipe.py) and the export of a validated package (training/export.py)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class SynthTrainer(Trainer):
         self.log(f"train {len(self.train_names)} cases {kinds}, validation (real images) {self.val_names}")
 
     def build_transforms(self):
-        """The standard crops and spatial augmentation (train_recipe.py) on image and tissue map together, then
+        """The standard crops and spatial augmentation (training/recipe.py) on image and tissue map together, then
         the synthesis (a new image from the tissue map; tissue classes -> background), the organs as channels,
         and the standard intensity augmentation on whatever image came out. No CT-only augmentations."""
         from monai import transforms as T

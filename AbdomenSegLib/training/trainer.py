@@ -1,11 +1,11 @@
 """Training a network from a checked config: one run = one output folder.
 
 The folder holds `config.json` (resolved), `checkpoint.pt` (latest, for resume), `best.safetensors` and
-TensorBoard logs in `tb/`; package_export.py exports and validates the best weights. Checkpoints hold only
+TensorBoard logs in `tb/`; training/export.py exports and validates the best weights. Checkpoints hold only
 tensors and plain values and are read back with `weights_only=True`.
 
 The recipe's parts come from `build_network`, `build_optimizer`, `build_scheduler`, `build_loss` and
-`build_transforms` (by default the tables of train_recipe.py), which a subclass can override. Validation runs
+`build_transforms` (by default the tables of training/recipe.py), which a subclass can override. Validation runs
 the card's own inferer (inferer.py), the one `Segmenter` runs for users, and scores with metrics.py.
 """
 
@@ -28,7 +28,7 @@ class Trainer:
         import torch
         from monai.utils import set_determinism
 
-        check_config(config)  # everything the run will use, before minutes of caching (train_config.py)
+        check_config(config)  # everything the run will use, before minutes of caching (training/config.py)
         self.config, self.out_dir = config, Path(out_dir)
         self.device = torch.device(device)
         self._init_distributed()
@@ -185,7 +185,7 @@ class Trainer:
 
     def item(self, name) -> dict:
         """One training case as the augmentation chain takes it: a seam like the build_* methods
-        (train_synth.py hands over a tissue map instead of the organ channels)."""
+        (training/synth_trainer.py hands over a tissue map instead of the organ channels)."""
         from AbdomenSegLib.preprocessing.datasets import decode_image
 
         image, label = self.cases[name]
@@ -380,7 +380,7 @@ class Trainer:
 
     # -- what the export needs ---------------------------------------------------------------------------------
     def card(self, extra: dict | None = None) -> dict:
-        """The card of this run's best weights: the config's part (train_config.draft_card, with the inference
+        """The card of this run's best weights: the config's part (config.draft_card, with the inference
         block validation ran) plus the training record and the model-space validation."""
         from AbdomenSegLib.core.version import __version__
 
