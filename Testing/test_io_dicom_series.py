@@ -407,3 +407,57 @@ def test_real_three_slice_ct_series_passes():
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     check_read_spacing(reader.Execute(), spacing, folder)
+
+
+# --- every per-slice attribute that sets the grid (issue 31) ---------------------------------------------
+
+
+def set_pixel_spacing(path: Path, spacing: tuple[float, float]) -> None:
+    """PixelSpacing edited in place with pydicom: ITK's writer would write the image's spacing instead."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PixelSpacing = list(spacing)
+    ds.save_as(path)
+
+
+def crop_rows(path: Path, rows: int) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:rows]).tobytes()
+    ds.Rows = rows
+    ds.save_as(path)
+
+
+def test_one_slice_with_another_pixel_spacing_is_named(series):
+    folder, files = series
+    set_pixel_spacing(files[10], (3.5, 0.8))
+    image = plain_itk_read(folder)
+    assert image.GetSpacing()[:2] == pytest.approx((PIXEL, PIXEL)), "plain ITK takes the first slice's for all"
+    with pytest.raises(AbdomenSegError) as refused:
+        check(folder)
+    message = str(refused.value)
+    assert (
+        "mixes PixelSpacing values: 'slice010.dcm' has PixelSpacing 3.5\\0.8 mm where the 19 slices like "
+        "'slice000.dcm' have 0.8\\0.8 mm" in message
+    ), message
+    assert "copy the complete series again" in refused.value.fix
+
+
+def test_pixel_spacing_rounded_differently_passes(series):
+    """DS strings written with fewer digits by another writer are the same spacing, not a damaged slice."""
+    folder, files = series
+    for path in files:
+        set_pixel_spacing(path, (0.703125, 0.703125))
+    set_pixel_spacing(files[3], (0.70312, 0.70312))
+    assert check(folder) == pytest.approx(SPACING)
+
+
+def test_one_slice_with_other_rows_is_named(series):
+    folder, files = series
+    crop_rows(files[4], 48)
+    with pytest.raises(RuntimeError):  # plain ITK fails, but only after reading, with an ITK region message
+        plain_itk_read(folder)
+    with pytest.raises(AbdomenSegError, match=r"'slice004.dcm' has image size 64x48 \(columns x rows\) where the 19"):
+        check(folder)

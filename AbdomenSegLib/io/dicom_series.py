@@ -12,9 +12,16 @@ millisecond per file), checks the positions along the slice normal and raises Ab
 offending file(s). It returns the checked slice spacing, which `check_read_spacing` compares with what ITK
 computed after the (long) pixel read, as a second guard.
 
+Every attribute that sets the grid is checked on every slice, since ITK takes it from the first slice for
+all: Rows/Columns, PixelSpacing (one slice at 3.5 mm among 3.0 mm ones was read as 3.0), orientation and
+position. The same rules (`check_stack`) check the frames of a multi-frame object (dicom_multiframe.py).
+MONOCHROME1 slices are refused (`refuse_monochrome1` says why), and so is a folder holding several
+multi-frame objects, each of which is a volume by itself.
+
 Tolerances: a slice step may differ from the median step by max(0.01 mm, 1 % of it); orientation cosines
-by 1e-3 (0.06 degrees); in-plane drift of a slice from the stack axis by the same tolerance as the step.
-They absorb the rounding of positions written as decimal strings, not real geometry errors.
+by 1e-3 (0.06 degrees); in-plane drift of a slice from the stack axis by the same tolerance as the step;
+pixel spacing by 1e-4 of itself (0.05 pixel over 512). They absorb the rounding of values written as
+decimal strings, not real geometry errors.
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ from AbdomenSegLib.core.errors import AbdomenSegError
 STEP_TOLERANCE_MM = 0.01
 STEP_TOLERANCE_FRACTION = 0.01
 ORIENTATION_TOLERANCE = 1e-3
+PIXEL_SPACING_TOLERANCE_FRACTION = 1e-4
 
 _POSITION = "0020|0032"
 _ORIENTATION = "0020|0037"
+_PIXEL_SPACING = "0028|0030"
+_PHOTOMETRIC = "0028|0004"
 _SERIES_UID = "0020|000e"
 _INSTANCE = "0020|0013"
 
@@ -91,38 +101,79 @@ _LISTED_NAMES = 5
 
 
 @dataclass(frozen=True)
-class _Header:
+class SliceHeader:
+    """The header fields that place one slice file, or one frame of a multi-frame object, on the grid."""
+
     name: str
-    size: tuple[int, ...]
+    size: tuple[int, ...]  # columns, rows (and the frame count, for a multi-frame file as GDCM reports it)
     position: np.ndarray | None
     orientation: np.ndarray | None
-    series_uid: str
+    pixel_spacing: np.ndarray | None = None  # as DICOM writes it: between rows, then between columns
+    series_uid: str = ""
     instance: int | None = None
+    photometric: str = ""
+
+    @property
+    def frames(self) -> int:
+        return self.size[2] if len(self.size) > 2 else 1
+
+
+@dataclass(frozen=True)
+class Stack:
+    """How the messages name a stack and its members: the slice files of a series or the frames of one file."""
+
+    title: str  # "DICOM series '/data/ct'"
+    unit: str = "slice"
+    numbering: str = "instance numbers"
+    quoted: bool = True  # the members' names are file names
+    recopy: str = "copy the complete series again from the scanner, PACS or original media"
+
+    def label(self, name: str) -> str:
+        return f"'{name}'" if self.quoted else name
+
+    def labels(self, names: list[str]) -> str:
+        shown = ", ".join(self.label(n) for n in names[:_LISTED_NAMES])
+        rest = len(names) - _LISTED_NAMES
+        return shown + (f" and {rest} more" if rest > 0 else "")
+
+    def units(self, count: int) -> str:
+        return self.unit if count == 1 else self.unit + "s"
+
+    def regular(self, spacing: float) -> str:
+        return (
+            f"where the series has {_mm(spacing)} mm"
+            if self.quoted
+            else f"where the frames are {_mm(spacing)} mm apart"
+        )
+
+
+@dataclass(frozen=True)
+class CheckedStack:
+    """A stack that passed `check_stack`: its members in position order on one regular grid."""
+
+    order: np.ndarray  # indices of the members, sorted along the slice normal
+    normal: np.ndarray  # unit slice normal: row direction x column direction
+    spacing: float  # the step between neighbours along the normal, mm
 
 
 def check_series_geometry(folder: Path, files: Sequence[str]) -> float | None:
     """Raise AbdomenSegError unless `files` (GDCM's list for one series in `folder`) are a regular stack.
 
     Returns the slice spacing measured from the positions (the median step along the slice normal), or
-    None when there is nothing to measure: a single file (one slice, or one multi-frame file whose frame
-    positions are inside it and which GDCM handles itself).
+    None when there is nothing to measure: a single file (one slice, or one multi-frame file, whose frames
+    io/dicom_multiframe.py checks and reads).
     """
     folder = Path(folder)
     headers = [_read_header(folder, path) for path in files]
     _refuse_stray_files(folder, files, headers[0].series_uid if headers else "")
+    refuse_monochrome1(f"DICOM series '{folder}'", [h.name for h in headers if h.photometric == "MONOCHROME1"])
+    _refuse_several_multiframe_objects(folder, headers)
     if len(headers) < 2:
         return None
     _refuse_missing_geometry(folder, headers)
-    _refuse_mixed_sizes(folder, headers)
-    normal = _refuse_mixed_orientations(folder, headers)
-    depths = np.array([float(h.position @ normal) for h in headers])
-    order = np.argsort(depths, kind="stable")
-    _refuse_duplicates(folder, headers, depths, order)
-    _refuse_unsorted_list(folder, headers, depths)
-    spacing = _refuse_uneven_steps(folder, headers, depths, order)
-    _refuse_tilt(folder, headers, normal, order, spacing)
-    _refuse_numbering_gaps(folder, headers, order)
-    return spacing
+    checked = check_stack(Stack(f"DICOM series '{folder}'"), headers)
+    _refuse_unsorted_list(folder, headers, np.array([float(_position(h) @ checked.normal) for h in headers]))
+    return checked.spacing
 
 
 def check_read_spacing(image: sitk.Image, spacing: float | None, folder: Path) -> None:
@@ -137,6 +188,52 @@ def check_read_spacing(image: sitk.Image, spacing: float | None, folder: Path) -
             "re-export the series from the scanner or PACS, or convert it to NIfTI/NRRD in 3D Slicer and check "
             "the result before segmenting",
         )
+
+
+def check_stack(stack: Stack, headers: list[SliceHeader]) -> CheckedStack:
+    """The rules every stack of 2 or more slices or frames must meet (each with position and orientation):
+    one size, one pixel spacing, one orientation, no two at one place, even steps along the normal, no shear,
+    no hole in their numbering."""
+    _refuse_odd_one_out(
+        stack,
+        headers,
+        [h.size[:2] for h in headers],
+        "image size",
+        lambda size: f"{size[0]}x{size[1]} (columns x rows)",
+        "put each series (e.g. localizers, reformats) in its own folder and segment the axial volume",
+    )
+    _refuse_odd_one_out(
+        stack,
+        headers,
+        [h.pixel_spacing for h in headers],
+        "PixelSpacing",
+        lambda spacing: "\\".join(f"{v:g}" for v in spacing) + " mm",  # every digit written: 0.703125
+        f"{stack.recopy}; a {stack.unit} with another pixel spacing would be stretched onto the grid of the others",
+    )
+    normal = _refuse_mixed_orientations(stack, headers)
+    depths = np.array([float(_position(h) @ normal) for h in headers])
+    order = np.argsort(depths, kind="stable")
+    _refuse_duplicates(stack, headers, depths, order)
+    spacing = _refuse_uneven_steps(stack, headers, depths, order)
+    _refuse_tilt(stack, headers, normal, order, spacing)
+    _refuse_numbering_gaps(stack, headers, order)
+    return CheckedStack(order=order, normal=normal, spacing=spacing)
+
+
+def refuse_monochrome1(title: str, names: list[str]) -> None:
+    """MONOCHROME1 ('minimum is white') changes only how a viewer greys the values: the CT numbers stay what the
+    rescale gives. GDCM, under ITK's series reader, negates the stored values of such slices all the same: a
+    synthetic int16 series re-tagged MONOCHROME1 reads back as -v-1 (air -1000 -> +999 HU, SimpleITK 2.5 / GDCM
+    3.2, tested in Testing/test_io_dicom_multiframe.py), and an image whose values were really stored inverted
+    cannot be told from one that was not. Refused rather than guessed."""
+    if not names:
+        return
+    raise AbdomenSegError(
+        f"{title} stores its pixels as MONOCHROME1 (inverted grey scale; PhotometricInterpretation of "
+        f"{_names(names)}): GDCM, the DICOM reader, negates such values (air would read +999 instead of -1000 "
+        "HU), and values stored inverted for display cannot be told from CT numbers",
+        "export the images as MONOCHROME2 from the scanner or PACS, then check that air reads about -1000 HU",
+    )
 
 
 # --- files in the folder that the series list leaves out -------------------------------------------------
@@ -232,7 +329,7 @@ def _media_storage_sop_class(path: Path) -> str | None:
 # --- headers of the listed slices ------------------------------------------------------------------------
 
 
-def _try_read_header(path) -> _Header | None:
+def _try_read_header(path) -> SliceHeader | None:
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
@@ -241,17 +338,22 @@ def _try_read_header(path) -> _Header | None:
         reader.ReadImageInformation()
     except RuntimeError:
         return None
-    return _Header(
+    pixel_spacing = _numbers(reader, _PIXEL_SPACING, 2)
+    if pixel_spacing is None:  # e.g. ImagerPixelSpacing only: what GDCM made of it, (row, column) like the tag
+        pixel_spacing = np.array(reader.GetSpacing()[1::-1], dtype=float)
+    return SliceHeader(
         name=Path(path).name,
         size=tuple(reader.GetSize()),
         position=_numbers(reader, _POSITION, 3),
         orientation=_numbers(reader, _ORIENTATION, 6),
+        pixel_spacing=pixel_spacing,
         series_uid=_tag(reader, _SERIES_UID),
         instance=_instance_number(reader),
+        photometric=_tag(reader, _PHOTOMETRIC).upper(),
     )
 
 
-def _read_header(folder: Path, path: str) -> _Header:
+def _read_header(folder: Path, path: str) -> SliceHeader:
     header = _try_read_header(path)
     if header is None:
         raise AbdomenSegError(
@@ -278,7 +380,33 @@ def _numbers(reader: sitk.ImageFileReader, key: str, count: int) -> np.ndarray |
 # --- geometry checks -------------------------------------------------------------------------------------
 
 
-def _refuse_missing_geometry(folder: Path, headers: list[_Header]) -> None:
+def _position(header: SliceHeader) -> np.ndarray:
+    assert header.position is not None  # headers without one were refused first
+    return header.position
+
+
+def _orientation(header: SliceHeader) -> np.ndarray:
+    assert header.orientation is not None  # headers without one were refused first
+    return header.orientation
+
+
+def _refuse_several_multiframe_objects(folder: Path, headers: list[SliceHeader]) -> None:
+    """A multi-frame object is a whole volume in one file: several in one folder are several volumes (or one
+    volume split up), never one stack of slices, and their top level carries no slice position to stack by."""
+    multiframe = [h.name for h in headers if h.frames > 1]
+    if not multiframe or len(headers) < 2:
+        return
+    others = len(headers) - len(multiframe)
+    beside = f", beside {others} single-frame slice file{'s' if others > 1 else ''}" if others else ""
+    raise AbdomenSegError(
+        f"DICOM folder '{folder}' holds {len(multiframe)} multi-frame DICOM objects ({_names(multiframe)}){beside}: "
+        "each multi-frame file is a whole volume by itself, and several cannot be stacked into one",
+        f"give one multi-frame file as the input (e.g. '{folder / multiframe[0]}'), or put each multi-frame "
+        "object in its own folder",
+    )
+
+
+def _refuse_missing_geometry(folder: Path, headers: list[SliceHeader]) -> None:
     lacking = [h.name for h in headers if h.position is None or h.orientation is None]
     if lacking:
         raise AbdomenSegError(
@@ -289,23 +417,47 @@ def _refuse_missing_geometry(folder: Path, headers: list[_Header]) -> None:
         )
 
 
-def _refuse_mixed_sizes(folder: Path, headers: list[_Header]) -> None:
-    odd = [h.name for h in headers if h.size[:2] != headers[0].size[:2]]
-    if odd:
-        raise AbdomenSegError(
-            f"DICOM series '{folder}' mixes image sizes: {_names(odd)} differ from "
-            f"'{headers[0].name}' ({headers[0].size[0]}x{headers[0].size[1]})",
-            "put each series (e.g. localizers, reformats) in its own folder and segment the axial volume",
-        )
+def _same(a, b) -> bool:
+    """Equal sizes, or spacings within rounding (DS strings): a drift over 512 pixels stays below 0.05 pixel."""
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= PIXEL_SPACING_TOLERANCE_FRACTION * np.abs(b)))
 
 
-def _orientation(header: _Header) -> np.ndarray:
-    assert header.orientation is not None  # _refuse_missing_geometry refused headers without one
-    return header.orientation
+def _refuse_odd_one_out(stack: Stack, headers: list[SliceHeader], values: list, attribute: str, show, fix: str) -> None:
+    """Every member must share the value most of them have (an attribute that sets the grid: ITK takes it from the
+    first slice for all). The majority, not the first file, is the reference, so the odd one is named."""
+
+    def key(value):
+        return None if value is None else tuple(np.round(np.asarray(value, dtype=float), 4))
+
+    votes = Counter(key(v) for v in values)
+    majority, count = votes.most_common(1)[0]
+    reference = next(k for k, v in enumerate(values) if key(v) == majority)
+    odd = [k for k, v in enumerate(values) if not _same(v, values[reference])]
+    if not odd:
+        return
+
+    def shown(value) -> str:
+        return "none" if value is None else show(value)
+
+    first = values[odd[0]]
+    alike = all(_same(values[k], first) for k in odd)
+    has = (
+        f"{'has' if len(odd) == 1 else 'have'} {attribute} {shown(first)}"
+        if alike
+        else f"have other {attribute} values (e.g. {shown(first)} in {stack.label(headers[odd[0]].name)})"
+    )
+    raise AbdomenSegError(
+        f"{stack.title} mixes {attribute} values: {stack.labels([headers[k].name for k in odd])} {has} where the "
+        f"{count} {stack.units(count)} like {stack.label(headers[reference].name)} have {shown(values[reference])}",
+        fix,
+    )
 
 
-def _refuse_mixed_orientations(folder: Path, headers: list[_Header]) -> np.ndarray:
-    """Every slice must share the orientation of most slices; returns the unit slice normal.
+def _refuse_mixed_orientations(stack: Stack, headers: list[SliceHeader]) -> np.ndarray:
+    """Every member must share the orientation of most members; returns the unit slice normal.
 
     The majority, not the first file, is the reference, so that a stray localizer sorted first is the
     one named rather than every real slice.
@@ -316,9 +468,9 @@ def _refuse_mixed_orientations(folder: Path, headers: list[_Header]) -> np.ndarr
     odd = [h.name for h in headers if np.max(np.abs(_orientation(h) - _orientation(first))) > ORIENTATION_TOLERANCE]
     if odd:
         raise AbdomenSegError(
-            f"DICOM series '{folder}' mixes slice orientations: {_names(odd)} "
-            f"{'is' if len(odd) == 1 else 'are'} not parallel to the {votes[majority]} slice(s) like "
-            f"'{first.name}' (ImageOrientationPatient differs)",
+            f"{stack.title} mixes {stack.unit} orientations: {stack.labels(odd)} "
+            f"{'is' if len(odd) == 1 else 'are'} not parallel to the {votes[majority]} {stack.unit}(s) like "
+            f"{stack.label(first.name)} (ImageOrientationPatient differs)",
             "put each orientation (e.g. localizers, sagittal/coronal reformats) in its own folder and segment "
             "the axial series",
         )
@@ -326,27 +478,32 @@ def _refuse_mixed_orientations(folder: Path, headers: list[_Header]) -> np.ndarr
     length = float(np.linalg.norm(normal))
     if length < 0.5:
         raise AbdomenSegError(
-            f"slice '{first.name}' in '{folder}' has an invalid ImageOrientationPatient "
+            f"{stack.unit} {stack.label(first.name)} of {stack.title} has an invalid ImageOrientationPatient "
             f"({', '.join(f'{v:g}' for v in _orientation(first))})",
             "re-export the series from the scanner or PACS",
         )
     return normal / length
 
 
-def _refuse_duplicates(folder: Path, headers: list[_Header], depths: np.ndarray, order: np.ndarray) -> None:
+def _refuse_duplicates(stack: Stack, headers: list[SliceHeader], depths: np.ndarray, order: np.ndarray) -> None:
     steps = np.diff(depths[order])
     same = np.flatnonzero(steps <= STEP_TOLERANCE_MM)
     if same.size:
         a, b = headers[order[same[0]]], headers[order[same[0] + 1]]
         more = f" ({same.size - 1} more pair{'s' if same.size > 2 else ''} like it)" if same.size > 1 else ""
+        several = (
+            "several phases/echoes/stacks in one file" if not stack.quoted else "several phases/echoes in one series"
+        )
         raise AbdomenSegError(
-            f"DICOM series '{folder}' has two slices at the same position: '{a.name}' and '{b.name}' "
-            f"(z={_mm(depths[order[same[0]]])} mm){more}; a copied slice, or several phases/echoes in one series",
-            "remove the duplicate file(s), or split the phases/echoes into separate folders",
+            f"{stack.title} has two {stack.unit}s at the same position: {stack.label(a.name)} and "
+            f"{stack.label(b.name)} (z={_mm(depths[order[same[0]]])} mm){more}; a copied {stack.unit}, or {several}",
+            "remove the duplicate file(s), or split the phases/echoes into separate folders"
+            if stack.quoted
+            else "export each phase, echo or stack as its own series",
         )
 
 
-def _refuse_unsorted_list(folder: Path, headers: list[_Header], depths: np.ndarray) -> None:
+def _refuse_unsorted_list(folder: Path, headers: list[SliceHeader], depths: np.ndarray) -> None:
     """ITK stacks slices in list order; GDCM's order must run monotonically along the normal."""
     steps = np.diff(depths)
     wrong = np.flatnonzero(np.sign(steps) != np.sign(steps[0]))
@@ -358,8 +515,8 @@ def _refuse_unsorted_list(folder: Path, headers: list[_Header], depths: np.ndarr
         )
 
 
-def _refuse_uneven_steps(folder: Path, headers: list[_Header], depths: np.ndarray, order: np.ndarray) -> float:
-    """Every step must equal the median step (the series' spacing); returns it."""
+def _refuse_uneven_steps(stack: Stack, headers: list[SliceHeader], depths: np.ndarray, order: np.ndarray) -> float:
+    """Every step must equal the median step (the stack's spacing); returns it."""
     z = depths[order]
     steps = np.diff(z)
     spacing = float(np.median(steps))
@@ -369,13 +526,14 @@ def _refuse_uneven_steps(folder: Path, headers: list[_Header], depths: np.ndarra
         return spacing
     i = int(uneven[0])
     names = [headers[k].name for k in order]
-    problem = _describe_step(names, z, steps, i, spacing, tolerance)
+    problem = _describe_step(stack, names, z, steps, i, spacing, tolerance)
     more = uneven.size - (2 if _is_displaced(steps, i, spacing, tolerance) else 1)
     if more > 0:
         problem += f" ({more} more uneven step{'s' if more > 1 else ''})"
+    damaged = "a slice file is missing or damaged" if stack.quoted else "a frame is missing or misplaced"
     raise AbdomenSegError(
-        f"DICOM series '{folder}' is not evenly spaced: {problem}; reading it would put slices where they are " "not",
-        "copy the complete series again from the scanner or PACS (a slice file is missing or damaged)",
+        f"{stack.title} is not evenly spaced: {problem}; reading it would put {stack.unit}s where they are not",
+        f"{stack.recopy} ({damaged})",
     )
 
 
@@ -384,19 +542,21 @@ def _is_displaced(steps: np.ndarray, i: int, spacing: float, tolerance: float) -
     return i + 1 < steps.size and abs(steps[i] + steps[i + 1] - 2 * spacing) <= tolerance
 
 
-def _describe_step(names: list[str], z: np.ndarray, steps: np.ndarray, i: int, spacing: float, tolerance: float) -> str:
-    a, b = f"'{names[i]}' (z={_mm(z[i])})", f"'{names[i + 1]}' (z={_mm(z[i + 1])})"
+def _describe_step(
+    stack: Stack, names: list[str], z: np.ndarray, steps: np.ndarray, i: int, spacing: float, tolerance: float
+) -> str:
+    a, b = f"{stack.label(names[i])} (z={_mm(z[i])})", f"{stack.label(names[i + 1])} (z={_mm(z[i + 1])})"
     if _is_displaced(steps, i, spacing, tolerance):
         return (
-            f"slice '{names[i + 1]}' lies {_mm(abs(steps[i] - spacing))} mm off its place between "
-            f"'{names[i]}' and '{names[i + 2]}' (steps {_mm(steps[i])} and {_mm(steps[i + 1])} mm where the "
-            f"series has {_mm(spacing)} mm)"
+            f"{stack.unit} {stack.label(names[i + 1])} lies {_mm(abs(steps[i] - spacing))} mm off its place between "
+            f"{stack.label(names[i])} and {stack.label(names[i + 2])} (steps {_mm(steps[i])} and "
+            f"{_mm(steps[i + 1])} mm {stack.regular(spacing)})"
         )
     missing = round(steps[i] / spacing) - 1
-    where = f"between {a} and {b}: step {_mm(steps[i])} mm where the series has {_mm(spacing)} mm"
+    where = f"between {a} and {b}: step {_mm(steps[i])} mm {stack.regular(spacing)}"
     if missing >= 1 and abs(steps[i] - (missing + 1) * spacing) <= tolerance * (missing + 1):
-        return f"{missing} slice{'s' if missing > 1 else ''} missing {where}"
-    return f"uneven slice step {where}"
+        return f"{missing} {stack.units(missing)} missing {where}"
+    return f"uneven {stack.unit} step {where}"
 
 
 def _instance_number(reader: sitk.ImageFileReader) -> int | None:
@@ -406,11 +566,11 @@ def _instance_number(reader: sitk.ImageFileReader) -> int | None:
         return None
 
 
-def _refuse_numbering_gaps(folder: Path, headers: list[_Header], order: np.ndarray) -> None:
+def _refuse_numbering_gaps(stack: Stack, headers: list[SliceHeader], order: np.ndarray) -> None:
     """A slice removed from an evenly spaced stack leaves the positions even (three slices 1 mm apart lose the
-    middle one and read as two slices 2 mm apart, exactly placed) and only the instance numbers show the hole.
-    Refused when the numbers run with the positions, are distinct, and skip some: the series as exported from
-    the scanner numbers its slices without holes."""
+    middle one and read as two slices 2 mm apart, exactly placed) and only the numbers show the hole (instance
+    numbers of slice files, in-stack position numbers of frames). Refused when the numbers run with the
+    positions, are distinct, and skip some: the stack as the scanner made it numbers its members without holes."""
     numbers = [headers[i].instance for i in order]
     if any(n is None for n in numbers) or len(set(numbers)) != len(numbers):
         return
@@ -423,17 +583,19 @@ def _refuse_numbering_gaps(folder: Path, headers: list[_Header], order: np.ndarr
         a, b = headers[order[k]], headers[order[k + 1]]
         missing = abs(int(steps[k])) - 1
         raise AbdomenSegError(
-            f"the DICOM series in '{folder}' skips instance numbers between '{a.name}' (#{a.instance}) and "
-            f"'{b.name}' (#{b.instance}): {missing} slice{'s' if missing > 1 else ''} missing"
+            f"{stack.title} skips {stack.numbering} between {stack.label(a.name)} (#{a.instance}) and "
+            f"{stack.label(b.name)} (#{b.instance}): {missing} {stack.units(missing)} missing"
             + (f", and {len(gaps) - 1} more gap{'s' if len(gaps) > 2 else ''}" if len(gaps) > 1 else ""),
-            "copy the complete series again from the scanner, PACS or original media",
+            stack.recopy,
         )
 
 
-def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order: np.ndarray, spacing: float) -> None:
-    """Positions must lie on the line through the first slice along the normal; else the stack is sheared
+def _refuse_tilt(
+    stack: Stack, headers: list[SliceHeader], normal: np.ndarray, order: np.ndarray, spacing: float
+) -> None:
+    """Positions must lie on the line through the first member along the normal; else the stack is sheared
     (gantry tilt), which ITK's regular grid cannot represent."""
-    positions = np.array([headers[k].position for k in order])
+    positions = np.array([_position(headers[k]) for k in order])
     offsets = positions - positions[0]
     in_plane = offsets - np.outer(offsets @ normal, normal)
     drift = np.linalg.norm(in_plane, axis=1)
@@ -443,9 +605,9 @@ def _refuse_tilt(folder: Path, headers: list[_Header], normal: np.ndarray, order
     along = float(offsets[worst] @ normal)
     angle = math.degrees(math.atan2(drift[worst], abs(along))) if along else 90.0
     raise AbdomenSegError(
-        f"DICOM series '{folder}' is sheared (gantry tilt of about {angle:.1f} degrees): slice "
-        f"'{headers[order[worst]].name}' is shifted {_mm(drift[worst])} mm sideways from the stack axis of "
-        f"'{headers[order[0]].name}', which a regular volume cannot represent",
+        f"{stack.title} is sheared (gantry tilt of about {angle:.1f} degrees): {stack.unit} "
+        f"{stack.label(headers[order[worst]].name)} is shifted {_mm(drift[worst])} mm sideways from the stack axis "
+        f"of {stack.label(headers[order[0]].name)}, which a regular volume cannot represent",
         "resample the series onto a regular grid first, e.g. in 3D Slicer: enable 'Acquisition geometry "
         "regularization' (Application Settings > DICOM), load the series in the DICOM module and save the "
         "volume as NRRD/NIfTI, then segment that file",
