@@ -43,7 +43,9 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
     The header is read and checked first (dimensions, size, spacing: `limits`), then the file's
     completeness (`integrity`), and only then the pixels, so a corrupt or absurd file costs no memory.
     A single DICOM file that is a Segmentation (SEG) is read as our organ label map (dicom_seg.py), in the
-    grid of the frames it holds; `segmentation_ok=False` (inputs to segment) refuses it.
+    grid of the frames it holds; `segmentation_ok=False` (inputs to segment) refuses it. A multi-frame
+    (enhanced) DICOM image, given as the file or as the folder holding just it, is read frame by frame with
+    its geometry checked (dicom_multiframe.py).
     """
     path = Path(path)
     if not path.exists():
@@ -52,7 +54,7 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
         require_regular_file(path, "input", "give an image file or a DICOM series folder")
     try:
         if path.is_dir():
-            image = _read_dicom_series(path)
+            image = _read_dicom_series(path, segmentation_ok)
         elif path.name.lower().endswith(".dcm") or (not image_suffix(path) and _is_dicom_file(path)):
             image = _read_dicom_file(path, segmentation_ok)
         else:
@@ -76,7 +78,9 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _read_dicom_file(path: Path, segmentation_ok: bool) -> sitk.Image:
-    """One DICOM file: a SEG is a label map; an image slice is refused (a series is read from its folder)."""
+    """One DICOM file: a SEG is a label map, a multi-frame image a volume; a single slice is refused (a series is
+    read from its folder)."""
+    from AbdomenSegLib.io.dicom_multiframe import is_multiframe, read_multiframe
     from AbdomenSegLib.io.dicom_seg import is_dicom_file, is_dicom_seg, read_dicom_seg, require_highdicom
 
     require_highdicom()  # and with it pydicom
@@ -85,6 +89,8 @@ def _read_dicom_file(path: Path, segmentation_ok: bool) -> sitk.Image:
             f"'{path.name}' is not a DICOM file",
             "give a DICOM series folder, a DICOM SEG file or a NIfTI/NRRD/MHA image",
         )
+    if not is_dicom_seg(path) and is_multiframe(path):
+        return read_multiframe(path)
     if not is_dicom_seg(path):
         raise AbdomenSegError(
             f"'{path.name}' is a single DICOM file, not a DICOM segmentation (SEG)",
@@ -138,7 +144,7 @@ def _check_header(path: Path) -> None:
         limits.check_geometry(size, reader.GetSpacing()[:3], f"'{path}'")  # the voxel count included
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path, segmentation_ok: bool = True) -> sitk.Image:
     from AbdomenSegLib.io.dicom_series import check_read_spacing, check_series_geometry
 
     reader = sitk.ImageSeriesReader()
@@ -159,6 +165,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     first.ReadImageInformation()
+    if len(files) == 1 and first.GetDimension() > 2 and first.GetSize()[2] > 1:
+        # One multi-frame object: GDCM places its frames only when they are stored in order (dicom_multiframe.py).
+        return _read_dicom_file(Path(files[0]), segmentation_ok)
     limits.check_voxel_count((*first.GetSize()[:2], len(files)), f"'{folder}'")
     reader.SetFileNames(files)
     image = reader.Execute()
