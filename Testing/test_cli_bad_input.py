@@ -436,6 +436,108 @@ def file_where_the_qc_folder_goes(tmp, model):
     return ["segment", str(cases), str(tmp / "out"), "--model", model]
 
 
+# -- issue 31 round two: DICOM variants ---------------------------------------------------------------
+# Enhanced multi-frame objects are made from a classic series with highdicom (test_io_dicom_multiframe.py).
+def _enhanced(tmp, frames=None, edit=None):
+    from test_io_dicom_multiframe import convert_to_multiframe, rewrite_frames
+
+    files = write_ct_series(tmp / "series")
+    path = convert_to_multiframe(files, tmp / "enhanced" / "ct.dcm")
+    shutil.rmtree(tmp / "series")
+    return rewrite_frames(path, list(range(len(files))) if frames is None else frames, edit)
+
+
+def multiframe_one_frame_missing(tmp, model):
+    """The audit: GDCM read it with 1.0 mm spacing on every axis, exit 0."""
+    path = _enhanced(tmp, [k for k in range(20) if k != 7])
+    return ["segment", str(path), str(tmp / "out.nrrd"), "--model", model]
+
+
+def multiframe_frames_shuffled_and_one_missing(tmp, model):
+    order = [int(k) for k in np.random.default_rng(5).permutation(20) if k != 12]
+    return ["segment", str(_enhanced(tmp, order).parent), str(tmp / "out.nrrd"), "--model", model]
+
+
+def multiframe_one_frame_pixel_spacing(tmp, model):
+    from test_io_dicom_multiframe import move_to_per_frame
+
+    def widen_frame_5(ds):
+        move_to_per_frame(ds, "PixelMeasuresSequence")
+        ds.PerFrameFunctionalGroupsSequence[4].PixelMeasuresSequence[0].PixelSpacing = [0.95, 0.95]
+
+    return ["segment", str(_enhanced(tmp, edit=widen_frame_5)), str(tmp / "out.nrrd"), "--model", model]
+
+
+def two_multiframe_files_in_a_folder(tmp, model):
+    path = _enhanced(tmp)
+    shutil.copyfile(path, path.parent / "ct_again.dcm")
+    return ["segment", str(path.parent), str(tmp / "out.nrrd"), "--model", model]
+
+
+def series_one_slice_pixel_spacing_3_5(tmp, model):
+    from test_io_dicom_series import set_pixel_spacing
+
+    files = write_ct_series(tmp / "series")
+    set_pixel_spacing(files[10], (3.5, 0.8))  # the audit: one slice 3.5 where the others are 3.0, accepted
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def series_one_slice_fewer_rows(tmp, model):
+    from test_io_dicom_series import crop_rows
+
+    files = write_ct_series(tmp / "series")
+    crop_rows(files[4], 48)
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def _retag_monochrome1(paths):
+    from test_io_dicom_multiframe import retag_monochrome1
+
+    for path in paths:
+        retag_monochrome1(path)
+
+
+def monochrome1_series(tmp, model):
+    _retag_monochrome1(write_ct_series(tmp / "series"))
+    return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
+
+
+def monochrome1_multiframe(tmp, model):
+    path = _enhanced(tmp)
+    _retag_monochrome1([path])
+    return ["segment", str(path), str(tmp / "out.nrrd"), "--model", model]
+
+
+DICOM_ROUND_TWO = [
+    (multiframe_one_frame_missing, "1 frame missing between frame"),
+    (multiframe_frames_shuffled_and_one_missing, "1 frame missing between frame"),
+    (multiframe_one_frame_pixel_spacing, "frame 5 has PixelSpacing 0.95\\0.95 mm"),
+    (two_multiframe_files_in_a_folder, "holds 2 multi-frame DICOM objects"),
+    (series_one_slice_pixel_spacing_3_5, "'slice010.dcm' has PixelSpacing 3.5\\0.8 mm"),
+    (series_one_slice_fewer_rows, "'slice004.dcm' has image size 64x48"),
+    (monochrome1_series, "MONOCHROME1"),
+    (monochrome1_multiframe, "MONOCHROME1"),
+]
+
+
+def test_shuffled_multiframe_is_segmented_in_the_series_grid(tmp_path, tiny_package):
+    """Frames stored out of order (GDCM: 1.0 mm on every axis) give the series' own grid."""
+    from test_io_dicom_multiframe import convert_to_multiframe, rewrite_frames
+
+    folder = shared("dcmqi_ct3slice", "ct-3slice")
+    path = rewrite_frames(convert_to_multiframe(sorted(folder.glob("*.dcm")), tmp_path / "ct3.dcm"), [2, 0, 1])
+    assert sitk.ReadImage(str(path)).GetSpacing() == pytest.approx((1.0, 1.0, 1.0))  # the audit's reading
+    assert main(["segment", str(path), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
+    out = sitk.ReadImage(str(tmp_path / "seg.nrrd"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    series = reader.Execute()
+    assert out.GetSize() == series.GetSize() == (512, 512, 3)
+    assert np.allclose(out.GetSpacing(), series.GetSpacing(), atol=1e-5)
+    assert np.allclose(out.GetOrigin(), series.GetOrigin(), atol=1e-3)
+    assert np.allclose(out.GetDirection(), series.GetDirection(), atol=1e-6)
+
+
 HOSTILE = [
     (card_nested_deep, "levels deep"),
     (card_not_json, "not valid JSON"),
@@ -494,6 +596,7 @@ REFUSED = [
     (nifti_pair_cut_short, "not a supported file type"),
     (nrrd_int16_t_more_data_than_declared, "more image data"),
     *HOSTILE,
+    *DICOM_ROUND_TWO,
 ]
 
 
