@@ -502,6 +502,10 @@ def monochrome1_series(tmp, model):
     return ["segment", str(tmp / "series"), str(tmp / "out.nrrd"), "--model", model]
 
 
+def multiframe_to_dicom_seg(tmp, model):
+    return ["segment", str(_enhanced(tmp).parent), str(tmp / "seg.dcm"), "--model", model]
+
+
 def monochrome1_multiframe(tmp, model):
     path = _enhanced(tmp)
     _retag_monochrome1([path])
@@ -517,6 +521,7 @@ DICOM_ROUND_TWO = [
     (series_one_slice_fewer_rows, "'slice004.dcm' has image size 64x48"),
     (monochrome1_series, "MONOCHROME1"),
     (monochrome1_multiframe, "MONOCHROME1"),
+    (multiframe_to_dicom_seg, "holds a multi-frame (enhanced) DICOM image"),
 ]
 
 

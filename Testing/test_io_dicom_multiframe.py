@@ -21,7 +21,7 @@ from test_io_dicom_series import PIXEL, SLICES, SPACING, write_ct_series
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.io.dicom_multiframe import is_multiframe, read_multiframe
-from AbdomenSegLib.io.images import read_image
+from AbdomenSegLib.io.images import check_output_type, read_image
 from helpers import shared
 
 FRAME_OF_REFERENCE_UID = "1.2.826.0.1.3680043.2.1125.7.9"
@@ -221,6 +221,13 @@ def test_two_multiframe_files_in_one_folder_are_named_as_such(tmp_path, series, 
     message = str(refused.value)
     assert "holds 2 multi-frame DICOM objects ('ct copy.dcm', 'ct.dcm')" in message, message
     assert "screenshot" not in message and "give one multi-frame file as the input" in refused.value.fix
+
+
+def test_dicom_seg_output_for_a_multiframe_input_is_refused_before_any_work(tmp_path, series, multiframe):
+    """A SEG references single-frame source slices (dicom_seg.py); it was refused only when written."""
+    with pytest.raises(AbdomenSegError, match=r"holds a multi-frame \(enhanced\) DICOM image \('ct.dcm'\)"):
+        check_output_type(tmp_path / "seg.dcm", [multiframe.parent])
+    check_output_type(tmp_path / "seg.dcm", [series[0]])  # a series of slice files still may
 
 
 # --- MONOCHROME1 ---------------------------------------------------------------------------------------------

@@ -246,6 +246,25 @@ def _check_dicom_seg_inputs(path, inputs) -> None:
                 f"output '{path}' would go into the DICOM series folder '{src}', which would then hold two series",
                 "write the DICOM SEG beside the series folder (e.g. into its parent folder)",
             )
+        multiframe = _multiframe_file_in(src)
+        if multiframe is not None:
+            raise AbdomenSegError(
+                f"a DICOM SEG output ('{Path(path).name}') references the slice files of a series, and '{src}' holds "
+                f"a multi-frame (enhanced) DICOM image ('{multiframe.name}')",
+                "write .nii.gz, .nrrd or .seg.nrrd instead",
+            )
+
+
+def _multiframe_file_in(folder: Path) -> Path | None:
+    """The folder's first DICOM file if it is a multi-frame image (the folder then holds just it, or is refused
+    when read): one header read per case, so that a DICOM SEG output is refused before any work."""
+    from AbdomenSegLib.io.dicom_multiframe import is_multiframe
+    from AbdomenSegLib.io.dicom_seg import is_dicom_file
+
+    for entry in sorted(folder.iterdir()):
+        if not entry.name.startswith(".") and entry.is_file() and is_dicom_file(entry):
+            return entry if is_multiframe(entry) else None
+    return None
 
 
 def check_output_can_hold(direction, path) -> None:
