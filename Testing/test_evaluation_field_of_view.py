@@ -60,7 +60,7 @@ def _check_against_numpy(rows, pred_ours: np.ndarray, ref_ours_crop: np.ndarray,
             assert row["status"] == "ok" and float(row["dice"]) == pytest.approx(_dice(p_crop, r_crop), abs=1e-6)
             checked += 1
         elif below and not r_crop.any():
-            assert row["status"] == "outside_reference" and row["dice"] in (None, "")
+            assert row["status"] == "outside_overlap" and row["dice"] in (None, "")
     return checked
 
 
@@ -125,7 +125,7 @@ def test_phantom_reference_cropped_to_its_upper_quarter(tmp_path, capsys, direct
         rows = evaluate(prediction, reference)
         assert _check_against_numpy(rows, pred_array, ref_crop, start, voxel_ml) == 4  # liver, spleen, stomach, aorta
         statuses = {r["organ"]: r["status"] for r in rows}
-        assert statuses["kidney_right"] == statuses["kidney_left"] == "outside_reference"
+        assert statuses["kidney_right"] == statuses["kidney_left"] == "outside_overlap"
     sitk.WriteImage(prediction, str(tmp_path / "pred.nii.gz"))
     sitk.WriteImage(crop, str(tmp_path / "ref.nii.gz"))
     csv_path = tmp_path / "m.csv"
@@ -133,7 +133,7 @@ def test_phantom_reference_cropped_to_its_upper_quarter(tmp_path, capsys, direct
     assert main([*argv, "--csv", str(csv_path)]) == 0
     out, err = capsys.readouterr()
     assert "lie outside the reference's field of view and are not scored" in err and "kidney_right 100%" in err
-    assert "outside_reference" in out  # the table on stdout shows the unscored rows as such, with '-' metrics
+    assert "outside_overlap" in out  # the table on stdout shows the unscored rows as such, with '-' metrics
     summary = {s["organ"]: s for s in _read_csv(tmp_path / "m_summary.csv")}
     assert "kidney_right" not in summary and summary["liver"]["n"] == "1"  # unscored rows are in no mean
 
@@ -223,3 +223,27 @@ def test_faces_at_the_cut_are_no_surface():
         assert cut[key] == pytest.approx(whole[key], abs=1e-9), key
     assert whole["surface_dice"] == 0.0 and both_cropped["surface_dice"] > 0.3
     assert both_cropped["assd_mm"] < whole["assd_mm"] - 0.5
+
+
+def test_reference_organs_beyond_the_prediction_grid_are_counted_apart(capsys):
+    """The other way round: a prediction made on the upper quarter of the scan (a cropped input) against the full
+    reference. The reference's organs below cannot be predicted: no misses, counted in `outside_prediction_ml`
+    (numpy's count of the reference voxels below), said in the note; inside, Dice 1."""
+    labels = _phantom(BTCV_DIRECTION)
+    crop, start = _upper_quarter(labels)
+    rows = {r["organ"]: r for r in evaluate(crop, labels)}
+    array = sitk.GetArrayFromImage(labels)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    for organ, row in rows.items():
+        below = np.count_nonzero(array[:start] == BY_NAME[organ].label) * voxel_ml
+        assert row["outside_prediction_ml"] == pytest.approx(below), organ
+        assert row["outside_reference_ml"] == 0.0
+        if row["status"] == "ok":
+            assert row["dice"] == 1.0
+    assert rows["kidney_right"]["status"] == "outside_overlap" and rows["liver"]["status"] == "ok"
+    from AbdomenSegLib.evaluation.metrics import outside_note
+
+    assert "of the reference's organs" in outside_note(list(rows.values()))
+    kidneys_only = _image(np.where(np.isin(array, [3, 4]), array, 0).astype(np.uint8), labels)
+    with pytest.raises(AbdomenSegError, match="the prediction's grid holds none of the reference's organs"):
+        evaluate(_image(np.zeros_like(sitk.GetArrayFromImage(crop)), crop), kidneys_only)

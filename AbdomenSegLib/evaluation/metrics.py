@@ -15,7 +15,9 @@ Defined values where an organ is missing (documented in the README):
 Scored only where both maps have data (issue 31): a reference whose grid (its field of view) covers part of the
 prediction's is compared inside the physical intersection of the two grids only (`field_of_view`); the predicted
 voxels outside it are no false positives but are counted apart (`outside_reference_ml`, `_fraction`), and an organ
-predicted only there gets status `outside_reference` (no metric; left out of summaries). Surfaces at that cut are
+predicted only there gets status `outside_overlap` (no metric; left out of summaries). The other way round, the
+reference's organs outside the prediction's grid cannot be predicted and are counted apart too
+(`outside_prediction_ml`). Surfaces at that cut are
 not the organs' surfaces and are left out of HD95, ASSD and surface Dice (`_edges`).
 """
 
@@ -58,9 +60,10 @@ FIELDS = (
     "volume_diff_ml",
     "outside_reference_ml",
     "outside_reference_fraction",
+    "outside_prediction_ml",
 )
 # Rows that hold no comparison: summaries leave them out.
-UNSCORED = ("absent_both", "outside_reference")
+UNSCORED = ("absent_both", "outside_overlap")
 # A case's predicted organs lying outside the reference's field of view by more than this fraction get a note.
 OUTSIDE_NOTE_FRACTION = 0.01
 METRIC_UNITS = {
@@ -74,6 +77,7 @@ METRIC_UNITS = {
     "volume_diff_ml": ("mL", "Predicted minus reference volume"),
     "outside_reference_ml": ("mL", "Predicted organ volume outside the reference's field of view (not scored)"),
     "outside_reference_fraction": ("", "Fraction of the predicted organ outside the reference's field of view"),
+    "outside_prediction_ml": ("mL", "Reference organ volume outside the prediction's grid (not scored)"),
     "confidence": (
         "",
         "Network confidence: mean max-probability inside the organ (low: likely inaccurate; "
@@ -295,6 +299,8 @@ def evaluate(
     ref_boxes = _check_label_map(reference, "reference", reference_convention)
     aligned = align_reference(reference, prediction)
     covered = field_of_view(reference, prediction) if aligned is not reference else None
+    resampled = aligned is not reference
+    beyond = _ReferenceBeyond(reference, prediction, reference_convention, ref_boxes) if resampled else None
     if aligned is not reference:  # resampled: its boxes are those of the new grid
         ref_boxes = value_boxes(sitk.GetArrayViewFromImage(aligned))
     pred = _LabelMap(prediction, prediction_convention, pred_boxes)
@@ -312,6 +318,12 @@ def evaluate(
         ref_values, ref_box = ref.organ(organ.label)
         row = {"case": case, "model": model, "organ": name, "label": organ.label, "tolerance_mm": tolerance_mm}
         row.update(outside_reference_ml=0.0, outside_reference_fraction=0.0)
+        row["outside_prediction_ml"] = beyond.volume_ml(organ.label) if beyond is not None else 0.0
+        if pred_box is None and ref_box is None and row["outside_prediction_ml"]:
+            row.update(_ABSENT_BOTH, status="outside_overlap", dice=None, iou=None, hd95_mm=None, assd_mm=None)
+            row.update(surface_dice=None)
+            rows.append(row)
+            continue
         if pred_box is None and ref_box is None:
             row.update(_ABSENT_BOTH)
             rows.append(row)
@@ -336,7 +348,7 @@ def evaluate(
         row.update(volume_pred_ml=float(n_p) * voxel_ml, volume_ref_ml=float(n_r) * voxel_ml)
         row["volume_diff_ml"] = row["volume_pred_ml"] - row["volume_ref_ml"]
         if not n_p and not n_r:  # predicted only where the reference has no data: nothing to compare
-            row.update(status="outside_reference", dice=None, iou=None, hd95_mm=None, assd_mm=None, surface_dice=None)
+            row.update(status="outside_overlap", dice=None, iou=None, hd95_mm=None, assd_mm=None, surface_dice=None)
         elif not n_p or not n_r:
             row.update(
                 status="missing_pred" if not n_p else "missing_ref",
@@ -357,6 +369,25 @@ def evaluate(
     return rows
 
 
+class _ReferenceBeyond:
+    """The reference's organs outside the prediction's grid, read in the reference's own grid: they cannot be
+    predicted there, so they are no misses and are counted apart (`outside_prediction_ml`)."""
+
+    def __init__(self, reference: sitk.Image, prediction: sitk.Image, convention: str, boxes):
+        # Same rule as `field_of_view`, the other way: which reference voxels the prediction's grid holds.
+        self.covered = field_of_view(prediction, reference)
+        self.labels = _LabelMap(reference, convention, boxes) if self.covered is not None else None
+        self.voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+
+    def volume_ml(self, label: int) -> float:
+        if self.labels is None or self.covered is None:
+            return 0.0
+        values, box = self.labels.organ(label)
+        if box is None:
+            return 0.0
+        return float(np.count_nonzero(self.labels.mask(values, box) & ~self.covered[box])) * self.voxel_ml
+
+
 _ABSENT_BOTH = {
     "volume_pred_ml": 0.0,
     "volume_ref_ml": 0.0,
@@ -371,34 +402,55 @@ _ABSENT_BOTH = {
 
 
 def _refuse_if_nothing_covered(rows: list) -> None:
-    """A prediction whose organs all lie outside the reference's field of view, where the reference holds none of
-    them either, has nothing to be scored on: its rows would read as all absent (Dice 1), so it is refused."""
+    """Organs only outside the region both grids cover (the prediction's outside the reference's field of view, the
+    reference's outside the prediction's grid) and none inside: nothing can be scored, and the rows would read as
+    all absent (Dice 1), so the case is refused."""
+    if any(r["volume_pred_ml"] or r["volume_ref_ml"] for r in rows):
+        return
     outside = sum(r["outside_reference_ml"] for r in rows)
-    if outside and not any(r["volume_pred_ml"] or r["volume_ref_ml"] for r in rows):
+    if outside:
         raise AbdomenSegError(
             f"the reference's field of view covers none of the prediction's organs ({outside:.1f} mL predicted, "
             "all outside the reference's grid), so nothing can be scored",
             "give a reference that covers the predicted region (its grid must include the organs)",
         )
+    beyond = sum(r["outside_prediction_ml"] for r in rows)
+    if beyond:
+        raise AbdomenSegError(
+            f"the prediction's grid holds none of the reference's organs ({beyond:.1f} mL in the reference, all "
+            "outside the prediction's grid), so nothing can be scored",
+            "give the prediction of the scan this reference annotates (its grid must include the organs)",
+        )
 
 
 def outside_note(rows: list) -> str | None:
     """`x% of the predicted organs (a of b mL) lie outside the reference's field of view ...` for one case's rows
-    when that share is above OUTSIDE_NOTE_FRACTION, else None; organs above it are named with their share."""
+    when that share is above OUTSIDE_NOTE_FRACTION, else None; organs above it are named with their share. The
+    reference's organs outside the prediction's grid are said the same way."""
+    parts = []
     outside = sum(float(r.get("outside_reference_ml") or 0.0) for r in rows)
     total = outside + sum(float(r.get("volume_pred_ml") or 0.0) for r in rows)
-    if not total or outside / total <= OUTSIDE_NOTE_FRACTION:
+    if total and outside / total > OUTSIDE_NOTE_FRACTION:
+        organs = [
+            f"{r['organ']} {100 * r['outside_reference_fraction']:.0f}%"
+            for r in rows
+            if (r.get("outside_reference_fraction") or 0.0) > OUTSIDE_NOTE_FRACTION
+        ]
+        parts.append(
+            f"{100 * outside / total:.1f}% of the predicted organs ({outside:.1f} of {total:.1f} mL) lie outside the "
+            f"reference's field of view and are not scored ({', '.join(organs)})"
+        )
+    beyond = sum(float(r.get("outside_prediction_ml") or 0.0) for r in rows)
+    reference = beyond + sum(float(r.get("volume_ref_ml") or 0.0) for r in rows)
+    if reference and beyond / reference > OUTSIDE_NOTE_FRACTION:
+        organs = [f"{r['organ']} {r['outside_prediction_ml']:.1f} mL" for r in rows if r.get("outside_prediction_ml")]
+        parts.append(
+            f"{100 * beyond / reference:.1f}% of the reference's organs ({beyond:.1f} of {reference:.1f} mL) lie "
+            f"outside the prediction's grid and are not scored ({', '.join(organs)})"
+        )
+    if not parts:
         return None
-    organs = [
-        f"{r['organ']} {100 * r['outside_reference_fraction']:.0f}%"
-        for r in rows
-        if (r.get("outside_reference_fraction") or 0.0) > OUTSIDE_NOTE_FRACTION
-    ]
-    return (
-        f"{100 * outside / total:.1f}% of the predicted organs ({outside:.1f} of {total:.1f} mL) lie outside the "
-        f"reference's field of view and are not scored ({', '.join(organs)}); Dice, volumes and surface metrics "
-        "are those inside it"
-    )
+    return "; ".join(parts) + "; Dice, volumes and surface metrics are those inside both grids"
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
