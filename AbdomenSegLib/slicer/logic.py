@@ -451,7 +451,9 @@ def rows_to_table(scene, rows, name, columns=None):
         array.SetName(COLUMN_TITLES.get(key, key))
         for row in rows:
             value = row.get(key)
-            array.InsertNextValue((float("nan") if value is None else float(value)) if numeric else ("" if value is None else str(value)))
+            array.InsertNextValue(
+                (float("nan") if value is None else float(value)) if numeric else ("" if value is None else str(value))
+            )
         table.AddColumn(array)
     for key in columns:
         unit, description = METRIC_UNITS.get(key, ("", ""))
