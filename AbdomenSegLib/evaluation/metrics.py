@@ -17,8 +17,8 @@ prediction's is compared inside the physical intersection of the two grids only 
 voxels outside it are no false positives but are counted apart (`outside_reference_ml`, `_fraction`), and an organ
 predicted only there gets status `outside_overlap` (no metric; left out of summaries). The other way round, the
 reference's organs outside the prediction's grid cannot be predicted and are counted apart too
-(`outside_prediction_ml`). Surfaces at that cut are
-not the organs' surfaces and are left out of HD95, ASSD and surface Dice (`_edges`).
+(`outside_prediction_ml`). Surfaces at the cut are not the organs' surfaces and are left out of HD95, ASSD and
+surface Dice (`_real_edges`).
 """
 
 from __future__ import annotations
