@@ -418,6 +418,7 @@ def _evaluate(args) -> int:
         SUMMARY_FIELDS,
         evaluate_case,
         flagged_text,
+        outside_text,
         source_organs,
         summarize_apart,
     )
@@ -473,6 +474,8 @@ def _evaluate(args) -> int:
             continue
         rows += case_rows
         _log(clock.line(index, f"{name} evaluated") + flagged_text(case_rows))
+        if outside_text(case_rows):
+            _log(outside_text(case_rows))
         if not batch:
             print(format_table(case_rows))
     if jobs:
@@ -537,6 +540,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
     """`evaluate --workers/--scheduler`: one task per case [(index, name, prediction, reference)]; the rows come
     back in the cases' order, as a sequential run gives them."""
     from AbdomenSegLib.cohort.cluster import map_cases
+    from AbdomenSegLib.evaluation.reports import outside_text
 
     results = {}
     items = [
@@ -551,7 +555,7 @@ def _evaluate_on_cluster(args, jobs, total, organs, failures) -> list:
             failures.append(name)
             return [f"[{index}/{total}] {name}: error: {value}"], False
         results[i] = value
-        return [f"[{index}/{total}] {name} evaluated"], True
+        return [f"[{index}/{total}] {name} evaluated", *([outside_text(value)] if outside_text(value) else [])], True
 
     map_cases(args, _evaluate_case, items, names=[j[1] for j in jobs], desc="evaluate", on_result=on_result, log=_log)
     return [row for i in sorted(results) for row in results[i]]

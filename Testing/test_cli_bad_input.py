@@ -541,6 +541,103 @@ def test_shuffled_multiframe_is_segmented_in_the_series_grid(tmp_path, tiny_pack
     assert np.allclose(out.GetSpacing(), series.GetSpacing(), atol=1e-5)
     assert np.allclose(out.GetOrigin(), series.GetOrigin(), atol=1e-3)
     assert np.allclose(out.GetDirection(), series.GetDirection(), atol=1e-6)
+# -- issue 31 round two: evaluate ---------------------------------------------------------------------
+def _labels_with(tmp, edit, name, dtype):
+    """The phantom's labels edited (`edit(array)`) and written as `name` in `dtype`; the intact labels as pred."""
+    pred, _ = _labels_pair(tmp)
+    labels = sitk.ReadImage(str(pred))
+    array = sitk.GetArrayFromImage(labels).astype(dtype)
+    edit(array)
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(labels)
+    return pred, _write(image, tmp / name)
+
+
+def _one_nan(array):
+    array[5, 6, 7] = np.nan  # z, y, x: voxel index (7, 6, 5)
+
+
+def _background_minus_one(array):
+    array[array == 0] = -1
+
+
+def reference_with_a_nan_voxel(tmp, model):
+    # NRRD keeps the NaN (ITK's NIfTI reader turns a NaN into 0 before we see it: docs/evaluation.md)
+    pred, ref = _labels_with(tmp, _one_nan, "ref.nrrd", np.float32)
+    return ["evaluate", str(pred), str(ref)]
+
+
+def prediction_with_a_nan_voxel(tmp, model):
+    pred, bad = _labels_with(tmp, _one_nan, "bad.nrrd", np.float32)
+    return ["evaluate", str(bad), str(pred), "--reference-labels", "abdomenseg"]
+
+
+def reference_with_background_minus_one(tmp, model):
+    pred, ref = _labels_with(tmp, _background_minus_one, "ref_m1.nii.gz", np.int16)
+    return ["evaluate", str(pred), str(ref)]
+
+
+def prediction_with_background_minus_one(tmp, model):
+    pred, bad = _labels_with(tmp, _background_minus_one, "bad_m1.nii.gz", np.int16)
+    return ["evaluate", str(bad), str(pred), "--reference-labels", "abdomenseg"]
+
+
+def reference_with_a_negative_organ_value(tmp, model):
+    pred, ref = _labels_with(tmp, lambda a: a.__setitem__(a == 2, -2), "ref_neg.nii.gz", np.int16)
+    return ["evaluate", str(pred), str(ref), "--reference-labels", "abdomenseg"]
+
+
+def reference_covering_none_of_the_prediction(tmp, model):
+    """The reference's grid: the upper quarter of the prediction's, where neither map holds an organ (the
+    prediction: the kidneys only, lower down)."""
+    pred, _ = _labels_pair(tmp)
+    labels = sitk.ReadImage(str(pred))
+    array = sitk.GetArrayFromImage(labels)
+    kidneys = sitk.GetImageFromArray(np.where(np.isin(array, [3, 4]), array, 0).astype(np.uint8))
+    kidneys.CopyInformation(labels)
+    blank = sitk.Image(labels.GetSize(), sitk.sitkUInt8)
+    blank.CopyInformation(labels)
+    top = labels.GetSize()[2] * 3 // 4
+    return [
+        "evaluate",
+        str(_write(kidneys, tmp / "kidneys.nii.gz")),
+        str(_write(blank[:, :, top:], tmp / "upper_quarter.nii.gz")),
+        "--reference-labels",
+        "abdomenseg",
+    ]
+
+
+EVALUATE_ROUND_TWO = [
+    (
+        reference_with_a_nan_voxel,
+        "the reference is a label map with 1 NaN or infinite voxel (the first at voxel index (7, 6, 5)",
+    ),
+    (prediction_with_a_nan_voxel, "the prediction is a label map with 1 NaN or infinite voxel"),
+    (reference_with_background_minus_one, "the reference's background is -1"),
+    (prediction_with_background_minus_one, "changeMap={-1: 0}"),
+    (reference_with_a_negative_organ_value, "the reference holds negative values (-2)"),
+    (reference_covering_none_of_the_prediction, "the reference's field of view covers none of the prediction's organs"),
+]
+
+
+def test_evaluate_reference_over_the_upper_quarter_scores_inside_it(tmp_path, capsys):
+    """The audit's case (right kidney 0.61 for 0.92, exit 0): the prediction below the reference's grid is no false
+    positive; exit 0, the outside share said, the CSV written and nothing else."""
+    pred, _ = _labels_pair(tmp_path)
+    labels = sitk.ReadImage(str(pred))
+    ref = _write(labels[:, :, labels.GetSize()[2] // 2 :], tmp_path / "upper_half.nii.gz")  # splits the kidneys
+    before = set(tmp_path.iterdir())
+    args = ["evaluate", str(pred), str(ref), "--reference-labels", "abdomenseg", "--csv", str(tmp_path / "m.csv")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "lie outside the reference's field of view and are not scored" in err
+    import csv
+
+    rows = {r["organ"]: r for r in csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8"))}
+    assert (
+        float(rows["kidney_right"]["dice"]) == 1.0 and 0 < float(rows["kidney_right"]["outside_reference_fraction"]) < 1
+    )
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "m.csv", tmp_path / "m_summary.csv"}
 
 
 HOSTILE = [
@@ -602,6 +699,7 @@ REFUSED = [
     (nrrd_int16_t_more_data_than_declared, "more image data"),
     *HOSTILE,
     *DICOM_ROUND_TWO,
+    *EVALUATE_ROUND_TWO,
 ]
 
 

@@ -313,3 +313,39 @@ def test_organ_table_has_intensity_statistics_in_hu(scene, segmented):
     seg.RemoveAttribute(sl.QC_ATTRIBUTE)  # a segmentation from elsewhere: the statistics are computed now
     again = core.organ_volumes(seg, vol, name="again")
     assert dict(zip(sl.table_column(again, "Organ"), sl.table_column(again, "Mean"))) == pytest.approx(means)
+
+
+def test_a_labelmap_reference_over_part_of_the_volume_is_scored_inside_it(scene):
+    """Issue 31 in the panel: a reference labelmap whose grid is the upper quarter of the volume's. The prediction's
+    voxels below it are no false positives (the engine's `evaluate` on the two grids gives the same rows), the
+    'Outside reference' column says how much lay there, and the review shows no false positive below it."""
+    _, labels = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    prediction = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(labels), 1, axis=2))
+    prediction.CopyInformation(labels)
+    start = labels.GetSize()[2] * 3 // 4
+    crop = labels[:, :, start:]
+    vol = volume_node(scene, prediction, "case")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "prediction")
+    seg.CreateDefaultDisplayNodes()
+    sl.import_labels(scene, prediction, seg, reference_volume=vol)
+    reference = volume_node(scene, crop, "upper quarter", labelmap=True)
+    core = sl.AbdomenSegCore(scene)
+    shown = []
+    review_segments = core.review_segments
+    core.review_segments = lambda p, r, *rest: shown.append((p, r)) or review_segments(p, r, *rest)
+    table = core.compare_with_reference(seg, reference, volume_node=vol, reference_convention="abdomenseg", review=True)
+    organs = sl.table_column(table, "Organ")
+    expected = {r["organ"]: r for r in evaluate(prediction, crop, organs=organs)}
+    for organ, dice, outside in zip(
+        organs, sl.table_column(table, "Dice"), sl.table_column(table, "Outside reference")
+    ):
+        assert outside == pytest.approx(expected[organ]["outside_reference_ml"], abs=1e-6), organ
+        if expected[organ]["status"] == "ok":
+            assert dice == pytest.approx(expected[organ]["dice"], abs=1e-9), organ
+    assert expected["liver"]["outside_reference_ml"] > 100 and expected["liver"]["dice"] > 0.9
+    ((p, r),) = shown  # the review's masks: in the volume's grid, nothing predicted below the reference's grid
+    p, r = sitk.GetArrayFromImage(p), sitk.GetArrayFromImage(r)
+    assert p.shape == sitk.GetArrayViewFromImage(prediction).shape and not p[:start].any() and not r[:start].any()
+    assert np.array_equal(p[start:], sitk.GetArrayViewFromImage(prediction)[start:])
+    review = [n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode") if n.GetName().endswith("review")]
+    assert review and sl.segment_ids(review[0])

@@ -160,13 +160,15 @@ def run_comparison(
             row for case_rows in mapper(compare_case, items, [f"{i[1]}: {i[3]}" for i in items]) for row in case_rows
         ]
     else:
-        from AbdomenSegLib.evaluation.reports import CaseClock, flagged_text
+        from AbdomenSegLib.evaluation.reports import CaseClock, flagged_text, outside_text
 
         clock = CaseClock(len(items))
         for index, item in enumerate(items):
             case_rows = compare_case(*item, log=log)
             rows += case_rows
             log(clock.line(index + 1, f"{item[1]}: {item[3]}") + flagged_text(case_rows))
+            if outside_text(case_rows):
+                log(outside_text(case_rows))
     return write_outputs(rows, out_dir)
 
 
@@ -180,7 +182,7 @@ def compare_predictions(
     scored. Returns the summary (evaluation.summarize_apart)."""
     from AbdomenSegLib.core.organs import CONVENTIONS
     from AbdomenSegLib.evaluation.conventions import read_as_ours, resolve_convention, split_source
-    from AbdomenSegLib.evaluation.reports import CaseClock, evaluate_case, flagged_text
+    from AbdomenSegLib.evaluation.reports import CaseClock, evaluate_case, flagged_text, outside_text
 
     out_dir = Path(out_dir)
     _check_outputs(out_dir, overwrite)
@@ -249,6 +251,8 @@ def compare_predictions(
             rows += case_rows
             done += 1
             log(clock.line(done, f"{name}: {case}") + flagged_text(case_rows))
+            if outside_text(case_rows):
+                log(outside_text(case_rows))
     return write_outputs(rows, out_dir)
 
 
@@ -429,9 +433,10 @@ def box_plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from AbdomenSegLib.evaluation.metrics import UNSCORED
     from AbdomenSegLib.evaluation.reports import EXTRA, MISSED
 
-    rows = [r for r in rows if r["status"] != "absent_both"]
+    rows = [r for r in rows if r["status"] not in UNSCORED]
     models = sorted({r["model"] for r in rows})
     organs = list(dict.fromkeys(r["organ"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, len(organs) * len(models) * 0.45 + 2), 4.8))

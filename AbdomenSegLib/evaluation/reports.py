@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from AbdomenSegLib.evaluation.metrics import FIELDS, write_csv
+from AbdomenSegLib.evaluation.metrics import FIELDS, UNSCORED, outside_note, write_csv
 from AbdomenSegLib.io.files import atomic_output
 
 MISSED, EXTRA = "missing_pred", "missing_ref"
@@ -66,6 +66,13 @@ def report_rows(rows: list, warnings: list | None = None, notes: list | None = N
     return out
 
 
+def outside_text(case_rows: list) -> str:
+    """`note: 23.4% of the predicted organs ... lie outside the reference's field of view ...` for a log line when a
+    case's prediction reaches past the reference's grid by more than metrics.OUTSIDE_NOTE_FRACTION, else ""."""
+    note = outside_note(case_rows)
+    return f"note: {case_rows[0]['case'] or 'this case'}: {note}" if note else ""
+
+
 def flagged_text(case_rows: list) -> str:
     """` FLAGGED (...)` for a log line when the case's result check warned, else ""."""
     if case_rows and case_rows[0].get("qc_warnings"):
@@ -76,10 +83,11 @@ def flagged_text(case_rows: list) -> str:
 
 def summarize_apart(rows: list) -> list:
     """Per (model, organ): mean and sd over the n cases where both maps hold the organ; missed, extra and flagged
-    (cases the result check warned about) counted apart. Organs absent from both maps are left out."""
+    (cases the result check warned about) counted apart. Organs absent from both maps (or predicted only outside the
+    reference's field of view) are left out."""
     groups: dict = {}
     for row in rows:
-        if row["status"] != "absent_both":
+        if row["status"] not in UNSCORED:
             groups.setdefault((row.get("model", ""), row["organ"]), []).append(row)
     summary = []
     for (model, organ), items in groups.items():
@@ -202,6 +210,10 @@ def markdown_report(summary: list, rows: list) -> str:
     if flagged:
         parts.append("\nFlagged by the result check (their rows are in the means; see metrics.csv qc_flags):\n")
         parts += [f"- {m}: {c}: {f}\n" for m, c, f in flagged]
+    partial = _outside_notes(rows)
+    if partial:
+        parts.append("\nPredictions reaching past the reference's field of view (scored inside it only):\n")
+        parts += [f"- {m}: {c}: {note}\n" for (m, c), note in partial.items()]
     tests = paired_tests(rows)
     if tests:
         parts.append("\n| organ | models | n | mean Dice difference | Wilcoxon p |\n|---|---|---|---|---|\n")
@@ -212,6 +224,15 @@ def markdown_report(summary: list, rows: list) -> str:
             for t in tests
         ]
     return "".join(parts)
+
+
+def _outside_notes(rows: list) -> dict:
+    """{(model, case): outside_note} of the cases whose prediction reaches past the reference's field of view."""
+    cases: dict = {}
+    for row in rows:
+        cases.setdefault((row.get("model", ""), row["case"]), []).append(row)
+    notes = {key: outside_note(case_rows) for key, case_rows in sorted(cases.items())}
+    return {key: note for key, note in notes.items() if note}
 
 
 def source_organs(prediction, convention: str) -> list:
@@ -246,13 +267,16 @@ def _installed(name: str):
 
 
 def evaluate_case(prediction: sitk.Image, reference: sitk.Image, **settings) -> list:
-    """metrics.evaluate's rows for one case with the result check of the prediction beside them (report_rows)."""
+    """metrics.evaluate's rows for one case with the result check of the prediction beside them (report_rows); a
+    prediction reaching past the reference's field of view gets that note among the check's notes (qc_flags)."""
     from AbdomenSegLib.evaluation.metrics import evaluate
 
     rows = evaluate(prediction, reference, **settings)
     convention = settings.get("prediction_convention", "abdomenseg")
     organs = settings.get("organs") or [r["organ"] for r in rows]
-    return report_rows(rows, *case_check(prediction, convention, organs))
+    warnings, notes, pieces = case_check(prediction, convention, organs)
+    note = outside_note(rows)
+    return report_rows(rows, warnings, notes + [note] if note else notes, pieces)
 
 
 class CaseClock:

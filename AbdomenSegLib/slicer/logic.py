@@ -338,7 +338,9 @@ def _remove_with_display(scene, labelmap) -> None:
 
 
 def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_COLOR_NAMES) -> sitk.Image:
-    """A reference in our organ table and the geometry volume's grid.
+    """A reference in our organ table: a segmentation node in the geometry volume's grid, a labelmap in its own grid
+    (checked to overlap the volume's), so that `evaluate` scores it inside its field of view only (issue 31: a
+    labelmap over part of the volume, resampled here, made the prediction's voxels outside it false positives).
 
     Segmentation nodes are matched segment by segment (terminology, then name). A labelmap's numbers
     mean nothing by themselves: BTCV's 1 is the spleen, ours the liver. They are read by the names in
@@ -370,7 +372,8 @@ def reference_to_labels(scene, reference_node, geometry_volume, convention=FROM_
         array = convert_labels(raw, convention)
     converted = sitk.GetImageFromArray(array)
     converted.CopyInformation(image)
-    return align_reference(converted, volume_node_to_image(geometry_volume))
+    align_reference(converted, volume_node_to_image(geometry_volume))  # refuses a reference elsewhere in space
+    return converted
 
 
 def _labels_by_color_names(labelmap_node, raw: np.ndarray) -> np.ndarray | None:
@@ -404,6 +407,7 @@ COLUMN_TITLES = {
     "volume_pred_ml": "Volume",
     "volume_ref_ml": "Reference volume",
     "volume_diff_ml": "Volume difference",
+    "outside_reference_ml": "Outside reference",
     "model": "Model",
     "confidence": "Confidence",
     "mean": "Mean",
@@ -435,15 +439,21 @@ def rows_to_table(scene, rows, name, columns=None):
         "volume_pred_ml",
         "volume_ref_ml",
         "volume_diff_ml",
+        "outside_reference_ml",
     ]
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
     for key in columns:
-        numeric = bool(rows) and isinstance(rows[0].get(key), (int, float)) and not isinstance(rows[0].get(key), bool)
+        # None: no value (an organ outside the region both grids cover has no Dice): NaN in a numeric column
+        present = [row.get(key) for row in rows if row.get(key) is not None]
+        numeric = bool(present) and isinstance(present[0], (int, float)) and not isinstance(present[0], bool)
         array = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
         array.SetName(COLUMN_TITLES.get(key, key))
         for row in rows:
-            array.InsertNextValue(float(row[key]) if numeric else str(row.get(key, "")))
+            value = row.get(key)
+            array.InsertNextValue(
+                (float("nan") if value is None else float(value)) if numeric else ("" if value is None else str(value))
+            )
         table.AddColumn(array)
     for key in columns:
         unit, description = METRIC_UNITS.get(key, ("", ""))
@@ -774,8 +784,16 @@ class AbdomenSegCore:
             model=segmentation_node.GetAttribute("AbdomenSeg.model") or "",
         )
         table = rows_to_table(self.scene, rows, name or f"{segmentation_node.GetName()} vs {reference_node.GetName()}")
-        if review:
-            self.review_segments(prediction, reference, volume_node, f"{segmentation_node.GetName()} review")
+        if review:  # voxel by voxel in the volume's grid, inside the reference's field of view only
+            from AbdomenSegLib.evaluation.metrics import align_reference, field_of_view
+
+            covered = field_of_view(reference, prediction)
+            shown = prediction
+            if covered is not None:
+                shown = sitk.GetImageFromArray(np.where(covered, sitk.GetArrayViewFromImage(prediction), 0))
+                shown.CopyInformation(prediction)
+            reference = align_reference(reference, prediction)
+            self.review_segments(shown, reference, volume_node, f"{segmentation_node.GetName()} review")
         return table
 
     def review_segments(self, prediction: sitk.Image, reference: sitk.Image, volume_node, name):
