@@ -155,7 +155,10 @@ def _segment(args) -> int:
     # Another folder run into the same folder shares it (each takes the cases it claims first); a Dask run refuses.
     from AbdomenSegLib.cohort.sharing import share_folder
 
-    with share_folder(output, cluster=distributed) if batch else contextlib.nullcontext([]) as others:
+    sharing: contextlib.AbstractContextManager[list] = (
+        share_folder(output, cluster=distributed) if batch else contextlib.nullcontext([])
+    )
+    with sharing as others:
         for owner in others:
             _log(f"another run ({owner}) is writing '{output}' too: the cases it holds are left to it")
         # (an ensemble's members each prepare the scan for their own grid)

@@ -198,3 +198,17 @@ def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["segment", str(tmp_path / "missing.nii.gz"), str(tmp_path / "out.nii.gz")]) == 2
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_folder_run_into_an_immutable_folder_is_refused_before_any_work(tmp_path, tiny_package, capsys):
+    images, out = _cases(tmp_path / "images", 2), tmp_path / "out"
+    out.mkdir()
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        assert main(["segment", str(images), str(out), "--model", str(tiny_package.path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: cannot write in the output folder") and "Traceback" not in "\n".join(err)
+    finally:
+        subprocess.run(["chattr", "-i", str(out)])
+    assert not list(out.iterdir())

@@ -31,9 +31,16 @@ def share_folder(folder, *, cluster: bool) -> Iterator[list]:
     """Announce this run in `folder` while it runs; yields the other live runs writing it ("process <pid> on
     <host>"). Refused (AbdomenSegError) when this or another of them is a Dask run."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"{RUN_LOCK_PREFIX}{uuid.uuid4().hex[:12]}.lock"
-    if not try_lock(mine, _CLUSTER if cluster else _LOCAL):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        announced = try_lock(mine, _CLUSTER if cluster else _LOCAL)
+    except OSError as exc:  # read-only, full: the first file this run writes there
+        raise AbdomenSegError(
+            f"cannot write in the output folder '{printable(str(folder))}' ({exc.strerror or exc})",
+            "choose an output folder you can write to",
+        ) from None
+    if not announced:  # a random name taken: cannot happen but by a copy of this very file
         raise AbdomenSegError(f"cannot announce this run in '{printable(str(folder))}'", "run it again")
     try:
         yield _others(folder, mine, cluster)

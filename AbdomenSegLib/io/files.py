@@ -260,6 +260,10 @@ def try_lock(lock: Path, note: str = "") -> bool:
             continue
         try:
             os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()} {note}".rstrip().encode() + b"\n")
+        except BaseException:  # a full disk, a signal: no empty lock left that nobody could tell as stale
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            raise
         finally:
             os.close(fd)
         return True
