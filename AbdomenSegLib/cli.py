@@ -237,9 +237,15 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     from AbdomenSegLib.evaluation.reports import CaseClock
 
     clock = CaseClock(len(targets))
+    # --overwrite replaces the outputs that were there when this run began, not those another run writes meanwhile.
+    found = {dst: _file_stamp(dst) for _, _, dst in targets} if batch and args.overwrite else {}
     try:
         for index, (name, src, dst) in enumerate(targets, start=1):
             tag = f"[{index}/{len(targets)}] {name}"
+            if found and _file_stamp(dst) not in (None, found[dst]):
+                elsewhere.append(name)
+                _log(f"{tag}: written by another run while this one ran, left as it is")
+                continue
             if batch and dst.exists() and not args.overwrite:
                 skipped += 1
                 earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
