@@ -6,9 +6,12 @@ Errors a user can fix print one line (`error: <problem>. <fix>`) and exit with s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,9 +152,18 @@ def _segment(args) -> int:
 
         return prepare_input(stages[0] if stages else card, image, args.input_intensity)
 
-    # (an ensemble's members each prepare the scan for their own grid)
-    with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
-        return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
+    # Another folder run into the same folder shares it (each takes the cases it claims first); a Dask run refuses.
+    from AbdomenSegLib.cohort.sharing import share_folder
+
+    sharing: contextlib.AbstractContextManager[list] = (
+        share_folder(output, cluster=distributed) if batch else contextlib.nullcontext([])
+    )
+    with sharing as others:
+        for owner in others:
+            _log(f"another run ({owner}) is writing '{output}' too: the cases it holds are left to it")
+        # (an ensemble's members each prepare the scan for their own grid)
+        with ReadAhead([] if distributed else reads, prepare=None if card.members else prepare) as read_ahead:
+            return _segment_cases(args, card, targets, batch, output, distributed, read_ahead)
 
 
 def _options(args, organs):
@@ -187,6 +199,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     from AbdomenSegLib.cohort.manifest import Manifest, case_row, device_label, run_options
     from AbdomenSegLib.core.precision import resolve_precision
     from AbdomenSegLib.inference.predictor import get_segmenter
+    from AbdomenSegLib.io.files import OutputClaimed
     from AbdomenSegLib.qc.outputs import check_and_record, organ_table, summary_lines
     from AbdomenSegLib.qc.statistics import intensity_unit
 
@@ -220,12 +233,19 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     qc_files = _qc_files(args, output, batch)
     manifest = Manifest(output) if batch else None  # read before any work: an unreadable one refuses the run
     failures, flagged, written, skipped, todo = [], [], 0, 0, []
+    elsewhere = []  # cases another live run held: it segments them and records their rows
     from AbdomenSegLib.evaluation.reports import CaseClock
 
     clock = CaseClock(len(targets))
+    # --overwrite replaces the outputs that were there when this run began, not those another run writes meanwhile.
+    found = {dst: _file_stamp(dst) for _, _, dst in targets} if batch and args.overwrite else {}
     try:
         for index, (name, src, dst) in enumerate(targets, start=1):
             tag = f"[{index}/{len(targets)}] {name}"
+            if found and _file_stamp(dst) not in (None, found[dst]):
+                elsewhere.append(name)
+                _log(f"{tag}: written by another run while this one ran, left as it is")
+                continue
             if batch and dst.exists() and not args.overwrite:
                 skipped += 1
                 earlier = qc_files.add_existing(name)  # its earlier result check stays in qc.csv and counts
@@ -241,7 +261,7 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
             if distributed:
                 todo.append((index, name, src, dst))
                 continue
-            start = time.time()
+            start, before = time.time(), _file_stamp(dst)
             try:
                 image, labels = segment_one(
                     segmenter,
@@ -254,6 +274,22 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                     read=read_ahead.get_prepared,
                 )
                 written += 1
+                if manifest:  # the output is written: its row goes in before anything (a signal) can stop the run
+                    manifest.record(
+                        case_row(name, src, dst, "done", seconds=time.time() - start, device=device, **model)
+                    )
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: an output published just before it is in the manifest too
+                if manifest and _file_stamp(dst) not in (None, before):
+                    manifest.record(
+                        case_row(name, src, dst, "done", seconds=time.time() - start, device=device, **model)
+                    )
+                raise
+            except OutputClaimed as exc:
+                if not batch:
+                    raise
+                elsewhere.append(name)
+                _log(f"{tag}: being segmented by another run ({exc.owner}), left to it")
+                continue
             except AbdomenSegError as exc:
                 if not batch:
                     raise
@@ -298,15 +334,29 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
     finally:
         if manifest:
             manifest.write()
+    for name in elsewhere:  # the other run's result checks, for the cases it has finished by now, stay in qc.csv
+        qc_files.add_existing(name)
     for path in qc_files.finish():
         _log(f"result check: {path}")
     if batch:
         assert manifest is not None
         _log(f"manifest: {manifest.path}")
-        _log(f"{written} written ({len(flagged)} with warnings), {skipped} skipped, {len(failures)} failed")
+        shared = f"{len(elsewhere)} left to another run, " if elsewhere else ""
+        _log(f"{written} written ({len(flagged)} with warnings), {skipped} skipped, {shared}{len(failures)} failed")
+        if elsewhere and not written and not failures:
+            _log(f"this run segmented no case: another run is segmenting {len(elsewhere)}; the manifest gets its rows")
     if failures:
         return 1
     return EXIT_FLAGGED if flagged else 0
+
+
+def _file_stamp(path) -> tuple | None:
+    """(inode, modification time) of a file, None when there is none: tells whether this run replaced it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _on_cluster(args, batch) -> bool:
@@ -963,9 +1013,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that it takes the same way out: output locks and
+    temporary files removed, the manifest written with every case finished (the finally blocks on the way)."""
+
+
+def _sigterm_as_interrupt():
+    """Handle SIGTERM like SIGINT while a command runs; returns what puts the previous handler back (the Slicer
+    engine worker calls `main` once per request). Only the main thread may set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second must not cut the clean-up short
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _cancelled(exc: BaseException) -> int:
+    """The exit status of a cancelled command, as a shell reports a process a signal ended: 130 (128 + SIGINT) for
+    Ctrl-C, 143 (128 + SIGTERM) for SIGTERM. A Dask run turns the interrupt into Cancelled on its way out."""
+    terminated = isinstance(exc, _Terminated) or isinstance(exc.__context__, _Terminated)
+    print("cancelled (SIGTERM)" if terminated else "cancelled", file=sys.stderr, flush=True)
+    return 143 if terminated else 130
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     json_lines = args.json_lines = _JsonLines() if getattr(args, "progress_json", False) else None
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         code = args.func(args)
         if json_lines:
@@ -984,13 +1062,14 @@ def main(argv=None) -> int:
         if json_lines:
             json_lines.emit(error=str(exc))
         return 2
-    except Cancelled:
-        print("cancelled", file=sys.stderr)
-        return 130
+    except Cancelled as exc:
+        return _cancelled(exc)
     except Exception as exc:
         if json_lines:
             json_lines.emit(error=f"unexpected {type(exc).__name__}: {exc}. See the log (stderr) for details")
         raise
+    finally:
+        restore_sigterm()
 
 
 def run() -> None:
@@ -998,7 +1077,10 @@ def run() -> None:
     written and closed and the streams are flushed, leave without the interpreter's tear-down. That tear-down
     (freeing torch and its thread pools) took ~0.4 s of a 4 s segment run here, and writes nothing. An unexpected
     exception still leaves the ordinary way, with its traceback."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: locks, temporary files and manifest were seen to on the way
+        code = _cancelled(exc)
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # None under pythonw

@@ -13,10 +13,15 @@ re-run with another model, weights, quality or options into the same folder is r
 (`check_same_run`): the folder would mix two models' outputs under one manifest.
 Rows of cases that are not part of a run (another glob into the same folder) are kept. The file is written
 whole or not at all (temp file + rename), every few seconds during a run and at its end.
+
+Two runs may write one folder at once (cohort/sharing.py): each write is a read-modify-write under a short lock
+(`.manifest.csv.lock`, O_EXCL, removed at once): the rows on disk, with this run's own rows laid over them. Neither run
+loses the other's rows, and a `skipped` row of this run never hides the other run's `done` row for that output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.untrusted import load_json
-from AbdomenSegLib.io.files import atomic_output
+from AbdomenSegLib.io.files import atomic_output, lock_holder, lock_path, try_lock
 
 NAME = "manifest.csv"
 FIELDS = (
@@ -183,17 +188,19 @@ def _column_order(rows) -> list:
 
 class Manifest:
     """The manifest of a folder run: earlier rows read at the start, rows recorded as cases end, written atomically
-    at most every `flush_s` seconds and by `write()`."""
+    at most every `flush_s` seconds and by `write()`, each time merged with what another run wrote meanwhile."""
 
-    def __init__(self, folder, *, flush_s: float = 5.0):
+    def __init__(self, folder, *, flush_s: float = 5.0, lock_wait_s: float = 30.0):
         self.path = Path(folder) / NAME
         self.rows = read_manifest(self.path)
-        self.flush_s = flush_s
+        self.flush_s, self.lock_wait_s = flush_s, lock_wait_s
+        self._mine: set = set()  # the cases this run recorded: only these override the rows on disk
         self._written = time.monotonic()
         self._dirty = False
 
     def record(self, row: dict) -> dict:
         self.rows[row["case"]] = row
+        self._mine.add(row["case"])
         self._dirty = True
         if time.monotonic() - self._written >= self.flush_s:
             self.write()
@@ -224,18 +231,61 @@ class Manifest:
         return {s: sum(r.get("status") == s for r in rows) for s in STATUSES}
 
     def write(self) -> Path | None:
-        """Write the manifest whole (temp file + rename); nothing when no row was ever recorded."""
+        """Write the manifest whole (temp file + rename), merged under the lock with the rows another run wrote
+        since this one read it; nothing when no row was ever recorded."""
         if not self.rows:
             return None
-        rows = [self.rows[c] for c in sorted(self.rows)]
-        fields = _column_order(rows)
-        with atomic_output(self.path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        with self._locked():
+            self.rows = _merge(read_manifest(self.path), self.rows, self._mine)
+            rows = [self.rows[c] for c in sorted(self.rows)]
+            fields = _column_order(rows)
+            with atomic_output(self.path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", restval="")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
         self._written, self._dirty = time.monotonic(), False
         return self.path
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold `.manifest.csv.lock` for one read-modify-write (milliseconds); wait up to `lock_wait_s` for another
+        run's, and take over one whose process is gone."""
+        lock = lock_path(self.path)
+        deadline = time.monotonic() + self.lock_wait_s
+        while not try_lock(lock):
+            if time.monotonic() > deadline:
+                _, owner, _ = lock_holder(lock)
+                raise AbdomenSegError(
+                    f"the manifest '{self.path}' stayed locked by another run ({owner}) for {self.lock_wait_s:g} s",
+                    f"if no such run exists, delete '{lock}' and run again (finished outputs are skipped)",
+                )
+            time.sleep(0.02)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+
+
+def _merge(on_disk: dict, rows: dict, mine: set) -> dict:
+    """The rows on disk, with the rows this run recorded (`mine`) laid over them; rows this run only read keep what
+    the disk says now. A `skipped` row of ours (the output was there when we looked) yields to a `done` row for the
+    same output: another run wrote it while we ran."""
+    merged = dict(on_disk)
+    for case in mine:
+        ours, theirs = rows[case], on_disk.get(case)
+        keep_theirs = (
+            ours.get("status") == "skipped"
+            and theirs is not None
+            and theirs.get("status") == "done"
+            and theirs.get("output") == str(ours.get("output"))
+        )
+        if not keep_theirs:
+            merged[case] = ours
+    for case, row in rows.items():  # read at our start, since gone from the file (moved away): kept
+        merged.setdefault(case, row)
+    return merged
 
 
 def _read_json(path):

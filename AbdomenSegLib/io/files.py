@@ -150,9 +150,10 @@ def claim_output(path, *, overwrite: bool = False):
             break
         except FileExistsError:
             if not _remove_stale_lock(lock):
-                raise AbdomenSegError(
+                raise OutputClaimed(
                     f"output '{path}' is being written by another AbdomenSeg run ({_lock_owner(lock)})",
                     f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
+                    owner=_lock_owner(lock),
                 ) from None
         except OSError as exc:
             raise AbdomenSegError(
@@ -168,6 +169,14 @@ def claim_output(path, *, overwrite: bool = False):
     finally:
         with contextlib.suppress(OSError):
             lock.unlink()
+
+
+class OutputClaimed(AbdomenSegError):
+    """The output is held by another live run (its lock): a folder run leaves that case to it."""
+
+    def __init__(self, problem: str, fix: str = "", owner: str = ""):
+        super().__init__(problem, fix)
+        self.owner = owner  # "process <pid> on <host>"
 
 
 def _lock_owner(lock: Path) -> str:
@@ -237,3 +246,37 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     with atomic_output(path, ".json") as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(path)
+
+
+def try_lock(lock: Path, note: str = "") -> bool:
+    """Create `lock` (O_EXCL) naming this host and process (and `note`); False while another live process holds it.
+    A lock left by a dead process of this host is removed and taken. The caller removes it when done."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _remove_stale_lock(lock):
+                return False
+            continue
+        try:
+            os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()} {note}".rstrip().encode() + b"\n")
+        except BaseException:  # a full disk, a signal: no empty lock left that nobody could tell as stale
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            raise
+        finally:
+            os.close(fd)
+        return True
+    return False
+
+
+def lock_holder(lock: Path) -> tuple:
+    """(live, "process <pid> on <host>", note) of an existing lock; a lock of a dead process of this host is removed
+    (live False). One that cannot be read yet (its writer between create and write) counts as live."""
+    if _remove_stale_lock(lock):
+        return False, _lock_owner(lock), ""
+    try:
+        note = " ".join(lock.read_text(encoding="utf-8").split()[3:])
+    except OSError:
+        return False, "", ""  # gone meanwhile
+    return True, _lock_owner(lock), note
