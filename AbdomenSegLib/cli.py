@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from AbdomenSegLib.cohort.runner import segment_one
-from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled
+from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled, DiskFull
 from AbdomenSegLib.core.options import (
     DEVICES,
     INPUT_INTENSITIES,
@@ -87,7 +87,7 @@ def _organ_names(text, allowed=None) -> list | None:
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
     from AbdomenSegLib.cohort.batch import expand_inputs, plan_outputs
-    from AbdomenSegLib.io.files import check_name_length, prepare_output, sweep_partials
+    from AbdomenSegLib.io.files import check_name_length, check_not_symlink, prepare_output, sweep_partials
     from AbdomenSegLib.io.images import check_output_type
     from AbdomenSegLib.models.choice import resolve
 
@@ -109,6 +109,8 @@ def _segment(args) -> int:
             )
         for _, _, dst in targets:
             check_name_length(dst)
+            if args.overwrite or not dst.exists():  # (an existing output is skipped, so never written through)
+                check_not_symlink(dst)  # a dangling link failed after the work as "another process wrote it"
         prepare_output(output / ".probe", overwrite=True)
         for path in sweep_partials(output):
             _log(f"removed {path.name}, left by an interrupted run")
@@ -254,6 +256,8 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                     read=read_ahead.get_prepared,
                 )
                 written += 1
+            except DiskFull:
+                raise  # every later case would fail the same way: the run stops (exit 2)
             except AbdomenSegError as exc:
                 if not batch:
                     raise
@@ -960,6 +964,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from AbdomenSegLib.io.files import NO_SPACE, no_space_error
+
     args = build_parser().parse_args(argv)
     json_lines = args.json_lines = _JsonLines() if getattr(args, "progress_json", False) else None
     try:
@@ -984,6 +990,12 @@ def main(argv=None) -> int:
         print("cancelled", file=sys.stderr)
         return 130
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # a write outside io/files.py's guarded ones
+            error = no_space_error("the output", exc.filename or "its folder", exc)
+            print(f"error: {printable_lines(str(error))}", file=sys.stderr)
+            if json_lines:
+                json_lines.emit(error=str(error))
+            return 2
         if json_lines:
             json_lines.emit(error=f"unexpected {type(exc).__name__}: {exc}. See the log (stderr) for details")
         raise
