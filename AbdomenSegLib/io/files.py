@@ -77,7 +77,10 @@ def sweep_partials(folder) -> list:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _PROBE_BYTES = 4096  # one page: a folder that cannot take it cannot take any output
 _SPACE_PROBE_BYTES = 1 << 20  # after a failed write: room for this much means the failure was not a full disk
-_WHAT = {
+_WHAT = {  # what a full disk stopped, told by the file's name or suffix
+    "manifest.csv": "the manifest",
+    "qc.csv": "the result check's table",
+    "index.html": "the picture index",
     ".png": "the picture",
     ".json": "the report",
     ".csv": "the table",
@@ -316,7 +319,7 @@ def atomic_output(
     except OSError as exc:
         if exc.errno in NO_SPACE:
             raise no_space_error(
-                what or _WHAT.get((suffix or path.suffix).lower(), "the file"), path, exc
+                what or _WHAT.get(path.name) or _WHAT.get((suffix or path.suffix).lower(), "the file"), path, exc
             ) from None
         raise
     finally:
