@@ -371,12 +371,14 @@ def test_read_only_output_folder_of_a_folder_run_is_refused_before_any_work(tmp_
     run = _in_mount_namespace(
         f"mount --bind '{out}' '{out}' && mount -o remount,bind,ro '{out}' && "
         f"{_cli('segment', cases, out, '--model', tiny_package.path)}; echo exit=$?; "
-        f"{_cli('segment', cases / 'ct.nii.gz', out / 'one.nii.gz', '--model', tiny_package.path)}; echo exit=$?"
+        f"{_cli('segment', cases / 'ct.nii.gz', out / 'one.nii.gz', '--model', tiny_package.path)}; echo exit=$?; "
+        f"{_cli('segment', cases, tmp_path / 'elsewhere', '--qc', out / 'qc', '--model', tiny_package.path)}; "
+        "echo exit=$?"
     )
-    lines = run.stdout.splitlines() + run.stderr.splitlines()
-    assert run.stdout.splitlines() == ["exit=2", "exit=2"], run.stderr
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 2 and all("(Read-only file system)" in e for e in errors), run.stderr
+    assert run.stdout.splitlines() == ["exit=2"] * 3, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3 and all("(Read-only file system)" in e for e in errors), run.stderr
+    assert errors[0].startswith("error: cannot write in the output folder") and "result check's folder" in errors[2]
     assert "model " not in run.stderr  # no model was loaded
     assert list(out.iterdir()) == []
 

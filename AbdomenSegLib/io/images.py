@@ -307,7 +307,7 @@ def _write_whole(image: sitk.Image, tmp: str, path: Path, what: str) -> None:
 
     try:
         sitk.WriteImage(image, tmp, useCompression=True)
-        integrity.check_complete(tmp)
+        integrity.check_complete(tmp, written=True)  # its compressed length records, not a second gunzip
     except (RuntimeError, AbdomenSegError) as exc:
         full = space_left_error(Path(tmp).parent)
         if full is not None:

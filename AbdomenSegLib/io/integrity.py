@@ -74,17 +74,22 @@ _NRRD_TYPES = {
 }
 
 
-def check_complete(path) -> None:
+def check_complete(path, *, written: bool = False) -> None:
     """Raise AbdomenSegError when a NIfTI, NRRD or MetaImage file does not hold exactly the voxel data its header
-    declares, or when a NIfTI header contradicts itself."""
+    declares, or when a NIfTI header contradicts itself.
+
+    `written`: a file this process has just written (io.images.write_image), checked against a full disk that cut it
+    short. A compressed stream whose own length record agrees with the header (gzip's ISIZE trailer, MetaImage's
+    CompressedDataSize) is taken as whole without inflating it (a cut stream ends in compressed bytes, which match
+    the declared length by chance once in 2**32); any disagreement gets the full check."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        _check_nifti(path)
+        _check_nifti(path, written)
     elif name.endswith((".nrrd", ".nhdr")):
-        _check_nrrd(path)
+        _check_nrrd(path, written)
     elif name.endswith((".mha", ".mhd")):
-        _check_metaimage(path)
+        _check_metaimage(path, written)
 
 
 def check_readable(path) -> None:
@@ -132,7 +137,7 @@ def is_gzip(path: Path, start: int = 0) -> bool:
 
 
 # -- NIfTI ----------------------------------------------------------------------------------------------
-def _check_nifti(path: Path) -> None:
+def _check_nifti(path: Path, written: bool = False) -> None:
     header = _raw_nifti_header(path)
     if header is None:
         return  # not parseable as NIfTI: ITK's own reader reports it
@@ -143,7 +148,7 @@ def _check_nifti(path: Path) -> None:
             f"'{path}' has its image data at byte {offset}, inside the 352-byte NIfTI header",
             "the header is corrupt: export the image again",
         )
-    actual = _gunzipped_size(path) if is_gzip(path) else path.stat().st_size
+    actual = _gunzipped_size(path, 0, expected if written else None) if is_gzip(path) else path.stat().st_size
     _compare_sizes(path, expected, actual)
     _check_nifti_geometry(path, header)
 
@@ -188,7 +193,7 @@ def _check_nifti_geometry(path: Path, header) -> None:
 
 
 # -- NRRD -----------------------------------------------------------------------------------------------
-def _check_nrrd(path: Path) -> None:
+def _check_nrrd(path: Path, written: bool = False) -> None:
     fields, header_bytes = _nrrd_header(path)
     if fields is None or "sizes" not in fields or "type" not in fields:
         return  # not a plain NRRD header: ITK decides
@@ -210,7 +215,9 @@ def _check_nrrd(path: Path) -> None:
         source, start = path, header_bytes
     # ITK reads data marked gzip that is not compressed as it is: count it as it is.
     compressed = encoding != "raw" and is_gzip(source, start)
-    actual = _gunzipped_size(source, start) if compressed else source.stat().st_size - start
+    actual = (
+        _gunzipped_size(source, start, expected if written else None) if compressed else source.stat().st_size - start
+    )
     if encoding == "raw" and actual != expected and is_gzip(source, start):
         raise AbdomenSegError(
             f"'{path}' declares raw (uncompressed) image data but its data{_in(source, path)} is gzip-compressed",
@@ -258,7 +265,7 @@ _MET_TYPES = {
 }
 
 
-def _check_metaimage(path: Path) -> None:
+def _check_metaimage(path: Path, written: bool = False) -> None:
     fields, header_bytes = _metaimage_header(path)
     if fields is None:
         return  # not a MetaImage header: ITK decides
@@ -279,6 +286,9 @@ def _check_metaimage(path: Path) -> None:
         source, start = path.parent / data_file, 0
         _require_data_file(path, source)
     if fields.get("compresseddata", "false").lower() == "true":
+        declared = fields.get("compresseddatasize", "")
+        if written and declared.isdigit() and source.stat().st_size - start == int(declared):
+            return  # all the compressed bytes ITK counted are there
         actual = _inflated_size(source, start, expected, header=path)
     else:
         actual = source.stat().st_size - start - max(skip, 0)
@@ -362,7 +372,11 @@ def _compare_sizes(path: Path, expected: int, actual: int, header: Path | None =
         )
 
 
-def _gunzipped_size(path: Path, start: int = 0) -> int:
+def _gunzipped_size(path: Path, start: int = 0, trailer_says: int | None = None) -> int:
+    """The size of the gzip stream at `start` once decompressed, its checksum verified. With `trailer_says`, a stream
+    whose ISIZE trailer (the length mod 2**32) records that size is taken as having it, unread."""
+    if trailer_says is not None and _gzip_trailer_size(path) == trailer_says % (1 << 32):
+        return trailer_says
     total = 0
     try:
         with open(path, "rb") as raw:
@@ -376,3 +390,12 @@ def _gunzipped_size(path: Path, start: int = 0) -> int:
             "the compressed file is damaged (interrupted copy or download): copy it again from its source",
         ) from None
     return total
+
+
+def _gzip_trailer_size(path: Path) -> int:
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() < 18:  # a 10-byte header and an 8-byte trailer at least
+            return -1
+        handle.seek(-4, 2)
+        return int.from_bytes(handle.read(4), "little")
