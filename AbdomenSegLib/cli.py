@@ -88,7 +88,7 @@ def _organ_names(text, allowed=None) -> list | None:
 def _segment(args) -> int:
     from AbdomenSegLib.cohort.batch import expand_inputs, plan_outputs
     from AbdomenSegLib.io.files import check_name_length, check_not_symlink, prepare_output, sweep_partials
-    from AbdomenSegLib.io.images import check_output_type
+    from AbdomenSegLib.io.images import check_input_header, check_output_type
     from AbdomenSegLib.models.choice import resolve
 
     _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
@@ -119,6 +119,7 @@ def _segment(args) -> int:
         if src.exists() and output.exists() and src.resolve() == output.resolve():
             raise AbdomenSegError(f"output '{output}' would overwrite the input", "choose another output path")
         check_output_type(output, [src])
+        check_input_header(src)  # complex voxels, NIfTI-2, a size beyond the limits: before the model loads
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])

@@ -656,16 +656,34 @@ def test_the_nifti2_advice_converts_the_file(tmp_path):
     assert converted.GetSize() == (64, 56, 24) and np.allclose(converted.GetSpacing(), (6.0, 6.0, 10.0))
 
 
-def test_a_dangling_symlink_output_is_refused_before_the_model_loads(tmp_path, tiny_package, monkeypatch, capsys):
+@pytest.mark.parametrize("make", [output_a_dangling_symlink, complex64_nifti, nifti2, gzipped_nii_named_nii])
+def test_refused_before_the_model_is_resolved(tmp_path, tiny_package, monkeypatch, capsys, make):
+    """The output's name and the input's header are checked before the model is looked up and loaded."""
     import AbdomenSegLib.models.choice as choice
 
     def no_model(*args, **kwargs):
-        raise AssertionError("the model was resolved before the output was checked")
+        raise AssertionError("the model was resolved before the refusal")
 
+    argv = make(tmp_path, str(tiny_package.path))
     monkeypatch.setattr(choice, "resolve", no_model)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_dangling_symlink_output_stays_as_it_was(tmp_path, tiny_package):
     assert main(output_a_dangling_symlink(tmp_path, str(tiny_package.path))) == 2
-    assert "symbolic link" in capsys.readouterr().err
     assert (tmp_path / "out.nii.gz").is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_nrrd_marked_gzip_holding_raw_data_whole_is_read(tmp_path):
+    """ITK reads it as it is, so the size check counts it as it is (it was refused as "not a gzipped file")."""
+    from AbdomenSegLib.io.images import read_image
+
+    path = _phantom_bytes(tmp_path, "ct.nrrd", False)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    head, body = path.read_bytes().split(b"\n\n", 1)
+    path.write_bytes(head.replace(b"encoding: raw", b"encoding: gzip") + b"\n\n" + body)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), expected)
 
 
 HOSTILE = [

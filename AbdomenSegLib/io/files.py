@@ -110,8 +110,10 @@ def _write_probe(folder: Path, size: int, sync: bool) -> None:
         if sync:  # network file systems report a full disk at the flush only
             os.fsync(fd)
     finally:
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)  # (where a network file system reports the full disk)
+        finally:
+            os.unlink(probe)
 
 
 def space_left_error(folder) -> OSError | None:

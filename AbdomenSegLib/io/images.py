@@ -61,13 +61,32 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
             _check_header(path)
             image = _read_checked(path)
     except RuntimeError as exc:
-        raise AbdomenSegError(
-            f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
-            "give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder holding one DICOM series",
-        ) from None
+        raise _unreadable(path, exc) from None
     image = _squeeze_to_3d(image, path)
     limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
     return image
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> AbdomenSegError:
+    return AbdomenSegError(
+        f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
+        "give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder holding one DICOM series",
+    )
+
+
+def check_input_header(path) -> None:
+    """What an image file's header alone shows (its type, a NIfTI variant ITK cannot read, complex voxels, size and
+    spacing), checked before any work such as loading the model: milliseconds, no voxel data read. Anything else,
+    including what is no regular image file, is left to `read_image`."""
+    path = Path(path)
+    if not path.is_file() or path.name.lower().endswith(".dcm") or not image_suffix(path):
+        return
+    try:
+        _check_known_type(path)
+        integrity.check_readable(path)
+        _check_header(path)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -136,8 +155,9 @@ def _check_header(path: Path) -> None:
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     if reader.GetPixelID() in _COMPLEX:  # its pixels crashed the intensity checks further on
+        kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
         raise AbdomenSegError(
-            f"'{path}' holds complex-valued voxels ({sitk.GetPixelIDValueAsString(reader.GetPixelID())}), not a CT or MR intensity image",
+            f"'{path}' holds complex-valued voxels ({kind}), not a CT or MR intensity image",
             "give the magnitude image (the absolute value of each voxel) or another real-valued image",
         )
     size = reader.GetSize()
