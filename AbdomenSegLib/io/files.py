@@ -91,7 +91,8 @@ _WHAT = {  # what a full disk stopped, told by the file's name or suffix
 }
 
 
-def no_space_error(what: str, path, exc: OSError) -> DiskFull:
+def no_space_error(what: str, path: object, exc: OSError) -> DiskFull:
+    """The error a full disk (ENOSPC) or used-up quota (EDQUOT) while writing `what` at `path` becomes."""
     cause = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
     return DiskFull(
         f"{cause} while writing {what} ('{printable(str(path))}'); nothing was left half-written",
