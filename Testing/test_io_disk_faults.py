@@ -413,3 +413,17 @@ def test_written_outputs_pass_their_own_check(tmp_path):
         assert np.array_equal(sitk.GetArrayViewFromImage(read_image(tmp_path / name)), sitk.GetArrayViewFromImage(ct))
     write_labels(labels, tmp_path / "labels.seg.nrrd")
     assert read_image(tmp_path / "labels.seg.nrrd").GetSize() == labels.GetSize()
+
+
+def test_full_disk_at_the_metrics_csv_of_evaluate(tmp_path, monkeypatch, capsys):
+    _, labels = make_phantom(size=(32, 28, 12))
+    sitk.WriteImage(labels, str(tmp_path / "pred.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "ref.nii.gz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(monkeypatch, out, _partial(".csv"))
+    argv = ["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), "--csv", str(out / "m.csv")]
+    assert main(argv) == 2
+    monkeypatch.undo()
+    assert "error: no space left on device while writing the table (" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
