@@ -157,8 +157,9 @@ def _check_header(path: Path) -> None:
     if reader.GetPixelID() in _COMPLEX:  # its pixels crashed the intensity checks further on
         kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
         raise AbdomenSegError(
-            f"'{path}' holds complex-valued voxels ({kind}), not a CT or MR intensity image",
-            "give the magnitude image (the absolute value of each voxel) or another real-valued image",
+            f"'{path}' holds complex-valued voxels ({kind}), which neither a scan nor a label map has",
+            "give a real-valued image: for a complex MR reconstruction, its magnitude (the absolute value of each "
+            "voxel)",
         )
     size = reader.GetSize()
     if len(size) == 4 and size[3] == 1:
