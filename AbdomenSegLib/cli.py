@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from AbdomenSegLib.cohort.runner import segment_one
-from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled
+from AbdomenSegLib.core.errors import AbdomenSegError, Cancelled, DiskFull
 from AbdomenSegLib.core.options import (
     DEVICES,
     INPUT_INTENSITIES,
@@ -90,8 +90,8 @@ def _organ_names(text, allowed=None) -> list | None:
 # -- segment ------------------------------------------------------------------------------------
 def _segment(args) -> int:
     from AbdomenSegLib.cohort.batch import expand_inputs, plan_outputs
-    from AbdomenSegLib.io.files import check_name_length, prepare_output, sweep_partials
-    from AbdomenSegLib.io.images import check_output_type
+    from AbdomenSegLib.io.files import check_name_length, check_not_symlink, prepare_output, sweep_partials
+    from AbdomenSegLib.io.images import check_input_header, check_output_type
     from AbdomenSegLib.models.choice import resolve
 
     _organ_names(args.organs)  # a typo must not cost a run: checked before anything else
@@ -112,6 +112,8 @@ def _segment(args) -> int:
             )
         for _, _, dst in targets:
             check_name_length(dst)
+            if args.overwrite or not dst.exists():  # (an existing output is skipped, so never written through)
+                check_not_symlink(dst)  # a dangling link failed after the work as "another process wrote it"
         prepare_output(output / ".probe", overwrite=True)
         for path in sweep_partials(output):
             _log(f"removed {path.name}, left by an interrupted run")
@@ -120,6 +122,7 @@ def _segment(args) -> int:
         if src.exists() and output.exists() and src.resolve() == output.resolve():
             raise AbdomenSegError(f"output '{output}' would overwrite the input", "choose another output path")
         check_output_type(output, [src])
+        check_input_header(src)  # complex voxels, NIfTI-2, a size beyond the limits: before the model loads
         prepare_output(output, overwrite=args.overwrite)
         targets = [(name, src, output)]
     _check_qc_paths(args, batch, [src for _, src, _ in targets])
@@ -290,6 +293,8 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
                 elsewhere.append(name)
                 _log(f"{tag}: being segmented by another run ({exc.owner}), left to it")
                 continue
+            except DiskFull:
+                raise  # every later case would fail the same way: the run stops (exit 2)
             except AbdomenSegError as exc:
                 if not batch:
                     raise
@@ -1041,6 +1046,8 @@ def _cancelled(exc: BaseException) -> int:
 
 
 def main(argv=None) -> int:
+    from AbdomenSegLib.io.files import NO_SPACE, no_space_error
+
     args = build_parser().parse_args(argv)
     json_lines = args.json_lines = _JsonLines() if getattr(args, "progress_json", False) else None
     restore_sigterm = _sigterm_as_interrupt()
@@ -1065,6 +1072,12 @@ def main(argv=None) -> int:
     except Cancelled as exc:
         return _cancelled(exc)
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # a write outside io/files.py's guarded ones
+            error = no_space_error("the output", exc.filename or "its folder", exc)
+            print(f"error: {printable_lines(str(error))}", file=sys.stderr)
+            if json_lines:
+                json_lines.emit(error=str(error))
+            return 2
         if json_lines:
             json_lines.emit(error=f"unexpected {type(exc).__name__}: {exc}. See the log (stderr) for details")
         raise

@@ -541,6 +541,8 @@ def test_shuffled_multiframe_is_segmented_in_the_series_grid(tmp_path, tiny_pack
     assert np.allclose(out.GetSpacing(), series.GetSpacing(), atol=1e-5)
     assert np.allclose(out.GetOrigin(), series.GetOrigin(), atol=1e-3)
     assert np.allclose(out.GetDirection(), series.GetDirection(), atol=1e-6)
+
+
 # -- issue 31 round two: evaluate ---------------------------------------------------------------------
 def _labels_with(tmp, edit, name, dtype):
     """The phantom's labels edited (`edit(array)`) and written as `name` in `dtype`; the intact labels as pred."""
@@ -640,6 +642,256 @@ def test_evaluate_reference_over_the_upper_quarter_scores_inside_it(tmp_path, ca
     assert set(tmp_path.iterdir()) - before == {tmp_path / "m.csv", tmp_path / "m_summary.csv"}
 
 
+# -- issue 31 round two: formats, encodings and disk faults -----------------------------------------
+# Compression is read from the bytes, not the name; detached data files are named with their header; formats the
+# reader cannot take (NIfTI-2, complex voxels) are named; an output name that is a symbolic link is refused.
+def _phantom_bytes(tmp, name, compress):
+    """The phantom CT written under `name`, with ITK's compression switched by `compress` (ITK picks the
+    format from the name)."""
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    sitk.WriteImage(ct, str(tmp / name), useCompression=compress)
+    return tmp / name
+
+
+def _cut(path, fraction):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+    return path
+
+
+def _segment_argv(tmp, model, path, out="out.nii.gz"):
+    return ["segment", str(path), str(tmp / out), "--model", model]
+
+
+def nii_gz_holding_raw_data_cut_to_60_percent(tmp, model):
+    """Was read zero-filled with exit 0: the check could not gunzip it, and ITK reads raw data under .gz."""
+    raw = _phantom_bytes(tmp, "ct.nii", False)
+    raw.rename(tmp / "ct.nii.gz")
+    return _segment_argv(tmp, model, _cut(tmp / "ct.nii.gz", 0.6))
+
+
+def gzipped_nii_named_nii(tmp, model):
+    """ITK finds no reader for it; it was "could not be read ... give a NIfTI"."""
+    _phantom_bytes(tmp, "ct.nii.gz", True).rename(tmp / "ct.nii")
+    return _segment_argv(tmp, model, tmp / "ct.nii")
+
+
+def nrrd_marked_gzip_holding_raw_data_cut(tmp, model):
+    """ITK reads raw data marked gzip as it is: the check now counts it as it is."""
+    path = _phantom_bytes(tmp, "ct.nrrd", False)
+    head, body = path.read_bytes().split(b"\n\n", 1)
+    path.write_bytes(head.replace(b"encoding: raw", b"encoding: gzip") + b"\n\n" + body[: len(body) // 2])
+    return _segment_argv(tmp, model, path)
+
+
+def nrrd_marked_raw_holding_gzip_data(tmp, model):
+    import gzip
+
+    path = _phantom_bytes(tmp, "ct.nrrd", False)
+    head, body = path.read_bytes().split(b"\n\n", 1)
+    path.write_bytes(head + b"\n\n" + gzip.compress(body))
+    return _segment_argv(tmp, model, path)
+
+
+def nhdr_data_file_cut(tmp, model):
+    """ITK's detached header ends without a blank line: the size check skipped every .nhdr."""
+    _phantom_bytes(tmp, "ct.nhdr", False)
+    _cut(tmp / "ct.raw", 0.5)
+    return _segment_argv(tmp, model, tmp / "ct.nhdr")
+
+
+def nhdr_data_file_missing(tmp, model):
+    _phantom_bytes(tmp, "ct.nhdr", True)
+    (tmp / "ct.raw.gz").unlink()
+    return _segment_argv(tmp, model, tmp / "ct.nhdr")
+
+
+def mhd_raw_cut(tmp, model):
+    """Was "No such file or directory" about the .mhd, which exists."""
+    _phantom_bytes(tmp, "ct.mhd", False)
+    _cut(tmp / "ct.raw", 0.6)
+    return _segment_argv(tmp, model, tmp / "ct.mhd")
+
+
+def mhd_raw_missing(tmp, model):
+    _phantom_bytes(tmp, "ct.mhd", False)
+    (tmp / "ct.raw").unlink()
+    return _segment_argv(tmp, model, tmp / "ct.mhd")
+
+
+def mhd_zraw_cut(tmp, model):
+    _phantom_bytes(tmp, "ct.mhd", True)
+    _cut(tmp / "ct.zraw", 0.5)
+    return _segment_argv(tmp, model, tmp / "ct.mhd")
+
+
+def mha_cut(tmp, model):
+    return _segment_argv(tmp, model, _cut(_phantom_bytes(tmp, "ct.mha", False), 0.6))
+
+
+def mha_compressed_cut(tmp, model):
+    return _segment_argv(tmp, model, _cut(_phantom_bytes(tmp, "ct.mha", True), 0.6))
+
+
+def mha_more_data_than_declared(tmp, model):
+    path = _phantom_bytes(tmp, "ct.mha", False)
+    path.write_bytes(path.read_bytes().replace(b"DimSize = 64 56 24", b"DimSize = 64 56 23"))
+    return _segment_argv(tmp, model, path)
+
+
+def _nibabel_copy(tmp, kind, dtype=None, name="ct.nii.gz"):
+    import nibabel as nib
+
+    source = nib.load(str(_phantom_bytes(tmp, "source.nii", False)), mmap=False)
+    data = np.asanyarray(source.dataobj)
+    nib.save(kind(data.astype(dtype) if dtype else data, source.affine), str(tmp / name))
+    (tmp / "source.nii").unlink()
+    return tmp / name
+
+
+def nifti2(tmp, model):
+    import nibabel as nib
+
+    return _segment_argv(tmp, model, _nibabel_copy(tmp, nib.Nifti2Image))
+
+
+def nifti2_uncompressed(tmp, model):
+    import nibabel as nib
+
+    return _segment_argv(tmp, model, _nibabel_copy(tmp, nib.Nifti2Image, name="ct.nii"))
+
+
+def complex64_nifti(tmp, model):
+    import nibabel as nib
+
+    return _segment_argv(tmp, model, _nibabel_copy(tmp, nib.Nifti1Image, np.complex64))
+
+
+def complex128_nifti(tmp, model):
+    import nibabel as nib
+
+    return _segment_argv(tmp, model, _nibabel_copy(tmp, nib.Nifti1Image, np.complex128))
+
+
+def complex_reference(tmp, model):
+    import nibabel as nib
+
+    pred, _ = _labels_pair(tmp)
+    ref = _nibabel_copy(tmp, nib.Nifti1Image, np.complex64, name="ref.nii.gz")
+    return ["evaluate", str(pred), str(ref)]
+
+
+def output_a_dangling_symlink(tmp, model):
+    """Failed after inference as "another process wrote it"."""
+    path, _ = _phantom(tmp)
+    (tmp / "out.nii.gz").symlink_to(tmp / "gone" / "labels.nii.gz")
+    return _segment_argv(tmp, model, path)
+
+
+def output_a_symlink_to_a_file_with_overwrite(tmp, model):
+    """--overwrite would replace the link itself and leave the file it points to as it was."""
+    path, _ = _phantom(tmp)
+    (tmp / "elsewhere.nii.gz").write_bytes(b"the file the link points to")
+    (tmp / "out.nii.gz").symlink_to(tmp / "elsewhere.nii.gz")
+    return [*_segment_argv(tmp, model, path), "--overwrite"]
+
+
+def folder_run_output_a_dangling_symlink(tmp, model):
+    cases = _phantom_folder(tmp)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "ct.nii.gz").symlink_to(tmp / "gone.nii.gz")
+    return ["segment", str(cases), str(tmp / "out"), "--model", model]
+
+
+def qc_png_a_dangling_symlink(tmp, model):
+    path, _ = _phantom(tmp)
+    (tmp / "sheet.png").symlink_to(tmp / "gone.png")
+    return [*_segment_argv(tmp, model, path), "--qc-png", str(tmp / "sheet.png")]
+
+
+FILES_ROUND_TWO = [
+    (nii_gz_holding_raw_data_cut_to_60_percent, "is truncated: its header declares 172,384 bytes"),
+    (gzipped_nii_named_nii, "is gzip-compressed but its name ends in .nii"),
+    (nrrd_marked_gzip_holding_raw_data_cut, "is truncated: its header declares 172,032 bytes"),
+    (nrrd_marked_raw_holding_gzip_data, "declares raw (uncompressed) image data but its data is gzip-compressed"),
+    (nhdr_data_file_cut, "(the data file of"),
+    (nhdr_data_file_missing, "that the header"),
+    (mhd_raw_cut, "ct.raw' (the data file of"),
+    (mhd_raw_missing, "ct.raw' that the header"),
+    (mhd_zraw_cut, "ct.zraw' (the data file of"),
+    (mha_cut, "is truncated: its header declares 172,032 bytes"),
+    (mha_compressed_cut, "is truncated: its compressed image data stop after"),
+    (mha_more_data_than_declared, "more image data than its header declares"),
+    (nifti2, "is a NIfTI-2 file"),
+    (nifti2_uncompressed, "convert it to NIfTI-1"),
+    (complex64_nifti, "complex-valued voxels (complex of 32-bit float)"),
+    (complex128_nifti, "complex-valued voxels (complex of 64-bit float)"),
+    (complex_reference, "complex-valued voxels"),
+    (output_a_dangling_symlink, "gone/labels.nii.gz', which does not exist"),
+    (output_a_symlink_to_a_file_with_overwrite, "is a symbolic link to"),
+    (folder_run_output_a_dangling_symlink, "which does not exist"),
+    (qc_png_a_dangling_symlink, "is a symbolic link"),
+]
+
+
+def test_a_nii_gz_holding_raw_data_whole_is_read_as_it_is(tmp_path, tiny_package):
+    """The size check counts uncompressed bytes as they are: the intact file is segmented in its grid."""
+    raw = _phantom_bytes(tmp_path, "ct.nii", False)
+    raw.rename(tmp_path / "ct.nii.gz")
+    assert main(_segment_argv(tmp_path, str(tiny_package.path), tmp_path / "ct.nii.gz")) in (0, EXIT_FLAGGED)
+    written, source = sitk.ReadImage(str(tmp_path / "out.nii.gz")), sitk.ReadImage(str(tmp_path / "ct.nii.gz"))
+    assert written.GetSize() == source.GetSize() and np.allclose(written.GetOrigin(), source.GetOrigin())
+
+
+@pytest.mark.parametrize("name,compress", [("ct.mhd", False), ("ct.mhd", True), ("ct.nhdr", True)])
+def test_intact_detached_data_files_pass_the_size_check(tmp_path, name, compress):
+    from AbdomenSegLib.io.images import read_image
+
+    path = _phantom_bytes(tmp_path, name, compress)
+    assert read_image(path).GetSize() == (64, 56, 24)
+
+
+def test_the_nifti2_advice_converts_the_file(tmp_path):
+    """The fix the NIfTI-2 refusal gives works: the converted file is read, voxels and grid unchanged."""
+    import nibabel as nib
+
+    from AbdomenSegLib.io.images import read_image
+
+    path = _nibabel_copy(tmp_path, nib.Nifti2Image)
+    nib.save(nib.Nifti1Image.from_image(nib.load(str(path))), str(tmp_path / "scan.nii.gz"))
+    converted = read_image(tmp_path / "scan.nii.gz")
+    assert converted.GetSize() == (64, 56, 24) and np.allclose(converted.GetSpacing(), (6.0, 6.0, 10.0))
+
+
+@pytest.mark.parametrize("make", [output_a_dangling_symlink, complex64_nifti, nifti2, gzipped_nii_named_nii])
+def test_refused_before_the_model_is_resolved(tmp_path, tiny_package, monkeypatch, capsys, make):
+    """The output's name and the input's header are checked before the model is looked up and loaded."""
+    import AbdomenSegLib.models.choice as choice
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was resolved before the refusal")
+
+    argv = make(tmp_path, str(tiny_package.path))
+    monkeypatch.setattr(choice, "resolve", no_model)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_dangling_symlink_output_stays_as_it_was(tmp_path, tiny_package):
+    assert main(output_a_dangling_symlink(tmp_path, str(tiny_package.path))) == 2
+    assert (tmp_path / "out.nii.gz").is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_nrrd_marked_gzip_holding_raw_data_whole_is_read(tmp_path):
+    """ITK reads it as it is, so the size check counts it as it is (it was refused as "not a gzipped file")."""
+    from AbdomenSegLib.io.images import read_image
+
+    path = _phantom_bytes(tmp_path, "ct.nrrd", False)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    head, body = path.read_bytes().split(b"\n\n", 1)
+    path.write_bytes(head.replace(b"encoding: raw", b"encoding: gzip") + b"\n\n" + body)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), expected)
+
+
 HOSTILE = [
     (card_nested_deep, "levels deep"),
     (card_not_json, "not valid JSON"),
@@ -700,6 +952,7 @@ REFUSED = [
     *HOSTILE,
     *DICOM_ROUND_TWO,
     *EVALUATE_ROUND_TWO,
+    *FILES_ROUND_TWO,
 ]
 
 

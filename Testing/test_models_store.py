@@ -231,3 +231,18 @@ def test_models_home_is_the_per_user_data_folder(platform, env, expected, monkey
     monkeypatch.setattr(locations.sys, "platform", platform)
     monkeypatch.setattr(locations.Path, "home", staticmethod(lambda: tmp_path))
     assert locations.models_home().as_posix() == expected.replace("HOME", tmp_path.as_posix())
+
+
+@pytest.mark.parametrize("stage", ["downloaded", "unpacked"])
+def test_a_full_disk_while_installing_is_named_and_nothing_stays(store, monkeypatch, stage):
+    """ENOSPC while the zip arrives or unpacks: `no space left on device`, not "the download broke off"."""
+    from test_io_disk_faults import FullDisk
+
+    from AbdomenSegLib.core.errors import DiskFull
+
+    trigger = (lambda p: p.name == "download.zip") if stage == "downloaded" else (lambda p: "unpacked" in p.parts)
+    disk = FullDisk(monkeypatch, store.home.parent, trigger)
+    with pytest.raises(DiskFull, match=f"no space left on device while writing the {stage} package"):
+        model_store.install("tiny-test", accept_terms=True, index_dir=store.index, log=lambda m: None)
+    assert disk.full
+    assert _left_in(store.home) == []

@@ -8,5 +8,9 @@ class AbdomenSegError(Exception):
         super().__init__(f"{problem}. {fix}" if fix else problem)
 
 
+class DiskFull(AbdomenSegError):
+    """No space left (or the quota used up) while writing: the run stops, since every later write would fail too."""
+
+
 class Cancelled(Exception):
     """Raised inside long work when the caller's cancel hook says stop."""

@@ -2,11 +2,14 @@
 
 Every file the engine writes goes through `atomic_output` (temp file + rename), so an interrupted run never leaves a
 half-written file that a later `--overwrite`-less run would skip; `claim_output` holds an output for one process.
+A full disk or used-up quota (ENOSPC, EDQUOT) while writing is `DiskFull`, naming what was being written, with the
+temporary file removed; folders are probed by writing into them before any work, not by creating them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.core.errors import AbdomenSegError, DiskFull
 from AbdomenSegLib.core.untrusted import printable
 
 # The umask can only be read by setting it; do that once at import, not during writes that may run on a
@@ -70,6 +73,93 @@ def sweep_partials(folder) -> list:
     return removed
 
 
+# -- full disks and writability ---------------------------------------------------------------------
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_PROBE_BYTES = 4096  # one page: a folder that cannot take it cannot take any output
+_SPACE_PROBE_BYTES = 1 << 20  # after a failed write: room for this much means the failure was not a full disk
+_WHAT = {  # what a full disk stopped, told by the file's name or suffix
+    "manifest.csv": "the manifest",
+    "qc.csv": "the result check's table",
+    "index.html": "the picture index",
+    ".png": "the picture",
+    ".json": "the report",
+    ".csv": "the table",
+    ".html": "the index page",
+    ".md": "the report",
+    ".dcm": "the DICOM SEG",
+    ".lock": "the lock file",
+}
+
+
+def no_space_error(what: str, path: object, exc: OSError) -> DiskFull:
+    """The error a full disk (ENOSPC) or used-up quota (EDQUOT) while writing `what` at `path` becomes."""
+    cause = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    return DiskFull(
+        f"{cause} while writing {what} ('{printable(str(path))}'); nothing was left half-written",
+        "free space there or choose another output folder, then run again",
+    )
+
+
+def _write_probe(folder: Path, size: int, sync: bool) -> None:
+    """Write `size` bytes into a new temporary file in `folder`, then remove it; raises the OSError of a failure."""
+    fd, probe = tempfile.mkstemp(prefix=_partial_prefix(), suffix=".probe", dir=folder)
+    try:
+        block = bytes(min(size, 1 << 16))
+        written = 0
+        while written < size:
+            written += os.write(fd, block[: size - written])
+        if sync:  # network file systems report a full disk at the flush only
+            os.fsync(fd)
+    finally:
+        try:
+            os.close(fd)  # (where a network file system reports the full disk)
+        finally:
+            os.unlink(probe)
+
+
+def space_left_error(folder) -> OSError | None:
+    """After a write failed in `folder`: the ENOSPC/EDQUOT error that writing 1 MiB there raises now, else None."""
+    try:
+        _write_probe(Path(folder), _SPACE_PROBE_BYTES, sync=True)
+    except OSError as exc:
+        return exc if exc.errno in NO_SPACE else None
+    return None
+
+
+def probe_writable(folder, what: str = "the output folder") -> None:
+    """Refuse, before any work, a folder no file can be written into: read-only mounts, missing permission, a full
+    disk. Tested by writing a page into a temporary file (creating the folder proves nothing: mkdir of an existing
+    folder succeeds on a read-only file system). A folder not yet made is judged by the nearest one that exists,
+    where it will be made."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:
+        return
+    try:
+        _write_probe(existing, _PROBE_BYTES, sync=False)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space_error(f"a test file into {what}", existing, exc) from None
+        raise AbdomenSegError(
+            f"cannot write in {what} '{printable(str(existing))}' ({exc.strerror})",
+            "choose a folder you can write to",
+        ) from None
+
+
+def check_not_symlink(path) -> None:
+    """An output name that is a symbolic link is refused before any work: writing it would either go through the link
+    to a file the user did not name, or (the link dangling) fail at the end as "another process wrote it"."""
+    path = Path(path)
+    if not path.is_symlink():
+        return
+    target = os.readlink(path)
+    dangling = "" if path.exists() else ", which does not exist"
+    raise AbdomenSegError(
+        f"output '{printable(str(path))}' is a symbolic link to '{printable(target)}'{dangling}",
+        "to write there, give that path as the output; otherwise remove the link or choose another name",
+    )
+
+
 # The longest file name (in bytes) of ext4, XFS, btrfs, APFS and NTFS (255 UTF-16 units there).
 NAME_MAX_BYTES = 255
 
@@ -107,6 +197,7 @@ def prepare_folder(path, what: str) -> Path:
             f"{what} '{printable(str(path))}' is a file, not a folder",
             "move that file away, or name another folder",
         )
+    probe_writable(path, what)
     return path
 
 
@@ -115,6 +206,7 @@ def prepare_output(path, *, overwrite: bool) -> Path:
     its folders, a folder we may write in, and (without `overwrite`) no existing file of that name."""
     path = Path(path)
     check_name_length(path)
+    check_not_symlink(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -134,6 +226,7 @@ def prepare_output(path, *, overwrite: bool) -> Path:
             f"cannot create the output folder '{path.parent}' ({exc.strerror})",
             "choose an output folder you can write to",
         ) from None
+    probe_writable(path.parent)
     return path
 
 
@@ -156,6 +249,8 @@ def claim_output(path, *, overwrite: bool = False):
                     owner=_lock_owner(lock),
                 ) from None
         except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise no_space_error("the lock file", lock, exc) from None
             raise AbdomenSegError(
                 f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
                 "choose an output folder you can write to",
@@ -163,8 +258,7 @@ def claim_output(path, *, overwrite: bool = False):
     else:
         raise AbdomenSegError(f"output '{path}' is claimed by another run", "wait for it to finish")
     try:
-        os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()}\n".encode())
-        os.close(fd)
+        _write_lock(fd, lock)
         yield path
     finally:
         with contextlib.suppress(OSError):
@@ -177,6 +271,17 @@ class OutputClaimed(AbdomenSegError):
     def __init__(self, problem: str, fix: str = "", owner: str = ""):
         super().__init__(problem, fix)
         self.owner = owner  # "process <pid> on <host>"
+
+
+def _write_lock(fd: int, lock: Path) -> None:
+    try:
+        os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space_error("the lock file", lock, exc) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def _lock_owner(lock: Path) -> str:
@@ -200,27 +305,37 @@ def _remove_stale_lock(lock: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], suffix: str = "", *, overwrite: bool = True) -> Iterator[str]:
+def atomic_output(
+    path: str | os.PathLike[str], suffix: str = "", *, overwrite: bool = True, what: str = ""
+) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it becomes `path` in one step, else it is removed.
 
     With `overwrite=False` the last step is a hard link, which fails if `path` appeared meanwhile, so an
     existing file is never replaced unasked, even by a race. mkstemp creates files readable by their owner
     only; outputs get the permissions any new file would (0666 minus the umask) so colleagues sharing a
-    results folder can read them.
+    results folder can read them. A full disk while writing (ENOSPC, EDQUOT, from any writer in the block)
+    becomes `DiskFull` naming `what` (by default told by the suffix: "the picture", "the table", ...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=suffix, dir=path.parent)
+        os.close(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:
             _publish_new(tmp, path)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space_error(
+                what or _WHAT.get(path.name) or _WHAT.get((suffix or path.suffix).lower(), "the file"), path, exc
+            ) from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -59,16 +59,36 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
             image = _read_dicom_file(path, segmentation_ok)
         else:
             _check_known_type(path)
+            integrity.check_readable(path)  # NIfTI-2 and a gzipped .nii named as such, not "could not be read"
             _check_header(path)
             image = _read_checked(path)
     except RuntimeError as exc:
-        raise AbdomenSegError(
-            f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
-            "give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder holding one DICOM series",
-        ) from None
+        raise _unreadable(path, exc) from None
     image = _squeeze_to_3d(image, path)
     limits.check_geometry(image.GetSize(), image.GetSpacing(), f"'{path}'")
     return image
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> AbdomenSegError:
+    return AbdomenSegError(
+        f"'{path}' could not be read as an image ({str(exc).strip().splitlines()[-1][:200]})",
+        "give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder holding one DICOM series",
+    )
+
+
+def check_input_header(path) -> None:
+    """What an image file's header alone shows (its type, a NIfTI variant ITK cannot read, complex voxels, size and
+    spacing), checked before any work such as loading the model: milliseconds, no voxel data read. Anything else,
+    including what is no regular image file, is left to `read_image`."""
+    path = Path(path)
+    if not path.is_file() or path.name.lower().endswith(".dcm") or not image_suffix(path):
+        return
+    try:
+        _check_known_type(path)
+        integrity.check_readable(path)
+        _check_header(path)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -132,11 +152,21 @@ def _read_checked(path: Path) -> sitk.Image:
     return image
 
 
+_COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+
 def _check_header(path: Path) -> None:
     """Size and spacing from the header alone (no pixels read): refuse before allocating."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
+    if reader.GetPixelID() in _COMPLEX:  # its pixels crashed the intensity checks further on
+        kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        raise AbdomenSegError(
+            f"'{path}' holds complex-valued voxels ({kind}), which neither a scan nor a label map has",
+            "give a real-valued image: for a complex MR reconstruction, its magnitude (the absolute value of each "
+            "voxel)",
+        )
     size = reader.GetSize()
     if len(size) == 4 and size[3] == 1:
         size = size[:3]
@@ -290,7 +320,7 @@ def _same_geometry(a, b) -> bool:
     )
 
 
-def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) -> Path:
+def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True, what: str = "the image") -> Path:
     """Write atomically; refuse to write over any path in `protect` (e.g. the input), and (without
     `overwrite`) over any file that exists by the time the output is complete.
 
@@ -304,8 +334,8 @@ def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) 
     check_output_type(path)
     check_output_can_hold(image.GetDirection(), path)
     suffix = image_suffix(path)
-    with atomic_output(path, suffix if suffix != ".seg.nrrd" else ".nrrd", overwrite=overwrite) as tmp:
-        sitk.WriteImage(image, tmp, useCompression=True)
+    with atomic_output(path, suffix if suffix != ".seg.nrrd" else ".nrrd", overwrite=overwrite, what=what) as tmp:
+        _write_whole(image, tmp, path, what)
         reader = sitk.ImageFileReader()
         reader.SetFileName(tmp)
         reader.ReadImageInformation()
@@ -316,6 +346,26 @@ def write_image(image: sitk.Image, path, *, protect=(), overwrite: bool = True) 
                 "write .nrrd, .seg.nrrd or .mha instead",
             )
     return path
+
+
+def _write_whole(image: sitk.Image, tmp: str, path: Path, what: str) -> None:
+    """ITK's write, checked to be complete: on a full disk its NIfTI writer fills the free space, says nothing and
+    the cut file reads back zero-filled; its NRRD and MetaImage writers raise. Either way the space is probed by
+    writing (while the cut file still holds it), so that a full disk or quota is named as such."""
+    from AbdomenSegLib.io.files import no_space_error, space_left_error
+
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        integrity.check_complete(tmp, written=True)  # its compressed length records, not a second gunzip
+    except (RuntimeError, AbdomenSegError) as exc:
+        full = space_left_error(Path(tmp).parent)
+        if full is not None:
+            raise no_space_error(what, path, full) from None
+        reason = exc.problem if isinstance(exc, AbdomenSegError) else str(exc).strip().splitlines()[-1][:200]
+        raise AbdomenSegError(
+            f"{what} '{path}' could not be written completely ({reason})",
+            "check that the output folder is writable and has space, then run again",
+        ) from None
 
 
 def label_image_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -370,4 +420,4 @@ def write_labels(label_image: sitk.Image, path, *, protect=(), overwrite: bool =
         return write_dicom_seg(label_image, source, path, model=model, overwrite=overwrite)
     if str(path).lower().endswith(".seg.nrrd"):
         label_image = add_segmentation_metadata(label_image)
-    return write_image(label_image, path, protect=protect, overwrite=overwrite)
+    return write_image(label_image, path, protect=protect, overwrite=overwrite, what="the label map")

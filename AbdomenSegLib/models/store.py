@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from AbdomenSegLib.core.errors import AbdomenSegError
+from AbdomenSegLib.io.files import NO_SPACE, no_space_error
 from AbdomenSegLib.models.locations import models_home
 from AbdomenSegLib.models.packages import sha256_of
 
@@ -125,6 +126,8 @@ def download(
                 if progress:
                     progress(done, total)
         except (http.client.IncompleteRead, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                raise no_space_error("the downloaded package", target, exc) from None
             raise AbdomenSegError(
                 f"the download of '{url}' broke off after {done} bytes ({type(exc).__name__})", "try again"
             ) from None
@@ -185,6 +188,10 @@ def _unpack(zip_path: Path, entry: dict[str, Any], staging: Path) -> Path:
                     shutil.copyfileobj(source, out, CHUNK)
     except zipfile.BadZipFile as exc:
         raise AbdomenSegError(f"'{zip_path.name}' is not a valid zip ({exc})", "download it again") from None
+    except OSError as exc:
+        if exc.errno in NO_SPACE:  # the staging folder is removed with what it holds
+            raise no_space_error("the unpacked package", staging, exc) from None
+        raise
     card = read_card(staging / name)
     if card.name != name:
         raise AbdomenSegError(
