@@ -1,31 +1,67 @@
-"""Fuzz the command line with damaged real inputs: is any result silently wrong? ("Never silently wrong")
+"""Fuzz the command line with damaged real inputs and faults: is any result silently wrong? ("Never silently wrong")
 
-    .venv/bin/python bench/fuzz_inputs.py [--cases 60] [--seed 0] [--model NAME|DIR] [--out DIR]
-                                          [--families a,b] [--list]
+    .venv/bin/python bench/fuzz_inputs.py [--all | --cases 60] [--seed 0] [--model NAME|DIR] [--out DIR]
+                                          [--families a,b] [--match REGEX] [--list]
 
 Takes the real CT (TotalSegmentator's example, NIfTI), the real 3-slice DICOM series and the
 TotalSegmentator label map from ../shared/data, damages their headers and bytes in ways that happen in
 practice (cut downloads, edited or corrupt header fields, a slice missing from a series, the wrong label
-convention), runs `segment` / `evaluate` on each in this process (the model stays loaded) and sorts the
-outcome of each case into one of:
+convention), builds the hostile inputs and faults of the second audit (issue 31), runs `segment` /
+`evaluate` / `models` / the engine worker on each, and sorts the outcome of each case.
 
-  refused  exit 2, the last stderr line is `error: <problem>. <fix>`, nothing left in the output folder
+The pool is organised as the audit's families, one section each (`--list` shows them with their cases,
+`--families` selects sections by key or finer sub-labels):
+
+  formats       formats and encodings: gzip/.nii truncation, header fields and bytes, NRRD, re-encodings,
+                uncompressed data named .nii.gz, NIfTI-2, complex64, a FIFO as input
+  dicom         DICOM variants: missing/duplicated/moved slices, enhanced multi-frame objects built with
+                highdicom (intact, a frame missing, shuffled, two files), one slice's PixelSpacing,
+                orientation or Rows changed
+  intensities   scaling fields, negated HU, a MONOCHROME1 series, CT given to the MR model
+  geometry      2- and 5-slice slabs, a 45-degree oblique resample, a half-liver crop
+  evaluate      damaged or mismatched references, a reference covering the upper quarter only, a NaN voxel,
+                background -1
+  models        card.json with roi 512^3, channels 4096x5, nested 100,000 deep; a nested catalog.json; a
+                card title with terminal escapes (`models`)
+  dask          --scheduler-file not JSON, --scheduler at a web server on 127.0.0.1, --workers 12
+  worker        malformed requests to `python -m AbdomenSegLib.worker` (list, null, string, number, not JSON,
+                bad argv, a log in a missing folder or that is a folder)
+  concurrency   two folder runs into one folder, SIGTERM in the middle of a folder run
+  disk          output names of 250 and 260 bytes, a dangling-symlink output, a file named qc, a read-only
+                output folder, no space left at the lock, the label map (ITK raising or writing one page),
+                the result check's JSON and picture, the manifest
+
+Outcomes:
+
+  clean    exit 0 and the answer is right: for a mutation that keeps the image ("same"), the labels agree
+           with the intact input's (Dice >= 0.9 for liver, spleen and both kidneys); for a "right-answer"
+           case, the stated right result (evaluate: the Dice of the matching crop; folder runs: every case
+           done once and the manifest right; `models`: no control character printed raw)
   flagged  exit 3 (written, with a `warning:` line from the result check)
-  correct  exit 0 and the answer is right: for a mutation that keeps the image ("same"), the labels agree
-           with the intact input's (Dice >= 0.9 for liver, spleen and both kidneys)
+  refused  exit 2, the last stderr line is `error: <problem>. <fix>`, no file left in the output folder
   WRONG    exit 0 but the answer is not right: a corrupt input ("refuse", "flag-or-refuse") was
-           segmented without a word, or a harmless change ("same") changed the labels
-  crashed  an exception escaped `main`, a traceback was printed, an exit status outside {0, 2, 3}, or a
-           refusal that was not clean (malformed error line, output or partial file left behind)
+           segmented without a word, or a harmless change ("same") changed the labels, or a right-answer
+           case gave another answer
+  crashed  an exception escaped `main`, a traceback was printed, a hang (subprocess cases are killed after
+           a bounded time), an exit status outside {0, 2, 3}, or a refusal that was not clean (malformed
+           error line, output, lock or partial file left behind)
 
-Each mutation says what a correct tool must do with it:
-  refuse          the file is incomplete or unreadable as declared: the only right answer is exit 2;
+Each case says what a correct tool must do with it:
+  refuse          the file is incomplete or unreadable as declared, or the fault stops the work: exit 2;
   flag-or-refuse  the file reads, but its header lies (mirrored direction, absurd spacing, wrong data
-                  type): exit 2 or 3 are right, a clean exit 0 is silently wrong;
+                  type) or it is too thin to judge: exit 2 or 3 are right, a clean exit 0 is silently wrong;
   same            the image is unchanged (re-encoded, re-ordered voxels with a matching direction, moved
-                  origin, unused header field edited) or a careful reader can still recover it (the
-                  sform when only pixdim is damaged): the labels must agree with the intact result.
-                  Refusing it is not wrong but is listed as a note (a needless refusal).
+                  origin, unused header field edited, an oblique or cropped acquisition judged physically or
+                  within the crop) or a careful reader can still recover it: the labels must agree with the
+                  intact result. Refusing it is not wrong but is listed as a note (a needless refusal);
+  right-answer    a stated right result (see clean above).
+A refusal whose message blames the wrong thing (the audit's "unclear" cases) is listed as a note.
+
+Most cases run `main` in this process (the model stays loaded; full-disk and read-only faults are simulated
+by patching the write functions in this process, restored afterwards). Cases that may hang or allocate
+without bound (a FIFO, a wrong service at the scheduler address, absurd card values, the worker, concurrent
+runs, SIGTERM) run in a subprocess with a time limit (and a memory cap for cards). Servers listen on
+127.0.0.1 only.
 
 It is a report, not a test: it always exits 0. One line is printed per WRONG or crashed case, and notes
 for surprising but acceptable outcomes. With --out DIR the mutated inputs, outputs and a results.json
