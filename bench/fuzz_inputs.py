@@ -798,7 +798,8 @@ def _segment_cmd(src: Sources, inputs: list[str], output: Path, *extra: str) -> 
     return _segment_argv(inputs, output, src.model) + list(extra)
 
 
-def _custom(expected: str, run_and_judge: Callable[[Path], tuple[str, str, str]], note: str = "") -> Made:
+def _custom(run_and_judge: Callable[[Path], tuple[str, str, str]], note: str = "") -> Made:
+    """A case that runs and judges itself (subprocesses, several commands, faults): see Made.judge."""
     return Made([], judge=run_and_judge, note=note)
 
 
@@ -859,7 +860,7 @@ def _fifo_input(src: Sources, folder: Path) -> Made:
             return "crashed", f"{verdict[1]}; left behind: {', '.join(left)}", ""
         return verdict
 
-    return _custom(REFUSE, judge)
+    return _custom(judge)
 
 
 # -- DICOM variants: enhanced multi-frame and per-slice attributes ---------------------------------------
@@ -1133,7 +1134,7 @@ def _card_edit(edit: Callable[[dict], object], raw: Callable[[], str] | None = N
                 return "crashed", "ran out of memory: " + verdict[1], ""
             return verdict
 
-        return _custom(REFUSE, judge)
+        return _custom(judge)
 
     return make
 
@@ -1181,7 +1182,7 @@ def _escape_title(src: Sources, folder: Path) -> Made:
             return "WRONG", "`models` did not list the package at all", ""
         return "clean", "listed with its control characters made visible", ""
 
-    return _custom(SAME, judge)
+    return _custom(judge)
 
 
 def _catalog_nested(src: Sources, folder: Path) -> Made:
@@ -1194,27 +1195,19 @@ def _catalog_nested(src: Sources, folder: Path) -> Made:
         run = call_subprocess(["models"], 120, src.threads, env=_env(src.threads, ABDOMENSEG_MODELS=str(models)))
         return _judge_plain(run, REFUSE, out)
 
-    return _custom(REFUSE, judge)
+    return _custom(judge)
 
 
 # -- Dask/cluster options -----------------------------------------------------------------------------------
 
 
 def _one_case_folder(src: Sources, folder: Path, cases: int = 1) -> Path:
+    """A folder of `cases` copies of the CT (case0, case1, ...): the input of a folder run."""
     cases_dir = folder / "cases"
     cases_dir.mkdir()
     for i in range(cases):
-        os.link(src.ct, cases_dir / f"case{i}.nii.gz") if _same_device(src.ct, cases_dir) else shutil.copyfile(
-            src.ct, cases_dir / f"case{i}.nii.gz"
-        )
+        shutil.copyfile(src.ct, cases_dir / f"case{i}.nii.gz")
     return cases_dir
-
-
-def _same_device(path: Path, folder: Path) -> bool:
-    try:
-        return path.stat().st_dev == folder.stat().st_dev and os.access(path, os.W_OK)
-    except OSError:
-        return False
 
 
 def _scheduler_file_not_json(src: Sources, folder: Path) -> Made:
@@ -1227,7 +1220,7 @@ def _scheduler_file_not_json(src: Sources, folder: Path) -> Made:
         run = call_subprocess(_segment_cmd(src, [str(cases)], out_dir, "--scheduler-file", str(bad)), 120, src.threads)
         return _judge_plain(run, REFUSE, out)
 
-    return _custom(REFUSE, judge)
+    return _custom(judge)
 
 
 def _scheduler_is_web_server(src: Sources, folder: Path) -> Made:
@@ -1253,7 +1246,7 @@ def _scheduler_is_web_server(src: Sources, folder: Path) -> Made:
         verdict = _judge_plain(run, REFUSE, out)
         return verdict[0], f"{verdict[1]} ({run.seconds:.0f} s)", verdict[2]
 
-    return _custom(REFUSE, judge)
+    return _custom(judge)
 
 
 def _many_workers(src: Sources, folder: Path) -> Made:
@@ -1276,7 +1269,7 @@ def _many_workers(src: Sources, folder: Path) -> Made:
         outcome = "flagged" if run.code == 3 else "clean"
         return outcome, (capped or ["manifest right"])[0][:200], note
 
-    return _custom(RIGHT, judge)
+    return _custom(judge)
 
 
 # -- engine worker protocol --------------------------------------------------------------------------------
@@ -1303,7 +1296,7 @@ def _worker_request(kind: str) -> Callable[[Sources, Path], Made]:
 
         def judge(out: Path) -> tuple[str, str, str]:
             answers, alive, stderr = _talk_to_worker(src, [request, "[]"])
-            new = _new_entries(out_dir, set()) + ([p.name for p in (folder / "missing").glob("*")] if kind else [])
+            new = _new_entries(out_dir, set())
             if "Traceback (most recent call last)" in stderr:
                 return "crashed", "the worker printed a traceback: " + (_lines(stderr)[-1:] or [""])[0], ""
             if len(answers) < 2:
@@ -1317,7 +1310,7 @@ def _worker_request(kind: str) -> Callable[[Sources, Path], Made]:
                 return "crashed", "the worker did not stay up (or did not quit when asked)", ""
             return "refused", answers[0]["error"][:160], ""
 
-        return _custom(REFUSE, judge)
+        return _custom(judge)
 
     return make
 
@@ -1445,7 +1438,7 @@ def _two_runs_one_folder(src: Sources, folder: Path) -> Made:
             return "flagged", f"exits {codes}; manifest right", ""
         return "clean", f"exits {codes}; each case done once, manifest right", ""
 
-    return _custom(RIGHT, judge)
+    return _custom(judge)
 
 
 def _sigterm_mid_run(src: Sources, folder: Path) -> Made:
@@ -1489,7 +1482,7 @@ def _sigterm_mid_run(src: Sources, folder: Path) -> Made:
             return "WRONG", f"exit {proc.returncode}; " + "; ".join(problems), ""
         return "clean", f"exit {proc.returncode}; {len(written)} outputs, all in the manifest, nothing left", ""
 
-    return _custom(RIGHT, judge)
+    return _custom(judge)
 
 
 # -- disk faults ------------------------------------------------------------------------------------------
@@ -1514,7 +1507,7 @@ def _file_named_qc(src: Sources, folder: Path) -> Made:
         run = call_cli(_segment_cmd(src, [str(cases)], out_dir))
         return _judge_plain(run, REFUSE, out_dir, before)
 
-    return _custom(REFUSE, judge)
+    return _custom(judge)
 
 
 def _dangling_symlink(src: Sources, folder: Path) -> Made:
@@ -1633,7 +1626,7 @@ def _full_disk(stage: str) -> Callable[[Sources, Path], Made]:
                 run = call_cli(argv)
             return _judge_fault(run, out_dir, "space")
 
-        return _custom(REFUSE, judge)
+        return _custom(judge)
 
     return make
 
