@@ -1517,10 +1517,12 @@ def _dangling_symlink(src: Sources, folder: Path) -> Made:
 
 
 @contextlib.contextmanager
-def _failing_writes(errno_code: int, where: Callable[[str], bool], itk: str = ""):
+def _failing_writes(errno_code: int, where: Callable[[str], bool], itk: str = "", python: bool = True):
     """Writes to paths for which where(path) holds fail with errno_code (ENOSPC, EROFS): Python's open() and
-    os.open() for writing, os.mkdir, and SimpleITK.WriteImage ('raise': it raises as ITK does; 'short': it
-    writes one page and returns, as ITK does on a full disk). Everything is restored afterwards."""
+    os.open() for writing and os.mkdir (unless python=False: then only ITK's write fails, the stage after the
+    lock and the temporary file were made), and SimpleITK.WriteImage ('raise': it raises as ITK does; 'short':
+    it writes one page and returns, as ITK does on a full disk). Everything is restored afterwards."""
+    python_where = where if python else (lambda path: False)
     import builtins
 
     import SimpleITK as sitk
@@ -1532,17 +1534,17 @@ def _failing_writes(errno_code: int, where: Callable[[str], bool], itk: str = ""
         raise OSError(errno_code, message, str(path))
 
     def fake_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and where(os.fspath(file)):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and python_where(os.fspath(file)):
             fail(file)
         return real_open(file, mode, *args, **kwargs)
 
     def fake_os_open(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and where(os.fspath(path)):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and python_where(os.fspath(path)):
             fail(path)
         return real_os_open(path, flags, *args, **kwargs)
 
     def fake_mkdir(path, *args, **kwargs):
-        if where(os.fspath(path)):
+        if python_where(os.fspath(path)):
             fail(path)
         return real_mkdir(path, *args, **kwargs)
 
@@ -1622,7 +1624,7 @@ def _full_disk(stage: str) -> Callable[[Sources, Path], Made]:
             argv = _segment_cmd(src, [str(src.ct)], out_dir / "labels.nii.gz", *extra.get(stage, []))
 
         def judge(out: Path) -> tuple[str, str, str]:
-            with _failing_writes(errno.ENOSPC, where, itk):
+            with _failing_writes(errno.ENOSPC, where, itk, python=not itk):
                 run = call_cli(argv)
             return _judge_fault(run, out_dir, "space")
 
