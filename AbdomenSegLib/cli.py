@@ -336,9 +336,15 @@ def _segment_cases(args, card, targets, batch, output, distributed, read_ahead) 
             written += _segment_on_cluster(
                 args, card, options, todo, len(targets), qc_files, manifest, json_lines, failures, flagged
             )
-    finally:
+    except BaseException:
+        # Already failing (a full disk, a signal): save what the manifest can, but a second failure while writing
+        # it (the same full disk) must not hide the first, which names what could not be written.
         if manifest:
-            manifest.write()
+            with contextlib.suppress(AbdomenSegError, OSError):
+                manifest.write()
+        raise
+    if manifest:
+        manifest.write()
     for name in elsewhere:  # the other run's result checks, for the cases it has finished by now, stay in qc.csv
         qc_files.add_existing(name)
     for path in qc_files.finish():
