@@ -156,7 +156,10 @@ def to_model_space(
         converted = sitk.GetImageFromArray(convert(sitk.GetArrayViewFromImage(image)))
         converted.CopyInformation(image)
         image = converted
-    resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)
+    if pp.is_oblique(image, orientation):
+        resampled = pp.resample_onto_axes(image, orientation, spacing)
+    else:
+        resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)
     raw = sitk.GetArrayFromImage(resampled)
     mode = intensity["mode"]
     if mode == "ct_window":
