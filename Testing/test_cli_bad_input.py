@@ -892,6 +892,96 @@ def test_nrrd_marked_gzip_holding_raw_data_whole_is_read(tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), expected)
 
 
+# -- issue 31 round two: intensities and geometry (result check) ---------------------------------------------
+def _phantom_ct(edit, dtype=None):
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    array = edit(sitk.GetArrayFromImage(ct).astype(np.float32))
+    out = sitk.GetImageFromArray(array if dtype is None else array.astype(dtype))
+    out.CopyInformation(ct)
+    return out
+
+
+def _segment(tmp, image, model, *extra):
+    return ["segment", str(_write(image, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model, *extra]
+
+
+def negated_hu(tmp, model):
+    """A CT whose values were negated (-HU): air at +1000, bone at -1000 and below."""
+    return _segment(tmp, _phantom_ct(lambda a: -a), model)
+
+
+def monochrome1_inverted(tmp, model):
+    """A CT inverted within its range (max + min - value), as a MONOCHROME1 series read as stored gives it."""
+    return _segment(tmp, _phantom_ct(lambda a: a.max() + a.min() - a), model)
+
+
+def windowed_uint8_inverted(tmp, model):
+    """BTCV-style 0-255 windowed CT (--input-intensity btcv_uint8), stored inverted (255 - value)."""
+    window = lambda a: np.clip((a + 125.0) * 255.0 / 400.0, 0, 255)  # noqa: E731 - the stored BTCV window
+    return _segment(tmp, _phantom_ct(lambda a: 255 - window(a), np.uint8), model, "--input-intensity", "btcv_uint8")
+
+
+def ct_to_the_mr_model(tmp, model):
+    """A CT in HU given to the any-sequence MR model, which would segment it (wrongly) without a word."""
+    return _segment(tmp, _phantom_ct(lambda a: a), "mr-any-3d-unet")
+
+
+def windowed_ct_to_the_mr_model(tmp, model):
+    window = lambda a: np.clip((a + 125.0) * 255.0 / 400.0, 0, 255)  # noqa: E731
+    return _segment(tmp, _phantom_ct(window, np.uint8), "mr-any-3d-unet", "--input-intensity", "btcv_uint8")
+
+
+INTENSITY_ROUND_TWO = [
+    (negated_hu, "values look inverted (bone darker than air"),
+    (negated_hu, "multiply them by -1"),
+    (monochrome1_inverted, "values look inverted (bone darker than air"),
+    (monochrome1_inverted, "MONOCHROME1"),
+    (windowed_uint8_inverted, "values look inverted"),
+    (ct_to_the_mr_model, "looks like a CT in HU (air at -1000"),
+    (ct_to_the_mr_model, "use --model btcv-ct-3d-unet"),
+    (windowed_ct_to_the_mr_model, "a windowed CT, but the model is an MR model. use --model btcv-ct-3d-unet"),
+]
+
+
+def _oblique(image, axis, degrees, interpolator, fill):
+    """`image` resampled onto a grid turned `degrees` about the LPS `axis` through its centre, covering all of it:
+    the same anatomy in patient coordinates, stored obliquely."""
+    from AbdomenSegLib.io.phantom import rotation
+
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    direction = rotation("xyz"[axis], degrees) @ np.array(image.GetDirection()).reshape(3, 3)
+    spacing, size = np.array(image.GetSpacing()), np.array(image.GetSize())
+    old = np.array(image.GetDirection()).reshape(3, 3)
+    extent = np.abs(direction.T @ old @ np.diag(spacing * size)).sum(axis=1)
+    new_size = np.ceil(extent / spacing).astype(int)
+    grid = sitk.Image([int(n) for n in new_size], image.GetPixelID())
+    grid.SetSpacing(tuple(spacing))
+    grid.SetDirection(direction.ravel().tolist())
+    grid.SetOrigin(tuple(centre - direction @ (spacing * (new_size - 1) / 2)))
+    return sitk.Resample(image, grid, sitk.Transform(), interpolator, fill)
+
+
+@pytest.mark.slow
+def test_oblique_example_is_segmented_right_and_not_flagged(tmp_path, capsys):
+    """Issue case: the example CT on a grid turned 45 degrees about the head-feet axis. The network sees it upright
+    (pipeline.to_model_space resamples obliques onto the model's axes), and the result check, in patient
+    coordinates, raises nothing: before, right kidney Dice 0.40 and a warning."""
+    from AbdomenSegLib.core.organs import BY_NAME, convert_labels
+
+    ct = sitk.ReadImage(str(shared(*EXAMPLE_CT)))
+    reference = sitk.ReadImage(str(shared(*EXAMPLE_LABELS)))
+    ours = sitk.GetImageFromArray(convert_labels(sitk.GetArrayFromImage(reference), "totalseg").astype(np.uint8))
+    ours.CopyInformation(reference)
+    src = _write(_oblique(ct, 2, 45.0, sitk.sitkLinear, -1024), tmp_path / "oblique.nii.gz")
+    expected = sitk.GetArrayFromImage(_oblique(ours, 2, 45.0, sitk.sitkNearestNeighbor, 0))
+    assert main(["segment", str(src), str(tmp_path / "out.nii.gz")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz")))
+    for organ in ("liver", "spleen", "kidney_right", "kidney_left"):
+        a, b = got == BY_NAME[organ].label, expected == BY_NAME[organ].label
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, organ
+
+
 HOSTILE = [
     (card_nested_deep, "levels deep"),
     (card_not_json, "not valid JSON"),
@@ -953,6 +1043,7 @@ REFUSED = [
     *DICOM_ROUND_TWO,
     *EVALUATE_ROUND_TWO,
     *FILES_ROUND_TWO,
+    *INTENSITY_ROUND_TWO,
 ]
 
 

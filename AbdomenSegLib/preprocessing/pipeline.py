@@ -65,6 +65,8 @@ def check_input(
             "give the CT/MR image as input; label maps go to `evaluate` as the reference",
         )
     limits.check_field_of_view(image.GetSize(), image.GetSpacing(), name)
+    check_intensity_polarity(image, modality, name)
+    check_ct_for_mr_model(image, modality, input_intensity, name)
     if modality == "CT" and input_intensity == "native":
         # Air, lung, bowel gas or out-of-field padding put every abdominal CT in HU below -200;
         # 0-255 windowed exports and unrescaled DICOM (0..4095) never go there.
@@ -77,6 +79,97 @@ def check_input(
             )
         _check_hu_scale(sample, name)
         _check_zero_filled_tail(array, name)
+
+
+# -- intensity checks: inverted values, and a CT given to an MR model -----------------------------------------
+# In a CT, air is the darkest thing there is, and air surrounds the body: the voxels at the image's sides (its
+# faces along the head-feet axis excluded, which cut through the body) lie at the bottom of the histogram. Their
+# median's mid-rank (the share of the volume darker, plus half the share equal) is 0.17 in TotalSegmentator's
+# example CT and 0.17-0.30 in the 24 BTCV CTs (their air saturates at 0 with half the volume); inverted (negated,
+# or max + min - value as a MONOCHROME1 series shown as stored) 0.70-0.83. Above INVERTED_RANK the air is bright:
+# bone darker than air.
+INVERTED_RANK = 0.6
+
+
+def check_intensity_polarity(image: sitk.Image, modality: str, name: str = "input") -> None:
+    """Refuse a CT whose values are inverted (the air around the body brighter than most of the body), which the
+    network would segment as an upside-down contrast and the result check then blame on a mirrored header."""
+    from AbdomenSegLib.models.choice import looks_like_mr
+
+    if modality != "CT" or looks_like_mr(image):  # an MR scan is refused as such below, with the MR model named
+        return
+    rank, air = _side_rank(image)
+    if rank < INVERTED_RANK:
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = float(array.min()), float(array.max())
+    if 500 <= air <= 1500:  # air at +1000: HU times -1
+        fix = f"the values look negated (air at {air:+.0f} instead of -1000): multiply them by -1 and try again"
+    else:
+        fix = (
+            f"undo the inversion (value = {low:g} + {high:g} - value), as a MONOCHROME1 series or an inverting export "
+            "leaves it, or export the series as MONOCHROME2, and try again"
+        )
+    raise AbdomenSegError(
+        f"{name}'s values look inverted (bone darker than air: {100 * rank:.0f}% of the scan is darker than the air "
+        f"around the body, at {air:g}; in a CT air is the darkest, 17-30% in the CTs measured)",
+        fix,
+    )
+
+
+def _side_rank(image: sitk.Image) -> tuple:
+    """(mid-rank of the median of the image's sides among every 4th voxel, that median); the sides are the four
+    faces that run along the head-feet axis (found through the direction matrix, for any voxel order)."""
+    array = sitk.GetArrayViewFromImage(image)
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    head_feet = 2 - int(np.argmax(direction[2]))  # the array axis nearest the patient's z
+    sides = [
+        np.asarray(np.take(array, end, axis=axis)).ravel() for axis in range(3) if axis != head_feet for end in (0, -1)
+    ]
+    air = float(np.median(np.concatenate(sides)))
+    sample = np.asarray(array[::4, ::4, ::4])
+    rank = (np.count_nonzero(sample < air) + 0.5 * np.count_nonzero(sample == air)) / max(sample.size, 1)
+    return rank, air
+
+
+# A CT in HU holds air at -1000 (outside the body, lungs, bowel gas): 38% of TotalSegmentator's example CT lies
+# at or below -500 and its minimum is -1207. No MR scan here goes below -47 (its example MR; CHAOS T2 >= 0),
+# and MR signal is a magnitude: a scan with at least CT_AIR_FRACTION of its voxels at or below CT_AIR_HU, reaching
+# below -900, with soft tissue in -250..250 besides, is a CT, whatever model it was given to.
+CT_AIR_HU = -500.0
+CT_AIR_FRACTION = 0.01
+
+
+def check_ct_for_mr_model(image: sitk.Image, modality: str, input_intensity: str, name: str = "input") -> None:
+    """Refuse a CT given to an MR model (the any-sequence MR model would segment it, wrongly), naming the CT model."""
+    if modality != "MR":
+        return
+    if input_intensity != "native":
+        raise AbdomenSegError(
+            f"--input-intensity {input_intensity} declares {name} a windowed CT, but the model is an MR model",
+            f"use --model {_ct_model()} (the recommended CT model)",
+        )
+    array = sitk.GetArrayViewFromImage(image)
+    if float(array.min()) > -900:
+        return
+    sample = np.asarray(array[::4, ::4, ::4])
+    air = np.count_nonzero(sample <= CT_AIR_HU) / max(sample.size, 1)
+    tissue = np.count_nonzero((sample >= _SOFT_TISSUE_HU[0]) & (sample <= _SOFT_TISSUE_HU[1])) / max(sample.size, 1)
+    if air >= CT_AIR_FRACTION and tissue >= _MIN_SOFT_TISSUE_FRACTION:
+        raise AbdomenSegError(
+            f"{name} looks like a CT in HU (air at -1000: {100 * air:.0f}% of it at or below {CT_AIR_HU:g}, down to "
+            f"{float(array.min()):g}; soft tissue at -250..250: {100 * tissue:.0f}%), but the model is an MR model",
+            f"use --model {_ct_model()} (the recommended CT model), or leave --model out",
+        )
+
+
+def _ct_model() -> str:
+    from AbdomenSegLib.models.packages import recommended_model
+
+    try:
+        return recommended_model("CT") or "btcv-ct-3d-unet"
+    except Exception:  # noqa: BLE001 - a broken catalog must not hide the refusal itself
+        return "btcv-ct-3d-unet"
 
 
 def _mr_model() -> str:
@@ -156,7 +249,10 @@ def to_model_space(
         converted = sitk.GetImageFromArray(convert(sitk.GetArrayViewFromImage(image)))
         converted.CopyInformation(image)
         image = converted
-    resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)
+    if pp.is_oblique(image, orientation):
+        resampled = pp.resample_onto_axes(image, orientation, spacing)
+    else:
+        resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)
     raw = sitk.GetArrayFromImage(resampled)
     mode = intensity["mode"]
     if mode == "ct_window":

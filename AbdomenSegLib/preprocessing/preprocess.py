@@ -49,6 +49,51 @@ def resample_to_spacing(image: sitk.Image, spacing, *, is_label: bool = False) -
     )
 
 
+# How far (direction cosine) an axis may lean off the model's axes before the image is resampled onto them:
+# 1e-3 is 0.06 degrees, under a voxel across any scan, so axis-aligned scans keep the exact permute-only path.
+OBLIQUE_TOLERANCE = 1e-3
+
+
+def is_oblique(image: sitk.Image, orientation: str = CANONICAL_ORIENTATION) -> bool:
+    """Do `image`'s axes lean off `orientation`'s axes once reoriented (an oblique or tilted acquisition)?"""
+    direction = np.array(sitk.DICOMOrient(image, orientation).GetDirection()).reshape(3, 3)
+    return not np.allclose(direction, _axes_of(orientation), atol=OBLIQUE_TOLERANCE)
+
+
+def _axes_of(orientation: str) -> np.ndarray:
+    return np.array(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(orientation)).reshape(3, 3)
+
+
+def resample_onto_axes(image: sitk.Image, orientation: str, spacing) -> sitk.Image:
+    """An oblique `image` resampled (linear, float32) onto a grid along `orientation`'s axes at `spacing` (x, y, z mm)
+    that covers all of it; outside the scan, its lowest value (air for CT, background for MR: 0 would be water in
+    HU). A network trained on axis-aligned scans then sees the body upright, as in training, whatever the
+    acquisition's angle; going back to the input grid is the same physical resampling as for any grid."""
+    axes = _axes_of(orientation)
+    size = np.array(image.GetSize())
+    corners = [
+        image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+        for corner in np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in size])).reshape(3, -1).T
+    ]
+    along = np.array(corners) @ axes  # corner coordinates along the new axes (the columns of `axes`)
+    spacing = np.array([float(s) for s in spacing])
+    low, high = along.min(axis=0), along.max(axis=0)
+    new_size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
+    origin = axes @ (low + spacing / 2)
+    fill = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(
+        image,
+        [int(n) for n in new_size],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin.tolist(),
+        spacing.tolist(),
+        axes.ravel().tolist(),
+        fill,
+        sitk.sitkFloat32,
+    )
+
+
 def resample_to_reference(
     image: sitk.Image, reference: sitk.Image, *, is_label: bool = False, default_value: float = 0.0
 ) -> sitk.Image:
