@@ -488,7 +488,10 @@ def four_thick_slices(tmp, model):
 MODEL_ROUND_TWO = [
     (card_window_512_cubed, "inference.roi_size [512, 512, 512] with architecture.args.channels"),
     (card_window_512_cubed, "over the memory limit of 16.0 GB"),
-    (card_channels_4096_x5, "architecture.args.channels [4096, 4096, 4096, 4096, 4096] make a network of 4,531 M parameters"),
+    (
+        card_channels_4096_x5,
+        "architecture.args.channels [4096, 4096, 4096, 4096, 4096] make a network of 4,531 M parameters",
+    ),
     (card_channels_over_its_weights, "make 28,403,466 parameters (at least 56.8 MB), the file holds"),
     (two_slices, "has 2 slices (6 mm) along z (head-foot); model 'tiny-test' needs at least 5 slices and 48 mm"),
     (five_slices, "has 5 slices (15 mm) along z"),
@@ -515,7 +518,9 @@ def test_a_scan_past_the_flag_length_is_not_flagged_as_short(tmp_path, tiny_pack
 
 def test_a_tiny_valid_card_edited_within_bounds_still_loads(tmp_path, tiny_package, capsys):
     """The memory bounds leave a runnable card alone: a smaller window (one stride multiple) runs."""
-    argv = _edited_package(tmp_path, str(tiny_package.path), lambda card: card["inference"].update(roi_size=[16, 32, 32]))
+    argv = _edited_package(
+        tmp_path, str(tiny_package.path), lambda card: card["inference"].update(roi_size=[16, 32, 32])
+    )
     assert main(argv) in (0, EXIT_FLAGGED)
     assert (tmp_path / "out.nii.gz").is_file()
 

@@ -43,11 +43,15 @@ def main(argv=None):
     segmenter = get_segmenter(card, "cpu", log=lambda m: None)
     options = Options(precision="fp32")
     whole = sitk.GetArrayFromImage(segmenter.segment(image, options))  # (z, y, x)
-    centre_labels = [BY_NAME[o].label for o in (("kidney_right", "kidney_left") if args.centre == "kidneys" else ("liver",))]
+    centre_labels = [
+        BY_NAME[o].label for o in (("kidney_right", "kidney_left") if args.centre == "kidneys" else ("liver",))
+    ]
     rows = np.flatnonzero(np.isin(whole, centre_labels).any(axis=(1, 2)))
     centre = int(rows.mean()) if rows.size else whole.shape[0] // 2
     z_mm = image.GetSpacing()[2]
-    print(f"model {card.name}; {args.image}: {image.GetSize()} voxels, {z_mm:g} mm slices; crops centred on slice {centre} ({args.centre})")
+    print(
+        f"model {card.name}; {args.image}: {image.GetSize()} voxels, {z_mm:g} mm slices; crops centred on slice {centre} ({args.centre})"
+    )
     print(f"{'k':>4s} {'mm':>6s} " + " ".join(f"{o:>13s}" for o in args.organs) + f" {'mean':>6s}")
     for k in args.slices:
         first = max(0, min(centre - k // 2, whole.shape[0] - k))

@@ -16,8 +16,7 @@ import numpy as np
 
 from AbdomenSegLib.core.options import CancelCallback, ProgressCallback
 from AbdomenSegLib.core.progress import check_cancel
-from AbdomenSegLib.models.card_schema import DEFAULT_ROI_SIZE
-from AbdomenSegLib.models.footprint import WINDOW_BATCH
+from AbdomenSegLib.models.footprint import DEFAULT_ROI_SIZE, WINDOW_BATCH
 
 OVERLAP = 0.25  # sliding-window overlap of cards that give none (and of every card the trainer exports)
 MODE = "gaussian"  # window blending

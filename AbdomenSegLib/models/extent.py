@@ -57,7 +57,9 @@ def input_minimum(data: dict[str, Any]) -> InputMinimum | None:
     window_mm = window_roi(data)[0] * float(data["spacing"][2])  # roi is (z, y, x), spacing (x, y, z)
     refuse = round(REFUSE_FRACTION * window_mm)
     return InputMinimum(
-        max(3, math.ceil(refuse / MAX_SLICE_MM)), (0.0, 0.0, float(refuse)), (0.0, 0.0, float(round(FLAG_FRACTION * window_mm)))
+        max(3, math.ceil(refuse / MAX_SLICE_MM)),
+        (0.0, 0.0, float(refuse)),
+        (0.0, 0.0, float(round(FLAG_FRACTION * window_mm))),
     )
 
 
@@ -117,7 +119,10 @@ def _mm_problems(value: Any, field: str) -> list[str]:
         isinstance(value, list)
         and len(value) == 3
         and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= limits.MAX_EXTENT_MM
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and 0 <= v <= limits.MAX_EXTENT_MM
             for v in value
         )
     )
