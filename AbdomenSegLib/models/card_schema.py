@@ -410,7 +410,9 @@ def _fits_memory(data: dict[str, Any]) -> Problems:
         return []
     if footprint is None or footprint.fixed <= limit:
         return []
-    where = f"the memory limit of {limit / 1e9:.1f} GB (ABDOMENSEG_MAX_MEMORY_GB)"
+    where = (
+        f"the memory limit of {limit / 1e9:.1f} GB (ABDOMENSEG_MAX_MEMORY_GB: raise it if this machine has the memory)"
+    )
     if 2 * (footprint.weights or 0.0) > limit / 2:  # the network alone takes most of it: name the channels
         params = (footprint.weights or 0.0) / 4
         return [
