@@ -1,6 +1,7 @@
 """The command line: main job, folders, skip/overwrite, evaluate CSVs, and every bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -141,10 +142,18 @@ def test_unknown_model_and_overwriting_the_input(phantom_files, tiny_package, ca
     assert (d / "ct.nii.gz").read_bytes() == before
 
 
-def test_dicom_series_folder_as_input(tmp_path, tiny_package):
+def test_dicom_series_folder_as_input(tmp_path, tiny_package, capsys):
     folder = shared("dcmqi_ct3slice", "ct-3slice")
-    # 3 slices are thinner than any network window: the runner pads, the output keeps the input grid.
-    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
+    # 3 slices (3 mm) are under the tiny model's default minimum extent (models/extent.py): refused, nothing written
+    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) == 2
+    assert "has 3 slices (3 mm) along z" in capsys.readouterr().err and not (tmp_path / "seg.nrrd").exists()
+    # a card that states a smaller minimum reads the series through: the runner pads, the output keeps the grid
+    package = tmp_path / "thin-ok"
+    shutil.copytree(tiny_package.path, package)
+    card = json.loads((package / "card.json").read_text())
+    card["input_minimum"] = {"slices": 2, "mm": [0, 0, 0]}
+    (package / "card.json").write_text(json.dumps(card))
+    assert main(["segment", str(folder), str(tmp_path / "seg.nrrd"), "--model", str(package)]) in (0, 3)
     out, ref = sitk.ReadImage(str(tmp_path / "seg.nrrd")), sitk.ReadImage(str(folder / "01.dcm"))
     assert out.GetSize() == (512, 512, 3)
     assert np.allclose(out.GetOrigin()[:2], ref.GetOrigin()[:2], atol=1e-3)

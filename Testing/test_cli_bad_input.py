@@ -982,6 +982,95 @@ def test_oblique_example_is_segmented_right_and_not_flagged(tmp_path, capsys):
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, organ
 
 
+# -- issue 31 round two: model packages and thin volumes ---
+def _edited_package(tmp, model, edit):
+    """A copy of the package `model` whose card.json `edit` changes (its weights and sha256 untouched)."""
+    import json
+
+    package = tmp / "edited_model"
+    shutil.copytree(model, package)
+    card = json.loads((package / "card.json").read_text())
+    edit(card)
+    (package / "card.json").write_text(json.dumps(card))
+    path, _ = _phantom(tmp)
+    return ["segment", str(path), str(tmp / "out.nii.gz"), "--model", str(package)]
+
+
+def card_window_512_cubed(tmp, model):
+    # 134 M voxels a window: passed the schema, then wanted ~100 GB (the memory estimate ignored the window)
+    return _edited_package(tmp, model, lambda card: card["inference"].update(roi_size=[512, 512, 512]))
+
+
+def card_channels_4096_x5(tmp, model):
+    # a UNet of 4.5 billion parameters (18 GB), built in full before the strict weight load failed
+    def edit(card):
+        card["architecture"]["args"].update(channels=[4096] * 5, strides=[2, 2, 2, 2])
+
+    return _edited_package(tmp, model, edit)
+
+
+def card_channels_over_its_weights(tmp, model):
+    # fits the memory limit, but not the weights file: refused from the file's size, before building
+    return _edited_package(tmp, model, lambda card: card["architecture"]["args"].update(channels=[256, 512, 1024]))
+
+
+def _slab(tmp, model, slices, spacing_z):
+    ct, _ = make_phantom(size=(64, 56, slices), spacing=(6.0, 6.0, spacing_z))
+    return ["segment", str(_write(ct, tmp / "slab.nii.gz")), str(tmp / "out.nii.gz"), "--model", model]
+
+
+def two_slices(tmp, model):
+    return _slab(tmp, model, 2, 3.0)  # the audit's case: right kidney 0.00, liver 0.48, exit 0 with notes only
+
+
+def five_slices(tmp, model):
+    return _slab(tmp, model, 5, 3.0)
+
+
+def four_thick_slices(tmp, model):
+    return _slab(tmp, model, 4, 15.0)  # 60 mm: long enough, but in too few slices
+
+
+MODEL_ROUND_TWO = [
+    (card_window_512_cubed, "inference.roi_size [512, 512, 512] with architecture.args.channels"),
+    (card_window_512_cubed, "over the memory limit of 16.0 GB"),
+    (
+        card_channels_4096_x5,
+        "architecture.args.channels [4096, 4096, 4096, 4096, 4096] make a network of 4,531 M parameters",
+    ),
+    (card_channels_over_its_weights, "make 28,403,466 parameters (at least 56.8 MB), the file holds"),
+    (two_slices, "has 2 slices (6 mm) along z (head-foot); model 'tiny-test' needs at least 5 slices and 48 mm"),
+    (five_slices, "has 5 slices (15 mm) along z"),
+    (four_thick_slices, "has 4 slices (60 mm) along z"),
+]
+
+
+def test_a_scan_just_above_the_minimum_runs_and_is_flagged_with_the_reason(tmp_path, tiny_package, capsys):
+    """The tiny model's window is 32 x 5 mm: refused under 48 mm (0.3 of it), flagged under 96 mm (0.6)."""
+    argv = _slab(tmp_path, str(tiny_package.path), 10, 5.0)  # 50 mm
+    assert main(argv) == EXIT_FLAGGED
+    err = capsys.readouterr().err
+    assert "warning: slab: the scan covers only 50 mm along z (head-foot)" in err, err
+    assert "shorter than 96 mm there" in err
+    assert (tmp_path / "out.nii.gz").is_file()
+    assert sitk.ReadImage(str(tmp_path / "out.nii.gz")).GetSize() == (64, 56, 10)  # in the input's grid
+
+
+def test_a_scan_past_the_flag_length_is_not_flagged_as_short(tmp_path, tiny_package, capsys):
+    main(_slab(tmp_path, str(tiny_package.path), 10, 10.0))  # 100 mm
+    assert "short_input" not in capsys.readouterr().err
+    assert (tmp_path / "out.nii.gz").is_file()
+
+
+def test_a_tiny_valid_card_edited_within_bounds_still_loads(tmp_path, tiny_package, capsys):
+    """The memory bounds leave a runnable card alone: a smaller window (one stride multiple) runs."""
+    argv = _edited_package(
+        tmp_path, str(tiny_package.path), lambda card: card["inference"].update(roi_size=[16, 32, 32])
+    )
+    assert main(argv) in (0, EXIT_FLAGGED)
+    assert (tmp_path / "out.nii.gz").is_file()
+
+
 HOSTILE = [
     (card_nested_deep, "levels deep"),
     (card_not_json, "not valid JSON"),
@@ -1044,6 +1133,7 @@ REFUSED = [
     *EVALUATE_ROUND_TWO,
     *FILES_ROUND_TWO,
     *INTENSITY_ROUND_TWO,
+    *MODEL_ROUND_TWO,
 ]
 
 

@@ -130,9 +130,24 @@ def test_dcmqi_seg_reads_as_its_liver_map():
     assert np.array_equal(_array(seg), _array(reference)) and _same_grid(seg, reference)
 
 
+def _for_thin_slabs(package, folder):
+    """A copy of `package` whose card states it segments 2-slice slabs: the 3-slice series (3 mm) is under every
+    default minimum extent (models/extent.py), and these tests are about the SEG, not the model."""
+    import json
+
+    from AbdomenSegLib.models.packages import read_card
+
+    shutil.copytree(package.path, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["input_minimum"] = {"slices": 2, "mm": [0, 0, 0]}
+    (folder / "card.json").write_text(json.dumps(card))
+    return read_card(folder)
+
+
 def test_segment_cli_writes_seg_like_the_nrrd(tmp_path, tiny_package):
     """End to end with the tiny model: the SEG's organs equal the NRRD of the same run, voxel for voxel."""
     series = shared("dcmqi_ct3slice", "ct-3slice")
+    tiny_package = _for_thin_slabs(tiny_package, tmp_path / "model")
     assert cli.main(["segment", str(series), str(tmp_path / "out.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
     assert cli.main(["segment", str(series), str(tmp_path / "out.dcm"), "--model", str(tiny_package.path)]) in (0, 3)
     nrrd = read_image(tmp_path / "out.nrrd")
@@ -146,11 +161,12 @@ def test_segment_cli_empty_result_refused(tmp_path, background_only_package, cap
     """No organ found: NRRD keeps the empty map (exit 3, flagged); a SEG cannot hold zero segments, so it is refused
     with the reason and nothing is written."""
     series = shared("dcmqi_ct3slice", "ct-3slice")
-    model = str(background_only_package.path)
-    assert cli.main(["segment", str(series), str(tmp_path / "out.dcm"), "--model", model]) == 2
+    (tmp_path / "out").mkdir()
+    model = str(_for_thin_slabs(background_only_package, tmp_path / "model").path)
+    assert cli.main(["segment", str(series), str(tmp_path / "out" / "out.dcm"), "--model", model]) == 2
     err = capsys.readouterr().err
     assert "no organ was found" in err and "must hold at least one segment" in err and ".nrrd" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 # -- series built from a real CT --------------------------------------------------------------------------------
@@ -339,7 +355,8 @@ def test_a_cohort_folder_with_segs_written_into_it_can_be_run_again(tmp_path, ti
         pytest.skip("no DICOM series folder in dcmqi_ct3slice")
     cases = tmp_path / "cases"
     shutil.copytree(series[0], cases / "ct3")
-    args = ["segment", str(cases), str(cases), "--format", ".dcm", "--model", str(tiny_package.path), "--device", "cpu"]
+    model = str(_for_thin_slabs(tiny_package, tmp_path / "model").path)
+    args = ["segment", str(cases), str(cases), "--format", ".dcm", "--model", model, "--device", "cpu"]
     assert main(args) in (0, 3)
     assert (cases / "ct3.dcm").is_file()
     found, batch = expand_inputs(str(cases))

@@ -11,7 +11,9 @@ absurd header fails in a second with a clear message instead of after minutes, o
   shrunk tenfold made the body 36 mm wide and the result a few stray voxels);
 - more than MAX_INPUT_VOXELS voxels (a 2 MB gzip can declare 2 GiB of voxels);
 - a model-space grid whose estimated peak memory exceeds `max_memory_bytes()` (default 16 GB,
-  ABDOMENSEG_MAX_MEMORY_GB overrides).
+  ABDOMENSEG_MAX_MEMORY_GB overrides), the model's own needs included (its weights, window and activations:
+  models/footprint.py);
+- an input shorter than a model's minimum extent (`check_extent`, the minimum from models/extent.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ DEFAULT_MAX_MEMORY_GB = 16.0
 _INPUT_BYTES_PER_VOXEL = 4 + 4 + 4 + 1 + 1
 _MODEL_BYTES_PER_VOXEL = 4 + 4
 _MODEL_BYTES_PER_VOXEL_PER_CHANNEL = 4 + 4
+# The sliding window blends its windows into float32 accumulators over the model grid: one per output channel and
+# one of the summed weights (inference/sliding_window.py).
+_WINDOW_ACCUMULATOR_BYTES = 4
 
 
 def max_memory_bytes() -> float:
@@ -98,27 +103,83 @@ def model_grid_size(size: Sequence[int], spacing: Sequence[float], model_spacing
 
 
 def estimate_memory(
-    size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float], channels: int
+    size: Sequence[int],
+    spacing: Sequence[float],
+    model_spacing: Sequence[float],
+    channels: int,
+    fixed_bytes: float = 0.0,
 ) -> float:
-    """Peak bytes for segmenting an image of `size`/`spacing` with a model at `model_spacing`."""
+    """Peak bytes for segmenting an image of `size`/`spacing` with a model at `model_spacing`; `fixed_bytes`: what
+    the model needs whatever the input (models/footprint.py: its weights, one batch of windows, its activations)."""
     model_voxels = math.prod(model_grid_size(size, spacing, model_spacing))
     input_voxels = math.prod(int(n) for n in size)
     return (
         input_voxels * _INPUT_BYTES_PER_VOXEL
         + model_voxels * _MODEL_BYTES_PER_VOXEL
         + model_voxels * channels * _MODEL_BYTES_PER_VOXEL_PER_CHANNEL
+        + model_voxels * (channels + 1) * _WINDOW_ACCUMULATOR_BYTES
+        + fixed_bytes
     )
 
 
 def check_memory(
-    size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float], channels: int, name: str = "input"
+    size: Sequence[int],
+    spacing: Sequence[float],
+    model_spacing: Sequence[float],
+    channels: int,
+    name: str = "input",
+    fixed_bytes: float = 0.0,
 ) -> None:
-    need, limit = estimate_memory(size, spacing, model_spacing, channels), max_memory_bytes()
+    need, limit = estimate_memory(size, spacing, model_spacing, channels, fixed_bytes), max_memory_bytes()
     if need > limit:
         grid = model_grid_size(size, spacing, model_spacing)
+        model = f", {fixed_bytes / 1e9:.1f} GB of it the model and its window" if fixed_bytes >= 0.05e9 else ""
         raise AbdomenSegError(
             f"segmenting {name} would need about {need / 1e9:.1f} GB of memory (model grid "
-            f"{' x '.join(map(str, grid))} voxels), over the limit of {limit / 1e9:.1f} GB",
+            f"{' x '.join(map(str, grid))} voxels{model}), over the limit of {limit / 1e9:.1f} GB",
             "crop the volume to the abdomen first, or raise the limit with ABDOMENSEG_MAX_MEMORY_GB if this machine "
             "has the memory",
         )
+
+
+# -- the input's extent, against a model's minimum (models/extent.py gives the minimum) -------------------------
+AXIS_NAMES = ("x (left-right)", "y (front-back)", "z (head-foot)")
+
+
+def extents(size: Sequence[int], spacing: Sequence[float], direction: Sequence[float]) -> list[tuple[int, float]]:
+    """(voxels, mm) of an image along each patient axis x, y, z: each image axis counted along the patient axis
+    its direction is nearest to (an axial series' slices lie along z, a coronal one's along y)."""
+    found = [(1, 0.0)] * 3
+    for axis in range(3):
+        column = [abs(float(direction[row * 3 + axis])) for row in range(3)]
+        nearest = column.index(max(column))
+        found[nearest] = (int(size[axis]), int(size[axis]) * float(spacing[axis]))
+    return found
+
+
+def check_extent(
+    size: Sequence[int],
+    spacing: Sequence[float],
+    direction: Sequence[float],
+    slices: int,
+    mm: Sequence[float],
+    model: str,
+    name: str = "input",
+) -> None:
+    """Refuse an image shorter along z than `slices` voxels, or along any axis than `mm` (x, y, z): what `model`
+    segments wrong for lack of context (models/extent.py says how the minimum was measured)."""
+    found = extents(size, spacing, direction)
+    voxels, length = found[2]
+    short = [a for a in range(3) if found[a][1] < mm[a]]
+    if voxels >= slices and not short:
+        return
+    axis = short[0] if short else 2
+    count, extent = found[axis]
+    unit = "slices" if axis == 2 else "voxels"
+    need = f"{slices} slices and {mm[2]:g} mm" if axis == 2 else f"{mm[axis]:g} mm"
+    where = f"of at least {need} along z" if axis == 2 else f"covering at least {need} along {AXIS_NAMES[axis][0]}"
+    raise AbdomenSegError(
+        f"{name} has {count} {unit} ({extent:.0f} mm) along {AXIS_NAMES[axis]}; model '{model}' needs at least "
+        f"{need} there: on shorter scans organs come out wrong for lack of context, not with a lower score",
+        f"give a scan {where} (e.g. the whole abdomen), not a few slices of it",
+    )

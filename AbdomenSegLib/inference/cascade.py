@@ -109,10 +109,11 @@ def made_by(segmenter) -> tuple:
 def segment_crop(segmenter, image: sitk.Image, options: Options, progress=None, cancel=None) -> sitk.Image:
     """A single model's labels on a crop of an input that was checked whole (a crop need not look like a whole
     scan: it may hold no air, or be narrow), in the crop's grid."""
+    from AbdomenSegLib.models.footprint import model_bytes
     from AbdomenSegLib.preprocessing.pipeline import check_memory_for
 
     card = segmenter.card  # the crop need not look like a scan, but it must fit in memory at this card's spacing
-    check_memory_for(image, card["spacing"], card.out_channels, "the small organs' region")
+    check_memory_for(image, card["spacing"], card.out_channels, "the small organs' region", model_bytes(card))
     prepared = prepare_input(card, image, options.input_intensity, check=False)
     return segmenter.segment(image, options, progress, cancel, prepared=prepared)
 

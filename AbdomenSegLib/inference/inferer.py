@@ -16,7 +16,7 @@ import numpy as np
 
 from AbdomenSegLib.core.options import CancelCallback, ProgressCallback
 from AbdomenSegLib.core.progress import check_cancel
-from AbdomenSegLib.models.card_schema import DEFAULT_ROI_SIZE
+from AbdomenSegLib.models.footprint import DEFAULT_ROI_SIZE, WINDOW_BATCH
 
 OVERLAP = 0.25  # sliding-window overlap of cards that give none (and of every card the trainer exports)
 MODE = "gaussian"  # window blending
@@ -25,7 +25,7 @@ MODE = "gaussian"  # window blending
 # training crop held. On 60 mm slabs cut from the validation cases (experiments/bench_thin_slabs.py), mean Dice over
 # (slab, organ) pairs rose from 0.41 to 0.62 (CT 3D model), 0.30 to 0.56 (MR T2-SPIR) and 0.68 to 0.73 (MR any).
 PADDING = "replicate"
-WINDOW_BATCH = 2  # windows per network call
+# WINDOW_BATCH (models/footprint.py, which counts its memory): windows per network call
 SLICE_BATCH = 8  # slices per network call of a 2D model
 
 

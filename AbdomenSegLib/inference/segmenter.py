@@ -32,8 +32,10 @@ from AbdomenSegLib.inference.confidence import organ_confidence
 from AbdomenSegLib.inference.inferer import inferer_for
 from AbdomenSegLib.models.card import ModelCard
 from AbdomenSegLib.models.card_schema import PADDING_MODES
+from AbdomenSegLib.models.extent import check_extent_for
+from AbdomenSegLib.models.footprint import model_bytes
 from AbdomenSegLib.models.packages import cpu_copy, load_network
-from AbdomenSegLib.preprocessing.pipeline import ModelSpace, check_input, to_model_space
+from AbdomenSegLib.preprocessing.pipeline import ModelSpace, check_input, check_memory_for, to_model_space
 from AbdomenSegLib.preprocessing.preprocess import bounding_box
 
 
@@ -101,6 +103,9 @@ def _check_for(card, image: sitk.Image, input_intensity: str) -> None:
         model_spacing=card["spacing"],
         channels=card.out_channels,
     )
+    check_extent_for(card, image.GetSize(), image.GetSpacing(), image.GetDirection())  # models/extent.py
+    # the model's own needs on top of the grid (models/footprint.py): its weights, window and activations
+    check_memory_for(image, card["spacing"], card.out_channels, fixed_bytes=model_bytes(card))
 
 
 def _to_model_space(card, image: sitk.Image, input_intensity: str):

@@ -15,8 +15,11 @@ import math
 import re
 from typing import Any, Callable
 
+from AbdomenSegLib.core import limits
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.organs import BY_NAME
+from AbdomenSegLib.models.extent import minimum_problems
+from AbdomenSegLib.models.footprint import DEFAULT_ROI_SIZE, card_footprint
 from AbdomenSegLib.models.networks import MONAI_3D, SMP_2D, divisor
 
 REQUIRED_KEYS = (
@@ -30,10 +33,10 @@ REQUIRED_KEYS = (
     "weights",
     "sha256",
 )
-# Sliding-window size for 3D cards that name no inference.roi_size (inference must use this one).
-DEFAULT_ROI_SIZE = (64, 96, 96)
+# DEFAULT_ROI_SIZE (footprint.py): the sliding window of 3D cards that name no inference.roi_size.
 SPACING_MM = (0.1, 20.0)
 MAX_ROI = 512
+MAX_LEVELS = 10  # a UNet's channels list: 2^9 down-sampling already exceeds any window (MAX_ROI)
 MAX_OVERLAP = 0.9  # beyond, the window count explodes (0.99: some 700 000 windows for an abdominal CT)
 MAX_LABEL = 255  # output label maps are uint8
 ENHANCEMENTS = ("none", "histeq", "clahe")
@@ -91,12 +94,15 @@ def card_problems(data: Any, *, pending: tuple[str, ...] = ()) -> Problems:
         "validation": _validation,
         "timing": _timing,
         "cascade": lambda v: _cascade(v, labels),
+        "input_minimum": minimum_problems,
     }
     for key, check in checks.items():
         if key in data:
             problems += check(data[key])
     if dims == 3:
         problems += _roi_fits_network(data)
+        if not problems:  # every value valid: what they cost together
+            problems += _fits_memory(data)
     return problems
 
 
@@ -241,6 +247,8 @@ def _monai_unet_args(args: dict[str, Any]) -> Problems:
     if "channels" not in args or "strides" not in args:
         return [f"{field} must give channels and strides for a UNet"]
     problems = _ints(args["channels"], f"{field}.channels", 1, 4096)
+    if isinstance(args["channels"], (list, tuple)) and len(args["channels"]) > MAX_LEVELS:
+        problems.append(f"{field}.channels has {len(args['channels'])} levels; a UNet takes at most {MAX_LEVELS}")
     strides = args["strides"]
     if not isinstance(strides, (list, tuple)) or not strides:
         return problems + [f"{field}.strides {_show(strides)} must be a list"]
@@ -390,6 +398,40 @@ def _roi_fits_network(data: dict[str, Any]) -> Problems:
         f"{field} {_show(roi)} is not a multiple of the network's stride {stride} (give inference.roi_size "
         f"as multiples of {stride})"
     ]
+
+
+def _fits_memory(data: dict[str, Any]) -> Problems:
+    """What a valid 3D card costs whatever the input (footprint.py: the weights, one batch of windows, the
+    network's activations) must fit the memory limit, or the card is refused before any network is built."""
+    footprint = card_footprint(data, max(int(c) for c in data["labels"]) + 1)
+    try:
+        limit = limits.max_memory_bytes()
+    except AbdomenSegError:  # a malformed ABDOMENSEG_MAX_MEMORY_GB is refused, clearly, by the input check
+        return []
+    if footprint is None or footprint.fixed <= limit:
+        return []
+    where = (
+        f"the memory limit of {limit / 1e9:.1f} GB (ABDOMENSEG_MAX_MEMORY_GB: raise it if this machine has the memory)"
+    )
+    if 2 * (footprint.weights or 0.0) > limit / 2:  # the network alone takes most of it: name the channels
+        params = (footprint.weights or 0.0) / 4
+        return [
+            f"architecture.args.channels {_show(data['architecture']['args']['channels'])} make a network of "
+            f"{params / 1e6:,.0f} M parameters ({_gb(footprint.weights)} GB of float32, held twice while loading), "
+            f"over {where}"
+        ]
+    roi = data.get("inference", {}).get("roi_size", list(DEFAULT_ROI_SIZE))
+    channels = data["architecture"].get("args", {}).get("channels")
+    network = f" with architecture.args.channels {_show(channels)}" if channels is not None else ""
+    return [
+        f"inference.roi_size {_show(roi)}{network} needs about {_gb(footprint.fixed)} GB for one batch of windows "
+        f"({_gb(footprint.activations)} GB of network activations, {_gb(footprint.window)} GB of windows, "
+        f"{_gb(2 * (footprint.weights or 0.0))} GB of weights), over {where}; give a smaller window or fewer channels"
+    ]
+
+
+def _gb(value: float | None) -> str:
+    return "?" if value is None else f"{value / 1e9:.1f}"
 
 
 def _postprocess(value: Any, labels: Any) -> Problems:

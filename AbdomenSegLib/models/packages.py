@@ -246,9 +246,40 @@ def load_network(card: ModelCard, device: str = "cpu") -> nn.Module:
             f"weights of model '{card.name}' fail the integrity check (sha256 {actual[:12]}… ≠ card {card['sha256'][:12]}…)",
             "the file is corrupt or was replaced; reinstall the model package",
         )
+    _check_weights_fit(card, path)  # before the network is built: a card's channels may ask for many GB
     network = _build(card)
     _load_weights(network, _read_tensors(path, card), card)
     return network.to(device).eval()
+
+
+# The smallest a weights file may be for a network of n parameters: n half-precision numbers (exported float32 is 4).
+_MIN_BYTES_PER_PARAMETER = 2
+
+
+def _check_weights_fit(card: ModelCard, path: Path) -> None:
+    """The network the card describes (parameter count from its architecture: footprint.py) must fit the weights
+    file's size and, loaded twice (file and network), the memory limit; else refused without building it."""
+    from AbdomenSegLib.core.limits import max_memory_bytes
+    from AbdomenSegLib.models.footprint import FLOAT_BYTES, parameter_count
+
+    params = parameter_count(card["architecture"], card.in_channels, card.out_channels)
+    if params is None:  # not estimated for this architecture: the strict load judges it
+        return
+    field = f"architecture.args.channels {card['architecture']['args']['channels']}"
+    size, limit = path.stat().st_size, max_memory_bytes()
+    if 2 * params * FLOAT_BYTES > limit:
+        raise AbdomenSegError(
+            f"model '{card.name}': its {field} make a network of {params / 1e6:,.0f} M parameters "
+            f"({2 * params * FLOAT_BYTES / 1e9:.1f} GB to load), over the memory limit of {limit / 1e9:.1f} GB",
+            "fix the card's architecture, or raise ABDOMENSEG_MAX_MEMORY_GB if this machine has the memory",
+        )
+    if size < params * _MIN_BYTES_PER_PARAMETER:
+        raise AbdomenSegError(
+            f"weights of model '{card.name}' do not fit the {card['architecture']['class']} its card describes: "
+            f"its {field} make {params:,} parameters (at least {params * _MIN_BYTES_PER_PARAMETER / 1e6:,.1f} MB), "
+            f"the file holds {size / 1e6:,.1f} MB",
+            "the card and the weights come from different models; " + REEXPORT,
+        )
 
 
 def cpu_copy(card: ModelCard, network: nn.Module) -> nn.Module:

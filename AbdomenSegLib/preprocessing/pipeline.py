@@ -220,9 +220,14 @@ def _check_zero_filled_tail(array: np.ndarray, name: str) -> None:
         )
 
 
-def check_memory_for(image: sitk.Image, model_spacing, channels: int, name: str = "input") -> None:
-    """Refuse an image whose model-space grid at `model_spacing` (x, y, z mm) would not fit the memory limit."""
-    limits.check_memory(image.GetSize(), image.GetSpacing(), per_image_axis(image, model_spacing), channels, name)
+def check_memory_for(
+    image: sitk.Image, model_spacing, channels: int, name: str = "input", fixed_bytes: float = 0.0
+) -> None:
+    """Refuse an image whose model-space grid at `model_spacing` (x, y, z mm) would not fit the memory limit;
+    `fixed_bytes`: the model's own needs (models/footprint.py)."""
+    limits.check_memory(
+        image.GetSize(), image.GetSpacing(), per_image_axis(image, model_spacing), channels, name, fixed_bytes
+    )
 
 
 def per_image_axis(image: sitk.Image, model_spacing) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.untrusted import load_json
 from AbdomenSegLib.io.files import atomic_output
-from AbdomenSegLib.qc.check import TRACE_ML, QCReport, assess
+from AbdomenSegLib.qc.check import TRACE_ML, Flag, QCReport, assess
 from AbdomenSegLib.qc.statistics import intensity_unit
 
 
@@ -27,7 +27,7 @@ def assess_result(segmenter, labels, options=None, image=None) -> QCReport:
     single = [
         BY_LABEL[v].name for v in segmenter.largest_component_organs(getattr(options, "largest_component", "model"))
     ]
-    return assess(
+    report = assess(
         labels,
         expected=expected,
         asked=asked,
@@ -37,6 +37,26 @@ def assess_result(segmenter, labels, options=None, image=None) -> QCReport:
         image=image,
         input_intensity=getattr(options, "input_intensity", "native") or "native",
     )
+    report.flags += short_input_flags(card, image if image is not None else labels)
+    return report
+
+
+def short_input_flags(card, image) -> list:
+    """A warning when the scan, long enough not to be refused, is shorter than the model was seen to segment right
+    (models/extent.py: flag_mm, measured)."""
+    from AbdomenSegLib.core.limits import AXIS_NAMES
+    from AbdomenSegLib.models.extent import short_of_flag
+
+    short = short_of_flag(card, image.GetSize(), image.GetSpacing(), image.GetDirection())
+    return [
+        Flag(
+            "short_input",
+            f"the scan covers only {have:.0f} mm along {AXIS_NAMES[axis]}; model '{card.name}' was seen to miss or "
+            f"misshape organs in scans shorter than {need:.0f} mm there",
+            "check the organs near the scan's ends, or give a scan covering the whole abdomen",
+        )
+        for axis, have, need in short[:1]
+    ]
 
 
 def check_and_record(files, segmenter, name, image, labels, options, *, output, started: float, **extra) -> tuple:
