@@ -248,6 +248,14 @@ def field_of_view_too_small(tmp, model):
     return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
 
 
+def left_right_shrunk_tenfold(tmp, model):
+    # Only x shrunk: 38 mm left-right, 336 front-back, 240 head-feet. The two widest directions pass; the body
+    # cannot (the fuzz driver's spacing-axis1x0.1 on the example CT gave liver 17 mL and no kidneys, exit 0).
+    ct, _ = make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))
+    ct.SetSpacing((0.6, 6.0, 10.0))
+    return ["segment", str(_write(ct, tmp / "ct.nrrd")), str(tmp / "o.nii.gz"), "--model", model]
+
+
 def dicom_middle_of_three_deleted(tmp, model):
     source = shared("dcmqi_ct3slice", "ct-3slice")
     shutil.copytree(source, tmp / "series")
@@ -532,7 +540,10 @@ def test_shuffled_multiframe_is_segmented_in_the_series_grid(tmp_path, tiny_pack
     folder = shared("dcmqi_ct3slice", "ct-3slice")
     path = rewrite_frames(convert_to_multiframe(sorted(folder.glob("*.dcm")), tmp_path / "ct3.dcm"), [2, 0, 1])
     assert sitk.ReadImage(str(path)).GetSpacing() == pytest.approx((1.0, 1.0, 1.0))  # the audit's reading
-    assert main(["segment", str(path), str(tmp_path / "seg.nrrd"), "--model", str(tiny_package.path)]) in (0, 3)
+    from test_io_dicom_seg import _for_thin_slabs  # 3 slices of 3 mm: under every default minimum extent
+
+    model = _for_thin_slabs(tiny_package, tmp_path / "model")
+    assert main(["segment", str(path), str(tmp_path / "seg.nrrd"), "--model", str(model.path)]) in (0, 3)
     out = sitk.ReadImage(str(tmp_path / "seg.nrrd"))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
@@ -567,6 +578,21 @@ def reference_with_a_nan_voxel(tmp, model):
     # NRRD keeps the NaN (ITK's NIfTI reader turns a NaN into 0 before we see it: docs/evaluation.md)
     pred, ref = _labels_with(tmp, _one_nan, "ref.nrrd", np.float32)
     return ["evaluate", str(pred), str(ref)]
+
+
+def reference_with_a_nan_voxel_in_nifti(tmp, model):
+    # ITK's NIfTI reader would give the NaN as 0 (background): the file is scanned with nibabel when read
+    pred, ref = _labels_with(tmp, _one_nan, "ref_nan.nii.gz", np.float32)
+    return ["evaluate", str(pred), str(ref), "--reference-labels", "abdomenseg"]
+
+
+def scan_with_a_nan_voxel_in_nifti(tmp, model):
+    # a CT padded with NaN would otherwise be read with water (0 HU) there
+    array = sitk.GetArrayFromImage(make_phantom(size=(64, 56, 24), spacing=(6.0, 6.0, 10.0))[0]).astype(np.float32)
+    array[5, 6, 7] = np.nan
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((6.0, 6.0, 10.0))
+    return ["segment", str(_write(image, tmp / "nan.nii.gz")), str(tmp / "o.nii.gz"), "--model", model]
 
 
 def prediction_with_a_nan_voxel(tmp, model):
@@ -615,6 +641,8 @@ EVALUATE_ROUND_TWO = [
         "the reference is a label map with 1 NaN or infinite voxel (the first at voxel index (7, 6, 5)",
     ),
     (prediction_with_a_nan_voxel, "the prediction is a label map with 1 NaN or infinite voxel"),
+    (reference_with_a_nan_voxel_in_nifti, "holds 1 NaN or infinite voxel (the first at voxel index (7, 6, 5)"),
+    (scan_with_a_nan_voxel_in_nifti, "holds 1 NaN or infinite voxel (the first at voxel index (7, 6, 5)"),
     (reference_with_background_minus_one, "the reference's background is -1"),
     (prediction_with_background_minus_one, "changeMap={-1: 0}"),
     (reference_with_a_negative_organ_value, "the reference holds negative values (-2)"),
@@ -1123,7 +1151,8 @@ REFUSED = [
     (hu_scaled_by_100, "soft-tissue range"),
     (hu_shifted_by_1000, "soft-tissue range"),
     (zero_filled_tail, "exactly 0 HU"),
-    (field_of_view_too_small, "too small for an abdomen"),
+    (field_of_view_too_small, "too narrow for an abdomen"),
+    (left_right_shrunk_tenfold, "covers only 38 mm left-right"),
     (dicom_middle_of_three_deleted, "skips instance numbers"),
     (truncated_reference_with_extension, "truncated"),
     (nifti_pair_cut_short, "not a supported file type"),
@@ -1380,6 +1409,7 @@ def test_workers_are_capped_by_the_cores_and_the_memory(monkeypatch):
 def test_a_worker_needs_the_largest_case_and_the_model(tmp_path, tiny_package):
     from AbdomenSegLib.cohort import cluster
     from AbdomenSegLib.core import limits
+    from AbdomenSegLib.models.footprint import model_bytes
     from AbdomenSegLib.models.packages import read_card
 
     card = read_card(tiny_package.path)
@@ -1387,9 +1417,11 @@ def test_a_worker_needs_the_largest_case_and_the_model(tmp_path, tiny_package):
     large, _ = _phantom(tmp_path, "large.nii.gz", size=(96, 84, 36), spacing=(4.0, 4.0, 6.66))
     (tmp_path / "broken.nii.gz").write_text("not an image")
     weights = sum(p.stat().st_size for p in tiny_package.path.glob("*.safetensors"))
-    expected = limits.estimate_memory((96, 84, 36), (4.0, 4.0, 6.66), card["spacing"], card.out_channels) + 2 * weights
+    fixed = model_bytes(card)  # the weights twice, a batch of windows and the activations: more than the file twice
+    assert fixed > 2 * weights > 0
+    expected = limits.estimate_memory((96, 84, 36), (4.0, 4.0, 6.66), card["spacing"], card.out_channels) + fixed
     need = cluster.worker_memory(card, [small, tmp_path / "broken.nii.gz", large])
-    assert need == pytest.approx(expected, rel=1e-3) and weights > 0
+    assert need == pytest.approx(expected, rel=1e-3)
     assert cluster.worker_memory(card, [tmp_path / "broken.nii.gz"]) is None
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from AbdomenSegLib.training import tissue_labels as tl
 from AbdomenSegLib.training.synth import SlabTransform, SynthTransform, synthesize, to_target
@@ -148,8 +149,12 @@ def _synth_config(tmp_path, **data):
     for name in ("ct", "mr"):
         root = tmp_path / name
         if not root.exists():
-            _, refs = write_phantom_dataset(root, cases=3)
+            images, refs = write_phantom_dataset(root, cases=3)
             refs.rename(root / "labels")
+            if name == "mr":  # MR-like signal (no air at -1000 HU): an MR model refuses a CT in HU
+                for path in images.glob("*.nii.gz"):
+                    ct = sitk.ReadImage(str(path), sitk.sitkFloat32)
+                    sitk.WriteImage(sitk.Clamp(ct + 1024.0, lowerBound=0.0) * 0.5, str(path))
     return load_config(
         {
             "name": "tiny-synth",

@@ -83,7 +83,9 @@ def capped_workers(asked: int, worker_bytes: float | None = None, *, cpus=None, 
 
 def worker_memory(card, sources, most: int = 50) -> float | None:
     """Estimated peak bytes of one worker: the largest of the first `most` cases (from their headers, limits.py) plus
-    the model's weights; None when no header can be read."""
+    what the model needs whatever the input (models/footprint.py: weights held twice while loading, one batch of
+    windows, the network's activations), the same estimate a single run is refused by; None when no header can be
+    read."""
     import SimpleITK as sitk
 
     from AbdomenSegLib.core import limits
@@ -102,11 +104,14 @@ def worker_memory(card, sources, most: int = 50) -> float | None:
             continue
     if not need:
         return None
+    from AbdomenSegLib.models.footprint import model_bytes
+
     try:
         weights = sum(p.stat().st_size for p in Path(card.path).glob("*.safetensors"))
     except (OSError, TypeError):
         weights = 0
-    return max(need) + 2 * weights
+    # The weights files count too: an architecture footprint.py does not estimate (0 there) still loads them twice.
+    return max(need) + max(model_bytes(card), 2.0 * weights)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,9 @@ absurd header fails in a second with a clear message instead of after minutes, o
   spacing is a broken header (a 0.01 mm spacing made the whole body 5 mm wide and the result empty);
 - a physical extent over MAX_EXTENT_MM along any axis: longer than any patient (50 mm slices x 200 gave a
   10 m "body" and a 10 GB model grid);
-- a field of view under MIN_FIELD_MM across in its two widest directions: no abdomen is that small (a spacing
-  shrunk tenfold made the body 36 mm wide and the result a few stray voxels);
+- a field of view under MIN_FIELD_MM left-right or front-back (in its two widest directions where the direction is
+  not known): no abdomen is that small (a spacing shrunk tenfold made the body 36 mm wide and the result a few
+  stray voxels);
 - more than MAX_INPUT_VOXELS voxels (a 2 MB gzip can declare 2 GiB of voxels);
 - a model-space grid whose estimated peak memory exceeds `max_memory_bytes()` (default 16 GB,
   ABDOMENSEG_MAX_MEMORY_GB overrides), the model's own needs included (its weights, window and activations:
@@ -76,9 +77,35 @@ def check_geometry(size: Sequence[int], spacing: Sequence[float], name: str = "i
     check_voxel_count(size, name)
 
 
-def check_field_of_view(size: Sequence[int], spacing: Sequence[float], name: str = "input") -> None:
-    """An image to segment must be at least MIN_FIELD_MM across in its two widest directions."""
-    widths = sorted(n * s for n, s in zip(size, spacing))[-2:]
+def check_field_of_view(
+    size: Sequence[int],
+    spacing: Sequence[float],
+    name: str = "input",
+    direction: Sequence[float] | None = None,
+) -> None:
+    """An image to segment must be at least MIN_FIELD_MM across. With its `direction` (9 cosines, row-major) that is
+    across the body, left-right and front-back (a thin head-feet slab is the models' minimum extent's business,
+    models/extent.py); without it, in its two widest directions. The two widest alone let a CT shrunk tenfold
+    left-right (37 mm wide, 303 front-back, 336 head-feet) through, and its stray labels passed."""
+    extents = [n * s for n, s in zip(size, spacing)]
+    if direction is not None and len(direction) == 9 and len(extents) == 3:
+        # The width of the image's box along patient x (left-right) and y (front-back): exact for an axial scan, the
+        # bounding box's for an oblique one (at 45 degrees each image axis adds 0.71 of its length to both).
+        across = {
+            row: sum(abs(float(direction[3 * row + axis])) * extent for axis, extent in enumerate(extents))
+            for row in (0, 1)
+        }
+        narrow = min(across, key=lambda a: across[a])
+        if across[narrow] < MIN_FIELD_MM:
+            side = "left-right" if narrow == 0 else "front-back"
+            raise AbdomenSegError(
+                f"{name} covers only {across[narrow]:.0f} mm {side} (and {across[1 - narrow]:.0f} mm "
+                f"{'front-back' if narrow == 0 else 'left-right'}), too narrow for an abdomen (at least "
+                f"{MIN_FIELD_MM:.0f} mm across)",
+                "the header's spacing is probably wrong, or the image is cropped: check it",
+            )
+        return
+    widths = sorted(extents)[-2:]
     if min(widths) < MIN_FIELD_MM:
         raise AbdomenSegError(
             f"{name} covers only {widths[1]:.0f} x {widths[0]:.0f} mm across, too small for an abdomen (at least "

@@ -62,6 +62,7 @@ def read_image(path, *, segmentation_ok: bool = True) -> sitk.Image:
             integrity.check_readable(path)  # NIfTI-2 and a gzipped .nii named as such, not "could not be read"
             _check_header(path)
             image = _read_checked(path)
+            _check_nifti_finite(path, image)
     except RuntimeError as exc:
         raise _unreadable(path, exc) from None
     image = _squeeze_to_3d(image, path)
@@ -150,6 +151,40 @@ def _read_checked(path: Path) -> sitk.Image:
             raise
         check.result()  # raises AbdomenSegError: the image is dropped
     return image
+
+
+def _check_nifti_finite(path: Path, image: sitk.Image) -> None:
+    """A floating-point NIfTI file's NaN and infinite voxels: ITK's NIfTI reader returns them as 0 (water in HU,
+    background in a label map) without a word, so a scan padded with NaN outside its field of view would be
+    segmented with a block of water around it. nibabel reads the stored values; slab by slab, so the check holds
+    one slab in memory, and only for float files (CT and label maps are integers almost always)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or image.GetPixelID() not in (
+        sitk.sitkFloat32,
+        sitk.sitkFloat64,
+    ):
+        return
+    import nibabel as nib
+
+    try:
+        data = nib.load(str(path)).dataobj  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - ITK read it; a file nibabel cannot open is left to ITK's reading
+        return
+    if not np.issubdtype(data.dtype, np.floating) or len(data.shape) < 3:
+        return
+    count, first = 0, None
+    for k in range(data.shape[2]):
+        bad = ~np.isfinite(np.asarray(data[:, :, k]))
+        if bad.any():
+            count += int(bad.sum())
+            if first is None:
+                i, j = (int(v[0]) for v in np.nonzero(bad)[:2])
+                first = (i, j, k)
+    if count:
+        raise AbdomenSegError(
+            f"'{path}' holds {count:,} NaN or infinite voxel{'s' if count > 1 else ''} (the first at voxel index "
+            f"{first}, i j k from 0), which ITK's NIfTI reader would silently read as 0",
+            "replace them with the background value (about -1024 for CT air, 0 for MR or a label map) and try again",
+        )
 
 
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)

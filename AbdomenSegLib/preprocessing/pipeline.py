@@ -64,7 +64,7 @@ def check_input(
             f"{name} looks like a label map ({len(np.unique(sample))} distinct values), not a scan",
             "give the CT/MR image as input; label maps go to `evaluate` as the reference",
         )
-    limits.check_field_of_view(image.GetSize(), image.GetSpacing(), name)
+    limits.check_field_of_view(image.GetSize(), image.GetSpacing(), name, image.GetDirection())
     check_intensity_polarity(image, modality, name)
     check_ct_for_mr_model(image, modality, input_intensity, name)
     if modality == "CT" and input_intensity == "native":
