@@ -170,3 +170,26 @@ def test_btcv_references_cropped_in_half_from_every_side_raise_no_position_warni
                 if warnings:
                     found[(path.name[:12], axis, end)] = warnings
     assert found == KNOWN
+
+
+# -- a scan whose head end cuts the kidneys or the pancreas lacks the upper abdomen ----------------------------------
+def _upper_abdomen_warnings(labels):
+    return [f for f in assess(labels, expected=DEFAULT_ORGANS).warnings if f.code == "upper_abdomen_cut"]
+
+
+def test_no_whole_btcv_reference_and_no_feet_end_crop_lacks_the_upper_abdomen():
+    """The 24 BTCV references whole and with their lower half cut away (head end kept) get no such warning; with their
+    upper part cut away down to the kidneys' middle, each does."""
+    paths = sorted(shared("btcv_ct", "labels").glob("*.nii.gz"))
+    assert len(paths) == 24
+    for path in paths:
+        labels = _ours(path, "btcv", BTCV_DIRECTION)
+        n = labels.GetSize()[2]  # z grows towards the head (direction +1)
+        assert _upper_abdomen_warnings(labels) == [], path.name
+        assert _upper_abdomen_warnings(_crop(labels, 2, n - n // 2, n)) == [], path.name
+        kidneys = np.nonzero(
+            np.isin(sitk.GetArrayViewFromImage(labels), [BY_NAME["kidney_right"].label, BY_NAME["kidney_left"].label])
+        )[0]
+        middle = int((kidneys.min() + kidneys.max()) // 2)
+        warned = _upper_abdomen_warnings(_crop(labels, 2, 0, middle + 1))
+        assert len(warned) == 1 and "kidney" in str(warned[0]), path.name
