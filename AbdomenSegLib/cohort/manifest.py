@@ -31,7 +31,7 @@ from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.untrusted import load_json
-from AbdomenSegLib.io.files import NO_SPACE, atomic_output, lock_holder, lock_path, no_space_error, try_lock
+from AbdomenSegLib.io.files import atomic_output, lock_holder, lock_path, try_lock
 
 NAME = "manifest.csv"
 FIELDS = (
@@ -253,7 +253,7 @@ class Manifest:
         run's, and take over one whose process is gone."""
         lock = lock_path(self.path)
         deadline = time.monotonic() + self.lock_wait_s
-        while not _try_lock(lock):
+        while not try_lock(lock, what="the manifest's lock file"):
             if time.monotonic() > deadline:
                 _, owner, _ = lock_holder(lock)
                 raise AbdomenSegError(
@@ -266,15 +266,6 @@ class Manifest:
         finally:
             with contextlib.suppress(OSError):
                 lock.unlink()
-
-
-def _try_lock(lock: Path) -> bool:
-    try:
-        return try_lock(lock)
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
-            raise no_space_error("the manifest's lock file", lock, exc) from None
-        raise
 
 
 def _merge(on_disk: dict, rows: dict, mine: set) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from AbdomenSegLib.core.errors import AbdomenSegError
 from AbdomenSegLib.core.untrusted import printable
-from AbdomenSegLib.io.files import NO_SPACE, lock_holder, no_space_error, try_lock
+from AbdomenSegLib.io.files import lock_holder, try_lock
 
 RUN_LOCK_PREFIX = ".abdomenseg-run-"
 _CLUSTER, _LOCAL = "dask", "local"
@@ -35,9 +35,7 @@ def share_folder(folder, *, cluster: bool) -> Iterator[list]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         announced = try_lock(mine, _CLUSTER if cluster else _LOCAL)
-    except OSError as exc:  # read-only, full: the first file this run writes there
-        if exc.errno in NO_SPACE:
-            raise no_space_error("the lock file", mine, exc) from None
+    except OSError as exc:  # read-only: the first file this run writes there (a full disk is DiskFull: try_lock)
         raise AbdomenSegError(
             f"cannot write in the output folder '{printable(str(folder))}' ({exc.strerror or exc})",
             "choose an output folder you can write to",

@@ -237,28 +237,21 @@ def claim_output(path, *, overwrite: bool = False):
     Creating the lock also proves, before any work, that the folder is writable."""
     path = prepare_output(path, overwrite=overwrite)
     lock = lock_path(path)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if not _remove_stale_lock(lock):
-                raise OutputClaimed(
-                    f"output '{path}' is being written by another AbdomenSeg run ({_lock_owner(lock)})",
-                    f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
-                    owner=_lock_owner(lock),
-                ) from None
-        except OSError as exc:
-            if exc.errno in NO_SPACE:
-                raise no_space_error("the lock file", lock, exc) from None
-            raise AbdomenSegError(
-                f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
-                "choose an output folder you can write to",
-            ) from None
-    else:
-        raise AbdomenSegError(f"output '{path}' is claimed by another run", "wait for it to finish")
     try:
-        _write_lock(fd, lock)
+        claimed = try_lock(lock)
+    except OSError as exc:  # a full disk is DiskFull already (try_lock)
+        raise AbdomenSegError(
+            f"cannot write in the output folder '{path.parent}' ({exc.strerror})",
+            "choose an output folder you can write to",
+        ) from None
+    if not claimed:
+        owner = _lock_owner(lock)
+        raise OutputClaimed(
+            f"output '{path}' is being written by another AbdomenSeg run ({owner})",
+            f"wait for it to finish or choose another output name; if no such run exists, delete '{lock}'",
+            owner=owner,
+        )
+    try:
         yield path
     finally:
         with contextlib.suppress(OSError):
@@ -271,17 +264,6 @@ class OutputClaimed(AbdomenSegError):
     def __init__(self, problem: str, fix: str = "", owner: str = ""):
         super().__init__(problem, fix)
         self.owner = owner  # "process <pid> on <host>"
-
-
-def _write_lock(fd: int, lock: Path) -> None:
-    try:
-        os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()}\n".encode())
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
-            raise no_space_error("the lock file", lock, exc) from None
-        raise
-    finally:
-        os.close(fd)
 
 
 def _lock_owner(lock: Path) -> str:
@@ -363,9 +345,10 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def try_lock(lock: Path, note: str = "") -> bool:
+def try_lock(lock: Path, note: str = "", what: str = "the lock file") -> bool:
     """Create `lock` (O_EXCL) naming this host and process (and `note`); False while another live process holds it.
-    A lock left by a dead process of this host is removed and taken. The caller removes it when done."""
+    A lock left by a dead process of this host is removed and taken. The caller removes it when done. A full disk
+    raises DiskFull naming `what`; other OSErrors (a read-only folder) are the caller's to word."""
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -373,11 +356,17 @@ def try_lock(lock: Path, note: str = "") -> bool:
             if not _remove_stale_lock(lock):
                 return False
             continue
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise no_space_error(what, lock, exc) from None
+            raise
         try:
             os.write(fd, f"{_HOST_TAG} {os.getpid()} {socket.gethostname()} {note}".rstrip().encode() + b"\n")
-        except BaseException:  # a full disk, a signal: no empty lock left that nobody could tell as stale
+        except BaseException as exc:  # a full disk, a signal: no empty lock left that nobody could tell as stale
             with contextlib.suppress(OSError):
                 lock.unlink()
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                raise no_space_error(what, lock, exc) from None
             raise
         finally:
             os.close(fd)

@@ -156,8 +156,9 @@ def _read_checked(path: Path) -> sitk.Image:
 def _check_nifti_finite(path: Path, image: sitk.Image) -> None:
     """A floating-point NIfTI file's NaN and infinite voxels: ITK's NIfTI reader returns them as 0 (water in HU,
     background in a label map) without a word, so a scan padded with NaN outside its field of view would be
-    segmented with a block of water around it. nibabel reads the stored values; slab by slab, so the check holds
-    one slab in memory, and only for float files (CT and label maps are integers almost always)."""
+    segmented with a block of water around it. nibabel reads the stored values, in one pass (slab by slab it
+    decompresses a .nii.gz again for every slab: 25 s instead of 0.3 s for 256x256x200), for float files only (CT
+    and label maps are integers almost always)."""
     if not path.name.lower().endswith((".nii", ".nii.gz")) or image.GetPixelID() not in (
         sitk.sitkFloat32,
         sitk.sitkFloat64,
@@ -166,20 +167,15 @@ def _check_nifti_finite(path: Path, image: sitk.Image) -> None:
     import nibabel as nib
 
     try:
-        data = nib.load(str(path)).dataobj  # type: ignore[attr-defined]
+        proxy = nib.load(str(path)).dataobj  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - ITK read it; a file nibabel cannot open is left to ITK's reading
         return
-    if not np.issubdtype(data.dtype, np.floating) or len(data.shape) < 3:
+    if not np.issubdtype(proxy.dtype, np.floating) or len(proxy.shape) < 3:
         return
-    count, first = 0, None
-    for k in range(data.shape[2]):
-        bad = ~np.isfinite(np.asarray(data[:, :, k]))
-        if bad.any():
-            count += int(bad.sum())
-            if first is None:
-                i, j = (int(v[0]) for v in np.nonzero(bad)[:2])
-                first = (i, j, k)
+    bad = ~np.isfinite(np.asarray(proxy))
+    count = int(np.count_nonzero(bad))
     if count:
+        first = tuple(int(v[0]) for v in np.nonzero(bad)[:3])  # i j k in the file's order, as ITK's index
         raise AbdomenSegError(
             f"'{path}' holds {count:,} NaN or infinite voxel{'s' if count > 1 else ''} (the first at voxel index "
             f"{first}, i j k from 0), which ITK's NIfTI reader would silently read as 0",

@@ -254,7 +254,7 @@ def to_model_space(
         converted = sitk.GetImageFromArray(convert(sitk.GetArrayViewFromImage(image)))
         converted.CopyInformation(image)
         image = converted
-    if pp.is_oblique(image, orientation):
+    if pp.is_oblique(image):
         resampled = pp.resample_onto_axes(image, orientation, spacing)
     else:
         resampled = pp.resample_to_spacing(pp.reorient(image, orientation), spacing)

@@ -57,12 +57,12 @@ def resample_to_spacing(image: sitk.Image, spacing, *, is_label: bool = False) -
 OBLIQUE_DEGREES = 3.0
 
 
-def is_oblique(image: sitk.Image, orientation: str = CANONICAL_ORIENTATION) -> bool:
-    """Does one of `image`'s axes lean more than OBLIQUE_DEGREES off `orientation`'s axes once reoriented (an
-    oblique or tilted acquisition)?"""
-    direction = np.array(sitk.DICOMOrient(image, orientation).GetDirection()).reshape(3, 3)
-    cosines = np.abs(np.sum(direction * _axes_of(orientation), axis=0))  # each axis against its own
-    return bool(np.degrees(np.arccos(np.clip(cosines.min(), 0.0, 1.0))) > OBLIQUE_DEGREES)
+def is_oblique(image: sitk.Image) -> bool:
+    """Does one of `image`'s axes lean more than OBLIQUE_DEGREES off the nearest patient axis (an oblique or tilted
+    acquisition)? From the direction cosines alone: reorienting (DICOMOrient) only permutes and flips the axes, which
+    changes no angle, and would copy every voxel to find that out."""
+    nearest = np.abs(np.array(image.GetDirection()).reshape(3, 3)).max(axis=0)  # cosine to its nearest axis
+    return bool(np.degrees(np.arccos(np.clip(nearest.min(), 0.0, 1.0))) > OBLIQUE_DEGREES)
 
 
 def _axes_of(orientation: str) -> np.ndarray:
